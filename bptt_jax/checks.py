@@ -1,0 +1,154 @@
+"""Validation of public inputs, before XLA sees them.
+
+Every error names the argument, what was seen and what was expected. Checks of values (ranges,
+finiteness) run only on concrete arrays; under an outer ``jit`` only shapes and dtypes are checked.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bptt_jax.params import RNNSpec, check_params
+
+Array = jax.Array
+
+
+def is_concrete(x) -> bool:
+    """True when x holds values (not a tracer inside jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _shape(x):
+    return tuple(getattr(x, "shape", ()))
+
+
+def check_xs(spec: RNNSpec, xs) -> Array:
+    """xs must be a float [T, B, N] array with T >= 1, B >= 1 and N = spec.input_size."""
+    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+        raise TypeError(f"xs: expected an array [T, B, N], got {type(xs).__name__}")
+    if not jnp.issubdtype(xs.dtype, jnp.floating):
+        raise TypeError(
+            f"xs: expected a floating dtype (float32 or float64), got {xs.dtype}; "
+            "convert with xs.astype(jnp.float32) or one-hot encode integer symbols"
+        )
+    if xs.ndim != 3:
+        raise ValueError(f"xs: expected rank 3 [T, B, N] (time-major), got shape {_shape(xs)}")
+    t_len, batch, n = xs.shape
+    if n != spec.input_size:
+        raise ValueError(f"xs: expected feature size N={spec.input_size} (spec.input_size), got shape {_shape(xs)}")
+    if t_len < 1 or batch < 1:
+        raise ValueError(f"xs: expected T >= 1 and B >= 1, got shape {_shape(xs)}")
+    return xs
+
+
+def check_lengths(lengths, t_len: int, batch: int) -> Optional[Array]:
+    """lengths must be None or integer [B] with values in [0, T]."""
+    if lengths is None:
+        return None
+    if not hasattr(lengths, "dtype"):
+        lengths = np.asarray(lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"lengths: expected an integer dtype, got {lengths.dtype}")
+    if _shape(lengths) != (batch,):
+        raise ValueError(f"lengths: expected shape ({batch},) = [B], got {_shape(lengths)}")
+    if is_concrete(lengths):
+        arr = np.asarray(lengths)
+        if arr.size and (arr.min() < 0 or arr.max() > t_len):
+            raise ValueError(
+                f"lengths: expected values in [0, T={t_len}], got min {arr.min()} and max {arr.max()}"
+            )
+    return jnp.asarray(lengths, dtype=jnp.int32)
+
+
+def check_h0(spec: RNNSpec, h0, batch: int, dtype) -> tuple[Array, ...]:
+    """h0 must be None or a tuple of L*D arrays [B, N1] (order layer * D + direction)."""
+    sizes = spec.state_sizes()
+    if h0 is None:
+        return tuple(jnp.zeros((batch, n1), dtype) for n1 in sizes)
+    if not isinstance(h0, (tuple, list)):
+        raise ValueError(
+            f"h0: expected a tuple of {len(sizes)} arrays (one per layer and direction), "
+            f"got {type(h0).__name__}"
+        )
+    if len(h0) != len(sizes):
+        raise ValueError(
+            f"h0: expected {len(sizes)} entries (layers={spec.num_layers} x directions="
+            f"{spec.num_directions}), got {len(h0)}"
+        )
+    out = []
+    for i, (h, n1) in enumerate(zip(h0, sizes)):
+        if _shape(h) != (batch, n1):
+            raise ValueError(f"h0[{i}]: expected shape ({batch}, {n1}) = [B, N1], got {_shape(h)}")
+        if not jnp.issubdtype(h.dtype, jnp.floating):
+            raise TypeError(f"h0[{i}]: expected a floating dtype, got {h.dtype}")
+        out.append(h)
+    return tuple(out)
+
+
+def check_finite_tree(name: str, tree) -> None:
+    """Raises ValueError if any concrete leaf of tree holds NaN or inf."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    for path, leaf in leaves:
+        if is_concrete(leaf) and not bool(jnp.all(jnp.isfinite(leaf))):
+            where = jax.tree_util.keystr(path)
+            raise ValueError(f"{name}{where}: holds NaN or inf (check_finite=True)")
+
+
+def check_inputs(params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool = False):
+    """Checks params, xs, h0 and lengths; returns (xs, h0 with zeros filled in, lengths)."""
+    if not isinstance(spec, RNNSpec):
+        raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
+    check_params(params, spec)
+    xs = check_xs(spec, xs)
+    t_len, batch, _ = xs.shape
+    lengths = check_lengths(lengths, t_len, batch)
+    h0 = check_h0(spec, h0, batch, xs.dtype)
+    if check_finite:
+        check_finite_tree("xs", xs)
+        check_finite_tree("h0", h0)
+        check_finite_tree("params", params)
+    return xs, h0, lengths
+
+
+def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int):
+    """Checks targets D and weights w against the divergence; returns them as arrays.
+
+    cross_entropy: integer class indices [T, B] in [0, M) or probabilities [T, B, M];
+    squared_error and binary_cross_entropy: float [T, B, M]. weights: None or float [T, B].
+    """
+    m = spec.output_size
+    if not hasattr(targets, "shape") or not hasattr(targets, "dtype"):
+        raise TypeError(f"targets: expected an array, got {type(targets).__name__}")
+    if spec.divergence == "cross_entropy" and jnp.issubdtype(targets.dtype, jnp.integer):
+        if _shape(targets) != (t_len, batch):
+            raise ValueError(
+                f"targets: expected integer class indices of shape ({t_len}, {batch}) = [T, B], "
+                f"got {_shape(targets)}"
+            )
+        if is_concrete(targets):
+            arr = np.asarray(targets)
+            if arr.min() < 0 or arr.max() >= m:
+                raise ValueError(
+                    f"targets: class indices must lie in [0, M={m}), got min {arr.min()} and max {arr.max()}"
+                )
+    else:
+        if not jnp.issubdtype(targets.dtype, jnp.floating):
+            raise TypeError(
+                f"targets: expected a floating dtype for divergence {spec.divergence!r}, got {targets.dtype}"
+            )
+        if _shape(targets) != (t_len, batch, m):
+            raise ValueError(
+                f"targets: expected shape ({t_len}, {batch}, {m}) = [T, B, M], got {_shape(targets)}"
+            )
+    if weights is not None:
+        if not hasattr(weights, "shape"):
+            weights = jnp.asarray(weights)
+        if _shape(weights) != (t_len, batch):
+            raise ValueError(f"weights: expected shape ({t_len}, {batch}) = [T, B], got {_shape(weights)}")
+        if not jnp.issubdtype(weights.dtype, jnp.floating):
+            raise TypeError(f"weights: expected a floating dtype, got {weights.dtype}")
+    return targets, weights

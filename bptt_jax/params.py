@@ -1,0 +1,257 @@
+"""The network's spec (static) and its parameters (NamedTuple pytrees), with initialisers.
+
+Row-vector convention of the lecture notes: Z1(t) = X(t) W1 + h(t-1) W11 + b1, Z2(t) = h(t) W2 + b2.
+
+Ordering of directions: wherever the package keeps one entry per (layer, direction) -- initial
+states ``h0``, final states, hidden-state sequences, ``dh0`` -- the entries are in PyTorch's order,
+index ``layer * D + direction`` with D = 2 for a bidirectional network (direction 0 forward,
+1 reverse) and D = 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bptt_jax import activations
+
+Array = jax.Array
+
+DIVERGENCES = ("cross_entropy", "squared_error", "binary_cross_entropy")
+MERGES = ("concat", "sum")
+INIT_SCHEMES = ("uniform", "orthogonal", "identity", "normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNSpec:
+    """Everything that fixes shapes or control flow; hashable, so it is a static argument to jit.
+
+    Attributes:
+      input_size: N, features of X(t).
+      hidden_sizes: (N1 of layer 0, N1 of layer 1, ...), one entry per stacked layer.
+      output_size: M, features of Y(t).
+      activation: f1, one of tanh, relu, sigmoid, identity.
+      output_activation: f2, one of softmax (vector), tanh, sigmoid, identity (scalar).
+      divergence: Div, one of cross_entropy (needs softmax), squared_error,
+        binary_cross_entropy (needs sigmoid).
+      bidirectional: if True every layer has a forward and a reverse net.
+      merge: how the two directions' states are merged at each t: "concat" (forward first) or "sum".
+    """
+
+    input_size: int
+    hidden_sizes: tuple[int, ...]
+    output_size: int
+    activation: str = "tanh"
+    output_activation: str = "softmax"
+    divergence: str = "cross_entropy"
+    bidirectional: bool = False
+    merge: str = "concat"
+
+    def __post_init__(self):
+        hs = self.hidden_sizes
+        if isinstance(hs, int) and not isinstance(hs, bool):
+            hs = (hs,)
+        if not isinstance(hs, (tuple, list)):
+            raise ValueError(
+                f"RNNSpec.hidden_sizes: expected a tuple of positive ints, got {self.hidden_sizes!r}"
+            )
+        object.__setattr__(self, "hidden_sizes", tuple(hs))
+        if len(self.hidden_sizes) == 0:
+            raise ValueError("RNNSpec.hidden_sizes: must hold at least one layer size, got ()")
+        for name, value in (("input_size", self.input_size), ("output_size", self.output_size)):
+            if not _is_pos_int(value):
+                raise ValueError(f"RNNSpec.{name}: expected a positive int, got {value!r}")
+        for k, n1 in enumerate(self.hidden_sizes):
+            if not _is_pos_int(n1):
+                raise ValueError(
+                    f"RNNSpec.hidden_sizes[{k}]: expected a positive int, got {n1!r}"
+                )
+        _check_choice("activation", self.activation, sorted(activations.HIDDEN_ACTIVATIONS))
+        _check_choice("output_activation", self.output_activation, list(activations.OUTPUT_ACTIVATIONS))
+        _check_choice("divergence", self.divergence, list(DIVERGENCES))
+        _check_choice("merge", self.merge, list(MERGES))
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"RNNSpec.bidirectional: expected True or False, got {self.bidirectional!r}")
+        if self.divergence == "cross_entropy" and self.output_activation != "softmax":
+            raise ValueError(
+                "RNNSpec.divergence: 'cross_entropy' needs output_activation='softmax', "
+                f"got output_activation={self.output_activation!r}; allowed output activations "
+                "for cross_entropy: ['softmax']"
+            )
+        if self.divergence == "binary_cross_entropy" and self.output_activation != "sigmoid":
+            raise ValueError(
+                "RNNSpec.divergence: 'binary_cross_entropy' needs output_activation='sigmoid', "
+                f"got output_activation={self.output_activation!r}; allowed output activations "
+                "for binary_cross_entropy: ['sigmoid']"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of stacked layers."""
+        return len(self.hidden_sizes)
+
+    @property
+    def num_directions(self) -> int:
+        """D: 2 for a bidirectional network, 1 otherwise."""
+        return 2 if self.bidirectional else 1
+
+    def merged_size(self, layer: int) -> int:
+        """Features of layer ``layer``'s merged states (what the next layer or the readout reads)."""
+        n1 = self.hidden_sizes[layer]
+        return n1 * 2 if (self.bidirectional and self.merge == "concat") else n1
+
+    def layer_input_size(self, layer: int) -> int:
+        """Features of the input of layer ``layer``: N for layer 0, the merged size below otherwise."""
+        return self.input_size if layer == 0 else self.merged_size(layer - 1)
+
+    def state_sizes(self) -> tuple[int, ...]:
+        """N1 of every (layer, direction) entry, in the order ``layer * D + direction``."""
+        return tuple(n1 for n1 in self.hidden_sizes for _ in range(self.num_directions))
+
+
+def _is_pos_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_choice(field: str, value, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"RNNSpec.{field}: unknown value {value!r}; allowed: {allowed}")
+
+
+class LayerParams(NamedTuple):
+    """One recurrent layer (one direction): Z1(t) = X(t) W1 + h(t-1) W11 + b1."""
+
+    w1: Array  # [N_in, N1]  W^(1)
+    w11: Array  # [N1, N1]   W^(11)
+    b1: Array  # [N1]        b^(1)
+
+
+class ReadoutParams(NamedTuple):
+    """The output layer: Z2(t) = h(t) W2 + b2."""
+
+    w2: Array  # [N_top, M]  W^(2); N_top is the top layer's merged size
+    b2: Array  # [M]         b^(2)
+
+
+class RNNParams(NamedTuple):
+    """The whole network.
+
+    ``layers[k]`` is layer k's forward net; ``reverse_layers[k]`` its reverse net (an empty tuple
+    for a unidirectional network).
+    """
+
+    layers: tuple[LayerParams, ...]
+    reverse_layers: tuple[LayerParams, ...]
+    readout: ReadoutParams
+
+
+def expected_shapes(spec: RNNSpec) -> RNNParams:
+    """The shape of every parameter array, as an ``RNNParams`` of tuples."""
+
+    def layer(k):
+        n1 = spec.hidden_sizes[k]
+        return LayerParams((spec.layer_input_size(k), n1), (n1, n1), (n1,))
+
+    layers = tuple(layer(k) for k in range(spec.num_layers))
+    reverse = layers if spec.bidirectional else ()
+    top = spec.merged_size(spec.num_layers - 1)
+    return RNNParams(layers, reverse, ReadoutParams((top, spec.output_size), (spec.output_size,)))
+
+
+def check_params(params, spec: RNNSpec) -> None:
+    """Raises ValueError naming the first parameter whose structure or shape does not match spec."""
+    if not isinstance(params, RNNParams):
+        raise ValueError(f"params: expected an RNNParams, got {type(params).__name__}")
+    want = expected_shapes(spec)
+    for field in ("layers", "reverse_layers"):
+        got, exp = getattr(params, field), getattr(want, field)
+        if len(got) != len(exp):
+            raise ValueError(
+                f"params.{field}: expected {len(exp)} layers for spec "
+                f"(hidden_sizes={spec.hidden_sizes}, bidirectional={spec.bidirectional}), got {len(got)}"
+            )
+        for k, (g, e) in enumerate(zip(got, exp)):
+            for name, arr, shape in zip(LayerParams._fields, g, e):
+                _check_shape(f"params.{field}[{k}].{name}", arr, shape)
+    for name, arr, shape in zip(ReadoutParams._fields, params.readout, want.readout):
+        _check_shape(f"params.readout.{name}", arr, shape)
+
+
+def _check_shape(name: str, arr, shape) -> None:
+    got = getattr(arr, "shape", None)
+    if got is None or tuple(got) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got}")
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating dtype, got {arr.dtype}")
+
+
+def init_params(
+    key: Array,
+    spec: RNNSpec,
+    *,
+    scheme: str = "uniform",
+    scale: float = 1.0,
+    dtype=jnp.float32,
+) -> RNNParams:
+    """Initial parameters for ``spec``.
+
+    Args:
+      key: PRNG key, split once per array.
+      spec: the network.
+      scheme: "uniform": every weight and bias U(-1/sqrt(N1), 1/sqrt(N1)) as PyTorch's nn.RNN (the
+        readout uses its input size, as nn.Linear); "orthogonal": as uniform but W11 a random
+        orthogonal matrix times ``scale``; "identity": W11 = scale * I and zero b1 (the IRNN of
+        Le, Jaitly & Hinton 2015, with relu), W1 ~ N(0, 0.001^2) as in that paper;
+        "normal": every weight N(0, scale^2) and zero biases (min-char-rnn uses scale=0.01).
+      scale: see ``scheme``.
+      dtype: float dtype of every array.
+
+    Returns:
+      An ``RNNParams`` whose shapes are ``expected_shapes(spec)``.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"scheme: unknown value {scheme!r}; allowed: {list(INIT_SCHEMES)}")
+    shapes = expected_shapes(spec)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
+    keys = jax.random.split(key, len(leaves))
+    key_tree = jax.tree_util.tree_unflatten(treedef, list(keys))
+
+    def make_layer(k, shp: LayerParams, keys: LayerParams) -> LayerParams:
+        n1 = shp.w11[0]
+        bound = 1.0 / math.sqrt(n1)
+        u = lambda kk, s: jax.random.uniform(kk, s, dtype, -bound, bound)
+        if scheme == "uniform":
+            return LayerParams(u(keys.w1, shp.w1), u(keys.w11, shp.w11), u(keys.b1, shp.b1))
+        if scheme == "orthogonal":
+            w11 = scale * jax.nn.initializers.orthogonal()(keys.w11, shp.w11, dtype)
+            return LayerParams(u(keys.w1, shp.w1), w11, u(keys.b1, shp.b1))
+        if scheme == "identity":
+            w1 = 0.001 * jax.random.normal(keys.w1, shp.w1, dtype)
+            return LayerParams(w1, scale * jnp.eye(n1, dtype=dtype), jnp.zeros(shp.b1, dtype))
+        return LayerParams(
+            scale * jax.random.normal(keys.w1, shp.w1, dtype),
+            scale * jax.random.normal(keys.w11, shp.w11, dtype),
+            jnp.zeros(shp.b1, dtype),
+        )
+
+    layers = tuple(make_layer(k, s, kk) for k, (s, kk) in enumerate(zip(shapes.layers, key_tree.layers)))
+    reverse = tuple(
+        make_layer(k, s, kk) for k, (s, kk) in enumerate(zip(shapes.reverse_layers, key_tree.reverse_layers))
+    )
+    n_top = shapes.readout.w2[0]
+    if scheme == "normal":
+        readout = ReadoutParams(
+            scale * jax.random.normal(key_tree.readout.w2, shapes.readout.w2, dtype),
+            jnp.zeros(shapes.readout.b2, dtype),
+        )
+    else:
+        bound = 1.0 / math.sqrt(n_top)
+        readout = ReadoutParams(
+            jax.random.uniform(key_tree.readout.w2, shapes.readout.w2, dtype, -bound, bound),
+            jax.random.uniform(key_tree.readout.b2, shapes.readout.b2, dtype, -bound, bound),
+        )
+    return RNNParams(layers, reverse, readout)

@@ -1,0 +1,210 @@
+"""Forward unrolling with ``lax.scan``: one layer, stacks, length-aware reversal, bidirectional.
+
+Every scan here equals a plain Python loop over ``cell.step``; each docstring states that loop.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bptt_jax import cell, checks
+from bptt_jax.params import LayerParams, RNNParams, RNNSpec
+
+Array = jax.Array
+
+
+def reverse_padded(xs: Array, lengths: Optional[Array]) -> Array:
+    """Reverses each sequence's valid prefix in time and leaves its padding where it is.
+
+    Args:
+      xs: [T, B, ...] time-major batch.
+      lengths: [B] valid steps per sequence (t < lengths[b] is valid), or None for all T.
+
+    Returns:
+      [T, B, ...] with out[t, b] = xs[lengths[b] - 1 - t, b] for t < lengths[b], xs[t, b] otherwise.
+      The function is its own inverse. With lengths None it is ``xs[::-1]``.
+    """
+    if lengths is None:
+        return xs[::-1]
+    t_len = xs.shape[0]
+    t = jnp.arange(t_len)[:, None]  # [T, 1]
+    idx = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # [T, B]
+    idx = idx.reshape(idx.shape + (1,) * (xs.ndim - 2))
+    return jnp.take_along_axis(xs, idx, axis=0)
+
+
+def valid_mask(lengths: Optional[Array], t_len: int) -> Optional[Array]:
+    """[T, B] booleans, True where t < lengths[b]; None when lengths is None."""
+    if lengths is None:
+        return None
+    return jnp.arange(t_len)[:, None] < lengths[None, :]
+
+
+def unroll_layer(
+    layer: LayerParams,
+    activation: str,
+    xs: Array,
+    h0: Array,
+    valid: Optional[Array] = None,
+    *,
+    unroll: int = 1,
+) -> Array:
+    """Runs one layer (one direction) over time, with the input projection hoisted out of the scan.
+
+    Equals the Python loop (tests/reference.py keeps it):
+
+        h = h0
+        for t in range(T):
+            h_new = cell.step(layer, activation, h, xs[t])
+            h = h_new if valid is None else where(valid[t], h_new, h)   # padding holds the state
+            hs[t] = h
+
+    Args:
+      layer: the layer's W1 [N, N1], W11 [N1, N1], b1 [N1].
+      activation: f1's name.
+      xs: [T, B, N] inputs.
+      h0: [B, N1] h(-1).
+      valid: [T, B] booleans, or None when every step is valid.
+      unroll: steps per scan iteration (``lax.scan``'s unroll).
+
+    Returns:
+      [T, B, N1] h(t) for every t; hs[T-1] is the state at the last valid step.
+    """
+    us = xs @ layer.w1 + layer.b1  # [T, B, N1], one matmul for all t
+
+    def body(h_tm1, inp):
+        u_t, valid_t = inp
+        h_t = cell.recur(layer.w11, activation, h_tm1, u_t)
+        if valid_t is not None:
+            h_t = jnp.where(valid_t[:, None], h_t, h_tm1)
+        return h_t, h_t
+
+    _, hs = lax.scan(body, h0, (us, valid), unroll=unroll)
+    return hs
+
+
+class LayerTrace(NamedTuple):
+    """What the forward pass keeps of one layer for the backward pass."""
+
+    inputs: Array  # [T, B, N_in] the layer's input, in input time
+    states: tuple[Array, ...]  # D entries [T, B, N1], each in its own scan's time (reverse: reversed)
+    merged: Array  # [T, B, N_out] the merged states, in input time
+
+
+def merge(spec: RNNSpec, h_fwd: Array, h_rev: Optional[Array]) -> Array:
+    """Merges the two directions' states at every t: concat (forward first) or sum."""
+    if h_rev is None:
+        return h_fwd
+    if spec.merge == "concat":
+        return jnp.concatenate([h_fwd, h_rev], axis=-1)  # [T, B, 2 N1]
+    return h_fwd + h_rev
+
+
+def run_stack(
+    params: RNNParams,
+    spec: RNNSpec,
+    xs: Array,
+    h0: tuple[Array, ...],
+    lengths: Optional[Array],
+    *,
+    unroll: int = 1,
+) -> tuple[LayerTrace, ...]:
+    """Runs every layer bottom to top; layer k reads the merged states of layer k-1.
+
+    The reverse net of a bidirectional layer is the same scan run over
+    ``reverse_padded(inputs, lengths)``; its states are re-aligned to input time before merging.
+
+    Args:
+      h0: L*D entries [B, N1] in the order layer * D + direction.
+
+    Returns:
+      One ``LayerTrace`` per layer.
+    """
+    valid = valid_mask(lengths, xs.shape[0])
+    d = spec.num_directions
+    traces = []
+    inputs = xs
+    for k in range(spec.num_layers):  # a loop over layers, not time
+        hs_f = unroll_layer(params.layers[k], spec.activation, inputs, h0[k * d], valid, unroll=unroll)
+        states = (hs_f,)
+        hs_r_input_time = None
+        if spec.bidirectional:
+            hs_r = unroll_layer(
+                params.reverse_layers[k],
+                spec.activation,
+                reverse_padded(inputs, lengths),
+                h0[k * d + 1],
+                valid,
+                unroll=unroll,
+            )
+            states = (hs_f, hs_r)
+            hs_r_input_time = reverse_padded(hs_r, lengths)
+        merged = merge(spec, hs_f, hs_r_input_time)
+        traces.append(LayerTrace(inputs, states, merged))
+        inputs = merged
+    return tuple(traces)
+
+
+def default_h0(spec: RNNSpec, batch: int, dtype) -> tuple[Array, ...]:
+    """Zeros for every (layer, direction): L*D entries [B, N1]."""
+    return tuple(jnp.zeros((batch, n1), dtype) for n1 in spec.state_sizes())
+
+
+class ForwardOutput(NamedTuple):
+    """What ``forward`` returns. Per-(layer, direction) tuples are ordered layer * D + direction."""
+
+    ys: Array  # [T, B, M] Y(t) = f2(Z2(t))
+    hs: tuple[Array, ...]  # L*D entries [T, B, N1]: h(t) in input time
+    h_last: tuple[Array, ...]  # L*D entries [B, N1]: forward net at the last valid step, reverse net at t=0
+    z2s: Array  # [T, B, M] output pre-activations Z2(t)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "unroll"))
+def _forward(params, spec, xs, h0, lengths, unroll):
+    from bptt_jax import activations  # local: keeps the import graph of the design table
+
+    traces = run_stack(params, spec, xs, h0, lengths, unroll=unroll)
+    top = traces[-1].merged
+    z2s = top @ params.readout.w2 + params.readout.b2  # [T, B, M]
+    ys = activations.output(spec.output_activation, z2s)
+    hs, h_last = [], []
+    for tr in traces:
+        for j, h in enumerate(tr.states):
+            hs.append(h if j == 0 else reverse_padded(h, lengths))
+            h_last.append(h[-1])
+    return ForwardOutput(ys, tuple(hs), tuple(h_last), z2s)
+
+
+def forward(
+    params: RNNParams,
+    spec: RNNSpec,
+    xs: Array,
+    *,
+    h0: Optional[tuple[Array, ...]] = None,
+    lengths: Optional[Array] = None,
+    unroll: int = 1,
+    check_finite: bool = False,
+) -> ForwardOutput:
+    """Runs the network over a batch of sequences.
+
+    Args:
+      params: the network's parameters, shaped as ``expected_shapes(spec)``.
+      spec: the network (static).
+      xs: [T, B, N] inputs, time-major, float.
+      h0: L*D entries [B, N1], h(-1) per layer and direction (order layer * D + direction);
+        zeros when None.
+      lengths: [B] integer valid steps per sequence, in [0, T]; steps t >= lengths[b] hold the
+        state. None means every step is valid.
+      unroll: scan steps per loop iteration.
+      check_finite: raise ValueError if xs, h0 or params hold NaN or inf (needs concrete values).
+
+    Returns:
+      ``ForwardOutput(ys [T, B, M], hs, h_last, z2s [T, B, M])``.
+    """
+    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
+    return _forward(params, spec, xs, h0, lengths, unroll)

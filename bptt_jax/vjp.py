@@ -1,0 +1,71 @@
+"""``jax.custom_vjp`` whose backward pass is the explicit BPTT, so ``jax.grad`` of any loss runs it.
+
+    states = rnn_states(params, spec, xs, h0=h0, lengths=lengths)   # [T, B, N_top]
+    jax.grad(lambda p: my_loss(rnn_states(p, spec, xs)))(params)     # runs bptt.stack_backward
+
+Differentiable once: the backward rule is itself not differentiated (``jax.hessian`` and
+``jax.jvp`` of the result are not supported). The readout (W2, b2) is not used by the states, so its
+gradient is zero.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from bptt_jax.bptt import stack_backward
+from bptt_jax import checks, scan
+from bptt_jax.params import RNNParams, RNNSpec
+
+Array = jax.Array
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _states(spec, unroll, params, xs, h0, lengths):
+    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)
+    return traces[-1].merged
+
+
+def _states_fwd(spec, unroll, params, xs, h0, lengths):
+    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)
+    return traces[-1].merged, (params, h0, lengths, traces)
+
+
+def _states_bwd(spec, unroll, residuals, ct):
+    params, h0, lengths, traces = residuals
+    g_layers, g_reverse, dxs, dh0, _ = stack_backward(
+        params, spec, traces, h0, lengths, ct, unroll=unroll
+    )
+    g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
+    return RNNParams(g_layers, g_reverse, g_readout), dxs, dh0, None  # lengths: integer, no cotangent
+
+
+_states.defvjp(_states_fwd, _states_bwd)
+
+
+def rnn_states(
+    params: RNNParams,
+    spec: RNNSpec,
+    xs: Array,
+    *,
+    h0: Optional[tuple[Array, ...]] = None,
+    lengths: Optional[Array] = None,
+    unroll: int = 1,
+) -> Array:
+    """The top layer's merged states, differentiable (once) through the explicit BPTT.
+
+    Args:
+      params, spec: the network (the readout is ignored).
+      xs: [T, B, N] inputs.
+      h0: L*D entries [B, N1], zeros when None.
+      lengths: [B] valid steps per sequence; padded steps hold the state.
+
+    Returns:
+      [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net).
+      Works under jit, vmap and inside lax.scan.
+    """
+    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
+    return _states(spec, unroll, params, xs, h0, lengths)
