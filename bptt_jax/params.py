@@ -216,7 +216,8 @@ def init_params(
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"scheme: unknown value {scheme!r}; allowed: {list(INIT_SCHEMES)}")
     shapes = expected_shapes(spec)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
+    is_shape = lambda x: isinstance(x, tuple) and len(x) > 0 and all(isinstance(i, int) for i in x)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=is_shape)
     keys = jax.random.split(key, len(leaves))
     key_tree = jax.tree_util.tree_unflatten(treedef, list(keys))
 

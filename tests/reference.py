@@ -1,0 +1,161 @@
+"""Test-only oracles: plain Python loops over time and helpers to draw random problems.
+
+Library code never loops over time in Python; these loops exist so the scans have something to be
+compared with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+
+from bptt_jax import activations, cell
+from bptt_jax.params import RNNSpec, init_params
+
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
+VALID_PAIRS = (
+    ("softmax", "cross_entropy"),
+    ("softmax", "squared_error"),
+    ("tanh", "squared_error"),
+    ("sigmoid", "squared_error"),
+    ("identity", "squared_error"),
+    ("sigmoid", "binary_cross_entropy"),
+)
+
+
+def loop_layer(layer, activation, xs, h0, lengths=None):
+    """h(t) for t = 0..T-1 by a Python loop over cell.step; padding (t >= length) holds the state."""
+    h = h0
+    hs = []
+    for t in range(xs.shape[0]):
+        h_new = cell.step(layer, activation, h, xs[t])
+        if lengths is not None:
+            h_new = jnp.where((t < lengths)[:, None], h_new, h)
+        h = h_new
+        hs.append(h)
+    return jnp.stack(hs)
+
+
+def loop_forward(params, spec, xs, h0, lengths=None):
+    """The whole network by Python loops, each sequence's reverse net run on its own flipped prefix."""
+    t_len, batch, _ = xs.shape
+    d = spec.num_directions
+    inputs = xs
+    all_hs = []
+    for k in range(spec.num_layers):
+        hs_f = loop_layer(params.layers[k], spec.activation, inputs, h0[k * d], lengths)
+        all_hs.append(hs_f)
+        merged = hs_f
+        if spec.bidirectional:
+            cols = []
+            for b in range(batch):  # reverse each sequence's valid prefix by hand
+                n = t_len if lengths is None else int(lengths[b])
+                seq = inputs[:, b : b + 1]
+                rev_in = jnp.concatenate([seq[:n][::-1], seq[n:]], axis=0)
+                hr = loop_layer(params.reverse_layers[k], spec.activation, rev_in, h0[k * d + 1][b : b + 1],
+                                None if lengths is None else jnp.array([n]))
+                cols.append(jnp.concatenate([hr[:n][::-1], hr[n:]], axis=0))
+            hs_r = jnp.concatenate(cols, axis=1)
+            all_hs.append(hs_r)
+            merged = jnp.concatenate([hs_f, hs_r], -1) if spec.merge == "concat" else hs_f + hs_r
+        inputs = merged
+    z2s = inputs @ params.readout.w2 + params.readout.b2
+    return activations.output(spec.output_activation, z2s), all_hs
+
+
+@dataclasses.dataclass
+class Problem:
+    spec: RNNSpec
+    params: object
+    xs: jax.Array
+    targets: jax.Array
+    weights: object
+    lengths: object
+    h0: tuple
+
+
+@st.composite
+def problems(draw, *, bidirectional=None, max_t=6, max_layers=3, lengths=None):
+    """A random network and batch: sizes, activations, (output activation, divergence), weights,
+    targets, loss weights, lengths (including 0 and T) and initial states."""
+    t_len = draw(st.integers(1, max_t))
+    batch = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 4))
+    n_layers = draw(st.integers(1, max_layers))
+    hidden = tuple(draw(st.integers(1, 5)) for _ in range(n_layers))
+    m = draw(st.integers(1, 4))
+    act = draw(st.sampled_from(ACTIVATIONS))
+    out_act, div = draw(st.sampled_from(VALID_PAIRS))
+    bidir = draw(st.booleans()) if bidirectional is None else bidirectional
+    merge = draw(st.sampled_from(("concat", "sum")))
+    use_lengths = draw(st.booleans()) if lengths is None else lengths
+    use_weights = draw(st.booleans())
+    use_h0 = draw(st.booleans())
+    int_targets = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    spec = RNNSpec(n, hidden, m, activation=act, output_activation=out_act, divergence=div,
+                   bidirectional=bidir, merge=merge)
+    return make_problem(spec, t_len, batch, seed, use_lengths, use_weights, use_h0, int_targets)
+
+
+def make_problem(spec, t_len, batch, seed, use_lengths=False, use_weights=False, use_h0=False,
+                 int_targets=True, dtype=jnp.float32):
+    rng = np.random.RandomState(seed)
+    params = init_params(jax.random.key(seed), spec, dtype=dtype)
+    # Scale weights up a little so the recurrence matters, keeping values moderate.
+    params = jax.tree_util.tree_map(lambda a: a * 1.5, params)
+    xs = jnp.asarray(rng.randn(t_len, batch, spec.input_size), dtype)
+    m = spec.output_size
+    if spec.divergence == "cross_entropy" and int_targets:
+        targets = jnp.asarray(rng.randint(0, m, size=(t_len, batch)), jnp.int32)
+    elif spec.divergence == "cross_entropy":
+        p = rng.rand(t_len, batch, m) + 0.1
+        targets = jnp.asarray(p / p.sum(-1, keepdims=True), dtype)
+    elif spec.divergence == "binary_cross_entropy":
+        targets = jnp.asarray(rng.rand(t_len, batch, m), dtype)
+    else:
+        targets = jnp.asarray(rng.randn(t_len, batch, m) * 0.5, dtype)
+    weights = jnp.asarray(rng.rand(t_len, batch), dtype) if use_weights else None
+    lengths = None
+    if use_lengths:
+        lens = rng.randint(0, t_len + 1, size=batch)
+        lens[rng.randint(batch)] = t_len  # at least one full-length sequence
+        lengths = jnp.asarray(lens, jnp.int32)
+    h0 = None
+    if use_h0:
+        h0 = tuple(jnp.asarray(rng.randn(batch, n1) * 0.5, dtype) for n1 in spec.state_sizes())
+    return Problem(spec, params, xs, targets, weights, lengths, h0)
+
+
+def cast(problem: Problem, dtype) -> Problem:
+    """The same problem with every float array cast to dtype."""
+    f = lambda a: a.astype(dtype) if (a is not None and jnp.issubdtype(a.dtype, jnp.floating)) else a
+    return Problem(
+        problem.spec,
+        jax.tree_util.tree_map(f, problem.params),
+        f(problem.xs),
+        f(problem.targets),
+        f(problem.weights),
+        problem.lengths,
+        None if problem.h0 is None else tuple(f(h) for h in problem.h0),
+    )
+
+
+def max_rel_err(a, b) -> float:
+    """Largest over leaves of max|a - b| / max|b| (exact zeros must match exactly)."""
+    worst = 0.0
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        assert x.shape == y.shape, (x.shape, y.shape)
+        diff = np.max(np.abs(x - y)) if x.size else 0.0
+        scale = np.max(np.abs(y)) if y.size else 0.0
+        if scale == 0.0:
+            err = 0.0 if diff == 0.0 else np.inf
+        else:
+            err = diff / scale
+        worst = max(worst, float(err))
+    return worst
