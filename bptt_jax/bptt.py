@@ -37,6 +37,7 @@ class BPTTAux(NamedTuple):
     dh0: tuple[Array, ...]  # L*D entries [B, N1]: dDIV/dh(-1)
     dxs: Array  # [T, B, N] dDIV/dX
     dh_norms: Array  # [T, L*D] ||dDIV/dh(t)|| averaged over the batch, in input time
+    h_last: tuple[Array, ...]  # L*D entries [B, N1]: the forward pass's final states (as forward's)
 
 
 def layer_backward(
@@ -191,7 +192,8 @@ def _bptt(params, spec, xs, targets, weights, lengths, h0, generic, unroll):
     g_layers, g_reverse, dxs, dh0, dh_norms = stack_backward(
         params, spec, traces, h0, lengths, dtop, unroll=unroll
     )
-    return div, RNNParams(g_layers, g_reverse, g_readout), BPTTAux(dh0, dxs, dh_norms)
+    h_last = tuple(h[-1] for tr in traces for h in tr.states)
+    return div, RNNParams(g_layers, g_reverse, g_readout), BPTTAux(dh0, dxs, dh_norms, h_last)
 
 
 def loss(
@@ -252,7 +254,7 @@ def bptt(
         instead of the fused closed form; the two agree (tests show it).
 
     Returns:
-      (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms)``).
+      (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last)``).
     """
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
     targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])

@@ -1,0 +1,259 @@
+"""One training run from a config: the loop, logging, evaluation, checkpoints, plots and summary.
+
+Writes into the output directory:
+  config.toml     the resolved config (after --set overrides)
+  metrics.jsonl   one JSON object per logged step
+  last.ckpt       the latest state (every train.checkpoint_every steps, at the end, on Ctrl-C)
+  best.ckpt       the state with the lowest validation loss so far
+  summary.json    final figures; loss.png and dh_norms.png; sample.txt for text tasks
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bptt_jax import checkpoint, data, train
+from bptt_jax.config import Config, to_toml
+from bptt_jax.params import RNNSpec
+
+
+class RunError(RuntimeError):
+    """The run cannot start or had to stop (message says why)."""
+
+
+def build(cfg: Config):
+    """The task, spec and optimizer a config describes."""
+    task = data.make_task(cfg.data, cfg.train.seed, cfg.train.stateful)
+    spec = RNNSpec(
+        task.input_size, cfg.model.hidden_sizes, task.output_size, activation=cfg.model.activation,
+        output_activation=task.output_activation, divergence=task.divergence,
+        bidirectional=cfg.model.bidirectional, merge=cfg.model.merge,
+    )
+    optimizer = train.make_optimizer(cfg.optim, cfg.train.steps)
+    return task, spec, optimizer
+
+
+def initial_state(cfg: Config, spec: RNNSpec, optimizer) -> train.TrainState:
+    return train.init_state(jax.random.key(cfg.train.seed), spec, optimizer, cfg.data.batch_size,
+                            scheme=cfg.model.init, scale=cfg.model.init_scale)
+
+
+def _bits(task: data.Task, nats: float) -> Optional[float]:
+    return nats / math.log(2) if task.name in ("text", "infill") else None
+
+
+def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None] = print,
+        progress: Optional[bool] = None) -> dict:
+    """Trains one run; returns the summary (also written to out_dir/summary.json).
+
+    Raises RunError when out_dir already holds a run and resume is False, or when
+    train.max_nonfinite non-finite updates come in a row.
+    """
+    out = Path(out_dir)
+    last_path, best_path = out / "last.ckpt", out / "best.ckpt"
+    if not resume and (last_path.exists() or (out / "metrics.jsonl").exists()):
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not last_path.exists():
+        raise RunError(f"--resume: {last_path} does not exist")
+    if cfg.train.devices != "1":
+        from bptt_jax import parallel  # noqa: F401  (data-parallel path)
+    task, spec, optimizer = build(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+
+    state = initial_state(cfg, spec, optimizer)
+    best_val, elapsed_before = math.inf, 0.0
+    if resume:
+        state, meta = checkpoint.load(last_path, state)
+        best_val, elapsed_before = meta.get("best_val", math.inf), meta.get("elapsed_s", 0.0)
+        _truncate_metrics(out / "metrics.jsonl", int(state.step))
+        log(f"resumed from {last_path} at step {int(state.step)}")
+
+    step_fn = _make_step(cfg, spec, optimizer, task)
+    eval_fn = train.make_eval_step(spec, unroll=cfg.train.unroll)
+    t = cfg.train
+    use_bar = sys.stdout.isatty() if progress is None else progress
+    bar = None
+    if use_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=int(state.step), unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    recent, last_dh, last_log_t, last_log_step = [], None, start, int(state.step)
+    stop_reason = "steps"
+
+    def elapsed():
+        return elapsed_before + time.perf_counter() - start
+
+    def save_last():
+        checkpoint.save(last_path, state, metadata={"best_val": best_val, "elapsed_s": elapsed(),
+                                                    "step": int(state.step)})
+
+    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    try:
+        while int(state.step) < t.steps:
+            if t.time_limit_s and elapsed() >= t.time_limit_s:
+                stop_reason = "time_limit"
+                break
+            step = int(state.step)
+            batch = task.train_batch(step)
+            state, m = step_fn(state, batch)
+            recent.append((m.loss, float(np.sum(batch.weights)) / batch.xs.shape[1]))  # (DIV, weight per sequence)
+            if int(state.nonfinite_in_row) >= t.max_nonfinite:
+                stop_reason = "nonfinite"
+                break
+            step += 1
+            if step % t.log_every == 0 or step == t.steps or step % t.eval_every == 0:
+                losses = [float(l) / max(w, 1e-12) for l, w in recent]
+                finite_losses = [x for x in losses if math.isfinite(x)]
+                train_loss = float(np.mean(finite_losses)) if finite_losses else math.nan
+                recent = []
+                last_dh = np.asarray(m.dh_norms)
+                now = time.perf_counter()
+                row = {"step": step, "loss": train_loss, "grad_norm": float(m.grad_norm),
+                       "seconds": round(elapsed(), 3),
+                       "steps_per_s": (step - last_log_step) / max(now - last_log_t, 1e-9),
+                       "skipped": int(state.nonfinite_total)}
+                last_log_t, last_log_step = now, step
+                if _bits(task, train_loss) is not None:
+                    row["bits_per_char"] = _bits(task, train_loss)
+                if step % t.eval_every == 0 or step == t.steps:
+                    ev = train.evaluate(eval_fn, state.params, spec, task.eval_batches, stateful=task.stateful)
+                    row["val_loss"] = ev["loss"]
+                    if _bits(task, ev["loss"]) is not None:
+                        row["val_bits_per_char"] = _bits(task, ev["loss"])
+                    if task.divergence == "cross_entropy":
+                        row["val_accuracy"] = ev["accuracy"]
+                    if ev["loss"] < best_val:
+                        best_val = ev["loss"]
+                        checkpoint.save(best_path, state.params, metadata={"step": step, "val_loss": best_val})
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                if bar is not None:
+                    bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{row.get('val_loss', float('nan')):.4f}")
+                else:
+                    log(msg)
+            if bar is not None:
+                bar.update(1)
+            if step % t.checkpoint_every == 0:
+                save_last()
+    except KeyboardInterrupt:
+        save_last()
+        log(f"interrupted: state saved to {last_path} at step {int(state.step)}; continue with --resume")
+        raise
+    finally:
+        metrics_file.close()
+        if bar is not None:
+            bar.close()
+    save_last()
+    if stop_reason == "nonfinite":
+        raise RunError(
+            f"stopped at step {int(state.step)}: {t.max_nonfinite} non-finite losses or gradients in a row "
+            f"(train.max_nonfinite); none reached the parameters. Lower optim.learning_rate or enable clipping. "
+            f"The last good state is in {last_path}"
+        )
+    return finish(cfg, out, task, spec, state, best_val, elapsed(), last_dh, stop_reason, log)
+
+
+def _make_step(cfg: Config, spec, optimizer, task):
+    kwargs = dict(grad=cfg.train.grad, stateful=task.stateful, input_dropout=cfg.train.input_dropout,
+                  seed=cfg.train.seed, unroll=cfg.train.unroll)
+    if cfg.train.devices != "1":
+        from bptt_jax import parallel
+
+        return parallel.make_sharded_train_step(spec, optimizer, cfg.train.devices, cfg.data.batch_size, **kwargs)
+    return train.make_train_step(spec, optimizer, **kwargs)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops metric rows past ``step`` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+
+
+def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_reason, log) -> dict:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    summary = {
+        "task": task.name, "steps": int(state.step), "seconds": round(seconds, 2), "stopped_by": stop_reason,
+        "skipped_updates": int(state.nonfinite_total), "best_val_loss": best_val,
+        "final_val_loss": next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None),
+        "baseline": task.baseline, "grad": cfg.train.grad,
+        "spec": {"input_size": spec.input_size, "hidden_sizes": list(spec.hidden_sizes),
+                 "output_size": spec.output_size, "bidirectional": spec.bidirectional},
+    }
+    if task.name in ("text", "infill") and math.isfinite(best_val):
+        summary["best_val_bits_per_char"] = best_val / math.log(2)
+    if task.name == "infill":
+        summary["best_val_accuracy"] = max((r.get("val_accuracy", 0.0) for r in rows), default=0.0)
+    if last_dh is not None:
+        summary["dh_norms_last"] = np.asarray(last_dh).tolist()
+    if task.name == "text" and (out / "best.ckpt").exists():
+        params, _ = checkpoint.load(out / "best.ckpt", state.params)
+        text = sample_text(params, spec, task.vocab, prime="\n", length=cfg.output.sample_length,
+                           temperature=cfg.output.temperature, seed=cfg.train.seed)
+        (out / "sample.txt").write_text(text, encoding="utf-8")
+        summary["sample"] = text
+        log("sample from the best checkpoint:\n" + text)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if cfg.output.plots:
+        plot(out, rows, last_dh, task)
+    return summary
+
+
+def sample_text(params, spec, vocab: data.Vocab, *, prime: str, length: int, temperature: float, seed: int) -> str:
+    from bptt_jax import generate
+
+    prime = prime or "\n"
+    unknown = sorted({c for c in prime if c not in vocab.chars})
+    if unknown:
+        raise RunError(f"--prime: characters not in the model's vocabulary: {unknown!r}")
+    xs = jnp.asarray(data.one_hot(vocab.encode(prime), len(vocab.chars)))[:, None, :]
+    ids = generate.sample_ids(jax.random.key(seed), params, spec, xs, length, temperature)
+    return prime + vocab.decode(np.asarray(ids))
+
+
+def plot(out: Path, rows, last_dh, task) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["step"] for r in rows]
+    scale = (1 / math.log(2)) if task.name in ("text", "infill") else 1.0
+    unit = "bits per character" if scale != 1.0 else "loss"
+    ax.plot(steps, [r["loss"] * scale for r in rows], label="training")
+    val = [(r["step"], r["val_loss"] * scale) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel(unit)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+    if last_dh is not None and np.all(np.isfinite(last_dh)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for j in range(last_dh.shape[1]):
+            ax.semilogy(np.maximum(last_dh[:, j], 1e-30), label=f"layer/direction {j}")
+        ax.set_xlabel("t")
+        ax.set_ylabel("mean ||dDIV/dh(t)||")
+        ax.set_title("gradient reaching h(t), last logged batch")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "dh_norms.png", dpi=100)
+        plt.close(fig)

@@ -1,0 +1,198 @@
+"""Training with optax: the optimizer from a config, a jitted train step, truncated BPTT, evaluation.
+
+    optimizer = make_optimizer(cfg.optim, total_steps)
+    state = init_state(key, spec, optimizer, batch_size)
+    step = make_train_step(spec, optimizer)            # jitted once: (state, batch) -> (state, metrics)
+    state, metrics = step(state, batch)
+
+Truncated BPTT for long streams: ``TrainState.carry`` holds the final states of the previous chunk;
+the next chunk starts from them (gradients stop at the boundary, since h0 is an input of the BPTT,
+not a function of the parameters) unless ``batch.reset`` says the stream wrapped.
+
+A step whose loss or gradient is not finite changes nothing but the counters: parameters,
+optimizer state and the carried state stay as they were (the carry is reset to zeros).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bptt_jax import losses, scan
+from bptt_jax.bptt import bptt, loss
+from bptt_jax.params import RNNParams, RNNSpec, init_params
+
+Array = jax.Array
+
+
+class TrainState(NamedTuple):
+    step: Array  # [] int32 steps taken (including skipped ones)
+    params: RNNParams
+    opt_state: optax.OptState
+    carry: tuple[Array, ...]  # L*D entries [B, N1]: state carried to the next chunk
+    nonfinite_in_row: Array  # [] int32 consecutive skipped (non-finite) updates
+    nonfinite_total: Array  # [] int32 skipped updates in all
+
+
+class StepMetrics(NamedTuple):
+    loss: Array  # [] DIV of the batch (mean over the batch of the sum over t)
+    grad_norm: Array  # [] global norm of the gradient before clipping
+    dh_norms: Array  # [T, L*D] ||dDIV/dh(t)|| (NaN with grad="autodiff", which does not expose it)
+    finite: Array  # [] bool: the update was applied
+
+
+def make_schedule(optim_cfg, total_steps: int):
+    lr, warm = optim_cfg.learning_rate, optim_cfg.warmup_steps
+    total = max(total_steps, warm + 1)
+    if optim_cfg.schedule == "constant":
+        return optax.constant_schedule(lr)
+    if optim_cfg.schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, total)
+    if optim_cfg.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warm, 1), total)
+    if optim_cfg.schedule == "warmup_constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warm, 1)), optax.constant_schedule(lr)], [max(warm, 1)]
+        )
+    raise ValueError(f"optim.schedule: unknown value {optim_cfg.schedule!r}")
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+    """Clipping, then weight decay, then the optimizer, as one optax chain (see config.OptimConfig)."""
+    o = optim_cfg
+    lr = make_schedule(o, total_steps)
+    parts = []
+    if o.clip == "global_norm":
+        parts.append(optax.clip_by_global_norm(o.clip_value))
+    elif o.clip == "value":
+        parts.append(optax.clip(o.clip_value))  # element-wise, min-char-rnn's np.clip(g, -5, 5)
+    if o.name == "adam":
+        parts.append(optax.adamw(lr, eps=o.eps, weight_decay=o.weight_decay) if o.weight_decay else optax.adam(lr, eps=o.eps))
+        return optax.chain(*parts)
+    if o.weight_decay:
+        parts.append(optax.add_decayed_weights(o.weight_decay))
+    if o.name == "sgd":
+        parts.append(optax.sgd(lr))
+    elif o.name == "momentum":
+        parts.append(optax.sgd(lr, momentum=o.momentum))
+    elif o.name == "adagrad":
+        parts.append(optax.adagrad(lr, initial_accumulator_value=o.initial_accumulator, eps=o.eps))
+    elif o.name == "rmsprop":
+        parts.append(optax.rmsprop(lr, eps=o.eps))
+    else:
+        raise ValueError(f"optim.name: unknown value {o.name!r}")
+    return optax.chain(*parts)
+
+
+def init_state(key: Array, spec: RNNSpec, optimizer, batch_size: int, *, scheme="uniform",
+               scale=1.0, dtype=jnp.float32) -> TrainState:
+    params = init_params(key, spec, scheme=scheme, scale=scale, dtype=dtype)
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, optimizer.init(params),
+        scan.default_h0(spec, batch_size, dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+    )
+
+
+def _tree_where(pred, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad: str = "bptt", *,
+                    stateful: bool = False, input_dropout: float = 0.0, seed: int = 0, unroll: int = 1,
+                    jit: bool = True):
+    """The pure train step ``(state, batch) -> (state, metrics)``, jitted once.
+
+    Args:
+      spec: the network.
+      optimizer: an optax transformation (``make_optimizer``).
+      grad: "bptt" (the explicit reverse scan) or "autodiff" (``jax.value_and_grad`` of ``loss``).
+      stateful: start each chunk from the carried state (truncated BPTT) unless ``batch.reset``.
+      input_dropout: probability of zeroing each input entry, scaled by 1/(1-p); the mask is drawn
+        from ``fold_in(key(seed), step)``, so a resumed run draws the same masks.
+      unroll: scan steps per loop iteration.
+
+    Returns:
+      ``step(state, batch)`` where batch is a ``data.Batch`` (xs [T, B, N], targets, weights [T, B],
+      reset [B]); returns ``(new_state, StepMetrics)``.
+    """
+    if grad not in ("bptt", "autodiff"):
+        raise ValueError(f"grad: unknown value {grad!r}; allowed: ['bptt', 'autodiff']")
+
+    def step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
+        xs = jnp.asarray(batch.xs)
+        if input_dropout > 0.0:
+            key = jax.random.fold_in(jax.random.key(seed), state.step)
+            keep = jax.random.bernoulli(key, 1.0 - input_dropout, xs.shape)
+            xs = jnp.where(keep, xs / (1.0 - input_dropout), 0.0)
+        reset = jnp.asarray(batch.reset)
+        if stateful:
+            h0 = tuple(jnp.where(reset[:, None], 0.0, h) for h in state.carry)
+        else:
+            h0 = tuple(jnp.zeros_like(h) for h in state.carry)
+        if grad == "bptt":
+            value, grads, aux = bptt(state.params, spec, xs, batch.targets, weights=batch.weights, h0=h0, unroll=unroll)
+            dh_norms, h_last = aux.dh_norms, aux.h_last
+        else:
+            value, grads = jax.value_and_grad(
+                lambda p: loss(p, spec, xs, batch.targets, weights=batch.weights, h0=h0, unroll=unroll)
+            )(state.params)
+            h_last = scan.forward(state.params, spec, xs, h0=h0, unroll=unroll).h_last
+            dh_norms = jnp.full((xs.shape[0], len(h0)), jnp.nan, xs.dtype)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(
+            state.step + 1,
+            _tree_where(finite, params, state.params),
+            _tree_where(finite, opt_state, state.opt_state),
+            tuple(jnp.where(finite, jax.lax.stop_gradient(h), jnp.zeros_like(h)) for h in h_last),
+            jnp.where(finite, 0, state.nonfinite_in_row + 1),
+            state.nonfinite_total + jnp.where(finite, 0, 1),
+        )
+        return new, StepMetrics(value, grad_norm, dh_norms, finite)
+
+    return jax.jit(step) if jit else step
+
+
+class EvalSums(NamedTuple):
+    div: Array  # [] sum over t, b of w Div
+    weight: Array  # [] sum of w
+    correct: Array  # [] sum of w * [argmax Y == D] (classification), 0 otherwise
+
+
+def make_eval_step(spec: RNNSpec, *, unroll: int = 1):
+    """Jitted ``(params, h0, batch) -> (EvalSums, h_last)`` for evaluation (no gradients)."""
+
+    @jax.jit
+    def evaluate(params, h0, batch):
+        xs = jnp.asarray(batch.xs)
+        out = scan.forward(params, spec, xs, h0=h0, unroll=unroll)
+        w = jnp.asarray(batch.weights)
+        divs = losses.divergence(spec.divergence, out.z2s, out.ys, batch.targets)
+        if spec.divergence == "cross_entropy" and jnp.issubdtype(batch.targets.dtype, jnp.integer):
+            correct = jnp.sum(w * (jnp.argmax(out.z2s, -1) == batch.targets))
+        else:
+            correct = jnp.zeros((), xs.dtype)
+        return EvalSums(jnp.sum(w * divs), jnp.sum(w), correct), out.h_last
+
+    return evaluate
+
+
+def evaluate(eval_step, params, spec: RNNSpec, batches, *, stateful: bool) -> dict:
+    """Runs ``eval_step`` over fixed batches (state carried when stateful); returns per-weight means."""
+    div = weight = correct = 0.0
+    h = None
+    for batch in batches:
+        if h is None or not stateful:
+            h = scan.default_h0(spec, batch.xs.shape[1], jnp.float32)
+        sums, h = eval_step(params, h, batch)
+        div += float(sums.div)
+        weight += float(sums.weight)
+        correct += float(sums.correct)
+    weight = max(weight, 1e-12)
+    return {"loss": div / weight, "accuracy": correct / weight}
