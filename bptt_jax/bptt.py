@@ -164,23 +164,28 @@ def stack_backward(
 
 
 def _readout(params: RNNParams, spec: RNNSpec, top: Array):
-    z2s = top @ params.readout.w2 + params.readout.b2  # [T, B, M]
+    z2s = top @ params.readout.w2 + params.readout.b2  # [T, B, M], Z2(t) = h(t) W2 + b2
     return z2s, activations.output(spec.output_activation, z2s)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "unroll"))
-def _loss(params, spec, xs, targets, weights, lengths, h0, unroll):
+def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll):
     traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)
-    z2s, ys = _readout(params, spec, traces[-1].merged)
+    top = traces[-1].merged
+    if output_mask is not None:
+        top = top * output_mask
+    z2s, ys = _readout(params, spec, top)
     w = losses.effective_weights(weights, lengths, xs.shape[0], xs.shape[1], xs.dtype)
     return losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "generic", "unroll"))
-def _bptt(params, spec, xs, targets, weights, lengths, h0, generic, unroll):
+def _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll):
     t_len, batch, _ = xs.shape
     traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)  # stores h(t) only
     top = traces[-1].merged  # [T, B, N_top]
+    if output_mask is not None:
+        top = top * output_mask  # dropout on the readout's input
     z2s, ys = _readout(params, spec, top)
     w = losses.effective_weights(weights, lengths, t_len, batch, xs.dtype)
     div = losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
@@ -189,6 +194,8 @@ def _bptt(params, spec, xs, targets, weights, lengths, h0, generic, unroll):
     )  # [T, B, M] for all t at once
     g_readout = ReadoutParams(_flat(top).T @ _flat(dz2s), jnp.sum(dz2s, axis=(0, 1)))
     dtop = dz2s @ params.readout.w2.T  # [T, B, N_top] dZ2(t) W2^T
+    if output_mask is not None:
+        dtop = dtop * output_mask
     g_layers, g_reverse, dxs, dh0, dh_norms = stack_backward(
         params, spec, traces, h0, lengths, dtop, unroll=unroll
     )
@@ -205,6 +212,7 @@ def loss(
     weights: Optional[Array] = None,
     lengths: Optional[Array] = None,
     h0: Optional[tuple[Array, ...]] = None,
+    output_mask: Optional[Array] = None,
     unroll: int = 1,
     check_finite: bool = False,
 ) -> Array:
@@ -219,6 +227,8 @@ def loss(
         only). Ones when None. Steps t >= lengths[b] always weigh 0.
       lengths: [B] valid steps per sequence.
       h0: L*D entries [B, N1] (order layer * D + direction), zeros when None.
+      output_mask: [T, B, N_top] multiplies the top layer's merged states before the readout
+        (dropout on the outputs: zeros and 1/(1-p)); None for no dropout.
       unroll: scan steps per loop iteration.
       check_finite: raise ValueError on NaN or inf in xs, h0 or params.
 
@@ -227,7 +237,8 @@ def loss(
     """
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
     targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
-    return _loss(params, spec, xs, targets, weights, lengths, h0, unroll)
+    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
+    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll)
 
 
 def bptt(
@@ -239,6 +250,7 @@ def bptt(
     weights: Optional[Array] = None,
     lengths: Optional[Array] = None,
     h0: Optional[tuple[Array, ...]] = None,
+    output_mask: Optional[Array] = None,
     generic: bool = False,
     unroll: int = 1,
     check_finite: bool = False,
@@ -258,4 +270,5 @@ def bptt(
     """
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
     targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
-    return _bptt(params, spec, xs, targets, weights, lengths, h0, generic, unroll)
+    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
+    return _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll)

@@ -152,3 +152,15 @@ def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int):
         if not jnp.issubdtype(weights.dtype, jnp.floating):
             raise TypeError(f"weights: expected a floating dtype, got {weights.dtype}")
     return targets, weights
+
+
+def check_output_mask(spec: RNNSpec, mask, t_len: int, batch: int):
+    """output_mask must be None or float [T, B, N_top] (N_top: the top layer's merged size)."""
+    if mask is None:
+        return None
+    want = (t_len, batch, spec.merged_size(spec.num_layers - 1))
+    if _shape(mask) != want:
+        raise ValueError(f"output_mask: expected shape {want} = [T, B, N_top], got {_shape(mask)}")
+    if not jnp.issubdtype(mask.dtype, jnp.floating):
+        raise TypeError(f"output_mask: expected a floating dtype, got {mask.dtype}")
+    return mask

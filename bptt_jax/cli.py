@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     s = sub.add_parser("sample", help="generate text from a run's best checkpoint")
     s.add_argument("run_dir")
-    s.add_argument("--prime", default="\n")
+    s.add_argument("--prime", default=None, help="text to start from (default: a newline)")
     s.add_argument("--length", type=int, default=300)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--seed", type=int, default=0)

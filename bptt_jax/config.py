@@ -65,6 +65,7 @@ class TrainConfig:
     grad: str = "bptt"
     stateful: bool = True
     input_dropout: float = 0.0
+    output_dropout: float = 0.0
     log_every: int = 100
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -111,7 +112,8 @@ POSITIVE = {
     ("optim", "learning_rate"), ("train", "steps"), ("train", "log_every"), ("train", "eval_every"),
     ("train", "checkpoint_every"), ("train", "max_nonfinite"), ("train", "unroll"), ("output", "temperature"),
 }
-FRACTIONS = {("data", "validation_fraction"), ("data", "mask_prob"), ("train", "input_dropout")}
+FRACTIONS = {("data", "validation_fraction"), ("data", "mask_prob"), ("train", "input_dropout"),
+             ("train", "output_dropout")}
 
 
 def _type_name(tp) -> str:

@@ -167,6 +167,7 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
 
 def _make_step(cfg: Config, spec, optimizer, task):
     kwargs = dict(grad=cfg.train.grad, stateful=task.stateful, input_dropout=cfg.train.input_dropout,
+                  output_dropout=cfg.train.output_dropout,
                   seed=cfg.train.seed, unroll=cfg.train.unroll)
     if cfg.train.devices != "1":
         from bptt_jax import parallel
@@ -202,7 +203,7 @@ def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_r
         summary["dh_norms_last"] = np.asarray(last_dh).tolist()
     if task.name == "text" and (out / "best.ckpt").exists():
         params, _ = checkpoint.load(out / "best.ckpt", state.params)
-        text = sample_text(params, spec, task.vocab, prime="\n", length=cfg.output.sample_length,
+        text = sample_text(params, spec, task.vocab, prime=None, length=cfg.output.sample_length,
                            temperature=cfg.output.temperature, seed=cfg.train.seed)
         (out / "sample.txt").write_text(text, encoding="utf-8")
         summary["sample"] = text
@@ -213,10 +214,13 @@ def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_r
     return summary
 
 
-def sample_text(params, spec, vocab: data.Vocab, *, prime: str, length: int, temperature: float, seed: int) -> str:
+def sample_text(params, spec, vocab: data.Vocab, *, prime, length: int, temperature: float, seed: int) -> str:
+    """``prime`` followed by ``length`` sampled characters; prime None starts from a newline (or
+    the vocabulary's first character when the text has no newline)."""
     from bptt_jax import generate
 
-    prime = prime or "\n"
+    if not prime:
+        prime = "\n" if "\n" in vocab.chars else vocab.chars[0]
     unknown = sorted({c for c in prime if c not in vocab.chars})
     if unknown:
         raise RunError(f"--prime: characters not in the model's vocabulary: {unknown!r}")

@@ -102,7 +102,8 @@ def _tree_where(pred, new, old):
 
 
 def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad: str = "bptt", *,
-                    stateful: bool = False, input_dropout: float = 0.0, seed: int = 0, unroll: int = 1,
+                    stateful: bool = False, input_dropout: float = 0.0, output_dropout: float = 0.0,
+                    seed: int = 0, unroll: int = 1,
                     jit: bool = True):
     """The pure train step ``(state, batch) -> (state, metrics)``, jitted once.
 
@@ -113,6 +114,8 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
       stateful: start each chunk from the carried state (truncated BPTT) unless ``batch.reset``.
       input_dropout: probability of zeroing each input entry, scaled by 1/(1-p); the mask is drawn
         from ``fold_in(key(seed), step)``, so a resumed run draws the same masks.
+      output_dropout: the same for the top layer's merged states before the readout (the BPTT
+        takes the mask as ``output_mask``).
       unroll: scan steps per loop iteration.
 
     Returns:
@@ -124,25 +127,32 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
 
     def step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
         xs = jnp.asarray(batch.xs)
+        key_in, key_out = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step))
         if input_dropout > 0.0:
-            key = jax.random.fold_in(jax.random.key(seed), state.step)
-            keep = jax.random.bernoulli(key, 1.0 - input_dropout, xs.shape)
+            keep = jax.random.bernoulli(key_in, 1.0 - input_dropout, xs.shape)
             xs = jnp.where(keep, xs / (1.0 - input_dropout), 0.0)
+        output_mask = None
+        if output_dropout > 0.0:
+            shape = xs.shape[:2] + (spec.merged_size(spec.num_layers - 1),)
+            keep = jax.random.bernoulli(key_out, 1.0 - output_dropout, shape)
+            output_mask = keep.astype(xs.dtype) / (1.0 - output_dropout)
         reset = jnp.asarray(batch.reset)
         if stateful:
             h0 = tuple(jnp.where(reset[:, None], 0.0, h) for h in state.carry)
         else:
             h0 = tuple(jnp.zeros_like(h) for h in state.carry)
         if grad == "bptt":
-            value, grads, aux = bptt(state.params, spec, xs, batch.targets, weights=batch.weights, h0=h0, unroll=unroll)
+            value, grads, aux = bptt(state.params, spec, xs, batch.targets, weights=batch.weights, h0=h0,
+                                     output_mask=output_mask, unroll=unroll)
             dh_norms, h_last = aux.dh_norms, aux.h_last
         else:
             value, grads = jax.value_and_grad(
-                lambda p: loss(p, spec, xs, batch.targets, weights=batch.weights, h0=h0, unroll=unroll)
+                lambda p: loss(p, spec, xs, batch.targets, weights=batch.weights, h0=h0,
+                               output_mask=output_mask, unroll=unroll)
             )(state.params)
             h_last = scan.forward(state.params, spec, xs, h0=h0, unroll=unroll).h_last
             dh_norms = jnp.full((xs.shape[0], len(h0)), jnp.nan, xs.dtype)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -173,3 +173,18 @@ def test_dh_norms_is_the_norm_of_dh_t():
 
     dh = jax.grad(loss_with_probe)(jnp.zeros((5, 2, 3)))
     np.testing.assert_allclose(aux.dh_norms[:, 0], jnp.linalg.norm(dh, axis=-1).mean(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_output_mask_equals_autodiff(bidirectional):
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (4, 3), 5, bidirectional=bidirectional)
+        p = ref.cast(ref.make_problem(spec, 5, 2, seed=11, use_lengths=True), jnp.float64)
+        n_top = spec.merged_size(1)
+        mask = jnp.asarray(np.random.RandomState(0).rand(5, 2, n_top) < 0.7, jnp.float64) / 0.7
+        value, grads, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, output_mask=mask)
+        f = lambda params, xs: bj.loss(params, spec, xs, p.targets, lengths=p.lengths, output_mask=mask)
+        want_v, (want_g, want_dxs) = jax.value_and_grad(f, argnums=(0, 1))(p.params, p.xs)
+        assert ref.max_rel_err((value, grads, aux.dxs), (want_v, want_g, want_dxs)) < 1e-10
+        with pytest.raises(ValueError, match=r"output_mask: expected shape \(5, 2, \d+\) = \[T, B, N_top\], got \(5, 2, 1\)"):
+            bj.bptt(p.params, spec, p.xs, p.targets, output_mask=jnp.ones((5, 2, 1)))

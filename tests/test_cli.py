@@ -1,0 +1,126 @@
+"""The bptt-jax command end to end on tiny configs; resume bit-identity; every shipped config runs."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bptt_jax import checkpoint, cli, data, runner
+from bptt_jax.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.joinpath("configs").glob("*.toml"))
+TINY = ["model.hidden_sizes=[8]", "data.seq_len=8", "data.batch_size=2", "data.adding_length=10",
+        "data.test_size=4", "train.steps=2", "train.log_every=1", "train.eval_every=2",
+        "train.checkpoint_every=1", "train.time_limit_s=0", "output.sample_length=5", "output.plots=false"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_runs_two_steps(path, tmp_path):
+    cfg = load_config(path, TINY)
+    summary = runner.run(cfg, tmp_path / "run", log=lambda s: None, progress=False)
+    assert summary["steps"] == 2 and np.isfinite(summary["best_val_loss"])
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and "val_loss" in rows[1]
+
+
+def _tiny_text_config(tmp_path, extra=()):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        "[data]\ncorpus = 'file'\npath = '%s'\nseq_len = 8\nbatch_size = 2\n"
+        "[model]\nhidden_sizes = [8]\n"
+        "[train]\nsteps = 6\nlog_every = 1\neval_every = 3\ncheckpoint_every = 2\ninput_dropout = 0.1\noutput_dropout = 0.1\n"
+        "[output]\nsample_length = 10\nplots = true\n" % text.as_posix())
+    return cfg
+
+
+def test_run_then_sample_then_gradcheck(tmp_path, capsys):
+    cfg = _tiny_text_config(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["run", str(cfg), "--out", str(out)]) == 0
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "last.ckpt", "best.ckpt", "loss.png",
+                 "dh_norms.png", "sample.txt"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and "best_val_bits_per_char" in summary
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "bits_per_char", "grad_norm", "seconds"} <= set(rows[0])
+    capsys.readouterr()
+    assert cli.main(["sample", str(out), "--prime", "the ", "--length", "20", "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the ") and len(text.rstrip("\n")) >= 24
+    assert cli.main(["gradcheck", str(cfg)]) == 0
+    assert "largest relative difference, explicit BPTT vs jax.grad" in capsys.readouterr().out
+    # A second run into the same directory is refused (nothing overwritten).
+    assert cli.main(["run", str(cfg), "--out", str(out)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_gradcheck_fails_above_tolerance(tmp_path, capsys):
+    cfg = _tiny_text_config(tmp_path)
+    assert cli.main(["gradcheck", str(cfg), "--tolerance", "0"]) in (0, 1)
+    result = cli.gradcheck(load_config(cfg), tolerance=-1.0)
+    assert not result["ok"]
+
+
+def test_config_error_exit_code(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearnin_rate = 1\n")
+    assert cli.main(["run", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+    cfg = load_config(_tiny_text_config(tmp_path), ["output.plots=false"])
+    runner.run(cfg, tmp_path / "a", log=lambda s: None, progress=False)
+    whole, _ = checkpoint.load(tmp_path / "a" / "last.ckpt", runner.initial_state(cfg, *runner.build(cfg)[1:]))
+
+    real = data.make_task
+
+    def interrupting(*args, **kwargs):  # Ctrl-C when the batch for step 3 is requested, once
+        task = real(*args, **kwargs)
+        fired = []
+
+        def batch(step):
+            if step == 3 and not fired:
+                fired.append(1)
+                raise KeyboardInterrupt
+            return task.train_batch(step)
+
+        return task._replace(train_batch=batch)
+
+    monkeypatch.setattr(data, "make_task", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg, tmp_path / "b", log=lambda s: None, progress=False)
+    monkeypatch.setattr(data, "make_task", real)
+    state, meta = checkpoint.load(tmp_path / "b" / "last.ckpt", whole)
+    assert int(state.step) == 3
+    runner.run(cfg, tmp_path / "b", resume=True, log=lambda s: None, progress=False)
+    resumed, _ = checkpoint.load(tmp_path / "b" / "last.ckpt", whole)
+    for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupt_checkpoint_is_not_resumed(tmp_path):
+    cfg = load_config(_tiny_text_config(tmp_path), ["output.plots=false"])
+    runner.run(cfg, tmp_path / "a", log=lambda s: None, progress=False)
+    path = tmp_path / "a" / "last.ckpt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(checkpoint.CheckpointError, match="corrupt or truncated"):
+        runner.run(cfg, tmp_path / "a", resume=True, log=lambda s: None, progress=False)
+
+
+def test_nonfinite_run_stops_with_message(tmp_path):
+    cfg = load_config(_tiny_text_config(tmp_path), ["optim.learning_rate=1e30", "optim.clip='none'", "model.activation='identity'",
+                                                     "optim.name='sgd'", "train.max_nonfinite=2",
+                                                     "train.steps=50", "output.plots=false"])
+    with pytest.raises(runner.RunError, match=r"2 non-finite losses or gradients in a row"):
+        runner.run(cfg, tmp_path / "a", log=lambda s: None, progress=False)
+    state, _ = checkpoint.load(tmp_path / "a" / "last.ckpt", runner.initial_state(cfg, *runner.build(cfg)[1:]))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(state.params))
