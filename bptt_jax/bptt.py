@@ -47,8 +47,10 @@ def layer_backward(
     dhs_above: Array,
     valid: Optional[Array],
     *,
+    dh_init: Optional[Array] = None,
+    with_norms: bool = True,
     unroll: int = 1,
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array, Optional[Array]]:
     """The reverse scan of one layer (one direction), in its own scan time.
 
     Equals the Python loop:
@@ -66,9 +68,12 @@ def layer_backward(
       hs: [T, B, N1] h(t) from the forward scan.
       dhs_above: [T, B, N1] gradient reaching h(t) from outside the recurrence.
       valid: [T, B] booleans or None.
+      dh_init: [B, N1] the recurrent gradient entering from beyond the last step (dZ1(T) W11^T);
+        zeros when None. Segment-wise BPTT (``recompute``) passes the previous segment's carry.
+      with_norms: also return the norm of dh(t) (the diagnostics); skipped when False.
 
     Returns:
-      (dz1s [T, B, N1], dh_m1 [B, N1], dh_norm [T, B] the norm of dh(t) per sequence).
+      (dz1s [T, B, N1], dh_m1 [B, N1], dh_norm [T, B] the norm of dh(t) per sequence, or None).
     """
     df = activations.hidden(activation).df_from_h
     w11_t = w11.T
@@ -82,11 +87,11 @@ def layer_backward(
         else:
             dz1_t = jnp.where(valid_t[:, None], dz1_t, 0.0)
             carry = jnp.where(valid_t[:, None], dz1_t @ w11_t, dh_t)
-        return carry, (dz1_t, jnp.sqrt(jnp.sum(dh_t * dh_t, axis=-1)))
+        norm = jnp.sqrt(jnp.sum(dh_t * dh_t, axis=-1)) if with_norms else None
+        return carry, (dz1_t, norm)
 
-    dh_m1, (dz1s, dh_norm) = lax.scan(
-        body, jnp.zeros_like(hs[0]), (dhs_above, hs, valid), reverse=True, unroll=unroll
-    )
+    init = jnp.zeros_like(hs[0]) if dh_init is None else dh_init
+    dh_m1, (dz1s, dh_norm) = lax.scan(body, init, (dhs_above, hs, valid), reverse=True, unroll=unroll)
     return dz1s, dh_m1, dh_norm
 
 
@@ -112,6 +117,9 @@ def stack_backward(
     lengths: Optional[Array],
     dmerged_top: Array,
     *,
+    dh_init: Optional[tuple[Array, ...]] = None,
+    with_norms: bool = True,
+    with_dxs: bool = True,
     unroll: int = 1,
 ):
     """BPTT through the whole stack, top layer first.
@@ -120,6 +128,10 @@ def stack_backward(
       traces: the forward pass's ``scan.run_stack`` output.
       h0: L*D entries [B, N1].
       dmerged_top: [T, B, N_top] dDIV/d(top layer's merged states), in input time.
+      dh_init: L*D entries [B, N1], recurrent gradients entering from beyond T-1 (unidirectional
+        only; for segment-wise BPTT). Zeros when None.
+      with_norms: compute dh_norms (else None).
+      with_dxs: compute dxs = dDIV/dX (else None).
 
     Returns:
       (layers grads, reverse_layers grads, dxs [T, B, N], dh0 (L*D), dh_norms [T, L*D]).
@@ -148,19 +160,22 @@ def stack_backward(
             above = parts[j] if j == 0 else scan.reverse_padded(parts[j], lengths)  # scan time
             xs_scan = tr.inputs if j == 0 else scan.reverse_padded(tr.inputs, lengths)
             dz1s, dh_m1, dh_norm = layer_backward(
-                layer.w11, spec.activation, tr.states[j], above, valid, unroll=unroll
+                layer.w11, spec.activation, tr.states[j], above, valid,
+                dh_init=None if dh_init is None else dh_init[k * d + j], with_norms=with_norms, unroll=unroll,
             )
             grads = layer_weight_grads(xs_scan, h0[k * d + j], tr.states[j], dz1s)
-            dx = dz1s @ layer.w1.T  # [T, B, N_in] in scan time
-            if j == 1:
-                dx = scan.reverse_padded(dx, lengths)
-                dh_norm = scan.reverse_padded(dh_norm, lengths)
-            dinputs = dx if dinputs is None else dinputs + dx
+            if k > 0 or with_dxs:
+                dx = dz1s @ layer.w1.T  # [T, B, N_in] in scan time
+                dx = dx if j == 0 else scan.reverse_padded(dx, lengths)
+                dinputs = dx if dinputs is None else dinputs + dx
+            if with_norms:
+                dh_norm = dh_norm if j == 0 else scan.reverse_padded(dh_norm, lengths)
+                norms[k * d + j] = jnp.mean(dh_norm, axis=1)  # [T]
             (g_layers if j == 0 else g_reverse)[k] = grads
             dh0[k * d + j] = dh_m1
-            norms[k * d + j] = jnp.mean(dh_norm, axis=1)  # [T]
         dmerged = dinputs
-    return tuple(g_layers), tuple(g for g in g_reverse if g is not None), dmerged, tuple(dh0), jnp.stack(norms, axis=1)
+    dh_norms = jnp.stack(norms, axis=1) if with_norms else None
+    return tuple(g_layers), tuple(g for g in g_reverse if g is not None), dmerged, tuple(dh0), dh_norms
 
 
 def _readout(params: RNNParams, spec: RNNSpec, top: Array):
@@ -179,8 +194,8 @@ def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll):
     return losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "generic", "unroll"))
-def _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll):
+@functools.partial(jax.jit, static_argnames=("spec", "generic", "unroll", "diagnostics"))
+def _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll, diagnostics=True):
     t_len, batch, _ = xs.shape
     traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)  # stores h(t) only
     top = traces[-1].merged  # [T, B, N_top]
@@ -197,7 +212,7 @@ def _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic,
     if output_mask is not None:
         dtop = dtop * output_mask
     g_layers, g_reverse, dxs, dh0, dh_norms = stack_backward(
-        params, spec, traces, h0, lengths, dtop, unroll=unroll
+        params, spec, traces, h0, lengths, dtop, with_norms=diagnostics, with_dxs=diagnostics, unroll=unroll
     )
     h_last = tuple(h[-1] for tr in traces for h in tr.states)
     return div, RNNParams(g_layers, g_reverse, g_readout), BPTTAux(dh0, dxs, dh_norms, h_last)
@@ -253,6 +268,8 @@ def bptt(
     output_mask: Optional[Array] = None,
     generic: bool = False,
     unroll: int = 1,
+    checkpoint_every: Optional[int] = None,
+    diagnostics: bool = True,
     check_finite: bool = False,
 ) -> tuple[Array, RNNParams, BPTTAux]:
     """DIV and its gradient by the explicit reverse-scan BPTT (arguments as ``loss``).
@@ -264,6 +281,11 @@ def bptt(
     Args:
       generic: form dDIV/dZ2 by the generic path (dDIV/dY times the full Jacobian for softmax)
         instead of the fused closed form; the two agree (tests show it).
+      checkpoint_every: store the states only every k steps and recompute each k-step segment in
+        the backward pass (``recompute.bptt_segments``): memory ~ T/k + k instead of T, same
+        gradients. Unidirectional networks without output_mask only.
+      diagnostics: compute ``aux.dxs`` and ``aux.dh_norms``; False skips them (they are then None)
+        and saves one matmul per step.
 
     Returns:
       (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last)``).
@@ -271,4 +293,16 @@ def bptt(
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
     targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
     output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
-    return _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll)
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every: expected a positive int or None, got {checkpoint_every!r}")
+        if spec.bidirectional:
+            raise ValueError("checkpoint_every: segment recomputation needs a unidirectional network "
+                             "(spec.bidirectional=True)")
+        if output_mask is not None:
+            raise ValueError("checkpoint_every: cannot be combined with output_mask")
+        from bptt_jax.recompute import bptt_segments
+
+        return bptt_segments(params, spec, xs, targets, weights, lengths, h0, checkpoint_every,
+                             generic=generic, unroll=unroll, diagnostics=diagnostics)
+    return _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll, diagnostics)

@@ -37,7 +37,7 @@ def _states_fwd(spec, unroll, params, xs, h0, lengths):
 def _states_bwd(spec, unroll, residuals, ct):
     params, h0, lengths, traces = residuals
     g_layers, g_reverse, dxs, dh0, _ = stack_backward(
-        params, spec, traces, h0, lengths, ct, unroll=unroll
+        params, spec, traces, h0, lengths, ct, with_norms=False, unroll=unroll
     )
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
     return RNNParams(g_layers, g_reverse, g_readout), dxs, dh0, None  # lengths: integer, no cotangent

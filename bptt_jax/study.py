@@ -1,0 +1,80 @@
+"""Small studies: several runs from configs, one markdown table and one plot (used by experiments/)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from bptt_jax import runner
+from bptt_jax.config import load_config
+
+
+class Entry(NamedTuple):
+    label: str
+    config: str  # path of a TOML config
+    overrides: tuple[str, ...] = ()
+
+
+def run_entries(entries: Sequence[Entry], out_dir, *, log=print) -> dict[str, dict]:
+    """Runs each entry into out_dir/<label>; returns {label: {"summary": ..., "rows": [...]}}."""
+    out = Path(out_dir)
+    results = {}
+    for e in entries:
+        cfg = load_config(e.config, e.overrides)
+        run_dir = out / e.label
+        if (run_dir / "summary.json").exists():
+            log(f"[{e.label}] already done, reading {run_dir}")
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            if run_dir.exists():  # an unfinished earlier attempt: start it again from scratch
+                for p in run_dir.iterdir():
+                    p.unlink()
+            log(f"[{e.label}] {e.config} {' '.join(e.overrides)}")
+            t0 = time.perf_counter()
+            summary = runner.run(cfg, run_dir, log=lambda s: None, progress=False)
+            log(f"[{e.label}] done in {time.perf_counter() - t0:.0f} s: best validation loss {summary['best_val_loss']:.4f}")
+        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        results[e.label] = {"summary": summary, "rows": rows}
+    return results
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict, out_path, *, key: str = "val_loss", scale: float = 1.0, ylabel: str = "validation loss",
+                logy: bool = False) -> None:
+    """Two panels: `key` against steps and against seconds, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, res in results.items():
+        pts = [(r["step"], r["seconds"], r[key] * scale) for r in res["rows"] if key in r]
+        if not pts:
+            continue
+        steps, secs, vals = zip(*pts)
+        axes[0].plot(steps, vals, label=label)
+        axes[1].plot(secs, vals, label=label)
+    for ax, xl in zip(axes, ("step", "seconds")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
