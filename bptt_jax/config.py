@@ -72,6 +72,9 @@ class TrainConfig:
     max_nonfinite: int = 10
     unroll: int = 1
     devices: str = "1"
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,7 @@ POSITIVE = {
     ("data", "seq_len"), ("data", "batch_size"), ("data", "adding_length"), ("data", "test_size"),
     ("optim", "learning_rate"), ("train", "steps"), ("train", "log_every"), ("train", "eval_every"),
     ("train", "checkpoint_every"), ("train", "max_nonfinite"), ("train", "unroll"), ("output", "temperature"),
+    ("train", "num_processes"),
 }
 FRACTIONS = {("data", "validation_fraction"), ("data", "mask_prob"), ("train", "input_dropout"),
              ("train", "output_dropout")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,8 +65,11 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not last_path.exists():
         raise RunError(f"--resume: {last_path} does not exist")
-    if cfg.train.devices != "1":
-        from bptt_jax import parallel  # noqa: F401  (data-parallel path)
+    if cfg.train.num_processes > 1 or os.environ.get("BPTT_JAX_COORDINATOR"):
+        from bptt_jax import parallel
+
+        parallel.initialize_distributed(cfg.train.coordinator_address, cfg.train.num_processes,
+                                        cfg.train.process_id)
     task, spec, optimizer = build(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")

@@ -104,7 +104,7 @@ def _tree_where(pred, new, old):
 def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad: str = "bptt", *,
                     stateful: bool = False, input_dropout: float = 0.0, output_dropout: float = 0.0,
                     seed: int = 0, unroll: int = 1,
-                    jit: bool = True):
+                    axis_name=None, jit: bool = True):
     """The pure train step ``(state, batch) -> (state, metrics)``, jitted once.
 
     Args:
@@ -117,6 +117,10 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
       output_dropout: the same for the top layer's merged states before the readout (the BPTT
         takes the mask as ``output_mask``).
       unroll: scan steps per loop iteration.
+      axis_name: when the step runs per shard (``parallel.make_sharded_train_step``), the mesh
+        axis over which loss, gradients and dh_norms are averaged (``lax.pmean``) before the
+        update; every shard then applies the same update. None on one device.
+      jit: return the step jitted (True) or the plain function (for shard_map or tests).
 
     Returns:
       ``step(state, batch)`` where batch is a ``data.Batch`` (xs [T, B, N], targets, weights [T, B],
@@ -128,6 +132,9 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
     def step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
         xs = jnp.asarray(batch.xs)
         key_in, key_out = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step))
+        if axis_name is not None:  # each shard draws its own masks
+            key_in = jax.random.fold_in(key_in, jax.lax.axis_index(axis_name))
+            key_out = jax.random.fold_in(key_out, jax.lax.axis_index(axis_name))
         if input_dropout > 0.0:
             keep = jax.random.bernoulli(key_in, 1.0 - input_dropout, xs.shape)
             xs = jnp.where(keep, xs / (1.0 - input_dropout), 0.0)
@@ -152,6 +159,8 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
             )(state.params)
             h_last = scan.forward(state.params, spec, xs, h0=h0, unroll=unroll).h_last
             dh_norms = jnp.full((xs.shape[0], len(h0)), jnp.nan, xs.dtype)
+        if axis_name is not None:  # mean over shards = the global batch mean
+            value, grads, dh_norms = jax.lax.pmean((value, grads, dh_norms), axis_name)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

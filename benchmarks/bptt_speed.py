@@ -1,0 +1,340 @@
+"""Speed and memory of the explicit BPTT against autodiff and PyTorch, measured side by side.
+
+    python benchmarks/bptt_speed.py [--quick] [--rounds R] [--out FILE]
+
+One unit of work: forward + loss + gradients of all parameters, jitted, block_until_ready, float32;
+one tanh layer; softmax + cross-entropy summed over t and averaged over the batch. All contenders run
+in ONE process, interleaved round-robin after a warm-up; medians of the timed rounds are reported.
+Only ratios measured side by side mean anything on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bptt_jax as bj
+from bptt_jax.interop import to_torch_state_dict
+
+SHAPES = [(50, 1, 32, 64, 32), (100, 32, 64, 128, 64), (200, 64, 128, 256, 128),
+          (1000, 16, 64, 128, 64), (100, 128, 512, 1024, 512)]
+LONG = [(1000, 16, 64, 128, 64), (10000, 16, 64, 128, 64)]
+QUICK_SHAPES = [(8, 2, 4, 8, 4), (12, 3, 5, 6, 7)]
+QUICK_LONG = [(40, 2, 4, 8, 4)]
+
+
+# ----------------------------------------------------------------------------- contenders (JAX)
+
+def _ce(z2s, targets):
+    logp = jax.nn.log_softmax(z2s, -1)
+    return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)) / z2s.shape[1]
+
+
+def naive_loss(params, xs, targets):
+    """What most users write: the whole step (projection, recurrence, readout, loss) in the body."""
+    layer, ro = params.layers[0], params.readout
+
+    def body(carry, inp):
+        h, total = carry
+        x_t, d_t = inp
+        h = jnp.tanh(x_t @ layer.w1 + h @ layer.w11 + layer.b1)
+        z2 = h @ ro.w2 + ro.b2
+        logp = jax.nn.log_softmax(z2, -1)
+        total = total - jnp.sum(jnp.take_along_axis(logp, d_t[:, None], -1))
+        return (h, total), None
+
+    h0 = jnp.zeros((xs.shape[1], layer.w11.shape[0]), xs.dtype)
+    (_, total), _ = jax.lax.scan(body, (h0, jnp.zeros((), xs.dtype)), (xs, targets))
+    return total / xs.shape[1]
+
+
+def hoisted_loss(params, xs, targets, unroll):
+    """Input projection before the scan, readout and loss after it, only the recurrence inside."""
+    layer, ro = params.layers[0], params.readout
+    us = xs @ layer.w1 + layer.b1
+
+    def body(h, u_t):
+        h = jnp.tanh(u_t + h @ layer.w11)
+        return h, h
+
+    h0 = jnp.zeros((xs.shape[1], layer.w11.shape[0]), xs.dtype)
+    _, hs = jax.lax.scan(body, h0, us, unroll=unroll)
+    return _ce(hs @ ro.w2 + ro.b2, targets)
+
+
+def jax_contenders(spec):
+    c = {
+        "bptt": lambda p, x, d: bj.bptt(p, spec, x, d, diagnostics=False)[:2],
+        "grad(loss)": jax.value_and_grad(lambda p, x, d: bj.loss(p, spec, x, d)),
+        "grad(naive scan)": jax.value_and_grad(naive_loss),
+    }
+    for u in (1, 4, 8):
+        c[f"grad(hoisted, unroll={u})"] = jax.value_and_grad(lambda p, x, d, u=u: hoisted_loss(p, x, d, u))
+    return c
+
+
+def flax_contender(spec):
+    try:
+        import flax.linen as nn
+    except Exception:
+        return None
+
+    class Model(nn.Module):
+        hidden: int
+        out: int
+
+        @nn.compact
+        def __call__(self, xs_bt):  # flax RNN is batch-major
+            hs = nn.RNN(nn.SimpleCell(self.hidden))(xs_bt)
+            return nn.Dense(self.out)(hs)
+
+    model = Model(spec.hidden_sizes[0], spec.output_size)
+
+    def to_flax(p):  # map our params onto flax's SimpleCell (i: input kernel+bias, h: recurrent kernel)
+        layer, ro = p.layers[0], p.readout
+        return {"params": {
+            "SimpleCell_0": {"i": {"kernel": layer.w1, "bias": layer.b1}, "h": {"kernel": layer.w11}},
+            "Dense_0": {"kernel": ro.w2, "bias": ro.b2}}}
+
+    def loss(fp, xs, targets):
+        z2 = model.apply(fp, jnp.swapaxes(xs, 0, 1))
+        return _ce(jnp.swapaxes(z2, 0, 1), targets)
+
+    def from_flax(g):
+        c, dense = g["params"]["SimpleCell_0"], g["params"]["Dense_0"]
+        return bj.RNNParams((bj.LayerParams(c["i"]["kernel"], c["h"]["kernel"], c["i"]["bias"]),), (),
+                            bj.ReadoutParams(dense["kernel"], dense["bias"]))
+
+    return jax.value_and_grad(loss), to_flax, from_flax
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def torch_contender(spec, params, xs, targets, threads):
+    try:
+        import torch
+    except Exception:
+        return None
+    torch.set_num_threads(threads)
+    n1 = spec.hidden_sizes[0]
+    model = torch.nn.ModuleDict({"rnn": torch.nn.RNN(spec.input_size, n1, nonlinearity="tanh"),
+                                 "readout": torch.nn.Linear(n1, spec.output_size)})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_state_dict(params, spec).items()})
+    x = torch.from_numpy(np.asarray(xs))
+    d = torch.from_numpy(np.asarray(targets)).long()
+    t, b = d.shape
+
+    def run():
+        for p in model.parameters():
+            p.grad = None
+        out, _ = model["rnn"](x)
+        z2 = model["readout"](out)
+        loss = torch.nn.functional.cross_entropy(z2.reshape(t * b, -1), d.reshape(-1), reduction="sum") / b
+        loss.backward()
+        return loss
+
+    def grads():
+        run()
+        g = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+        w1 = g["rnn.weight_ih_l0"].T
+        return bj.RNNParams((bj.LayerParams(w1, g["rnn.weight_hh_l0"].T, g["rnn.bias_ih_l0"]),), (),
+                            bj.ReadoutParams(g["readout.weight"].T, g["readout.bias"]))
+
+    return run, grads
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def max_rel_err(a, b) -> float:
+    worst = 0.0
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        worst = max(worst, float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30)))
+    return worst
+
+
+def compile_jax(fn, *args):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    temp = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
+    arg = getattr(mem, "argument_size_in_bytes", float("nan")) if mem is not None else float("nan")
+    return compiled, seconds, temp, arg
+
+
+def matmul_throughput(rounds: int, n: int = 2048) -> float:
+    """FLOP/s of a large jitted float32 matmul, median of rounds."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(max(rounds, 3)):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def pass_flops(t, b, n, n1, m) -> float:
+    """Matmul FLOPs of forward + backward of one tanh layer + readout (no gradient w.r.t. X):
+    forward 2TB(N N1 + N1^2 + N1 M); backward twice that, less the 2TB N N1 of dX."""
+    fwd = 2 * t * b * (n * n1 + n1 * n1 + n1 * m)
+    return 3 * fwd - 2 * t * b * n * n1
+
+
+def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds per contender; each round runs every contender once, order rotated."""
+    names = list(runners)
+    for _ in range(warmup):
+        for name in names:
+            runners[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _block(out):
+    jax.tree_util.tree_map(lambda a: a.block_until_ready(), out)
+
+
+def bench_shape(shape, rounds, threads, flops_per_s):
+    t, b, n, n1, m = shape
+    spec = bj.RNNSpec(n, (n1,), m)
+    key = jax.random.key(0)
+    params = bj.init_params(key, spec)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
+    runners, info = {}, {}
+    ref_value, ref_grads = None, None
+    for name, fn in jax_contenders(spec).items():
+        compiled, secs, temp, arg = compile_jax(fn, params, xs, targets)
+        value, grads = compiled(params, xs, targets)
+        if ref_grads is None:
+            ref_value, ref_grads = value, grads
+        info[name] = {"compile_s": secs, "temp": temp, "arg": arg,
+                      "err": max_rel_err((value, grads), (ref_value, ref_grads))}
+        runners[name] = lambda c=compiled: _block(c(params, xs, targets))
+    fl = flax_contender(spec)
+    if fl is not None:
+        vg, to_flax, from_flax = fl
+        fp = to_flax(params)
+        compiled, secs, temp, arg = compile_jax(vg, fp, xs, targets)
+        value, g = compiled(fp, xs, targets)
+        info["flax RNN(SimpleCell)"] = {"compile_s": secs, "temp": temp, "arg": arg,
+                                        "err": max_rel_err((value, from_flax(g)), (ref_value, ref_grads))}
+        runners["flax RNN(SimpleCell)"] = lambda c=compiled: _block(c(fp, xs, targets))
+    tc = torch_contender(spec, params, xs, targets, threads)
+    if tc is not None:
+        run, grads = tc
+        info["torch nn.RNN"] = {"compile_s": float("nan"), "temp": float("nan"), "arg": float("nan"),
+                                "err": max_rel_err(grads(), ref_grads)}
+        runners["torch nn.RNN"] = run
+    med = round_robin(runners, rounds)
+    roofline = pass_flops(t, b, n, n1, m) / flops_per_s
+    return med, info, roofline
+
+
+def bench_long(shape, rounds, ks):
+    t, b, n, n1, m = shape
+    spec = bj.RNNSpec(n, (n1,), m)
+    params = bj.init_params(jax.random.key(0), spec)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
+    runners, info = {}, {}
+    ref = None
+    for k in (None,) + tuple(ks):
+        name = "bptt" if k is None else f"bptt checkpoint_every={k}"
+        fn = lambda p, x, d, k=k: bj.bptt(p, spec, x, d, checkpoint_every=k, diagnostics=False)[:2]
+        compiled, secs, temp, arg = compile_jax(fn, params, xs, targets)
+        out = compiled(params, xs, targets)
+        ref = out if ref is None else ref
+        info[name] = {"compile_s": secs, "temp": temp, "err": max_rel_err(out, ref)}
+        runners[name] = lambda c=compiled: _block(c(params, xs, targets))
+    return round_robin(runners, rounds), info
+
+
+def fmt_bytes(x):
+    if x != x:
+        return "n/a"
+    return f"{x / 2**20:.2f} MiB"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke test)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, quick 2)")
+    ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
+    ap.add_argument("--skip-long", action="store_true", help="skip the checkpoint_every table")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 10)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    longs = QUICK_LONG if args.quick else LONG
+    flops_per_s = matmul_throughput(rounds, 256 if args.quick else 2048)
+    lines = [
+        f"# bptt_jax benchmark ({datetime.date.today().isoformat()})", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}; "
+        f"command: `python benchmarks/bptt_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+        f"{rounds} timed rounds, round-robin, medians.", "",
+        f"Large float32 matmul throughput measured in this run: {flops_per_s / 1e9:.1f} GFLOP/s "
+        "(the roofline divides each pass's matmul FLOPs by it).", "",
+    ]
+    geo = []
+    for shape in shapes:
+        med, info, roofline = bench_shape(shape, rounds, args.threads, flops_per_s)
+        autodiff = [k for k in med if k.startswith("grad(") or k.startswith("flax")]
+        best_ad = min(autodiff, key=lambda k: med[k])
+        torch_t = med.get("torch nn.RNN")
+        geo.append(med[best_ad] / med["bptt"])
+        lines += [f"## T, B, N, N1, M = {shape}", "",
+                  "| contender | median ms | vs best autodiff | vs torch | x roofline | compile s | temp mem | arg mem | grad rel. err vs bptt |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for k, v in sorted(med.items(), key=lambda kv: kv[1]):
+            i = info[k]
+            lines.append(
+                f"| {k} | {v * 1e3:.3f} | {v / med[best_ad]:.2f} | "
+                f"{(v / torch_t) if torch_t else float('nan'):.2f} | {v / roofline:.2f} | "
+                f"{i['compile_s']:.2f} | {fmt_bytes(i['temp'])} | {fmt_bytes(i['arg'])} | {i['err']:.1e} |")
+        lines += ["", f"best autodiff: {best_ad}; bptt speed-up over it: {med[best_ad] / med['bptt']:.2f}x"
+                  + (f"; over torch: {torch_t / med['bptt']:.2f}x" if torch_t else "; torch not installed"), ""]
+    lines += [f"Geometric mean speed-up of bptt over the best autodiff contender: "
+              f"{float(np.exp(np.mean(np.log(geo)))):.2f}x", ""]
+    if not args.skip_long:
+        for shape in longs:
+            t = shape[0]
+            ks = (int(round(np.sqrt(t))),)
+            med, info = bench_long(shape, rounds if t < 5000 else max(3, rounds // 3), ks)
+            lines += [f"## Long sequences: T, B, N, N1, M = {shape}", "",
+                      "| variant | median ms | time vs plain | compile s | temp mem | temp vs plain | grad rel. err |",
+                      "|---|---|---|---|---|---|---|"]
+            for k, v in med.items():
+                lines.append(f"| {k} | {v * 1e3:.1f} | {v / med['bptt']:.2f} | {info[k]['compile_s']:.2f} | "
+                             f"{fmt_bytes(info[k]['temp'])} | {info['bptt']['temp'] / max(info[k]['temp'], 1):.1f}x smaller | "
+                             f"{info[k]['err']:.1e} |")
+            lines.append("")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(report + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Data-parallel training over devices (and hosts) with JAX's own SPMD machinery.
+
+A ``jax.sharding.Mesh`` with one axis ``"data"`` over the chosen devices; every batch is split
+along B (axis 1 of the time-major arrays), parameters and optimizer state are replicated. The
+train step runs per shard under ``jax.shard_map``: each shard runs the unchanged explicit BPTT on
+its B / n sequences, then ``lax.pmean`` over ``"data"`` averages loss and gradients (XLA's
+all-reduce), so every shard applies the same optax update. The result equals the single-device
+step on the same global batch up to float32 summation order.
+
+Multi-host: call ``initialize_distributed`` (done by the runner when ``train.num_processes > 1``
+or the environment sets ``BPTT_JAX_COORDINATOR``) before anything touches a device; every host then
+runs the same config and feeds its own slice of the global batch
+(``jax.make_array_from_process_local_data``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bptt_jax import train
+from bptt_jax.params import RNNSpec
+
+AXIS = "data"
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> bool:
+    """Calls ``jax.distributed.initialize`` from arguments or the environment variables
+    BPTT_JAX_COORDINATOR, BPTT_JAX_NUM_PROCESSES, BPTT_JAX_PROCESS_ID. Returns True if it did."""
+    address = coordinator_address or os.environ.get("BPTT_JAX_COORDINATOR", "")
+    n = int(os.environ.get("BPTT_JAX_NUM_PROCESSES", num_processes))
+    pid = int(os.environ.get("BPTT_JAX_PROCESS_ID", process_id))
+    if n <= 1 and not address:
+        return False
+    if not address:
+        raise ValueError("train.coordinator_address: needed (host:port of process 0) when num_processes > 1")
+    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+    return True
+
+
+def select_devices(devices: str) -> list:
+    """"all" or a count -> that many of ``jax.devices()`` (all hosts' devices when multi-host)."""
+    available = jax.devices()
+    if devices == "all":
+        return available
+    n = int(devices)
+    if n > len(available):
+        raise ValueError(
+            f"train.devices: asked for {n} devices, {len(available)} available ({available[0].platform}); "
+            "on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N host devices"
+        )
+    return available[:n]
+
+
+def make_mesh(devices: str, batch_size: int) -> Mesh:
+    devs = select_devices(devices)
+    if batch_size % len(devs):
+        raise ValueError(
+            f"data.batch_size: {batch_size} is not divisible by the {len(devs)} devices of train.devices; "
+            f"use a multiple of {len(devs)}"
+        )
+    return Mesh(np.array(devs), (AXIS,))
+
+
+def batch_sharding(mesh: Mesh):
+    """Shardings of a data.Batch: B is axis 1 of xs/targets/weights and axis 0 of reset."""
+    from bptt_jax.data import Batch
+
+    return Batch(NamedSharding(mesh, P(None, AXIS)), NamedSharding(mesh, P(None, AXIS)),
+                 NamedSharding(mesh, P(None, AXIS)), NamedSharding(mesh, P(AXIS)))
+
+
+def shard_batch(mesh: Mesh, batch):
+    """Places a global NumPy batch on the mesh. With several hosts each host passes the full global
+    batch and keeps only its own slice of B (the batches are a pure function of (seed, step))."""
+    shardings = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, s), batch, shardings)
+    n, pid = jax.process_count(), jax.process_index()
+
+    def local(a, s, axis):
+        b = a.shape[axis]
+        part = np.split(a, n, axis=axis)[pid]
+        return jax.make_array_from_process_local_data(s, part, a.shape)
+
+    xs, tg, w, reset = batch
+    return type(batch)(local(xs, shardings.xs, 1), local(tg, shardings.targets, 1),
+                       local(w, shardings.weights, 1), local(reset, shardings.reset, 0))
+
+
+def make_sharded_train_step(spec: RNNSpec, optimizer, devices: str, batch_size: int, **kwargs):
+    """Like ``train.make_train_step`` but data-parallel over ``devices``; takes NumPy batches.
+
+    The returned step expects a state whose ``carry`` entries are sharded along B (``shard_state``
+    does it; the first call does it on the fly) and returns the same layout.
+    """
+    mesh = make_mesh(devices, batch_size)
+    inner = train.make_train_step(spec, optimizer, axis_name=AXIS, jit=False, **kwargs)
+    state_spec = train.TrainState(P(), P(), P(), tuple(P(AXIS) for _ in spec.state_sizes()), P(), P())
+    batch_spec = type(batch_sharding(mesh))(P(None, AXIS), P(None, AXIS), P(None, AXIS), P(AXIS))
+    metrics_spec = train.StepMetrics(P(), P(), P(), P())
+    sharded = jax.jit(jax.shard_map(inner, mesh=mesh, in_specs=(state_spec, batch_spec),
+                                    out_specs=(state_spec, metrics_spec), check_vma=False))
+
+    state_shardings = jax.tree_util.tree_map(
+        lambda spec_: NamedSharding(mesh, spec_), state_spec, is_leaf=lambda x: isinstance(x, P))
+
+    def step(state, batch):
+        # Replicate params/optimizer state and shard the carry (a no-op once they are in place).
+        state = jax.tree_util.tree_map(
+            lambda sh, sub: jax.tree_util.tree_map(lambda a: jax.device_put(a, sh), sub),
+            state_shardings, state, is_leaf=lambda x: isinstance(x, NamedSharding))
+        return sharded(state, shard_batch(mesh, batch))
+
+    step.mesh = mesh
+    return step
