@@ -1,6 +1,7 @@
 """A quick run of the benchmark script on tiny shapes, so it never rots (no timing assertions)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_script_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("bptt_speed", ROOT / "benchmarks/bptt_speed.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["bptt_speed"] = mod  # flax modules defined in it need their module registered
     spec.loader.exec_module(mod)
     out = tmp_path / "bench.md"
     report = mod.main(["--quick", "--rounds", "1", "--out", str(out)])
