@@ -104,12 +104,9 @@ def layer_weight_grads(xs: Array, h0: Array, hs: Array, dz1s: Array) -> LayerPar
 
     xs: [T, B, N_in], h0: [B, N1], hs: [T, B, N1], dz1s: [T, B, N1], all in the layer's scan time.
     """
+    hs_tm1 = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [T, B, N1] h(t-1)
     dz = _flat(dz1s)
-    # sum_t h(t-1)^T dZ1(t) without building the shifted copy of hs: h(-1) = h0 pairs with dZ1(0).
-    dw11 = h0.T @ dz1s[0]
-    if hs.shape[0] > 1:
-        dw11 = dw11 + _flat(hs[:-1]).T @ _flat(dz1s[1:])
-    return LayerParams(_flat(xs).T @ dz, dw11, jnp.sum(dz, axis=0))
+    return LayerParams(_flat(xs).T @ dz, _flat(hs_tm1).T @ dz, jnp.sum(dz, axis=0))
 
 
 def stack_backward(

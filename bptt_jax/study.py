@@ -34,11 +34,27 @@ def run_entries(entries: Sequence[Entry], out_dir, *, log=print) -> dict[str, di
                     p.unlink()
             log(f"[{e.label}] {e.config} {' '.join(e.overrides)}")
             t0 = time.perf_counter()
-            summary = runner.run(cfg, run_dir, log=lambda s: None, progress=False)
-            log(f"[{e.label}] done in {time.perf_counter() - t0:.0f} s: best validation loss {summary['best_val_loss']:.4f}")
-        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+            try:
+                summary = runner.run(cfg, run_dir, log=lambda s: None, progress=False)
+            except runner.RunError as err:  # e.g. diverged: keep what it reached, say why it stopped
+                rows = _rows(run_dir)
+                vals = [r["val_loss"] for r in rows if "val_loss" in r]
+                summary = {"steps": rows[-1]["step"] if rows else 0, "seconds": rows[-1]["seconds"] if rows else 0.0,
+                           "best_val_loss": min(vals) if vals else math.nan, "stopped_by": f"error: {err}",
+                           "baseline": {}}
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log(f"[{e.label}] done in {time.perf_counter() - t0:.0f} s: best validation loss {summary['best_val_loss']:.4f}"
+                f" (stopped by {summary.get('stopped_by')})")
+        rows = _rows(run_dir)
         results[e.label] = {"summary": summary, "rows": rows}
     return results
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
