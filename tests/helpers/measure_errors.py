@@ -32,7 +32,7 @@ def one(p):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--n", type=int, default=60)
     args = ap.parse_args()
     rng = np.random.RandomState(123)
     worst = {}
