@@ -183,15 +183,35 @@ def _readout(params: RNNParams, spec: RNNSpec, top: Array):
     return z2s, activations.output(spec.output_activation, z2s)
 
 
+def readout_backward(params: RNNParams, spec: RNNSpec, top: Array, targets: Array, w: Array, *,
+                     generic: bool = False):
+    """The output layer, forward and backward, for all t at once.
+
+    Args:
+      top: [T, B, N_top] the readout's input (the top layer's merged states, after any dropout).
+      targets: [T, B] or [T, B, M]; w: [T, B] effective weights.
+
+    Returns:
+      (DIV, readout grads, dDIV/dtop [T, B, N_top] = dZ2(t) W2^T).
+    """
+    z2s, ys = _readout(params, spec, top)
+    div = losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
+    dz2s = losses.output_grad(spec.divergence, spec.output_activation, z2s, ys, targets, w, generic=generic)
+    g_readout = ReadoutParams(_flat(top).T @ _flat(dz2s), jnp.sum(dz2s, axis=(0, 1)))
+    return div, g_readout, dz2s @ params.readout.w2.T
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "unroll"))
 def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll):
+    """(DIV, final states): the plain forward computation that ``jax.grad`` differentiates."""
     traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)
     top = traces[-1].merged
     if output_mask is not None:
         top = top * output_mask
     z2s, ys = _readout(params, spec, top)
     w = losses.effective_weights(weights, lengths, xs.shape[0], xs.shape[1], xs.dtype)
-    return losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
+    h_last = tuple(h[-1] for tr in traces for h in tr.states)
+    return losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w), h_last
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "generic", "unroll", "diagnostics"))
@@ -201,14 +221,8 @@ def _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic,
     top = traces[-1].merged  # [T, B, N_top]
     if output_mask is not None:
         top = top * output_mask  # dropout on the readout's input
-    z2s, ys = _readout(params, spec, top)
     w = losses.effective_weights(weights, lengths, t_len, batch, xs.dtype)
-    div = losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
-    dz2s = losses.output_grad(
-        spec.divergence, spec.output_activation, z2s, ys, targets, w, generic=generic
-    )  # [T, B, M] for all t at once
-    g_readout = ReadoutParams(_flat(top).T @ _flat(dz2s), jnp.sum(dz2s, axis=(0, 1)))
-    dtop = dz2s @ params.readout.w2.T  # [T, B, N_top] dZ2(t) W2^T
+    div, g_readout, dtop = readout_backward(params, spec, top, targets, w, generic=generic)
     if output_mask is not None:
         dtop = dtop * output_mask
     g_layers, g_reverse, dxs, dh0, dh_norms = stack_backward(
@@ -251,6 +265,16 @@ def loss(
       The scalar DIV.
     """
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
+    targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
+    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
+    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll)[0]
+
+
+def loss_and_state(params, spec, xs, targets, *, weights=None, lengths=None, h0=None, output_mask=None,
+                   unroll: int = 1):
+    """(DIV, final states) — ``loss`` plus the L*D final states, for ``jax.value_and_grad(...,
+    has_aux=True)`` in truncated BPTT (one forward pass gives both). Arguments as ``loss``."""
+    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
     output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
     return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll)

@@ -64,11 +64,14 @@ def load_text(corpus: str = "pydoc", path: str = "") -> str:
         return stdlib_text()
     if corpus == "file":
         try:
-            return Path(path).read_text(encoding="utf-8")
+            text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ValueError(f"data.path: no such file {path!r}") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"data.path: {path!r} is not UTF-8 text ({e})") from None
+        if not text:
+            raise ValueError(f"data.path: {path!r} is empty")
+        return text
     raise ValueError(f"data.corpus: unknown value {corpus!r}; allowed: ['pydoc', 'stdlib', 'file']")
 
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from bptt_jax import losses, scan
-from bptt_jax.bptt import BPTTAux, stack_backward
-from bptt_jax.params import ReadoutParams, RNNParams, RNNSpec
+from bptt_jax.bptt import BPTTAux, readout_backward, stack_backward
+from bptt_jax.params import RNNParams, RNNSpec
 
 
 def _pad_time(a, pad):
@@ -62,15 +62,9 @@ def bptt_segments(params: RNNParams, spec: RNNSpec, xs, targets, weights, length
         dh_next, g_acc, div_acc = carry
         x_seg, tg_seg, w_seg, lens, h_start = inp
         traces = scan.run_stack(params, spec, x_seg, h_start, lens, unroll=unroll)  # recompute k steps
-        top = traces[-1].merged
-        z2s = top @ params.readout.w2 + params.readout.b2
-        ys = jax.nn.softmax(z2s, -1) if spec.output_activation == "softmax" else _out(spec, z2s)
-        div = losses.total(losses.divergence(spec.divergence, z2s, ys, tg_seg), w_seg)
-        dz2s = losses.output_grad(spec.divergence, spec.output_activation, z2s, ys, tg_seg, w_seg, generic=generic)
-        flat = lambda a: a.reshape(-1, a.shape[-1])
-        g_readout = ReadoutParams(flat(top).T @ flat(dz2s), jnp.sum(dz2s, axis=(0, 1)))
+        div, g_readout, dtop = readout_backward(params, spec, traces[-1].merged, tg_seg, w_seg, generic=generic)
         g_layers, _, dxs, dh_start, norms = stack_backward(
-            params, spec, traces, h_start, lens, dz2s @ params.readout.w2.T, dh_init=dh_next,
+            params, spec, traces, h_start, lens, dtop, dh_init=dh_next,
             with_norms=diagnostics, with_dxs=diagnostics, unroll=unroll,
         )
         g = RNNParams(g_layers, (), g_readout)
@@ -86,8 +80,3 @@ def bptt_segments(params: RNNParams, spec: RNNSpec, xs, targets, weights, length
         norms = norms.reshape((n_seg * k,) + norms.shape[2:])[:t_len]
     return div, grads, BPTTAux(dh0, dxs, norms, h_last)
 
-
-def _out(spec, z2s):
-    from bptt_jax import activations
-
-    return activations.output(spec.output_activation, z2s)

@@ -104,14 +104,16 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
 
     metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
     try:
-        while int(state.step) < t.steps:
+        step = int(state.step)  # a Python mirror of state.step: no device read to steer the loop
+        while step < t.steps:
             if t.time_limit_s and elapsed() >= t.time_limit_s:
                 stop_reason = "time_limit"
                 break
-            step = int(state.step)
             batch = task.train_batch(step)
             state, m = step_fn(state, batch)
             recent.append((m.loss, float(np.sum(batch.weights)) / batch.xs.shape[1]))  # (DIV, weight per sequence)
+            # The one read of a device value per step: the stop rule needs the count of non-finite
+            # updates in a row (the jitted step already kept them out of the parameters).
             if int(state.nonfinite_in_row) >= t.max_nonfinite:
                 stop_reason = "nonfinite"
                 break

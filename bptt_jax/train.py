@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from bptt_jax import losses, scan
-from bptt_jax.bptt import bptt, loss
+from bptt_jax.bptt import bptt, loss_and_state
 from bptt_jax.params import RNNParams, RNNSpec, init_params
 
 Array = jax.Array
@@ -153,11 +153,10 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
                                      output_mask=output_mask, unroll=unroll)
             dh_norms, h_last = aux.dh_norms, aux.h_last
         else:
-            value, grads = jax.value_and_grad(
-                lambda p: loss(p, spec, xs, batch.targets, weights=batch.weights, h0=h0,
-                               output_mask=output_mask, unroll=unroll)
+            (value, h_last), grads = jax.value_and_grad(
+                lambda p: loss_and_state(p, spec, xs, batch.targets, weights=batch.weights, h0=h0,
+                                         output_mask=output_mask, unroll=unroll), has_aux=True
             )(state.params)
-            h_last = scan.forward(state.params, spec, xs, h0=h0, unroll=unroll).h_last
             dh_norms = jnp.full((xs.shape[0], len(h0)), jnp.nan, xs.dtype)
         if axis_name is not None:  # mean over shards = the global batch mean
             value, grads, dh_norms = jax.lax.pmean((value, grads, dh_norms), axis_name)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
+from bptt_jax.bptt import loss_and_state
 from tests import reference as ref
 
 TOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}
@@ -175,16 +176,46 @@ def test_dh_norms_is_the_norm_of_dh_t():
     np.testing.assert_allclose(aux.dh_norms[:, 0], jnp.linalg.norm(dh, axis=-1).mean(1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_output_mask_equals_autodiff(bidirectional):
-    with jax.enable_x64(True):
-        spec = bj.RNNSpec(3, (4, 3), 5, bidirectional=bidirectional)
-        p = ref.cast(ref.make_problem(spec, 5, 2, seed=11, use_lengths=True), jnp.float64)
-        n_top = spec.merged_size(1)
-        mask = jnp.asarray(np.random.RandomState(0).rand(5, 2, n_top) < 0.7, jnp.float64) / 0.7
-        value, grads, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, output_mask=mask)
-        f = lambda params, xs: bj.loss(params, spec, xs, p.targets, lengths=p.lengths, output_mask=mask)
+class OutputMaskTest(chex.TestCase):
+    """Dropout on the readout's input (output_mask) through the explicit BPTT equals jax.grad."""
+
+    def _check(self, problem, seed, dtype, tol):
+        p = ref.cast(problem, dtype)
+        n_top = p.spec.merged_size(p.spec.num_layers - 1)
+        rng = np.random.RandomState(seed)
+        mask = jnp.asarray(rng.rand(*p.xs.shape[:2], n_top) < 0.7, dtype) / 0.7
+        kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0, output_mask=mask)
+        value, grads, aux = self.variant(lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, **kw))(p.params, p.xs)
+        f = lambda params, xs: bj.loss(params, p.spec, xs, p.targets, **kw)
         want_v, (want_g, want_dxs) = jax.value_and_grad(f, argnums=(0, 1))(p.params, p.xs)
-        assert ref.max_rel_err((value, grads, aux.dxs), (want_v, want_g, want_dxs)) < 1e-10
-        with pytest.raises(ValueError, match=r"output_mask: expected shape \(5, 2, \d+\) = \[T, B, N_top\], got \(5, 2, 1\)"):
-            bj.bptt(p.params, spec, p.xs, p.targets, output_mask=jnp.ones((5, 2, 1)))
+        self.assertLess(ref.max_rel_err((value, grads, aux.dxs), (want_v, want_g, want_dxs)), tol)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(problem=ref.problems(), seed=st.integers(0, 2**16))
+    def test_output_mask_float64(self, problem, seed):
+        with jax.enable_x64(True):
+            self._check(problem, seed, jnp.float64, 1e-10)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(problem=ref.problems(), seed=st.integers(0, 2**16))
+    def test_output_mask_float32(self, problem, seed):
+        self._check(problem, seed, jnp.float32, 1e-5)
+
+
+def test_output_mask_shape_error():
+    spec = bj.RNNSpec(3, (4, 3), 5, bidirectional=True)
+    p = ref.make_problem(spec, 5, 2, seed=11)
+    with pytest.raises(ValueError, match=r"output_mask: expected shape \(5, 2, 6\) = \[T, B, N_top\], got \(5, 2, 1\)"):
+        bj.bptt(p.params, spec, p.xs, p.targets, output_mask=jnp.ones((5, 2, 1)))
+
+
+@given(problem=ref.problems())
+def test_loss_and_state_gives_the_forward_final_states(problem):
+    """The autodiff train path's (DIV, final states) in one pass: equals loss and forward().h_last."""
+    p = problem
+    kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
+    (value, h_last), grads = jax.value_and_grad(
+        lambda q: loss_and_state(q, p.spec, p.xs, p.targets, **kw), has_aux=True)(p.params)
+    assert ref.max_rel_err(value, bj.loss(p.params, p.spec, p.xs, p.targets, **kw)) < 1e-6
+    want = bj.forward(p.params, p.spec, p.xs, h0=p.h0, lengths=p.lengths).h_last
+    assert ref.max_rel_err(h_last, want) == 0.0

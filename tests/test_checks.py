@@ -24,6 +24,8 @@ def _bptt(**kw):
     [
         (dict(xs=jnp.zeros((6, 3))), ValueError, r"xs: expected rank 3 \[T, B, N\] \(time-major\), got shape \(6, 3\)"),
         (dict(xs=jnp.zeros((6, 2, 7))), ValueError, r"xs: expected feature size N=3 \(spec.input_size\), got shape \(6, 2, 7\)"),
+        (dict(xs=jnp.zeros((0, 2, 3)), targets=jnp.zeros((0, 2), jnp.int32)), ValueError, r"xs: expected T >= 1 and B >= 1, got shape \(0, 2, 3\)"),
+        (dict(xs=jnp.zeros((6, 0, 3)), targets=jnp.zeros((6, 0), jnp.int32)), ValueError, r"xs: expected T >= 1 and B >= 1, got shape \(6, 0, 3\)"),
         (dict(xs=jnp.zeros((6, 2, 3), jnp.int32)), TypeError, r"xs: expected a floating dtype \(float32 or float64\), got int32"),
         (dict(targets=jnp.zeros((6, 3), jnp.int32)), ValueError, r"targets: expected integer class indices of shape \(6, 2\) = \[T, B\], got \(6, 3\)"),
         (dict(targets=jnp.full((6, 2), 5, jnp.int32)), ValueError, r"targets: class indices must lie in \[0, M=5\), got min 5 and max 5"),

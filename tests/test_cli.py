@@ -124,3 +124,16 @@ def test_nonfinite_run_stops_with_message(tmp_path):
         runner.run(cfg, tmp_path / "a", log=lambda s: None, progress=False)
     state, _ = checkpoint.load(tmp_path / "a" / "last.ckpt", runner.initial_state(cfg, *runner.build(cfg)[1:]))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_bad_data_files_fail_clearly_and_write_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\ncorpus = 'file'\npath = '%s'\n" % empty.as_posix())
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 1
+    assert "data.path: '%s' is empty" % empty.as_posix() in capsys.readouterr().err
+    cfg.write_text("[data]\ncorpus = 'file'\npath = '%s'\n" % (tmp_path / "missing.txt").as_posix())
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 1
+    assert "data.path: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
