@@ -209,8 +209,6 @@ def evaluate(eval_step, params, spec: RNNSpec, batches, *, stateful: bool) -> di
         if h is None or not stateful:
             h = scan.default_h0(spec, batch.xs.shape[1], jnp.float32)
         sums, h = eval_step(params, h, batch)
-        div += float(sums.div)
-        weight += float(sums.weight)
-        correct += float(sums.correct)
-    weight = max(weight, 1e-12)
-    return {"loss": div / weight, "accuracy": correct / weight}
+        div, weight, correct = div + sums.div, weight + sums.weight, correct + sums.correct  # stays on device
+    weight = max(float(weight), 1e-12)  # one read of the device at the end
+    return {"loss": float(div) / weight, "accuracy": float(correct) / weight}
