@@ -1,16 +1,36 @@
-"""Backpropagation through time, written out: an explicit reverse ``lax.scan`` per layer.
+"""Backpropagation through time, written out: explicit reverse ``lax.scan``s over blocks of time.
 
-For one layer (one direction), from t = T-1 down to 0 (lecture notes' notation, row vectors):
+The plain loop (lecture notes' notation, row vectors), for a stack of L layers, one direction:
 
-    dh(t)  = dH_above(t) + dZ1(t+1) W11^T      dH_above: dZ2(t) W2^T at the top layer, the gradient
-                                               arriving from the layer above otherwise; dZ1(T) = 0
-    dZ1(t) = dh(t) * f1'(Z1(t))                f1' computed from h(t)
-    dW1 += X(t)^T dZ1(t)    dW11 += h(t-1)^T dZ1(t)    db1 += dZ1(t)
-    dh(-1) = dZ1(0) W11^T
+    dh_carry[k] = 0 for every layer k                      # dZ1(T) W11^T
+    for t in reversed(range(T)):
+        dZ2(t) = dDIV/dZ2(t)                               # Y(t) - D(t) for softmax + cross-entropy
+        dW2 += h_top(t)^T dZ2(t);  db2 += dZ2(t)
+        dH_above = dZ2(t) W2^T
+        for k in reversed(range(L)):
+            dh(t)  = dH_above + dh_carry[k]                # dh(t) = dZ2(t) W2^T + dZ1(t+1) W11^T
+            dZ1(t) = dh(t) * f1'(h(t))                     # f1' computed from h(t); 0 at padded steps
+            dW1 += X(t)^T dZ1(t);  dW11 += h(t-1)^T dZ1(t);  db1 += dZ1(t)
+            dH_above = dZ1(t) W1^T                         # the gradient handed to layer k-1 (or dX(t))
+            dh_carry[k] = dZ1(t) W11^T                     # = dh(t) at padded steps: passes through
+    dh(-1)[k] = dh_carry[k]
 
-The scan's carry is dZ1(t+1) W11^T only; the "+=" sums are done after the scan as single matmuls
-over all T*B rows. Padded steps (t >= length) held the state in the forward pass, so there
-dZ1(t) = 0 and dh passes through to h(t-1) unchanged.
+Time blocks. The scans below run that loop a block of C consecutive steps at a time, from the last
+block to the first: one reverse ``lax.scan`` over blocks carries dh_carry (one [B, N1] per layer) and
+the weight-gradient sums. Inside a block, Z2, dZ2 and dZ2 W2^T are formed for the block's C steps
+only, each layer runs its reverse recurrence over the C steps (``layer_backward``), and the "+=" sums
+are matmuls over the block's C*B rows added to the carried sums. The forward pass likewise forms the
+input projection X(t) W1 + b1 per block (``scan.unroll_layer``). Only h(t) lives across the whole
+sequence; everything else is [C, B, ...]. C = T is the whole-sequence computation. When C does not
+divide T the sequence is padded at the end with steps that hold the state and weigh 0.
+
+Where blocking does not apply fully:
+- bidirectional networks: the readout needs both directions at the same input time, and with lengths
+  the reverse net's blocks are ragged in input time, so the readout (Z2, dZ2, dZ2 W2^T) and the
+  gradients handed between layers stay whole-sequence [T, B, ...] arrays; each layer's reverse
+  recurrence and weight-gradient sums still run block by block (``stack_backward``).
+- ``checkpoint_every=k`` (unidirectional): segments of k steps are recomputed in the backward pass;
+  inside a segment the blocks are as above, with C the largest divisor of k not above the block size.
 
 A bidirectional layer's reverse net ran over reversed time, so its BPTT is the same reverse scan on
 reversed time: it runs from input time 0 up to T-1.
@@ -19,25 +39,65 @@ reversed time: it runs from input time 0 up to T-1.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from bptt_jax import activations, checks, losses, scan
+from bptt_jax import activations, checks, kernels, losses, scan
 from bptt_jax.params import LayerParams, ReadoutParams, RNNParams, RNNSpec
 
 Array = jax.Array
+
+# The automatic block size (``auto_block_size``), measured on a 2-core CPU (benchmarks/README.md):
+# below WHOLE_ELEMENTS elements in a [T, B, width] buffer the whole sequence is one block (its
+# buffers fit in cache and one block runs fastest); above it, blocks of about BLOCK_ELEMENTS elements
+# and at least MIN_BLOCK_ROWS rows (C*B) keep the block buffers cache-sized while the block's
+# matmuls still have enough rows to run near full speed.
+WHOLE_ELEMENTS = 2**20
+BLOCK_ELEMENTS = 2**17
+MIN_BLOCK_ROWS = 512
 
 
 class BPTTAux(NamedTuple):
     """Diagnostics of one BPTT pass. Per-(layer, direction) entries are ordered layer * D + direction."""
 
     dh0: tuple[Array, ...]  # L*D entries [B, N1]: dDIV/dh(-1)
-    dxs: Array  # [T, B, N] dDIV/dX
-    dh_norms: Array  # [T, L*D] ||dDIV/dh(t)|| averaged over the batch, in input time
+    dxs: Optional[Array]  # [T, B, N] dDIV/dX, only with with_dxs=True (else None)
+    dh_norms: Optional[Array]  # [T, L*D] ||dDIV/dh(t)|| averaged over the batch, in input time
     h_last: tuple[Array, ...]  # L*D entries [B, N1]: the forward pass's final states (as forward's)
+
+
+def auto_block_size(t_len: int, batch: int, width: int) -> int:
+    """The block size C used when ``block_size`` is None.
+
+    Args:
+      t_len, batch: T and B.
+      width: the widest per-step feature size (the largest of N1 per direction and M).
+
+    Returns:
+      T when T*B*width <= WHOLE_ELEMENTS; otherwise about max(MIN_BLOCK_ROWS / B,
+      BLOCK_ELEMENTS / (B * width)) steps, capped at T, preferring a divisor of T within a factor of
+      two of that (no padding steps then).
+    """
+    batch, width = max(batch, 1), max(width, 1)
+    if t_len * batch * width <= WHOLE_ELEMENTS:
+        return t_len
+    c = max(-(-MIN_BLOCK_ROWS // batch), BLOCK_ELEMENTS // (batch * width), 1)
+    if c >= t_len:
+        return t_len
+    for delta in range(c):  # nearest divisor of T in [c/2, 2c]
+        for cand in (c - delta, c + delta):
+            if c // 2 <= cand <= 2 * c and 1 <= cand <= t_len and t_len % cand == 0:
+                return cand
+    return c
+
+
+def _width(spec: RNNSpec) -> int:
+    return max(max(spec.hidden_sizes), spec.output_size)
 
 
 def layer_backward(
@@ -50,12 +110,13 @@ def layer_backward(
     dh_init: Optional[Array] = None,
     with_norms: bool = True,
     unroll: int = 1,
+    recurrence: str = "scan",
 ) -> tuple[Array, Array, Optional[Array]]:
-    """The reverse scan of one layer (one direction), in its own scan time.
+    """The reverse recurrence of one layer (one direction) over a run of steps, in its own scan time.
 
     Equals the Python loop:
 
-        carry = 0                                 # dZ1(T) W11^T
+        carry = dh_init (or 0)                    # dZ1(T) W11^T
         for t in reversed(range(T)):
             dh = dhs_above[t] + carry             # dh(t)
             dz1[t] = dh * f1'(hs[t])              # 0 where not valid[t]
@@ -69,12 +130,17 @@ def layer_backward(
       dhs_above: [T, B, N1] gradient reaching h(t) from outside the recurrence.
       valid: [T, B] booleans or None.
       dh_init: [B, N1] the recurrent gradient entering from beyond the last step (dZ1(T) W11^T);
-        zeros when None. Segment-wise BPTT (``recompute``) passes the previous segment's carry.
+        zeros when None. The block and segment scans pass the later block's carry.
       with_norms: also return the norm of dh(t) (the diagnostics); skipped when False.
+      recurrence: "scan" (this ``lax.scan``) or "pallas" (``kernels.reverse_recurrence``: the same
+        loop as one kernel launch).
 
     Returns:
       (dz1s [T, B, N1], dh_m1 [B, N1], dh_norm [T, B] the norm of dh(t) per sequence, or None).
     """
+    if recurrence == "pallas":
+        dz1s, dh_m1, dh_norm = kernels.reverse_recurrence(w11, activation, hs, dhs_above, valid, dh_init)
+        return dz1s, dh_m1, dh_norm if with_norms else None
     df = activations.hidden(activation).df_from_h
     w11_t = w11.T
 
@@ -102,11 +168,80 @@ def _flat(a: Array) -> Array:
 def layer_weight_grads(xs: Array, h0: Array, hs: Array, dz1s: Array) -> LayerParams:
     """dW1 = sum_t X(t)^T dZ1(t), dW11 = sum_t h(t-1)^T dZ1(t), db1 = sum_t dZ1(t), as single matmuls.
 
-    xs: [T, B, N_in], h0: [B, N1], hs: [T, B, N1], dz1s: [T, B, N1], all in the layer's scan time.
+    xs: [C, B, N_in], h0: [B, N1] the state before the first step, hs: [C, B, N1], dz1s: [C, B, N1],
+    all in the layer's scan time.
     """
-    hs_tm1 = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [T, B, N1] h(t-1)
+    hs_tm1 = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [C, B, N1] h(t-1)
     dz = _flat(dz1s)
     return LayerParams(_flat(xs).T @ dz, _flat(hs_tm1).T @ dz, jnp.sum(dz, axis=0))
+
+
+def _tree_add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _blocks(a: Optional[Array], c: int) -> Optional[Array]:
+    """[n*C, ...] -> [n, C, ...] (a reshape, no copy)."""
+    if a is None:
+        return None
+    return a.reshape((a.shape[0] // c, c) + a.shape[1:])
+
+
+def _unblock(a: Optional[Array]) -> Optional[Array]:
+    if a is None:
+        return None
+    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
+def _entering_states(h0: Array, hs_b: Array) -> Array:
+    """[n, B, N1]: h(t-1) entering each block (h0 for the first, the previous block's last state)."""
+    return jnp.concatenate([h0[None], hs_b[:-1, -1]], axis=0)
+
+
+def layer_backward_blocked(
+    layer: LayerParams,
+    activation: str,
+    xs: Array,
+    hs: Array,
+    h0: Array,
+    dhs_above: Array,
+    valid: Optional[Array],
+    block_size: int,
+    *,
+    want_dx: bool = True,
+    with_norms: bool = True,
+    unroll: int = 1,
+    recurrence: str = "scan",
+):
+    """One layer's BPTT given the gradient from above for all t, block by block (scan time).
+
+    A reverse scan over blocks of C steps carries dh and the weight-gradient sums; per block it runs
+    ``layer_backward`` over the C steps and adds ``layer_weight_grads`` of those steps.
+
+    Args:
+      layer: W1 [N_in, N1], W11 [N1, N1], b1 [N1].
+      xs: [T, B, N_in] the layer's input; hs: [T, B, N1] its states; h0: [B, N1] h(-1).
+      dhs_above: [T, B, N1]; valid: [T, B] or None. T must be a multiple of block_size.
+
+    Returns:
+      (grads LayerParams, dh_m1 [B, N1], dxs [T, B, N_in] = dZ1(t) W1^T or None, dh_norm [T, B] or None).
+    """
+    c = block_size
+    hs_b = _blocks(hs, c)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, layer)
+
+    def body(carry, blk):
+        dh, g = carry
+        x_blk, h_blk, h_in, above_blk, valid_blk = blk
+        dz1s, dh, dh_norm = layer_backward(layer.w11, activation, h_blk, above_blk, valid_blk, dh_init=dh,
+                                           with_norms=with_norms, unroll=unroll, recurrence=recurrence)
+        g = _tree_add(g, layer_weight_grads(x_blk, h_in, h_blk, dz1s))
+        dx = dz1s @ layer.w1.T if want_dx else None  # [C, B, N_in]
+        return (dh, g), (dx, dh_norm)
+
+    blk_in = (_blocks(xs, c), hs_b, _entering_states(h0, hs_b), _blocks(dhs_above, c), _blocks(valid, c))
+    (dh_m1, grads), (dxs, dh_norm) = lax.scan(body, (jnp.zeros_like(h0), zero), blk_in, reverse=True)
+    return grads, dh_m1, _unblock(dxs), _unblock(dh_norm)
 
 
 def stack_backward(
@@ -117,26 +252,31 @@ def stack_backward(
     lengths: Optional[Array],
     dmerged_top: Array,
     *,
-    dh_init: Optional[tuple[Array, ...]] = None,
     with_norms: bool = True,
     with_dxs: bool = True,
     unroll: int = 1,
+    block_size: Optional[int] = None,
+    recurrence: str = "scan",
 ):
-    """BPTT through the whole stack, top layer first.
+    """BPTT through the whole stack given dDIV/d(top merged states) for all t, top layer first.
+
+    The path for bidirectional networks and for ``vjp.rnn_states``: the gradient handed from layer
+    to layer is a whole-sequence array (see the module docstring); each layer's reverse recurrence
+    and weight-gradient sums run block by block (``layer_backward_blocked``).
 
     Args:
       traces: the forward pass's ``scan.run_stack`` output.
       h0: L*D entries [B, N1].
       dmerged_top: [T, B, N_top] dDIV/d(top layer's merged states), in input time.
-      dh_init: L*D entries [B, N1], recurrent gradients entering from beyond T-1 (unidirectional
-        only; for segment-wise BPTT). Zeros when None.
       with_norms: compute dh_norms (else None).
       with_dxs: compute dxs = dDIV/dX (else None).
+      block_size: C, a divisor of T; None: T.
 
     Returns:
       (layers grads, reverse_layers grads, dxs [T, B, N], dh0 (L*D), dh_norms [T, L*D]).
     """
     t_len = dmerged_top.shape[0]
+    c = t_len if block_size is None else block_size
     valid = scan.valid_mask(lengths, t_len)
     d = spec.num_directions
     n_layers = spec.num_layers
@@ -155,18 +295,17 @@ def stack_backward(
         else:
             parts = (dmerged, dmerged)
         dinputs = None
+        want_dx = k > 0 or with_dxs
         for j in range(d):
             layer = params.layers[k] if j == 0 else params.reverse_layers[k]
             above = parts[j] if j == 0 else scan.reverse_padded(parts[j], lengths)  # scan time
             xs_scan = tr.inputs if j == 0 else scan.reverse_padded(tr.inputs, lengths)
-            dz1s, dh_m1, dh_norm = layer_backward(
-                layer.w11, spec.activation, tr.states[j], above, valid,
-                dh_init=None if dh_init is None else dh_init[k * d + j], with_norms=with_norms, unroll=unroll,
+            grads, dh_m1, dx, dh_norm = layer_backward_blocked(
+                layer, spec.activation, xs_scan, tr.states[j], h0[k * d + j], above, valid, c,
+                want_dx=want_dx, with_norms=with_norms, unroll=unroll, recurrence=recurrence,
             )
-            grads = layer_weight_grads(xs_scan, h0[k * d + j], tr.states[j], dz1s)
-            if k > 0 or with_dxs:
-                dx = dz1s @ layer.w1.T  # [T, B, N_in] in scan time
-                dx = dx if j == 0 else scan.reverse_padded(dx, lengths)
+            if want_dx:
+                dx = dx if j == 0 else scan.reverse_padded(dx, lengths)  # input time
                 dinputs = dx if dinputs is None else dinputs + dx
             if with_norms:
                 dh_norm = dh_norm if j == 0 else scan.reverse_padded(dh_norm, lengths)
@@ -185,14 +324,14 @@ def _readout(params: RNNParams, spec: RNNSpec, top: Array):
 
 def readout_backward(params: RNNParams, spec: RNNSpec, top: Array, targets: Array, w: Array, *,
                      generic: bool = False):
-    """The output layer, forward and backward, for all t at once.
+    """The output layer, forward and backward, for a run of steps (a block or the whole sequence).
 
     Args:
-      top: [T, B, N_top] the readout's input (the top layer's merged states, after any dropout).
-      targets: [T, B] or [T, B, M]; w: [T, B] effective weights.
+      top: [C, B, N_top] the readout's input (the top layer's merged states, after any dropout).
+      targets: [C, B] or [C, B, M]; w: [C, B] effective weights.
 
     Returns:
-      (DIV, readout grads, dDIV/dtop [T, B, N_top] = dZ2(t) W2^T).
+      (DIV of these steps, readout grads, dDIV/dtop [C, B, N_top] = dZ2(t) W2^T).
     """
     z2s, ys = _readout(params, spec, top)
     div = losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
@@ -201,35 +340,207 @@ def readout_backward(params: RNNParams, spec: RNNSpec, top: Array, targets: Arra
     return div, g_readout, dz2s @ params.readout.w2.T
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "unroll"))
-def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll):
+class _Carry(NamedTuple):
+    """What the reverse scan over blocks carries (unidirectional stacks)."""
+
+    dh: tuple[Array, ...]  # L entries [B, N1]: dZ1(t+1) W11^T entering the block from the right
+    layers: tuple[LayerParams, ...]  # the weight-gradient sums so far
+    readout: ReadoutParams
+    div: Array  # DIV so far
+
+
+def _zero_carry(params: RNNParams, h0: tuple[Array, ...], dtype) -> _Carry:
+    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+    return _Carry(tuple(jnp.zeros_like(h) for h in h0), zeros(params.layers), zeros(params.readout),
+                  jnp.zeros((), dtype))
+
+
+def _stack_backward_fused(params, spec, xs, hs, h0, valid, targets, w, output_mask, carry: _Carry, c: int, *,
+                          generic: bool, with_norms: bool, with_dxs: bool, unroll: int, recurrence: str = "scan"):
+    """Unidirectional stacks: readout and every layer's BPTT together, block by block (module doc).
+
+    xs: [T', B, N]; hs: L entries [T', B, N1]; h0: L entries [B, N1] (the states before step 0);
+    valid: [T', B] or None; targets, w, output_mask: [T', ...]; T' a multiple of c. ``carry`` enters
+    from beyond the last step (zeros, or a later segment's). Returns (carry at step 0, dxs [T', B, N]
+    or None, norms [T', L] or None).
+    """
+    n_layers = spec.num_layers
+    hs_b = tuple(_blocks(h, c) for h in hs)
+    h_in = tuple(_entering_states(h0[k], hs_b[k]) for k in range(n_layers))
+
+    def body(carry: _Carry, blk):
+        x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk = blk
+        top = h_blks[-1] if mask_blk is None else h_blks[-1] * mask_blk  # dropout on the readout's input
+        div, g_readout, above = readout_backward(params, spec, top, tg_blk, w_blk, generic=generic)
+        if mask_blk is not None:
+            above = above * mask_blk
+        dh, g_layers, norms = list(carry.dh), list(carry.layers), [None] * n_layers
+        for k in reversed(range(n_layers)):  # a loop over layers, not time
+            layer = params.layers[k]
+            dz1s, dh[k], dh_norm = layer_backward(layer.w11, spec.activation, h_blks[k], above, valid_blk,
+                                                  dh_init=dh[k], with_norms=with_norms, unroll=unroll,
+                                                  recurrence=recurrence)
+            x_k = x_blk if k == 0 else h_blks[k - 1]
+            g_layers[k] = _tree_add(g_layers[k], layer_weight_grads(x_k, h_ins[k], h_blks[k], dz1s))
+            if k > 0 or with_dxs:
+                above = dz1s @ layer.w1.T  # [C, B, N_in]: to layer k-1 (or dX)
+            if with_norms:
+                norms[k] = jnp.mean(dh_norm, axis=1)  # [C]
+        new = _Carry(tuple(dh), tuple(g_layers), _tree_add(carry.readout, g_readout), carry.div + div)
+        return new, (above if with_dxs else None, jnp.stack(norms, axis=1) if with_norms else None)
+
+    blk_in = (_blocks(xs, c), hs_b, h_in, _blocks(valid, c), _blocks(targets, c), _blocks(w, c),
+              _blocks(output_mask, c))
+    carry, (dxs, norms) = lax.scan(body, carry, blk_in, reverse=True)
+    return carry, _unblock(dxs), _unblock(norms)
+
+
+def _largest_divisor_at_most(n: int, c: int) -> int:
+    return max(d for d in range(1, min(n, c) + 1) if n % d == 0)
+
+
+def _segments(params, spec, xs, targets, w, valid, lengths, h0, every, c, *, generic, with_norms, with_dxs,
+              unroll, recurrence="scan"):
+    """checkpoint_every: states stored every ``every`` steps, each segment recomputed in the backward.
+
+    The forward pass keeps only the state entering each segment of k steps (T/k boundary states per
+    layer); the backward pass walks the segments from the last to the first, re-runs the forward
+    scans inside the segment from its boundary state and runs the blocked BPTT over those k steps,
+    carrying dh and the weight-gradient sums from segment to segment. Stored activations grow like
+    T/k + k instead of T, for about one extra forward pass of compute. xs etc. are already padded
+    to a multiple of k.
+    """
+    k = every
+    n_seg = xs.shape[0] // k
+    c_seg = _largest_divisor_at_most(k, c)
+    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
+    if lengths is None:
+        lens_s = None
+    else:
+        starts = jnp.arange(n_seg) * k
+        lens_s = jnp.clip(lengths[None, :] - starts[:, None], 0, k).astype(jnp.int32)  # [S, B]
+
+    def seg_forward(h, inp):  # h: L entries [B, N1], the state entering the segment
+        x_seg, lens = inp
+        traces = scan.run_stack(params, spec, x_seg, h, lens, unroll=unroll, block_size=c_seg, recurrence=recurrence)
+        return tuple(tr.states[0][-1] for tr in traces), h
+
+    h_last, boundaries = lax.scan(seg_forward, h0, (seg(xs), lens_s))  # boundaries: L entries [S, B, N1]
+
+    def seg_backward(carry, inp):
+        x_seg, tg_seg, w_seg, valid_seg, lens, h_start = inp
+        traces = scan.run_stack(params, spec, x_seg, h_start, lens, unroll=unroll, block_size=c_seg,
+                                recurrence=recurrence)
+        hs = tuple(tr.states[0] for tr in traces)  # recomputed k steps
+        carry, dxs, norms = _stack_backward_fused(
+            params, spec, x_seg, hs, h_start, valid_seg, tg_seg, w_seg, None, carry, c_seg,
+            generic=generic, with_norms=with_norms, with_dxs=with_dxs, unroll=unroll, recurrence=recurrence)
+        return carry, (dxs, norms)
+
+    init = _zero_carry(params, h0, xs.dtype)
+    carry, (dxs, norms) = lax.scan(seg_backward, init, (seg(xs), seg(targets), seg(w), seg(valid), lens_s,
+                                                        boundaries), reverse=True)
+    return carry, h_last, _unblock(dxs), _unblock(norms)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "unroll", "recurrence"))
+def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence="auto"):
     """(DIV, final states): the plain forward computation that ``jax.grad`` differentiates."""
-    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)
+    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
+    targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
+    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=rec)
     top = traces[-1].merged
     if output_mask is not None:
         top = top * output_mask
     z2s, ys = _readout(params, spec, top)
     w = losses.effective_weights(weights, lengths, xs.shape[0], xs.shape[1], xs.dtype)
     h_last = tuple(h[-1] for tr in traces for h in tr.states)
-    return losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w), h_last
+    div = losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
+    return checks.poison(checks.value_flags(spec, targets, lengths, xs.shape[0]), (div, h_last))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "generic", "unroll", "diagnostics"))
-def _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll, diagnostics=True):
+_STATIC = ("spec", "generic", "unroll", "block_size", "checkpoint_every", "diagnostics", "with_dxs", "recurrence")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _bptt(params, xs, targets, weights, lengths, h0, output_mask, *, spec, generic, unroll, block_size,
+          checkpoint_every, diagnostics, with_dxs, recurrence):
+    # Shape and dtype checks: they run when this function is traced, i.e. once per input signature.
+    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
+    targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
+    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
     t_len, batch, _ = xs.shape
-    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)  # stores h(t) only
-    top = traces[-1].merged  # [T, B, N_top]
-    if output_mask is not None:
-        top = top * output_mask  # dropout on the readout's input
-    w = losses.effective_weights(weights, lengths, t_len, batch, xs.dtype)
-    div, g_readout, dtop = readout_backward(params, spec, top, targets, w, generic=generic)
-    if output_mask is not None:
-        dtop = dtop * output_mask
-    g_layers, g_reverse, dxs, dh0, dh_norms = stack_backward(
-        params, spec, traces, h0, lengths, dtop, with_norms=diagnostics, with_dxs=diagnostics, unroll=unroll
-    )
-    h_last = tuple(h[-1] for tr in traces for h in tr.states)
-    return div, RNNParams(g_layers, g_reverse, g_readout), BPTTAux(dh0, dxs, dh_norms, h_last)
+    bad = checks.value_flags(spec, targets, lengths, t_len)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    if block_size is None and rec == "pallas":
+        block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
+    c = min(block_size or auto_block_size(t_len, batch, _width(spec)), t_len)
+    unit = checkpoint_every or c  # the time axis is padded to a multiple of this
+    n_units = math.ceil(t_len / unit)
+    pad = n_units * unit - t_len
+    w = losses.effective_weights(weights, lengths, t_len, batch, xs.dtype)  # [T, B]
+    if pad and lengths is None:
+        lengths = jnp.full((batch,), t_len, jnp.int32)  # the padded steps hold the state, weigh 0
+    xs_p, tg_p, w_p = scan.pad_time(xs, pad), scan.pad_time(targets, pad), scan.pad_time(w, pad)
+    mask_p = scan.pad_time(output_mask, pad)
+    valid = scan.valid_mask(lengths, t_len + pad)
+    if checkpoint_every is not None:
+        carry, h_last, dxs, norms = _segments(params, spec, xs_p, tg_p, w_p, valid, lengths, h0, checkpoint_every, c,
+                                              generic=generic, with_norms=diagnostics, with_dxs=with_dxs,
+                                              unroll=unroll, recurrence=rec)
+        div, grads, dh0 = carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh
+    else:
+        traces = scan.run_stack(params, spec, xs_p, h0, lengths, unroll=unroll, block_size=c, recurrence=rec)
+        h_last = tuple(h[-1] for tr in traces for h in tr.states)
+        if not spec.bidirectional:
+            hs = tuple(tr.states[0] for tr in traces)
+            carry, dxs, norms = _stack_backward_fused(
+                params, spec, xs_p, hs, h0, valid, tg_p, w_p, mask_p, _zero_carry(params, h0, xs.dtype), c,
+                generic=generic, with_norms=diagnostics, with_dxs=with_dxs, unroll=unroll, recurrence=rec)
+            div, grads, dh0 = carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh
+        else:
+            top = traces[-1].merged  # [T', B, N_top], whole sequence: both directions at each t
+            if mask_p is not None:
+                top = top * mask_p
+            div, g_readout, dtop = readout_backward(params, spec, top, tg_p, w_p, generic=generic)
+            if mask_p is not None:
+                dtop = dtop * mask_p
+            g_layers, g_reverse, dxs, dh0, norms = stack_backward(
+                params, spec, traces, h0, lengths, dtop, with_norms=diagnostics, with_dxs=with_dxs,
+                unroll=unroll, block_size=c, recurrence=rec)
+            grads = RNNParams(g_layers, g_reverse, g_readout)
+    if pad:
+        dxs = None if dxs is None else dxs[:t_len]
+        norms = None if norms is None else norms[:t_len]
+    div, grads = checks.poison(bad, (div, grads))
+    return div, grads, BPTTAux(dh0, dxs if with_dxs else None, norms, h_last)
+
+
+def _host_checks(spec, xs, targets, weights, lengths, check_values):
+    """Value checks of host arrays (see ``checks``); lists become arrays. Shapes are checked in the trace."""
+    if not isinstance(spec, RNNSpec):
+        raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
+    if lengths is not None and not hasattr(lengths, "dtype"):
+        lengths = np.asarray(lengths)  # a host array: its values are checked below
+    if weights is not None and not hasattr(weights, "dtype"):
+        weights = np.asarray(weights)
+    shape = getattr(xs, "shape", None)
+    if check_values is not False and shape is not None and len(shape) == 3 and hasattr(targets, "dtype"):
+        t_len, batch = shape[0], shape[1]
+        if lengths is not None and checks.readable(lengths, check_values):
+            lengths = checks.check_lengths(lengths, t_len, batch, check_values)
+        if checks.readable(targets, check_values):
+            checks.check_targets(spec, targets, None, t_len, batch, check_values)
+    return lengths, weights
+
+
+def _check_finite(xs, h0, params):
+    checks.check_finite_tree("xs", xs)
+    if h0 is not None:
+        checks.check_finite_tree("h0", h0)
+    checks.check_finite_tree("params", params)
 
 
 def loss(
@@ -243,6 +554,8 @@ def loss(
     h0: Optional[tuple[Array, ...]] = None,
     output_mask: Optional[Array] = None,
     unroll: int = 1,
+    recurrence: str = "auto",
+    check_values: Optional[bool] = None,
     check_finite: bool = False,
 ) -> Array:
     """DIV = mean over the batch of sum over t of w(t) Div(Y(t), D(t)). Differentiable by jax.grad.
@@ -259,25 +572,29 @@ def loss(
       output_mask: [T, B, N_top] multiplies the top layer's merged states before the readout
         (dropout on the outputs: zeros and 1/(1-p)); None for no dropout.
       unroll: scan steps per loop iteration.
+      recurrence: "scan" (``lax.scan``), "pallas" (the fused kernels of ``bptt_jax.kernels``, one launch
+        per layer and direction for all T; interpret mode on a CPU) or "auto" (the kernels on a GPU
+        where they apply, the scans elsewhere). An explicit "pallas" that cannot apply raises.
+      check_values: how class indices and lengths are range-checked (``bptt_jax.checks``): None reads
+        host arrays only, True also reads device arrays back (a host sync), False never; out-of-range
+        values always make the result NaN in the graph.
       check_finite: raise ValueError on NaN or inf in xs, h0 or params.
 
     Returns:
       The scalar DIV.
     """
-    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
-    targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
-    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
-    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll)[0]
+    lengths, weights = _host_checks(spec, xs, targets, weights, lengths, check_values)
+    if check_finite:
+        _check_finite(xs, h0, params)
+    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence)[0]
 
 
 def loss_and_state(params, spec, xs, targets, *, weights=None, lengths=None, h0=None, output_mask=None,
-                   unroll: int = 1):
+                   unroll: int = 1, recurrence: str = "auto"):
     """(DIV, final states) — ``loss`` plus the L*D final states, for ``jax.value_and_grad(...,
     has_aux=True)`` in truncated BPTT (one forward pass gives both). Arguments as ``loss``."""
-    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
-    targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
-    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
-    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll)
+    lengths, weights = _host_checks(spec, xs, targets, weights, lengths, None)
+    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence)
 
 
 def bptt(
@@ -292,41 +609,53 @@ def bptt(
     output_mask: Optional[Array] = None,
     generic: bool = False,
     unroll: int = 1,
+    block_size: Optional[int] = None,
     checkpoint_every: Optional[int] = None,
     diagnostics: bool = True,
+    with_dxs: bool = False,
+    recurrence: str = "auto",
+    check_values: Optional[bool] = None,
     check_finite: bool = False,
 ) -> tuple[Array, RNNParams, BPTTAux]:
-    """DIV and its gradient by the explicit reverse-scan BPTT (arguments as ``loss``).
+    """DIV and its gradient by the explicit BPTT over time blocks (arguments as ``loss``).
 
-    One forward scan per layer and direction stores h(t) only; dDIV/dZ2 is formed for all t at
-    once; then each layer, top to bottom, runs ``layer_backward``; weight gradients are single
-    matmuls over all T*B rows.
+    The forward scans store h(t) only; the backward pass walks blocks of C steps from the last to
+    the first (module docstring), carrying dh and the weight-gradient sums. The call is jitted:
+    shape checks run once per input signature, value checks follow ``check_values``.
 
     Args:
       generic: form dDIV/dZ2 by the generic path (dDIV/dY times the full Jacobian for softmax)
         instead of the fused closed form; the two agree (tests show it).
+      block_size: C, steps per time block; None picks ``auto_block_size`` (one block for small
+        problems, cache-sized blocks for large ones). C = T is the whole-sequence computation. Any
+        C >= 1 gives the same gradients.
       checkpoint_every: store the states only every k steps and recompute each k-step segment in
-        the backward pass (``recompute.bptt_segments``): memory ~ T/k + k instead of T, same
-        gradients. Unidirectional networks without output_mask only.
-      diagnostics: compute ``aux.dxs`` and ``aux.dh_norms``; False skips them (they are then None)
-        and saves one matmul per step.
+        the backward pass: memory ~ T/k + k instead of T, same gradients. Unidirectional networks
+        without output_mask only.
+      diagnostics: compute ``aux.dh_norms`` (one norm per step and layer); False skips it.
+      with_dxs: also compute ``aux.dxs`` = dDIV/dX [T, B, N] (one more matmul per step; None
+        otherwise). ``aux.dh0`` and ``aux.h_last`` are always returned.
+      recurrence: as ``loss``; with the kernels and no block_size the whole sequence is one block.
 
     Returns:
       (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last)``).
     """
-    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
-    targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
-    output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 1):
+        raise ValueError(f"block_size: expected a positive int or None, got {block_size!r}")
     if checkpoint_every is not None:
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every: expected a positive int or None, got {checkpoint_every!r}")
-        if spec.bidirectional:
+        if getattr(spec, "bidirectional", False):
             raise ValueError("checkpoint_every: segment recomputation needs a unidirectional network "
                              "(spec.bidirectional=True)")
         if output_mask is not None:
             raise ValueError("checkpoint_every: cannot be combined with output_mask")
-        from bptt_jax.recompute import bptt_segments
-
-        return bptt_segments(params, spec, xs, targets, weights, lengths, h0, checkpoint_every,
-                             generic=generic, unroll=unroll, diagnostics=diagnostics)
-    return _bptt(params, spec, xs, targets, weights, lengths, h0, output_mask, generic, unroll, diagnostics)
+    if recurrence not in kernels.RECURRENCES:
+        raise ValueError(f"recurrence: expected one of {list(kernels.RECURRENCES)}, got {recurrence!r}")
+    lengths, weights = _host_checks(spec, xs, targets, weights, lengths, check_values)
+    if check_finite:
+        _check_finite(xs, h0, params)
+    return _bptt(params, xs, targets, weights, lengths, h0, output_mask, spec=spec, generic=generic, unroll=unroll,
+                 block_size=block_size, checkpoint_every=checkpoint_every, diagnostics=diagnostics,
+                 with_dxs=with_dxs, recurrence=recurrence)

@@ -1,7 +1,19 @@
-"""Validation of public inputs, before XLA sees them.
+"""Validation of public inputs.
 
-Every error names the argument, what was seen and what was expected. Checks of values (ranges,
-finiteness) run only on concrete arrays; under an outer ``jit`` only shapes and dtypes are checked.
+Every error names the argument, what was seen and what was expected.
+
+Shapes and dtypes are checked when a function is traced, so under ``jit`` (the public entry points
+are jitted themselves) they cost nothing after the first call with a given input signature.
+
+Values (class indices in [0, M), lengths in [0, T]) are a different matter: reading a device array
+back to the host waits for the device. The policy (``check_values``):
+- None (default): values are checked when the array already lives on the host (NumPy arrays,
+  lists), which costs no device round trip; ``jax.Array`` inputs are not read back.
+- True: every concrete array is read back and checked (one host sync per call).
+- False: no value checks on the host.
+Whatever the setting, the jitted computations also check the values in the graph
+(``value_flags``): out-of-range targets or lengths turn DIV and every gradient into NaN instead
+of a silently wrong number. Under an outer ``jit`` only that in-graph check applies.
 """
 
 from __future__ import annotations
@@ -20,6 +32,13 @@ Array = jax.Array
 def is_concrete(x) -> bool:
     """True when x holds values (not a tracer inside jit/vmap/grad)."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def readable(x, check_values: Optional[bool]) -> bool:
+    """Whether the value checks read x: see the module docstring for the policy."""
+    if check_values is False or not is_concrete(x):
+        return False
+    return bool(check_values) or not isinstance(x, jax.Array)
 
 
 def _shape(x):
@@ -45,8 +64,8 @@ def check_xs(spec: RNNSpec, xs) -> Array:
     return xs
 
 
-def check_lengths(lengths, t_len: int, batch: int) -> Optional[Array]:
-    """lengths must be None or integer [B] with values in [0, T]."""
+def check_lengths(lengths, t_len: int, batch: int, check_values: Optional[bool] = None) -> Optional[Array]:
+    """lengths must be None or integer [B] with values in [0, T] (values: see ``readable``)."""
     if lengths is None:
         return None
     if not hasattr(lengths, "dtype"):
@@ -55,7 +74,7 @@ def check_lengths(lengths, t_len: int, batch: int) -> Optional[Array]:
         raise TypeError(f"lengths: expected an integer dtype, got {lengths.dtype}")
     if _shape(lengths) != (batch,):
         raise ValueError(f"lengths: expected shape ({batch},) = [B], got {_shape(lengths)}")
-    if is_concrete(lengths):
+    if readable(lengths, check_values):
         arr = np.asarray(lengths)
         if arr.size and (arr.min() < 0 or arr.max() > t_len):
             raise ValueError(
@@ -98,14 +117,15 @@ def check_finite_tree(name: str, tree) -> None:
             raise ValueError(f"{name}{where}: holds NaN or inf (check_finite=True)")
 
 
-def check_inputs(params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool = False):
+def check_inputs(params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool = False,
+                 check_values: Optional[bool] = None):
     """Checks params, xs, h0 and lengths; returns (xs, h0 with zeros filled in, lengths)."""
     if not isinstance(spec, RNNSpec):
         raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
     check_params(params, spec)
     xs = check_xs(spec, xs)
     t_len, batch, _ = xs.shape
-    lengths = check_lengths(lengths, t_len, batch)
+    lengths = check_lengths(lengths, t_len, batch, check_values)
     h0 = check_h0(spec, h0, batch, xs.dtype)
     if check_finite:
         check_finite_tree("xs", xs)
@@ -114,7 +134,7 @@ def check_inputs(params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool =
     return xs, h0, lengths
 
 
-def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int):
+def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int, check_values: Optional[bool] = None):
     """Checks targets D and weights w against the divergence; returns them as arrays.
 
     cross_entropy: integer class indices [T, B] in [0, M) or probabilities [T, B, M];
@@ -129,7 +149,7 @@ def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int):
                 f"targets: expected integer class indices of shape ({t_len}, {batch}) = [T, B], "
                 f"got {_shape(targets)}"
             )
-        if is_concrete(targets):
+        if readable(targets, check_values):
             arr = np.asarray(targets)
             if arr.min() < 0 or arr.max() >= m:
                 raise ValueError(
@@ -164,3 +184,25 @@ def check_output_mask(spec: RNNSpec, mask, t_len: int, batch: int):
     if not jnp.issubdtype(mask.dtype, jnp.floating):
         raise TypeError(f"output_mask: expected a floating dtype, got {mask.dtype}")
     return mask
+
+
+def value_flags(spec: RNNSpec, targets: Array, lengths: Optional[Array], t_len: int) -> Array:
+    """In-graph: a scalar bool, True when integer targets leave [0, M) or lengths leave [0, T].
+
+    No host sync; the jitted computations turn their outputs into NaN where it is True.
+    """
+    bad = jnp.zeros((), bool)
+    if spec.divergence == "cross_entropy" and jnp.issubdtype(targets.dtype, jnp.integer):
+        bad = bad | jnp.any(targets < 0) | jnp.any(targets >= spec.output_size)
+    if lengths is not None:
+        bad = bad | jnp.any(lengths < 0) | jnp.any(lengths > t_len)
+    return bad
+
+
+def poison(bad: Array, tree):
+    """Every floating leaf of tree replaced by NaN where ``bad`` (a scalar bool) is True."""
+    def f(a):
+        if a is None or not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return jnp.where(bad, jnp.nan, a)
+    return jax.tree_util.tree_map(f, tree)

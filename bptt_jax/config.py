@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     max_nonfinite: int = 10
     unroll: int = 1
+    recurrence: str = "auto"
     devices: str = "1"
     coordinator_address: str = ""
     num_processes: int = 1
@@ -109,6 +110,7 @@ CHOICES = {
     ("optim", "schedule"): ("constant", "cosine", "warmup_cosine", "warmup_constant"),
     ("optim", "clip"): ("none", "global_norm", "value"),
     ("train", "grad"): ("bptt", "autodiff"),
+    ("train", "recurrence"): ("auto", "scan", "pallas"),
 }
 POSITIVE = {
     ("data", "seq_len"), ("data", "batch_size"), ("data", "adding_length"), ("data", "test_size"),

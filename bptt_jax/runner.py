@@ -174,7 +174,7 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
 def _make_step(cfg: Config, spec, optimizer, task):
     kwargs = dict(grad=cfg.train.grad, stateful=task.stateful, input_dropout=cfg.train.input_dropout,
                   output_dropout=cfg.train.output_dropout,
-                  seed=cfg.train.seed, unroll=cfg.train.unroll)
+                  seed=cfg.train.seed, unroll=cfg.train.unroll, recurrence=cfg.train.recurrence)
     if cfg.train.devices != "1":
         from bptt_jax import parallel
 

@@ -10,9 +10,10 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from bptt_jax import cell, checks
+from bptt_jax import cell, checks, kernels
 from bptt_jax.params import LayerParams, RNNParams, RNNSpec
 
 Array = jax.Array
@@ -45,6 +46,30 @@ def valid_mask(lengths: Optional[Array], t_len: int) -> Optional[Array]:
     return jnp.arange(t_len)[:, None] < lengths[None, :]
 
 
+def _unroll_whole(layer: LayerParams, activation: str, xs: Array, h0: Array, valid: Optional[Array],
+                  unroll: int, recurrence: str = "scan") -> Array:
+    us = xs @ layer.w1 + layer.b1  # [T, B, N1], one matmul for all t
+    if recurrence == "pallas":
+        return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
+
+    def body(h_tm1, inp):
+        u_t, valid_t = inp
+        h_t = cell.recur(layer.w11, activation, h_tm1, u_t)
+        if valid_t is not None:
+            h_t = jnp.where(valid_t[:, None], h_t, h_tm1)
+        return h_t, h_t
+
+    _, hs = lax.scan(body, h0, (us, valid), unroll=unroll)
+    return hs
+
+
+def pad_time(a: Optional[Array], pad: int, value=0) -> Optional[Array]:
+    """Appends ``pad`` steps filled with ``value`` along axis 0 (time); None stays None."""
+    if a is None or pad == 0:
+        return a
+    return jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], value, a.dtype)], axis=0)
+
+
 def unroll_layer(
     layer: LayerParams,
     activation: str,
@@ -53,6 +78,8 @@ def unroll_layer(
     valid: Optional[Array] = None,
     *,
     unroll: int = 1,
+    block_size: Optional[int] = None,
+    recurrence: str = "scan",
 ) -> Array:
     """Runs one layer (one direction) over time, with the input projection hoisted out of the scan.
 
@@ -64,6 +91,10 @@ def unroll_layer(
             h = h_new if valid is None else where(valid[t], h_new, h)   # padding holds the state
             hs[t] = h
 
+    With ``block_size=C < T`` the time axis is cut into blocks of C steps: an outer scan over the
+    blocks forms the projection X(t) W1 + b1 for the block's C steps only ([C, B, N1] instead of
+    [T, B, N1]) and runs the inner scan over them. The result is the same loop.
+
     Args:
       layer: the layer's W1 [N, N1], W11 [N1, N1], b1 [N1].
       activation: f1's name.
@@ -71,21 +102,31 @@ def unroll_layer(
       h0: [B, N1] h(-1).
       valid: [T, B] booleans, or None when every step is valid.
       unroll: steps per scan iteration (``lax.scan``'s unroll).
+      block_size: C, steps per block; None (or >= T) projects all T steps at once.
+      recurrence: "scan" (``lax.scan``) or "pallas" (``kernels.forward_recurrence``), resolved.
 
     Returns:
       [T, B, N1] h(t) for every t; hs[T-1] is the state at the last valid step.
     """
-    us = xs @ layer.w1 + layer.b1  # [T, B, N1], one matmul for all t
+    t_len = xs.shape[0]
+    if block_size is None or block_size >= t_len:
+        return _unroll_whole(layer, activation, xs, h0, valid, unroll, recurrence)
+    c = block_size
+    n_blocks = -(-t_len // c)
+    pad = n_blocks * c - t_len
+    if pad and valid is None:
+        valid = jnp.ones(xs.shape[:2], bool)
+    xs_b = pad_time(xs, pad).reshape((n_blocks, c) + xs.shape[1:])  # [nb, C, B, N]
+    valid_b = None if valid is None else pad_time(valid, pad, False).reshape((n_blocks, c) + valid.shape[1:])
 
-    def body(h_tm1, inp):
-        u_t, valid_t = inp
-        h_t = cell.recur(layer.w11, activation, h_tm1, u_t)
-        if valid_t is not None:
-            h_t = jnp.where(valid_t[:, None], h_t, h_tm1)
-        return h_t, h_t
+    def block(h_in, inp):
+        x_blk, valid_blk = inp
+        hs_blk = _unroll_whole(layer, activation, x_blk, h_in, valid_blk, unroll, recurrence)  # [C, B, N1]
+        return hs_blk[-1], hs_blk
 
-    _, hs = lax.scan(body, h0, (us, valid), unroll=unroll)
-    return hs
+    _, hs = lax.scan(block, h0, (xs_b, valid_b))  # [nb, C, B, N1]
+    hs = hs.reshape((n_blocks * c,) + hs.shape[2:])
+    return hs if pad == 0 else hs[:t_len]
 
 
 class LayerTrace(NamedTuple):
@@ -113,6 +154,8 @@ def run_stack(
     lengths: Optional[Array],
     *,
     unroll: int = 1,
+    block_size: Optional[int] = None,
+    recurrence: str = "scan",
 ) -> tuple[LayerTrace, ...]:
     """Runs every layer bottom to top; layer k reads the merged states of layer k-1.
 
@@ -121,6 +164,8 @@ def run_stack(
 
     Args:
       h0: L*D entries [B, N1] in the order layer * D + direction.
+      block_size: C for ``unroll_layer`` (input projections per block of C steps); None: all T.
+      recurrence: "scan" or "pallas" (already resolved by ``kernels.resolve``).
 
     Returns:
       One ``LayerTrace`` per layer.
@@ -130,7 +175,8 @@ def run_stack(
     traces = []
     inputs = xs
     for k in range(spec.num_layers):  # a loop over layers, not time
-        hs_f = unroll_layer(params.layers[k], spec.activation, inputs, h0[k * d], valid, unroll=unroll)
+        hs_f = unroll_layer(params.layers[k], spec.activation, inputs, h0[k * d], valid, unroll=unroll,
+                            block_size=block_size, recurrence=recurrence)
         states = (hs_f,)
         hs_r_input_time = None
         if spec.bidirectional:
@@ -141,6 +187,8 @@ def run_stack(
                 h0[k * d + 1],
                 valid,
                 unroll=unroll,
+                block_size=block_size,
+                recurrence=recurrence,
             )
             states = (hs_f, hs_r)
             hs_r_input_time = reverse_padded(hs_r, lengths)
@@ -164,11 +212,13 @@ class ForwardOutput(NamedTuple):
     z2s: Array  # [T, B, M] output pre-activations Z2(t)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "unroll"))
-def _forward(params, spec, xs, h0, lengths, unroll):
+@functools.partial(jax.jit, static_argnames=("spec", "unroll", "recurrence"))
+def _forward(params, spec, xs, h0, lengths, unroll, recurrence="auto"):
     from bptt_jax import activations  # local: keeps the import graph of the design table
 
-    traces = run_stack(params, spec, xs, h0, lengths, unroll=unroll)
+    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)  # shapes: once per signature
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    traces = run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=rec)
     top = traces[-1].merged
     z2s = top @ params.readout.w2 + params.readout.b2  # [T, B, M]
     ys = activations.output(spec.output_activation, z2s)
@@ -188,6 +238,8 @@ def forward(
     h0: Optional[tuple[Array, ...]] = None,
     lengths: Optional[Array] = None,
     unroll: int = 1,
+    recurrence: str = "auto",
+    check_values: Optional[bool] = None,
     check_finite: bool = False,
 ) -> ForwardOutput:
     """Runs the network over a batch of sequences.
@@ -201,10 +253,24 @@ def forward(
       lengths: [B] integer valid steps per sequence, in [0, T]; steps t >= lengths[b] hold the
         state. None means every step is valid.
       unroll: scan steps per loop iteration.
+      recurrence: "scan" (``lax.scan``), "pallas" (the fused kernels of ``bptt_jax.kernels``; interpret
+        mode on a CPU) or "auto" (the kernels on a GPU where they apply, else the scans).
+      check_values: range checks of lengths (see ``bptt_jax.checks``): None reads host arrays only.
       check_finite: raise ValueError if xs, h0 or params hold NaN or inf (needs concrete values).
 
     Returns:
       ``ForwardOutput(ys [T, B, M], hs, h_last, z2s [T, B, M])``.
     """
-    xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths, check_finite=check_finite)
-    return _forward(params, spec, xs, h0, lengths, unroll)
+    if not isinstance(spec, RNNSpec):
+        raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
+    if lengths is not None and not hasattr(lengths, "dtype"):
+        lengths = np.asarray(lengths)
+    shape = getattr(xs, "shape", None)
+    if lengths is not None and shape is not None and len(shape) == 3 and checks.readable(lengths, check_values):
+        lengths = checks.check_lengths(lengths, shape[0], shape[1], check_values)
+    if check_finite:
+        checks.check_finite_tree("xs", xs)
+        checks.check_finite_tree("params", params)
+        if h0 is not None:
+            checks.check_finite_tree("h0", h0)
+    return _forward(params, spec, xs, h0, lengths, unroll, recurrence)

@@ -103,7 +103,7 @@ def _tree_where(pred, new, old):
 
 def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad: str = "bptt", *,
                     stateful: bool = False, input_dropout: float = 0.0, output_dropout: float = 0.0,
-                    seed: int = 0, unroll: int = 1,
+                    seed: int = 0, unroll: int = 1, recurrence: str = "auto",
                     axis_name=None, jit: bool = True):
     """The pure train step ``(state, batch) -> (state, metrics)``, jitted once.
 
@@ -117,6 +117,7 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
       output_dropout: the same for the top layer's merged states before the readout (the BPTT
         takes the mask as ``output_mask``).
       unroll: scan steps per loop iteration.
+      recurrence: "scan", "pallas" or "auto" (the fused kernels on a GPU where they apply), as ``bptt``.
       axis_name: when the step runs per shard (``parallel.make_sharded_train_step``), the mesh
         axis over which loss, gradients and dh_norms are averaged (``lax.pmean``) before the
         update; every shard then applies the same update. None on one device.
@@ -150,12 +151,12 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
             h0 = tuple(jnp.zeros_like(h) for h in state.carry)
         if grad == "bptt":
             value, grads, aux = bptt(state.params, spec, xs, batch.targets, weights=batch.weights, h0=h0,
-                                     output_mask=output_mask, unroll=unroll)
+                                     output_mask=output_mask, unroll=unroll, recurrence=recurrence)
             dh_norms, h_last = aux.dh_norms, aux.h_last
         else:
             (value, h_last), grads = jax.value_and_grad(
                 lambda p: loss_and_state(p, spec, xs, batch.targets, weights=batch.weights, h0=h0,
-                                         output_mask=output_mask, unroll=unroll), has_aux=True
+                                         output_mask=output_mask, unroll=unroll, recurrence=recurrence), has_aux=True
             )(state.params)
             dh_norms = jnp.full((xs.shape[0], len(h0)), jnp.nan, xs.dtype)
         if axis_name is not None:  # mean over shards = the global batch mean

@@ -16,28 +16,32 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.bptt import stack_backward
-from bptt_jax import checks, scan
+from bptt_jax.bptt import auto_block_size, stack_backward
+from bptt_jax import checks, kernels, scan
 from bptt_jax.params import RNNParams, RNNSpec
 
 Array = jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _states(spec, unroll, params, xs, h0, lengths):
-    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _states(spec, unroll, recurrence, params, xs, h0, lengths):
+    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence)
     return traces[-1].merged
 
 
-def _states_fwd(spec, unroll, params, xs, h0, lengths):
-    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll)
+def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
+    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence)
     return traces[-1].merged, (params, h0, lengths, traces)
 
 
-def _states_bwd(spec, unroll, residuals, ct):
+def _states_bwd(spec, unroll, recurrence, residuals, ct):
     params, h0, lengths, traces = residuals
+    t_len, batch = ct.shape[:2]
+    c = auto_block_size(t_len, batch, max(max(spec.hidden_sizes), ct.shape[-1]))
     g_layers, g_reverse, dxs, dh0, _ = stack_backward(
-        params, spec, traces, h0, lengths, ct, with_norms=False, unroll=unroll
+        params, spec, traces, h0, lengths, ct, with_norms=False, unroll=unroll,
+        block_size=None if recurrence == "pallas" or t_len % c else c,  # residual states are not padded
+        recurrence=recurrence,
     )
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
     return RNNParams(g_layers, g_reverse, g_readout), dxs, dh0, None  # lengths: integer, no cotangent
@@ -54,6 +58,7 @@ def rnn_states(
     h0: Optional[tuple[Array, ...]] = None,
     lengths: Optional[Array] = None,
     unroll: int = 1,
+    recurrence: str = "auto",
 ) -> Array:
     """The top layer's merged states, differentiable (once) through the explicit BPTT.
 
@@ -62,10 +67,12 @@ def rnn_states(
       xs: [T, B, N] inputs.
       h0: L*D entries [B, N1], zeros when None.
       lengths: [B] valid steps per sequence; padded steps hold the state.
+      recurrence: "scan", "pallas" or "auto", as ``bptt_jax.loss``.
 
     Returns:
       [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net).
       Works under jit, vmap and inside lax.scan.
     """
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
-    return _states(spec, unroll, params, xs, h0, lengths)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    return _states(spec, unroll, rec, params, xs, h0, lengths)

@@ -67,6 +67,22 @@ def loop_forward(params, spec, xs, h0, lengths=None):
     return activations.output(spec.output_activation, z2s), all_hs
 
 
+# Block sizes for the blocked BPTT, by kind (resolved against T by ``block_size``).
+BLOCKS = st.sampled_from(("1", "T", "nondivisor", "auto"))
+
+
+def block_size(kind, t_len: int):
+    """C for a kind from BLOCKS: 1, T, one that does not divide T (T+1 if every C < T divides it:
+    it is then capped at T), or None (automatic)."""
+    if kind is None or kind == "auto":
+        return None
+    if kind == "1":
+        return 1
+    if kind == "T":
+        return t_len
+    return next((c for c in range(2, t_len) if t_len % c), t_len + 1)
+
+
 @dataclasses.dataclass
 class Problem:
     spec: RNNSpec

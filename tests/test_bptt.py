@@ -35,11 +35,13 @@ def _autodiff(p: ref.Problem):
 
 class BPTTEqualsAutodiffTest(chex.TestCase):
 
-    def _check(self, p: ref.Problem, dtype, generic=False):
+    def _check(self, p: ref.Problem, dtype, generic=False, block=None):
         p = ref.cast(p, dtype)
+        c = ref.block_size(block, p.xs.shape[0])
         run = self.variant(
             lambda params, xs, targets, weights, lengths, h0: bj.bptt(
-                params, p.spec, xs, targets, weights=weights, lengths=lengths, h0=h0, generic=generic)
+                params, p.spec, xs, targets, weights=weights, lengths=lengths, h0=h0, generic=generic,
+                block_size=c, with_dxs=True)
         )
         value, grads, aux = run(p.params, p.xs, p.targets, p.weights, p.lengths, p.h0)
         want_value, want_g, want_dh0, want_dxs = _autodiff(p)
@@ -53,30 +55,30 @@ class BPTTEqualsAutodiffTest(chex.TestCase):
         )
         key = "float64" if dtype == jnp.float64 else "float32"
         MEASURED[key] = max(MEASURED[key], err)
-        self.assertLess(err, TOL[dtype], msg=f"spec={p.spec} T,B={p.xs.shape[:2]} lengths={p.lengths}")
+        self.assertLess(err, TOL[dtype], msg=f"spec={p.spec} T,B={p.xs.shape[:2]} lengths={p.lengths} C={c}")
         self.assertEqual(aux.dh_norms.shape, (p.xs.shape[0], p.spec.num_layers * p.spec.num_directions))
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=False))
-    def test_unidirectional_float64(self, problem):
+    @given(problem=ref.problems(bidirectional=False), block=ref.BLOCKS)
+    def test_unidirectional_float64(self, problem, block):
         with jax.enable_x64(True):
-            self._check(problem, jnp.float64)
+            self._check(problem, jnp.float64, block=block)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=False))
-    def test_unidirectional_float32(self, problem):
-        self._check(problem, jnp.float32)
+    @given(problem=ref.problems(bidirectional=False), block=ref.BLOCKS)
+    def test_unidirectional_float32(self, problem, block):
+        self._check(problem, jnp.float32, block=block)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=True, lengths=True))
-    def test_bidirectional_with_lengths_float64(self, problem):
+    @given(problem=ref.problems(bidirectional=True, lengths=True), block=ref.BLOCKS)
+    def test_bidirectional_with_lengths_float64(self, problem, block):
         with jax.enable_x64(True):
-            self._check(problem, jnp.float64)
+            self._check(problem, jnp.float64, block=block)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=True))
-    def test_bidirectional_float32(self, problem):
-        self._check(problem, jnp.float32)
+    @given(problem=ref.problems(bidirectional=True), block=ref.BLOCKS)
+    def test_bidirectional_float32(self, problem, block):
+        self._check(problem, jnp.float32, block=block)
 
     @chex.variants(without_jit=True)
     @given(problem=ref.problems())
@@ -96,7 +98,8 @@ def test_finite_differences_float64(bidirectional, activation):
     with jax.enable_x64(True):
         spec = bj.RNNSpec(2, (3, 2), 3, activation=activation, bidirectional=bidirectional)
         p = ref.cast(ref.make_problem(spec, 4, 2, seed=7, use_lengths=True, use_h0=True), jnp.float64)
-        _, grads, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0)
+        _, grads, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0, block_size=3,
+                                with_dxs=True)
         f = lambda params, xs: bj.loss(params, spec, xs, p.targets, lengths=p.lengths, h0=p.h0)
         flat, unravel = ravel_pytree((p.params, p.xs))
         g_flat, _ = ravel_pytree((grads, aux.dxs))
@@ -118,12 +121,13 @@ def test_padded_batch_equals_sequences_alone(bidirectional, merge):
         # Garbage in the padding must not matter.
         pad = jnp.arange(7)[:, None, None] >= lengths[None, :, None]
         xs = jnp.where(pad, 1e3, p.xs)
-        value, grads, aux = bj.bptt(p.params, spec, xs, p.targets, lengths=lengths, h0=p.h0)
+        value, grads, aux = bj.bptt(p.params, spec, xs, p.targets, lengths=lengths, h0=p.h0, block_size=2,
+                                    with_dxs=True)
         total_v, total_g = 0.0, jax.tree_util.tree_map(jnp.zeros_like, p.params)
         for b in range(3):
             n = int(lengths[b])
             h0_b = tuple(h[b : b + 1] for h in p.h0)
-            v, g, a = bj.bptt(p.params, spec, xs[:n, b : b + 1], p.targets[:n, b : b + 1], h0=h0_b)
+            v, g, a = bj.bptt(p.params, spec, xs[:n, b : b + 1], p.targets[:n, b : b + 1], h0=h0_b, with_dxs=True)
             total_v += v / 3  # loss is a batch mean
             total_g = jax.tree_util.tree_map(lambda s, x: s + x / 3, total_g, g)
             np.testing.assert_allclose(aux.dxs[:n, b], a.dxs[:, 0] / 3, rtol=1e-10, atol=1e-14)
@@ -155,11 +159,12 @@ def test_many_to_one_weights():
     np.testing.assert_allclose(value, want / 2, rtol=1e-6)
 
 
-def test_dh_norms_is_the_norm_of_dh_t():
+@pytest.mark.parametrize("block_size", [None, 1, 2, 5])
+def test_dh_norms_is_the_norm_of_dh_t(block_size):
     """dh_norms[t] = mean_b ||dDIV/dh(t)||, checked against jax.grad w.r.t. an additive probe on h(t)."""
     spec = bj.RNNSpec(2, (3,), 2)
     p = ref.make_problem(spec, 5, 2, seed=5)
-    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets)
+    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets, block_size=block_size)
     layer = p.params.layers[0]
 
     def loss_with_probe(eps):  # eps: [T, B, N1] added to h(t) after the cell
@@ -181,11 +186,13 @@ class OutputMaskTest(chex.TestCase):
 
     def _check(self, problem, seed, dtype, tol):
         p = ref.cast(problem, dtype)
+        c = ref.block_size(("1", "T", "nondivisor", "auto")[seed % 4], p.xs.shape[0])
         n_top = p.spec.merged_size(p.spec.num_layers - 1)
         rng = np.random.RandomState(seed)
         mask = jnp.asarray(rng.rand(*p.xs.shape[:2], n_top) < 0.7, dtype) / 0.7
         kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0, output_mask=mask)
-        value, grads, aux = self.variant(lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, **kw))(p.params, p.xs)
+        value, grads, aux = self.variant(lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, block_size=c,
+                                                                    with_dxs=True, **kw))(p.params, p.xs)
         f = lambda params, xs: bj.loss(params, p.spec, xs, p.targets, **kw)
         want_v, (want_g, want_dxs) = jax.value_and_grad(f, argnums=(0, 1))(p.params, p.xs)
         self.assertLess(ref.max_rel_err((value, grads, aux.dxs), (want_v, want_g, want_dxs)), tol)

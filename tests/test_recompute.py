@@ -13,26 +13,27 @@ from tests import reference as ref
 
 class SegmentsTest(chex.TestCase):
 
-    def _check(self, problem, every, dtype, tol):
+    def _check(self, problem, every, dtype, tol, block=None):
         p = ref.cast(problem, dtype)
         kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
-        seg = self.variant(lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, checkpoint_every=every, **kw))(
-            p.params, p.xs)
+        c = ref.block_size(block, p.xs.shape[0])
+        seg = self.variant(lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, checkpoint_every=every,
+                                                      block_size=c, **kw))(p.params, p.xs)
         plain = bj.bptt(p.params, p.spec, p.xs, p.targets, **kw)
         self.assertLess(ref.max_rel_err(seg, plain), tol)
         value, auto = jax.value_and_grad(lambda q: bj.loss(q, p.spec, p.xs, p.targets, **kw))(p.params)
         self.assertLess(ref.max_rel_err((seg[0], seg[1]), (value, auto)), tol)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=False, max_t=9), every=st.integers(1, 10))
-    def test_segments_equal_plain_bptt_and_autodiff_float64(self, problem, every):
+    @given(problem=ref.problems(bidirectional=False, max_t=9), every=st.integers(1, 10), block=ref.BLOCKS)
+    def test_segments_equal_plain_bptt_and_autodiff_float64(self, problem, every, block):
         with jax.enable_x64(True):
-            self._check(problem, every, jnp.float64, 1e-10)
+            self._check(problem, every, jnp.float64, 1e-10, block)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=False, max_t=9), every=st.integers(1, 10))
-    def test_segments_equal_plain_bptt_and_autodiff_float32(self, problem, every):
-        self._check(problem, every, jnp.float32, 1e-5)
+    @given(problem=ref.problems(bidirectional=False, max_t=9), every=st.integers(1, 10), block=ref.BLOCKS)
+    def test_segments_equal_plain_bptt_and_autodiff_float32(self, problem, every, block):
+        self._check(problem, every, jnp.float32, 1e-5, block)
 
 
 def test_diagnostics_off_gives_same_gradients():

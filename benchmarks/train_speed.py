@@ -1,0 +1,190 @@
+"""Training steps per second of the main job's model: bptt-jax's train step against PyTorch.
+
+    python benchmarks/train_speed.py [--steps S] [--rounds R] [--quick] [--out FILE] [--threads K]
+
+The model of ``configs/char_lm.toml`` (2 x 256 tanh, T = 64, B = 32, Adam, global-norm clipping 1,
+state carried across chunks) is trained by
+  (a) bptt-jax's jitted train step with grad = "bptt" (the explicit BPTT),
+  (b) the same step with grad = "autodiff" (jax.value_and_grad of the loss),
+  (c) an equivalent PyTorch loop: nn.RNN + Linear + torch.optim.Adam + clip_grad_norm_, threads =
+      cores, eager and under torch.compile (skipped with a note where compilation fails).
+All start from the same initial weights (exported with ``interop.to_torch_state_dict``) and read the
+same batches. Like for like: output dropout is off and the learning rate constant (the config's
+peak rate) for every contender, since PyTorch would draw other dropout masks. All contenders run in
+ONE process: after a warm-up (compilation), each round runs ``steps / rounds`` steps of every
+contender in turn (order rotated); steps/s is the median over rounds, and the training loss after
+the same number of steps is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bptt_jax import config, runner, train  # noqa: E402
+from bptt_jax.interop import to_torch_state_dict  # noqa: E402
+
+
+def jax_contender(cfg, grad):
+    task, spec, optimizer = runner.build(cfg)
+    step = train.make_train_step(spec, optimizer, grad=grad, stateful=True, seed=cfg.train.seed)
+    state = runner.initial_state(cfg, spec, optimizer)
+    box = {"state": state, "loss": float("nan")}
+
+    def run(batches):
+        s = box["state"]
+        for b in batches:
+            s, metrics = step(s, b)
+        box["loss"] = metrics.loss
+        jax.block_until_ready(s.params)
+        box["state"] = s
+
+    return run, lambda: float(box["loss"]), state.params, spec
+
+
+def torch_contender(cfg, params, spec, threads, compiled):
+    try:
+        import torch
+    except Exception:
+        return None
+    torch.set_num_threads(threads)
+    n1 = spec.hidden_sizes
+    model = torch.nn.ModuleDict({
+        "rnn": torch.nn.RNN(spec.input_size, n1[0], num_layers=len(n1), nonlinearity="tanh"),
+        "readout": torch.nn.Linear(n1[-1], spec.output_size)})
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in to_torch_state_dict(params, spec).items()})
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.learning_rate, eps=cfg.optim.eps)
+    clip = cfg.optim.clip_value
+
+    def loss_fn(x, d, h0):
+        out, h_last = model["rnn"](x, h0)
+        z2 = model["readout"](out)
+        t, b = d.shape
+        return torch.nn.functional.cross_entropy(z2.reshape(t * b, -1), d.reshape(-1), reduction="sum") / b, h_last
+
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+    box = {"h": torch.zeros(len(n1), cfg.data.batch_size, n1[0]), "loss": float("nan")}
+
+    def one(b):
+        x = torch.from_numpy(np.asarray(b.xs, np.float32))
+        d = torch.from_numpy(np.asarray(b.targets)).long()
+        reset = torch.from_numpy(np.asarray(b.reset))
+        h0 = torch.where(reset[None, :, None], torch.zeros_like(box["h"]), box["h"])
+        opt.zero_grad(set_to_none=True)
+        loss, h_last = loss_fn(x, d, h0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        box["h"] = h_last.detach()
+        return loss
+
+    def run(batches):
+        for b in batches:
+            loss = one(b)
+        box["loss"] = float(loss)
+
+    if compiled:
+        try:
+            snapshot = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict())
+            one(BATCHES_FOR_COMPILE[0])  # compile now; then restore, so every contender starts equal
+            model.load_state_dict(snapshot[0])
+            opt.load_state_dict(snapshot[1])
+            opt.state.clear()
+            box["h"] = torch.zeros_like(box["h"])
+        except Exception as e:  # no compiler toolchain, unsupported op, ...
+            print(f"torch.compile unavailable, contender skipped: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+    return run, lambda: box["loss"]
+
+
+BATCHES_FOR_COMPILE: list = []
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per contender (default 300; quick 6)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds the timed steps are cut into (default 6; quick 2)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    ap.add_argument("--quick", action="store_true", help="a tiny model and few steps (smoke test)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
+    ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    ap.add_argument("--out", help="also write the markdown report here")
+    args = ap.parse_args(argv)
+    steps = args.steps or (6 if args.quick else 300)
+    rounds = args.rounds or (2 if args.quick else 6)
+    per_round = max(1, steps // rounds)
+    overrides = ["train.output_dropout=0.0", 'optim.schedule="constant"']
+    if args.quick:
+        overrides += ["model.hidden_sizes=[8, 8]", "data.seq_len=8", "data.batch_size=4"]
+    cfg = config.load_config(ROOT / "configs" / "char_lm.toml", overrides)
+    task, spec, _ = runner.build(cfg)
+    total = args.warmup + per_round * rounds
+    batches = [task.train_batch(i) for i in range(total)]
+    BATCHES_FOR_COMPILE[:] = batches[:1]
+
+    runners, losses = {}, {}
+    run, loss, params0, spec = jax_contender(cfg, "bptt")
+    runners['bptt-jax, grad = "bptt"'], losses['bptt-jax, grad = "bptt"'] = run, loss
+    run, loss, _, _ = jax_contender(cfg, "autodiff")
+    runners['bptt-jax, grad = "autodiff"'], losses['bptt-jax, grad = "autodiff"'] = run, loss
+    notes = []
+    if not args.no_torch:
+        for compiled, name in ((False, "PyTorch eager"), (True, "PyTorch torch.compile")):
+            tc = torch_contender(cfg, params0, spec, args.threads, compiled)
+            if tc is None:
+                notes.append(f"{name}: unavailable (torch missing or compilation failed), not run")
+                continue
+            runners[name], losses[name] = tc
+
+    names = list(runners)
+    for name in names:  # warm-up: compilation, the same first batches for everyone
+        runners[name](batches[: args.warmup])
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        chunk = batches[args.warmup + r * per_round: args.warmup + (r + 1) * per_round]
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            runners[name](chunk)
+            times[name].append(time.perf_counter() - t0)
+    sps = {name: per_round / statistics.median(v) for name, v in times.items()}
+    ref = sps['bptt-jax, grad = "bptt"']
+    lines = [
+        f"# Training speed, the main job's model ({datetime.date.today().isoformat()})", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}"
+        + (f", torch {__import__('torch').__version__}" if any("PyTorch" in n for n in names) else "")
+        + f"; command: `python benchmarks/train_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
+        f"Model: {spec.hidden_sizes} {spec.activation}, N = M = {spec.input_size}, T = {cfg.data.seq_len}, "
+        f"B = {cfg.data.batch_size}, Adam {cfg.optim.learning_rate} (constant), global-norm clip "
+        f"{cfg.optim.clip_value}, carried state, no dropout; {args.warmup} warm-up steps, then {rounds} rounds "
+        f"of {per_round} steps per contender, round-robin; steps/s = median over rounds.", "",
+        "| contender | steps/s | bptt's speed-up over it | training loss after "
+        f"{args.warmup + per_round * rounds} steps |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(names, key=lambda n: -sps[n]):
+        lines.append(f"| {name} | {sps[name]:.1f} | {ref / sps[name]:.2f}x | {losses[name]():.4f} |")
+    lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    main()
