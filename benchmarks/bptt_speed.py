@@ -4,7 +4,8 @@
 
 One unit of work: forward + loss + gradients of all parameters, jitted, block_until_ready, float32;
 one tanh layer; softmax + cross-entropy summed over t and averaged over the batch. All contenders run
-in ONE process, interleaved round-robin after a warm-up; medians of the timed rounds are reported.
+in ONE process, each round in a fresh random order after a warm-up; medians of the timed rounds are
+reported.
 Only ratios measured side by side mean anything on a shared machine.
 """
 
@@ -14,6 +15,7 @@ import argparse
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -25,14 +27,21 @@ import numpy as np
 import bptt_jax as bj
 from bptt_jax.interop import to_torch_state_dict
 
-SHAPES = [(50, 1, 32, 64, 32), (100, 32, 64, 128, 64), (200, 64, 128, 256, 128),
-          (1000, 16, 64, 128, 64), (100, 128, 512, 1024, 512)]
+SHAPES = [
+    (50, 1, 32, 64, 32),
+    (100, 32, 64, 128, 64),
+    (200, 64, 128, 256, 128),
+    (1000, 16, 64, 128, 64),
+    (100, 128, 512, 1024, 512),
+]
 LONG = [(1000, 16, 64, 128, 64), (10000, 16, 64, 128, 64)]
 QUICK_SHAPES = [(8, 2, 4, 8, 4), (12, 3, 5, 6, 7)]
+GPU_EXTRA_SHAPES = [(1000, 1, 32, 64, 32), (1000, 64, 128, 256, 128)]  # issue 10's GPU table adds these
 QUICK_LONG = [(40, 2, 4, 8, 4)]
 
 
 # ----------------------------------------------------------------------------- contenders (JAX)
+
 
 def _ce(z2s, targets):
     logp = jax.nn.log_softmax(z2s, -1)
@@ -71,9 +80,11 @@ def hoisted_loss(params, xs, targets, unroll):
     return _ce(hs @ ro.w2 + ro.b2, targets)
 
 
-def jax_contenders(spec):
+def jax_contenders(spec, kernels=False):
     """Jitted by ``compile_jax``. "bptt" is the default call exactly as the README calls it, inside an
-    outer ``jax.jit``; the same call made directly (no outer jit) is timed as "bptt (direct call)"."""
+    outer ``jax.jit``; the same call made directly (no outer jit) is timed as "bptt (direct call)".
+    With ``kernels``: the scans and the Pallas kernels forced, side by side (on a GPU "auto" picks the
+    kernels where they apply; on a CPU "pallas" is interpret mode, for smoke tests only)."""
     c = {
         "bptt": lambda p, x, d: bj.bptt(p, spec, x, d),
         "grad(loss)": jax.value_and_grad(lambda p, x, d: bj.loss(p, spec, x, d)),
@@ -81,6 +92,9 @@ def jax_contenders(spec):
     }
     for u in (1, 4, 8):
         c[f"grad(hoisted, unroll={u})"] = jax.value_and_grad(lambda p, x, d, u=u: hoisted_loss(p, x, d, u))
+    if kernels:
+        c["bptt recurrence=scan"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="scan")
+        c["bptt recurrence=pallas"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="pallas")
     return c
 
 
@@ -103,9 +117,12 @@ def flax_contender(spec):
 
     def to_flax(p):  # map our params onto flax's SimpleCell (i: input kernel+bias, h: recurrent kernel)
         layer, ro = p.layers[0], p.readout
-        return {"params": {
-            "SimpleCell_0": {"i": {"kernel": layer.w1, "bias": layer.b1}, "h": {"kernel": layer.w11}},
-            "Dense_0": {"kernel": ro.w2, "bias": ro.b2}}}
+        return {
+            "params": {
+                "SimpleCell_0": {"i": {"kernel": layer.w1, "bias": layer.b1}, "h": {"kernel": layer.w11}},
+                "Dense_0": {"kernel": ro.w2, "bias": ro.b2},
+            }
+        }
 
     def loss(fp, xs, targets):
         z2 = model.apply(fp, jnp.swapaxes(xs, 0, 1))
@@ -113,13 +130,17 @@ def flax_contender(spec):
 
     def from_flax(g):
         c, dense = g["params"]["SimpleCell_0"], g["params"]["Dense_0"]
-        return bj.RNNParams((bj.LayerParams(c["i"]["kernel"], c["h"]["kernel"], c["i"]["bias"]),), (),
-                            bj.ReadoutParams(dense["kernel"], dense["bias"]))
+        return bj.RNNParams(
+            (bj.LayerParams(c["i"]["kernel"], c["h"]["kernel"], c["i"]["bias"]),),
+            (),
+            bj.ReadoutParams(dense["kernel"], dense["bias"]),
+        )
 
     return jax.value_and_grad(loss), to_flax, from_flax
 
 
 # ----------------------------------------------------------------------------- PyTorch
+
 
 def torch_contender(spec, params, xs, targets, threads, compiled=False):
     """nn.RNN + Linear, eager or under ``torch.compile`` (None when torch, or compilation, is unavailable)."""
@@ -129,11 +150,18 @@ def torch_contender(spec, params, xs, targets, threads, compiled=False):
         return None
     torch.set_num_threads(threads)
     n1 = spec.hidden_sizes[0]
-    model = torch.nn.ModuleDict({"rnn": torch.nn.RNN(spec.input_size, n1, nonlinearity="tanh"),
-                                 "readout": torch.nn.Linear(n1, spec.output_size)})
+    model = torch.nn.ModuleDict(
+        {
+            "rnn": torch.nn.RNN(spec.input_size, n1, nonlinearity="tanh"),
+            "readout": torch.nn.Linear(n1, spec.output_size),
+        }
+    )
     model.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_state_dict(params, spec).items()})
-    x = torch.from_numpy(np.asarray(xs))
-    d = torch.from_numpy(np.asarray(targets)).long()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine: nn.RNN runs cuDNN
+    model = model.to(dev)
+    x = torch.from_numpy(np.asarray(xs)).to(dev)
+    d = torch.from_numpy(np.asarray(targets)).long().to(dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     t, b = d.shape
 
     def loss_fn(x, d):
@@ -154,19 +182,24 @@ def torch_contender(spec, params, xs, targets, threads, compiled=False):
             p.grad = None
         loss = loss_fn(x, d)
         loss.backward()
+        sync()
         return loss
 
     def grads():
         run()
-        g = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+        g = {k: p.grad.cpu().numpy().copy() for k, p in model.named_parameters()}
         w1 = g["rnn.weight_ih_l0"].T
-        return bj.RNNParams((bj.LayerParams(w1, g["rnn.weight_hh_l0"].T, g["rnn.bias_ih_l0"]),), (),
-                            bj.ReadoutParams(g["readout.weight"].T, g["readout.bias"]))
+        return bj.RNNParams(
+            (bj.LayerParams(w1, g["rnn.weight_hh_l0"].T, g["rnn.bias_ih_l0"]),),
+            (),
+            bj.ReadoutParams(g["readout.weight"].T, g["readout.bias"]),
+        )
 
     return run, grads
 
 
 # ----------------------------------------------------------------------------- measuring
+
 
 def max_rel_err(a, b) -> float:
     worst = 0.0
@@ -207,14 +240,19 @@ def pass_flops(t, b, n, n1, m) -> float:
 
 
 def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
-    """Median seconds per contender; each round runs every contender once, order rotated."""
+    """Median seconds per contender. Each round runs every contender once, in a fresh random order
+    (seeded): a fixed cyclic order would always put the same contender right after PyTorch, whose
+    OpenMP threads keep spinning for a while after a call. (A sleep before each call was tried and
+    dropped: it measures wake-up from idle, inflating small shapes several times.)"""
     names = list(runners)
     for _ in range(warmup):
         for name in names:
             runners[name]()
+    rng = random.Random(0)
     times = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+    for _ in range(rounds):
+        order = names[:]
+        rng.shuffle(order)
         for name in order:
             t0 = time.perf_counter()
             runners[name]()
@@ -226,7 +264,7 @@ def _block(out):
     jax.tree_util.tree_map(lambda a: a.block_until_ready(), out)
 
 
-def bench_shape(shape, rounds, threads, flops_per_s):
+def bench_shape(shape, rounds, threads, flops_per_s, kernels=False):
     t, b, n, n1, m = shape
     spec = bj.RNNSpec(n, (n1,), m)
     key = jax.random.key(0)
@@ -235,20 +273,28 @@ def bench_shape(shape, rounds, threads, flops_per_s):
     targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
     runners, info = {}, {}
     ref_value, ref_grads = None, None
-    for name, fn in jax_contenders(spec).items():
+    for name, fn in jax_contenders(spec, kernels).items():
         compiled, secs, temp, arg = compile_jax(fn, params, xs, targets)
         value, grads = compiled(params, xs, targets)[:2]
         if ref_grads is None:
             ref_value, ref_grads = value, grads
-        info[name] = {"compile_s": secs, "temp": temp, "arg": arg,
-                      "err": max_rel_err((value, grads), (ref_value, ref_grads))}
+        info[name] = {
+            "compile_s": secs,
+            "temp": temp,
+            "arg": arg,
+            "err": max_rel_err((value, grads), (ref_value, ref_grads)),
+        }
         runners[name] = lambda c=compiled: _block(c(params, xs, targets))
     direct = lambda: bj.bptt(params, spec, xs, targets)  # the call a user makes, no outer jit
     t0 = time.perf_counter()
     value, grads, _ = direct()
     _block(grads)
-    info["bptt (direct call)"] = {"compile_s": time.perf_counter() - t0, "temp": info["bptt"]["temp"],
-                                  "arg": info["bptt"]["arg"], "err": max_rel_err((value, grads), (ref_value, ref_grads))}
+    info["bptt (direct call)"] = {
+        "compile_s": time.perf_counter() - t0,
+        "temp": info["bptt"]["temp"],
+        "arg": info["bptt"]["arg"],
+        "err": max_rel_err((value, grads), (ref_value, ref_grads)),
+    }
     runners["bptt (direct call)"] = lambda: _block(direct())
     fl = flax_contender(spec)
     if fl is not None:
@@ -256,8 +302,12 @@ def bench_shape(shape, rounds, threads, flops_per_s):
         fp = to_flax(params)
         compiled, secs, temp, arg = compile_jax(vg, fp, xs, targets)
         value, g = compiled(fp, xs, targets)
-        info["flax RNN(SimpleCell)"] = {"compile_s": secs, "temp": temp, "arg": arg,
-                                        "err": max_rel_err((value, from_flax(g)), (ref_value, ref_grads))}
+        info["flax RNN(SimpleCell)"] = {
+            "compile_s": secs,
+            "temp": temp,
+            "arg": arg,
+            "err": max_rel_err((value, from_flax(g)), (ref_value, ref_grads)),
+        }
         runners["flax RNN(SimpleCell)"] = lambda c=compiled: _block(c(fp, xs, targets))
     for compiled, name in ((False, "torch nn.RNN"), (True, "torch.compile nn.RNN")):
         t0 = time.perf_counter()
@@ -265,8 +315,12 @@ def bench_shape(shape, rounds, threads, flops_per_s):
         if tc is None:
             continue
         run, grads = tc
-        info[name] = {"compile_s": time.perf_counter() - t0 if compiled else float("nan"), "temp": float("nan"),
-                      "arg": float("nan"), "err": max_rel_err(grads(), ref_grads)}
+        info[name] = {
+            "compile_s": time.perf_counter() - t0 if compiled else float("nan"),
+            "temp": float("nan"),
+            "arg": float("nan"),
+            "err": max_rel_err(grads(), ref_grads),
+        }
         runners[name] = run
     med = round_robin(runners, rounds)
     roofline = pass_flops(t, b, n, n1, m) / flops_per_s
@@ -305,23 +359,34 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     ap.add_argument("--skip-long", action="store_true", help="skip the checkpoint_every table")
+    ap.add_argument(
+        "--kernels",
+        action="store_true",
+        default=None,
+        help="add bptt with recurrence='scan' and 'pallas' side by side (default: on a GPU only)",
+    )
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 10)
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    on_gpu = jax.default_backend() == "gpu"
+    kernels = on_gpu if args.kernels is None else args.kernels
+    shapes = QUICK_SHAPES if args.quick else SHAPES + (GPU_EXTRA_SHAPES if on_gpu else [])
     longs = QUICK_LONG if args.quick else LONG
     flops_per_s = matmul_throughput(rounds, 256 if args.quick else 2048)
     lines = [
-        f"# bptt_jax benchmark ({datetime.date.today().isoformat()})", "",
+        f"# bptt_jax benchmark ({datetime.date.today().isoformat()})",
+        "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}; "
         f"command: `python benchmarks/bptt_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-        f"{rounds} timed rounds, round-robin, medians.", "",
+        f"{rounds} timed rounds, a fresh random order each round, medians.",
+        "",
         f"Large float32 matmul throughput measured in this run: {flops_per_s / 1e9:.1f} GFLOP/s "
-        "(the roofline divides each pass's matmul FLOPs by it).", "",
+        "(the roofline divides each pass's matmul FLOPs by it).",
+        "",
     ]
     geo, summary = [], []
     for shape in shapes:
-        med, info, roofline = bench_shape(shape, rounds, args.threads, flops_per_s)
+        med, info, roofline = bench_shape(shape, rounds, args.threads, flops_per_s, kernels)
         autodiff = [k for k in med if k.startswith("grad(") or k.startswith("flax")]
         best_ad = min(autodiff, key=lambda k: med[k])
         torch_names = [k for k in med if "torch" in k]
@@ -330,44 +395,71 @@ def main(argv=None):
         others = [k for k in med if not k.startswith("bptt")]
         best_other = min(others, key=lambda k: med[k])
         geo.append(med[best_ad] / direct)
-        summary.append((shape, med[best_ad] / direct, best_other, med[best_other] / direct, direct / med["bptt"],
-                        info["bptt"]["temp"] / min(info[k]["temp"] for k in autodiff), direct / roofline,
-                        {k: med[k] / direct for k in torch_names}))
-        lines += [f"## T, B, N, N1, M = {shape}", "",
-                  "| contender | median ms | vs best autodiff | vs torch | x roofline | compile s | temp mem | arg mem | grad rel. err vs bptt |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        summary.append(
+            (
+                shape,
+                med[best_ad] / direct,
+                best_other,
+                med[best_other] / direct,
+                direct / med["bptt"],
+                info["bptt"]["temp"] / min(info[k]["temp"] for k in autodiff),
+                direct / roofline,
+                {k: med[k] / direct for k in torch_names},
+            )
+        )
+        lines += [
+            f"## T, B, N, N1, M = {shape}",
+            "",
+            "| contender | median ms | vs best autodiff | vs torch | x roofline | compile s | temp mem | arg mem | grad rel. err vs bptt |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for k, v in sorted(med.items(), key=lambda kv: kv[1]):
             i = info[k]
             lines.append(
                 f"| {k} | {v * 1e3:.3f} | {v / med[best_ad]:.2f} | "
                 f"{(v / torch_t) if torch_t else float('nan'):.2f} | {v / roofline:.2f} | "
-                f"{i['compile_s']:.2f} | {fmt_bytes(i['temp'])} | {fmt_bytes(i['arg'])} | {i['err']:.1e} |")
-        lines += ["", f"best autodiff: {best_ad}; the direct bptt call's speed-up over it: {med[best_ad] / direct:.2f}x; "
-                  f"over the fastest other contender ({best_other}): {med[best_other] / direct:.2f}x; direct call / "
-                  f"outer-jitted call: {direct / med['bptt']:.2f}"
-                  + ("" if torch_names else "; torch not installed"), ""]
-    lines += [f"Geometric mean speed-up of the direct bptt call over the best autodiff contender: "
-              f"{float(np.exp(np.mean(np.log(geo)))):.2f}x", "",
-              "## Summary (the direct `bptt(params, spec, xs, targets)` call)", "",
-              "| T, B, N, N1, M | speed-up over best autodiff | speed-up over fastest other (which) | direct / outer jit time | "
-              "temp mem / smallest autodiff temp | x roofline | speed-up over torch (eager, compiled) |",
-              "|---|---|---|---|---|---|---|"]
+                f"{i['compile_s']:.2f} | {fmt_bytes(i['temp'])} | {fmt_bytes(i['arg'])} | {i['err']:.1e} |"
+            )
+        lines += [
+            "",
+            f"best autodiff: {best_ad}; the direct bptt call's speed-up over it: {med[best_ad] / direct:.2f}x; "
+            f"over the fastest other contender ({best_other}): {med[best_other] / direct:.2f}x; direct call / "
+            f"outer-jitted call: {direct / med['bptt']:.2f}" + ("" if torch_names else "; torch not installed"),
+            "",
+        ]
+    lines += [
+        f"Geometric mean speed-up of the direct bptt call over the best autodiff contender: "
+        f"{float(np.exp(np.mean(np.log(geo)))):.2f}x",
+        "",
+        "## Summary (the direct `bptt(params, spec, xs, targets)` call)",
+        "",
+        "| T, B, N, N1, M | speed-up over best autodiff | speed-up over fastest other (which) | direct / outer jit time | "
+        "temp mem / smallest autodiff temp | x roofline | speed-up over torch (eager, compiled) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for shape, ad, other, other_ratio, dj, mem, roof, tr in summary:
         torch_txt = ", ".join(f"{v:.2f}x" for v in tr.values()) or "n/a"
-        lines.append(f"| {shape} | {ad:.2f}x | {other_ratio:.2f}x ({other}) | {dj:.2f} | {mem:.2f} | {roof:.2f} | {torch_txt} |")
+        lines.append(
+            f"| {shape} | {ad:.2f}x | {other_ratio:.2f}x ({other}) | {dj:.2f} | {mem:.2f} | {roof:.2f} | {torch_txt} |"
+        )
     lines.append("")
     if not args.skip_long:
         for shape in longs:
             t = shape[0]
             ks = (int(round(np.sqrt(t))),)
             med, info = bench_long(shape, rounds if t < 5000 else max(3, rounds // 3), ks)
-            lines += [f"## Long sequences: T, B, N, N1, M = {shape}", "",
-                      "| variant | median ms | time vs plain | compile s | temp mem | temp vs plain | grad rel. err |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += [
+                f"## Long sequences: T, B, N, N1, M = {shape}",
+                "",
+                "| variant | median ms | time vs plain | compile s | temp mem | temp vs plain | grad rel. err |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for k, v in med.items():
-                lines.append(f"| {k} | {v * 1e3:.1f} | {v / med['bptt']:.2f} | {info[k]['compile_s']:.2f} | "
-                             f"{fmt_bytes(info[k]['temp'])} | {info['bptt']['temp'] / max(info[k]['temp'], 1):.1f}x smaller | "
-                             f"{info[k]['err']:.1e} |")
+                lines.append(
+                    f"| {k} | {v * 1e3:.1f} | {v / med['bptt']:.2f} | {info[k]['compile_s']:.2f} | "
+                    f"{fmt_bytes(info[k]['temp'])} | {info['bptt']['temp'] / max(info[k]['temp'], 1):.1f}x smaller | "
+                    f"{info[k]['err']:.1e} |"
+                )
             lines.append("")
     report = "\n".join(lines)
     print(report)

@@ -12,7 +12,7 @@ All start from the same initial weights (exported with ``interop.to_torch_state_
 same batches. Like for like: output dropout is off and the learning rate constant (the config's
 peak rate) for every contender, since PyTorch would draw other dropout masks. All contenders run in
 ONE process: after a warm-up (compilation), each round runs ``steps / rounds`` steps of every
-contender in turn (order rotated); steps/s is the median over rounds, and the training loss after
+contender in turn (a fresh random order each round); steps/s is the median over rounds, and the training loss after
 the same number of steps is reported beside it.
 """
 
@@ -22,13 +22,13 @@ import argparse
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,11 +62,20 @@ def torch_contender(cfg, params, spec, threads, compiled):
         return None
     torch.set_num_threads(threads)
     n1 = spec.hidden_sizes
-    model = torch.nn.ModuleDict({
-        "rnn": torch.nn.RNN(spec.input_size, n1[0], num_layers=len(n1), nonlinearity="tanh"),
-        "readout": torch.nn.Linear(n1[-1], spec.output_size)})
+    model = torch.nn.ModuleDict(
+        {
+            "rnn": torch.nn.RNN(spec.input_size, n1[0], num_layers=len(n1), nonlinearity="tanh"),
+            "readout": torch.nn.Linear(n1[-1], spec.output_size),
+        }
+    )
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in to_torch_state_dict(params, spec).items()})
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.learning_rate, eps=cfg.optim.eps)
+    for k in range(len(n1)):  # nn.RNN splits b1 into bias_ih + bias_hh; Adam would step both (twice the
+        getattr(model["rnn"], f"bias_hh_l{k}").requires_grad_(False)  # step on b1): keep bias_hh at 0
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine: cuDNN
+    model = model.to(dev)
+    opt = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.learning_rate, eps=cfg.optim.eps
+    )
     clip = cfg.optim.clip_value
 
     def loss_fn(x, d, h0):
@@ -77,17 +86,17 @@ def torch_contender(cfg, params, spec, threads, compiled):
 
     if compiled:
         loss_fn = torch.compile(loss_fn)
-    box = {"h": torch.zeros(len(n1), cfg.data.batch_size, n1[0]), "loss": float("nan")}
+    box = {"h": torch.zeros(len(n1), cfg.data.batch_size, n1[0], device=dev), "loss": float("nan")}
 
     def one(b):
-        x = torch.from_numpy(np.asarray(b.xs, np.float32))
-        d = torch.from_numpy(np.asarray(b.targets)).long()
-        reset = torch.from_numpy(np.asarray(b.reset))
+        x = torch.from_numpy(np.asarray(b.xs, np.float32)).to(dev)
+        d = torch.from_numpy(np.asarray(b.targets)).long().to(dev)
+        reset = torch.from_numpy(np.asarray(b.reset)).to(dev)
         h0 = torch.where(reset[None, :, None], torch.zeros_like(box["h"]), box["h"])
         opt.zero_grad(set_to_none=True)
         loss, h_last = loss_fn(x, d, h0)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         opt.step()
         box["h"] = h_last.detach()
         return loss
@@ -95,7 +104,7 @@ def torch_contender(cfg, params, spec, threads, compiled):
     def run(batches):
         for b in batches:
             loss = one(b)
-        box["loss"] = float(loss)
+        box["loss"] = loss.item()
 
     if compiled:
         try:
@@ -154,24 +163,30 @@ def main(argv=None):
     for name in names:  # warm-up: compilation, the same first batches for everyone
         runners[name](batches[: args.warmup])
     times = {name: [] for name in names}
+    rng = random.Random(0)
     for r in range(rounds):
-        chunk = batches[args.warmup + r * per_round: args.warmup + (r + 1) * per_round]
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        chunk = batches[args.warmup + r * per_round : args.warmup + (r + 1) * per_round]
+        order = names[:]
+        rng.shuffle(order)  # a fresh order each round: no contender always follows PyTorch's spinning threads
+        for name in order:
             t0 = time.perf_counter()
             runners[name](chunk)
             times[name].append(time.perf_counter() - t0)
     sps = {name: per_round / statistics.median(v) for name, v in times.items()}
     ref = sps['bptt-jax, grad = "bptt"']
     lines = [
-        f"# Training speed, the main job's model ({datetime.date.today().isoformat()})", "",
+        f"# Training speed, the main job's model ({datetime.date.today().isoformat()})",
+        "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}"
         + (f", torch {__import__('torch').__version__}" if any("PyTorch" in n for n in names) else "")
-        + f"; command: `python benchmarks/train_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
+        + f"; command: `python benchmarks/train_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`.",
+        "",
         f"Model: {spec.hidden_sizes} {spec.activation}, N = M = {spec.input_size}, T = {cfg.data.seq_len}, "
         f"B = {cfg.data.batch_size}, Adam {cfg.optim.learning_rate} (constant), global-norm clip "
         f"{cfg.optim.clip_value}, carried state, no dropout; {args.warmup} warm-up steps, then {rounds} rounds "
-        f"of {per_round} steps per contender, round-robin; steps/s = median over rounds.", "",
+        f"of {per_round} steps per contender, random order per round; steps/s = median over rounds.",
+        "",
         "| contender | steps/s | bptt's speed-up over it | training loss after "
         f"{args.warmup + per_round * rounds} steps |",
         "|---|---|---|---|",

@@ -15,7 +15,8 @@ activations: Y_k depends on Z2_k only and the Jacobian is diagonal, stored as it
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +52,7 @@ def hidden(name: str) -> Activation:
     try:
         return HIDDEN_ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
-            f"activation: unknown name {name!r}; allowed: {sorted(HIDDEN_ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"activation: unknown name {name!r}; allowed: {sorted(HIDDEN_ACTIVATIONS)}") from None
 
 
 def output(name: str, z2: Array) -> Array:

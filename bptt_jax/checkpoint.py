@@ -53,7 +53,7 @@ def save(path, tree, *, metadata: dict | None = None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub overload misses **kwargs
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

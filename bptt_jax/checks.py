@@ -7,6 +7,7 @@ are jitted themselves) they cost nothing after the first call with a given input
 
 Values (class indices in [0, M), lengths in [0, T]) are a different matter: reading a device array
 back to the host waits for the device. The policy (``check_values``):
+
 - None (default): values are checked when the array already lives on the host (NumPy arrays,
   lists), which costs no device round trip; ``jax.Array`` inputs are not read back.
 - True: every concrete array is read back and checked (one host sync per call).
@@ -17,8 +18,6 @@ of a silently wrong number. Under an outer ``jit`` only that in-graph check appl
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def readable(x, check_values: Optional[bool]) -> bool:
+def readable(x, check_values: bool | None) -> bool:
     """Whether the value checks read x: see the module docstring for the policy."""
     if check_values is False or not is_concrete(x):
         return False
@@ -64,7 +63,7 @@ def check_xs(spec: RNNSpec, xs) -> Array:
     return xs
 
 
-def check_lengths(lengths, t_len: int, batch: int, check_values: Optional[bool] = None) -> Optional[Array]:
+def check_lengths(lengths, t_len: int, batch: int, check_values: bool | None = None) -> Array | None:
     """lengths must be None or integer [B] with values in [0, T] (values: see ``readable``)."""
     if lengths is None:
         return None
@@ -77,9 +76,7 @@ def check_lengths(lengths, t_len: int, batch: int, check_values: Optional[bool] 
     if readable(lengths, check_values):
         arr = np.asarray(lengths)
         if arr.size and (arr.min() < 0 or arr.max() > t_len):
-            raise ValueError(
-                f"lengths: expected values in [0, T={t_len}], got min {arr.min()} and max {arr.max()}"
-            )
+            raise ValueError(f"lengths: expected values in [0, T={t_len}], got min {arr.min()} and max {arr.max()}")
     return jnp.asarray(lengths, dtype=jnp.int32)
 
 
@@ -90,8 +87,7 @@ def check_h0(spec: RNNSpec, h0, batch: int, dtype) -> tuple[Array, ...]:
         return tuple(jnp.zeros((batch, n1), dtype) for n1 in sizes)
     if not isinstance(h0, (tuple, list)):
         raise ValueError(
-            f"h0: expected a tuple of {len(sizes)} arrays (one per layer and direction), "
-            f"got {type(h0).__name__}"
+            f"h0: expected a tuple of {len(sizes)} arrays (one per layer and direction), got {type(h0).__name__}"
         )
     if len(h0) != len(sizes):
         raise ValueError(
@@ -117,8 +113,9 @@ def check_finite_tree(name: str, tree) -> None:
             raise ValueError(f"{name}{where}: holds NaN or inf (check_finite=True)")
 
 
-def check_inputs(params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool = False,
-                 check_values: Optional[bool] = None):
+def check_inputs(
+    params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool = False, check_values: bool | None = None
+):
     """Checks params, xs, h0 and lengths; returns (xs, h0 with zeros filled in, lengths)."""
     if not isinstance(spec, RNNSpec):
         raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
@@ -134,7 +131,7 @@ def check_inputs(params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool =
     return xs, h0, lengths
 
 
-def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int, check_values: Optional[bool] = None):
+def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int, check_values: bool | None = None):
     """Checks targets D and weights w against the divergence; returns them as arrays.
 
     cross_entropy: integer class indices [T, B] in [0, M) or probabilities [T, B, M];
@@ -146,8 +143,7 @@ def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int, check
     if spec.divergence == "cross_entropy" and jnp.issubdtype(targets.dtype, jnp.integer):
         if _shape(targets) != (t_len, batch):
             raise ValueError(
-                f"targets: expected integer class indices of shape ({t_len}, {batch}) = [T, B], "
-                f"got {_shape(targets)}"
+                f"targets: expected integer class indices of shape ({t_len}, {batch}) = [T, B], got {_shape(targets)}"
             )
         if readable(targets, check_values):
             arr = np.asarray(targets)
@@ -161,9 +157,7 @@ def check_targets(spec: RNNSpec, targets, weights, t_len: int, batch: int, check
                 f"targets: expected a floating dtype for divergence {spec.divergence!r}, got {targets.dtype}"
             )
         if _shape(targets) != (t_len, batch, m):
-            raise ValueError(
-                f"targets: expected shape ({t_len}, {batch}, {m}) = [T, B, M], got {_shape(targets)}"
-            )
+            raise ValueError(f"targets: expected shape ({t_len}, {batch}, {m}) = [T, B, M], got {_shape(targets)}")
     if weights is not None:
         if not hasattr(weights, "shape"):
             weights = jnp.asarray(weights)
@@ -186,7 +180,7 @@ def check_output_mask(spec: RNNSpec, mask, t_len: int, batch: int):
     return mask
 
 
-def value_flags(spec: RNNSpec, targets: Array, lengths: Optional[Array], t_len: int) -> Array:
+def value_flags(spec: RNNSpec, targets: Array, lengths: Array | None, t_len: int) -> Array:
     """In-graph: a scalar bool, True when integer targets leave [0, M) or lengths leave [0, T].
 
     No host sync; the jitted computations turn their outputs into NaN where it is True.
@@ -201,8 +195,10 @@ def value_flags(spec: RNNSpec, targets: Array, lengths: Optional[Array], t_len: 
 
 def poison(bad: Array, tree):
     """Every floating leaf of tree replaced by NaN where ``bad`` (a scalar bool) is True."""
+
     def f(a):
         if a is None or not jnp.issubdtype(a.dtype, jnp.floating):
             return a
         return jnp.where(bad, jnp.nan, a)
+
     return jax.tree_util.tree_map(f, tree)

@@ -1,8 +1,8 @@
 """The ``bptt-jax`` command: run, sample, gradcheck.
 
-    bptt-jax run CONFIG [--set section.key=value ...] [--out DIR] [--resume]
-    bptt-jax sample RUN_DIR [--prime TEXT] [--length N] [--temperature X] [--seed S]
-    bptt-jax gradcheck CONFIG [--set ...] [--tolerance X]
+bptt-jax run CONFIG [--set section.key=value ...] [--out DIR] [--resume]
+bptt-jax sample RUN_DIR [--prime TEXT] [--length N] [--temperature X] [--seed S]
+bptt-jax gradcheck CONFIG [--set ...] [--tolerance X]
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from bptt_jax.config import ConfigError, load_config
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's parser (the docs' command reference is generated from it)."""
     p = argparse.ArgumentParser(prog="bptt-jax", description="Train Elman RNNs with explicit BPTT in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train one run from a TOML config")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
@@ -79,8 +80,7 @@ def _load_run(run_dir: Path):
     path = run_dir / "best.ckpt"
     if not path.exists():
         path = run_dir / "last.ckpt"
-        template = runner.initial_state(cfg, spec, optimizer)
-        state, _ = checkpoint.load(path, template)
+        state, _ = checkpoint.load(path, runner.initial_state(cfg, spec, optimizer))
         return cfg, task, spec, state.params
     params, _ = checkpoint.load(path, template)
     return cfg, task, spec, params
@@ -100,8 +100,11 @@ def _sample(args) -> int:
     if args.length < 1 or args.temperature <= 0:
         print("error: --length must be >= 1 and --temperature > 0", file=sys.stderr)
         return 1
-    print(runner.sample_text(params, spec, task.vocab, prime=args.prime, length=args.length,
-                             temperature=args.temperature, seed=args.seed))
+    print(
+        runner.sample_text(
+            params, spec, task.vocab, prime=args.prime, length=args.length, temperature=args.temperature, seed=args.seed
+        )
+    )
     return 0
 
 
@@ -131,8 +134,10 @@ def gradcheck(cfg, tolerance: float = 1e-4) -> dict:
 def _gradcheck(args) -> int:
     cfg = load_config(args.config, args.set)
     result = gradcheck(cfg, args.tolerance)
-    print(f"largest relative difference, explicit BPTT vs jax.grad: {result['max_relative_difference']:.3e} "
-          f"(tolerance {args.tolerance:.1e}): {'OK' if result['ok'] else 'FAIL'}")
+    print(
+        f"largest relative difference, explicit BPTT vs jax.grad: {result['max_relative_difference']:.3e} "
+        f"(tolerance {args.tolerance:.1e}): {'OK' if result['ok'] else 'FAIL'}"
+    )
     return 0 if result["ok"] else 1
 
 

@@ -97,7 +97,75 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {
-    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "output": OutputConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+}
+
+# What each key means, one line per key (the generated config reference prints it; a test checks
+# that every field has an entry).
+HELP = {
+    ("model", "hidden_sizes"): "N1 per stacked layer, bottom first",
+    ("model", "activation"): "f1, the hidden activation",
+    ("model", "bidirectional"): "a forward and a reverse net per layer (not for language models)",
+    ("model", "merge"): "how the two directions' states meet at each t (bidirectional only)",
+    ("model", "init"): "weight initialisation: uniform as PyTorch, orthogonal W11, identity W11 (IRNN), normal",
+    ("model", "init_scale"): "scale of the orthogonal / identity / normal initialisations",
+    ("data", "task"): "text (next character), adding (the adding problem), infill (masked characters)",
+    ("data", "corpus"): "pydoc (built in), stdlib (Python's .py sources) or file (data.path)",
+    ("data", "path"): 'a UTF-8 text file when corpus = "file"',
+    ("data", "seq_len"): "T, steps per chunk (characters per truncated-BPTT chunk for text)",
+    ("data", "batch_size"): "B, the global batch (split over devices)",
+    ("data", "validation_fraction"): "share of the text held out at its end",
+    ("data", "mask_prob"): "infill: share of characters masked (at least one per window)",
+    ("data", "adding_length"): "adding: the sequence length T",
+    ("data", "test_size"): "adding / infill: fixed test sequences",
+    ("optim", "name"): "the optimizer",
+    ("optim", "learning_rate"): "peak step size",
+    ("optim", "schedule"): "learning-rate schedule over train.steps",
+    ("optim", "warmup_steps"): "linear warm-up steps (warmup_* schedules)",
+    ("optim", "momentum"): "momentum coefficient (momentum, rmsprop)",
+    ("optim", "eps"): "numerical floor of adaptive optimizers",
+    ("optim", "initial_accumulator"): "adagrad's starting accumulator",
+    ("optim", "clip"): "gradient clipping: none, by global norm, or element-wise",
+    ("optim", "clip_value"): "the max global norm, or the max |entry|",
+    ("optim", "weight_decay"): "decoupled (AdamW) for adam, L2 otherwise",
+    ("train", "steps"): "number of updates (schedules decay over them)",
+    ("train", "time_limit_s"): "wall-clock budget in seconds (0 = none)",
+    ("train", "seed"): "fixes weights, data order and dropout masks",
+    ("train", "grad"): "bptt (the explicit reverse scans) or autodiff (jax.grad)",
+    ("train", "stateful"): "carry the hidden state across chunks (truncated BPTT)",
+    ("train", "input_dropout"): "probability of dropping an input entry",
+    ("train", "output_dropout"): "probability of dropping an entry of the top states before the readout",
+    ("train", "log_every"): "steps between metrics.jsonl rows",
+    ("train", "eval_every"): "steps between evaluations (best.ckpt keeps the best)",
+    ("train", "checkpoint_every"): "steps between last.ckpt writes",
+    ("train", "max_nonfinite"): "stop after this many skipped (NaN/inf) updates in a row",
+    ("train", "unroll"): "scan steps per loop iteration",
+    ("train", "recurrence"): "auto (Pallas kernels on a GPU where they apply, else lax.scan), scan or pallas",
+    ("train", "devices"): '"1", a count, or "all": data-parallel over devices (batch split along B)',
+    ("train", "coordinator_address"): "multi-host: host:port of process 0 (or env BPTT_JAX_COORDINATOR)",
+    ("train", "num_processes"): "multi-host: number of processes (or env BPTT_JAX_NUM_PROCESSES)",
+    ("train", "process_id"): "multi-host: this process's index (or env BPTT_JAX_PROCESS_ID)",
+    ("output", "dir"): "default output directory (--out overrides)",
+    ("output", "sample_length"): "characters sampled from the best checkpoint at the end (text)",
+    ("output", "temperature"): "sampling temperature",
+    ("output", "plots"): "write loss.png and dh_norms.png",
+}
+# Allowed values that are not a choice, a positive number or a fraction, in words.
+ALLOWED_TEXT = {
+    ("model", "hidden_sizes"): "each > 0",
+    ("train", "devices"): '`"all"` or a positive int as a string',
+    ("train", "time_limit_s"): ">= 0",
+    ("output", "sample_length"): ">= 0",
+    ("optim", "warmup_steps"): ">= 0",
+    ("optim", "weight_decay"): ">= 0",
+    ("optim", "eps"): ">= 0",
+    ("optim", "initial_accumulator"): ">= 0",
+    ("optim", "momentum"): ">= 0",
+    ("optim", "clip_value"): ">= 0",
 }
 
 CHOICES = {
@@ -113,13 +181,26 @@ CHOICES = {
     ("train", "recurrence"): ("auto", "scan", "pallas"),
 }
 POSITIVE = {
-    ("data", "seq_len"), ("data", "batch_size"), ("data", "adding_length"), ("data", "test_size"),
-    ("optim", "learning_rate"), ("train", "steps"), ("train", "log_every"), ("train", "eval_every"),
-    ("train", "checkpoint_every"), ("train", "max_nonfinite"), ("train", "unroll"), ("output", "temperature"),
+    ("data", "seq_len"),
+    ("data", "batch_size"),
+    ("data", "adding_length"),
+    ("data", "test_size"),
+    ("optim", "learning_rate"),
+    ("train", "steps"),
+    ("train", "log_every"),
+    ("train", "eval_every"),
+    ("train", "checkpoint_every"),
+    ("train", "max_nonfinite"),
+    ("train", "unroll"),
+    ("output", "temperature"),
     ("train", "num_processes"),
 }
-FRACTIONS = {("data", "validation_fraction"), ("data", "mask_prob"), ("train", "input_dropout"),
-             ("train", "output_dropout")}
+FRACTIONS = {
+    ("data", "validation_fraction"),
+    ("data", "mask_prob"),
+    ("train", "input_dropout"),
+    ("train", "output_dropout"),
+}
 
 
 def _type_name(tp) -> str:
@@ -131,7 +212,11 @@ def _type_name(tp) -> str:
 def _coerce(where: str, tp, value):
     """Checks value against type tp; returns it converted (list -> tuple, int -> float)."""
     if typing.get_origin(tp) is tuple:
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             return tuple(value)
         raise ConfigError(f"{where}: expected a non-empty list of ints, got {value!r}")
     if tp is bool:
@@ -161,8 +246,12 @@ def _check_value(where: str, section: str, key: str, value) -> None:
     if (section, key) == ("model", "hidden_sizes") and any(v <= 0 for v in value):
         raise ConfigError(f"{where}: every layer size must be > 0, got {list(value)}")
     if (section, key) == ("train", "devices") and not (value == "all" or (value.isdigit() and int(value) > 0)):
-        raise ConfigError(f"{where}: expected \"all\" or a positive int, got {value!r}")
-    if section == "optim" and key in ("warmup_steps", "weight_decay", "eps", "initial_accumulator", "momentum", "clip_value") and value < 0:
+        raise ConfigError(f'{where}: expected "all" or a positive int, got {value!r}')
+    if (
+        section == "optim"
+        and key in ("warmup_steps", "weight_decay", "eps", "initial_accumulator", "momentum", "clip_value")
+        and value < 0
+    ):
         raise ConfigError(f"{where}: expected a value >= 0, got {value!r}")
     if (section, key) in (("train", "time_limit_s"), ("output", "sample_length")) and value < 0:
         raise ConfigError(f"{where}: expected a value >= 0, got {value!r}")

@@ -13,10 +13,9 @@ uninterrupted one would.
 from __future__ import annotations
 
 import math
-import sys
 import sysconfig
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -86,7 +85,7 @@ class Vocab(NamedTuple):
     chars: str  # the distinct characters, sorted
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls("".join(sorted(set(text))))
 
     def encode(self, text: str) -> np.ndarray:
@@ -156,8 +155,9 @@ def adding_batch(rng: np.random.Generator, length: int, batch_size: int) -> Batc
     return Batch(xs, targets, weights, np.ones((b,), bool))
 
 
-def infill_batch(rng: np.random.Generator, ids: np.ndarray, seq_len: int, batch_size: int,
-                 vocab_size: int, mask_prob: float) -> Batch:
+def infill_batch(
+    rng: np.random.Generator, ids: np.ndarray, seq_len: int, batch_size: int, vocab_size: int, mask_prob: float
+) -> Batch:
     """Windows of text in which characters are masked (input symbol ``vocab_size``, the extra
     "blank"); the loss is on the masked characters only, so each is predicted from both sides."""
     starts = rng.integers(0, len(ids) - seq_len, size=batch_size)
@@ -180,7 +180,7 @@ class Task(NamedTuple):
     stateful: bool
     train_batch: object  # step -> Batch
     eval_batches: list  # fixed evaluation batches, in order (state carried when stateful)
-    vocab: Optional[Vocab]
+    vocab: Vocab | None
     baseline: dict  # reference figures, e.g. unigram entropy or the always-1 MSE
 
 
@@ -189,10 +189,21 @@ def make_task(data_cfg, seed: int, stateful: bool = True) -> Task:
     d = data_cfg
     if d.task == "adding":
         fixed = _rng(seed, -1 % (2**31))
-        tests = [adding_batch(fixed, d.adding_length, min(d.test_size, 1000)) for _ in range(max(1, d.test_size // 1000))]
-        return Task("adding", 2, 1, "identity", "squared_error", False,
-                    lambda step: adding_batch(_rng(seed, step), d.adding_length, d.batch_size),
-                    tests, None, {"always_one_mse": 1.0 / 6.0})
+        tests = [
+            adding_batch(fixed, d.adding_length, min(d.test_size, 1000)) for _ in range(max(1, d.test_size // 1000))
+        ]
+        return Task(
+            "adding",
+            2,
+            1,
+            "identity",
+            "squared_error",
+            False,
+            lambda step: adding_batch(_rng(seed, step), d.adding_length, d.batch_size),
+            tests,
+            None,
+            {"always_one_mse": 1.0 / 6.0},
+        )
     text = load_text(d.corpus, d.path)
     vocab = Vocab.from_text(text)
     ids = vocab.encode(text)
@@ -204,16 +215,39 @@ def make_task(data_cfg, seed: int, stateful: bool = True) -> Task:
         )
     train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
     v = len(vocab.chars)
-    baseline = {"unigram_entropy_bits": unigram_entropy_bits(text), "train_chars": len(train_ids),
-                "validation_chars": len(val_ids), "vocab_size": v}
+    baseline = {
+        "unigram_entropy_bits": unigram_entropy_bits(text),
+        "train_chars": len(train_ids),
+        "validation_chars": len(val_ids),
+        "vocab_size": v,
+    }
     if d.task == "text":
         train = TextStreams(train_ids, d.batch_size, d.seq_len, v)
         val = TextStreams(val_ids, d.batch_size, d.seq_len, v)
-        return Task("text", v, v, "softmax", "cross_entropy", stateful, train.batch,
-                    [val.batch(k) for k in range(val.num_chunks)], vocab, baseline)
+        return Task(
+            "text",
+            v,
+            v,
+            "softmax",
+            "cross_entropy",
+            stateful,
+            train.batch,
+            [val.batch(k) for k in range(val.num_chunks)],
+            vocab,
+            baseline,
+        )
     fixed = _rng(seed, -2 % (2**31))
     n_eval = max(1, math.ceil(d.test_size / d.batch_size))
     evals = [infill_batch(fixed, val_ids, d.seq_len, d.batch_size, v, d.mask_prob) for _ in range(n_eval)]
-    return Task("infill", v + 1, v, "softmax", "cross_entropy", False,
-                lambda step: infill_batch(_rng(seed, step), train_ids, d.seq_len, d.batch_size, v, d.mask_prob),
-                evals, vocab, baseline)
+    return Task(
+        "infill",
+        v + 1,
+        v,
+        "softmax",
+        "cross_entropy",
+        False,
+        lambda step: infill_batch(_rng(seed, step), train_ids, d.seq_len, d.batch_size, v, d.mask_prob),
+        evals,
+        vocab,
+        baseline,
+    )

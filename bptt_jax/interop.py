@@ -12,8 +12,8 @@ Export puts b1 in bias_ih and zeros in bias_hh.
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from bptt_jax.params import LayerParams, ReadoutParams, RNNParams, RNNSpec, check_params
 
@@ -96,7 +96,5 @@ def from_torch_state_dict(state, spec: RNNSpec, *, dtype=jnp.float32) -> RNNPara
 
     layers = tuple(layer(k, "") for k in range(spec.num_layers))
     reverse = tuple(layer(k, "_reverse") for k in range(spec.num_layers)) if spec.bidirectional else ()
-    readout = ReadoutParams(
-        jnp.asarray(arrs["readout.weight"].T, dtype), jnp.asarray(arrs["readout.bias"], dtype)
-    )
+    readout = ReadoutParams(jnp.asarray(arrs["readout.weight"].T, dtype), jnp.asarray(arrs["readout.bias"], dtype))
     return RNNParams(layers, reverse, readout)

@@ -1,6 +1,6 @@
 """Pallas kernels for the two recurrences, each one launch for all T.
 
-The forward recurrence (the input projection u(t) = X(t) W1 + b1 is formed outside, for all t):
+The forward recurrence (the input projection u(t) = X(t) W1 + b1 is formed outside, for all t)::
 
     h = h0
     for t in range(T):
@@ -8,7 +8,7 @@ The forward recurrence (the input projection u(t) = X(t) W1 + b1 is formed outsi
         h = h_new if valid[t] else h                   # padding holds the state
         hs[t] = h
 
-The reverse recurrence (BPTT of one layer, ``bptt.layer_backward``):
+The reverse recurrence (BPTT of one layer, ``bptt.layer_backward``)::
 
     carry = dh_init                                    # dZ1(T) W11^T
     for t in reversed(range(T)):
@@ -31,7 +31,6 @@ need); padded rows and columns carry zeros and are cut off again.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +55,7 @@ def _pow2(n: int, least: int = 16) -> int:
     return p
 
 
-def unsupported_reason(hidden_sizes, dtype, backend: Optional[str] = None) -> Optional[str]:
+def unsupported_reason(hidden_sizes, dtype, backend: str | None = None) -> str | None:
     """Why the kernels cannot run here, or None when they can.
 
     On the CPU they always can (interpret mode). On a GPU W11 must fit in on-chip memory
@@ -74,13 +73,15 @@ def unsupported_reason(hidden_sizes, dtype, backend: Optional[str] = None) -> Op
     for n1 in hidden_sizes:
         need = _pow2(n1) ** 2 * jnp.dtype(dtype).itemsize
         if need > MAX_ONCHIP_BYTES:
-            return (f"W11 of a layer with N1={n1} needs {need // 1024} KiB of on-chip memory, more than the "
-                    f"{MAX_ONCHIP_BYTES // 1024} KiB the kernels allow")
+            return (
+                f"W11 of a layer with N1={n1} needs {need // 1024} KiB of on-chip memory, more than the "
+                f"{MAX_ONCHIP_BYTES // 1024} KiB the kernels allow"
+            )
     return None
 
 
-def resolve(recurrence: str, hidden_sizes, dtype, backend: Optional[str] = None) -> str:
-    """"scan" or "pallas" for a requested ``recurrence``.
+def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None) -> str:
+    """ "scan" or "pallas" for a requested ``recurrence``.
 
     "auto" picks the kernels on a GPU where they apply and the scans everywhere else; "pallas" on a
     CPU runs them in interpret mode; an explicit "pallas" that cannot apply raises ValueError.
@@ -153,14 +154,20 @@ def _call_forward(w11, activation, us, h0, valid):
         kernel,
         out_shape=jax.ShapeDtypeStruct((tp, bp, np_), us.dtype),
         grid=(bp // bt,),
-        in_specs=[pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
-                  pl.BlockSpec((np_, np_), lambda i: (0, 0)),
-                  pl.BlockSpec((bt, np_), lambda i: (i, 0)),
-                  pl.BlockSpec((tp, bt), lambda i: (0, i))],
+        in_specs=[
+            pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
+            pl.BlockSpec((np_, np_), lambda i: (0, 0)),
+            pl.BlockSpec((bt, np_), lambda i: (i, 0)),
+            pl.BlockSpec((tp, bt), lambda i: (0, i)),
+        ],
         out_specs=pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
         interpret=_interpret(),
-    )(_pad_to(us, (tp, bp, np_)), _pad_to(w11, (np_, np_)), _pad_to(h0, (bp, np_)),
-      _pad_to(valid.astype(us.dtype), (tp, bp)))
+    )(
+        _pad_to(us, (tp, bp, np_)),
+        _pad_to(w11, (np_, np_)),
+        _pad_to(h0, (bp, np_)),
+        _pad_to(valid.astype(us.dtype), (tp, bp)),
+    )
     return hs[:t_len, :batch, :n1]
 
 
@@ -173,19 +180,32 @@ def _call_reverse(w11, activation, hs, dhs_above, valid, dh_init):
     kernel = functools.partial(_reverse_kernel, df=activations.hidden(activation).df_from_h, t_len=t_len)
     dz, dh_m1, norms = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((tp, bp, np_), hs.dtype), jax.ShapeDtypeStruct((bp, np_), hs.dtype),
-                   jax.ShapeDtypeStruct((tp, bp), hs.dtype)),
+        out_shape=(
+            jax.ShapeDtypeStruct((tp, bp, np_), hs.dtype),
+            jax.ShapeDtypeStruct((bp, np_), hs.dtype),
+            jax.ShapeDtypeStruct((tp, bp), hs.dtype),
+        ),
         grid=(bp // bt,),
-        in_specs=[pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
-                  pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
-                  pl.BlockSpec((np_, np_), lambda i: (0, 0)),
-                  pl.BlockSpec((bt, np_), lambda i: (i, 0)),
-                  pl.BlockSpec((tp, bt), lambda i: (0, i))],
-        out_specs=(pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)), pl.BlockSpec((bt, np_), lambda i: (i, 0)),
-                   pl.BlockSpec((tp, bt), lambda i: (0, i))),
+        in_specs=[
+            pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
+            pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
+            pl.BlockSpec((np_, np_), lambda i: (0, 0)),
+            pl.BlockSpec((bt, np_), lambda i: (i, 0)),
+            pl.BlockSpec((tp, bt), lambda i: (0, i)),
+        ],
+        out_specs=(
+            pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
+            pl.BlockSpec((bt, np_), lambda i: (i, 0)),
+            pl.BlockSpec((tp, bt), lambda i: (0, i)),
+        ),
         interpret=_interpret(),
-    )(_pad_to(dhs_above, (tp, bp, np_)), _pad_to(hs, (tp, bp, np_)), _pad_to(w11.T, (np_, np_)),
-      _pad_to(dh_init, (bp, np_)), _pad_to(valid.astype(hs.dtype), (tp, bp)))
+    )(
+        _pad_to(dhs_above, (tp, bp, np_)),
+        _pad_to(hs, (tp, bp, np_)),
+        _pad_to(w11.T, (np_, np_)),
+        _pad_to(dh_init, (bp, np_)),
+        _pad_to(valid.astype(hs.dtype), (tp, bp)),
+    )
     return dz[:t_len, :batch, :n1], dh_m1[:batch, :n1], norms[:t_len, :batch]
 
 
@@ -215,7 +235,7 @@ def _forward_bwd(activation, res, dhs):
 _forward.defvjp(_forward_fwd, _forward_bwd)
 
 
-def forward_recurrence(w11: Array, activation: str, us: Array, h0: Array, valid: Optional[Array]) -> Array:
+def forward_recurrence(w11: Array, activation: str, us: Array, h0: Array, valid: Array | None) -> Array:
     """hs [T, B, N1] of the forward recurrence (module docstring), one kernel launch.
 
     Args:
@@ -227,8 +247,9 @@ def forward_recurrence(w11: Array, activation: str, us: Array, h0: Array, valid:
     return _forward(w11, activation, us, h0, _valid_or_ones(valid, *us.shape[:2]))
 
 
-def reverse_recurrence(w11: Array, activation: str, hs: Array, dhs_above: Array, valid: Optional[Array],
-                       dh_init: Optional[Array] = None):
+def reverse_recurrence(
+    w11: Array, activation: str, hs: Array, dhs_above: Array, valid: Array | None, dh_init: Array | None = None
+):
     """(dz1s [T, B, N1], dh_m1 [B, N1], dh_norm [T, B]) of the reverse recurrence, one kernel launch.
 
     Args as ``bptt.layer_backward``: hs [T, B, N1] the states, dhs_above [T, B, N1], valid [T, B] or

@@ -10,8 +10,6 @@ Tests show the two agree; the fused path is the default (it never divides by Y).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -20,7 +18,7 @@ from bptt_jax import activations
 Array = jax.Array
 
 
-def effective_weights(weights: Optional[Array], lengths: Optional[Array], t_len: int, batch: int, dtype) -> Array:
+def effective_weights(weights: Array | None, lengths: Array | None, t_len: int, batch: int, dtype) -> Array:
     """w(t) per (t, b): the given weights (ones by default), zero wherever t >= lengths[b]. [T, B]."""
     w = jnp.ones((t_len, batch), dtype) if weights is None else weights.astype(dtype)
     if lengths is not None:

@@ -16,6 +16,7 @@ runs the same config and feeds its own slice of the global batch
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -43,7 +44,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
 
 
 def select_devices(devices: str) -> list:
-    """"all" or a count -> that many of ``jax.devices()`` (all hosts' devices when multi-host)."""
+    """ "all" or a count -> that many of ``jax.devices()`` (all hosts' devices when multi-host)."""
     available = jax.devices()
     if devices == "all":
         return available
@@ -70,8 +71,13 @@ def batch_sharding(mesh: Mesh):
     """Shardings of a data.Batch: B is axis 1 of xs/targets/weights and axis 0 of reset."""
     from bptt_jax.data import Batch
 
-    return Batch(NamedSharding(mesh, P(None, AXIS)), NamedSharding(mesh, P(None, AXIS)),
-                 NamedSharding(mesh, P(None, AXIS)), NamedSharding(mesh, P(AXIS)))
+    tree: Any = Batch  # the NamedTuple as a tree of shardings, not of arrays
+    return tree(
+        NamedSharding(mesh, P(None, AXIS)),
+        NamedSharding(mesh, P(None, AXIS)),
+        NamedSharding(mesh, P(None, AXIS)),
+        NamedSharding(mesh, P(AXIS)),
+    )
 
 
 def shard_batch(mesh: Mesh, batch):
@@ -83,13 +89,17 @@ def shard_batch(mesh: Mesh, batch):
     n, pid = jax.process_count(), jax.process_index()
 
     def local(a, s, axis):
-        b = a.shape[axis]
+        a.shape[axis]
         part = np.split(a, n, axis=axis)[pid]
         return jax.make_array_from_process_local_data(s, part, a.shape)
 
     xs, tg, w, reset = batch
-    return type(batch)(local(xs, shardings.xs, 1), local(tg, shardings.targets, 1),
-                       local(w, shardings.weights, 1), local(reset, shardings.reset, 0))
+    return type(batch)(
+        local(xs, shardings.xs, 1),
+        local(tg, shardings.targets, 1),
+        local(w, shardings.weights, 1),
+        local(reset, shardings.reset, 0),
+    )
 
 
 def make_sharded_train_step(spec: RNNSpec, optimizer, devices: str, batch_size: int, **kwargs):
@@ -100,21 +110,32 @@ def make_sharded_train_step(spec: RNNSpec, optimizer, devices: str, batch_size: 
     """
     mesh = make_mesh(devices, batch_size)
     inner = train.make_train_step(spec, optimizer, axis_name=AXIS, jit=False, **kwargs)
-    state_spec = train.TrainState(P(), P(), P(), tuple(P(AXIS) for _ in spec.state_sizes()), P(), P())
-    batch_spec = type(batch_sharding(mesh))(P(None, AXIS), P(None, AXIS), P(None, AXIS), P(AXIS))
-    metrics_spec = train.StepMetrics(P(), P(), P(), P())
-    sharded = jax.jit(jax.shard_map(inner, mesh=mesh, in_specs=(state_spec, batch_spec),
-                                    out_specs=(state_spec, metrics_spec), check_vma=False))
+    # The NamedTuples as trees of partition specs, not of arrays:
+    state_tree: Any = train.TrainState
+    metrics_tree: Any = train.StepMetrics
+    batch_tree: Any = type(batch_sharding(mesh))
+    state_spec = state_tree(P(), P(), P(), tuple(P(AXIS) for _ in spec.state_sizes()), P(), P())
+    batch_spec = batch_tree(P(None, AXIS), P(None, AXIS), P(None, AXIS), P(AXIS))
+    metrics_spec = metrics_tree(P(), P(), P(), P())
+    sharded = jax.jit(
+        jax.shard_map(
+            inner, mesh=mesh, in_specs=(state_spec, batch_spec), out_specs=(state_spec, metrics_spec), check_vma=False
+        )
+    )
 
     state_shardings = jax.tree_util.tree_map(
-        lambda spec_: NamedSharding(mesh, spec_), state_spec, is_leaf=lambda x: isinstance(x, P))
+        lambda spec_: NamedSharding(mesh, spec_), state_spec, is_leaf=lambda x: isinstance(x, P)
+    )
 
     def step(state, batch):
         # Replicate params/optimizer state and shard the carry (a no-op once they are in place).
         state = jax.tree_util.tree_map(
             lambda sh, sub: jax.tree_util.tree_map(lambda a: jax.device_put(a, sh), sub),
-            state_shardings, state, is_leaf=lambda x: isinstance(x, NamedSharding))
+            state_shardings,
+            state,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
         return sharded(state, shard_batch(mesh, batch))
 
-    step.mesh = mesh
+    step.mesh = mesh  # type: ignore[attr-defined]  # read by the runner (shard_state)
     return step

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +56,7 @@ class RNNSpec:
         if isinstance(hs, int) and not isinstance(hs, bool):
             hs = (hs,)
         if not isinstance(hs, (tuple, list)):
-            raise ValueError(
-                f"RNNSpec.hidden_sizes: expected a tuple of positive ints, got {self.hidden_sizes!r}"
-            )
+            raise ValueError(f"RNNSpec.hidden_sizes: expected a tuple of positive ints, got {self.hidden_sizes!r}")
         object.__setattr__(self, "hidden_sizes", tuple(hs))
         if len(self.hidden_sizes) == 0:
             raise ValueError("RNNSpec.hidden_sizes: must hold at least one layer size, got ()")
@@ -67,9 +65,7 @@ class RNNSpec:
                 raise ValueError(f"RNNSpec.{name}: expected a positive int, got {value!r}")
         for k, n1 in enumerate(self.hidden_sizes):
             if not _is_pos_int(n1):
-                raise ValueError(
-                    f"RNNSpec.hidden_sizes[{k}]: expected a positive int, got {n1!r}"
-                )
+                raise ValueError(f"RNNSpec.hidden_sizes[{k}]: expected a positive int, got {n1!r}")
         _check_choice("activation", self.activation, sorted(activations.HIDDEN_ACTIVATIONS))
         _check_choice("output_activation", self.output_activation, list(activations.OUTPUT_ACTIVATIONS))
         _check_choice("divergence", self.divergence, list(DIVERGENCES))
@@ -152,14 +148,17 @@ class RNNParams(NamedTuple):
 def expected_shapes(spec: RNNSpec) -> RNNParams:
     """The shape of every parameter array, as an ``RNNParams`` of tuples."""
 
+    layer_tree: Any = LayerParams  # the NamedTuples as trees of shape tuples, not of arrays
+    readout_tree: Any = ReadoutParams
+
     def layer(k):
         n1 = spec.hidden_sizes[k]
-        return LayerParams((spec.layer_input_size(k), n1), (n1, n1), (n1,))
+        return layer_tree((spec.layer_input_size(k), n1), (n1, n1), (n1,))
 
     layers = tuple(layer(k) for k in range(spec.num_layers))
     reverse = layers if spec.bidirectional else ()
     top = spec.merged_size(spec.num_layers - 1)
-    return RNNParams(layers, reverse, ReadoutParams((top, spec.output_size), (spec.output_size,)))
+    return RNNParams(layers, reverse, readout_tree((top, spec.output_size), (spec.output_size,)))
 
 
 def check_params(params, spec: RNNSpec) -> None:
@@ -221,7 +220,7 @@ def init_params(
     keys = jax.random.split(key, len(leaves))
     key_tree = jax.tree_util.tree_unflatten(treedef, list(keys))
 
-    def make_layer(k, shp: LayerParams, keys: LayerParams) -> LayerParams:
+    def make_layer(k, shp: Any, keys: Any) -> LayerParams:  # shp: shape tuples, keys: PRNG keys
         n1 = shp.w11[0]
         bound = 1.0 / math.sqrt(n1)
         u = lambda kk, s: jax.random.uniform(kk, s, dtype, -bound, bound)
@@ -243,16 +242,17 @@ def init_params(
     reverse = tuple(
         make_layer(k, s, kk) for k, (s, kk) in enumerate(zip(shapes.reverse_layers, key_tree.reverse_layers))
     )
-    n_top = shapes.readout.w2[0]
+    ro: Any = shapes.readout  # shape tuples
+    n_top = ro.w2[0]
     if scheme == "normal":
         readout = ReadoutParams(
-            scale * jax.random.normal(key_tree.readout.w2, shapes.readout.w2, dtype),
-            jnp.zeros(shapes.readout.b2, dtype),
+            scale * jax.random.normal(key_tree.readout.w2, ro.w2, dtype),
+            jnp.zeros(ro.b2, dtype),
         )
     else:
         bound = 1.0 / math.sqrt(n_top)
         readout = ReadoutParams(
-            jax.random.uniform(key_tree.readout.w2, shapes.readout.w2, dtype, -bound, bound),
-            jax.random.uniform(key_tree.readout.b2, shapes.readout.b2, dtype, -bound, bound),
+            jax.random.uniform(key_tree.readout.w2, ro.w2, dtype, -bound, bound),
+            jax.random.uniform(key_tree.readout.b2, ro.b2, dtype, -bound, bound),
         )
     return RNNParams(layers, reverse, readout)

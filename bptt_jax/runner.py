@@ -15,8 +15,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,25 +35,37 @@ def build(cfg: Config):
     """The task, spec and optimizer a config describes."""
     task = data.make_task(cfg.data, cfg.train.seed, cfg.train.stateful)
     spec = RNNSpec(
-        task.input_size, cfg.model.hidden_sizes, task.output_size, activation=cfg.model.activation,
-        output_activation=task.output_activation, divergence=task.divergence,
-        bidirectional=cfg.model.bidirectional, merge=cfg.model.merge,
+        task.input_size,
+        cfg.model.hidden_sizes,
+        task.output_size,
+        activation=cfg.model.activation,
+        output_activation=task.output_activation,
+        divergence=task.divergence,
+        bidirectional=cfg.model.bidirectional,
+        merge=cfg.model.merge,
     )
     optimizer = train.make_optimizer(cfg.optim, cfg.train.steps)
     return task, spec, optimizer
 
 
 def initial_state(cfg: Config, spec: RNNSpec, optimizer) -> train.TrainState:
-    return train.init_state(jax.random.key(cfg.train.seed), spec, optimizer, cfg.data.batch_size,
-                            scheme=cfg.model.init, scale=cfg.model.init_scale)
+    return train.init_state(
+        jax.random.key(cfg.train.seed),
+        spec,
+        optimizer,
+        cfg.data.batch_size,
+        scheme=cfg.model.init,
+        scale=cfg.model.init_scale,
+    )
 
 
-def _bits(task: data.Task, nats: float) -> Optional[float]:
+def _bits(task: data.Task, nats: float) -> float | None:
     return nats / math.log(2) if task.name in ("text", "infill") else None
 
 
-def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None] = print,
-        progress: Optional[bool] = None) -> dict:
+def run(
+    cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None] = print, progress: bool | None = None
+) -> dict:
     """Trains one run; returns the summary (also written to out_dir/summary.json).
 
     Raises RunError when out_dir already holds a run and resume is False, or when
@@ -68,8 +80,7 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
     if cfg.train.num_processes > 1 or os.environ.get("BPTT_JAX_COORDINATOR"):
         from bptt_jax import parallel
 
-        parallel.initialize_distributed(cfg.train.coordinator_address, cfg.train.num_processes,
-                                        cfg.train.process_id)
+        parallel.initialize_distributed(cfg.train.coordinator_address, cfg.train.num_processes, cfg.train.process_id)
     task, spec, optimizer = build(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
@@ -99,8 +110,9 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
         return elapsed_before + time.perf_counter() - start
 
     def save_last():
-        checkpoint.save(last_path, state, metadata={"best_val": best_val, "elapsed_s": elapsed(),
-                                                    "step": int(state.step)})
+        checkpoint.save(
+            last_path, state, metadata={"best_val": best_val, "elapsed_s": elapsed(), "step": int(state.step)}
+        )
 
     metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
     try:
@@ -125,10 +137,14 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
                 recent = []
                 last_dh = np.asarray(m.dh_norms)
                 now = time.perf_counter()
-                row = {"step": step, "loss": train_loss, "grad_norm": float(m.grad_norm),
-                       "seconds": round(elapsed(), 3),
-                       "steps_per_s": (step - last_log_step) / max(now - last_log_t, 1e-9),
-                       "skipped": int(state.nonfinite_total)}
+                row = {
+                    "step": step,
+                    "loss": train_loss,
+                    "grad_norm": float(m.grad_norm),
+                    "seconds": round(elapsed(), 3),
+                    "steps_per_s": (step - last_log_step) / max(now - last_log_t, 1e-9),
+                    "skipped": int(state.nonfinite_total),
+                }
                 last_log_t, last_log_step = now, step
                 if _bits(task, train_loss) is not None:
                     row["bits_per_char"] = _bits(task, train_loss)
@@ -172,9 +188,15 @@ def run(cfg: Config, out_dir, *, resume: bool = False, log: Callable[[str], None
 
 
 def _make_step(cfg: Config, spec, optimizer, task):
-    kwargs = dict(grad=cfg.train.grad, stateful=task.stateful, input_dropout=cfg.train.input_dropout,
-                  output_dropout=cfg.train.output_dropout,
-                  seed=cfg.train.seed, unroll=cfg.train.unroll, recurrence=cfg.train.recurrence)
+    kwargs = dict(
+        grad=cfg.train.grad,
+        stateful=task.stateful,
+        input_dropout=cfg.train.input_dropout,
+        output_dropout=cfg.train.output_dropout,
+        seed=cfg.train.seed,
+        unroll=cfg.train.unroll,
+        recurrence=cfg.train.recurrence,
+    )
     if cfg.train.devices != "1":
         from bptt_jax import parallel
 
@@ -186,20 +208,32 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drops metric rows past ``step`` (written after the checkpoint a resume starts from)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    rows = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
     path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
 
 
 def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_reason, log) -> dict:
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
     summary = {
-        "task": task.name, "steps": int(state.step), "seconds": round(seconds, 2), "stopped_by": stop_reason,
-        "skipped_updates": int(state.nonfinite_total), "best_val_loss": best_val,
+        "task": task.name,
+        "steps": int(state.step),
+        "seconds": round(seconds, 2),
+        "stopped_by": stop_reason,
+        "skipped_updates": int(state.nonfinite_total),
+        "best_val_loss": best_val,
         "final_val_loss": next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None),
-        "baseline": task.baseline, "grad": cfg.train.grad,
-        "spec": {"input_size": spec.input_size, "hidden_sizes": list(spec.hidden_sizes),
-                 "output_size": spec.output_size, "bidirectional": spec.bidirectional},
+        "baseline": task.baseline,
+        "grad": cfg.train.grad,
+        "spec": {
+            "input_size": spec.input_size,
+            "hidden_sizes": list(spec.hidden_sizes),
+            "output_size": spec.output_size,
+            "bidirectional": spec.bidirectional,
+        },
     }
     if task.name in ("text", "infill") and math.isfinite(best_val):
         summary["best_val_bits_per_char"] = best_val / math.log(2)
@@ -209,8 +243,15 @@ def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_r
         summary["dh_norms_last"] = np.asarray(last_dh).tolist()
     if task.name == "text" and (out / "best.ckpt").exists():
         params, _ = checkpoint.load(out / "best.ckpt", state.params)
-        text = sample_text(params, spec, task.vocab, prime=None, length=cfg.output.sample_length,
-                           temperature=cfg.output.temperature, seed=cfg.train.seed)
+        text = sample_text(
+            params,
+            spec,
+            task.vocab,
+            prime=None,
+            length=cfg.output.sample_length,
+            temperature=cfg.output.temperature,
+            seed=cfg.train.seed,
+        )
         (out / "sample.txt").write_text(text, encoding="utf-8")
         summary["sample"] = text
         log("sample from the best checkpoint:\n" + text)

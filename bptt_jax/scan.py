@@ -6,7 +6,7 @@ Every scan here equals a plain Python loop over ``cell.step``; each docstring st
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from bptt_jax.params import LayerParams, RNNParams, RNNSpec
 Array = jax.Array
 
 
-def reverse_padded(xs: Array, lengths: Optional[Array]) -> Array:
+def reverse_padded(xs: Array, lengths: Array | None) -> Array:
     """Reverses each sequence's valid prefix in time and leaves its padding where it is.
 
     Args:
@@ -39,15 +39,22 @@ def reverse_padded(xs: Array, lengths: Optional[Array]) -> Array:
     return jnp.take_along_axis(xs, idx, axis=0)
 
 
-def valid_mask(lengths: Optional[Array], t_len: int) -> Optional[Array]:
+def valid_mask(lengths: Array | None, t_len: int) -> Array | None:
     """[T, B] booleans, True where t < lengths[b]; None when lengths is None."""
     if lengths is None:
         return None
     return jnp.arange(t_len)[:, None] < lengths[None, :]
 
 
-def _unroll_whole(layer: LayerParams, activation: str, xs: Array, h0: Array, valid: Optional[Array],
-                  unroll: int, recurrence: str = "scan") -> Array:
+def _unroll_whole(
+    layer: LayerParams,
+    activation: str,
+    xs: Array,
+    h0: Array,
+    valid: Array | None,
+    unroll: int,
+    recurrence: str = "scan",
+) -> Array:
     us = xs @ layer.w1 + layer.b1  # [T, B, N1], one matmul for all t
     if recurrence == "pallas":
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
@@ -63,7 +70,11 @@ def _unroll_whole(layer: LayerParams, activation: str, xs: Array, h0: Array, val
     return hs
 
 
-def pad_time(a: Optional[Array], pad: int, value=0) -> Optional[Array]:
+@overload
+def pad_time(a: Array, pad: int, value=0) -> Array: ...
+@overload
+def pad_time(a: None, pad: int, value=0) -> None: ...
+def pad_time(a: Array | None, pad: int, value=0) -> Array | None:
     """Appends ``pad`` steps filled with ``value`` along axis 0 (time); None stays None."""
     if a is None or pad == 0:
         return a
@@ -75,15 +86,15 @@ def unroll_layer(
     activation: str,
     xs: Array,
     h0: Array,
-    valid: Optional[Array] = None,
+    valid: Array | None = None,
     *,
     unroll: int = 1,
-    block_size: Optional[int] = None,
+    block_size: int | None = None,
     recurrence: str = "scan",
 ) -> Array:
     """Runs one layer (one direction) over time, with the input projection hoisted out of the scan.
 
-    Equals the Python loop (tests/reference.py keeps it):
+    Equals the Python loop (tests/reference.py keeps it)::
 
         h = h0
         for t in range(T):
@@ -116,8 +127,8 @@ def unroll_layer(
     pad = n_blocks * c - t_len
     if pad and valid is None:
         valid = jnp.ones(xs.shape[:2], bool)
-    xs_b = pad_time(xs, pad).reshape((n_blocks, c) + xs.shape[1:])  # [nb, C, B, N]
-    valid_b = None if valid is None else pad_time(valid, pad, False).reshape((n_blocks, c) + valid.shape[1:])
+    xs_b = jnp.reshape(pad_time(xs, pad), (n_blocks, c) + xs.shape[1:])  # [nb, C, B, N]
+    valid_b = None if valid is None else jnp.reshape(pad_time(valid, pad, False), (n_blocks, c) + valid.shape[1:])
 
     def block(h_in, inp):
         x_blk, valid_blk = inp
@@ -137,7 +148,7 @@ class LayerTrace(NamedTuple):
     merged: Array  # [T, B, N_out] the merged states, in input time
 
 
-def merge(spec: RNNSpec, h_fwd: Array, h_rev: Optional[Array]) -> Array:
+def merge(spec: RNNSpec, h_fwd: Array, h_rev: Array | None) -> Array:
     """Merges the two directions' states at every t: concat (forward first) or sum."""
     if h_rev is None:
         return h_fwd
@@ -151,10 +162,10 @@ def run_stack(
     spec: RNNSpec,
     xs: Array,
     h0: tuple[Array, ...],
-    lengths: Optional[Array],
+    lengths: Array | None,
     *,
     unroll: int = 1,
-    block_size: Optional[int] = None,
+    block_size: int | None = None,
     recurrence: str = "scan",
 ) -> tuple[LayerTrace, ...]:
     """Runs every layer bottom to top; layer k reads the merged states of layer k-1.
@@ -175,9 +186,17 @@ def run_stack(
     traces = []
     inputs = xs
     for k in range(spec.num_layers):  # a loop over layers, not time
-        hs_f = unroll_layer(params.layers[k], spec.activation, inputs, h0[k * d], valid, unroll=unroll,
-                            block_size=block_size, recurrence=recurrence)
-        states = (hs_f,)
+        hs_f = unroll_layer(
+            params.layers[k],
+            spec.activation,
+            inputs,
+            h0[k * d],
+            valid,
+            unroll=unroll,
+            block_size=block_size,
+            recurrence=recurrence,
+        )
+        states: tuple[Array, ...] = (hs_f,)
         hs_r_input_time = None
         if spec.bidirectional:
             hs_r = unroll_layer(
@@ -235,11 +254,11 @@ def forward(
     spec: RNNSpec,
     xs: Array,
     *,
-    h0: Optional[tuple[Array, ...]] = None,
-    lengths: Optional[Array] = None,
+    h0: tuple[Array, ...] | None = None,
+    lengths: Array | None = None,
     unroll: int = 1,
     recurrence: str = "auto",
-    check_values: Optional[bool] = None,
+    check_values: bool | None = None,
     check_finite: bool = False,
 ) -> ForwardOutput:
     """Runs the network over a batch of sequences.
@@ -264,7 +283,7 @@ def forward(
     if not isinstance(spec, RNNSpec):
         raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
     if lengths is not None and not hasattr(lengths, "dtype"):
-        lengths = np.asarray(lengths)
+        lengths = np.asarray(lengths)  # type: ignore[assignment]  # a host array: its values are checked
     shape = getattr(xs, "shape", None)
     if lengths is not None and shape is not None and len(shape) == 3 and checks.readable(lengths, check_values):
         lengths = checks.check_lengths(lengths, shape[0], shape[1], check_values)

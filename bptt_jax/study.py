@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from bptt_jax import runner
 from bptt_jax.config import load_config
@@ -39,12 +40,18 @@ def run_entries(entries: Sequence[Entry], out_dir, *, log=print) -> dict[str, di
             except runner.RunError as err:  # e.g. diverged: keep what it reached, say why it stopped
                 rows = _rows(run_dir)
                 vals = [r["val_loss"] for r in rows if "val_loss" in r]
-                summary = {"steps": rows[-1]["step"] if rows else 0, "seconds": rows[-1]["seconds"] if rows else 0.0,
-                           "best_val_loss": min(vals) if vals else math.nan, "stopped_by": f"error: {err}",
-                           "baseline": {}}
+                summary = {
+                    "steps": rows[-1]["step"] if rows else 0,
+                    "seconds": rows[-1]["seconds"] if rows else 0.0,
+                    "best_val_loss": min(vals) if vals else math.nan,
+                    "stopped_by": f"error: {err}",
+                    "baseline": {},
+                }
                 (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            log(f"[{e.label}] done in {time.perf_counter() - t0:.0f} s: best validation loss {summary['best_val_loss']:.4f}"
-                f" (stopped by {summary.get('stopped_by')})")
+            log(
+                f"[{e.label}] done in {time.perf_counter() - t0:.0f} s: best validation loss {summary['best_val_loss']:.4f}"
+                f" (stopped by {summary.get('stopped_by')})"
+            )
         rows = _rows(run_dir)
         results[e.label] = {"summary": summary, "rows": rows}
     return results
@@ -68,8 +75,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: dict, out_path, *, key: str = "val_loss", scale: float = 1.0, ylabel: str = "validation loss",
-                logy: bool = False) -> None:
+def plot_curves(
+    results: dict,
+    out_path,
+    *,
+    key: str = "val_loss",
+    scale: float = 1.0,
+    ylabel: str = "validation loss",
+    logy: bool = False,
+) -> None:
     """Two panels: `key` against steps and against seconds, one line per run."""
     import matplotlib
 

@@ -15,7 +15,6 @@ optimizer state and the carried state stay as they were (the carry is reset to z
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -71,7 +70,9 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     elif o.clip == "value":
         parts.append(optax.clip(o.clip_value))  # element-wise, min-char-rnn's np.clip(g, -5, 5)
     if o.name == "adam":
-        parts.append(optax.adamw(lr, eps=o.eps, weight_decay=o.weight_decay) if o.weight_decay else optax.adam(lr, eps=o.eps))
+        parts.append(
+            optax.adamw(lr, eps=o.eps, weight_decay=o.weight_decay) if o.weight_decay else optax.adam(lr, eps=o.eps)
+        )
         return optax.chain(*parts)
     if o.weight_decay:
         parts.append(optax.add_decayed_weights(o.weight_decay))
@@ -88,12 +89,17 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def init_state(key: Array, spec: RNNSpec, optimizer, batch_size: int, *, scheme="uniform",
-               scale=1.0, dtype=jnp.float32) -> TrainState:
+def init_state(
+    key: Array, spec: RNNSpec, optimizer, batch_size: int, *, scheme="uniform", scale=1.0, dtype=jnp.float32
+) -> TrainState:
     params = init_params(key, spec, scheme=scheme, scale=scale, dtype=dtype)
     return TrainState(
-        jnp.zeros((), jnp.int32), params, optimizer.init(params),
-        scan.default_h0(spec, batch_size, dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+        params,
+        optimizer.init(params),
+        scan.default_h0(spec, batch_size, dtype),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
     )
 
 
@@ -101,10 +107,20 @@ def _tree_where(pred, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad: str = "bptt", *,
-                    stateful: bool = False, input_dropout: float = 0.0, output_dropout: float = 0.0,
-                    seed: int = 0, unroll: int = 1, recurrence: str = "auto",
-                    axis_name=None, jit: bool = True):
+def make_train_step(
+    spec: RNNSpec,
+    optimizer: optax.GradientTransformation,
+    grad: str = "bptt",
+    *,
+    stateful: bool = False,
+    input_dropout: float = 0.0,
+    output_dropout: float = 0.0,
+    seed: int = 0,
+    unroll: int = 1,
+    recurrence: str = "auto",
+    axis_name=None,
+    jit: bool = True,
+):
     """The pure train step ``(state, batch) -> (state, metrics)``, jitted once.
 
     Args:
@@ -150,13 +166,34 @@ def make_train_step(spec: RNNSpec, optimizer: optax.GradientTransformation, grad
         else:
             h0 = tuple(jnp.zeros_like(h) for h in state.carry)
         if grad == "bptt":
-            value, grads, aux = bptt(state.params, spec, xs, batch.targets, weights=batch.weights, h0=h0,
-                                     output_mask=output_mask, unroll=unroll, recurrence=recurrence)
+            value, grads, aux = bptt(
+                state.params,
+                spec,
+                xs,
+                batch.targets,
+                weights=batch.weights,
+                h0=h0,
+                output_mask=output_mask,
+                unroll=unroll,
+                recurrence=recurrence,
+                diagnostics=True,  # the dh_norms profile of the metrics
+            )
+            assert aux.dh_norms is not None  # asked for with diagnostics=True
             dh_norms, h_last = aux.dh_norms, aux.h_last
         else:
             (value, h_last), grads = jax.value_and_grad(
-                lambda p: loss_and_state(p, spec, xs, batch.targets, weights=batch.weights, h0=h0,
-                                         output_mask=output_mask, unroll=unroll, recurrence=recurrence), has_aux=True
+                lambda p: loss_and_state(
+                    p,
+                    spec,
+                    xs,
+                    batch.targets,
+                    weights=batch.weights,
+                    h0=h0,
+                    output_mask=output_mask,
+                    unroll=unroll,
+                    recurrence=recurrence,
+                ),
+                has_aux=True,
             )(state.params)
             dh_norms = jnp.full((xs.shape[0], len(h0)), jnp.nan, xs.dtype)
         if axis_name is not None:  # mean over shards = the global batch mean

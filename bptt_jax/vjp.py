@@ -11,13 +11,12 @@ gradient is zero.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.bptt import auto_block_size, stack_backward
 from bptt_jax import checks, kernels, scan
+from bptt_jax.bptt import auto_block_size, stack_backward
 from bptt_jax.params import RNNParams, RNNSpec
 
 Array = jax.Array
@@ -39,7 +38,14 @@ def _states_bwd(spec, unroll, recurrence, residuals, ct):
     t_len, batch = ct.shape[:2]
     c = auto_block_size(t_len, batch, max(max(spec.hidden_sizes), ct.shape[-1]))
     g_layers, g_reverse, dxs, dh0, _ = stack_backward(
-        params, spec, traces, h0, lengths, ct, with_norms=False, unroll=unroll,
+        params,
+        spec,
+        traces,
+        h0,
+        lengths,
+        ct,
+        with_norms=False,
+        unroll=unroll,
         block_size=None if recurrence == "pallas" or t_len % c else c,  # residual states are not padded
         recurrence=recurrence,
     )
@@ -55,8 +61,8 @@ def rnn_states(
     spec: RNNSpec,
     xs: Array,
     *,
-    h0: Optional[tuple[Array, ...]] = None,
-    lengths: Optional[Array] = None,
+    h0: tuple[Array, ...] | None = None,
+    lengths: Array | None = None,
     unroll: int = 1,
     recurrence: str = "auto",
 ) -> Array:

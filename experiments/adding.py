@@ -31,8 +31,13 @@ def main():
         lr = 1e-3 if t <= 150 else args.lr_long
         steps = 20000 if t <= 150 else args.steps_long
         clip = 10.0 if t <= 150 else args.clip_long
-        common = (f"data.adding_length={t}", f"train.time_limit_s={args.budget}", f"optim.learning_rate={lr}",
-                  f"train.steps={steps}", f"optim.clip_value={clip}")
+        common = (
+            f"data.adding_length={t}",
+            f"train.time_limit_s={args.budget}",
+            f"optim.learning_rate={lr}",
+            f"train.steps={steps}",
+            f"optim.clip_value={clip}",
+        )
         entries.append(Entry(f"irnn_T{t}", str(ROOT / "configs/adding_irnn.toml"), common))
         entries.append(Entry(f"tanh_T{t}", str(ROOT / "configs/adding_tanh.toml"), common))
     results = run_entries(entries, args.out)
@@ -41,10 +46,20 @@ def main():
         s = res["summary"]
         hit = next((r for r in res["rows"] if r.get("val_loss", math.inf) < 0.01), None)
         stopped = "diverged (NaN)" if "non-finite" in str(s.get("stopped_by")) else s.get("stopped_by")
-        rows.append([label, s["best_val_loss"], s["steps"], s["seconds"],
-                     hit["step"] if hit else "never", hit["seconds"] if hit else "never", stopped])
-    table = markdown_table(["run", "best test MSE", "steps", "seconds", "step MSE<0.01", "seconds MSE<0.01",
-                            "stopped by"], rows)
+        rows.append(
+            [
+                label,
+                s["best_val_loss"],
+                s["steps"],
+                s["seconds"],
+                hit["step"] if hit else "never",
+                hit["seconds"] if hit else "never",
+                stopped,
+            ]
+        )
+    table = markdown_table(
+        ["run", "best test MSE", "steps", "seconds", "step MSE<0.01", "seconds MSE<0.01", "stopped by"], rows
+    )
     table += "\nBaseline: always predicting 1 scores MSE 1/6 = 0.167.\n"
     Path(args.out, "results.md").write_text(table)
     plot_curves(results, Path(args.out, "adding.png"), ylabel="test MSE", logy=True)

@@ -27,12 +27,15 @@ def main():
     args = ap.parse_args()
     cfg = str(ROOT / "configs/char_lm.toml")
     short = (f"train.steps={args.agree_steps}", "train.time_limit_s=0", "train.eval_every=100", "train.log_every=1")
-    results = run_entries([
-        Entry("bptt_short", cfg, short + ("train.grad='bptt'",)),
-        Entry("autodiff_short", cfg, short + ("train.grad='autodiff'",)),
-        Entry("default", cfg, (f"train.time_limit_s={args.budget}",)),
-        Entry("min_char_rnn", str(ROOT / "configs/min_char_rnn.toml"), (f"train.time_limit_s={args.budget}",)),
-    ], args.out)
+    results = run_entries(
+        [
+            Entry("bptt_short", cfg, short + ("train.grad='bptt'",)),
+            Entry("autodiff_short", cfg, short + ("train.grad='autodiff'",)),
+            Entry("default", cfg, (f"train.time_limit_s={args.budget}",)),
+            Entry("min_char_rnn", str(ROOT / "configs/min_char_rnn.toml"), (f"train.time_limit_s={args.budget}",)),
+        ],
+        args.out,
+    )
     # Same seed, same batches, same dropout masks: the two runs differ only by float32 rounding,
     # which the training dynamics (Adam divides by tiny second moments) amplify after a while.
     ra, rb = results["bptt_short"]["rows"], results["autodiff_short"]["rows"]
@@ -44,16 +47,27 @@ def main():
         s = res["summary"]
         rows.append([label, s["best_val_loss"] / LN2, s["steps"], s["seconds"], s["steps"] / max(s["seconds"], 1e-9)])
     table = markdown_table(["run", "best validation bits/char", "steps", "seconds", "steps/s"], rows)
-    table += (f"\nbptt vs autodiff, same seed and batches: largest relative difference of the training loss "
-              f"over steps 1-20: {max(rel[:20]):.1e}; over steps 1-100: {max(rel[:100]):.1e}; first step "
-              f"above 1e-4: {first_off or 'none'}. Validation bits/char (step, bptt, autodiff): "
-              + ", ".join(f"({s}, {a:.4f}, {b:.4f})" for s, a, b in agree) + ".\nUnigram baseline: "
-              f"{results['default']['summary']['baseline']['unigram_entropy_bits']:.3f} bits/char.\n")
+    table += (
+        f"\nbptt vs autodiff, same seed and batches: largest relative difference of the training loss "
+        f"over steps 1-20: {max(rel[:20]):.1e}; over steps 1-100: {max(rel[:100]):.1e}; first step "
+        f"above 1e-4: {first_off or 'none'}. Validation bits/char (step, bptt, autodiff): "
+        + ", ".join(f"({s}, {a:.4f}, {b:.4f})" for s, a, b in agree)
+        + ".\nUnigram baseline: "
+        f"{results['default']['summary']['baseline']['unigram_entropy_bits']:.3f} bits/char.\n"
+    )
     Path(args.out, "results.md").write_text(table)
-    plot_curves({k: results[k] for k in ("default", "min_char_rnn")}, Path(args.out, "char_lm.png"),
-                scale=1 / LN2, ylabel="validation bits per character")
-    plot_curves({k: results[k] for k in ("bptt_short", "autodiff_short")}, Path(args.out, "bptt_vs_autodiff.png"),
-                scale=1 / LN2, ylabel="validation bits per character")
+    plot_curves(
+        {k: results[k] for k in ("default", "min_char_rnn")},
+        Path(args.out, "char_lm.png"),
+        scale=1 / LN2,
+        ylabel="validation bits per character",
+    )
+    plot_curves(
+        {k: results[k] for k in ("bptt_short", "autodiff_short")},
+        Path(args.out, "bptt_vs_autodiff.png"),
+        scale=1 / LN2,
+        ylabel="validation bits per character",
+    )
     print(table)
 
 

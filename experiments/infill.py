@@ -20,10 +20,13 @@ def main():
     ap.add_argument("--out", default="runs/infill_study")
     args = ap.parse_args()
     common = (f"train.time_limit_s={args.budget}",)
-    results = run_entries([
-        Entry("bidirectional", str(ROOT / "configs/infill_bi.toml"), common),
-        Entry("unidirectional", str(ROOT / "configs/infill_uni.toml"), common),
-    ], args.out)
+    results = run_entries(
+        [
+            Entry("bidirectional", str(ROOT / "configs/infill_bi.toml"), common),
+            Entry("unidirectional", str(ROOT / "configs/infill_uni.toml"), common),
+        ],
+        args.out,
+    )
     rows = []
     for label, res in results.items():
         s = res["summary"]

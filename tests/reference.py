@@ -56,8 +56,13 @@ def loop_forward(params, spec, xs, h0, lengths=None):
                 n = t_len if lengths is None else int(lengths[b])
                 seq = inputs[:, b : b + 1]
                 rev_in = jnp.concatenate([seq[:n][::-1], seq[n:]], axis=0)
-                hr = loop_layer(params.reverse_layers[k], spec.activation, rev_in, h0[k * d + 1][b : b + 1],
-                                None if lengths is None else jnp.array([n]))
+                hr = loop_layer(
+                    params.reverse_layers[k],
+                    spec.activation,
+                    rev_in,
+                    h0[k * d + 1][b : b + 1],
+                    None if lengths is None else jnp.array([n]),
+                )
                 cols.append(jnp.concatenate([hr[:n][::-1], hr[n:]], axis=0))
             hs_r = jnp.concatenate(cols, axis=1)
             all_hs.append(hs_r)
@@ -113,13 +118,15 @@ def problems(draw, *, bidirectional=None, max_t=6, max_layers=3, lengths=None):
     use_h0 = draw(st.booleans())
     int_targets = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
-    spec = RNNSpec(n, hidden, m, activation=act, output_activation=out_act, divergence=div,
-                   bidirectional=bidir, merge=merge)
+    spec = RNNSpec(
+        n, hidden, m, activation=act, output_activation=out_act, divergence=div, bidirectional=bidir, merge=merge
+    )
     return make_problem(spec, t_len, batch, seed, use_lengths, use_weights, use_h0, int_targets)
 
 
-def make_problem(spec, t_len, batch, seed, use_lengths=False, use_weights=False, use_h0=False,
-                 int_targets=True, dtype=jnp.float32):
+def make_problem(
+    spec, t_len, batch, seed, use_lengths=False, use_weights=False, use_h0=False, int_targets=True, dtype=jnp.float32
+):
     rng = np.random.RandomState(seed)
     params = init_params(jax.random.key(seed), spec, dtype=dtype)
     # Scale weights up a little so the recurrence matters, keeping values moderate.

@@ -35,12 +35,15 @@ def test_output_vjp_equals_jax_vjp(name, materialize):
     z = jnp.array([[0.3, -1.2, 0.5], [0.7, 0.1, -0.4]])
     dy = jnp.array([[1.0, -2.0, 0.5], [0.2, 0.3, -0.1]])
     y, pullback = jax.vjp(lambda v: activations.output(name, v), z)
-    np.testing.assert_allclose(activations.output_vjp(name, y, dy, materialize=materialize),
-                               pullback(dy)[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        activations.output_vjp(name, y, dy, materialize=materialize), pullback(dy)[0], rtol=1e-6, atol=1e-7
+    )
 
 
 def test_unknown_names():
-    with pytest.raises(ValueError, match=r"activation: unknown name 'gelu'; allowed: \['identity', 'relu', 'sigmoid', 'tanh'\]"):
+    with pytest.raises(
+        ValueError, match=r"activation: unknown name 'gelu'; allowed: \['identity', 'relu', 'sigmoid', 'tanh'\]"
+    ):
         activations.hidden("gelu")
     with pytest.raises(ValueError, match="output_activation: unknown name 'relu'"):
         activations.output("relu", jnp.zeros(2))

@@ -2,13 +2,12 @@
 
 import chex
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from jax.flatten_util import ravel_pytree
 
 import bptt_jax as bj
 from bptt_jax.bptt import loss_and_state
@@ -23,8 +22,7 @@ MEASURED = {"float32": 0.0, "float64": 0.0}
 
 def _autodiff(p: ref.Problem):
     """jax.value_and_grad of the plain loss w.r.t. params, h0 and xs (the oracle)."""
-    h0 = p.h0 if p.h0 is not None else tuple(
-        jnp.zeros((p.xs.shape[1], n1), p.xs.dtype) for n1 in p.spec.state_sizes())
+    h0 = p.h0 if p.h0 is not None else tuple(jnp.zeros((p.xs.shape[1], n1), p.xs.dtype) for n1 in p.spec.state_sizes())
 
     def f(params, h0, xs):
         return bj.loss(params, p.spec, xs, p.targets, weights=p.weights, lengths=p.lengths, h0=h0)
@@ -34,14 +32,22 @@ def _autodiff(p: ref.Problem):
 
 
 class BPTTEqualsAutodiffTest(chex.TestCase):
-
     def _check(self, p: ref.Problem, dtype, generic=False, block=None):
         p = ref.cast(p, dtype)
         c = ref.block_size(block, p.xs.shape[0])
         run = self.variant(
             lambda params, xs, targets, weights, lengths, h0: bj.bptt(
-                params, p.spec, xs, targets, weights=weights, lengths=lengths, h0=h0, generic=generic,
-                block_size=c, with_dxs=True)
+                params,
+                p.spec,
+                xs,
+                targets,
+                weights=weights,
+                lengths=lengths,
+                h0=h0,
+                generic=generic,
+                block_size=c,
+                with_dxs=True,
+            )
         )
         value, grads, aux = run(p.params, p.xs, p.targets, p.weights, p.lengths, p.h0)
         want_value, want_g, want_dh0, want_dxs = _autodiff(p)
@@ -85,10 +91,12 @@ class BPTTEqualsAutodiffTest(chex.TestCase):
     def test_generic_jacobian_path_equals_fused(self, problem):
         with jax.enable_x64(True):
             p = ref.cast(problem, jnp.float64)
-            fused = self.variant(lambda: bj.bptt(p.params, p.spec, p.xs, p.targets, weights=p.weights,
-                                                  lengths=p.lengths, h0=p.h0))()
-            generic = bj.bptt(p.params, p.spec, p.xs, p.targets, weights=p.weights, lengths=p.lengths,
-                              h0=p.h0, generic=True)
+            fused = self.variant(
+                lambda: bj.bptt(p.params, p.spec, p.xs, p.targets, weights=p.weights, lengths=p.lengths, h0=p.h0)
+            )()
+            generic = bj.bptt(
+                p.params, p.spec, p.xs, p.targets, weights=p.weights, lengths=p.lengths, h0=p.h0, generic=True
+            )
             self.assertLess(ref.max_rel_err(generic[:2], fused[:2]), 1e-10)
 
 
@@ -98,8 +106,9 @@ def test_finite_differences_float64(bidirectional, activation):
     with jax.enable_x64(True):
         spec = bj.RNNSpec(2, (3, 2), 3, activation=activation, bidirectional=bidirectional)
         p = ref.cast(ref.make_problem(spec, 4, 2, seed=7, use_lengths=True, use_h0=True), jnp.float64)
-        _, grads, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0, block_size=3,
-                                with_dxs=True)
+        _, grads, aux = bj.bptt(
+            p.params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0, block_size=3, with_dxs=True
+        )
         f = lambda params, xs: bj.loss(params, spec, xs, p.targets, lengths=p.lengths, h0=p.h0)
         flat, unravel = ravel_pytree((p.params, p.xs))
         g_flat, _ = ravel_pytree((grads, aux.dxs))
@@ -121,8 +130,9 @@ def test_padded_batch_equals_sequences_alone(bidirectional, merge):
         # Garbage in the padding must not matter.
         pad = jnp.arange(7)[:, None, None] >= lengths[None, :, None]
         xs = jnp.where(pad, 1e3, p.xs)
-        value, grads, aux = bj.bptt(p.params, spec, xs, p.targets, lengths=lengths, h0=p.h0, block_size=2,
-                                    with_dxs=True)
+        value, grads, aux = bj.bptt(
+            p.params, spec, xs, p.targets, lengths=lengths, h0=p.h0, block_size=2, with_dxs=True
+        )
         total_v, total_g = 0.0, jax.tree_util.tree_map(jnp.zeros_like, p.params)
         for b in range(3):
             n = int(lengths[b])
@@ -164,7 +174,7 @@ def test_dh_norms_is_the_norm_of_dh_t(block_size):
     """dh_norms[t] = mean_b ||dDIV/dh(t)||, checked against jax.grad w.r.t. an additive probe on h(t)."""
     spec = bj.RNNSpec(2, (3,), 2)
     p = ref.make_problem(spec, 5, 2, seed=5)
-    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets, block_size=block_size)
+    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets, block_size=block_size, diagnostics=True)
     layer = p.params.layers[0]
 
     def loss_with_probe(eps):  # eps: [T, B, N1] added to h(t) after the cell
@@ -191,8 +201,9 @@ class OutputMaskTest(chex.TestCase):
         rng = np.random.RandomState(seed)
         mask = jnp.asarray(rng.rand(*p.xs.shape[:2], n_top) < 0.7, dtype) / 0.7
         kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0, output_mask=mask)
-        value, grads, aux = self.variant(lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, block_size=c,
-                                                                    with_dxs=True, **kw))(p.params, p.xs)
+        value, grads, aux = self.variant(
+            lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, block_size=c, with_dxs=True, **kw)
+        )(p.params, p.xs)
         f = lambda params, xs: bj.loss(params, p.spec, xs, p.targets, **kw)
         want_v, (want_g, want_dxs) = jax.value_and_grad(f, argnums=(0, 1))(p.params, p.xs)
         self.assertLess(ref.max_rel_err((value, grads, aux.dxs), (want_v, want_g, want_dxs)), tol)
@@ -222,7 +233,8 @@ def test_loss_and_state_gives_the_forward_final_states(problem):
     p = problem
     kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
     (value, h_last), grads = jax.value_and_grad(
-        lambda q: loss_and_state(q, p.spec, p.xs, p.targets, **kw), has_aux=True)(p.params)
+        lambda q: loss_and_state(q, p.spec, p.xs, p.targets, **kw), has_aux=True
+    )(p.params)
     assert ref.max_rel_err(value, bj.loss(p.params, p.spec, p.xs, p.targets, **kw)) < 1e-6
     want = bj.forward(p.params, p.spec, p.xs, h0=p.h0, lengths=p.lengths).h_last
     assert ref.max_rel_err(h_last, want) == 0.0

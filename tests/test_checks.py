@@ -23,23 +23,63 @@ def _bptt(**kw):
     "kw,exc,message",
     [
         (dict(xs=jnp.zeros((6, 3))), ValueError, r"xs: expected rank 3 \[T, B, N\] \(time-major\), got shape \(6, 3\)"),
-        (dict(xs=jnp.zeros((6, 2, 7))), ValueError, r"xs: expected feature size N=3 \(spec.input_size\), got shape \(6, 2, 7\)"),
-        (dict(xs=jnp.zeros((0, 2, 3)), targets=jnp.zeros((0, 2), jnp.int32)), ValueError, r"xs: expected T >= 1 and B >= 1, got shape \(0, 2, 3\)"),
-        (dict(xs=jnp.zeros((6, 0, 3)), targets=jnp.zeros((6, 0), jnp.int32)), ValueError, r"xs: expected T >= 1 and B >= 1, got shape \(6, 0, 3\)"),
-        (dict(xs=jnp.zeros((6, 2, 3), jnp.int32)), TypeError, r"xs: expected a floating dtype \(float32 or float64\), got int32"),
-        (dict(targets=jnp.zeros((6, 3), jnp.int32)), ValueError, r"targets: expected integer class indices of shape \(6, 2\) = \[T, B\], got \(6, 3\)"),
-        (dict(targets=np.full((6, 2), 5, np.int32)), ValueError, r"targets: class indices must lie in \[0, M=5\), got min 5 and max 5"),
-        (dict(targets=jnp.full((6, 2), 5, jnp.int32), check_values=True), ValueError, r"targets: class indices must lie in \[0, M=5\), got min 5 and max 5"),
-        (dict(targets=jnp.zeros((6, 2, 4))), ValueError, r"targets: expected shape \(6, 2, 5\) = \[T, B, M\], got \(6, 2, 4\)"),
+        (
+            dict(xs=jnp.zeros((6, 2, 7))),
+            ValueError,
+            r"xs: expected feature size N=3 \(spec.input_size\), got shape \(6, 2, 7\)",
+        ),
+        (
+            dict(xs=jnp.zeros((0, 2, 3)), targets=jnp.zeros((0, 2), jnp.int32)),
+            ValueError,
+            r"xs: expected T >= 1 and B >= 1, got shape \(0, 2, 3\)",
+        ),
+        (
+            dict(xs=jnp.zeros((6, 0, 3)), targets=jnp.zeros((6, 0), jnp.int32)),
+            ValueError,
+            r"xs: expected T >= 1 and B >= 1, got shape \(6, 0, 3\)",
+        ),
+        (
+            dict(xs=jnp.zeros((6, 2, 3), jnp.int32)),
+            TypeError,
+            r"xs: expected a floating dtype \(float32 or float64\), got int32",
+        ),
+        (
+            dict(targets=jnp.zeros((6, 3), jnp.int32)),
+            ValueError,
+            r"targets: expected integer class indices of shape \(6, 2\) = \[T, B\], got \(6, 3\)",
+        ),
+        (
+            dict(targets=np.full((6, 2), 5, np.int32)),
+            ValueError,
+            r"targets: class indices must lie in \[0, M=5\), got min 5 and max 5",
+        ),
+        (
+            dict(targets=jnp.full((6, 2), 5, jnp.int32), check_values=True),
+            ValueError,
+            r"targets: class indices must lie in \[0, M=5\), got min 5 and max 5",
+        ),
+        (
+            dict(targets=jnp.zeros((6, 2, 4))),
+            ValueError,
+            r"targets: expected shape \(6, 2, 5\) = \[T, B, M\], got \(6, 2, 4\)",
+        ),
         (dict(lengths=np.array([7, 2])), ValueError, r"lengths: expected values in \[0, T=6\], got min 2 and max 7"),
         (dict(lengths=[-1, 2]), ValueError, r"lengths: expected values in \[0, T=6\], got min -1 and max 2"),
-        (dict(lengths=jnp.array([7, 2]), check_values=True), ValueError, r"lengths: expected values in \[0, T=6\], got min 2 and max 7"),
+        (
+            dict(lengths=jnp.array([7, 2]), check_values=True),
+            ValueError,
+            r"lengths: expected values in \[0, T=6\], got min 2 and max 7",
+        ),
         (dict(lengths=jnp.array([1, 2, 3])), ValueError, r"lengths: expected shape \(2,\) = \[B\], got \(3,\)"),
         (dict(lengths=jnp.array([1.0, 2.0])), TypeError, r"lengths: expected an integer dtype, got float32"),
         (dict(weights=jnp.ones((6,))), ValueError, r"weights: expected shape \(6, 2\) = \[T, B\], got \(6,\)"),
         (dict(h0=(jnp.zeros((2, 5)),)), ValueError, r"h0\[0\]: expected shape \(2, 4\) = \[B, N1\], got \(2, 5\)"),
         (dict(h0=(jnp.zeros((2, 4)),) * 2), ValueError, r"h0: expected 1 entries \(layers=1 x directions=1\), got 2"),
-        (dict(params=bj.init_params(jax.random.key(0), bj.RNNSpec(3, (6,), 5))), ValueError, r"params.layers\[0\].w1: expected shape \(3, 4\), got \(3, 6\)"),
+        (
+            dict(params=bj.init_params(jax.random.key(0), bj.RNNSpec(3, (6,), 5))),
+            ValueError,
+            r"params.layers\[0\].w1: expected shape \(3, 4\), got \(3, 6\)",
+        ),
         (dict(params={"w": 1}), ValueError, r"params: expected an RNNParams, got dict"),
         (dict(block_size=0), ValueError, r"block_size: expected a positive int or None, got 0"),
     ],
@@ -73,8 +113,10 @@ def test_shape_checks_still_run_under_jit():
         f(jnp.zeros((6, 2, 2)))
 
 
-@pytest.mark.parametrize("kw", [dict(targets=jnp.full((6, 2), 5, jnp.int32)), dict(lengths=jnp.array([7, 2])),
-                                dict(lengths=jnp.array([-1, 2]))])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(targets=jnp.full((6, 2), 5, jnp.int32)), dict(lengths=jnp.array([7, 2])), dict(lengths=jnp.array([-1, 2]))],
+)
 def test_device_values_out_of_range_give_nan_not_a_wrong_number(kw):
     """Device arrays are not read back by default; the in-graph check makes DIV and grads NaN."""
     value, grads, _ = _bptt(**kw)

@@ -12,9 +12,20 @@ from bptt_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.joinpath("configs").glob("*.toml"))
-TINY = ["model.hidden_sizes=[8]", "data.seq_len=8", "data.batch_size=2", "data.adding_length=10",
-        "data.test_size=4", "train.steps=2", "train.log_every=1", "train.eval_every=2",
-        "train.checkpoint_every=1", "train.time_limit_s=0", "output.sample_length=5", "output.plots=false"]
+TINY = [
+    "model.hidden_sizes=[8]",
+    "data.seq_len=8",
+    "data.batch_size=2",
+    "data.adding_length=10",
+    "data.test_size=4",
+    "train.steps=2",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.checkpoint_every=1",
+    "train.time_limit_s=0",
+    "output.sample_length=5",
+    "output.plots=false",
+]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -31,10 +42,11 @@ def _tiny_text_config(tmp_path, extra=()):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(
-        "[data]\ncorpus = 'file'\npath = '%s'\nseq_len = 8\nbatch_size = 2\n"
+        f"[data]\ncorpus = 'file'\npath = '{text.as_posix()}'\nseq_len = 8\nbatch_size = 2\n"
         "[model]\nhidden_sizes = [8]\n"
         "[train]\nsteps = 6\nlog_every = 1\neval_every = 3\ncheckpoint_every = 2\ninput_dropout = 0.1\noutput_dropout = 0.1\n"
-        "[output]\nsample_length = 10\nplots = true\n" % text.as_posix())
+        "[output]\nsample_length = 10\nplots = true\n"
+    )
     return cfg
 
 
@@ -42,8 +54,16 @@ def test_run_then_sample_then_gradcheck(tmp_path, capsys):
     cfg = _tiny_text_config(tmp_path)
     out = tmp_path / "run"
     assert cli.main(["run", str(cfg), "--out", str(out)]) == 0
-    for name in ("config.toml", "metrics.jsonl", "summary.json", "last.ckpt", "best.ckpt", "loss.png",
-                 "dh_norms.png", "sample.txt"):
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "last.ckpt",
+        "best.ckpt",
+        "loss.png",
+        "dh_norms.png",
+        "sample.txt",
+    ):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and "best_val_bits_per_char" in summary
@@ -117,9 +137,18 @@ def test_corrupt_checkpoint_is_not_resumed(tmp_path):
 
 
 def test_nonfinite_run_stops_with_message(tmp_path):
-    cfg = load_config(_tiny_text_config(tmp_path), ["optim.learning_rate=1e30", "optim.clip='none'", "model.activation='identity'",
-                                                     "optim.name='sgd'", "train.max_nonfinite=2",
-                                                     "train.steps=50", "output.plots=false"])
+    cfg = load_config(
+        _tiny_text_config(tmp_path),
+        [
+            "optim.learning_rate=1e30",
+            "optim.clip='none'",
+            "model.activation='identity'",
+            "optim.name='sgd'",
+            "train.max_nonfinite=2",
+            "train.steps=50",
+            "output.plots=false",
+        ],
+    )
     with pytest.raises(runner.RunError, match=r"2 non-finite losses or gradients in a row"):
         runner.run(cfg, tmp_path / "a", log=lambda s: None, progress=False)
     state, _ = checkpoint.load(tmp_path / "a" / "last.ckpt", runner.initial_state(cfg, *runner.build(cfg)[1:]))
@@ -130,10 +159,10 @@ def test_bad_data_files_fail_clearly_and_write_nothing(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[data]\ncorpus = 'file'\npath = '%s'\n" % empty.as_posix())
+    cfg.write_text(f"[data]\ncorpus = 'file'\npath = '{empty.as_posix()}'\n")
     assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 1
-    assert "data.path: '%s' is empty" % empty.as_posix() in capsys.readouterr().err
-    cfg.write_text("[data]\ncorpus = 'file'\npath = '%s'\n" % (tmp_path / "missing.txt").as_posix())
+    assert f"data.path: '{empty.as_posix()}' is empty" in capsys.readouterr().err
+    cfg.write_text("[data]\ncorpus = 'file'\npath = '{}'\n".format((tmp_path / "missing.txt").as_posix()))
     assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 1
     assert "data.path: no such file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

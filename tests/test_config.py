@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from bptt_jax.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_toml
+from bptt_jax.config import Config, ConfigError, apply_overrides, load_config, to_toml
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.toml"))
 
@@ -16,17 +16,29 @@ def _write(tmp_path, text):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("[optim]\nlearning_rte = 0.1\n", r"c.toml: \[optim\]: unknown key 'learning_rte' \(did you mean 'learning_rate'\?\); allowed: \["),
-        ("[optimizer]\nname = 'adam'\n", r"c.toml: unknown key 'optimizer' \(did you mean 'optim'\?\); allowed: \['data', 'model', 'optim', 'output', 'train'\]"),
+        (
+            "[optim]\nlearning_rte = 0.1\n",
+            r"c.toml: \[optim\]: unknown key 'learning_rte' \(did you mean 'learning_rate'\?\); allowed: \[",
+        ),
+        (
+            "[optimizer]\nname = 'adam'\n",
+            r"c.toml: unknown key 'optimizer' \(did you mean 'optim'\?\); allowed: \['data', 'model', 'optim', 'output', 'train'\]",
+        ),
         ("[optim]\nlearning_rate = 'fast'\n", r"c.toml: optim.learning_rate: expected a number, got 'fast' \(str\)"),
         ("[train]\nsteps = 1.5\n", r"c.toml: train.steps: expected an int, got 1.5 \(float\)"),
         ("[model]\nbidirectional = 1\n", r"c.toml: model.bidirectional: expected true or false, got 1 \(int\)"),
         ("[model]\nhidden_sizes = 64\n", r"c.toml: model.hidden_sizes: expected a non-empty list of ints, got 64"),
-        ("[optim]\nname = 'adamw'\n", r"c.toml: optim.name: got 'adamw'; allowed: \['sgd', 'momentum', 'adam', 'adagrad', 'rmsprop'\]"),
+        (
+            "[optim]\nname = 'adamw'\n",
+            r"c.toml: optim.name: got 'adamw'; allowed: \['sgd', 'momentum', 'adam', 'adagrad', 'rmsprop'\]",
+        ),
         ("[optim]\nlearning_rate = -1.0\n", r"c.toml: optim.learning_rate: expected a value > 0, got -1.0"),
         ("[train]\ninput_dropout = 1.0\n", r"c.toml: train.input_dropout: expected a value in \[0, 1\), got 1.0"),
         ("[model]\nhidden_sizes = [8, 0]\n", r"c.toml: model.hidden_sizes: every layer size must be > 0, got \[8, 0\]"),
-        ("[model]\nbidirectional = true\n[data]\ntask = 'text'\n", r"c.toml: model.bidirectional = true cannot be used with data.task = 'text'"),
+        (
+            "[model]\nbidirectional = true\n[data]\ntask = 'text'\n",
+            r"c.toml: model.bidirectional = true cannot be used with data.task = 'text'",
+        ),
         ("[train\nsteps = 1\n", r"c.toml: not valid TOML"),
     ],
 )

@@ -47,9 +47,18 @@ def test_keys_rejected_by_name():
 @pytest.mark.parametrize(
     "spec,message",
     [
-        (bj.RNNSpec(2, (3,), 2, activation="sigmoid"), r"spec.activation: torch.nn.RNN supports nonlinearity 'tanh' or 'relu', got 'sigmoid'"),
-        (bj.RNNSpec(2, (3, 4), 2), r"spec.hidden_sizes: torch.nn.RNN needs the same hidden size in every layer, got \(3, 4\)"),
-        (bj.RNNSpec(2, (3,), 2, bidirectional=True, merge="sum"), r"spec.merge: torch.nn.RNN concatenates the two directions"),
+        (
+            bj.RNNSpec(2, (3,), 2, activation="sigmoid"),
+            r"spec.activation: torch.nn.RNN supports nonlinearity 'tanh' or 'relu', got 'sigmoid'",
+        ),
+        (
+            bj.RNNSpec(2, (3, 4), 2),
+            r"spec.hidden_sizes: torch.nn.RNN needs the same hidden size in every layer, got \(3, 4\)",
+        ),
+        (
+            bj.RNNSpec(2, (3,), 2, bidirectional=True, merge="sum"),
+            r"spec.merge: torch.nn.RNN concatenates the two directions",
+        ),
     ],
 )
 def test_unexportable_specs(spec, message):
@@ -62,8 +71,9 @@ def test_outputs_match_torch_if_installed():
     torch = pytest.importorskip("torch")
     spec = bj.RNNSpec(3, (4, 4), 2, output_activation="identity", divergence="squared_error", bidirectional=True)
     params = bj.init_params(jax.random.key(0), spec)
-    model = torch.nn.ModuleDict({"rnn": torch.nn.RNN(3, 4, num_layers=2, bidirectional=True),
-                                 "readout": torch.nn.Linear(8, 2)})
+    model = torch.nn.ModuleDict(
+        {"rnn": torch.nn.RNN(3, 4, num_layers=2, bidirectional=True), "readout": torch.nn.Linear(8, 2)}
+    )
     model.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_state_dict(params, spec).items()})
     xs = np.random.RandomState(0).randn(5, 2, 3).astype(np.float32)
     with torch.no_grad():

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
@@ -39,7 +39,6 @@ def _arrays(t_len, batch, n1, use_lengths, seed, dtype):
 
 
 class KernelsEqualScansTest(chex.TestCase):
-
     def _check(self, case, dtype, tol):
         t_len, batch, n1, act, use_lengths, seed = case
         w11, us, h0, above, dh_init, lengths = _arrays(t_len, batch, n1, use_lengths, seed, dtype)
@@ -53,12 +52,14 @@ class KernelsEqualScansTest(chex.TestCase):
         self.assertLess(ref.max_rel_err(got, want), tol)  # dZ1(t), dh(-1) and the norms of dh(t)
 
     @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=8)  # interpret mode is slow; the ci profile's other settings still apply
     @given(case=recurrences())
     def test_float64(self, case):
         with jax.enable_x64(True):
             self._check(case, jnp.float64, 1e-12)
 
     @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=8)
     @given(case=recurrences())
     def test_float32(self, case):
         self._check(case, jnp.float32, 1e-6)
@@ -70,9 +71,10 @@ def test_grad_through_the_forward_kernel_equals_grad_through_the_scan():
         w11, us, h0, _, _, lengths = _arrays(5, 3, 4, True, 3, jnp.float64)
         valid = scan.valid_mask(lengths, 5)
         for act in ref.ACTIVATIONS:
-            via_kernel = lambda w, u, h: jnp.sum(jnp.sin(kernels.forward_recurrence(w, act, u, h, valid)))
-            via_scan = lambda w, u, h: jnp.sum(jnp.sin(scan.unroll_layer(
-                LayerParams(jnp.eye(4), w, jnp.zeros(4)), act, u, h, valid)))
+            via_kernel = lambda w, u, h, act=act: jnp.sum(jnp.sin(kernels.forward_recurrence(w, act, u, h, valid)))
+            via_scan = lambda w, u, h, act=act: jnp.sum(
+                jnp.sin(scan.unroll_layer(LayerParams(jnp.eye(4), w, jnp.zeros(4)), act, u, h, valid))
+            )
             got = jax.grad(via_kernel, argnums=(0, 1, 2))(w11, us, h0)
             want = jax.grad(via_scan, argnums=(0, 1, 2))(w11, us, h0)
             assert ref.max_rel_err(got, want) < 1e-12, act
@@ -85,24 +87,29 @@ class BPTTWithKernelsTest(chex.TestCase):
         p = ref.cast(p, dtype)
         kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
         value, grads, aux = self.variant(
-            lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, recurrence="pallas", with_dxs=True, **kw)
+            lambda params, xs: bj.bptt(
+                params, p.spec, xs, p.targets, recurrence="pallas", with_dxs=True, diagnostics=True, **kw
+            )
         )(p.params, p.xs)
         h0 = p.h0 if p.h0 is not None else tuple(jnp.zeros((p.xs.shape[1], n1), dtype) for n1 in p.spec.state_sizes())
-        f = lambda params, h0, xs: bj.loss(params, p.spec, xs, p.targets, weights=p.weights, lengths=p.lengths,
-                                           h0=h0, recurrence="scan")
+        f = lambda params, h0, xs: bj.loss(
+            params, p.spec, xs, p.targets, weights=p.weights, lengths=p.lengths, h0=h0, recurrence="scan"
+        )
         want_v, (want_g, want_dh0, want_dxs) = jax.value_and_grad(f, argnums=(0, 1, 2))(p.params, h0, p.xs)
         err = ref.max_rel_err((value, grads, aux.dh0, aux.dxs), (want_v, want_g, want_dh0, want_dxs))
         self.assertLess(err, tol)
-        scan_norms = bj.bptt(p.params, p.spec, p.xs, p.targets, recurrence="scan", **kw)[2].dh_norms
+        scan_norms = bj.bptt(p.params, p.spec, p.xs, p.targets, recurrence="scan", diagnostics=True, **kw)[2].dh_norms
         self.assertLess(ref.max_rel_err(aux.dh_norms, scan_norms), tol)
 
     @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=6)
     @given(problem=ref.problems(bidirectional=True, lengths=True, max_layers=2, max_t=4))
     def test_bidirectional_float64(self, problem):
         with jax.enable_x64(True):
             self._check(problem, jnp.float64, 1e-10)
 
     @chex.variants(without_jit=True)
+    @settings(max_examples=6)
     @given(problem=ref.problems(bidirectional=False, max_layers=2, max_t=4))
     def test_unidirectional_float32(self, problem):
         self._check(problem, jnp.float32, 1e-5)
@@ -113,8 +120,9 @@ def test_loss_with_kernels_is_differentiable_and_equal():
     p = ref.make_problem(spec, 5, 2, seed=9, use_lengths=True)
     with jax.enable_x64(True):
         p = ref.cast(p, jnp.float64)
-        f = lambda rec: jax.value_and_grad(lambda q: bj.loss(q, spec, p.xs, p.targets, lengths=p.lengths,
-                                                               recurrence=rec))(p.params)
+        f = lambda rec: jax.value_and_grad(
+            lambda q: bj.loss(q, spec, p.xs, p.targets, lengths=p.lengths, recurrence=rec)
+        )(p.params)
         assert ref.max_rel_err(f("pallas"), f("scan")) < 1e-10
         fwd = bj.forward(p.params, spec, p.xs, lengths=p.lengths, recurrence="pallas")
         assert ref.max_rel_err(fwd, bj.forward(p.params, spec, p.xs, lengths=p.lengths, recurrence="scan")) < 1e-12
@@ -129,15 +137,22 @@ def test_resolve():
     assert kernels.resolve("scan", (64,), jnp.float32, backend="gpu") == "scan"
 
 
-@pytest.mark.parametrize("args,message", [
-    (("pallas", (1024,), jnp.float32, "gpu"),
-     r"recurrence='pallas': W11 of a layer with N1=1024 needs 4096 KiB of on-chip memory, more than the 64 KiB "
-     r"the kernels allow; use recurrence='scan' \(or 'auto', which falls back\)"),
-    (("pallas", (64,), jnp.float64, "gpu"),
-     r"recurrence='pallas': dtype float64 is not supported by the GPU kernels \(only float32\)"),
-    (("pallas", (64,), jnp.float32, "tpu"), r"recurrence='pallas': no Pallas kernel for backend 'tpu'"),
-    (("fast", (64,), jnp.float32, "cpu"), r"recurrence: expected one of \['scan', 'pallas', 'auto'\], got 'fast'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ("pallas", (1024,), jnp.float32, "gpu"),
+            r"recurrence='pallas': W11 of a layer with N1=1024 needs 4096 KiB of on-chip memory, more than the 64 KiB "
+            r"the kernels allow; use recurrence='scan' \(or 'auto', which falls back\)",
+        ),
+        (
+            ("pallas", (64,), jnp.float64, "gpu"),
+            r"recurrence='pallas': dtype float64 is not supported by the GPU kernels \(only float32\)",
+        ),
+        (("pallas", (64,), jnp.float32, "tpu"), r"recurrence='pallas': no Pallas kernel for backend 'tpu'"),
+        (("fast", (64,), jnp.float32, "cpu"), r"recurrence: expected one of \['scan', 'pallas', 'auto'\], got 'fast'"),
+    ],
+)
 def test_resolve_errors(args, message):
     with pytest.raises(ValueError, match=message):
         kernels.resolve(*args[:3], backend=args[3])

@@ -25,14 +25,18 @@ def test_output_grad_equals_autodiff(out_act, div, generic):
 
     with jax.enable_x64(True):
         z = z2s.astype(jnp.float64)
-        got = losses.output_grad(div, out_act, z, activations.output(out_act, z), targets, w.astype(jnp.float64), generic=generic)
+        got = losses.output_grad(
+            div, out_act, z, activations.output(out_act, z), targets, w.astype(jnp.float64), generic=generic
+        )
         np.testing.assert_allclose(got, jax.grad(total)(z), rtol=1e-12, atol=1e-14)
 
 
 def test_divergences_match_their_formulas():
     z = jnp.array([[[0.2, -0.3, 1.0]]])
     y = jax.nn.softmax(z)
-    np.testing.assert_allclose(losses.divergence("cross_entropy", z, y, jnp.array([[2]])), -jnp.log(y[..., 2]), rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.divergence("cross_entropy", z, y, jnp.array([[2]])), -jnp.log(y[..., 2]), rtol=1e-6
+    )
     d = jnp.array([[[0.2, 0.5, 0.3]]])
     np.testing.assert_allclose(losses.divergence("cross_entropy", z, y, d), -(d * jnp.log(y)).sum(-1), rtol=1e-6)
     np.testing.assert_allclose(losses.divergence("squared_error", z, z, d), ((z - d) ** 2).sum(-1), rtol=1e-6)

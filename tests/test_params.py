@@ -14,12 +14,27 @@ from bptt_jax.params import check_params
         (dict(hidden_sizes=(4, 0)), r"RNNSpec.hidden_sizes\[1\]: expected a positive int, got 0"),
         (dict(input_size=-1), r"RNNSpec.input_size: expected a positive int, got -1"),
         (dict(output_size=2.5), r"RNNSpec.output_size: expected a positive int, got 2.5"),
-        (dict(activation="gelu"), r"RNNSpec.activation: unknown value 'gelu'; allowed: \['identity', 'relu', 'sigmoid', 'tanh'\]"),
-        (dict(output_activation="relu"), r"RNNSpec.output_activation: unknown value 'relu'; allowed: \['softmax', 'tanh', 'sigmoid', 'identity'\]"),
-        (dict(divergence="kl"), r"RNNSpec.divergence: unknown value 'kl'; allowed: \['cross_entropy', 'squared_error', 'binary_cross_entropy'\]"),
+        (
+            dict(activation="gelu"),
+            r"RNNSpec.activation: unknown value 'gelu'; allowed: \['identity', 'relu', 'sigmoid', 'tanh'\]",
+        ),
+        (
+            dict(output_activation="relu"),
+            r"RNNSpec.output_activation: unknown value 'relu'; allowed: \['softmax', 'tanh', 'sigmoid', 'identity'\]",
+        ),
+        (
+            dict(divergence="kl"),
+            r"RNNSpec.divergence: unknown value 'kl'; allowed: \['cross_entropy', 'squared_error', 'binary_cross_entropy'\]",
+        ),
         (dict(merge="mean"), r"RNNSpec.merge: unknown value 'mean'; allowed: \['concat', 'sum'\]"),
-        (dict(output_activation="tanh"), r"RNNSpec.divergence: 'cross_entropy' needs output_activation='softmax', got output_activation='tanh'"),
-        (dict(output_activation="identity", divergence="binary_cross_entropy"), r"RNNSpec.divergence: 'binary_cross_entropy' needs output_activation='sigmoid', got output_activation='identity'"),
+        (
+            dict(output_activation="tanh"),
+            r"RNNSpec.divergence: 'cross_entropy' needs output_activation='softmax', got output_activation='tanh'",
+        ),
+        (
+            dict(output_activation="identity", divergence="binary_cross_entropy"),
+            r"RNNSpec.divergence: 'binary_cross_entropy' needs output_activation='sigmoid', got output_activation='identity'",
+        ),
     ],
 )
 def test_invalid_spec_messages(kwargs, message):

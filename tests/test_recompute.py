@@ -12,13 +12,13 @@ from tests import reference as ref
 
 
 class SegmentsTest(chex.TestCase):
-
     def _check(self, problem, every, dtype, tol, block=None):
         p = ref.cast(problem, dtype)
         kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
         c = ref.block_size(block, p.xs.shape[0])
-        seg = self.variant(lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, checkpoint_every=every,
-                                                      block_size=c, **kw))(p.params, p.xs)
+        seg = self.variant(
+            lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, checkpoint_every=every, block_size=c, **kw)
+        )(p.params, p.xs)
         plain = bj.bptt(p.params, p.spec, p.xs, p.targets, **kw)
         self.assertLess(ref.max_rel_err(seg, plain), tol)
         value, auto = jax.value_and_grad(lambda q: bj.loss(q, p.spec, p.xs, p.targets, **kw))(p.params)
@@ -39,9 +39,10 @@ class SegmentsTest(chex.TestCase):
 def test_diagnostics_off_gives_same_gradients():
     spec = bj.RNNSpec(3, (4,), 5)
     p = ref.make_problem(spec, 6, 2, seed=0)
-    a = bj.bptt(p.params, spec, p.xs, p.targets)
-    b = bj.bptt(p.params, spec, p.xs, p.targets, diagnostics=False)
+    a = bj.bptt(p.params, spec, p.xs, p.targets, diagnostics=True, with_dxs=True)
+    b = bj.bptt(p.params, spec, p.xs, p.targets)  # the defaults: no dh_norms, no dxs
     assert b[2].dxs is None and b[2].dh_norms is None
+    assert a[2].dxs.shape == p.xs.shape and a[2].dh_norms.shape == (6, 1)
     assert ref.max_rel_err(b[:2], a[:2]) < 1e-6
 
 

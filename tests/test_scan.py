@@ -2,7 +2,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,14 +10,14 @@ from tests import reference as ref
 
 
 class ForwardEqualsLoopTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     @given(problem=ref.problems())
     def test_forward_equals_python_loop(self, problem):
         p = problem
         h0 = p.h0 or tuple(jnp.zeros((p.xs.shape[1], n1)) for n1 in p.spec.state_sizes())
         out = self.variant(lambda params, xs, h0, lengths: bj.forward(params, p.spec, xs, h0=h0, lengths=lengths))(
-            p.params, p.xs, h0, p.lengths)
+            p.params, p.xs, h0, p.lengths
+        )
         ys, hs = ref.loop_forward(p.params, p.spec, p.xs, h0, p.lengths)
         np.testing.assert_allclose(out.ys, ys, rtol=1e-5, atol=1e-6)
         for a, b in zip(out.hs, hs):
@@ -57,7 +56,9 @@ def test_backward_net_equals_forward_net_on_reversed_input():
     lengths = jnp.array([6, 4])
     out = bj.forward(p.params, spec, p.xs, lengths=lengths)
     uni = bj.RNNSpec(2, (3,), 2)
-    params_r = bj.RNNParams((p.params.reverse_layers[0],), (), bj.ReadoutParams(p.params.readout.w2[3:], p.params.readout.b2))
+    params_r = bj.RNNParams(
+        (p.params.reverse_layers[0],), (), bj.ReadoutParams(p.params.readout.w2[3:], p.params.readout.b2)
+    )
     rev = bj.forward(params_r, uni, bj.reverse_padded(p.xs, lengths), lengths=lengths)
     np.testing.assert_allclose(out.hs[1], bj.reverse_padded(rev.hs[0], lengths), rtol=1e-6)
 

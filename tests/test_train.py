@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bptt_jax as bj
-from bptt_jax import data, scan, train
+from bptt_jax import data, train
 from bptt_jax.config import OptimConfig
 from tests import reference as ref
 
@@ -46,8 +46,12 @@ def test_truncated_bptt_carry_equals_one_run_over_both_chunks():
     state = train.init_state(jax.random.key(0), spec, opt, 2)
     step = train.make_train_step(spec, opt, stateful=True)
     p = ref.make_problem(spec, 8, 2, seed=3)
-    chunk1 = data.Batch(np.asarray(p.xs[:4]), np.asarray(p.targets[:4]), np.ones((4, 2), np.float32), np.array([True, True]))
-    chunk2 = data.Batch(np.asarray(p.xs[4:]), np.asarray(p.targets[4:]), np.ones((4, 2), np.float32), np.array([False, False]))
+    chunk1 = data.Batch(
+        np.asarray(p.xs[:4]), np.asarray(p.targets[:4]), np.ones((4, 2), np.float32), np.array([True, True])
+    )
+    chunk2 = data.Batch(
+        np.asarray(p.xs[4:]), np.asarray(p.targets[4:]), np.ones((4, 2), np.float32), np.array([False, False])
+    )
     state, _ = step(state, chunk1)
     state, _ = step(state, chunk2)
     whole = bj.forward(state.params, spec, p.xs).h_last
@@ -96,7 +100,9 @@ def test_every_optimizer_and_schedule_lowers_the_loss(name, schedule):
 def test_elementwise_clip_matches_min_char_rnn():
     """clip = "value" clips each gradient entry to [-c, c] before Adagrad, as min-char-rnn."""
     spec = bj.RNNSpec(3, (4,), 5)
-    cfg = OptimConfig(name="adagrad", learning_rate=0.1, clip="value", clip_value=0.01, initial_accumulator=0.0, eps=1e-8)
+    cfg = OptimConfig(
+        name="adagrad", learning_rate=0.1, clip="value", clip_value=0.01, initial_accumulator=0.0, eps=1e-8
+    )
     opt = train.make_optimizer(cfg, 10)
     state = train.init_state(jax.random.key(0), spec, opt, 2)
     p = ref.make_problem(spec, 4, 2, seed=0)

@@ -22,7 +22,6 @@ def _h0(p):
 
 
 class CustomVJPTest(chex.TestCase):
-
     @chex.variants(with_jit=True, without_jit=True)
     @given(problem=ref.problems(), seed=st.integers(0, 2**16))
     def test_random_cotangents_equal_autodiff(self, problem, seed):
@@ -31,7 +30,9 @@ class CustomVJPTest(chex.TestCase):
             h0 = _h0(p)
             f = self.variant(lambda params, xs, h0: rnn_states(params, p.spec, xs, h0=h0, lengths=p.lengths))
             out, pullback = jax.vjp(f, p.params, p.xs, h0)
-            want_out, want_pullback = jax.vjp(lambda a, b, c: _plain_states(a, p.spec, b, c, p.lengths), p.params, p.xs, h0)
+            want_out, want_pullback = jax.vjp(
+                lambda a, b, c: _plain_states(a, p.spec, b, c, p.lengths), p.params, p.xs, h0
+            )
             ct = jnp.asarray(np.random.RandomState(seed).randn(*out.shape))
             np.testing.assert_allclose(out, want_out, rtol=1e-12)
             got = pullback(ct)
@@ -53,8 +54,12 @@ class CustomVJPTest(chex.TestCase):
                 ctx = jnp.einsum("tb,tbf->bf", alpha, states)
                 return jnp.sum(jnp.cos(ctx) ** 2)
 
-            g = self.variant(jax.grad(lambda a, b: head(rnn_states(a, p.spec, b, h0=h0, lengths=p.lengths)), argnums=(0, 1)))(p.params, p.xs)
-            want = jax.grad(lambda a, b: head(_plain_states(a, p.spec, b, h0, p.lengths)), argnums=(0, 1))(p.params, p.xs)
+            g = self.variant(
+                jax.grad(lambda a, b: head(rnn_states(a, p.spec, b, h0=h0, lengths=p.lengths)), argnums=(0, 1))
+            )(p.params, p.xs)
+            want = jax.grad(lambda a, b: head(_plain_states(a, p.spec, b, h0, p.lengths)), argnums=(0, 1))(
+                p.params, p.xs
+            )
             self.assertLess(ref.max_rel_err(g, want), 1e-10)
 
 
@@ -83,6 +88,7 @@ def test_inside_outer_scan():
     def total(params, states_fn):
         def body(acc, x):
             return acc + jnp.sum(jnp.tanh(states_fn(params, x))), None
+
         return jax.lax.scan(body, 0.0, chunks)[0]
 
     custom = lambda params, x: rnn_states(params, spec, x)

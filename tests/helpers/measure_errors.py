@@ -24,8 +24,17 @@ from tests import reference as ref  # noqa: E402
 
 def one(p, block_size=None):
     h0 = p.h0 if p.h0 is not None else tuple(jnp.zeros((p.xs.shape[1], n1), p.xs.dtype) for n1 in p.spec.state_sizes())
-    v, g, aux = bj.bptt(p.params, p.spec, p.xs, p.targets, weights=p.weights, lengths=p.lengths, h0=h0,
-                        block_size=block_size, with_dxs=True)
+    v, g, aux = bj.bptt(
+        p.params,
+        p.spec,
+        p.xs,
+        p.targets,
+        weights=p.weights,
+        lengths=p.lengths,
+        h0=h0,
+        block_size=block_size,
+        with_dxs=True,
+    )
     f = lambda params, h0, xs: bj.loss(params, p.spec, xs, p.targets, weights=p.weights, lengths=p.lengths, h0=h0)
     wv, (wg, wdh0, wdxs) = jax.value_and_grad(f, argnums=(0, 1, 2))(p.params, h0, p.xs)
     return ref.max_rel_err((v, g, aux.dh0, aux.dxs), (wv, wg, wdh0, wdxs))
@@ -39,13 +48,26 @@ def main():
     worst = {}
     for i in range(args.n):
         bidir = bool(i % 2)
-        spec = bj.RNNSpec(int(rng.randint(1, 5)), tuple(int(rng.randint(1, 6)) for _ in range(rng.randint(1, 4))),
-                          int(rng.randint(1, 5)), activation=ref.ACTIVATIONS[rng.randint(4)],
-                          output_activation=ref.VALID_PAIRS[i % 6][0], divergence=ref.VALID_PAIRS[i % 6][1],
-                          bidirectional=bidir, merge=("concat", "sum")[rng.randint(2)])
-        p = ref.make_problem(spec, int(rng.randint(1, 9)), int(rng.randint(1, 4)), int(rng.randint(2**31)),
-                             use_lengths=True, use_weights=bool(rng.randint(2)), use_h0=bool(rng.randint(2)),
-                             int_targets=bool(rng.randint(2)))
+        spec = bj.RNNSpec(
+            int(rng.randint(1, 5)),
+            tuple(int(rng.randint(1, 6)) for _ in range(rng.randint(1, 4))),
+            int(rng.randint(1, 5)),
+            activation=ref.ACTIVATIONS[rng.randint(4)],
+            output_activation=ref.VALID_PAIRS[i % 6][0],
+            divergence=ref.VALID_PAIRS[i % 6][1],
+            bidirectional=bidir,
+            merge=("concat", "sum")[rng.randint(2)],
+        )
+        p = ref.make_problem(
+            spec,
+            int(rng.randint(1, 9)),
+            int(rng.randint(1, 4)),
+            int(rng.randint(2**31)),
+            use_lengths=True,
+            use_weights=bool(rng.randint(2)),
+            use_h0=bool(rng.randint(2)),
+            int_targets=bool(rng.randint(2)),
+        )
         for dtype in (jnp.float32, jnp.float64):
             with jax.enable_x64(dtype == jnp.float64):
                 jax.clear_caches()  # many shapes: keep the compiled executables from piling up

@@ -24,13 +24,19 @@ for bidirectional in (False, True):
     f4 = parallel.make_sharded_train_step(spec, opt, "4", 8, stateful=not bidirectional)
     rng = np.random.RandomState(0)
     for i in range(3):
-        b = data.Batch(rng.randn(5, 8, 3).astype(np.float32), rng.randint(0, 5, (5, 8)).astype(np.int32),
-                       np.ones((5, 8), np.float32), np.full((8,), i == 0))
+        b = data.Batch(
+            rng.randn(5, 8, 3).astype(np.float32),
+            rng.randint(0, 5, (5, 8)).astype(np.int32),
+            np.ones((5, 8), np.float32),
+            np.full((8,), i == 0),
+        )
         s1, m1 = f1(s1, b)
         s4, m4 = f4(s4, b)
     key = "bi" if bidirectional else "uni"
-    out[f"max_param_diff_{key}"] = max(float(jnp.max(jnp.abs(a - c))) for a, c in
-                                       zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s4.params)))
+    out[f"max_param_diff_{key}"] = max(
+        float(jnp.max(jnp.abs(a - c)))
+        for a, c in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s4.params))
+    )
     out[f"max_abs_param_{key}"] = max(float(jnp.max(jnp.abs(a))) for a in jax.tree_util.tree_leaves(s1.params))
     out[f"loss_diff_{key}"] = abs(float(m1.loss) - float(m4.loss))
 mesh = f4.mesh

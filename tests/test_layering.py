@@ -1,0 +1,61 @@
+"""The package's layers (shared/DESIGN.md's table): no import circles, lower modules never import higher ones."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "bptt_jax"
+
+# Each module's level, bottom to top; a module may import only modules of a lower level (and none
+# of its own level). Mirrors the design table, with `kernels` where the table plans it.
+LEVELS = {
+    "activations": 0,
+    "params": 1,
+    "checks": 2,
+    "cell": 2,
+    "kernels": 2,
+    "losses": 2,
+    "scan": 3,
+    "bptt": 4,
+    "vjp": 5,
+    "interop": 5,
+    "train": 6,
+    "checkpoint": 6,
+    "parallel": 7,
+    "config": 6,
+    "data": 6,
+    "generate": 7,
+    "runner": 8,
+    "study": 9,
+    "cli": 10,
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """bptt_jax modules imported anywhere in the file (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "bptt_jax":
+                found.update(a.name for a in node.names)
+            elif node.module.startswith("bptt_jax."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("bptt_jax."))
+    return found
+
+
+def test_every_module_has_a_level():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(LEVELS), f"add the new module to LEVELS: {sorted(modules ^ set(LEVELS))}"
+
+
+@pytest.mark.parametrize("module", sorted(LEVELS))
+def test_imports_go_down_only(module):
+    for imported in _imports(PACKAGE / f"{module}.py"):
+        assert imported in LEVELS, f"{module} imports unknown bptt_jax.{imported}"
+        assert LEVELS[imported] < LEVELS[module], (
+            f"{module} (level {LEVELS[module]}) imports {imported} (level {LEVELS[imported]}): "
+            "lower modules must not import higher ones"
+        )
