@@ -346,6 +346,43 @@ def bench_long(shape, rounds, ks):
     return round_robin(runners, rounds), info
 
 
+def bench_dispatch(shape, rounds):
+    """The default bptt call three ways, alone (no other contender between them): made directly,
+    inside an outer ``jax.jit``, and through the outer jit's ahead-of-time compiled executable.
+    Returns median seconds. In the full table a dozen contenders run between these calls (PyTorch's
+    threads, flax), which moves their ratio by tens of percent from run to run."""
+    t, b, n, n1, m = shape
+    spec = bj.RNNSpec(n, (n1,), m)
+    params = bj.init_params(jax.random.key(0), spec)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
+    f = lambda p, x, d: bj.bptt(p, spec, x, d)
+    jitted = jax.jit(f)
+    compiled = jax.jit(f).lower(params, xs, targets).compile()
+    runners = {
+        "direct call": lambda: _block(bj.bptt(params, spec, xs, targets)),
+        "outer jax.jit": lambda: _block(jitted(params, xs, targets)),
+        "outer jit, compiled": lambda: _block(compiled(params, xs, targets)),
+    }
+    return round_robin(runners, rounds)
+
+
+def dispatch_lines(shapes, rounds):
+    lines = [
+        "## The direct call against the same call inside an outer jax.jit (alone)",
+        "",
+        f"{rounds} rounds, only these three contenders, random order per round, medians.",
+        "",
+        "| T, B, N, N1, M | direct ms | outer jax.jit ms | outer compiled ms | direct / outer compiled |",
+        "|---|---|---|---|---|",
+    ]
+    for shape in shapes:
+        med = bench_dispatch(shape, rounds)
+        d, j, c = med["direct call"], med["outer jax.jit"], med["outer jit, compiled"]
+        lines.append(f"| {shape} | {d * 1e3:.3f} | {j * 1e3:.3f} | {c * 1e3:.3f} | {d / c:.2f} |")
+    return lines + [""]
+
+
 def fmt_bytes(x):
     if x != x:
         return "n/a"
@@ -359,6 +396,7 @@ def main(argv=None):
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     ap.add_argument("--skip-long", action="store_true", help="skip the checkpoint_every table")
+    ap.add_argument("--dispatch-only", action="store_true", help="only the direct-call vs outer-jit table")
     ap.add_argument(
         "--kernels",
         action="store_true",
@@ -384,6 +422,13 @@ def main(argv=None):
         "(the roofline divides each pass's matmul FLOPs by it).",
         "",
     ]
+    if args.dispatch_only:
+        report = "\n".join(lines + dispatch_lines(shapes, max(rounds, 41 if not args.quick else rounds)))
+        print(report)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(report + "\n")
+        return report
     geo, summary = [], []
     for shape in shapes:
         med, info, roofline = bench_shape(shape, rounds, args.threads, flops_per_s, kernels)

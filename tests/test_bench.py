@@ -20,7 +20,44 @@ def test_benchmark_script_quick(tmp_path):
     assert out.read_text().strip() == report.strip()
     assert "| bptt |" in report and "| grad(naive scan) |" in report
     assert "bptt checkpoint_every=" in report
-    # Every contender's gradients agree with the explicit BPTT (the last column).
+    assert "| bptt (direct call) |" in report and "## Summary" in report
+    # Every contender's gradients agree with the explicit BPTT (the last column of the contender and
+    # variant tables; the summary's rows start with the shape).
+    checked = 0
     for line in report.splitlines():
-        if line.startswith("| ") and not line.startswith(("| contender", "| variant")):
+        if line.startswith("| ") and not line.startswith(("| contender", "| variant", "| (", "| T, B")):
             assert float(line.rstrip(" |").split("|")[-1]) < 1e-4, line
+            checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.bench
+def test_benchmark_dispatch_and_kernels_quick():
+    mod = _load("bptt_speed", "benchmarks/bptt_speed.py")
+    report = mod.main(["--quick", "--rounds", "1", "--dispatch-only"])
+    assert "direct / outer compiled" in report and report.count("| (") == 2
+    report = mod.main(["--quick", "--rounds", "1", "--skip-long", "--kernels"])  # interpret mode on a CPU
+    for name in ("| bptt recurrence=scan |", "| bptt recurrence=pallas |"):
+        row = next(line for line in report.splitlines() if line.startswith(name))
+        assert float(row.rstrip(" |").split("|")[-1]) < 1e-4, row
+
+
+@pytest.mark.bench
+def test_train_speed_quick(tmp_path):
+    mod = _load("train_speed", "benchmarks/train_speed.py")
+    out = tmp_path / "train.md"
+    report = mod.main(["--quick", "--steps", "2", "--rounds", "1", "--warmup", "1", "--out", str(out)])
+    assert out.read_text().strip() == report.strip()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| bptt-jax")}
+    assert set(rows) == {'bptt-jax, grad = "bptt"', 'bptt-jax, grad = "autodiff"'}
+    # Same initial weights and batches: the two JAX contenders reach the same loss.
+    losses = [float(line.rstrip(" |").split("|")[-1]) for line in rows.values()]
+    assert abs(losses[0] - losses[1]) < 1e-3 * abs(losses[0])
+
+
+def _load(name, rel):
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,12 @@ def test_shipped_configs_load_and_every_key_is_commented(path):
         if "=" in line and not line.lstrip().startswith("#"):
             key = line.split("=", 1)[0].strip()
             assert "#" in line, f"{path.name}: key {key!r} has no comment"
+
+
+def test_every_config_key_is_documented():
+    """config.HELP (printed by the generated config reference) has a line for every field, and no others."""
+    from bptt_jax import config
+
+    fields = {(name, f.name) for name, cls in config._SECTION_TYPES.items() for f in dataclasses.fields(cls)}
+    assert set(config.HELP) == fields
+    assert all(config.HELP[k].strip() for k in fields)
