@@ -591,23 +591,10 @@ def _bptt(
     xs_p, tg_p, w_p = scan.pad_time(xs, pad), scan.pad_time(targets, pad), scan.pad_time(w, pad)
     mask_p = scan.pad_time(output_mask, pad)
     valid = scan.valid_mask(lengths, t_len + pad)
+    opts = dict(generic=generic, with_norms=diagnostics, with_dxs=with_dxs, unroll=unroll, recurrence=rec)
     if checkpoint_every is not None:
         carry, h_last, dxs, norms = _segments(
-            params,
-            spec,
-            xs_p,
-            tg_p,
-            w_p,
-            valid,
-            lengths,
-            h0,
-            checkpoint_every,
-            c,
-            generic=generic,
-            with_norms=diagnostics,
-            with_dxs=with_dxs,
-            unroll=unroll,
-            recurrence=rec,
+            params, spec, xs_p, tg_p, w_p, valid, lengths, h0, checkpoint_every, c, **opts
         )
         div, grads, dh0 = carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh
     else:
@@ -616,22 +603,7 @@ def _bptt(
         if not spec.bidirectional:
             hs = tuple(tr.states[0] for tr in traces)
             carry, dxs, norms = _stack_backward_fused(
-                params,
-                spec,
-                xs_p,
-                hs,
-                h0,
-                valid,
-                tg_p,
-                w_p,
-                mask_p,
-                _zero_carry(params, h0, xs.dtype),
-                c,
-                generic=generic,
-                with_norms=diagnostics,
-                with_dxs=with_dxs,
-                unroll=unroll,
-                recurrence=rec,
+                params, spec, xs_p, hs, h0, valid, tg_p, w_p, mask_p, _zero_carry(params, h0, xs.dtype), c, **opts
             )
             div, grads, dh0 = carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh
         else:

@@ -73,6 +73,7 @@ class TrainConfig:
     unroll: int = 1
     recurrence: str = "auto"
     devices: str = "1"
+    peer_timeout_s: int = 60
     coordinator_address: str = ""
     num_processes: int = 1
     process_id: int = 0
@@ -144,11 +145,12 @@ HELP = {
     ("train", "checkpoint_every"): "steps between last.ckpt writes",
     ("train", "max_nonfinite"): "stop after this many skipped (NaN/inf) updates in a row",
     ("train", "unroll"): "scan steps per loop iteration",
-    ("train", "recurrence"): "auto (Pallas kernels on a GPU where they apply, else lax.scan), scan or pallas",
+    ("train", "recurrence"): "auto (lax.scan; the Pallas kernels on a GPU once kernels.GPU_AUTO is on), scan or pallas",
     ("train", "devices"): '"1", a count, or "all": data-parallel over devices (batch split along B)',
     ("train", "coordinator_address"): "multi-host: host:port of process 0 (or env BPTT_JAX_COORDINATOR)",
     ("train", "num_processes"): "multi-host: number of processes (or env BPTT_JAX_NUM_PROCESSES)",
     ("train", "process_id"): "multi-host: this process's index (or env BPTT_JAX_PROCESS_ID)",
+    ("train", "peer_timeout_s"): "several processes: seconds without a peer's heartbeat before the others stop",
     ("output", "dir"): "default output directory (--out overrides)",
     ("output", "sample_length"): "characters sampled from the best checkpoint at the end (text)",
     ("output", "temperature"): "sampling temperature",
@@ -194,6 +196,7 @@ POSITIVE = {
     ("train", "unroll"),
     ("output", "temperature"),
     ("train", "num_processes"),
+    ("train", "peer_timeout_s"),
 }
 FRACTIONS = {
     ("data", "validation_fraction"),

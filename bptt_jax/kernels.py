@@ -45,6 +45,10 @@ RECURRENCES = ("scan", "pallas", "auto")
 # W11 in float32 must leave room for the streamed tiles, so N1 <= 128 (64 KiB) qualifies.
 MAX_ONCHIP_BYTES = 64 * 1024
 BATCH_TILE = 16  # rows of the batch per program
+# Whether "auto" picks the kernels on a GPU. False until the kernels have been compiled and the test
+# suite has passed on a GPU: they are proven in interpret mode only, and "auto" is every GPU user's
+# default, so an unverified kernel must not be. recurrence="pallas" selects them regardless.
+GPU_AUTO = False
 KERNEL_DTYPES_GPU = ("float32",)
 
 
@@ -83,8 +87,9 @@ def unsupported_reason(hidden_sizes, dtype, backend: str | None = None) -> str |
 def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None) -> str:
     """ "scan" or "pallas" for a requested ``recurrence``.
 
-    "auto" picks the kernels on a GPU where they apply and the scans everywhere else; "pallas" on a
-    CPU runs them in interpret mode; an explicit "pallas" that cannot apply raises ValueError.
+    "auto" picks the kernels on a GPU where they apply (once ``GPU_AUTO`` is set, after a verified
+    GPU run) and the scans everywhere else; "pallas" on a CPU runs them in interpret mode; an
+    explicit "pallas" that cannot apply raises ValueError.
     """
     if recurrence not in RECURRENCES:
         raise ValueError(f"recurrence: expected one of {list(RECURRENCES)}, got {recurrence!r}")
@@ -93,7 +98,7 @@ def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None) ->
         return "scan"
     reason = unsupported_reason(hidden_sizes, dtype, backend)
     if recurrence == "auto":
-        return "pallas" if backend == "gpu" and reason is None else "scan"
+        return "pallas" if GPU_AUTO and backend == "gpu" and reason is None else "scan"
     if reason is not None:
         raise ValueError(f"recurrence='pallas': {reason}; use recurrence='scan' (or 'auto', which falls back)")
     return "pallas"

@@ -29,9 +29,16 @@ from bptt_jax.params import RNNSpec
 AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0) -> bool:
+def initialize_distributed(
+    coordinator_address: str = "", num_processes: int = 1, process_id: int = 0, peer_timeout_s: int = 60
+) -> bool:
     """Calls ``jax.distributed.initialize`` from arguments or the environment variables
-    BPTT_JAX_COORDINATOR, BPTT_JAX_NUM_PROCESSES, BPTT_JAX_PROCESS_ID. Returns True if it did."""
+    BPTT_JAX_COORDINATOR, BPTT_JAX_NUM_PROCESSES, BPTT_JAX_PROCESS_ID. Returns True if it did.
+
+    On CPUs the collectives run over gloo (TCP), so several processes on one machine exercise the
+    same code as several hosts. ``peer_timeout_s`` is JAX's heartbeat timeout: when a process dies,
+    the others stop with an error naming it after at most about that long, instead of hanging.
+    """
     address = coordinator_address or os.environ.get("BPTT_JAX_COORDINATOR", "")
     n = int(os.environ.get("BPTT_JAX_NUM_PROCESSES", num_processes))
     pid = int(os.environ.get("BPTT_JAX_PROCESS_ID", process_id))
@@ -39,8 +46,36 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 1
         return False
     if not address:
         raise ValueError("train.coordinator_address: needed (host:port of process 0) when num_processes > 1")
-    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # a runtime choice, before any device use
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=n, process_id=pid, heartbeat_timeout_seconds=int(peer_timeout_s)
+    )
     return True
+
+
+def is_main_process() -> bool:
+    """True in process 0, the one that writes files (every process in a one-process run)."""
+    return jax.process_index() == 0
+
+
+def host_value(x) -> np.ndarray:
+    """The NumPy value of x, also when x spans several processes' devices.
+
+    Replicated arrays are read from this process's copy; arrays sharded across processes are
+    gathered (``process_allgather``, a collective: every process must make the same call).
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_tree(tree):
+    """``host_value`` of every leaf (a collective when leaves are sharded across processes)."""
+    return jax.tree_util.tree_map(host_value, tree)
 
 
 def select_devices(devices: str) -> list:
@@ -100,6 +135,18 @@ def shard_batch(mesh: Mesh, batch):
         local(w, shardings.weights, 1),
         local(reset, shardings.reset, 0),
     )
+
+
+def make_sharded_eval(eval_step, mesh: Mesh):
+    """``eval_step(params, h, batch)`` on batches split along B over the mesh: each device (and so
+    each process) evaluates its own slice; the sums are reduced across them by XLA."""
+    carry = NamedSharding(mesh, P(AXIS))
+
+    def run(params, h, batch):
+        h = tuple(x if getattr(x, "sharding", None) == carry else jax.device_put(host_value(x), carry) for x in h)
+        return eval_step(params, h, shard_batch(mesh, batch))
+
+    return run
 
 
 def make_sharded_train_step(spec: RNNSpec, optimizer, devices: str, batch_size: int, **kwargs):

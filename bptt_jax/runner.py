@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax import checkpoint, data, train
+from bptt_jax import checkpoint, data, parallel, train
 from bptt_jax.config import Config, to_toml
 from bptt_jax.params import RNNSpec
 
@@ -78,23 +78,37 @@ def run(
     if resume and not last_path.exists():
         raise RunError(f"--resume: {last_path} does not exist")
     if cfg.train.num_processes > 1 or os.environ.get("BPTT_JAX_COORDINATOR"):
-        from bptt_jax import parallel
-
-        parallel.initialize_distributed(cfg.train.coordinator_address, cfg.train.num_processes, cfg.train.process_id)
+        parallel.initialize_distributed(
+            cfg.train.coordinator_address, cfg.train.num_processes, cfg.train.process_id, cfg.train.peer_timeout_s
+        )
+    main = parallel.is_main_process()  # only process 0 writes into the run directory
+    if not main:
+        log = lambda msg: None  # noqa: E731  (its output would repeat process 0's)
     task, spec, optimizer = build(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
 
     state = initial_state(cfg, spec, optimizer)
     best_val, elapsed_before = math.inf, 0.0
     if resume:
+        saved_batch = checkpoint.read_header(last_path).get("metadata", {}).get("global_batch_size")
+        if saved_batch is not None and saved_batch != cfg.data.batch_size:
+            raise RunError(
+                f"--resume: {last_path} was written with a global batch of {saved_batch} sequences, the config "
+                f"asks for data.batch_size = {cfg.data.batch_size}; the carried states and the data order need "
+                "the same global batch (the number of processes and devices may change)"
+            )
         state, meta = checkpoint.load(last_path, state)
         best_val, elapsed_before = meta.get("best_val", math.inf), meta.get("elapsed_s", 0.0)
-        _truncate_metrics(out / "metrics.jsonl", int(state.step))
+        if main:
+            _truncate_metrics(out / "metrics.jsonl", int(state.step))
         log(f"resumed from {last_path} at step {int(state.step)}")
 
     step_fn = _make_step(cfg, spec, optimizer, task)
     eval_fn = train.make_eval_step(spec, unroll=cfg.train.unroll)
+    if hasattr(step_fn, "mesh"):  # data-parallel: evaluation is split along B too
+        eval_fn = parallel.make_sharded_eval(eval_fn, step_fn.mesh)
     t = cfg.train
     use_bar = sys.stdout.isatty() if progress is None else progress
     bar = None
@@ -109,12 +123,15 @@ def run(
     def elapsed():
         return elapsed_before + time.perf_counter() - start
 
-    def save_last():
-        checkpoint.save(
-            last_path, state, metadata={"best_val": best_val, "elapsed_s": elapsed(), "step": int(state.step)}
-        )
+    meta_common = {"global_batch_size": cfg.data.batch_size, "processes": jax.process_count()}
 
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    def save_last():
+        host_state = parallel.host_tree(state)  # gathers the carry: every process takes part
+        if main:
+            meta = {"best_val": best_val, "elapsed_s": elapsed(), "step": int(host_state.step), **meta_common}
+            checkpoint.save(last_path, host_state, metadata=meta)
+
+    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
     try:
         step = int(state.step)  # a Python mirror of state.step: no device read to steer the loop
         while step < t.steps:
@@ -126,24 +143,24 @@ def run(
             recent.append((m.loss, float(np.sum(batch.weights)) / batch.xs.shape[1]))  # (DIV, weight per sequence)
             # The one read of a device value per step: the stop rule needs the count of non-finite
             # updates in a row (the jitted step already kept them out of the parameters).
-            if int(state.nonfinite_in_row) >= t.max_nonfinite:
+            if int(parallel.host_value(state.nonfinite_in_row)) >= t.max_nonfinite:
                 stop_reason = "nonfinite"
                 break
             step += 1
             if step % t.log_every == 0 or step == t.steps or step % t.eval_every == 0:
-                losses = [float(l) / max(w, 1e-12) for l, w in recent]
+                losses = [float(parallel.host_value(l)) / max(w, 1e-12) for l, w in recent]
                 finite_losses = [x for x in losses if math.isfinite(x)]
                 train_loss = float(np.mean(finite_losses)) if finite_losses else math.nan
                 recent = []
-                last_dh = np.asarray(m.dh_norms)
+                last_dh = parallel.host_value(m.dh_norms)
                 now = time.perf_counter()
                 row = {
                     "step": step,
                     "loss": train_loss,
-                    "grad_norm": float(m.grad_norm),
+                    "grad_norm": float(parallel.host_value(m.grad_norm)),
                     "seconds": round(elapsed(), 3),
                     "steps_per_s": (step - last_log_step) / max(now - last_log_t, 1e-9),
-                    "skipped": int(state.nonfinite_total),
+                    "skipped": int(parallel.host_value(state.nonfinite_total)),
                 }
                 last_log_t, last_log_step = now, step
                 if _bits(task, train_loss) is not None:
@@ -157,9 +174,13 @@ def run(
                         row["val_accuracy"] = ev["accuracy"]
                     if ev["loss"] < best_val:
                         best_val = ev["loss"]
-                        checkpoint.save(best_path, state.params, metadata={"step": step, "val_loss": best_val})
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+                        best_params = parallel.host_tree(state.params)
+                        if main:
+                            meta = {"step": step, "val_loss": best_val, **meta_common}
+                            checkpoint.save(best_path, best_params, metadata=meta)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
                 msg = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
                 if bar is not None:
                     bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{row.get('val_loss', float('nan')):.4f}")
@@ -171,20 +192,24 @@ def run(
                 save_last()
     except KeyboardInterrupt:
         save_last()
-        log(f"interrupted: state saved to {last_path} at step {int(state.step)}; continue with --resume")
+        log(f"interrupted: state saved to {last_path} at step {step}; continue with --resume")
         raise
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if bar is not None:
             bar.close()
     save_last()
+    host_state = parallel.host_tree(state)
     if stop_reason == "nonfinite":
         raise RunError(
-            f"stopped at step {int(state.step)}: {t.max_nonfinite} non-finite losses or gradients in a row "
+            f"stopped at step {int(host_state.step)}: {t.max_nonfinite} non-finite losses or gradients in a row "
             f"(train.max_nonfinite); none reached the parameters. Lower optim.learning_rate or enable clipping. "
             f"The last good state is in {last_path}"
         )
-    return finish(cfg, out, task, spec, state, best_val, elapsed(), last_dh, stop_reason, log)
+    if not main:
+        return {"task": task.name, "steps": int(host_state.step), "process": jax.process_index()}
+    return finish(cfg, out, task, spec, host_state, best_val, elapsed(), last_dh, stop_reason, log)
 
 
 def _make_step(cfg: Config, spec, optimizer, task):
@@ -198,8 +223,6 @@ def _make_step(cfg: Config, spec, optimizer, task):
         recurrence=cfg.train.recurrence,
     )
     if cfg.train.devices != "1":
-        from bptt_jax import parallel
-
         return parallel.make_sharded_train_step(spec, optimizer, cfg.train.devices, cfg.data.batch_size, **kwargs)
     return train.make_train_step(spec, optimizer, **kwargs)
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bptt_jax import losses, scan
@@ -165,34 +166,15 @@ def make_train_step(
             h0 = tuple(jnp.where(reset[:, None], 0.0, h) for h in state.carry)
         else:
             h0 = tuple(jnp.zeros_like(h) for h in state.carry)
+        kw = dict(weights=batch.weights, h0=h0, output_mask=output_mask, unroll=unroll, recurrence=recurrence)
         if grad == "bptt":
-            value, grads, aux = bptt(
-                state.params,
-                spec,
-                xs,
-                batch.targets,
-                weights=batch.weights,
-                h0=h0,
-                output_mask=output_mask,
-                unroll=unroll,
-                recurrence=recurrence,
-                diagnostics=True,  # the dh_norms profile of the metrics
-            )
+            # diagnostics: the dh_norms profile of the metrics
+            value, grads, aux = bptt(state.params, spec, xs, batch.targets, diagnostics=True, **kw)
             assert aux.dh_norms is not None  # asked for with diagnostics=True
             dh_norms, h_last = aux.dh_norms, aux.h_last
         else:
             (value, h_last), grads = jax.value_and_grad(
-                lambda p: loss_and_state(
-                    p,
-                    spec,
-                    xs,
-                    batch.targets,
-                    weights=batch.weights,
-                    h0=h0,
-                    output_mask=output_mask,
-                    unroll=unroll,
-                    recurrence=recurrence,
-                ),
+                lambda p: loss_and_state(p, spec, xs, batch.targets, **kw),
                 has_aux=True,
             )(state.params)
             dh_norms = jnp.full((xs.shape[0], len(h0)), jnp.nan, xs.dtype)
@@ -247,6 +229,15 @@ def evaluate(eval_step, params, spec: RNNSpec, batches, *, stateful: bool) -> di
         if h is None or not stateful:
             h = scan.default_h0(spec, batch.xs.shape[1], jnp.float32)
         sums, h = eval_step(params, h, batch)
+        if not sums.div.is_fully_addressable:  # spans several processes: add on the host (arithmetic
+            sums = EvalSums(*(_read(x) for x in sums))  # on such arrays from Python deadlocked in a trial)
         div, weight, correct = div + sums.div, weight + sums.weight, correct + sums.correct  # stays on device
-    weight = max(float(weight), 1e-12)  # one read of the device at the end
-    return {"loss": float(div) / weight, "accuracy": float(correct) / weight}
+    weight = max(float(_read(weight)), 1e-12)  # one read of the device at the end
+    return {"loss": float(_read(div)) / weight, "accuracy": float(_read(correct)) / weight}
+
+
+def _read(x):
+    """A scalar's value; a replicated array spanning several processes is read from the local copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)

@@ -166,3 +166,14 @@ def test_bad_data_files_fail_clearly_and_write_nothing(tmp_path, capsys):
     assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 1
     assert "data.path: no such file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_global_batch_is_refused(tmp_path):
+    """The checkpoint records the global batch size; a resume with another one is refused by name."""
+    path = ROOT / "configs" / "min_char_rnn.toml"
+    runner.run(load_config(path, TINY), tmp_path / "a", log=lambda s: None, progress=False)
+    meta = checkpoint.read_header(tmp_path / "a" / "last.ckpt")["metadata"]
+    assert meta["global_batch_size"] == 2 and meta["processes"] == 1
+    cfg = load_config(path, TINY + ["data.batch_size=4", "train.steps=3"])
+    with pytest.raises(runner.RunError, match=r"written with a global batch of 2 sequences.*data.batch_size = 4"):
+        runner.run(cfg, tmp_path / "a", resume=True, log=lambda s: None, progress=False)

@@ -128,9 +128,12 @@ def test_loss_with_kernels_is_differentiable_and_equal():
         assert ref.max_rel_err(fwd, bj.forward(p.params, spec, p.xs, lengths=p.lengths, recurrence="scan")) < 1e-12
 
 
-def test_resolve():
+def test_resolve(monkeypatch):
     assert kernels.resolve("auto", (64,), jnp.float32, backend="cpu") == "scan"
     assert kernels.resolve("pallas", (4096,), jnp.float64, backend="cpu") == "pallas"  # interpret mode
+    assert kernels.resolve("auto", (64,), jnp.float32, backend="gpu") == "scan"  # not yet verified on a GPU
+    assert kernels.resolve("pallas", (64,), jnp.float32, backend="gpu") == "pallas"
+    monkeypatch.setattr(kernels, "GPU_AUTO", True)
     assert kernels.resolve("auto", (64,), jnp.float32, backend="gpu") == "pallas"
     assert kernels.resolve("auto", (1024,), jnp.float32, backend="gpu") == "scan"  # W11 too large: falls back
     assert kernels.resolve("auto", (64,), jnp.float64, backend="gpu") == "scan"
