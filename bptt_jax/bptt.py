@@ -45,7 +45,6 @@ from typing import Any, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from bptt_jax import activations, checks, kernels, losses, scan
@@ -644,31 +643,6 @@ def _compiled_bptt(spec, generic, unroll, block_size, checkpoint_every, diagnost
     return jax.jit(functools.partial(_bptt, **static))
 
 
-def _host_checks(spec, xs, targets, weights, lengths, check_values):
-    """Value checks of host arrays (see ``checks``); lists become arrays. Shapes are checked in the trace."""
-    if not isinstance(spec, RNNSpec):
-        raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
-    if lengths is not None and not hasattr(lengths, "dtype"):
-        lengths = np.asarray(lengths)  # a host array: its values are checked below
-    if weights is not None and not hasattr(weights, "dtype"):
-        weights = np.asarray(weights)
-    shape = getattr(xs, "shape", None)
-    if check_values is not False and shape is not None and len(shape) == 3 and hasattr(targets, "dtype"):
-        t_len, batch = shape[0], shape[1]
-        if lengths is not None and checks.readable(lengths, check_values):
-            lengths = checks.check_lengths(lengths, t_len, batch, check_values)
-        if checks.readable(targets, check_values):
-            checks.check_targets(spec, targets, None, t_len, batch, check_values)
-    return lengths, weights
-
-
-def _check_finite(xs, h0, params):
-    checks.check_finite_tree("xs", xs)
-    if h0 is not None:
-        checks.check_finite_tree("h0", h0)
-    checks.check_finite_tree("params", params)
-
-
 def loss(
     params: RNNParams,
     spec: RNNSpec,
@@ -709,9 +683,9 @@ def loss(
     Returns:
       The scalar DIV.
     """
-    lengths, weights = _host_checks(spec, xs, targets, weights, lengths, check_values)
+    lengths, weights = checks.host_checks(spec, xs, targets, weights, lengths, check_values)
     if check_finite:
-        _check_finite(xs, h0, params)
+        checks.check_finite_inputs(xs, h0, params)
     return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence)[0]
 
 
@@ -730,7 +704,7 @@ def loss_and_state(
 ):
     """(DIV, final states) — ``loss`` plus the L*D final states, for ``jax.value_and_grad(...,
     has_aux=True)`` in truncated BPTT (one forward pass gives both). Arguments as ``loss``."""
-    lengths, weights = _host_checks(spec, xs, targets, weights, lengths, None)
+    lengths, weights = checks.host_checks(spec, xs, targets, weights, lengths, None)
     return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence)
 
 
@@ -791,8 +765,8 @@ def bptt(
             raise ValueError("checkpoint_every: cannot be combined with output_mask")
     if recurrence not in kernels.RECURRENCES:
         raise ValueError(f"recurrence: expected one of {list(kernels.RECURRENCES)}, got {recurrence!r}")
-    lengths, weights = _host_checks(spec, xs, targets, weights, lengths, check_values)
+    lengths, weights = checks.host_checks(spec, xs, targets, weights, lengths, check_values)
     if check_finite:
-        _check_finite(xs, h0, params)
+        checks.check_finite_inputs(xs, h0, params)
     fn = _compiled_bptt(spec, generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence)
     return fn(params, xs, targets, weights, lengths, h0, output_mask)

@@ -113,6 +113,36 @@ def check_finite_tree(name: str, tree) -> None:
             raise ValueError(f"{name}{where}: holds NaN or inf (check_finite=True)")
 
 
+def check_finite_inputs(xs, h0, params) -> None:
+    """Raises ValueError if xs, h0 (when given) or params hold NaN or inf (reads them: a host sync)."""
+    check_finite_tree("xs", xs)
+    if h0 is not None:
+        check_finite_tree("h0", h0)
+    check_finite_tree("params", params)
+
+
+def host_checks(spec: RNNSpec, xs, targets, weights, lengths, check_values: bool | None):
+    """What a public entry point checks before its jitted body (which checks shapes and dtypes when
+    traced): the spec's type, and the values of targets and lengths per ``check_values`` (module
+    docstring). Lists become NumPy arrays (host data, so their values are checked). Pass
+    targets=None where there are none. Returns (lengths, weights)."""
+    if not isinstance(spec, RNNSpec):
+        raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
+    if lengths is not None and not hasattr(lengths, "dtype"):
+        lengths = np.asarray(lengths)
+    if weights is not None and not hasattr(weights, "dtype"):
+        weights = np.asarray(weights)
+    shape = getattr(xs, "shape", None)
+    if check_values is False or shape is None or len(shape) != 3:
+        return lengths, weights  # a wrong xs is named by the traced checks
+    t_len, batch = shape[0], shape[1]
+    if lengths is not None and readable(lengths, check_values):
+        lengths = check_lengths(lengths, t_len, batch, check_values)
+    if targets is not None and hasattr(targets, "dtype") and readable(targets, check_values):
+        check_targets(spec, targets, None, t_len, batch, check_values)
+    return lengths, weights
+
+
 def check_inputs(
     params, spec: RNNSpec, xs, h0, lengths, *, check_finite: bool = False, check_values: bool | None = None
 ):
@@ -125,9 +155,7 @@ def check_inputs(
     lengths = check_lengths(lengths, t_len, batch, check_values)
     h0 = check_h0(spec, h0, batch, xs.dtype)
     if check_finite:
-        check_finite_tree("xs", xs)
-        check_finite_tree("h0", h0)
-        check_finite_tree("params", params)
+        check_finite_inputs(xs, h0, params)
     return xs, h0, lengths
 
 

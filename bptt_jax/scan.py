@@ -10,7 +10,6 @@ from typing import NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from bptt_jax import cell, checks, kernels
@@ -280,16 +279,7 @@ def forward(
     Returns:
       ``ForwardOutput(ys [T, B, M], hs, h_last, z2s [T, B, M])``.
     """
-    if not isinstance(spec, RNNSpec):
-        raise TypeError(f"spec: expected an RNNSpec, got {type(spec).__name__}")
-    if lengths is not None and not hasattr(lengths, "dtype"):
-        lengths = np.asarray(lengths)  # type: ignore[assignment]  # a host array: its values are checked
-    shape = getattr(xs, "shape", None)
-    if lengths is not None and shape is not None and len(shape) == 3 and checks.readable(lengths, check_values):
-        lengths = checks.check_lengths(lengths, shape[0], shape[1], check_values)
+    lengths, _ = checks.host_checks(spec, xs, None, None, lengths, check_values)
     if check_finite:
-        checks.check_finite_tree("xs", xs)
-        checks.check_finite_tree("params", params)
-        if h0 is not None:
-            checks.check_finite_tree("h0", h0)
+        checks.check_finite_inputs(xs, h0, params)
     return _forward(params, spec, xs, h0, lengths, unroll, recurrence)
