@@ -1,8 +1,9 @@
 """The ``bptt-jax`` command: run, sample, gradcheck.
 
-bptt-jax run CONFIG [--set section.key=value ...] [--out DIR] [--resume]
+bptt-jax run CONFIG [--set section.key=value ...] [--out DIR] [--resume] [--processes N [--port P]]
 bptt-jax sample RUN_DIR [--prime TEXT] [--length N] [--temperature X] [--seed S]
 bptt-jax gradcheck CONFIG [--set ...] [--tolerance X]
+bptt-jax gradflow CONFIG [--set ...] [--out DIR] [--from RUN_DIR]
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
     r.add_argument("--out", help="output directory (default: the config's output.dir)")
     r.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
+    r.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="run as N local processes over 127.0.0.1 (each with the CPU devices XLA_FLAGS gives it)",
+    )
+    r.add_argument("--port", type=int, help="with --processes: the coordinator's port (default: a free one)")
     s = sub.add_parser("sample", help="generate text from a run's best checkpoint")
     s.add_argument("run_dir")
     s.add_argument("--prime", default=None, help="text to start from (default: a newline)")
@@ -34,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("config")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     g.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference allowed (float32)")
+    f = sub.add_parser(
+        "gradflow",
+        help="plot ||dDIV/dh(t)|| against the distance from a loss on one step (vanishing / exploding gradients)",
+    )
+    f.add_argument("config")
+    f.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    f.add_argument("--out", help="output directory (default: OUTPUT_DIR/gradflow, or RUN_DIR/gradflow with --from)")
+    f.add_argument(
+        "--from", dest="from_dir", metavar="RUN_DIR", help="take the weights from this run (same network and task)"
+    )
     return p
 
 
@@ -44,6 +62,8 @@ def main(argv=None) -> int:
             return _run(args)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "gradflow":
+            return _gradflow(args)
         return _gradcheck(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -65,25 +85,17 @@ def _run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     out = args.out or cfg.output.dir
+    if args.port is not None and args.processes is None:
+        print("error: --port needs --processes", file=sys.stderr)
+        return 2
+    if args.processes is not None and args.processes != 1:
+        from bptt_jax import launch
+
+        return launch.launch(args.config, args.set, out, args.processes, resume=args.resume, port=args.port)
     summary = runner.run(cfg, out, resume=args.resume)
     keys = ("task", "steps", "seconds", "stopped_by", "best_val_loss", "best_val_bits_per_char", "best_val_accuracy")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
-
-
-def _load_run(run_dir: Path):
-    from bptt_jax import checkpoint, runner
-
-    cfg = load_config(run_dir / "config.toml")
-    task, spec, optimizer = runner.build(cfg)
-    template = runner.initial_state(cfg, spec, optimizer).params
-    path = run_dir / "best.ckpt"
-    if not path.exists():
-        path = run_dir / "last.ckpt"
-        state, _ = checkpoint.load(path, runner.initial_state(cfg, spec, optimizer))
-        return cfg, task, spec, state.params
-    params, _ = checkpoint.load(path, template)
-    return cfg, task, spec, params
 
 
 def _sample(args) -> int:
@@ -93,7 +105,7 @@ def _sample(args) -> int:
     if not (run_dir / "config.toml").exists():
         print(f"error: {run_dir} is not a run directory (no config.toml)", file=sys.stderr)
         return 1
-    cfg, task, spec, params = _load_run(run_dir)
+    cfg, task, spec, params, _ = runner.load_run(run_dir)
     if task.name != "text":
         print(f"error: sampling needs a text run, {run_dir} trained task {task.name!r}", file=sys.stderr)
         return 1
@@ -139,6 +151,19 @@ def _gradcheck(args) -> int:
         f"(tolerance {args.tolerance:.1e}): {'OK' if result['ok'] else 'FAIL'}"
     )
     return 0 if result["ok"] else 1
+
+
+def _gradflow(args) -> int:
+    from bptt_jax import gradflow
+
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        out = Path(args.out)
+    else:
+        out = Path(args.from_dir if args.from_dir else cfg.output.dir) / "gradflow"
+    gradflow.run(cfg, out, from_dir=args.from_dir)
+    print(f"wrote {out / 'gradflow.png'} and {out / 'gradflow.json'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ runs the same config and feeds its own slice of the global batch
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from typing import Any
 
 import jax
@@ -51,6 +54,109 @@ def initialize_distributed(
         coordinator_address=address, num_processes=n, process_id=pid, heartbeat_timeout_seconds=int(peer_timeout_s)
     )
     return True
+
+
+EXIT_PEER_LOST = 75  # the exit status of a process that stopped because a peer was lost
+
+
+class PeerWatch:
+    """Notices a lost peer process and stops this one with a message that names it.
+
+    A daemon thread writes a counter of this process into the distributed runtime's key-value
+    store (on process 0) every ``interval_s`` and reads every other process's counter. A process
+    whose counter has not moved for ``limit_s`` seconds, and that has not said it is done, is lost:
+    the thread prints which one to stderr and ends this process with status EXIT_PEER_LOST, even
+    while the main thread waits inside a collective that will never complete. When the store
+    itself cannot be reached, process 0 (which holds it) is the one lost.
+
+    JAX's own heartbeat (``heartbeat_timeout_seconds``) also ends the survivors, by an abort with
+    a runtime log, after the full train.peer_timeout_s; the watch uses half of it, so its message
+    comes first. Checkpoints are written atomically, so the last one on disk stays loadable.
+    """
+
+    PREFIX = "bptt_jax/alive/"
+    DONE = "bptt_jax/done/"
+    FAILED = "bptt_jax/failed/"
+
+    def __init__(self, limit_s: float, interval_s: float | None = None, *, exit=os._exit, stderr=None):
+        from jax._src import distributed
+
+        client = distributed.global_state.client
+        if client is None:
+            raise RuntimeError("PeerWatch: jax.distributed is not initialized")
+        self._client: Any = client
+        self.limit_s = float(limit_s)
+        self.interval_s = interval_s if interval_s is not None else max(0.2, min(1.0, self.limit_s / 10))
+        self.me, self.n = jax.process_index(), jax.process_count()
+        self._exit, self._stderr = exit, stderr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="bptt-jax-peer-watch", daemon=True)
+
+    def start(self) -> PeerWatch:
+        self._beat(0)
+        self._thread.start()
+        return self
+
+    def done(self, error: str | None = None) -> None:
+        """Says this process has finished (its silence is then no loss), or failed with ``error``
+        (the others then stop, naming it), and stops the thread."""
+        self._stop.set()
+        try:
+            if error is None:
+                self._client.key_value_set(f"{self.DONE}{self.me}", "", allow_overwrite=True)
+            else:
+                self._client.key_value_set(f"{self.FAILED}{self.me}", error[:300], allow_overwrite=True)
+        except Exception:  # the coordinator may already have gone at the very end
+            pass
+
+    def _beat(self, count: int) -> None:
+        self._client.key_value_set(f"{self.PREFIX}{self.me}", str(count), allow_overwrite=True)
+
+    def _lost(self, message: str) -> None:
+        print(f"error: {message}; stopping process {self.me} of {self.n}", file=self._stderr or sys.stderr, flush=True)
+        self._exit(EXIT_PEER_LOST)
+
+    def _loop(self) -> None:
+        start = time.monotonic()
+        seen: dict[int, tuple[str | None, float]] = {}
+        count = 0
+        while not self._stop.wait(self.interval_s):
+            count += 1
+            try:
+                self._beat(count)
+                alive = dict(self._client.key_value_dir_get(self.PREFIX))
+                done = {k for k, _ in self._client.key_value_dir_get(self.DONE)}
+                failed = dict(self._client.key_value_dir_get(self.FAILED))
+            except Exception as e:
+                if self._stop.is_set():
+                    return
+                self._lost(f"lost contact with process 0 (the coordinator): {str(e).splitlines()[0][:200]}")
+                return
+            now = time.monotonic()
+            for p in range(self.n):
+                if p == self.me or f"{self.DONE}{p}" in done:
+                    continue
+                if f"{self.FAILED}{p}" in failed:
+                    self._lost(f"process {p} of {self.n} failed: {failed[f'{self.FAILED}{p}']}")
+                    return
+                value = alive.get(f"{self.PREFIX}{p}")
+                last = seen.get(p)
+                if last is None or last[0] != value:
+                    seen[p] = (value, now if value is not None else start)
+                elif now - last[1] > self.limit_s:
+                    self._lost(
+                        f"process {p} of {self.n} stopped responding (no sign of life for {now - last[1]:.0f} s; "
+                        f"limit {self.limit_s:.0f} s = train.peer_timeout_s / 2)"
+                    )
+                    return
+
+
+def watch_peers(peer_timeout_s: float) -> PeerWatch | None:
+    """A started ``PeerWatch`` with half of ``peer_timeout_s`` as its limit when several processes
+    run, else None."""
+    if jax.process_count() <= 1:
+        return None
+    return PeerWatch(peer_timeout_s / 2).start()
 
 
 def is_main_process() -> bool:

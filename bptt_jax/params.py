@@ -108,6 +108,12 @@ class RNNSpec:
         """N1 of every (layer, direction) entry, in the order ``layer * D + direction``."""
         return tuple(n1 for n1 in self.hidden_sizes for _ in range(self.num_directions))
 
+    def state_labels(self) -> tuple[str, ...]:
+        """Names of the (layer, direction) entries in the order ``layer * D + direction``, counted
+        from 1 as people say them: "layer 1 forward", "layer 1 reverse", "layer 2 forward", ..."""
+        names = ("forward", "reverse")[: self.num_directions]
+        return tuple(f"layer {k + 1} {d}" for k in range(self.num_layers) for d in names)
+
 
 def _is_pos_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0

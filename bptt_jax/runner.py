@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import checkpoint, data, parallel, train
-from bptt_jax.config import Config, to_toml
+from bptt_jax.config import Config, load_config, to_toml
 from bptt_jax.params import RNNSpec
 
 
@@ -81,6 +81,19 @@ def run(
         parallel.initialize_distributed(
             cfg.train.coordinator_address, cfg.train.num_processes, cfg.train.process_id, cfg.train.peer_timeout_s
         )
+    watch = parallel.watch_peers(cfg.train.peer_timeout_s)  # None in a one-process run
+    try:
+        result = _run(cfg, out, last_path, best_path, resume=resume, log=log, progress=progress)
+    except BaseException as e:
+        if watch is not None:
+            watch.done(error=f"{type(e).__name__}: {e}")
+        raise
+    if watch is not None:
+        watch.done()
+    return result
+
+
+def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bool, log, progress) -> dict:
     main = parallel.is_main_process()  # only process 0 writes into the run directory
     if not main:
         log = lambda msg: None  # noqa: E731  (its output would repeat process 0's)
@@ -212,6 +225,22 @@ def run(
     return finish(cfg, out, task, spec, host_state, best_val, elapsed(), last_dh, stop_reason, log)
 
 
+def load_run(run_dir) -> tuple:
+    """A finished or interrupted run's (cfg, task, spec, params, checkpoint path): the weights of
+    best.ckpt, or of last.ckpt when no evaluation has written best.ckpt yet."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    task, spec, optimizer = build(cfg)
+    path = run_dir / "best.ckpt"
+    if path.exists():
+        params, _ = checkpoint.load(path, initial_state(cfg, spec, optimizer).params)
+    else:
+        path = run_dir / "last.ckpt"
+        state, _ = checkpoint.load(path, initial_state(cfg, spec, optimizer))
+        params = state.params
+    return cfg, task, spec, params, path
+
+
 def _make_step(cfg: Config, spec, optimizer, task):
     kwargs = dict(
         grad=cfg.train.grad,
@@ -280,7 +309,7 @@ def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_r
         log("sample from the best checkpoint:\n" + text)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if cfg.output.plots:
-        plot(out, rows, last_dh, task)
+        plot(out, rows, last_dh, task, spec.state_labels())
     return summary
 
 
@@ -299,7 +328,7 @@ def sample_text(params, spec, vocab: data.Vocab, *, prime, length: int, temperat
     return prime + vocab.decode(np.asarray(ids))
 
 
-def plot(out: Path, rows, last_dh, task) -> None:
+def plot(out: Path, rows, last_dh, task, labels=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,7 +352,8 @@ def plot(out: Path, rows, last_dh, task) -> None:
     if last_dh is not None and np.all(np.isfinite(last_dh)):
         fig, ax = plt.subplots(figsize=(6, 4))
         for j in range(last_dh.shape[1]):
-            ax.semilogy(np.maximum(last_dh[:, j], 1e-30), label=f"layer/direction {j}")
+            label = labels[j] if labels is not None else f"entry {j}"  # "layer 1 forward", ...
+            ax.semilogy(np.maximum(last_dh[:, j], 1e-30), label=label)
         ax.set_xlabel("t")
         ax.set_ylabel("mean ||dDIV/dh(t)||")
         ax.set_title("gradient reaching h(t), last logged batch")

@@ -28,6 +28,8 @@ LEVELS = {
     "generate": 7,
     "runner": 8,
     "study": 9,
+    "gradflow": 9,
+    "launch": 9,
     "cli": 10,
 }
 

@@ -1,0 +1,141 @@
+"""The gradient-flow picture: exact geometric rates for linear nets, the command, its refusals, labels."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib.figure
+import numpy as np
+import pytest
+
+from bptt_jax import cli, data, gradflow, runner
+from bptt_jax.config import load_config
+from bptt_jax.params import RNNSpec, init_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.hidden_sizes=[6]",
+    "data.adding_length=12",
+    "data.batch_size=4",
+    "data.test_size=4",
+    "train.steps=2",
+    "train.log_every=1",
+    "train.eval_every=1",
+    "train.checkpoint_every=1",
+    "train.time_limit_s=0",
+    "output.plots=false",
+]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("rho", [0.5, 1.1])
+def test_linear_network_rate_is_rho(rho, bidirectional):
+    # f1 = identity and W11 = rho Q (Q orthogonal): dDIV/dh(t) = dDIV/dh(t+1) W11^T, so every
+    # sequence's norm is multiplied by exactly rho per step, and so is the batch mean.
+    spec = RNNSpec(
+        2,
+        (5,),
+        1,
+        activation="identity",
+        output_activation="identity",
+        divergence="squared_error",
+        bidirectional=bidirectional,
+    )
+    params = init_params(jax.random.key(3), spec, scheme="orthogonal", scale=rho)
+    batch = data.adding_batch(np.random.default_rng(0), 15, 3)
+    profile = gradflow.gradient_flow(params, spec, batch)
+    assert list(profile) == list(spec.state_labels())
+    for label, norms in profile.items():
+        ratios = norms[2:] / norms[1:-1]
+        np.testing.assert_allclose(ratios, rho, rtol=2e-5, err_msg=label)
+        rate, span = gradflow.fit_rate(norms)
+        assert span == (1, 14)
+        assert rate == pytest.approx(rho, rel=2e-5)
+
+
+def test_profile_is_dh_norms_read_from_the_loss_step():
+    # The forward line at distance k is dh_norms at t = T-1-k for a loss on the last step only,
+    # which is the adding task's own weighting; cross-checked against jax.grad with an additive probe.
+    spec = RNNSpec(2, (4,), 1, activation="tanh", output_activation="identity", divergence="squared_error")
+    params = init_params(jax.random.key(1), spec)
+    batch = data.adding_batch(np.random.default_rng(1), 9, 3)
+    profile = gradflow.gradient_flow(params, spec, batch)["layer 1 forward"]
+    from bptt_jax.bptt import loss
+
+    xs = jnp.asarray(batch.xs)
+
+    def with_probe(eps):  # h(t) -> h(t) + eps(t): d loss / d eps(t) = dDIV/dh(t)
+        p = params
+        w1, w11, b1 = p.layers[0]
+
+        def step(h, inp):
+            x, e = inp
+            h = jnp.tanh(x @ w1 + h @ w11 + b1) + e
+            return h, h
+
+        _, hs = jax.lax.scan(step, jnp.zeros((3, 4)), (xs, eps))
+        y = hs @ p.readout.w2 + p.readout.b2
+        return jnp.mean(jnp.sum(batch.weights * jnp.sum((y - batch.targets) ** 2, -1), 0))
+
+    want = jax.grad(with_probe)(jnp.zeros((9, 3, 4)))
+    want_norms = np.asarray(jnp.mean(jnp.linalg.norm(want, axis=-1), axis=1))[::-1]
+    np.testing.assert_allclose(profile, want_norms, rtol=1e-5)
+    # the probe's loss is the library's loss (the same network)
+    assert float(with_probe(jnp.zeros((9, 3, 4)))) == pytest.approx(
+        float(loss(params, spec, xs, batch.targets, weights=batch.weights)), rel=1e-6
+    )
+
+
+def test_fit_rate_stops_at_underflow():
+    norms = np.array([1.0] + [0.1**k for k in range(1, 40)] + [0.0, 0.0])
+    rate, span = gradflow.fit_rate(norms)
+    assert rate == pytest.approx(0.1, rel=1e-9)
+    assert span == (1, 30)  # 1e-30 is the floor
+    assert gradflow.fit_rate(np.array([1.0, 0.0, 0.0]))[1] is None
+
+
+def test_gradflow_command_writes_plot_and_json(tmp_path, capsys):
+    config = ROOT / "configs" / "adding_irnn_150.toml"
+    out = tmp_path / "gf"
+    sets = sum((["--set", s] for s in TINY), [])
+    assert cli.main(["gradflow", str(config), *sets, "--out", str(out)]) == 0
+    record = json.loads((out / "gradflow.json").read_text())
+    assert (out / "gradflow.png").stat().st_size > 0
+    assert record["T"] == 12 and record["weights"] == "initialisation"
+    (line,) = record["lines"]
+    assert line["label"] == "layer 1 forward" and len(line["norms"]) == 12 and line["rate"] > 0
+    # --from: a run of the same network (trained at another length) is accepted ...
+    run_dir = tmp_path / "run"
+    runner.run(load_config(config, TINY), run_dir, log=lambda s: None, progress=False)
+    capsys.readouterr()
+    assert cli.main(["gradflow", str(config), *sets, "--set", "data.adding_length=20", "--from", str(run_dir)]) == 0
+    record = json.loads((run_dir / "gradflow" / "gradflow.json").read_text())
+    assert record["weights"].endswith("best.ckpt") and record["T"] == 20
+    # ... another network or another task is refused, by name, without a traceback
+    assert cli.main(["gradflow", str(config), *sets, "--set", "model.hidden_sizes=[7]", "--from", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "trained another network" in err and "hidden_sizes: run [6], config [7]" in err
+    text = ROOT / "configs" / "char_lm.toml"
+    assert cli.main(["gradflow", str(text), "--set", "model.hidden_sizes=[6]", "--from", str(run_dir)]) == 1
+    assert "trained task 'adding'" in capsys.readouterr().err
+    assert cli.main(["gradflow", str(config), "--from", str(tmp_path)]) == 1
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_state_labels_and_dh_norms_plot_legend(tmp_path, monkeypatch):
+    spec = RNNSpec(3, (4, 5), 2, bidirectional=True)
+    assert spec.state_labels() == ("layer 1 forward", "layer 1 reverse", "layer 2 forward", "layer 2 reverse")
+    assert RNNSpec(3, (4,), 2).state_labels() == ("layer 1 forward",)
+    legends = []
+    original = matplotlib.figure.Figure.savefig
+
+    def capture(fig, path, *a, **k):
+        legends.append((Path(path).name, fig.axes[0].get_legend_handles_labels()[1]))
+        return original(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    rows = [{"step": 1, "loss": 0.5}]
+    task = data.make_task(load_config(ROOT / "configs" / "adding_irnn_150.toml", TINY).data, 0, False)
+    runner.plot(tmp_path, rows, np.ones((6, 4)), task, spec.state_labels())
+    assert ("dh_norms.png", list(spec.state_labels())) in legends
