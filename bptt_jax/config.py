@@ -61,6 +61,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 5000
     time_limit_s: float = 0.0
+    stop_below: float = 0.0
     seed: int = 0
     grad: str = "bptt"
     stateful: bool = True
@@ -135,6 +136,7 @@ HELP = {
     ("optim", "weight_decay"): "decoupled (AdamW) for adam, L2 otherwise",
     ("train", "steps"): "number of updates (schedules decay over them)",
     ("train", "time_limit_s"): "wall-clock budget in seconds (0 = none)",
+    ("train", "stop_below"): "stop once an evaluation's loss is below this (0 = never)",
     ("train", "seed"): "fixes weights, data order and dropout masks",
     ("train", "grad"): "bptt (the explicit reverse scans) or autodiff (jax.grad)",
     ("train", "stateful"): "carry the hidden state across chunks (truncated BPTT)",
@@ -161,6 +163,7 @@ ALLOWED_TEXT = {
     ("model", "hidden_sizes"): "each > 0",
     ("train", "devices"): '`"all"` or a positive int as a string',
     ("train", "time_limit_s"): ">= 0",
+    ("train", "stop_below"): ">= 0",
     ("output", "sample_length"): ">= 0",
     ("optim", "warmup_steps"): ">= 0",
     ("optim", "weight_decay"): ">= 0",
@@ -256,7 +259,11 @@ def _check_value(where: str, section: str, key: str, value) -> None:
         and value < 0
     ):
         raise ConfigError(f"{where}: expected a value >= 0, got {value!r}")
-    if (section, key) in (("train", "time_limit_s"), ("output", "sample_length")) and value < 0:
+    if (section, key) in (
+        ("train", "time_limit_s"),
+        ("train", "stop_below"),
+        ("output", "sample_length"),
+    ) and value < 0:
         raise ConfigError(f"{where}: expected a value >= 0, got {value!r}")
 
 

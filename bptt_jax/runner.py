@@ -185,6 +185,8 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
                         row["val_bits_per_char"] = _bits(task, ev["loss"])
                     if task.divergence == "cross_entropy":
                         row["val_accuracy"] = ev["accuracy"]
+                    if t.stop_below and ev["loss"] < t.stop_below:
+                        stop_reason = "stop_below"
                     if ev["loss"] < best_val:
                         best_val = ev["loss"]
                         best_params = parallel.host_tree(state.params)
@@ -203,6 +205,8 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
                 bar.update(1)
             if step % t.checkpoint_every == 0:
                 save_last()
+            if stop_reason == "stop_below":
+                break
     except KeyboardInterrupt:
         save_last()
         log(f"interrupted: state saved to {last_path} at step {step}; continue with --resume")

@@ -91,7 +91,7 @@ def test_fit_rate_stops_at_underflow():
     norms = np.array([1.0] + [0.1**k for k in range(1, 40)] + [0.0, 0.0])
     rate, span = gradflow.fit_rate(norms)
     assert rate == pytest.approx(0.1, rel=1e-9)
-    assert span == (1, 30)  # 1e-30 is the floor
+    assert span == (1, 15)  # 1e-15 is the floor
     assert gradflow.fit_rate(np.array([1.0, 0.0, 0.0]))[1] is None
 
 
@@ -139,3 +139,11 @@ def test_state_labels_and_dh_norms_plot_legend(tmp_path, monkeypatch):
     task = data.make_task(load_config(ROOT / "configs" / "adding_irnn_150.toml", TINY).data, 0, False)
     runner.plot(tmp_path, rows, np.ones((6, 4)), task, spec.state_labels())
     assert ("dh_norms.png", list(spec.state_labels())) in legends
+
+
+def test_stop_below_ends_the_run_at_the_first_evaluation_under_it(tmp_path):
+    cfg = load_config(ROOT / "configs" / "adding_irnn_150.toml", TINY + ["train.steps=5", "train.stop_below=1e9"])
+    summary = runner.run(cfg, tmp_path / "run", log=lambda s: None, progress=False)
+    assert summary["stopped_by"] == "stop_below" and summary["steps"] == 1
+    cfg = load_config(ROOT / "configs" / "adding_irnn_150.toml", TINY + ["train.steps=3", "train.stop_below=1e-12"])
+    assert runner.run(cfg, tmp_path / "run2", log=lambda s: None, progress=False)["steps"] == 3
