@@ -3,7 +3,7 @@
 bptt-jax run CONFIG [--set section.key=value ...] [--out DIR] [--resume] [--processes N [--port P]]
 bptt-jax sample RUN_DIR [--prime TEXT] [--length N] [--temperature X] [--seed S]
 bptt-jax gradcheck CONFIG [--set ...] [--tolerance X]
-bptt-jax gradflow CONFIG [--set ...] [--out DIR] [--from RUN_DIR]
+bptt-jax gradflow CONFIG [--set ...] [--out DIR] [--from RUN_DIR [--checkpoint best|last]]
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="output directory (default: OUTPUT_DIR/gradflow, or RUN_DIR/gradflow with --from)")
     f.add_argument(
         "--from", dest="from_dir", metavar="RUN_DIR", help="take the weights from this run (same network and task)"
+    )
+    f.add_argument(
+        "--checkpoint", choices=("best", "last"), default="best", help="with --from: best.ckpt (default) or last.ckpt"
     )
     return p
 
@@ -161,7 +164,7 @@ def _gradflow(args) -> int:
         out = Path(args.out)
     else:
         out = Path(args.from_dir if args.from_dir else cfg.output.dir) / "gradflow"
-    gradflow.run(cfg, out, from_dir=args.from_dir)
+    gradflow.run(cfg, out, from_dir=args.from_dir, checkpoint=args.checkpoint)
     print(f"wrote {out / 'gradflow.png'} and {out / 'gradflow.json'}")
     return 0
 

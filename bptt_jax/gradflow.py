@@ -141,6 +141,11 @@ def plot(profiles: dict[str, np.ndarray], path, *, title: str = "", rates: dict[
     plt.close(fig)
 
 
+def spectral_radius(w11) -> float:
+    """The largest |eigenvalue| of W11 (the rate of a linear network)."""
+    return float(np.max(np.abs(np.linalg.eigvals(np.asarray(w11, np.float64)))))
+
+
 def _describe(spec: RNNSpec) -> dict:
     return {
         "input_size": spec.input_size,
@@ -152,14 +157,15 @@ def _describe(spec: RNNSpec) -> dict:
     }
 
 
-def run(cfg, out_dir, *, from_dir=None, log=print) -> dict:
+def run(cfg, out_dir, *, from_dir=None, checkpoint: str = "best", log=print) -> dict:
     """``bptt-jax gradflow``: the picture for cfg's network on one training batch of cfg's task.
 
     Args:
       cfg: a ``config.Config``; the weights are its initialisation unless ``from_dir`` is given.
       out_dir: where gradflow.json and gradflow.png go.
-      from_dir: a run directory whose best (else last) checkpoint supplies the weights. Its network
-        and task must be cfg's (sequence length and batch size may differ); otherwise GradflowError.
+      from_dir: a run directory whose checkpoint supplies the weights. Its network and task must be
+        cfg's (sequence length and batch size may differ); otherwise GradflowError.
+      checkpoint: "best" (best.ckpt, else last.ckpt) or "last" (last.ckpt) of ``from_dir``.
 
     Returns:
       The record written to gradflow.json.
@@ -174,7 +180,7 @@ def run(cfg, out_dir, *, from_dir=None, log=print) -> dict:
         run_dir = Path(from_dir)
         if not (run_dir / "config.toml").exists():
             raise GradflowError(f"--from: {run_dir} is not a run directory (no config.toml)")
-        run_cfg, run_task, run_spec, params, ckpt = runner.load_run(run_dir)
+        run_cfg, run_task, run_spec, params, ckpt = runner.load_run(run_dir, checkpoint)
         if run_task.name != task.name:
             raise GradflowError(
                 f"--from: {run_dir} trained task {run_task.name!r}, the config asks for task {task.name!r}"
@@ -196,9 +202,16 @@ def run(cfg, out_dir, *, from_dir=None, log=print) -> dict:
         "init_scale": cfg.model.init_scale,
     }
     title = f"{spec.activation}, W11 init {cfg.model.init} x {cfg.model.init_scale:g}, T = {meta['T']} ({source})"
+    nets = list(params.layers) + list(params.reverse_layers)
+    order = [k * spec.num_directions + d for d in range(spec.num_directions) for k in range(spec.num_layers)]
+    radius = {spec.state_labels()[j]: spectral_radius(net.w11) for j, net in zip(order, nets)}
+    meta["w11_spectral_radius"] = radius
     record = write(
         profile, out_dir, title=title if from_dir is None else f"{spec.activation}, T = {meta['T']}, trained", meta=meta
     )
     for line in record["lines"]:
-        log(f"{line['label']}: fitted rate {line['rate']:.4g} per step over distances {line['fit_distances']}")
+        log(
+            f"{line['label']}: fitted rate {line['rate']:.4g} per step over distances {line['fit_distances']}; "
+            f"W11 spectral radius {radius[line['label']]:.4g}"
+        )
     return record

@@ -229,14 +229,17 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
     return finish(cfg, out, task, spec, host_state, best_val, elapsed(), last_dh, stop_reason, log)
 
 
-def load_run(run_dir) -> tuple:
+def load_run(run_dir, which: str = "best") -> tuple:
     """A finished or interrupted run's (cfg, task, spec, params, checkpoint path): the weights of
-    best.ckpt, or of last.ckpt when no evaluation has written best.ckpt yet."""
+    best.ckpt (``which="best"``; last.ckpt when no evaluation has written best.ckpt yet) or of
+    last.ckpt (``which="last"``: the latest state, e.g. the last good one of a run that diverged)."""
+    if which not in ("best", "last"):
+        raise ValueError(f"checkpoint: expected 'best' or 'last', got {which!r}")
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.toml")
     task, spec, optimizer = build(cfg)
     path = run_dir / "best.ckpt"
-    if path.exists():
+    if which == "best" and path.exists():
         params, _ = checkpoint.load(path, initial_state(cfg, spec, optimizer).params)
     else:
         path = run_dir / "last.ckpt"

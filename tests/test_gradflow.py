@@ -51,6 +51,7 @@ def test_linear_network_rate_is_rho(rho, bidirectional):
         np.testing.assert_allclose(ratios, rho, rtol=2e-5, err_msg=label)
         rate, span = gradflow.fit_rate(norms)
         assert span == (1, 14)
+        assert gradflow.spectral_radius(params.layers[0].w11) == pytest.approx(rho, rel=1e-5)
         assert rate == pytest.approx(rho, rel=2e-5)
 
 
@@ -105,6 +106,7 @@ def test_gradflow_command_writes_plot_and_json(tmp_path, capsys):
     assert record["T"] == 12 and record["weights"] == "initialisation"
     (line,) = record["lines"]
     assert line["label"] == "layer 1 forward" and len(line["norms"]) == 12 and line["rate"] > 0
+    assert record["w11_spectral_radius"] == {"layer 1 forward": pytest.approx(1.0)}  # W11 = I
     # --from: a run of the same network (trained at another length) is accepted ...
     run_dir = tmp_path / "run"
     runner.run(load_config(config, TINY), run_dir, log=lambda s: None, progress=False)
@@ -112,6 +114,8 @@ def test_gradflow_command_writes_plot_and_json(tmp_path, capsys):
     assert cli.main(["gradflow", str(config), *sets, "--set", "data.adding_length=20", "--from", str(run_dir)]) == 0
     record = json.loads((run_dir / "gradflow" / "gradflow.json").read_text())
     assert record["weights"].endswith("best.ckpt") and record["T"] == 20
+    assert cli.main(["gradflow", str(config), *sets, "--from", str(run_dir), "--checkpoint", "last"]) == 0
+    assert json.loads((run_dir / "gradflow" / "gradflow.json").read_text())["weights"].endswith("last.ckpt")
     # ... another network or another task is refused, by name, without a traceback
     assert cli.main(["gradflow", str(config), *sets, "--set", "model.hidden_sizes=[7]", "--from", str(run_dir)]) == 1
     err = capsys.readouterr().err
