@@ -36,6 +36,10 @@ def _spread(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
+def _limit(budget: float | None) -> str:
+    return f"{budget:g} s" if budget else "the config's (540 s)"
+
+
 def summarize(results: dict, entries: list[Entry]) -> tuple[list[list], dict]:
     groups: dict[tuple[str, int], list] = {}
     for e in entries:
@@ -161,8 +165,8 @@ def main():
     table = markdown_table(header, rows)
     table += (
         f"\nSeeds {seeds}; always predicting 1 scores MSE 1/6 = 0.167; {args.jobs} run(s) at a time; IRNN time "
-        f"limit {args.budget or 'of the config'} s, stopping below {args.stop_below or 'never'}; tanh time limit "
-        f"{args.tanh_budget or 'of the config'} s.\n"
+        f"limit {_limit(args.budget)}, stopping at the first test MSE below {args.stop_below or 'nothing'}; tanh "
+        f"time limit {_limit(args.tanh_budget)}.\n"
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "results.md").write_text(table)
