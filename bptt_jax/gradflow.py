@@ -65,13 +65,13 @@ def gradient_flow(params: RNNParams, spec: RNNSpec, batch) -> dict[str, np.ndarr
     d = spec.num_directions
     out: dict[str, np.ndarray] = {}
     for direction, step in ((0, t_len - 1), (1, 0))[:d]:
-        w = jnp.asarray(_one_step_weights(t_len, b, step))
+        w = jnp.asarray(_one_step_weights(t_len, b, step), xs.dtype)
         _, _, aux = bptt(params, spec, xs, batch.targets, weights=w, diagnostics=True)
         norms = np.asarray(aux.dh_norms, np.float64)  # [T, L*D] in input time
         for j, label in enumerate(labels):
             if j % d == direction:
                 out[label] = norms[::-1, j].copy() if direction == 0 else norms[:, j].copy()
-    return out
+    return {label: out[label] for label in labels}  # in the order layer * D + direction
 
 
 def fit_rate(norms: np.ndarray) -> tuple[float, tuple[int, int] | None]:
@@ -82,17 +82,14 @@ def fit_rate(norms: np.ndarray) -> tuple[float, tuple[int, int] | None]:
     (nan, None) when fewer than two distances qualify.
     """
     norms = np.asarray(norms, np.float64)
-    ks = []
-    for k in range(1, len(norms)):
-        v = norms[k]
-        if not (math.isfinite(v) and FIT_FLOOR <= v <= FIT_CEILING):
-            break
-        ks.append(k)
-    if len(ks) < 2:
+    tail = norms[1:]
+    ok = np.isfinite(tail) & (tail >= FIT_FLOOR) & (tail <= FIT_CEILING)
+    n = len(ok) if ok.all() else int(np.argmin(ok))  # distances 1..n, up to the first outside the range
+    if n < 2:
         return math.nan, None
-    k_arr = np.asarray(ks, np.float64)
-    slope = np.polyfit(k_arr, np.log(norms[ks]), 1)[0]
-    return float(math.exp(slope)), (ks[0], ks[-1])
+    ks = np.arange(1, n + 1)
+    slope = np.polyfit(ks.astype(np.float64), np.log(norms[ks]), 1)[0]
+    return float(math.exp(slope)), (1, n)
 
 
 def write(profile: dict[str, np.ndarray], out_dir, *, title: str = "", meta: dict | None = None) -> dict:

@@ -3,15 +3,20 @@
 import json
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import matplotlib.figure
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from bptt_jax import cli, data, gradflow, runner
+from bptt_jax.bptt import loss as bptt_loss
 from bptt_jax.config import load_config
 from bptt_jax.params import RNNSpec, init_params
+from tests import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -151,3 +156,76 @@ def test_stop_below_ends_the_run_at_the_first_evaluation_under_it(tmp_path):
     assert summary["stopped_by"] == "stop_below" and summary["steps"] == 1
     cfg = load_config(ROOT / "configs" / "adding_irnn_150.toml", TINY + ["train.steps=3", "train.stop_below=1e-12"])
     assert runner.run(cfg, tmp_path / "run2", log=lambda s: None, progress=False)["steps"] == 3
+
+
+def _probe_loss(problem, w, eps):
+    """DIV of ``problem``'s network with loss weights ``w``, by Python loops, with eps[j] [T, B, N1]
+    added to state j (order layer * D + direction) at each input time t after the cell: the
+    gradient with respect to eps[j][t] is dDIV/dh(t) of that state."""
+    from bptt_jax import activations, cell, losses
+
+    spec, params, xs = problem.spec, problem.params, problem.xs
+    t_len, batch = xs.shape[:2]
+    d = spec.num_directions
+
+    def run(layer, inputs, probe):
+        h = jnp.zeros((batch, layer.w11.shape[0]), xs.dtype)
+        hs = []
+        for t in range(t_len):
+            h = cell.step(layer, spec.activation, h, inputs[t]) + probe[t]
+            hs.append(h)
+        return jnp.stack(hs)
+
+    inputs = xs
+    for k in range(spec.num_layers):
+        merged = run(params.layers[k], inputs, eps[k * d])
+        if spec.bidirectional:  # the reverse net reads the sequence backwards; states in input time
+            hr = run(params.reverse_layers[k], inputs[::-1], eps[k * d + 1][::-1])[::-1]
+            merged = jnp.concatenate([merged, hr], -1) if spec.merge == "concat" else merged + hr
+        inputs = merged
+    z2s = inputs @ params.readout.w2 + params.readout.b2
+    ys = activations.output(spec.output_activation, z2s)
+    return jnp.sum(w * losses.divergence(spec.divergence, z2s, ys, problem.targets)) / batch
+
+
+def _check_profile_against_autodiff(problem, rtol):
+    spec = problem.spec
+    t_len, batch = problem.xs.shape[:2]
+    batch_like = data.Batch(problem.xs, problem.targets, None, None)
+    profile = gradflow.gradient_flow(problem.params, spec, batch_like)
+    assert list(profile) == list(spec.state_labels())
+    eps = [jnp.zeros((t_len, batch, n1), problem.xs.dtype) for n1 in spec.state_sizes()]
+    d = spec.num_directions
+    for direction, step in ((0, t_len - 1), (1, 0))[:d]:
+        w = jnp.zeros((t_len, batch), problem.xs.dtype).at[step].set(1.0)
+        # the probe network is the library's network: same DIV
+        want_loss = bptt_loss(problem.params, spec, problem.xs, problem.targets, weights=w)
+        chex.assert_trees_all_close(_probe_loss(problem, w, eps), want_loss, rtol=rtol)
+        dh = jax.grad(lambda e, w=w: _probe_loss(problem, w, e))(eps)
+        for j, label in enumerate(spec.state_labels()):
+            if j % d != direction:
+                continue
+            norms = np.asarray(jnp.mean(jnp.linalg.norm(dh[j], axis=-1), axis=1))
+            want = norms[::-1] if direction == 0 else norms  # by distance from the loss step
+            scale = max(float(np.max(want)), 1e-30)
+            np.testing.assert_allclose(profile[label], want, rtol=rtol, atol=rtol * scale, err_msg=label)
+
+
+@given(problem=ref.problems(max_t=5, max_layers=2, lengths=False), float64=st.booleans())
+def test_profile_equals_autodiff_probe_norms(problem, float64):
+    # Any stack (uni or bidirectional, any activation, divergence and merge): every line of the
+    # picture is ||dDIV/dh(t)|| by jax.grad, with the loss on the last step (forward nets) or the
+    # first (reverse nets), read by distance; float64 tight, float32 within 1e-4.
+    assume(problem.xs.shape[0] >= 2)
+    if float64:
+        with jax.enable_x64(True):
+            _check_profile_against_autodiff(ref.cast(problem, jnp.float64), 1e-9)
+    else:
+        _check_profile_against_autodiff(problem, 1e-4)
+
+
+def test_one_step_sequences_are_refused_by_name():
+    spec = RNNSpec(2, (3,), 1, output_activation="identity", divergence="squared_error")
+    batch = data.adding_batch(np.random.default_rng(0), 1, 2)
+    with pytest.raises(gradflow.GradflowError, match="needs T >= 2 steps, the batch has T = 1"):
+        gradflow.gradient_flow(init_params(jax.random.key(0), spec), spec, batch)
