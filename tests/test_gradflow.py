@@ -229,3 +229,10 @@ def test_one_step_sequences_are_refused_by_name():
     batch = data.adding_batch(np.random.default_rng(0), 1, 2)
     with pytest.raises(gradflow.GradflowError, match="needs T >= 2 steps, the batch has T = 1"):
         gradflow.gradient_flow(init_params(jax.random.key(0), spec), spec, batch)
+
+
+def test_negative_stop_below_is_a_config_error():
+    from bptt_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.stop_below.*expected a value >= 0, got -1"):
+        load_config(ROOT / "configs" / "adding_irnn_150.toml", ["train.stop_below=-1"])
