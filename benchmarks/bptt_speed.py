@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax as bj
+from bptt_jax import kernels as bj_kernels
 from bptt_jax.interop import to_torch_state_dict
 
 SHAPES = [
@@ -80,7 +81,7 @@ def hoisted_loss(params, xs, targets, unroll):
     return _ce(hs @ ro.w2 + ro.b2, targets)
 
 
-def jax_contenders(spec, kernels=False):
+def jax_contenders(spec, kernels=False, gpu_set=False):
     """Jitted by ``compile_jax``. "bptt" is the default call exactly as the README calls it, inside an
     outer ``jax.jit``; the same call made directly (no outer jit) is timed as "bptt (direct call)".
     With ``kernels``: the scans and the Pallas kernels forced, side by side (on a GPU "auto" picks the
@@ -88,13 +89,15 @@ def jax_contenders(spec, kernels=False):
     c = {
         "bptt": lambda p, x, d: bj.bptt(p, spec, x, d),
         "grad(loss)": jax.value_and_grad(lambda p, x, d: bj.loss(p, spec, x, d)),
-        "grad(naive scan)": jax.value_and_grad(naive_loss),
     }
-    for u in (1, 4, 8):
+    if not gpu_set:
+        c["grad(naive scan)"] = jax.value_and_grad(naive_loss)
+    for u in (1, 4) if gpu_set else (1, 4, 8):
         c[f"grad(hoisted, unroll={u})"] = jax.value_and_grad(lambda p, x, d, u=u: hoisted_loss(p, x, d, u))
     if kernels:
         c["bptt recurrence=scan"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="scan")
-        c["bptt recurrence=pallas"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="pallas")
+        if bj_kernels.unsupported_reason(spec.hidden_sizes, jnp.float32) is None:
+            c["bptt recurrence=pallas"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="pallas")
     return c
 
 
@@ -264,7 +267,7 @@ def _block(out):
     jax.tree_util.tree_map(lambda a: a.block_until_ready(), out)
 
 
-def bench_shape(shape, rounds, threads, flops_per_s, kernels=False):
+def bench_shape(shape, rounds, threads, flops_per_s, kernels=False, gpu_set=False):
     t, b, n, n1, m = shape
     spec = bj.RNNSpec(n, (n1,), m)
     key = jax.random.key(0)
@@ -273,7 +276,7 @@ def bench_shape(shape, rounds, threads, flops_per_s, kernels=False):
     targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
     runners, info = {}, {}
     ref_value, ref_grads = None, None
-    for name, fn in jax_contenders(spec, kernels).items():
+    for name, fn in jax_contenders(spec, kernels, gpu_set).items():
         compiled, secs, temp, arg = compile_jax(fn, params, xs, targets)
         value, grads = compiled(params, xs, targets)[:2]
         if ref_grads is None:
@@ -296,7 +299,7 @@ def bench_shape(shape, rounds, threads, flops_per_s, kernels=False):
         "err": max_rel_err((value, grads), (ref_value, ref_grads)),
     }
     runners["bptt (direct call)"] = lambda: _block(direct())
-    fl = flax_contender(spec)
+    fl = None if gpu_set else flax_contender(spec)
     if fl is not None:
         vg, to_flax, from_flax = fl
         fp = to_flax(params)
@@ -309,7 +312,8 @@ def bench_shape(shape, rounds, threads, flops_per_s, kernels=False):
             "err": max_rel_err((value, from_flax(g)), (ref_value, ref_grads)),
         }
         runners["flax RNN(SimpleCell)"] = lambda c=compiled: _block(c(fp, xs, targets))
-    for compiled, name in ((False, "torch nn.RNN"), (True, "torch.compile nn.RNN")):
+    torch_modes = ((False, "torch nn.RNN"),) if gpu_set else ((False, "torch nn.RNN"), (True, "torch.compile nn.RNN"))
+    for compiled, name in torch_modes:
         t0 = time.perf_counter()
         tc = torch_contender(spec, params, xs, targets, threads, compiled=compiled)
         if tc is None:
@@ -398,6 +402,19 @@ def main(argv=None):
     ap.add_argument("--skip-long", action="store_true", help="skip the checkpoint_every table")
     ap.add_argument("--dispatch-only", action="store_true", help="only the direct-call vs outer-jit table")
     ap.add_argument(
+        "--gpu-set",
+        action="store_true",
+        help="the GPU check's contenders: bptt (default, scans, kernels), grad(loss), grad(hoisted, unroll 1 and "
+        "4), torch nn.RNN eager (cuDNN on a GPU); no naive scan, flax or torch.compile",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=("default", "highest"),
+        default="default",
+        help="float32 matmul precision: 'default' is each library's own (TF32 on NVIDIA GPUs for XLA and cuDNN); "
+        "'highest' pins full float32 in JAX and turns TF32 off in torch",
+    )
+    ap.add_argument(
         "--kernels",
         action="store_true",
         default=None,
@@ -405,6 +422,15 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 10)
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")  # a benchmark script, not the library
+        try:
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        except Exception:
+            pass
     on_gpu = jax.default_backend() == "gpu"
     kernels = on_gpu if args.kernels is None else args.kernels
     shapes = QUICK_SHAPES if args.quick else SHAPES + (GPU_EXTRA_SHAPES if on_gpu else [])
@@ -416,7 +442,8 @@ def main(argv=None):
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}; "
         f"command: `python benchmarks/bptt_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-        f"{rounds} timed rounds, a fresh random order each round, medians.",
+        f"{rounds} timed rounds, a fresh random order each round, medians; float32 matmul precision: "
+        f"{args.precision}.",
         "",
         f"Large float32 matmul throughput measured in this run: {flops_per_s / 1e9:.1f} GFLOP/s "
         "(the roofline divides each pass's matmul FLOPs by it).",
@@ -431,7 +458,7 @@ def main(argv=None):
         return report
     geo, summary = [], []
     for shape in shapes:
-        med, info, roofline = bench_shape(shape, rounds, args.threads, flops_per_s, kernels)
+        med, info, roofline = bench_shape(shape, rounds, args.threads, flops_per_s, kernels, args.gpu_set)
         autodiff = [k for k in med if k.startswith("grad(") or k.startswith("flax")]
         best_ad = min(autodiff, key=lambda k: med[k])
         torch_names = [k for k in med if "torch" in k]
@@ -450,6 +477,12 @@ def main(argv=None):
                 info["bptt"]["temp"] / min(info[k]["temp"] for k in autodiff),
                 direct / roofline,
                 {k: med[k] / direct for k in torch_names},
+                (
+                    med["bptt recurrence=scan"] / med["bptt recurrence=pallas"],
+                    (torch_t / med["bptt recurrence=pallas"]) if torch_t else float("nan"),
+                )
+                if "bptt recurrence=pallas" in med
+                else None,
             )
         )
         lines += [
@@ -472,6 +505,9 @@ def main(argv=None):
             f"outer-jitted call: {direct / med['bptt']:.2f}" + ("" if torch_names else "; torch not installed"),
             "",
         ]
+        if args.out:  # what is measured so far survives a run stopped at its time limit
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
     lines += [
         f"Geometric mean speed-up of the direct bptt call over the best autodiff contender: "
         f"{float(np.exp(np.mean(np.log(geo)))):.2f}x",
@@ -479,13 +515,16 @@ def main(argv=None):
         "## Summary (the direct `bptt(params, spec, xs, targets)` call)",
         "",
         "| T, B, N, N1, M | speed-up over best autodiff | speed-up over fastest other (which) | direct / outer jit time | "
-        "temp mem / smallest autodiff temp | x roofline | speed-up over torch (eager, compiled) |",
-        "|---|---|---|---|---|---|---|",
+        "temp mem / smallest autodiff temp | x roofline | speed-up over torch (eager, compiled) | "
+        "kernels: speed-up over the scans, over torch eager |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for shape, ad, other, other_ratio, dj, mem, roof, tr in summary:
+    for shape, ad, other, other_ratio, dj, mem, roof, tr, kr in summary:
         torch_txt = ", ".join(f"{v:.2f}x" for v in tr.values()) or "n/a"
+        kern_txt = f"{kr[0]:.2f}x, {kr[1]:.2f}x" if kr else "n/a"
         lines.append(
-            f"| {shape} | {ad:.2f}x | {other_ratio:.2f}x ({other}) | {dj:.2f} | {mem:.2f} | {roof:.2f} | {torch_txt} |"
+            f"| {shape} | {ad:.2f}x | {other_ratio:.2f}x ({other}) | {dj:.2f} | {mem:.2f} | {roof:.2f} | {torch_txt} "
+            f"| {kern_txt} |"
         )
     lines.append("")
     if not args.skip_long:

@@ -131,6 +131,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a tiny model and few steps (smoke test)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    ap.add_argument("--no-torch-compile", action="store_true", help="PyTorch eager only (no torch.compile)")
     ap.add_argument("--out", help="also write the markdown report here")
     args = ap.parse_args(argv)
     steps = args.steps or (6 if args.quick else 300)
@@ -152,7 +153,8 @@ def main(argv=None):
     runners['bptt-jax, grad = "autodiff"'], losses['bptt-jax, grad = "autodiff"'] = run, loss
     notes = []
     if not args.no_torch:
-        for compiled, name in ((False, "PyTorch eager"), (True, "PyTorch torch.compile")):
+        modes = ((False, "PyTorch eager"),) + (() if args.no_torch_compile else ((True, "PyTorch torch.compile"),))
+        for compiled, name in modes:
             tc = torch_contender(cfg, params0, spec, args.threads, compiled)
             if tc is None:
                 notes.append(f"{name}: unavailable (torch missing or compilation failed), not run")

@@ -144,11 +144,20 @@ def _reverse_kernel(a_ref, hs_ref, wt_ref, dhi_ref, v_ref, dz_ref, dhm1_ref, nrm
     dhm1_ref[...] = lax.fori_loop(0, t_len, body, dhi_ref[...])
 
 
+def _compiler_params(num_warps):
+    """Triton's warps per program, or None for Pallas's default (interpret mode takes none)."""
+    if num_warps is None or _interpret():
+        return None
+    from jax.experimental.pallas import triton as plt
+
+    return plt.CompilerParams(num_warps=num_warps)
+
+
 def _shapes(t_len, batch, n1):
     return _pow2(t_len, 1), _pow2(batch, BATCH_TILE), _pow2(n1)
 
 
-def _call_forward(w11, activation, us, h0, valid):
+def _call_forward(w11, activation, us, h0, valid, num_warps=None):
     from jax.experimental import pallas as pl
 
     t_len, batch, n1 = us.shape
@@ -167,6 +176,7 @@ def _call_forward(w11, activation, us, h0, valid):
         ],
         out_specs=pl.BlockSpec((tp, bt, np_), lambda i: (0, i, 0)),
         interpret=_interpret(),
+        compiler_params=_compiler_params(num_warps),
     )(
         _pad_to(us, (tp, bp, np_)),
         _pad_to(w11, (np_, np_)),
@@ -176,7 +186,7 @@ def _call_forward(w11, activation, us, h0, valid):
     return hs[:t_len, :batch, :n1]
 
 
-def _call_reverse(w11, activation, hs, dhs_above, valid, dh_init):
+def _call_reverse(w11, activation, hs, dhs_above, valid, dh_init, num_warps=None):
     from jax.experimental import pallas as pl
 
     t_len, batch, n1 = hs.shape
@@ -204,6 +214,7 @@ def _call_reverse(w11, activation, hs, dhs_above, valid, dh_init):
             pl.BlockSpec((tp, bt), lambda i: (0, i)),
         ),
         interpret=_interpret(),
+        compiler_params=_compiler_params(num_warps),
     )(
         _pad_to(dhs_above, (tp, bp, np_)),
         _pad_to(hs, (tp, bp, np_)),

@@ -1,0 +1,272 @@
+"""The GPU check: one prepared run that verifies and times bptt_jax on an NVIDIA GPU.
+
+    PYTHONPATH=. python benchmarks/gpu_check.py --out DIR [--quick] [--scale S]
+
+Run from the repository root (no install needed: the GPU machine reaches no package registry).
+Each part runs in its own process under its own time budget, so a slow or broken part cannot starve
+the rest; each writes its log under DIR, and ``DIR/summary.md`` ends with one line per part (exit
+status, seconds, budget) and the tables the parts produced. The parts:
+
+  info    device, driver, JAX / CUDA / cuDNN / torch versions (and the TF32 defaults);
+  probe   the Pallas kernels alone, compiled (not interpreted) at the benchmark shapes: each against
+          the scans (full float32 precision) and timed beside them; Triton's warps per program at
+          one shape; float64 once, to see whether the kernels could take it;
+  tests   the GPU-relevant tests (kernels compiled for the GPU, BPTT = jax.grad in float32 and
+          float64, recomputation, the custom VJP, the train step), float32 dots pinned to full
+          precision by tests/conftest.py; hypothesis profile "gpu" (5 examples a property test);
+  bench   ``benchmarks/bptt_speed.py --kernels --gpu-set``: the five benchmark shapes plus two long
+          ones, bptt with the scans and with the kernels, the jax.grad contenders, torch nn.RNN on cuDNN;
+  train   ``benchmarks/train_speed.py``: the main job's model, steps per second, bptt / autodiff / torch.
+
+``--quick`` is the dry run for a CPU (interpret mode, tiny sizes, a few tests): the same code paths,
+minutes instead of the GPU's budget. ``--scale`` multiplies every budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Seconds per part on the GPU (about 6 minutes together, with process start-ups).
+BUDGETS = {"info": 20, "probe": 50, "tests_kernels": 70, "tests": 80, "bench": 120, "train": 50}
+
+GPU_TESTS = [
+    "tests/test_bptt.py",
+    "tests/test_recompute.py",
+    "tests/test_vjp.py",
+    "tests/test_train.py",
+    "tests/test_scan.py",
+]
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def part_info() -> None:
+    import jax
+
+    print("python", sys.version.split()[0])
+    print("jax", jax.__version__, "backend", jax.default_backend(), "devices", jax.devices())
+    d = jax.devices()[0]
+    print("device_kind", d.device_kind)
+    try:
+        from jax._src.lib import cuda_versions
+
+        if cuda_versions is not None:
+            print(
+                "cuda runtime",
+                cuda_versions.cuda_runtime_get_version(),
+                "cudnn",
+                cuda_versions.cudnn_get_version(),
+                "driver",
+                cuda_versions.cuda_driver_get_version(),
+            )
+    except Exception as e:  # the module moved between jax versions
+        print("cuda versions unavailable:", type(e).__name__, e)
+    print("jax_default_matmul_precision", jax.config.jax_default_matmul_precision)
+    try:
+        import torch
+
+        print(
+            "torch",
+            torch.__version__,
+            "cuda",
+            torch.version.cuda,
+            "cudnn",
+            torch.backends.cudnn.version(),
+            "cuda available",
+            torch.cuda.is_available(),
+            "cudnn.allow_tf32",
+            torch.backends.cudnn.allow_tf32,
+            "matmul.allow_tf32",
+            torch.backends.cuda.matmul.allow_tf32,
+        )
+    except Exception as e:
+        print("torch unavailable:", type(e).__name__, e)
+    try:
+        print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+    except Exception as e:
+        print("nvidia-smi unavailable:", type(e).__name__, e)
+
+
+def _median_time(fn, *args, rounds=20):
+    import statistics
+
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def part_probe(quick: bool) -> None:
+    """Each kernel against its scan, in full float32 precision, and timed beside it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bptt_jax import kernels, scan
+    from bptt_jax.params import LayerParams
+
+    bptt = importlib.import_module("bptt_jax.bptt")  # the module (the package exports the function bptt)
+
+    shapes = [(8, 2, 8), (12, 3, 5)] if quick else [(50, 1, 64), (100, 32, 128), (1000, 16, 128), (1000, 1, 64)]
+    warps_shape = (8, 2, 8) if quick else (1000, 16, 128)
+
+    def arrays(t, b, n1, dtype, seed=0):
+        rng = np.random.RandomState(seed)
+        f = lambda *s: jnp.asarray(rng.randn(*s), dtype)
+        lens = rng.randint(0, t + 1, size=b)
+        lens[0] = t
+        valid = scan.valid_mask(jnp.asarray(lens, jnp.int32), t)
+        return f(n1, n1) / np.sqrt(n1), f(t, b, n1), f(b, n1), f(t, b, n1), valid
+
+    def case(t, b, n1, dtype, num_warps=None, time_it=True):
+        w11, us, h0, above, valid = arrays(t, b, n1, dtype)
+        layer = LayerParams(jnp.eye(n1, dtype=dtype), w11, jnp.zeros(n1, dtype))
+        scan_f = jax.jit(lambda u, h: scan.unroll_layer(layer, "tanh", u, h, valid))
+        kern_f = jax.jit(lambda u, h: kernels._call_forward(w11, "tanh", u, h, valid, num_warps=num_warps))
+        with jax.default_matmul_precision("highest"):
+            want = scan_f(us, h0)
+            t0 = time.perf_counter()
+            got = kern_f(us, h0)
+            jax.block_until_ready(got)
+            c_fwd = time.perf_counter() - t0
+            fwd_err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+            scan_r = jax.jit(lambda a: bptt.layer_backward(w11, "tanh", want, a, valid))
+            kern_r = jax.jit(
+                lambda a: kernels._call_reverse(w11, "tanh", want, a, valid, jnp.zeros_like(h0), num_warps=num_warps)
+            )
+            want_r = scan_r(above)
+            got_r = kern_r(above)
+            rev_err = max(
+                float(jnp.max(jnp.abs(g - w)) / max(float(jnp.max(jnp.abs(w))), 1e-30))
+                for g, w in zip(jax.tree_util.tree_leaves(got_r), jax.tree_util.tree_leaves(want_r))
+            )
+        line = f"| {(t, b, n1)} | {jnp.dtype(dtype).name} | {num_warps or 'default'} | {fwd_err:.1e} | {rev_err:.1e} | {c_fwd:.2f}"
+        if time_it:
+            with jax.default_matmul_precision("highest"):  # jit retraces per precision setting
+                ts_hi, tsr_hi = _median_time(scan_f, us, h0), _median_time(scan_r, above)
+                tk, tkr = _median_time(kern_f, us, h0), _median_time(kern_r, above)
+            ts_d, tsr_d = _median_time(scan_f, us, h0), _median_time(scan_r, above)  # XLA's default (TF32)
+            line += (
+                f" | {tk * 1e3:.3f} | {ts_hi * 1e3:.3f} | {ts_d * 1e3:.3f} | {ts_d / tk:.2f}x | {tkr * 1e3:.3f} | "
+                f"{tsr_hi * 1e3:.3f} | {tsr_d * 1e3:.3f} | {tsr_d / tkr:.2f}x |"
+            )
+        else:
+            line += " | | | | | | | | |"
+        print(line, flush=True)
+
+    print(
+        "| T, B, N1 | dtype | warps | fwd err vs scan | rev err vs scan | fwd compile s | fwd kernel ms | "
+        "fwd scan ms (highest) | fwd scan ms (default) | scan(default)/kernel | rev kernel ms | rev scan ms (highest) "
+        "| rev scan ms (default) | rev scan(default)/kernel |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    todo = [(s, jnp.float32, None, True) for s in shapes]
+    todo += [(warps_shape, jnp.float32, w, True) for w in (4, 8)]
+    todo += [((8, 2, 8), jnp.float64, None, False)]
+    for shape, dtype, warps, time_it in todo:
+        try:
+            with jax.enable_x64(dtype == jnp.float64):
+                case(*shape, dtype, warps, time_it)
+        except Exception as e:  # report and go on: the point is to see every failure in one run
+            msg = " ".join(str(e).split())[:600]
+            print(f"| {shape} | {jnp.dtype(dtype).name} | {warps or 'default'} | FAILED: {type(e).__name__}: {msg} |")
+            import traceback
+
+            traceback.print_exc(limit=6)
+            sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _run(name, cmd, budget, out: Path, env) -> tuple[int | str, float]:
+    log = out / f"{name}.log"
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=budget)
+            rc: int | str = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    secs = time.perf_counter() - t0
+    print(f"part {name}: exit {rc}, {secs:.0f} s of {budget:.0f} s", flush=True)
+    return rc, secs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for the logs and summary.md")
+    ap.add_argument("--quick", action="store_true", help="CPU dry run: tiny sizes, a few tests")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every time budget")
+    ap.add_argument("--parts", default="info,probe,tests_kernels,tests,bench,train", help="comma-separated parts")
+    ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one in-process part
+    args = ap.parse_args(argv)
+    if args.part == "info":
+        part_info()
+        return 0
+    if args.part == "probe":
+        part_probe(args.quick)
+        return 0
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env.setdefault("HYPOTHESIS_PROFILE", "gpu")
+    py = sys.executable
+    me = str(Path(__file__).resolve())
+    q = ["--quick"] if args.quick else []
+    xdist = [] if args.quick else ["-n", "8"]  # compilation is CPU-bound: the GPU machine has 16 cores
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *xdist]
+    commands = {
+        "info": [py, me, "--out", str(out), "--part", "info"],
+        "probe": [py, me, "--out", str(out), "--part", "probe", *q],
+        "tests_kernels": pytest
+        + (
+            ["tests/test_kernels.py", "-k", "resolve or loss_with_kernels"] if args.quick else ["tests/test_kernels.py"]
+        ),
+        "tests": pytest + (["tests/test_scan.py", "-k", "t1_equals"] if args.quick else GPU_TESTS),
+        "bench": [
+            py,
+            "benchmarks/bptt_speed.py",
+            "--kernels",
+            "--gpu-set",
+            "--skip-long",
+            "--out",
+            str(out / "bptt_speed.md"),
+        ]
+        + q,
+        "train": [py, "benchmarks/train_speed.py", "--no-torch-compile", "--out", str(out / "train_speed.md")] + q,
+    }
+    results = {}
+    for name in args.parts.split(","):
+        results[name] = _run(name, commands[name], BUDGETS[name] * args.scale, out, env)
+    lines = ["# GPU check", "", "| part | exit | seconds | budget s |", "|---|---|---|---|"]
+    for name, (rc, secs) in results.items():
+        lines.append(f"| {name} | {rc} | {secs:.0f} | {BUDGETS[name] * args.scale:.0f} |")
+    for name in ("bptt_speed.md", "train_speed.md"):
+        p = out / name
+        if p.exists():
+            lines += ["", p.read_text(encoding="utf-8")]
+    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines[:8]))
+    return 0 if all(rc == 0 for rc, _ in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
