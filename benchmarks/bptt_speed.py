@@ -92,12 +92,17 @@ def jax_contenders(spec, kernels=False, gpu_set=False):
     }
     if not gpu_set:
         c["grad(naive scan)"] = jax.value_and_grad(naive_loss)
-    for u in (1, 4) if gpu_set else (1, 4, 8):
+    for u in (4, 8) if gpu_set else (1, 4, 8):
         c[f"grad(hoisted, unroll={u})"] = jax.value_and_grad(lambda p, x, d, u=u: hoisted_loss(p, x, d, u))
     if kernels:
         c["bptt recurrence=scan"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="scan")
         if bj_kernels.unsupported_reason(spec.hidden_sizes, jnp.float32) is None:
             c["bptt recurrence=pallas"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="pallas")
+    if gpu_set:  # the scans' settings a GPU may want: more steps per loop iteration, one block
+        c["bptt scan unroll=8"] = lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="scan", unroll=8)
+        c["bptt scan unroll=8 block_size=T"] = lambda p, x, d: bj.bptt(
+            p, spec, x, d, recurrence="scan", unroll=8, block_size=x.shape[0]
+        )
     return c
 
 

@@ -8,6 +8,7 @@ the rest; each writes its log under DIR, and ``DIR/summary.md`` ends with one li
 status, seconds, budget) and the tables the parts produced. The parts:
 
   info    device, driver, JAX / CUDA / cuDNN / torch versions (and the TF32 defaults);
+  sweep   both recurrences by the kernels and by the scans over B and N1 (where "auto" should pick them);
   probe   the Pallas kernels alone, compiled (not interpreted) at the benchmark shapes: each against
           the scans (full float32 precision) and timed beside them; Triton's warps per program at
           one shape; float64 once, to see whether the kernels could take it;
@@ -35,15 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Seconds per part on the GPU (about 6 minutes together, with process start-ups).
-BUDGETS = {"info": 20, "probe": 50, "tests_kernels": 70, "tests": 80, "bench": 120, "train": 50}
+BUDGETS = {"info": 20, "probe": 50, "sweep": 80, "tests_kernels": 70, "tests": 200, "bench": 130, "train": 50}
 
-GPU_TESTS = [
-    "tests/test_bptt.py",
-    "tests/test_recompute.py",
-    "tests/test_vjp.py",
-    "tests/test_train.py",
-    "tests/test_scan.py",
-]
+GPU_TESTS = ["tests/test_bptt.py", "tests/test_train.py", "tests/test_vjp.py"]
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -190,6 +185,68 @@ def part_probe(quick: bool) -> None:
             sys.stdout.flush()
 
 
+def _sweep_case(t_len, b, n1, warps):
+    """(kernels s, scan unroll=1 s, scan unroll=8 s, max rel err of the kernels) for one shape."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bptt_jax import kernels, scan
+    from bptt_jax.params import LayerParams
+
+    bptt = importlib.import_module("bptt_jax.bptt")
+    rng = np.random.RandomState(0)
+    f = lambda *s: jnp.asarray(rng.randn(*s), jnp.float32)
+    w11, us, h0, above = f(n1, n1) / np.sqrt(n1), f(t_len, b, n1), f(b, n1), f(t_len, b, n1)
+    valid = jnp.ones((t_len, b), bool)
+    layer = LayerParams(jnp.eye(n1), w11, jnp.zeros(n1))
+
+    def by_scan(u, a, unroll):
+        hs = scan.unroll_layer(layer, "tanh", u, h0, valid, unroll=unroll)
+        return hs, bptt.layer_backward(w11, "tanh", hs, a, valid, unroll=unroll)[:2]
+
+    def by_kernels(u, a):
+        hs = kernels._call_forward(w11, "tanh", u, h0, valid, num_warps=warps)
+        dz, dh_m1, _ = kernels._call_reverse(w11, "tanh", hs, a, valid, jnp.zeros_like(h0), num_warps=warps)
+        return hs, (dz, dh_m1)
+
+    k = jax.jit(by_kernels)
+    s1 = jax.jit(lambda u, a: by_scan(u, a, 1))
+    s8 = jax.jit(lambda u, a: by_scan(u, a, 8))
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(lambda u, a: by_scan(u, a, 1))(us, above)
+    got = k(us, above)
+    err = max(
+        float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want))
+    )
+    tk, t1, t8 = (_median_time(fn, us, above, rounds=10) for fn in (k, s1, s8))
+    return tk, t1, t8, err
+
+
+def part_sweep(quick: bool) -> None:
+    """Both recurrences (forward, then reverse) by the kernels and by the scans, over B and N1 at one
+    T: where the kernels win, for the rule that "auto" follows on a GPU."""
+    t_len = 8 if quick else 500
+    grid = [(b, n1, None) for b in ((1, 3) if quick else (1, 16, 64)) for n1 in ((8,) if quick else (32, 64, 128))]
+    grid += [(3, 8, 8)] if quick else [(16, 64, 8), (16, 128, 8)]
+    print(f"T = {t_len}, tanh, float32; times are forward + reverse recurrence, medians of 10; scans at XLA's default")
+    print("| B | N1 | warps | kernels ms | scan unroll=1 ms | scan unroll=8 ms | best scan / kernels | max rel err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for b, n1, warps in grid:
+        try:
+            tk, t1, t8, err = _sweep_case(t_len, b, n1, warps)
+            print(
+                f"| {b} | {n1} | {warps or 'default'} | {tk * 1e3:.3f} | {t1 * 1e3:.3f} | {t8 * 1e3:.3f} | "
+                f"{min(t1, t8) / tk:.2f}x | {err:.1e} |",
+                flush=True,
+            )
+        except Exception as e:
+            print(
+                f"| {b} | {n1} | {warps or 'default'} | FAILED: {type(e).__name__}: {' '.join(str(e).split())[:300]} |"
+            )
+
+
 # ----------------------------------------------------------------------------- the driver
 
 
@@ -214,7 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the logs and summary.md")
     ap.add_argument("--quick", action="store_true", help="CPU dry run: tiny sizes, a few tests")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every time budget")
-    ap.add_argument("--parts", default="info,probe,tests_kernels,tests,bench,train", help="comma-separated parts")
+    ap.add_argument(
+        "--parts", default="info,probe,sweep,tests_kernels,tests,bench,train", help="comma-separated parts, in order"
+    )
     ap.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one in-process part
     args = ap.parse_args(argv)
     if args.part == "info":
@@ -223,19 +282,26 @@ def main(argv=None) -> int:
     if args.part == "probe":
         part_probe(args.quick)
         return 0
+    if args.part == "sweep":
+        part_sweep(args.quick)
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    # The tests compile hundreds of small programs: skip XLA:GPU's GEMM autotuning there (not in the timings).
+    env_tests = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip())
     env.setdefault("HYPOTHESIS_PROFILE", "gpu")
     py = sys.executable
     me = str(Path(__file__).resolve())
     q = ["--quick"] if args.quick else []
     xdist = [] if args.quick else ["-n", "8"]  # compilation is CPU-bound: the GPU machine has 16 cores
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *xdist]
+    # -v: each test's outcome is logged as it ends, so a part stopped at its budget still says what passed
+    pytest = [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs", "--durations=10", *xdist]
     commands = {
         "info": [py, me, "--out", str(out), "--part", "info"],
         "probe": [py, me, "--out", str(out), "--part", "probe", *q],
+        "sweep": [py, me, "--out", str(out), "--part", "sweep", *q],
         "tests_kernels": pytest
         + (
             ["tests/test_kernels.py", "-k", "resolve or loss_with_kernels"] if args.quick else ["tests/test_kernels.py"]
@@ -255,7 +321,8 @@ def main(argv=None) -> int:
     }
     results = {}
     for name in args.parts.split(","):
-        results[name] = _run(name, commands[name], BUDGETS[name] * args.scale, out, env)
+        part_env = env_tests if name.startswith("tests") and not args.quick else env
+        results[name] = _run(name, commands[name], BUDGETS[name] * args.scale, out, part_env)
     lines = ["# GPU check", "", "| part | exit | seconds | budget s |", "|---|---|---|---|"]
     for name, (rc, secs) in results.items():
         lines.append(f"| {name} | {rc} | {secs:.0f} | {BUDGETS[name] * args.scale:.0f} |")
