@@ -132,9 +132,25 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     ap.add_argument("--no-torch-compile", action="store_true", help="PyTorch eager only (no torch.compile)")
+    ap.add_argument(
+        "--precision",
+        choices=("default", "highest"),
+        default="default",
+        help="float32 matmul precision: 'default' is each library's own (TF32 on NVIDIA GPUs for XLA and cuDNN); "
+        "'highest' pins full float32 in JAX and turns TF32 off in torch",
+    )
     ap.add_argument("--out", help="also write the markdown report here")
     args = ap.parse_args(argv)
     steps = args.steps or (6 if args.quick else 300)
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")  # a benchmark script, not the library
+        try:
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        except Exception:
+            pass
     rounds = args.rounds or (2 if args.quick else 6)
     per_round = max(1, steps // rounds)
     overrides = ["train.output_dropout=0.0", 'optim.schedule="constant"']
@@ -186,7 +202,8 @@ def main(argv=None):
         "",
         f"Model: {spec.hidden_sizes} {spec.activation}, N = M = {spec.input_size}, T = {cfg.data.seq_len}, "
         f"B = {cfg.data.batch_size}, Adam {cfg.optim.learning_rate} (constant), global-norm clip "
-        f"{cfg.optim.clip_value}, carried state, no dropout; {args.warmup} warm-up steps, then {rounds} rounds "
+        f"{cfg.optim.clip_value}, carried state, no dropout, float32 matmul precision {args.precision}; "
+        f"{args.warmup} warm-up steps, then {rounds} rounds "
         f"of {per_round} steps per contender, random order per round; steps/s = median over rounds.",
         "",
         "| contender | steps/s | bptt's speed-up over it | training loss after "

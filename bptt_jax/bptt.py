@@ -60,6 +60,13 @@ Array = jax.Array
 WHOLE_ELEMENTS = 2**20
 BLOCK_ELEMENTS = 2**17
 MIN_BLOCK_ROWS = 512
+# On a GPU the blocks trade speed for memory the other way: measured on an H100 (benchmarks/README.md,
+# "On a GPU"), the whole sequence as one block ran 1.1-1.6x faster than the CPU's cache-sized blocks
+# at every benchmark shape where the two differ (up to T*B*width = 2^24), at up to 3.3x the temp
+# memory (still below jax.grad's). Up to GPU_WHOLE_ELEMENTS the whole sequence is one block there;
+# above it (not measured), blocks of about GPU_BLOCK_ELEMENTS.
+GPU_WHOLE_ELEMENTS = 2**25
+GPU_BLOCK_ELEMENTS = 2**23
 
 
 class BPTTAux(NamedTuple):
@@ -71,22 +78,25 @@ class BPTTAux(NamedTuple):
     h_last: tuple[Array, ...]  # L*D entries [B, N1]: the forward pass's final states (as forward's)
 
 
-def auto_block_size(t_len: int, batch: int, width: int) -> int:
+def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = None) -> int:
     """The block size C used when ``block_size`` is None.
 
     Args:
       t_len, batch: T and B.
       width: the widest per-step feature size (the largest of N1 per direction and M).
+      backend: "cpu", "gpu", ...; None: JAX's default backend.
 
     Returns:
-      T when T*B*width <= WHOLE_ELEMENTS; otherwise about max(MIN_BLOCK_ROWS / B,
-      BLOCK_ELEMENTS / (B * width)) steps, capped at T, preferring a divisor of T within a factor of
-      two of that (no padding steps then).
+      T when T*B*width <= WHOLE_ELEMENTS (GPU_WHOLE_ELEMENTS on a GPU); otherwise about
+      max(MIN_BLOCK_ROWS / B, BLOCK_ELEMENTS / (B * width)) steps (GPU_BLOCK_ELEMENTS on a GPU),
+      capped at T, preferring a divisor of T within a factor of two of that (no padding steps then).
     """
     batch, width = max(batch, 1), max(width, 1)
-    if t_len * batch * width <= WHOLE_ELEMENTS:
+    on_gpu = (backend or jax.default_backend()) == "gpu"
+    whole, block = (GPU_WHOLE_ELEMENTS, GPU_BLOCK_ELEMENTS) if on_gpu else (WHOLE_ELEMENTS, BLOCK_ELEMENTS)
+    if t_len * batch * width <= whole:
         return t_len
-    c = max(-(-MIN_BLOCK_ROWS // batch), BLOCK_ELEMENTS // (batch * width), 1)
+    c = max(-(-MIN_BLOCK_ROWS // batch), block // (batch * width), 1)
     if c >= t_len:
         return t_len
     for delta in range(c):  # nearest divisor of T in [c/2, 2c]
@@ -539,7 +549,7 @@ def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, 
     targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
     output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
     rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
-    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=rec)
+    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=scan.resolve_unroll(unroll), recurrence=rec)
     top = traces[-1].merged
     if output_mask is not None:
         top = top * output_mask
@@ -578,6 +588,7 @@ def _bptt(
     t_len, batch, _ = xs.shape
     bad = checks.value_flags(spec, targets, lengths, t_len)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    unroll = scan.resolve_unroll(unroll)
     if block_size is None and rec == "pallas":
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
     c = min(block_size or auto_block_size(t_len, batch, _width(spec)), t_len)
@@ -653,7 +664,7 @@ def loss(
     lengths: Array | None = None,
     h0: tuple[Array, ...] | None = None,
     output_mask: Array | None = None,
-    unroll: int = 1,
+    unroll: int | None = None,
     recurrence: str = "auto",
     check_values: bool | None = None,
     check_finite: bool = False,
@@ -671,7 +682,8 @@ def loss(
       h0: L*D entries [B, N1] (order layer * D + direction), zeros when None.
       output_mask: [T, B, N_top] multiplies the top layer's merged states before the readout
         (dropout on the outputs: zeros and 1/(1-p)); None for no dropout.
-      unroll: scan steps per loop iteration.
+      unroll: scan steps per loop iteration (``lax.scan``'s unroll); None picks 1 on a CPU and
+        ``scan.GPU_UNROLL`` (8) on a GPU, as measured (benchmarks/README.md).
       recurrence: "scan" (``lax.scan``), "pallas" (the fused kernels of ``bptt_jax.kernels``, one launch
         per layer and direction for all T; interpret mode on a CPU) or "auto" (the kernels on a GPU
         where they apply, the scans elsewhere). An explicit "pallas" that cannot apply raises.
@@ -699,7 +711,7 @@ def loss_and_state(
     lengths=None,
     h0=None,
     output_mask=None,
-    unroll: int = 1,
+    unroll: int | None = None,
     recurrence: str = "auto",
 ):
     """(DIV, final states) — ``loss`` plus the L*D final states, for ``jax.value_and_grad(...,
@@ -719,7 +731,7 @@ def bptt(
     h0: tuple[Array, ...] | None = None,
     output_mask: Array | None = None,
     generic: bool = False,
-    unroll: int = 1,
+    unroll: int | None = None,
     block_size: int | None = None,
     checkpoint_every: int | None = None,
     diagnostics: bool = False,

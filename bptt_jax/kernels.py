@@ -45,10 +45,14 @@ RECURRENCES = ("scan", "pallas", "auto")
 # W11 in float32 must leave room for the streamed tiles, so N1 <= 128 (64 KiB) qualifies.
 MAX_ONCHIP_BYTES = 64 * 1024
 BATCH_TILE = 16  # rows of the batch per program
-# Whether "auto" picks the kernels on a GPU. False until the kernels have been compiled and the test
-# suite has passed on a GPU: they are proven in interpret mode only, and "auto" is every GPU user's
-# default, so an unverified kernel must not be. recurrence="pallas" selects them regardless.
-GPU_AUTO = False
+# Whether "auto" picks the kernels on a GPU. Switched on after the kernels were compiled by Triton and
+# passed tests/test_kernels.py and the BPTT = jax.grad tests on an H100 (2026-11-26, benchmarks/README.md,
+# "On a GPU"). "auto" takes them only where they were measured faster than the scans: every layer
+# N1 <= AUTO_MAX_HIDDEN_GPU (T = 500, B = 1, 16, 64: 1.3-4.4x the best scan, unroll 8 included, at
+# N1 = 32 and 64; 0.08-0.35x at N1 = 128, where W11 no longer sits well in a program's registers).
+# recurrence="pallas" selects them up to the on-chip budget regardless.
+GPU_AUTO = True
+AUTO_MAX_HIDDEN_GPU = 64
 KERNEL_DTYPES_GPU = ("float32",)
 
 
@@ -87,9 +91,9 @@ def unsupported_reason(hidden_sizes, dtype, backend: str | None = None) -> str |
 def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None) -> str:
     """ "scan" or "pallas" for a requested ``recurrence``.
 
-    "auto" picks the kernels on a GPU where they apply (once ``GPU_AUTO`` is set, after a verified
-    GPU run) and the scans everywhere else; "pallas" on a CPU runs them in interpret mode; an
-    explicit "pallas" that cannot apply raises ValueError.
+    "auto" picks the kernels on a GPU where they apply and were measured faster (float32, every
+    N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``) and the scans everywhere else; "pallas" on a CPU
+    runs them in interpret mode; an explicit "pallas" that cannot apply raises ValueError.
     """
     if recurrence not in RECURRENCES:
         raise ValueError(f"recurrence: expected one of {list(RECURRENCES)}, got {recurrence!r}")
@@ -98,7 +102,8 @@ def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None) ->
         return "scan"
     reason = unsupported_reason(hidden_sizes, dtype, backend)
     if recurrence == "auto":
-        return "pallas" if GPU_AUTO and backend == "gpu" and reason is None else "scan"
+        faster = max(hidden_sizes) <= AUTO_MAX_HIDDEN_GPU
+        return "pallas" if GPU_AUTO and backend == "gpu" and reason is None and faster else "scan"
     if reason is not None:
         raise ValueError(f"recurrence='pallas': {reason}; use recurrence='scan' (or 'auto', which falls back)")
     return "pallas"

@@ -31,6 +31,11 @@ class RunError(RuntimeError):
     """The run cannot start or had to stop (message says why)."""
 
 
+def _unroll(cfg) -> int | None:
+    """train.unroll as the library takes it: None for "auto" (picked by backend), else the int."""
+    return None if cfg.train.unroll == "auto" else int(cfg.train.unroll)
+
+
 def build(cfg: Config):
     """The task, spec and optimizer a config describes."""
     task = data.make_task(cfg.data, cfg.train.seed, cfg.train.stateful)
@@ -119,7 +124,7 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
         log(f"resumed from {last_path} at step {int(state.step)}")
 
     step_fn = _make_step(cfg, spec, optimizer, task)
-    eval_fn = train.make_eval_step(spec, unroll=cfg.train.unroll)
+    eval_fn = train.make_eval_step(spec, unroll=_unroll(cfg))
     if hasattr(step_fn, "mesh"):  # data-parallel: evaluation is split along B too
         eval_fn = parallel.make_sharded_eval(eval_fn, step_fn.mesh)
     t = cfg.train
@@ -255,7 +260,7 @@ def _make_step(cfg: Config, spec, optimizer, task):
         input_dropout=cfg.train.input_dropout,
         output_dropout=cfg.train.output_dropout,
         seed=cfg.train.seed,
-        unroll=cfg.train.unroll,
+        unroll=_unroll(cfg),
         recurrence=cfg.train.recurrence,
     )
     if cfg.train.devices != "1":

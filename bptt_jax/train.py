@@ -117,7 +117,7 @@ def make_train_step(
     input_dropout: float = 0.0,
     output_dropout: float = 0.0,
     seed: int = 0,
-    unroll: int = 1,
+    unroll: int | None = None,
     recurrence: str = "auto",
     axis_name=None,
     jit: bool = True,
@@ -133,7 +133,7 @@ def make_train_step(
         from ``fold_in(key(seed), step)``, so a resumed run draws the same masks.
       output_dropout: the same for the top layer's merged states before the readout (the BPTT
         takes the mask as ``output_mask``).
-      unroll: scan steps per loop iteration.
+      unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU), as ``bptt``.
       recurrence: "scan", "pallas" or "auto" (the fused kernels on a GPU where they apply), as ``bptt``.
       axis_name: when the step runs per shard (``parallel.make_sharded_train_step``), the mesh
         axis over which loss, gradients and dh_norms are averaged (``lax.pmean``) before the
@@ -203,7 +203,7 @@ class EvalSums(NamedTuple):
     correct: Array  # [] sum of w * [argmax Y == D] (classification), 0 otherwise
 
 
-def make_eval_step(spec: RNNSpec, *, unroll: int = 1):
+def make_eval_step(spec: RNNSpec, *, unroll: int | None = None):
     """Jitted ``(params, h0, batch) -> (EvalSums, h_last)`` for evaluation (no gradients)."""
 
     @jax.jit

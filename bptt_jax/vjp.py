@@ -63,7 +63,7 @@ def rnn_states(
     *,
     h0: tuple[Array, ...] | None = None,
     lengths: Array | None = None,
-    unroll: int = 1,
+    unroll: int | None = None,
     recurrence: str = "auto",
 ) -> Array:
     """The top layer's merged states, differentiable (once) through the explicit BPTT.
@@ -73,6 +73,7 @@ def rnn_states(
       xs: [T, B, N] inputs.
       h0: L*D entries [B, N1], zeros when None.
       lengths: [B] valid steps per sequence; padded steps hold the state.
+      unroll: scan steps per loop iteration; None picks by backend, as ``bptt_jax.loss``.
       recurrence: "scan", "pallas" or "auto", as ``bptt_jax.loss``.
 
     Returns:
@@ -81,4 +82,4 @@ def rnn_states(
     """
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
-    return _states(spec, unroll, rec, params, xs, h0, lengths)
+    return _states(spec, scan.resolve_unroll(unroll), rec, params, xs, h0, lengths)

@@ -36,10 +36,32 @@ def test_benchmark_dispatch_and_kernels_quick():
     mod = _load("bptt_speed", "benchmarks/bptt_speed.py")
     report = mod.main(["--quick", "--rounds", "1", "--dispatch-only"])
     assert "direct / outer compiled" in report and report.count("| (") == 2
-    report = mod.main(["--quick", "--rounds", "1", "--skip-long", "--kernels"])  # interpret mode on a CPU
-    for name in ("| bptt recurrence=scan |", "| bptt recurrence=pallas |"):
+    # The GPU check's contender set, kernels in interpret mode on a CPU.
+    report = mod.main(["--quick", "--rounds", "1", "--skip-long", "--kernels", "--gpu-set", "--precision", "highest"])
+    names = (
+        "| bptt recurrence=scan |",
+        "| bptt recurrence=pallas |",
+        "| bptt scan unroll=8 |",
+        "| bptt scan unroll=8 block_size=T |",
+        "| grad(hoisted, unroll=8) |",
+    )
+    for name in names:
         row = next(line for line in report.splitlines() if line.startswith(name))
         assert float(row.rstrip(" |").split("|")[-1]) < 1e-4, row
+    assert "| grad(naive scan) |" not in report and "torch.compile" not in report
+
+
+@pytest.mark.bench
+def test_gpu_check_parts_quick(capsys):
+    """The GPU check's own parts (the kernel probe and the kernels-vs-scans sweep) at tiny sizes on a
+    CPU: every case runs and the kernels agree with the scans (rows that fail say FAILED)."""
+    mod = _load("gpu_check", "benchmarks/gpu_check.py")
+    mod.part_probe(quick=True)
+    mod.part_sweep(quick=True)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (") or line[:4] == "| 1 "]
+    assert len(rows) >= 6 and not any("FAILED" in r for r in rows), rows
+    probe_errs = [float(r.split("|")[4]) for r in rows if r.startswith("| (")]  # fwd err vs scan
+    assert max(probe_errs) < 1e-6
 
 
 @pytest.mark.bench

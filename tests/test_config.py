@@ -41,6 +41,8 @@ def _write(tmp_path, text):
             r"c.toml: model.bidirectional = true cannot be used with data.task = 'text'",
         ),
         ("[train\nsteps = 1\n", r"c.toml: not valid TOML"),
+        ("[train]\nunroll = 0\n", r"c.toml: train.unroll: expected \"auto\" or a positive int, got '0'"),
+        ("[train]\nunroll = 'fast'\n", r"c.toml: train.unroll: expected \"auto\" or a positive int, got 'fast'"),
     ],
 )
 def test_config_errors(tmp_path, text, message):
@@ -63,6 +65,15 @@ def test_overrides_are_type_checked(tmp_path):
         load_config(path, ["train.stpes=3"])
     with pytest.raises(ConfigError, match=r"expected section.key=value"):
         load_config(path, ["steps3"])
+
+
+def test_unroll_auto_or_an_int(tmp_path):
+    from bptt_jax.runner import _unroll
+
+    path = _write(tmp_path, "[train]\nsteps = 1\n")
+    assert _unroll(load_config(path)) is None  # "auto": the library picks by backend
+    assert _unroll(load_config(path, ["train.unroll=4"])) == 4
+    assert _unroll(load_config(_write(tmp_path, "[train]\nunroll = 2\n"))) == 2
 
 
 def test_resolved_config_round_trips(tmp_path):
