@@ -1,4 +1,4 @@
-"""bptt_jax: Elman recurrent networks trained by backpropagation through time written out in JAX.
+"""bptt_jax: recurrent networks (Elman, GRU, LSTM) trained by backpropagation through time written out in JAX.
 
 Shape glossary (time-major, batched):
   T  time steps            B  batch size           N  input features
@@ -10,7 +10,9 @@ Per-(layer, direction) tuples (h0, final states, dh0) are ordered layer * D + di
 
 from bptt_jax.bptt import BPTTAux, bptt, loss
 from bptt_jax.params import (
+    GRUParams,
     LayerParams,
+    LSTMParams,
     ReadoutParams,
     RNNParams,
     RNNSpec,
@@ -22,7 +24,9 @@ from bptt_jax.scan import ForwardOutput, forward, reverse_padded
 __all__ = [
     "BPTTAux",
     "ForwardOutput",
+    "GRUParams",
     "LayerParams",
+    "LSTMParams",
     "ReadoutParams",
     "RNNParams",
     "RNNSpec",

@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax import activations, checks, kernels, losses, scan
+from bptt_jax import activations, cells, checks, kernels, losses, scan
+from bptt_jax.cells import elman
 from bptt_jax.params import LayerParams, ReadoutParams, RNNParams, RNNSpec
 
 Array = jax.Array
@@ -72,10 +73,10 @@ GPU_BLOCK_ELEMENTS = 2**23
 class BPTTAux(NamedTuple):
     """Diagnostics of one BPTT pass. Per-(layer, direction) entries are ordered layer * D + direction."""
 
-    dh0: tuple[Array, ...]  # L*D entries [B, N1]: dDIV/dh(-1)
+    dh0: tuple  # L*D entries [B, N1]: dDIV/dh(-1); LSTM: (dDIV/dh(-1), dDIV/dc(-1)) pairs
     dxs: Array | None  # [T, B, N] dDIV/dX, only with with_dxs=True (else None)
     dh_norms: Array | None  # [T, L*D] ||dDIV/dh(t)|| averaged over the batch, in input time
-    h_last: tuple[Array, ...]  # L*D entries [B, N1]: the forward pass's final states (as forward's)
+    h_last: tuple  # L*D entries [B, N1] ((h, c) pairs for the LSTM): the forward pass's final states
 
 
 def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = None) -> int:
@@ -107,7 +108,8 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
 
 
 def _width(spec: RNNSpec) -> int:
-    return max(max(spec.hidden_sizes), spec.output_size)
+    """The widest per-step buffer of a block: G*N1 (a cell's gates; N1 for the Elman cell) or M."""
+    return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
 
 
 def layer_backward(
@@ -151,24 +153,9 @@ def layer_backward(
     if recurrence == "pallas":
         dz1s, dh_m1, dh_norm = kernels.reverse_recurrence(w11, activation, hs, dhs_above, valid, dh_init)
         return dz1s, dh_m1, dh_norm if with_norms else None
-    df = activations.hidden(activation).df_from_h
-    w11_t = w11.T
-
-    def body(carry, inp):
-        dh_above_t, h_t, valid_t = inp
-        dh_t = dh_above_t + carry  # [B, N1]
-        dz1_t = dh_t * df(h_t)
-        if valid_t is None:
-            carry = dz1_t @ w11_t
-        else:
-            dz1_t = jnp.where(valid_t[:, None], dz1_t, 0.0)
-            carry = jnp.where(valid_t[:, None], dz1_t @ w11_t, dh_t)
-        norm = jnp.sqrt(jnp.sum(dh_t * dh_t, axis=-1)) if with_norms else None
-        return carry, (dz1_t, norm)
-
-    init = jnp.zeros_like(hs[0]) if dh_init is None else dh_init
-    dh_m1, (dz1s, dh_norm) = lax.scan(body, init, (dhs_above, hs, valid), reverse=True, unroll=unroll)
-    return dz1s, dh_m1, dh_norm
+    return elman.reverse_recurrence(
+        w11, activation, hs, dhs_above, valid, dh_init, with_norms=with_norms, unroll=unroll
+    )
 
 
 def _flat(a: Array) -> Array:
@@ -179,11 +166,48 @@ def layer_weight_grads(xs: Array, h0: Array, hs: Array, dz1s: Array) -> LayerPar
     """dW1 = sum_t X(t)^T dZ1(t), dW11 = sum_t h(t-1)^T dZ1(t), db1 = sum_t dZ1(t), as single matmuls.
 
     xs: [C, B, N_in], h0: [B, N1] the state before the first step, hs: [C, B, N1], dz1s: [C, B, N1],
-    all in the layer's scan time.
+    all in the layer's scan time. (The Elman cell's ``weight_grads``; every cell has its own.)
     """
     hs_tm1 = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [C, B, N1] h(t-1)
-    dz = _flat(dz1s)
-    return LayerParams(_flat(xs).T @ dz, _flat(hs_tm1).T @ dz, jnp.sum(dz, axis=0))
+    return elman.weight_grads(None, xs, hs_tm1, dz1s, dz1s)  # type: ignore[arg-type]
+
+
+def cell_backward(
+    layer,
+    activation: str,
+    xs: Array,
+    s_in: Array,
+    ss: Array,
+    dhs_above: Array,
+    valid: Array | None,
+    *,
+    ds_init: Array | None,
+    with_norms: bool,
+    unroll: int,
+    recurrence: str = "scan",
+):
+    """One layer's BPTT over a run of C steps (scan time), for any cell: its reverse recurrence
+    (``cell.reverse``, or the Elman kernel) and its "+=" weight-gradient sums over the C steps.
+
+    Args:
+      layer: the cell's parameters (their type names the cell).
+      xs: [C, B, N_in] the layer's input; s_in: [B, W] the state entering the first step;
+      ss: [C, B, W] the states; dhs_above: [C, B, N1]; valid: [C, B] or None;
+      ds_init: [B, W] the carry entering from beyond the last step (None: zeros).
+
+    Returns:
+      (grads (the cell's NamedTuple), ds(-1) [B, W], dA [C, B, G N1], ||dh(t)|| [C, B] or None).
+    """
+    cell = cells.of(layer)
+    s_tm1s = jnp.concatenate([s_in[None], ss[:-1]], axis=0)  # [C, B, W] s(t-1)
+    if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
+        das, ds_m1, norms = kernels.reverse_recurrence(layer.w11, activation, ss, dhs_above, valid, ds_init)
+        dvs, norms = das, norms if with_norms else None
+    else:
+        das, dvs, ds_m1, norms = cell.reverse(
+            layer, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, with_norms=with_norms, unroll=unroll
+        )
+    return cell.weight_grads(layer, xs, s_tm1s, das, dvs), ds_m1, das, norms
 
 
 def _tree_add(a, b):
@@ -213,7 +237,7 @@ def _entering_states(h0: Array, hs_b: Array) -> Array:
 
 
 def layer_backward_blocked(
-    layer: LayerParams,
+    layer,
     activation: str,
     xs: Array,
     hs: Array,
@@ -229,37 +253,41 @@ def layer_backward_blocked(
 ):
     """One layer's BPTT given the gradient from above for all t, block by block (scan time).
 
-    A reverse scan over blocks of C steps carries dh and the weight-gradient sums; per block it runs
-    ``layer_backward`` over the C steps and adds ``layer_weight_grads`` of those steps.
+    A reverse scan over blocks of C steps carries ds (dh, and dc for the LSTM) and the weight-gradient
+    sums; per block it runs ``cell_backward`` over the C steps.
 
     Args:
-      layer: W1 [N_in, N1], W11 [N1, N1], b1 [N1].
-      xs: [T, B, N_in] the layer's input; hs: [T, B, N1] its states; h0: [B, N1] h(-1).
+      layer: the cell's parameters (Elman: W1 [N_in, N1], W11 [N1, N1], b1 [N1]).
+      xs: [T, B, N_in] the layer's input; hs: [T, B, W] its states; h0: [B, W] the state before step 0.
       dhs_above: [T, B, N1]; valid: [T, B] or None. T must be a multiple of block_size.
 
     Returns:
-      (grads LayerParams, dh_m1 [B, N1], dxs [T, B, N_in] = dZ1(t) W1^T or None, dh_norm [T, B] or None).
+      (grads, ds_m1 [B, W], dxs [T, B, N_in] = dA(t) Wx^T (Elman: dZ1(t) W1^T) or None, dh_norm [T, B] or None).
     """
     c = block_size
     hs_b = _blocks(hs, c)
     zero = jax.tree_util.tree_map(jnp.zeros_like, layer)
 
+    cell = cells.of(layer)
+
     def body(carry, blk):
         dh, g = carry
         x_blk, h_blk, h_in, above_blk, valid_blk = blk
-        dz1s, dh, dh_norm = layer_backward(
-            layer.w11,
+        g_blk, dh, das, dh_norm = cell_backward(
+            layer,
             activation,
+            x_blk,
+            h_in,
             h_blk,
             above_blk,
             valid_blk,
-            dh_init=dh,
+            ds_init=dh,
             with_norms=with_norms,
             unroll=unroll,
             recurrence=recurrence,
         )
-        g = _tree_add(g, layer_weight_grads(x_blk, h_in, h_blk, dz1s))
-        dx = dz1s @ layer.w1.T if want_dx else None  # [C, B, N_in]
+        g = _tree_add(g, g_blk)
+        dx = cell.input_grad(layer, das) if want_dx else None  # [C, B, N_in]
         return (dh, g), (dx, dh_norm)
 
     blk_in = (_blocks(xs, c), hs_b, _entering_states(h0, hs_b), _blocks(dhs_above, c), _blocks(valid, c))
@@ -418,9 +446,12 @@ def _stack_backward_fused(
     hs_b = tuple(_blocks(h, c) for h in hs)
     h_in = tuple(_entering_states(h0[k], hs_b[k]) for k in range(n_layers))
 
+    cell = cells.get(spec.cell)
+
     def body(carry: _Carry, blk):
         x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk = blk
-        top = h_blks[-1] if mask_blk is None else h_blks[-1] * mask_blk  # dropout on the readout's input
+        top = cell.hidden(h_blks[-1])  # h(t) of the top layer's state
+        top = top if mask_blk is None else top * mask_blk  # dropout on the readout's input
         div, g_readout, above = readout_backward(params, spec, top, tg_blk, w_blk, generic=generic)
         if mask_blk is not None:
             above = above * mask_blk
@@ -428,21 +459,23 @@ def _stack_backward_fused(
         norms: list[Any] = [None] * n_layers
         for k in reversed(range(n_layers)):  # a loop over layers, not time
             layer = params.layers[k]
-            dz1s, dh[k], dh_norm = layer_backward(
-                layer.w11,
+            x_k = x_blk if k == 0 else cell.hidden(h_blks[k - 1])
+            g_k, dh[k], das, dh_norm = cell_backward(
+                layer,
                 spec.activation,
+                x_k,
+                h_ins[k],
                 h_blks[k],
                 above,
                 valid_blk,
-                dh_init=dh[k],
+                ds_init=dh[k],
                 with_norms=with_norms,
                 unroll=unroll,
                 recurrence=recurrence,
             )
-            x_k = x_blk if k == 0 else h_blks[k - 1]
-            g_layers[k] = _tree_add(g_layers[k], layer_weight_grads(x_k, h_ins[k], h_blks[k], dz1s))
+            g_layers[k] = _tree_add(g_layers[k], g_k)
             if k > 0 or with_dxs:
-                above = dz1s @ layer.w1.T  # [C, B, N_in]: to layer k-1 (or dX)
+                above = cell.input_grad(layer, das)  # [C, B, N_in]: to layer k-1 (or dX)
             if dh_norm is not None:  # with_norms
                 norms[k] = jnp.mean(dh_norm, axis=1)  # [C]
         new = _Carry(tuple(dh), tuple(g_layers), _tree_add(carry.readout, g_readout), carry.div + div)
@@ -548,14 +581,14 @@ def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, 
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     targets, weights = checks.check_targets(spec, targets, weights, xs.shape[0], xs.shape[1])
     output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
     traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=scan.resolve_unroll(unroll), recurrence=rec)
     top = traces[-1].merged
     if output_mask is not None:
         top = top * output_mask
     z2s, ys = _readout(params, spec, top)
     w = losses.effective_weights(weights, lengths, xs.shape[0], xs.shape[1], xs.dtype)
-    h_last = tuple(h[-1] for tr in traces for h in tr.states)
+    h_last = spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
     div = losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
     return checks.poison(checks.value_flags(spec, targets, lengths, xs.shape[0]), (div, h_last))
 
@@ -587,7 +620,7 @@ def _bptt(
     output_mask = checks.check_output_mask(spec, output_mask, xs.shape[0], xs.shape[1])
     t_len, batch, _ = xs.shape
     bad = checks.value_flags(spec, targets, lengths, t_len)
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
     unroll = scan.resolve_unroll(unroll)
     if block_size is None and rec == "pallas":
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
@@ -641,7 +674,8 @@ def _bptt(
         dxs = None if dxs is None else dxs[:t_len]
         norms = None if norms is None else norms[:t_len]
     div, grads = checks.poison(bad, (div, grads))
-    return div, grads, BPTTAux(dh0, dxs if with_dxs else None, norms, h_last)
+    aux = BPTTAux(spec.public_states(dh0), dxs if with_dxs else None, norms, spec.public_states(h_last))
+    return div, grads, aux
 
 
 @functools.lru_cache(maxsize=256)

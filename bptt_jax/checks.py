@@ -19,6 +19,8 @@ of a silently wrong number. Under an outer ``jit`` only that in-graph check appl
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,10 +83,11 @@ def check_lengths(lengths, t_len: int, batch: int, check_values: bool | None = N
 
 
 def check_h0(spec: RNNSpec, h0, batch: int, dtype) -> tuple[Array, ...]:
-    """h0 must be None or a tuple of L*D arrays [B, N1] (order layer * D + direction)."""
+    """h0 must be None or a tuple of L*D arrays [B, N1] (order layer * D + direction); for the LSTM
+    each entry is an (h, c) pair of [B, N1] arrays. Returns the internal states [B, W]."""
     sizes = spec.state_sizes()
     if h0 is None:
-        return tuple(jnp.zeros((batch, n1), dtype) for n1 in sizes)
+        return tuple(jnp.zeros((batch, w), dtype) for w in spec.state_widths())
     if not isinstance(h0, (tuple, list)):
         raise ValueError(
             f"h0: expected a tuple of {len(sizes)} arrays (one per layer and direction), got {type(h0).__name__}"
@@ -95,13 +98,24 @@ def check_h0(spec: RNNSpec, h0, batch: int, dtype) -> tuple[Array, ...]:
             f"{spec.num_directions}), got {len(h0)}"
         )
     out = []
-    for i, (h, n1) in enumerate(zip(h0, sizes)):
-        if _shape(h) != (batch, n1):
-            raise ValueError(f"h0[{i}]: expected shape ({batch}, {n1}) = [B, N1], got {_shape(h)}")
-        if not jnp.issubdtype(h.dtype, jnp.floating):
-            raise TypeError(f"h0[{i}]: expected a floating dtype, got {h.dtype}")
-        out.append(h)
-    return tuple(out)
+    for i, (entry, n1) in enumerate(zip(h0, sizes)):
+        if spec.is_lstm:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise ValueError(
+                    f"h0[{i}]: the LSTM's state is an (h, c) pair of [B, N1] arrays, got "
+                    f"{type(entry).__name__}" + (f" of shape {_shape(entry)}" if hasattr(entry, "shape") else "")
+                )
+            parts: tuple[tuple[str, Any], ...] = (("h", entry[0]), ("c", entry[1]))
+        else:
+            parts = (("", entry),)
+        for part, h in parts:
+            name = f"h0[{i}]" + (f" ({part})" if part else "")
+            if _shape(h) != (batch, n1):
+                raise ValueError(f"{name}: expected shape ({batch}, {n1}) = [B, N1], got {_shape(h)}")
+            if not jnp.issubdtype(h.dtype, jnp.floating):
+                raise TypeError(f"{name}: expected a floating dtype, got {h.dtype}")
+        out.append(entry)
+    return spec.internal_states(tuple(out))
 
 
 def check_finite_tree(name: str, tree) -> None:

@@ -88,7 +88,7 @@ def unsupported_reason(hidden_sizes, dtype, backend: str | None = None) -> str |
     return None
 
 
-def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None) -> str:
+def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None, cell: str = "elman") -> str:
     """ "scan" or "pallas" for a requested ``recurrence``.
 
     "auto" picks the kernels on a GPU where they apply and were measured faster (float32, every
@@ -99,6 +99,12 @@ def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None) ->
         raise ValueError(f"recurrence: expected one of {list(RECURRENCES)}, got {recurrence!r}")
     backend = backend or jax.default_backend()
     if recurrence == "scan":
+        return "scan"
+    if cell != "elman":  # the kernels hold the Elman recurrence; gated cells run their scans
+        if recurrence == "pallas":
+            raise ValueError(
+                f"recurrence='pallas': the kernels are the Elman cell's, got cell={cell!r}; use 'scan' or 'auto'"
+            )
         return "scan"
     reason = unsupported_reason(hidden_sizes, dtype, backend)
     if recurrence == "auto":

@@ -17,7 +17,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax import activations
+from bptt_jax import activations, cells
+from bptt_jax.cells.elman import LayerParams as LayerParams  # the cells' parameter types, re-exported
+from bptt_jax.cells.gru import GRUParams as GRUParams
+from bptt_jax.cells.lstm import LSTMParams as LSTMParams
 
 Array = jax.Array
 
@@ -40,6 +43,8 @@ class RNNSpec:
         binary_cross_entropy (needs sigmoid).
       bidirectional: if True every layer has a forward and a reverse net.
       merge: how the two directions' states are merged at each t: "concat" (forward first) or "sum".
+      cell: "elman" (the lecture notes' layer, default), "gru" or "lstm" (``bptt_jax.cells``).
+        ``activation`` is the Elman cell's f1; a gated cell takes only its default, "tanh".
     """
 
     input_size: int
@@ -50,6 +55,7 @@ class RNNSpec:
     divergence: str = "cross_entropy"
     bidirectional: bool = False
     merge: str = "concat"
+    cell: str = "elman"
 
     def __post_init__(self):
         hs = self.hidden_sizes
@@ -70,6 +76,12 @@ class RNNSpec:
         _check_choice("output_activation", self.output_activation, list(activations.OUTPUT_ACTIVATIONS))
         _check_choice("divergence", self.divergence, list(DIVERGENCES))
         _check_choice("merge", self.merge, list(MERGES))
+        _check_choice("cell", self.cell, list(cells.NAMES))
+        if self.cell != "elman" and self.activation != "tanh":
+            raise ValueError(
+                f"RNNSpec.activation: {self.activation!r} applies to the Elman cell only; the {self.cell} cell "
+                "has its own gate activations (leave activation at its default, 'tanh')"
+            )
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"RNNSpec.bidirectional: expected True or False, got {self.bidirectional!r}")
         if self.divergence == "cross_entropy" and self.output_activation != "softmax":
@@ -108,6 +120,29 @@ class RNNSpec:
         """N1 of every (layer, direction) entry, in the order ``layer * D + direction``."""
         return tuple(n1 for n1 in self.hidden_sizes for _ in range(self.num_directions))
 
+    @property
+    def is_lstm(self) -> bool:
+        """Whether a state entry is an (h, c) pair in the public calls (the LSTM)."""
+        return self.cell == "lstm"
+
+    def state_widths(self) -> tuple[int, ...]:
+        """W of every (layer, direction) entry inside the package: N1, or 2 N1 for the LSTM ([h | c])."""
+        width = cells.get(self.cell).state_width
+        return tuple(width(n1) for n1 in self.state_sizes())
+
+    def public_states(self, states: tuple) -> tuple:
+        """Internal per-entry states [..., W] as the public calls give them: the arrays themselves,
+        or (h, c) pairs for the LSTM. Also for their gradients (dh0 = (dDIV/dh(-1), dDIV/dc(-1)))."""
+        if not self.is_lstm:
+            return tuple(states)
+        return tuple((s[..., : s.shape[-1] // 2], s[..., s.shape[-1] // 2 :]) for s in states)
+
+    def internal_states(self, states: tuple) -> tuple:
+        """The inverse of ``public_states`` (shapes already checked)."""
+        if not self.is_lstm:
+            return tuple(states)
+        return tuple(jnp.concatenate([h, c], axis=-1) for h, c in states)
+
     def state_labels(self) -> tuple[str, ...]:
         """Names of the (layer, direction) entries in the order ``layer * D + direction``, counted
         from 1 as people say them: "layer 1 forward", "layer 1 reverse", "layer 2 forward", ..."""
@@ -124,14 +159,6 @@ def _check_choice(field: str, value, allowed: list[str]) -> None:
         raise ValueError(f"RNNSpec.{field}: unknown value {value!r}; allowed: {allowed}")
 
 
-class LayerParams(NamedTuple):
-    """One recurrent layer (one direction): Z1(t) = X(t) W1 + h(t-1) W11 + b1."""
-
-    w1: Array  # [N_in, N1]  W^(1)
-    w11: Array  # [N1, N1]   W^(11)
-    b1: Array  # [N1]        b^(1)
-
-
 class ReadoutParams(NamedTuple):
     """The output layer: Z2(t) = h(t) W2 + b2."""
 
@@ -143,23 +170,23 @@ class RNNParams(NamedTuple):
     """The whole network.
 
     ``layers[k]`` is layer k's forward net; ``reverse_layers[k]`` its reverse net (an empty tuple
-    for a unidirectional network).
+    for a unidirectional network). A layer is the cell's parameter NamedTuple: ``LayerParams``
+    (Elman), ``GRUParams`` or ``LSTMParams``.
     """
 
-    layers: tuple[LayerParams, ...]
-    reverse_layers: tuple[LayerParams, ...]
+    layers: tuple[Any, ...]
+    reverse_layers: tuple[Any, ...]
     readout: ReadoutParams
 
 
 def expected_shapes(spec: RNNSpec) -> RNNParams:
     """The shape of every parameter array, as an ``RNNParams`` of tuples."""
 
-    layer_tree: Any = LayerParams  # the NamedTuples as trees of shape tuples, not of arrays
-    readout_tree: Any = ReadoutParams
+    readout_tree: Any = ReadoutParams  # the NamedTuples as trees of shape tuples, not of arrays
+    cell = cells.get(spec.cell)
 
     def layer(k):
-        n1 = spec.hidden_sizes[k]
-        return layer_tree((spec.layer_input_size(k), n1), (n1, n1), (n1,))
+        return cell.shapes(spec.layer_input_size(k), spec.hidden_sizes[k])
 
     layers = tuple(layer(k) for k in range(spec.num_layers))
     reverse = layers if spec.bidirectional else ()
@@ -180,7 +207,12 @@ def check_params(params, spec: RNNSpec) -> None:
                 f"(hidden_sizes={spec.hidden_sizes}, bidirectional={spec.bidirectional}), got {len(got)}"
             )
         for k, (g, e) in enumerate(zip(got, exp)):
-            for name, arr, shape in zip(LayerParams._fields, g, e):
+            if not isinstance(g, type(e)):
+                raise ValueError(
+                    f"params.{field}[{k}]: expected a {type(e).__name__} for spec.cell={spec.cell!r}, "
+                    f"got {type(g).__name__}"
+                )
+            for name, arr, shape in zip(type(e)._fields, g, e):
                 _check_shape(f"params.{field}[{k}].{name}", arr, shape)
     for name, arr, shape in zip(ReadoutParams._fields, params.readout, want.readout):
         _check_shape(f"params.readout.{name}", arr, shape)
@@ -201,6 +233,7 @@ def init_params(
     scheme: str = "uniform",
     scale: float = 1.0,
     dtype=jnp.float32,
+    forget_bias: float = 0.0,
 ) -> RNNParams:
     """Initial parameters for ``spec``.
 
@@ -214,35 +247,28 @@ def init_params(
         "normal": every weight N(0, scale^2) and zero biases (min-char-rnn uses scale=0.01).
       scale: see ``scheme``.
       dtype: float dtype of every array.
+      forget_bias: the LSTM's forget-gate bias (bx_f = forget_bias, bh_f = 0); 0 keeps PyTorch's
+        uniform biases. Gated cells (GRU, LSTM) take "uniform" (PyTorch's default), "orthogonal" (Wh's
+        gate blocks orthogonal) and "normal"; "identity" is the Elman cell's IRNN only.
 
     Returns:
       An ``RNNParams`` whose shapes are ``expected_shapes(spec)``.
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"scheme: unknown value {scheme!r}; allowed: {list(INIT_SCHEMES)}")
+    if scheme == "identity" and spec.cell != "elman":
+        raise ValueError(f"scheme: 'identity' (the IRNN) is for the Elman cell, got spec.cell={spec.cell!r}")
+    if forget_bias and spec.cell != "lstm":
+        raise ValueError(f"forget_bias: applies to the LSTM cell only, got spec.cell={spec.cell!r}")
+    cell = cells.get(spec.cell)
     shapes = expected_shapes(spec)
     is_shape = lambda x: isinstance(x, tuple) and len(x) > 0 and all(isinstance(i, int) for i in x)
     leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=is_shape)
     keys = jax.random.split(key, len(leaves))
     key_tree = jax.tree_util.tree_unflatten(treedef, list(keys))
 
-    def make_layer(k, shp: Any, keys: Any) -> LayerParams:  # shp: shape tuples, keys: PRNG keys
-        n1 = shp.w11[0]
-        bound = 1.0 / math.sqrt(n1)
-        u = lambda kk, s: jax.random.uniform(kk, s, dtype, -bound, bound)
-        if scheme == "uniform":
-            return LayerParams(u(keys.w1, shp.w1), u(keys.w11, shp.w11), u(keys.b1, shp.b1))
-        if scheme == "orthogonal":
-            w11 = scale * jax.nn.initializers.orthogonal()(keys.w11, shp.w11, dtype)
-            return LayerParams(u(keys.w1, shp.w1), w11, u(keys.b1, shp.b1))
-        if scheme == "identity":
-            w1 = 0.001 * jax.random.normal(keys.w1, shp.w1, dtype)
-            return LayerParams(w1, scale * jnp.eye(n1, dtype=dtype), jnp.zeros(shp.b1, dtype))
-        return LayerParams(
-            scale * jax.random.normal(keys.w1, shp.w1, dtype),
-            scale * jax.random.normal(keys.w11, shp.w11, dtype),
-            jnp.zeros(shp.b1, dtype),
-        )
+    def make_layer(k, shp: Any, keys: Any):  # shp: shape tuples, keys: PRNG keys
+        return cell.init(keys, shp, scheme=scheme, scale=scale, dtype=dtype, forget_bias=forget_bias)
 
     layers = tuple(make_layer(k, s, kk) for k, (s, kk) in enumerate(zip(shapes.layers, key_tree.layers)))
     reverse = tuple(

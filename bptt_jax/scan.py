@@ -1,6 +1,7 @@
 """Forward unrolling with ``lax.scan``: one layer, stacks, length-aware reversal, bidirectional.
 
-Every scan here equals a plain Python loop over ``cell.step``; each docstring states that loop.
+Every scan here equals a plain Python loop over a cell's step (``bptt_jax.cells``; the Elman cell's
+``cell.step``); each docstring states that loop. A layer's cell is the type of its parameters.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax import cell, checks, kernels
-from bptt_jax.params import LayerParams, RNNParams, RNNSpec
+from bptt_jax import cells, checks, kernels
+from bptt_jax.params import RNNParams, RNNSpec
 
 Array = jax.Array
 
@@ -64,7 +65,7 @@ def valid_mask(lengths: Array | None, t_len: int) -> Array | None:
 
 
 def _unroll_whole(
-    layer: LayerParams,
+    layer,
     activation: str,
     xs: Array,
     h0: Array,
@@ -72,13 +73,14 @@ def _unroll_whole(
     unroll: int,
     recurrence: str = "scan",
 ) -> Array:
-    us = xs @ layer.w1 + layer.b1  # [T, B, N1], one matmul for all t
-    if recurrence == "pallas":
+    cell = cells.of(layer)
+    us = cell.project(layer, xs)  # [T, B, G N1], one matmul for all t
+    if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
 
     def body(h_tm1, inp):
         u_t, valid_t = inp
-        h_t = cell.recur(layer.w11, activation, h_tm1, u_t)
+        h_t = cell.recur(layer, activation, h_tm1, u_t)
         if valid_t is not None:
             h_t = jnp.where(valid_t[:, None], h_t, h_tm1)
         return h_t, h_t
@@ -99,7 +101,7 @@ def pad_time(a: Array | None, pad: int, value=0) -> Array | None:
 
 
 def unroll_layer(
-    layer: LayerParams,
+    layer,
     activation: str,
     xs: Array,
     h0: Array,
@@ -115,26 +117,29 @@ def unroll_layer(
 
         h = h0
         for t in range(T):
-            h_new = cell.step(layer, activation, h, xs[t])
+            h_new = cell.recur(layer, activation, h, cell.project(layer, xs[t]))   # one step
             h = h_new if valid is None else where(valid[t], h_new, h)   # padding holds the state
             hs[t] = h
+
+    (for the Elman cell, ``cell.step(layer, activation, h, xs[t])``). ``h`` is the cell's state
+    [B, W]: h, or [h | c] for the LSTM.
 
     With ``block_size=C < T`` the time axis is cut into blocks of C steps: an outer scan over the
     blocks forms the projection X(t) W1 + b1 for the block's C steps only ([C, B, N1] instead of
     [T, B, N1]) and runs the inner scan over them. The result is the same loop.
 
     Args:
-      layer: the layer's W1 [N, N1], W11 [N1, N1], b1 [N1].
-      activation: f1's name.
+      layer: the layer's parameters (Elman: W1 [N, N1], W11 [N1, N1], b1 [N1]; or a gated cell's).
+      activation: f1's name (the Elman cell's).
       xs: [T, B, N] inputs.
-      h0: [B, N1] h(-1).
+      h0: [B, W] the state before step 0 (W = N1, or 2 N1 for the LSTM).
       valid: [T, B] booleans, or None when every step is valid.
       unroll: steps per scan iteration (``lax.scan``'s unroll).
       block_size: C, steps per block; None (or >= T) projects all T steps at once.
       recurrence: "scan" (``lax.scan``) or "pallas" (``kernels.forward_recurrence``), resolved.
 
     Returns:
-      [T, B, N1] h(t) for every t; hs[T-1] is the state at the last valid step.
+      [T, B, W] the state for every t; hs[T-1] is the state at the last valid step.
     """
     t_len = xs.shape[0]
     if block_size is None or block_size >= t_len:
@@ -161,7 +166,7 @@ class LayerTrace(NamedTuple):
     """What the forward pass keeps of one layer for the backward pass."""
 
     inputs: Array  # [T, B, N_in] the layer's input, in input time
-    states: tuple[Array, ...]  # D entries [T, B, N1], each in its own scan's time (reverse: reversed)
+    states: tuple[Array, ...]  # D entries [T, B, W], each in its own scan's time (reverse: reversed)
     merged: Array  # [T, B, N_out] the merged states, in input time
 
 
@@ -191,7 +196,7 @@ def run_stack(
     ``reverse_padded(inputs, lengths)``; its states are re-aligned to input time before merging.
 
     Args:
-      h0: L*D entries [B, N1] in the order layer * D + direction.
+      h0: L*D entries [B, W] (internal states) in the order layer * D + direction.
       block_size: C for ``unroll_layer`` (input projections per block of C steps); None: all T.
       recurrence: "scan" or "pallas" (already resolved by ``kernels.resolve``).
 
@@ -228,15 +233,16 @@ def run_stack(
             )
             states = (hs_f, hs_r)
             hs_r_input_time = reverse_padded(hs_r, lengths)
-        merged = merge(spec, hs_f, hs_r_input_time)
+        hidden = cells.get(spec.cell).hidden  # h(t) of the state: what the next layer reads
+        merged = merge(spec, hidden(hs_f), None if hs_r_input_time is None else hidden(hs_r_input_time))
         traces.append(LayerTrace(inputs, states, merged))
         inputs = merged
     return tuple(traces)
 
 
 def default_h0(spec: RNNSpec, batch: int, dtype) -> tuple[Array, ...]:
-    """Zeros for every (layer, direction): L*D entries [B, N1]."""
-    return tuple(jnp.zeros((batch, n1), dtype) for n1 in spec.state_sizes())
+    """Zeros for every (layer, direction): L*D internal states [B, W] (W = N1, or 2 N1 for the LSTM)."""
+    return tuple(jnp.zeros((batch, w), dtype) for w in spec.state_widths())
 
 
 class ForwardOutput(NamedTuple):
@@ -244,7 +250,7 @@ class ForwardOutput(NamedTuple):
 
     ys: Array  # [T, B, M] Y(t) = f2(Z2(t))
     hs: tuple[Array, ...]  # L*D entries [T, B, N1]: h(t) in input time
-    h_last: tuple[Array, ...]  # L*D entries [B, N1]: forward net at the last valid step, reverse net at t=0
+    h_last: tuple  # L*D entries [B, N1] ((h, c) pairs for the LSTM): forward net at the last valid step, reverse at t=0
     z2s: Array  # [T, B, M] output pre-activations Z2(t)
 
 
@@ -253,17 +259,18 @@ def _forward(params, spec, xs, h0, lengths, unroll, recurrence="auto"):
     from bptt_jax import activations  # local: keeps the import graph of the design table
 
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)  # shapes: once per signature
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
     traces = run_stack(params, spec, xs, h0, lengths, unroll=resolve_unroll(unroll), recurrence=rec)
     top = traces[-1].merged
     z2s = top @ params.readout.w2 + params.readout.b2  # [T, B, M]
     ys = activations.output(spec.output_activation, z2s)
+    hidden = cells.get(spec.cell).hidden
     hs, h_last = [], []
     for tr in traces:
         for j, h in enumerate(tr.states):
-            hs.append(h if j == 0 else reverse_padded(h, lengths))
+            hs.append(hidden(h if j == 0 else reverse_padded(h, lengths)))
             h_last.append(h[-1])
-    return ForwardOutput(ys, tuple(hs), tuple(h_last), z2s)
+    return ForwardOutput(ys, tuple(hs), spec.public_states(tuple(h_last)), z2s)
 
 
 def forward(
@@ -284,8 +291,8 @@ def forward(
       params: the network's parameters, shaped as ``expected_shapes(spec)``.
       spec: the network (static).
       xs: [T, B, N] inputs, time-major, float.
-      h0: L*D entries [B, N1], h(-1) per layer and direction (order layer * D + direction);
-        zeros when None.
+      h0: L*D entries [B, N1], h(-1) per layer and direction (order layer * D + direction); for
+        the LSTM each entry is an (h(-1), c(-1)) pair. Zeros when None.
       lengths: [B] integer valid steps per sequence, in [0, T]; steps t >= lengths[b] hold the
         state. None means every step is valid.
       unroll: scan steps per loop iteration; None picks 1 on a CPU and ``GPU_UNROLL`` on a GPU.

@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from bptt_jax import activations, cell
-from bptt_jax.params import RNNSpec, init_params
+from bptt_jax.params import GRUParams, LSTMParams, RNNSpec, init_params
 
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
 VALID_PAIRS = (
@@ -27,16 +27,55 @@ VALID_PAIRS = (
 )
 
 
+def gru_step(p, h, x):
+    """One GRU step as PyTorch's nn.GRU documents it (gates r, z, n; b_hn inside r * (...)), written
+    here from those equations, independently of bptt_jax.cells.gru. h: [B, N1], x: [B, N]."""
+    n1 = h.shape[-1]
+    w_i = lambda k: p.wx[:, k * n1 : (k + 1) * n1]
+    w_h = lambda k: p.wh[:, k * n1 : (k + 1) * n1]
+    b_i = lambda k: p.bx[k * n1 : (k + 1) * n1]
+    b_h = lambda k: p.bh[k * n1 : (k + 1) * n1]
+    r = jax.nn.sigmoid(x @ w_i(0) + b_i(0) + h @ w_h(0) + b_h(0))
+    z = jax.nn.sigmoid(x @ w_i(1) + b_i(1) + h @ w_h(1) + b_h(1))
+    n = jnp.tanh(x @ w_i(2) + b_i(2) + r * (h @ w_h(2) + b_h(2)))
+    return (1 - z) * n + z * h
+
+
+def lstm_step(p, state, x):
+    """One LSTM step as PyTorch's nn.LSTM documents it (gates i, f, g, o), independently of
+    bptt_jax.cells.lstm. state: (h, c), each [B, N1]; x: [B, N]. Returns (h, c)."""
+    h, c = state
+    n1 = h.shape[-1]
+    pre = lambda k: (
+        (x @ p.wx[:, k * n1 : (k + 1) * n1] + p.bx[k * n1 : (k + 1) * n1] + h @ p.wh[:, k * n1 : (k + 1) * n1])
+        + p.bh[k * n1 : (k + 1) * n1]
+    )
+    i, f, g, o = jax.nn.sigmoid(pre(0)), jax.nn.sigmoid(pre(1)), jnp.tanh(pre(2)), jax.nn.sigmoid(pre(3))
+    c = f * c + i * g
+    return o * jnp.tanh(c), c
+
+
+def _step(layer, activation, state, x):
+    if isinstance(layer, LSTMParams):
+        return lstm_step(layer, state, x)
+    if isinstance(layer, GRUParams):
+        return gru_step(layer, state, x)
+    return cell.step(layer, activation, state, x)
+
+
 def loop_layer(layer, activation, xs, h0, lengths=None):
-    """h(t) for t = 0..T-1 by a Python loop over cell.step; padding (t >= length) holds the state."""
-    h = h0
+    """h(t) for t = 0..T-1 by a Python loop over the cell's step (cell.step for Elman, the PyTorch
+    equations above for GRU and LSTM); padding (t >= length) holds the state. h0 is the public state
+    (an (h, c) pair for the LSTM); returns the h(t) [T, B, N1]."""
+    state = h0
     hs = []
     for t in range(xs.shape[0]):
-        h_new = cell.step(layer, activation, h, xs[t])
+        new = _step(layer, activation, state, xs[t])
         if lengths is not None:
-            h_new = jnp.where((t < lengths)[:, None], h_new, h)
-        h = h_new
-        hs.append(h)
+            keep = (t < lengths)[:, None]
+            new = jax.tree_util.tree_map(lambda a, b, keep=keep: jnp.where(keep, a, b), new, state)
+        state = new
+        hs.append(state[0] if isinstance(layer, LSTMParams) else state)
     return jnp.stack(hs)
 
 
@@ -60,7 +99,7 @@ def loop_forward(params, spec, xs, h0, lengths=None):
                     params.reverse_layers[k],
                     spec.activation,
                     rev_in,
-                    h0[k * d + 1][b : b + 1],
+                    jax.tree_util.tree_map(lambda a, b=b: a[b : b + 1], h0[k * d + 1]),
                     None if lengths is None else jnp.array([n]),
                 )
                 cols.append(jnp.concatenate([hr[:n][::-1], hr[n:]], axis=0))
@@ -100,9 +139,10 @@ class Problem:
 
 
 @st.composite
-def problems(draw, *, bidirectional=None, max_t=6, max_layers=3, lengths=None):
-    """A random network and batch: sizes, activations, (output activation, divergence), weights,
-    targets, loss weights, lengths (including 0 and T) and initial states."""
+def problems(draw, *, bidirectional=None, max_t=6, max_layers=3, lengths=None, cells=("elman",)):
+    """A random network and batch: the cell (one of ``cells``), sizes, activations, (output
+    activation, divergence), weights, targets, loss weights, lengths (including 0 and T) and initial
+    states."""
     t_len = draw(st.integers(1, max_t))
     batch = draw(st.integers(1, 3))
     n = draw(st.integers(1, 4))
@@ -118,8 +158,17 @@ def problems(draw, *, bidirectional=None, max_t=6, max_layers=3, lengths=None):
     use_h0 = draw(st.booleans())
     int_targets = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
+    cell_name = draw(st.sampled_from(cells))
     spec = RNNSpec(
-        n, hidden, m, activation=act, output_activation=out_act, divergence=div, bidirectional=bidir, merge=merge
+        n,
+        hidden,
+        m,
+        activation=act if cell_name == "elman" else "tanh",
+        output_activation=out_act,
+        divergence=div,
+        bidirectional=bidir,
+        merge=merge,
+        cell=cell_name,
     )
     return make_problem(spec, t_len, batch, seed, use_lengths, use_weights, use_h0, int_targets)
 
@@ -150,7 +199,11 @@ def make_problem(
         lengths = jnp.asarray(lens, jnp.int32)
     h0 = None
     if use_h0:
-        h0 = tuple(jnp.asarray(rng.randn(batch, n1) * 0.5, dtype) for n1 in spec.state_sizes())
+        draw_h = lambda n1: jnp.asarray(rng.randn(batch, n1) * 0.5, dtype)
+        if spec.cell == "lstm":  # (h, c) pairs
+            h0 = tuple((draw_h(n1), draw_h(n1)) for n1 in spec.state_sizes())
+        else:
+            h0 = tuple(draw_h(n1) for n1 in spec.state_sizes())
     return Problem(spec, params, xs, targets, weights, lengths, h0)
 
 
@@ -164,7 +217,7 @@ def cast(problem: Problem, dtype) -> Problem:
         f(problem.targets),
         f(problem.weights),
         problem.lengths,
-        None if problem.h0 is None else tuple(f(h) for h in problem.h0),
+        None if problem.h0 is None else jax.tree_util.tree_map(f, problem.h0),
     )
 
 

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bptt_jax"
 # of its own level). Mirrors the design table, with `kernels` where the table plans it.
 LEVELS = {
     "activations": 0,
+    "cells": 0.5,  # a package: one module per cell, importing activations only
     "params": 1,
     "checks": 2,
     "cell": 2,
@@ -48,14 +49,22 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+def _files(module: str) -> list[Path]:
+    """The module's file, or every file of a subpackage."""
+    sub = PACKAGE / module
+    return sorted(sub.glob("*.py")) if sub.is_dir() else [PACKAGE / f"{module}.py"]
+
+
 def test_every_module_has_a_level():
     modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    modules |= {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert modules == set(LEVELS), f"add the new module to LEVELS: {sorted(modules ^ set(LEVELS))}"
 
 
 @pytest.mark.parametrize("module", sorted(LEVELS))
 def test_imports_go_down_only(module):
-    for imported in _imports(PACKAGE / f"{module}.py"):
+    imports = set().union(*(_imports(f) for f in _files(module))) - {module}  # a package's own modules
+    for imported in imports:
         assert imported in LEVELS, f"{module} imports unknown bptt_jax.{imported}"
         assert LEVELS[imported] < LEVELS[module], (
             f"{module} (level {LEVELS[module]}) imports {imported} (level {LEVELS[imported]}): "

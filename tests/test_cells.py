@@ -1,0 +1,330 @@
+"""The gated cells (GRU, LSTM): their explicit, time-blocked BPTT equals jax.grad; their forward pass
+equals a plain Python loop of PyTorch's equations (written in tests/reference.py, independently of
+the library) and, where torch is installed, nn.GRU / nn.LSTM."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import bptt_jax as bj
+from bptt_jax import cells, kernels, scan
+from bptt_jax.interop import expected_torch_shapes, from_torch_state_dict, to_torch_state_dict
+from bptt_jax.vjp import rnn_states
+from tests import reference as ref
+
+GATED = ("gru", "lstm")
+TOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}
+
+
+def _zero_h0(spec, batch, dtype):
+    z = lambda n1: jnp.zeros((batch, n1), dtype)
+    return tuple((z(n1), z(n1)) if spec.cell == "lstm" else z(n1) for n1 in spec.state_sizes())
+
+
+def _autodiff(p: ref.Problem, output_mask=None):
+    """jax.value_and_grad of the plain loss w.r.t. params, h0 (pairs for the LSTM) and xs."""
+    h0 = p.h0 if p.h0 is not None else _zero_h0(p.spec, p.xs.shape[1], p.xs.dtype)
+
+    def f(params, h0, xs):
+        return bj.loss(
+            params, p.spec, xs, p.targets, weights=p.weights, lengths=p.lengths, h0=h0, output_mask=output_mask
+        )
+
+    value, (g, dh0, dxs) = jax.value_and_grad(f, argnums=(0, 1, 2))(p.params, h0, p.xs)
+    return value, g, dh0, dxs
+
+
+def _check(p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask=None):
+    p = ref.cast(p, dtype)
+    c = ref.block_size(block, p.xs.shape[0])
+    value, grads, aux = bj.bptt(
+        p.params,
+        p.spec,
+        p.xs,
+        p.targets,
+        weights=p.weights,
+        lengths=p.lengths,
+        h0=p.h0,
+        block_size=c,
+        checkpoint_every=checkpoint_every,
+        output_mask=output_mask,
+        with_dxs=True,
+        diagnostics=True,
+    )
+    want = _autodiff(p, output_mask)
+    chex.assert_trees_all_equal_structs(grads, p.params)
+    chex.assert_tree_all_finite((value, grads, aux.dh0, aux.dxs))
+    got = (value, grads, aux.dh0, aux.dxs)
+    err = ref.max_rel_err(got, want)
+    if dtype == jnp.float32 and err >= TOL[dtype]:  # judge both float32 paths against float64
+        with jax.enable_x64(True):
+            truth = _autodiff(ref.cast(p, jnp.float64), output_mask)
+        err = ref.float32_error(got, want, truth)
+    assert err < TOL[dtype], f"spec={p.spec} T,B={p.xs.shape[:2]} lengths={p.lengths} C={c} err={err}"
+    assert aux.dh_norms.shape == (p.xs.shape[0], p.spec.num_layers * p.spec.num_directions)
+    return err
+
+
+# ----------------------------------------------------------------------------- BPTT = jax.grad
+
+
+@settings(max_examples=6)  # each example compiles new shapes; the suite's time is bounded (conftest)
+@given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS)
+def test_gated_bptt_equals_autodiff_float64(problem, block):
+    with jax.enable_x64(True):
+        _check(problem, jnp.float64, block)
+
+
+@settings(max_examples=6)
+@given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS)
+def test_gated_bptt_equals_autodiff_float32(problem, block):
+    _check(problem, jnp.float32, block)
+
+
+def test_segments_and_output_mask_equal_autodiff():
+    """checkpoint_every (segment recomputation) and output dropout masks, float64, on the LSTM (the
+    paths are the same for every cell; the LSTM's two-part state is the one that could go wrong)."""
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (4, 3), 5, cell="lstm")
+        p = ref.make_problem(spec, 7, 3, seed=4, use_lengths=True, use_weights=True, use_h0=True)
+        _check(p, jnp.float64, block="1", checkpoint_every=3)
+        mask = jnp.asarray(np.random.RandomState(1).rand(7, 3, 3) > 0.3, jnp.float64) / 0.7
+        _check(p, jnp.float64, block="nondivisor", output_mask=mask)
+
+
+@pytest.mark.parametrize("cell", GATED)
+def test_saturated_gates_equal_autodiff(cell):
+    """Weights 8x larger drive the gates into saturation (sigmoid' and tanh' near 0)."""
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (4,), 3, cell=cell, bidirectional=True)
+        p = ref.make_problem(spec, 6, 2, seed=2, use_lengths=True, use_h0=True)
+        p.params = jax.tree_util.tree_map(lambda a: a * 8.0, p.params)
+        p.xs = p.xs * 3.0
+        _check(p, jnp.float64, block="T")
+
+
+@pytest.mark.parametrize("cell", GATED)
+def test_finite_differences_float64(cell):
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(2, (3,), 2, cell=cell, output_activation="identity", divergence="squared_error")
+        p = ref.cast(ref.make_problem(spec, 4, 2, seed=7, use_lengths=True, use_h0=True), jnp.float64)
+        _, grads, _ = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0, block_size=3)
+        f = lambda params: bj.loss(params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0)
+        leaves, treedef = jax.tree_util.tree_flatten(p.params)
+        eps = 1e-6
+        for i, leaf in enumerate(leaves):
+            flat = np.asarray(leaf).ravel()
+            for j in range(0, flat.size, max(1, flat.size // 5)):  # a few entries of every array
+                d = np.zeros_like(flat)
+                d[j] = eps
+                bump = lambda s, d=d, leaf=leaf, i=i: [
+                    (lf + s * d.reshape(leaf.shape)) if k == i else lf for k, lf in enumerate(leaves)
+                ]
+                num = (
+                    f(jax.tree_util.tree_unflatten(treedef, bump(1)))
+                    - f(jax.tree_util.tree_unflatten(treedef, bump(-1)))
+                ) / (2 * eps)
+                got = np.asarray(jax.tree_util.tree_leaves(grads)[i]).ravel()[j]
+                assert abs(got - float(num)) <= 1e-6 * max(1.0, abs(float(num))), (i, j, got, float(num))
+
+
+# ----------------------------------------------------------------------------- the forward pass
+
+
+@pytest.mark.parametrize("cell", GATED)
+def test_forward_equals_python_loop_of_pytorch_equations(cell):
+    """A bidirectional 2-layer stack with lengths and h0 (its forward nets are the unidirectional case)."""
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (4, 2), 3, cell=cell, bidirectional=True, merge="concat")
+        p = ref.cast(ref.make_problem(spec, 6, 3, seed=5, use_lengths=True, use_h0=True), jnp.float64)
+        out = bj.forward(p.params, spec, p.xs, h0=p.h0, lengths=p.lengths)
+        ys, hs = ref.loop_forward(p.params, spec, p.xs, p.h0, p.lengths)
+        assert ref.max_rel_err(out.ys, ys) < 1e-12
+        assert ref.max_rel_err(out.hs, tuple(hs)) < 1e-12
+
+
+def test_gru_b_hn_is_inside_the_reset_gate():
+    """b_hn multiplies r: moving it into b_in changes the output (so it must stay its own parameter),
+    and the loop oracle (PyTorch's equations) agrees with the library for a non-zero b_hn."""
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(2, (3,), 2, cell="gru", output_activation="identity", divergence="squared_error")
+        p = ref.cast(ref.make_problem(spec, 5, 2, seed=1), jnp.float64)
+        layer = p.params.layers[0]
+        layer = layer._replace(bh=layer.bh.at[6:].set(1.5))  # b_hn
+        params = p.params._replace(layers=(layer,))
+        got = bj.forward(params, spec, p.xs).ys
+        want, _ = ref.loop_forward(params, spec, p.xs, _zero_h0(spec, 2, jnp.float64))
+        assert ref.max_rel_err(got, want) < 1e-12
+        folded = layer._replace(bx=layer.bx.at[6:].add(1.5), bh=layer.bh.at[6:].set(0.0))
+        moved = bj.forward(params._replace(layers=(folded,)), spec, p.xs).ys
+        assert ref.max_rel_err(moved, got) > 1e-3
+
+
+def test_lstm_state_pairs_in_and_out():
+    """h0 and dh0 are (h, c) pairs; h_last holds the final (h, c) of the forward pass."""
+    spec = bj.RNNSpec(2, (3,), 2, cell="lstm", bidirectional=True)
+    p = ref.make_problem(spec, 4, 2, seed=3, use_lengths=True, use_h0=True)
+    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0)
+    assert len(aux.dh0) == 2 and all(isinstance(e, tuple) and len(e) == 2 for e in aux.dh0)
+    out = bj.forward(p.params, spec, p.xs, lengths=p.lengths, h0=p.h0)
+    chex.assert_trees_all_close(out.h_last, aux.h_last)
+    # the forward net's final h is its state at each sequence's last valid step
+    last = np.asarray(p.lengths) - 1
+    for b, t in enumerate(last):
+        if t >= 0:
+            np.testing.assert_allclose(out.h_last[0][0][b], out.hs[0][t, b], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the custom VJP, vmap
+
+
+def test_rnn_states_vjp_equals_autodiff_of_the_scans():
+    """The custom VJP (stack_backward, as for bidirectional bptt) on an LSTM stack with (h, c) pairs."""
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (4, 3), 2, cell="lstm", bidirectional=True)
+        p = ref.cast(ref.make_problem(spec, 5, 2, seed=8, use_lengths=True, use_h0=True), jnp.float64)
+        ct = jnp.asarray(np.random.RandomState(0).randn(5, 2, 6))
+        f = lambda params, xs, h0: jnp.sum(rnn_states(params, spec, xs, h0=h0, lengths=p.lengths) * ct)
+
+        def plain(params, xs, h0):
+            h0_int = spec.internal_states(h0)
+            tr = scan.run_stack(params, spec, xs, h0_int, p.lengths)
+            return jnp.sum(tr[-1].merged * ct)
+
+        got = jax.grad(f, argnums=(0, 1, 2))(p.params, p.xs, p.h0)
+        want = jax.grad(plain, argnums=(0, 1, 2))(p.params, p.xs, p.h0)
+        assert ref.max_rel_err(got, want) < 1e-10
+
+
+def test_vmap_per_example_gradients_lstm():
+    """bptt under vmap over examples equals one bptt call per example."""
+    spec = bj.RNNSpec(2, (3,), 3, cell="lstm")
+    p = ref.make_problem(spec, 4, 3, seed=2)
+    per = jax.vmap(lambda x, d: bj.bptt(p.params, spec, x[:, None], d[:, None])[1], in_axes=(1, 1))(p.xs, p.targets)
+    for b in range(3):
+        one = bj.bptt(p.params, spec, p.xs[:, b : b + 1], p.targets[:, b : b + 1])[1]
+        chex.assert_trees_all_close(jax.tree_util.tree_map(lambda a, b=b: a[b], per), one, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def test_cells_registry_and_parameter_types():
+    assert cells.NAMES == ("elman", "gru", "lstm")
+    for name, typ, g in (("elman", bj.LayerParams, 1), ("gru", bj.GRUParams, 3), ("lstm", bj.LSTMParams, 4)):
+        spec = bj.RNNSpec(2, (3, 4), 2, cell=name, bidirectional=True)
+        params = bj.init_params(jax.random.key(0), spec)
+        assert all(isinstance(layer, typ) for layer in params.layers + params.reverse_layers)
+        assert cells.of(params.layers[0]) is cells.get(name) and cells.get(name).GATES == g
+    lstm = bj.init_params(jax.random.key(0), bj.RNNSpec(2, (3,), 2, cell="lstm"), forget_bias=1.0)
+    np.testing.assert_array_equal(lstm.layers[0].bx[3:6], 1.0)
+    np.testing.assert_array_equal(lstm.layers[0].bh[3:6], 0.0)
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (
+            lambda: bj.RNNSpec(2, (3,), 2, cell="rnn"),
+            r"RNNSpec.cell: unknown value 'rnn'; allowed: \['elman', 'gru', 'lstm'\]",
+        ),
+        (
+            lambda: bj.RNNSpec(2, (3,), 2, cell="gru", activation="relu"),
+            r"RNNSpec.activation: 'relu' applies to the Elman cell only; the gru cell has its own gate activations",
+        ),
+        (
+            lambda: bj.init_params(jax.random.key(0), bj.RNNSpec(2, (3,), 2, cell="lstm"), scheme="identity"),
+            r"scheme: 'identity' \(the IRNN\) is for the Elman cell, got spec.cell='lstm'",
+        ),
+        (
+            lambda: bj.init_params(jax.random.key(0), bj.RNNSpec(2, (3,), 2, cell="gru"), forget_bias=1.0),
+            r"forget_bias: applies to the LSTM cell only, got spec.cell='gru'",
+        ),
+        (
+            lambda: kernels.resolve("pallas", (4,), jnp.float32, backend="cpu", cell="lstm"),
+            r"recurrence='pallas': the kernels are the Elman cell's, got cell='lstm'",
+        ),
+    ],
+)
+def test_bad_gated_settings_are_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_bad_lstm_states_are_named():
+    spec = bj.RNNSpec(2, (3,), 2, cell="lstm")
+    p = ref.make_problem(spec, 4, 2, seed=0)
+    with pytest.raises(ValueError, match=r"h0\[0\]: the LSTM's state is an \(h, c\) pair of \[B, N1\] arrays, got"):
+        bj.bptt(p.params, spec, p.xs, p.targets, h0=(jnp.zeros((2, 3)),))
+    with pytest.raises(ValueError, match=r"h0\[0\] \(c\): expected shape \(2, 3\) = \[B, N1\], got \(2, 4\)"):
+        bj.forward(p.params, spec, p.xs, h0=((jnp.zeros((2, 3)), jnp.zeros((2, 4))),))
+    gru = bj.init_params(jax.random.key(0), bj.RNNSpec(2, (3,), 2, cell="gru"))
+    with pytest.raises(
+        ValueError, match=r"params.layers\[0\]: expected a LSTMParams for spec.cell='lstm', got GRUParams"
+    ):
+        bj.loss(gru, spec, p.xs, p.targets)
+    assert kernels.resolve("auto", (4,), jnp.float32, backend="gpu", cell="gru") == "scan"
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+@pytest.mark.parametrize("cell", GATED)
+def test_torch_state_dict_round_trip_keeps_both_biases(cell):
+    spec = bj.RNNSpec(3, (4, 4), 2, cell=cell, bidirectional=True)
+    params = bj.init_params(jax.random.key(0), spec)
+    state = to_torch_state_dict(params, spec)
+    g = 3 if cell == "gru" else 4
+    assert list(state) == list(expected_torch_shapes(spec)) and state["rnn.weight_hh_l1_reverse"].shape == (g * 4, 4)
+    np.testing.assert_array_equal(state["rnn.bias_hh_l0"], np.asarray(params.layers[0].bh))
+    assert ref.max_rel_err(from_torch_state_dict(state, spec), params) == 0.0
+
+
+@pytest.mark.parametrize("cell", GATED)
+def test_gated_outputs_and_gradients_match_torch_on_packed_sequences(cell):
+    """Optional cross-check (skipped without torch): a 2-layer bidirectional nn.GRU / nn.LSTM on a
+    packed batch of different lengths, with a non-zero b_hn, gives our outputs, final states and
+    gradients."""
+    torch = pytest.importorskip("torch")
+    spec = bj.RNNSpec(
+        3, (4, 4), 2, cell=cell, bidirectional=True, output_activation="identity", divergence="squared_error"
+    )
+    params = bj.init_params(jax.random.key(3), spec, dtype=jnp.float32)
+    rng = np.random.RandomState(0)
+    t_len, batch = 6, 3
+    xs = rng.randn(t_len, batch, 3).astype(np.float32)
+    lengths = np.array([6, 2, 4])
+    targets = rng.randn(t_len, batch, 2).astype(np.float32)
+    rnn_cls = torch.nn.GRU if cell == "gru" else torch.nn.LSTM
+    model = torch.nn.ModuleDict(
+        {"rnn": rnn_cls(3, 4, num_layers=2, bidirectional=True), "readout": torch.nn.Linear(8, 2)}
+    )
+    model = model.double()
+    model.load_state_dict(
+        {k: torch.from_numpy(v.astype(np.float64)) for k, v in to_torch_state_dict(params, spec).items()}
+    )
+    x = torch.from_numpy(xs.astype(np.float64))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.from_numpy(lengths), enforce_sorted=False)
+    out, _ = model["rnn"](packed)
+    out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, total_length=t_len)
+    ys_t = model["readout"](out)
+    mask = torch.from_numpy((np.arange(t_len)[:, None] < lengths[None, :]).astype(np.float64))
+    loss_t = (((ys_t - torch.from_numpy(targets.astype(np.float64))) ** 2).sum(-1) * mask).sum() / batch
+    loss_t.backward()
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+        value, grads, _ = bj.bptt(
+            p64, spec, jnp.asarray(xs, jnp.float64), jnp.asarray(targets, jnp.float64), lengths=lengths
+        )
+        ys = bj.forward(p64, spec, jnp.asarray(xs, jnp.float64), lengths=lengths).ys
+        grads_t = {k: v.grad.numpy() for k, v in model.named_parameters()}
+        want = from_torch_state_dict(grads_t, spec, dtype=jnp.float64)
+    valid = (np.arange(t_len)[:, None] < lengths[None, :])[..., None]
+    np.testing.assert_allclose(
+        np.where(valid, ys, 0.0), np.where(valid, ys_t.detach().numpy(), 0.0), rtol=1e-10, atol=1e-12
+    )
+    assert abs(float(value) - loss_t.item()) <= 1e-10 * abs(loss_t.item())
+    assert ref.max_rel_err(grads, want) < 1e-9
