@@ -28,6 +28,8 @@ class ModelConfig:
     merge: str = "concat"
     init: str = "uniform"
     init_scale: float = 1.0
+    cell: str = "elman"
+    forget_bias: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,8 @@ HELP = {
     ("model", "merge"): "how the two directions' states meet at each t (bidirectional only)",
     ("model", "init"): "weight initialisation: uniform as PyTorch, orthogonal W11, identity W11 (IRNN), normal",
     ("model", "init_scale"): "scale of the orthogonal / identity / normal initialisations",
+    ("model", "cell"): 'the recurrent cell: "elman" (the lecture notes\' layer), "gru" or "lstm"',
+    ("model", "forget_bias"): "the LSTM's forget-gate bias at initialisation (0 as PyTorch; 1 is common)",
     ("data", "task"): "text (next character), adding (the adding problem), infill (masked characters)",
     ("data", "corpus"): "pydoc (built in), stdlib (Python's .py sources) or file (data.path)",
     ("data", "path"): 'a UTF-8 text file when corpus = "file"',
@@ -178,6 +182,7 @@ CHOICES = {
     ("model", "activation"): ("tanh", "relu", "sigmoid", "identity"),
     ("model", "merge"): ("concat", "sum"),
     ("model", "init"): ("uniform", "orthogonal", "identity", "normal"),
+    ("model", "cell"): ("elman", "gru", "lstm"),
     ("data", "task"): ("text", "adding", "infill"),
     ("data", "corpus"): ("pydoc", "stdlib", "file"),
     ("optim", "name"): ("sgd", "momentum", "adam", "adagrad", "rmsprop"),
@@ -306,6 +311,15 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
 
 
 def _check_combination(cfg: Config, source: str) -> None:
+    if cfg.model.cell != "elman" and cfg.model.activation != "tanh":
+        raise ConfigError(
+            f"{source}: model.activation = {cfg.model.activation!r} applies to the Elman cell only; the "
+            f"{cfg.model.cell} cell has its own gate activations (leave model.activation at 'tanh')"
+        )
+    if cfg.model.forget_bias != 0.0 and cfg.model.cell != "lstm":
+        raise ConfigError(f"{source}: model.forget_bias applies to model.cell = 'lstm' only, got {cfg.model.cell!r}")
+    if cfg.model.cell != "elman" and cfg.model.init == "identity":
+        raise ConfigError(f"{source}: model.init = 'identity' (the IRNN) is for the Elman cell, got {cfg.model.cell!r}")
     if cfg.data.task == "text" and cfg.model.bidirectional:
         raise ConfigError(
             f"{source}: model.bidirectional = true cannot be used with data.task = 'text' "

@@ -7,7 +7,7 @@ import functools
 import jax
 from jax import lax
 
-from bptt_jax import cell, scan
+from bptt_jax import cells, scan
 from bptt_jax.params import RNNParams, RNNSpec
 
 
@@ -29,16 +29,20 @@ def sample_ids(key, params: RNNParams, spec: RNNSpec, prime_xs, length: int, tem
     out = scan.forward(params, spec, prime_xs)
     v = spec.input_size
 
+    cell = cells.get(spec.cell)
+
     def body(carry, key_t):
-        hs, z2 = carry
+        ss, z2 = carry  # ss: one internal state [1, W] per layer
         sym = jax.random.categorical(key_t, z2 / temperature)  # [1]
         x = jax.nn.one_hot(sym, v, dtype=z2.dtype)  # [1, V]
         new = []
         for k, layer in enumerate(params.layers):  # layers, not time
-            x = cell.step(layer, spec.activation, hs[k], x)
-            new.append(x)
+            s = cell.recur(layer, spec.activation, ss[k], cell.project(layer, x))  # one step of the cell
+            new.append(s)
+            x = cell.hidden(s)
         z2 = x @ params.readout.w2 + params.readout.b2
         return (tuple(new), z2), sym[0]
 
-    _, syms = lax.scan(body, (out.h_last, out.z2s[-1]), jax.random.split(key, length))
+    start = spec.internal_states(out.h_last)
+    _, syms = lax.scan(body, (start, out.z2s[-1]), jax.random.split(key, length))
     return syms

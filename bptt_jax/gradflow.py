@@ -151,6 +151,7 @@ def _describe(spec: RNNSpec) -> dict:
         "activation": spec.activation,
         "bidirectional": spec.bidirectional,
         "merge": spec.merge if spec.bidirectional else None,
+        "cell": spec.cell,
     }
 
 
@@ -198,13 +199,15 @@ def run(cfg, out_dir, *, from_dir=None, checkpoint: str = "best", log=print) -> 
         "init": cfg.model.init,
         "init_scale": cfg.model.init_scale,
     }
-    title = f"{spec.activation}, W11 init {cfg.model.init} x {cfg.model.init_scale:g}, T = {meta['T']} ({source})"
+    kind = spec.activation if spec.cell == "elman" else spec.cell
+    title = f"{kind}, W11 init {cfg.model.init} x {cfg.model.init_scale:g}, T = {meta['T']} ({source})"
     nets = list(params.layers) + list(params.reverse_layers)
     order = [k * spec.num_directions + d for d in range(spec.num_directions) for k in range(spec.num_layers)]
-    radius = {spec.state_labels()[j]: spectral_radius(net.w11) for j, net in zip(order, nets)}
-    meta["w11_spectral_radius"] = radius
+    if spec.cell == "elman":  # a gated cell has no square W11 ([N1, G N1]): no spectral radius to give
+        radius = {spec.state_labels()[j]: spectral_radius(net.w11) for j, net in zip(order, nets)}
+        meta["w11_spectral_radius"] = radius
     record = write(
-        profile, out_dir, title=title if from_dir is None else f"{spec.activation}, T = {meta['T']}, trained", meta=meta
+        profile, out_dir, title=title if from_dir is None else f"{kind}, T = {meta['T']}, trained", meta=meta
     )
     for line in record["lines"]:
         log(

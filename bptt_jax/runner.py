@@ -48,6 +48,7 @@ def build(cfg: Config):
         divergence=task.divergence,
         bidirectional=cfg.model.bidirectional,
         merge=cfg.model.merge,
+        cell=cfg.model.cell,
     )
     optimizer = train.make_optimizer(cfg.optim, cfg.train.steps)
     return task, spec, optimizer
@@ -61,6 +62,7 @@ def initial_state(cfg: Config, spec: RNNSpec, optimizer) -> train.TrainState:
         cfg.data.batch_size,
         scheme=cfg.model.init,
         scale=cfg.model.init_scale,
+        forget_bias=cfg.model.forget_bias,
     )
 
 
@@ -297,6 +299,7 @@ def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_r
             "hidden_sizes": list(spec.hidden_sizes),
             "output_size": spec.output_size,
             "bidirectional": spec.bidirectional,
+            "cell": spec.cell,
         },
     }
     if task.name in ("text", "infill") and math.isfinite(best_val):

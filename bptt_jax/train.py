@@ -33,7 +33,7 @@ class TrainState(NamedTuple):
     step: Array  # [] int32 steps taken (including skipped ones)
     params: RNNParams
     opt_state: optax.OptState
-    carry: tuple[Array, ...]  # L*D entries [B, N1]: state carried to the next chunk
+    carry: tuple[Array, ...]  # L*D entries [B, W]: state carried to the next chunk (LSTM: [h | c], W = 2 N1)
     nonfinite_in_row: Array  # [] int32 consecutive skipped (non-finite) updates
     nonfinite_total: Array  # [] int32 skipped updates in all
 
@@ -91,9 +91,17 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
 
 
 def init_state(
-    key: Array, spec: RNNSpec, optimizer, batch_size: int, *, scheme="uniform", scale=1.0, dtype=jnp.float32
+    key: Array,
+    spec: RNNSpec,
+    optimizer,
+    batch_size: int,
+    *,
+    scheme="uniform",
+    scale=1.0,
+    dtype=jnp.float32,
+    forget_bias: float = 0.0,
 ) -> TrainState:
-    params = init_params(key, spec, scheme=scheme, scale=scale, dtype=dtype)
+    params = init_params(key, spec, scheme=scheme, scale=scale, dtype=dtype, forget_bias=forget_bias)
     return TrainState(
         jnp.zeros((), jnp.int32),
         params,
@@ -166,6 +174,7 @@ def make_train_step(
             h0 = tuple(jnp.where(reset[:, None], 0.0, h) for h in state.carry)
         else:
             h0 = tuple(jnp.zeros_like(h) for h in state.carry)
+        h0 = spec.public_states(h0)  # the carry holds one array per entry; the LSTM's calls take (h, c)
         kw = dict(weights=batch.weights, h0=h0, output_mask=output_mask, unroll=unroll, recurrence=recurrence)
         if grad == "bptt":
             # diagnostics: the dh_norms profile of the metrics
@@ -188,7 +197,9 @@ def make_train_step(
             state.step + 1,
             _tree_where(finite, params, state.params),
             _tree_where(finite, opt_state, state.opt_state),
-            tuple(jnp.where(finite, jax.lax.stop_gradient(h), jnp.zeros_like(h)) for h in h_last),
+            tuple(
+                jnp.where(finite, jax.lax.stop_gradient(h), jnp.zeros_like(h)) for h in spec.internal_states(h_last)
+            ),
             jnp.where(finite, 0, state.nonfinite_in_row + 1),
             state.nonfinite_total + jnp.where(finite, 0, 1),
         )
@@ -209,14 +220,14 @@ def make_eval_step(spec: RNNSpec, *, unroll: int | None = None):
     @jax.jit
     def evaluate(params, h0, batch):
         xs = jnp.asarray(batch.xs)
-        out = scan.forward(params, spec, xs, h0=h0, unroll=unroll)
+        out = scan.forward(params, spec, xs, h0=spec.public_states(h0), unroll=unroll)
         w = jnp.asarray(batch.weights)
         divs = losses.divergence(spec.divergence, out.z2s, out.ys, batch.targets)
         if spec.divergence == "cross_entropy" and jnp.issubdtype(batch.targets.dtype, jnp.integer):
             correct = jnp.sum(w * (jnp.argmax(out.z2s, -1) == batch.targets))
         else:
             correct = jnp.zeros((), xs.dtype)
-        return EvalSums(jnp.sum(w * divs), jnp.sum(w), correct), out.h_last
+        return EvalSums(jnp.sum(w * divs), jnp.sum(w), correct), spec.internal_states(out.h_last)
 
     return evaluate
 
