@@ -197,9 +197,7 @@ def make_train_step(
             state.step + 1,
             _tree_where(finite, params, state.params),
             _tree_where(finite, opt_state, state.opt_state),
-            tuple(
-                jnp.where(finite, jax.lax.stop_gradient(h), jnp.zeros_like(h)) for h in spec.internal_states(h_last)
-            ),
+            tuple(jnp.where(finite, jax.lax.stop_gradient(h), jnp.zeros_like(h)) for h in spec.internal_states(h_last)),
             jnp.where(finite, 0, state.nonfinite_in_row + 1),
             state.nonfinite_total + jnp.where(finite, 0, 1),
         )
