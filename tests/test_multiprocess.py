@@ -17,6 +17,10 @@ from bptt_jax import checkpoint, cli, runner
 from bptt_jax.config import load_config
 from bptt_jax.parallel import EXIT_PEER_LOST
 
+# Timing-sensitive (peer timeouts, several processes per test): run alone, after the parallel part of the
+# suite (README test command, .ci/run), never beside other tests.
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 BASE_ENV.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")

@@ -21,5 +21,7 @@ def test_readme_opens_with_the_two_commands():
     commands = [l for l in first.splitlines() if l and not l.startswith("#")]
     assert len(commands) == 2
     assert commands[0].endswith("bptt-jax run configs/char_lm.toml --out runs/char_lm")
-    assert commands[1].endswith("python -m pytest -q tests")
-    assert "python -m pytest -q -p no:cacheprovider tests" in (ROOT / ".ci/run").read_text()
+    # the suite over both cores, then the timing-sensitive multi-process tests alone; CI runs the same
+    assert commands[1].endswith('python -m pytest -q -n 2 -m "not serial" tests && python -m pytest -q -m serial tests')
+    ci = (ROOT / ".ci/run").read_text()
+    assert 'run_pytest -n 2 -m "not serial" tests' in ci and "run_pytest -m serial tests" in ci

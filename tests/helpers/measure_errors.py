@@ -1,6 +1,6 @@
 """Largest relative errors of the explicit BPTT against jax.grad over many random problems.
 
-    python tests/helpers/measure_errors.py [--n 200]
+    python tests/helpers/measure_errors.py [--n 200] [--cell elman|gru|lstm]
 
 Draws networks as the property tests do (1-3 layers, every activation, every valid (output
 activation, divergence) pair, random weights, lengths including 0 and T, h0) and prints, for
@@ -23,7 +23,9 @@ from tests import reference as ref  # noqa: E402
 
 
 def one(p, block_size=None):
-    h0 = p.h0 if p.h0 is not None else tuple(jnp.zeros((p.xs.shape[1], n1), p.xs.dtype) for n1 in p.spec.state_sizes())
+    z = lambda n1: jnp.zeros((p.xs.shape[1], n1), p.xs.dtype)
+    zero = tuple((z(n1), z(n1)) if p.spec.cell == "lstm" else z(n1) for n1 in p.spec.state_sizes())
+    h0 = p.h0 if p.h0 is not None else zero
     v, g, aux = bj.bptt(
         p.params,
         p.spec,
@@ -43,6 +45,7 @@ def one(p, block_size=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=60)
+    ap.add_argument("--cell", default="elman", choices=("elman", "gru", "lstm"))
     args = ap.parse_args()
     rng = np.random.RandomState(123)
     worst = {}
@@ -52,11 +55,12 @@ def main():
             int(rng.randint(1, 5)),
             tuple(int(rng.randint(1, 6)) for _ in range(rng.randint(1, 4))),
             int(rng.randint(1, 5)),
-            activation=ref.ACTIVATIONS[rng.randint(4)],
+            activation=ref.ACTIVATIONS[rng.randint(4)] if args.cell == "elman" else "tanh",
             output_activation=ref.VALID_PAIRS[i % 6][0],
             divergence=ref.VALID_PAIRS[i % 6][1],
             bidirectional=bidir,
             merge=("concat", "sum")[rng.randint(2)],
+            cell=args.cell,
         )
         p = ref.make_problem(
             spec,
@@ -76,7 +80,7 @@ def main():
             key = ("bidirectional" if bidir else "unidirectional", jnp.dtype(dtype).name)
             worst[key] = max(worst.get(key, 0.0), err)
     for (kind, dt), e in sorted(worst.items()):
-        print(f"{kind:15s} {dt}: largest relative error {e:.2e} over {args.n // 2} problems (with lengths)")
+        print(f"{args.cell} {kind:15s} {dt}: largest relative error {e:.2e} over {args.n // 2} problems (with lengths)")
 
 
 if __name__ == "__main__":
