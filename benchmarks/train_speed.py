@@ -131,6 +131,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a tiny model and few steps (smoke test)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    ap.add_argument(
+        "--config",
+        default=str(ROOT / "configs" / "char_lm.toml"),
+        help="the model's config (default: the main job's); the PyTorch loop covers the Elman cell only",
+    )
     ap.add_argument("--no-torch-compile", action="store_true", help="PyTorch eager only (no torch.compile)")
     ap.add_argument(
         "--precision",
@@ -156,7 +161,9 @@ def main(argv=None):
     overrides = ["train.output_dropout=0.0", 'optim.schedule="constant"']
     if args.quick:
         overrides += ["model.hidden_sizes=[8, 8]", "data.seq_len=8", "data.batch_size=4"]
-    cfg = config.load_config(ROOT / "configs" / "char_lm.toml", overrides)
+    cfg = config.load_config(args.config, overrides)
+    if cfg.model.cell != "elman":
+        args.no_torch = True  # the PyTorch loop here is nn.RNN's (gated loops: the cells' benchmark issue)
     task, spec, _ = runner.build(cfg)
     total = args.warmup + per_round * rounds
     batches = [task.train_batch(i) for i in range(total)]
