@@ -124,16 +124,8 @@ def layer_backward(
     unroll: int = 1,
     recurrence: str = "scan",
 ) -> tuple[Array, Array, Array | None]:
-    """The reverse recurrence of one layer (one direction) over a run of steps, in its own scan time.
-
-    Equals the Python loop::
-
-        carry = dh_init (or 0)                    # dZ1(T) W11^T
-        for t in reversed(range(T)):
-            dh = dhs_above[t] + carry             # dh(t)
-            dz1[t] = dh * f1'(hs[t])              # 0 where not valid[t]
-            carry = dz1[t] @ w11.T                # dh where not valid[t]: padding passes dh through
-        dh_m1 = carry                             # dDIV/dh(-1)
+    """The reverse recurrence of one Elman layer (one direction) over a run of steps, in its own scan
+    time: the loop that ``cells.elman.reverse_recurrence`` states, as a ``lax.scan`` or as one kernel.
 
     Args:
       w11: [N1, N1] W11.

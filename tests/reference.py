@@ -207,6 +207,12 @@ def make_problem(
     return Problem(spec, params, xs, targets, weights, lengths, h0)
 
 
+def zero_h0(spec, batch: int, dtype) -> tuple:
+    """Zero initial states as the public calls take them: [B, N1] arrays, (h, c) pairs for the LSTM."""
+    z = lambda n1: jnp.zeros((batch, n1), dtype)
+    return tuple((z(n1), z(n1)) if spec.cell == "lstm" else z(n1) for n1 in spec.state_sizes())
+
+
 def cast(problem: Problem, dtype) -> Problem:
     """The same problem with every float array cast to dtype."""
     f = lambda a: a.astype(dtype) if (a is not None and jnp.issubdtype(a.dtype, jnp.floating)) else a

@@ -19,14 +19,9 @@ GATED = ("gru", "lstm")
 TOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}
 
 
-def _zero_h0(spec, batch, dtype):
-    z = lambda n1: jnp.zeros((batch, n1), dtype)
-    return tuple((z(n1), z(n1)) if spec.cell == "lstm" else z(n1) for n1 in spec.state_sizes())
-
-
 def _autodiff(p: ref.Problem, output_mask=None):
     """jax.value_and_grad of the plain loss w.r.t. params, h0 (pairs for the LSTM) and xs."""
-    h0 = p.h0 if p.h0 is not None else _zero_h0(p.spec, p.xs.shape[1], p.xs.dtype)
+    h0 = p.h0 if p.h0 is not None else ref.zero_h0(p.spec, p.xs.shape[1], p.xs.dtype)
 
     def f(params, h0, xs):
         return bj.loss(
@@ -156,7 +151,7 @@ def test_gru_b_hn_is_inside_the_reset_gate():
         layer = layer._replace(bh=layer.bh.at[6:].set(1.5))  # b_hn
         params = p.params._replace(layers=(layer,))
         got = bj.forward(params, spec, p.xs).ys
-        want, _ = ref.loop_forward(params, spec, p.xs, _zero_h0(spec, 2, jnp.float64))
+        want, _ = ref.loop_forward(params, spec, p.xs, ref.zero_h0(spec, 2, jnp.float64))
         assert ref.max_rel_err(got, want) < 1e-12
         folded = layer._replace(bx=layer.bx.at[6:].add(1.5), bh=layer.bh.at[6:].set(0.0))
         moved = bj.forward(params._replace(layers=(folded,)), spec, p.xs).ys

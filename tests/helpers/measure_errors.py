@@ -23,9 +23,7 @@ from tests import reference as ref  # noqa: E402
 
 
 def one(p, block_size=None):
-    z = lambda n1: jnp.zeros((p.xs.shape[1], n1), p.xs.dtype)
-    zero = tuple((z(n1), z(n1)) if p.spec.cell == "lstm" else z(n1) for n1 in p.spec.state_sizes())
-    h0 = p.h0 if p.h0 is not None else zero
+    h0 = p.h0 if p.h0 is not None else ref.zero_h0(p.spec, p.xs.shape[1], p.xs.dtype)
     v, g, aux = bj.bptt(
         p.params,
         p.spec,
