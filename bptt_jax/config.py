@@ -151,7 +151,10 @@ HELP = {
     ("train", "checkpoint_every"): "steps between last.ckpt writes",
     ("train", "max_nonfinite"): "stop after this many skipped (NaN/inf) updates in a row",
     ("train", "unroll"): 'scan steps per loop iteration; "auto": 1 on a CPU, 8 on a GPU (measured)',
-    ("train", "recurrence"): "auto (lax.scan; the Pallas kernels on a GPU for float32 layers of N1 <= 64), scan or pallas",
+    (
+        "train",
+        "recurrence",
+    ): "auto (lax.scan; the Pallas kernels on a GPU for float32 layers of N1 <= 64), scan or pallas",
     ("train", "devices"): '"1", a count, or "all": data-parallel over devices (batch split along B)',
     ("train", "coordinator_address"): "multi-host: host:port of process 0 (or env BPTT_JAX_COORDINATOR)",
     ("train", "num_processes"): "multi-host: number of processes (or env BPTT_JAX_NUM_PROCESSES)",
