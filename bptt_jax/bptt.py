@@ -107,7 +107,7 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
     return c
 
 
-def _width(spec: RNNSpec) -> int:
+def block_width(spec: RNNSpec) -> int:
     """The widest per-step buffer of a block: G*N1 (a cell's gates; N1 for the Elman cell) or M."""
     return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
 
@@ -616,7 +616,7 @@ def _bptt(
     unroll = scan.resolve_unroll(unroll)
     if block_size is None and rec == "pallas":
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
-    c = min(block_size or auto_block_size(t_len, batch, _width(spec)), t_len)
+    c = min(block_size or auto_block_size(t_len, batch, block_width(spec)), t_len)
     unit = checkpoint_every or c  # the time axis is padded to a multiple of this
     n_units = math.ceil(t_len / unit)
     pad = n_units * unit - t_len

@@ -150,6 +150,8 @@ def host_checks(spec: RNNSpec, xs, targets, weights, lengths, check_values: bool
     if check_values is False or shape is None or len(shape) != 3:
         return lengths, weights  # a wrong xs is named by the traced checks
     t_len, batch = shape[0], shape[1]
+    if t_len == 0 or batch == 0:
+        return lengths, weights  # an empty xs is named by the traced checks (no values to range-check)
     if lengths is not None and readable(lengths, check_values):
         lengths = check_lengths(lengths, t_len, batch, check_values)
     if targets is not None and hasattr(targets, "dtype") and readable(targets, check_values):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_jax import checks, kernels, scan
-from bptt_jax.bptt import _width, auto_block_size, stack_backward
+from bptt_jax.bptt import auto_block_size, block_width, stack_backward
 from bptt_jax.params import RNNParams, RNNSpec
 
 Array = jax.Array
@@ -36,7 +36,7 @@ def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
 def _states_bwd(spec, unroll, recurrence, residuals, ct):
     params, h0, lengths, traces = residuals
     t_len, batch = ct.shape[:2]
-    c = auto_block_size(t_len, batch, max(_width(spec), ct.shape[-1]))
+    c = auto_block_size(t_len, batch, max(block_width(spec), ct.shape[-1]))
     g_layers, g_reverse, dxs, dh0, _ = stack_backward(
         params,
         spec,

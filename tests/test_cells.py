@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bptt_jax as bj
 from bptt_jax import cells, kernels, scan
@@ -32,23 +33,28 @@ def _autodiff(p: ref.Problem, output_mask=None):
     return value, g, dh0, dxs
 
 
-def _check(p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask=None):
+def _check(p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask=None, variant=None, unroll=None):
+    """bptt (through ``variant``: chex's with/without an outer jit, or called as is) against autodiff."""
     p = ref.cast(p, dtype)
     c = ref.block_size(block, p.xs.shape[0])
-    value, grads, aux = bj.bptt(
-        p.params,
-        p.spec,
-        p.xs,
-        p.targets,
-        weights=p.weights,
-        lengths=p.lengths,
-        h0=p.h0,
-        block_size=c,
-        checkpoint_every=checkpoint_every,
-        output_mask=output_mask,
-        with_dxs=True,
-        diagnostics=True,
+    run = (variant or (lambda f: f))(
+        lambda params, xs, targets, weights, lengths, h0: bj.bptt(
+            params,
+            p.spec,
+            xs,
+            targets,
+            weights=weights,
+            lengths=lengths,
+            h0=h0,
+            block_size=c,
+            checkpoint_every=checkpoint_every,
+            output_mask=output_mask,
+            unroll=unroll,
+            with_dxs=True,
+            diagnostics=True,
+        )
     )
+    value, grads, aux = run(p.params, p.xs, p.targets, p.weights, p.lengths, p.h0)
     want = _autodiff(p, output_mask)
     chex.assert_trees_all_equal_structs(grads, p.params)
     chex.assert_tree_all_finite((value, grads, aux.dh0, aux.dxs))
@@ -66,17 +72,25 @@ def _check(p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask
 # ----------------------------------------------------------------------------- BPTT = jax.grad
 
 
-@settings(max_examples=6)  # each example compiles new shapes; the suite's time is bounded (conftest)
-@given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS)
-def test_gated_bptt_equals_autodiff_float64(problem, block):
-    with jax.enable_x64(True):
-        _check(problem, jnp.float64, block)
+UNROLLS = st.sampled_from((None, 1, 3))  # None: the backend's default (1 here, 8 on a GPU)
 
 
-@settings(max_examples=6)
-@given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS)
-def test_gated_bptt_equals_autodiff_float32(problem, block):
-    _check(problem, jnp.float32, block)
+class GatedBPTTEqualsAutodiffTest(chex.TestCase):
+    """GRU and LSTM stacks (1-2 layers, uni/bidirectional, lengths incl. 0 and T, weights, h0 pairs,
+    every block-size kind, unroll drawn), with and without an outer jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=4)  # each example compiles new shapes; the suite's time is bounded (conftest)
+    @given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS, unroll=UNROLLS)
+    def test_float64(self, problem, block, unroll):
+        with jax.enable_x64(True):
+            _check(problem, jnp.float64, block, variant=self.variant, unroll=unroll)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=4)
+    @given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS, unroll=UNROLLS)
+    def test_float32(self, problem, block, unroll):
+        _check(problem, jnp.float32, block, variant=self.variant, unroll=unroll)
 
 
 def test_segments_and_output_mask_equal_autodiff():

@@ -38,6 +38,11 @@ def _bptt(**kw):
             ValueError,
             r"xs: expected T >= 1 and B >= 1, got shape \(6, 0, 3\)",
         ),
+        (  # host (NumPy) targets are range-checked before the trace: an empty batch must still be named
+            dict(xs=np.zeros((0, 2, 3), np.float32), targets=np.zeros((0, 2), np.int32)),
+            ValueError,
+            r"xs: expected T >= 1 and B >= 1, got shape \(0, 2, 3\)",
+        ),
         (
             dict(xs=jnp.zeros((6, 2, 3), jnp.int32)),
             TypeError,
