@@ -98,7 +98,7 @@ def _run(args) -> int:
     summary = runner.run(cfg, out, resume=args.resume)
     keys = ("task", "steps", "seconds", "stopped_by", "best_val_loss", "best_val_bits_per_char", "best_val_accuracy")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
-    return 0
+    return runner.EXIT_SIGNAL if summary.get("stopped_by") == "signal" else 0
 
 
 def _sample(args) -> int:

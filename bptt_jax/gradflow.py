@@ -170,6 +170,7 @@ def run(cfg, out_dir, *, from_dir=None, checkpoint: str = "best", log=print) -> 
     """
     from bptt_jax import runner
 
+    runner.check_destination(out_dir)
     task, spec, optimizer = runner.build(cfg)
     source = "initialisation"
     if from_dir is None:

@@ -19,8 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+EXIT_SIGNAL = 128 + signal.SIGTERM  # = runner.EXIT_SIGNAL: the job saved its state and stopped on SIGTERM
 
 
 class LaunchError(ValueError):
@@ -94,14 +97,21 @@ def launch(
     0 when every process exited 0; otherwise the first failure's code (a signal counts as 128 +
     its number), after naming every process that failed and where its log is. When one process
     fails, the others get ``grace_s`` (default train.peer_timeout_s + 30) to notice and stop
-    before they are killed.
+    before they are killed. SIGTERM to the launcher is forwarded to every process; they agree on
+    a step, save it and exit with EXIT_SIGNAL (143), which is then the launcher's status; a
+    process still running ``grace_s`` after the SIGTERM is killed.
     """
     from bptt_jax.config import load_config
 
     base_env = dict(os.environ if env is None else env)
     cfg = load_config(config, overrides)
     _, devices = plan(cfg, processes, base_env)
-    run_dir = Path(out)
+    from bptt_jax.runner import RunError, check_destination
+
+    try:
+        run_dir = check_destination(out)
+    except RunError as e:
+        raise LaunchError(str(e)) from None
     if not resume and ((run_dir / "last.ckpt").exists() or (run_dir / "metrics.jsonl").exists()):
         raise LaunchError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if port is None:
@@ -119,6 +129,17 @@ def launch(
         cmd.append("--resume")
     procs: list[subprocess.Popen] = []
     files = []
+    stopping: list[float] = []  # set by SIGTERM: every process is asked to save and stop
+
+    def forward_sigterm(signum, frame):
+        if not stopping:
+            stopping.append(time.monotonic())
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, forward_sigterm) if main_thread else None
     try:
         for i in range(processes):
             penv = dict(base_env)
@@ -133,7 +154,7 @@ def launch(
                 f = open(logs / f"process-{i}.log", "w", encoding="utf-8")
                 files.append(f)
                 procs.append(subprocess.Popen(cmd, env=penv, stdout=f, stderr=subprocess.STDOUT))
-        codes = _wait(procs, grace)
+        codes = _wait(procs, grace, stopping)
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:
@@ -145,8 +166,12 @@ def launch(
                 p.kill()
         raise
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
         for f in files:
             f.close()
+    if stopping and all(c == EXIT_SIGNAL for c in codes):
+        return EXIT_SIGNAL  # every process saved and stopped; process 0 said where and how to resume
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     for i, c in failed:
         how = f"was killed by signal {-c}" if c is not None and c < 0 else f"exited with code {c}"
@@ -158,13 +183,16 @@ def launch(
     return 128 - c if c is not None and c < 0 else (c or 1)
 
 
-def _wait(procs: list[subprocess.Popen], grace: float) -> list[int | None]:
-    """Waits for every process; once one has failed, the rest get ``grace`` seconds, then SIGKILL."""
+def _wait(procs: list[subprocess.Popen], grace: float, stopping: list[float]) -> list[int | None]:
+    """Waits for every process; once one has failed, or SIGTERM has been forwarded to them (the time
+    is in ``stopping``), the rest get ``grace`` seconds, then SIGKILL."""
     deadline = None
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             return codes
+        if deadline is None and stopping:
+            deadline = stopping[0] + grace
         if deadline is None and any(c not in (None, 0) for c in codes):
             deadline = time.monotonic() + grace
         if deadline is not None and time.monotonic() > deadline:

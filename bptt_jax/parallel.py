@@ -72,22 +72,40 @@ class PeerWatch:
     JAX's own heartbeat (``heartbeat_timeout_seconds``) also ends the survivors, by an abort with
     a runtime log, after the full train.peer_timeout_s; the watch uses half of it, so its message
     comes first. Checkpoints are written atomically, so the last one on disk stays loadable.
+
+    When the main thread fails first (a collective whose peer is gone raises), ``explain()`` gives the
+    watch the time it needs to name the peer, so the user reads the same one line either way.
     """
 
     PREFIX = "bptt_jax/alive/"
     DONE = "bptt_jax/done/"
     FAILED = "bptt_jax/failed/"
 
-    def __init__(self, limit_s: float, interval_s: float | None = None, *, exit=os._exit, stderr=None):
-        from jax._src import distributed
+    def __init__(
+        self,
+        limit_s: float,
+        interval_s: float | None = None,
+        *,
+        note: str = "",
+        exit=os._exit,
+        stderr=None,
+        client=None,
+        me: int | None = None,
+        n: int | None = None,
+    ):
+        if client is None:
+            from jax._src import distributed
 
-        client = distributed.global_state.client
+            client = distributed.global_state.client
         if client is None:
             raise RuntimeError("PeerWatch: jax.distributed is not initialized")
         self._client: Any = client
         self.limit_s = float(limit_s)
         self.interval_s = interval_s if interval_s is not None else max(0.2, min(1.0, self.limit_s / 10))
-        self.me, self.n = jax.process_index(), jax.process_count()
+        self.me = jax.process_index() if me is None else me
+        self.n = jax.process_count() if n is None else n
+        self.note = note
+        self.lost: str | None = None  # the message, once a peer is found lost
         self._exit, self._stderr = exit, stderr
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bptt-jax-peer-watch", daemon=True)
@@ -109,11 +127,22 @@ class PeerWatch:
         except Exception:  # the coordinator may already have gone at the very end
             pass
 
+    def explain(self) -> bool:
+        """Waits (at most the limit plus two checks) for the watch to find a lost or failed peer;
+        True if it did (with the default ``exit`` the process has then ended). False: every peer is
+        alive, the failure is this process's own."""
+        if self._thread.is_alive():
+            self._thread.join(self.limit_s + 2 * self.interval_s + 1.0)
+        return self.lost is not None
+
     def _beat(self, count: int) -> None:
         self._client.key_value_set(f"{self.PREFIX}{self.me}", str(count), allow_overwrite=True)
 
     def _lost(self, message: str) -> None:
-        print(f"error: {message}; stopping process {self.me} of {self.n}", file=self._stderr or sys.stderr, flush=True)
+        self.lost = f"error: {message}; stopping process {self.me} of {self.n}" + (
+            f"; {self.note}" if self.note else ""
+        )
+        print(self.lost, file=self._stderr or sys.stderr, flush=True)
         self._exit(EXIT_PEER_LOST)
 
     def _loop(self) -> None:
@@ -151,12 +180,12 @@ class PeerWatch:
                     return
 
 
-def watch_peers(peer_timeout_s: float) -> PeerWatch | None:
+def watch_peers(peer_timeout_s: float, note: str = "") -> PeerWatch | None:
     """A started ``PeerWatch`` with half of ``peer_timeout_s`` as its limit when several processes
-    run, else None."""
+    run, else None. ``note`` ends its message (where the last checkpoint is)."""
     if jax.process_count() <= 1:
         return None
-    return PeerWatch(peer_timeout_s / 2).start()
+    return PeerWatch(peer_timeout_s / 2, note=note).start()
 
 
 def is_main_process() -> bool:

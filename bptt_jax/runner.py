@@ -3,17 +3,21 @@
 Writes into the output directory:
   config.toml     the resolved config (after --set overrides)
   metrics.jsonl   one JSON object per logged step
-  last.ckpt       the latest state (every train.checkpoint_every steps, at the end, on Ctrl-C)
+  last.ckpt       the latest state (every train.checkpoint_every steps, at the end, on Ctrl-C and SIGTERM)
   best.ckpt       the state with the lowest validation loss so far
   summary.json    final figures; loss.png and dh_norms.png; sample.txt for text tasks
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +33,75 @@ from bptt_jax.params import RNNSpec
 
 class RunError(RuntimeError):
     """The run cannot start or had to stop (message says why)."""
+
+
+EXIT_SIGNAL = 128 + signal.SIGTERM  # 143: the exit status of a run stopped by SIGTERM (state saved)
+
+
+def check_destination(path, flag: str = "--out") -> Path:
+    """``path`` as a directory a run can write into, else RunError naming the problem: an existing
+    file in its place or among its parents, or a folder in which nothing can be created. Probes
+    with a temporary file (removed at once); creates nothing else."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise RunError(f"{flag}: {p} exists and is not a directory")
+    base = p
+    while not base.exists() and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        raise RunError(f"{flag}: {p} cannot be created: {base} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise RunError(f"{flag}: cannot write into {base} ({e.strerror or e})") from None
+    return p
+
+
+class _Stop:
+    """A stop request by signal. In a one-process run SIGTERM sets a flag that the loop reads after
+    each step; in a multi-process run JAX's preemption notifier owns SIGTERM and every process
+    stops at the step ``reached_preemption_sync_point`` agrees on. While the final state is saved,
+    ``deferred()`` holds off SIGINT and SIGTERM too (they are remembered, not acted on)."""
+
+    def __init__(self):
+        self.requested = False
+        self._distributed = jax.process_count() > 1
+        self._main_thread = threading.current_thread() is threading.main_thread()
+        self._old = None
+
+    def _note(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if self._main_thread and not self._distributed:
+            self._old = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+    def reached(self, step: int) -> bool:
+        """True when the run should stop before the next step (every process calls it each step)."""
+        if self._distributed:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    @contextlib.contextmanager
+    def deferred(self):
+        if not self._main_thread:
+            yield
+            return
+        names = [signal.SIGINT] if self._distributed else [signal.SIGINT, signal.SIGTERM]
+        old = {s: signal.signal(s, self._note) for s in names}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 def _unroll(cfg) -> int | None:
@@ -78,7 +151,7 @@ def run(
     Raises RunError when out_dir already holds a run and resume is False, or when
     train.max_nonfinite non-finite updates come in a row.
     """
-    out = Path(out_dir)
+    out = check_destination(out_dir)
     last_path, best_path = out / "last.ckpt", out / "best.ckpt"
     if not resume and (last_path.exists() or (out / "metrics.jsonl").exists()):
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -88,11 +161,17 @@ def run(
         parallel.initialize_distributed(
             cfg.train.coordinator_address, cfg.train.num_processes, cfg.train.process_id, cfg.train.peer_timeout_s
         )
-    watch = parallel.watch_peers(cfg.train.peer_timeout_s)  # None in a one-process run
+    # None in a one-process run
+    watch = parallel.watch_peers(cfg.train.peer_timeout_s, note=f"the last checkpoint is {last_path}")
     try:
-        result = _run(cfg, out, last_path, best_path, resume=resume, log=log, progress=progress)
+        with _Stop() as stop:
+            result = _run(cfg, out, last_path, best_path, stop, resume=resume, log=log, progress=progress)
     except BaseException as e:
         if watch is not None:
+            if not isinstance(e, (RunError, KeyboardInterrupt)):
+                # A collective whose peer is gone fails here before the watch has noticed; the watch
+                # then names the lost peer and ends this process, instead of a traceback.
+                watch.explain()
             watch.done(error=f"{type(e).__name__}: {e}")
         raise
     if watch is not None:
@@ -100,7 +179,7 @@ def run(
     return result
 
 
-def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bool, log, progress) -> dict:
+def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, stop: _Stop, *, resume: bool, log, progress) -> dict:
     main = parallel.is_main_process()  # only process 0 writes into the run directory
     if not main:
         log = lambda msg: None  # noqa: E731  (its output would repeat process 0's)
@@ -155,6 +234,9 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
     try:
         step = int(state.step)  # a Python mirror of state.step: no device read to steer the loop
         while step < t.steps:
+            if stop.reached(step):
+                stop_reason = "signal"
+                break
             if t.time_limit_s and elapsed() >= t.time_limit_s:
                 stop_reason = "time_limit"
                 break
@@ -215,7 +297,8 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
             if stop_reason == "stop_below":
                 break
     except KeyboardInterrupt:
-        save_last()
+        with stop.deferred():
+            save_last()
         log(f"interrupted: state saved to {last_path} at step {step}; continue with --resume")
         raise
     finally:
@@ -223,7 +306,10 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
             metrics_file.close()
         if bar is not None:
             bar.close()
-    save_last()
+    with stop.deferred():  # a second signal during the save waits for it
+        save_last()
+    if stop_reason == "signal":
+        log(f"stopped by SIGTERM: state saved to {last_path} at step {step}; continue with --resume")
     host_state = parallel.host_tree(state)
     if stop_reason == "nonfinite":
         raise RunError(
@@ -232,7 +318,12 @@ def _run(cfg: Config, out: Path, last_path: Path, best_path: Path, *, resume: bo
             f"The last good state is in {last_path}"
         )
     if not main:
-        return {"task": task.name, "steps": int(host_state.step), "process": jax.process_index()}
+        return {
+            "task": task.name,
+            "steps": int(host_state.step),
+            "stopped_by": stop_reason,
+            "process": jax.process_index(),
+        }
     return finish(cfg, out, task, spec, host_state, best_val, elapsed(), last_dh, stop_reason, log)
 
 
@@ -308,7 +399,8 @@ def finish(cfg, out: Path, task, spec, state, best_val, seconds, last_dh, stop_r
         summary["best_val_accuracy"] = max((r.get("val_accuracy", 0.0) for r in rows), default=0.0)
     if last_dh is not None:
         summary["dh_norms_last"] = np.asarray(last_dh).tolist()
-    if task.name == "text" and (out / "best.ckpt").exists():
+    # A run stopped by a signal saves no sample: a preempted job has seconds left, not minutes.
+    if task.name == "text" and (out / "best.ckpt").exists() and stop_reason != "signal":
         params, _ = checkpoint.load(out / "best.ckpt", state.params)
         text = sample_text(
             params,

@@ -112,6 +112,15 @@ def init_state(
     )
 
 
+def dropout_keep(key: Array, index: Array, T: int, width: int, p_keep: float) -> Array:
+    """[T, B, width] bool keep-mask of dropout for the sequences at places ``index`` [B] of the
+    global batch: sequence b's mask is drawn from ``fold_in(key, index[b])`` alone, so it does not
+    depend on how the batch is split over devices or processes."""
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, p_keep, (T, width)))(keys)  # [B, T, width]
+    return jnp.swapaxes(keep, 0, 1)
+
+
 def _tree_where(pred, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
@@ -137,8 +146,9 @@ def make_train_step(
       optimizer: an optax transformation (``make_optimizer``).
       grad: "bptt" (the explicit reverse scan) or "autodiff" (``jax.value_and_grad`` of ``loss``).
       stateful: start each chunk from the carried state (truncated BPTT) unless ``batch.reset``.
-      input_dropout: probability of zeroing each input entry, scaled by 1/(1-p); the mask is drawn
-        from ``fold_in(key(seed), step)``, so a resumed run draws the same masks.
+      input_dropout: probability of zeroing each input entry, scaled by 1/(1-p); the masks are a pure
+        function of (seed, step, the sequence's index in the global batch) (``dropout_keep``), so a
+        resumed run draws the same masks, on any number of devices and processes.
       output_dropout: the same for the top layer's merged states before the readout (the BPTT
         takes the mask as ``output_mask``).
       unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU), as ``bptt``.
@@ -158,16 +168,17 @@ def make_train_step(
     def step(state: TrainState, batch) -> tuple[TrainState, StepMetrics]:
         xs = jnp.asarray(batch.xs)
         key_in, key_out = jax.random.split(jax.random.fold_in(jax.random.key(seed), state.step))
-        if axis_name is not None:  # each shard draws its own masks
-            key_in = jax.random.fold_in(key_in, jax.lax.axis_index(axis_name))
-            key_out = jax.random.fold_in(key_out, jax.lax.axis_index(axis_name))
+        # The sequences' places in the global batch: a shard holds B consecutive ones (parallel.shard_batch)
+        first = 0 if axis_name is None else jax.lax.axis_index(axis_name) * xs.shape[1]
+        index = first + jnp.arange(xs.shape[1])
         if input_dropout > 0.0:
-            keep = jax.random.bernoulli(key_in, 1.0 - input_dropout, xs.shape)
+            keep = dropout_keep(key_in, index, xs.shape[0], xs.shape[2], 1.0 - input_dropout)
             xs = jnp.where(keep, xs / (1.0 - input_dropout), 0.0)
         output_mask = None
         if output_dropout > 0.0:
-            shape = xs.shape[:2] + (spec.merged_size(spec.num_layers - 1),)
-            keep = jax.random.bernoulli(key_out, 1.0 - output_dropout, shape)
+            keep = dropout_keep(
+                key_out, index, xs.shape[0], spec.merged_size(spec.num_layers - 1), 1.0 - output_dropout
+            )
             output_mask = keep.astype(xs.dtype) / (1.0 - output_dropout)
         reset = jnp.asarray(batch.reset)
         if stateful:
