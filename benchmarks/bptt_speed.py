@@ -1,9 +1,10 @@
 """Speed and memory of the explicit BPTT against autodiff and PyTorch, measured side by side.
 
-    python benchmarks/bptt_speed.py [--quick] [--rounds R] [--out FILE]
+    python benchmarks/bptt_speed.py [--quick] [--rounds R] [--out FILE] [--cell elman|gru|lstm ...]
 
 One unit of work: forward + loss + gradients of all parameters, jitted, block_until_ready, float32;
-one tanh layer; softmax + cross-entropy summed over t and averaged over the batch. All contenders run
+one layer (tanh Elman, GRU or LSTM: ``--cell``, all three by default; the gated cells' contenders are
+in ``gated.py``); softmax + cross-entropy summed over t and averaged over the batch. All contenders run
 in ONE process, each round in a fresh random order after a warm-up; medians of the timed rounds are
 reported.
 Only ratios measured side by side mean anything on a shared machine.
@@ -39,6 +40,14 @@ LONG = [(1000, 16, 64, 128, 64), (10000, 16, 64, 128, 64)]
 QUICK_SHAPES = [(8, 2, 4, 8, 4), (12, 3, 5, 6, 7)]
 GPU_EXTRA_SHAPES = [(1000, 1, 32, 64, 32), (1000, 64, 128, 256, 128)]  # issue 10's GPU table adds these
 QUICK_LONG = [(40, 2, 4, 8, 4)]
+GATED_SHAPES = [
+    (50, 1, 32, 64, 32),
+    (100, 32, 64, 128, 64),
+    (200, 64, 128, 256, 128),
+    (1000, 16, 64, 128, 64),
+    (100, 64, 256, 512, 256),
+]
+CELLS = ("elman", "gru", "lstm")
 
 
 # ----------------------------------------------------------------------------- contenders (JAX)
@@ -179,8 +188,10 @@ def torch_contender(spec, params, xs, targets, threads, compiled=False):
 
     if compiled:
         try:
-            loss_fn = torch.compile(loss_fn)
+            loss_fn, graphs = _gated().torch_compile(loss_fn)  # allow_rnn on: nn.RNN inside the graph
             loss_fn(x, d).backward()  # compile now, outside the timed rounds
+            if not graphs():
+                print("torch.compile compiled no graph: the compiled column is eager", file=sys.stderr)
         except Exception as e:  # no compiler toolchain, unsupported op, ...
             print(f"torch.compile unavailable, contender skipped: {type(e).__name__}: {e}", file=sys.stderr)
             return None
@@ -204,6 +215,16 @@ def torch_contender(spec, params, xs, targets, threads, compiled=False):
         )
 
     return run, grads
+
+
+def _gated():
+    """The sibling module gated.py (the gated cells' contenders), also when this file is loaded by path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import gated
+
+    return gated
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -272,7 +293,7 @@ def _block(out):
     jax.tree_util.tree_map(lambda a: a.block_until_ready(), out)
 
 
-def bench_shape(shape, rounds, threads, flops_per_s, kernels=False, gpu_set=False):
+def bench_shape(shape, rounds, threads, flops_per_s, kernels=False, gpu_set=False, torch_compiled=True):
     t, b, n, n1, m = shape
     spec = bj.RNNSpec(n, (n1,), m)
     key = jax.random.key(0)
@@ -317,7 +338,8 @@ def bench_shape(shape, rounds, threads, flops_per_s, kernels=False, gpu_set=Fals
             "err": max_rel_err((value, from_flax(g)), (ref_value, ref_grads)),
         }
         runners["flax RNN(SimpleCell)"] = lambda c=compiled: _block(c(fp, xs, targets))
-    torch_modes = ((False, "torch nn.RNN"),) if gpu_set else ((False, "torch nn.RNN"), (True, "torch.compile nn.RNN"))
+    torch_modes = ((False, "torch nn.RNN"), (True, "torch.compile nn.RNN"))
+    torch_modes = torch_modes[:1] if gpu_set or not torch_compiled else torch_modes
     for compiled, name in torch_modes:
         t0 = time.perf_counter()
         tc = torch_contender(spec, params, xs, targets, threads, compiled=compiled)
@@ -398,6 +420,82 @@ def fmt_bytes(x):
     return f"{x / 2**20:.2f} MiB"
 
 
+def gated_lines(cell, shapes, rounds, threads, flops_per_s, lines, out=None, torch_compiled=True):
+    """Appends one table per shape and a summary for a gated cell to ``lines`` (written to ``out``
+    after every shape)."""
+    import types
+
+    tools = types.SimpleNamespace(
+        compile_jax=compile_jax, max_rel_err=max_rel_err, round_robin=round_robin, block=_block
+    )
+    summary, geo = [], []
+    for shape in shapes:
+        med, info, roofline = _gated().bench_shape(cell, shape, rounds, threads, flops_per_s, tools, torch_compiled)
+        autodiff = [k for k in med if k.startswith("grad(") or k.startswith("flax")]
+        grads_only = [k for k in autodiff if k.startswith("grad(")]
+        best_ad = min(autodiff, key=lambda k: med[k])
+        best_grad = min(grads_only, key=lambda k: med[k])
+        direct = med["bptt (direct call)"]
+        others = [k for k in med if not k.startswith("bptt")]
+        best_other = min(others, key=lambda k: med[k])
+        smallest = min(grads_only, key=lambda k: info[k]["temp"])
+        torch_names = [k for k in med if "torch" in k]
+        geo.append(med[best_grad] / direct)
+        summary.append(
+            (
+                shape,
+                med[best_grad] / direct,
+                best_grad,
+                med[best_other] / direct,
+                best_other,
+                min(direct, med["bptt"]),
+                info["bptt"]["temp"] / info[smallest]["temp"],
+                info[smallest]["temp"],
+                {k: med[k] / direct for k in torch_names},
+            )
+        )
+        lines += [
+            f"## {cell.upper()}: T, B, N, N1, M = {shape}",
+            "",
+            "| contender | median ms | vs best autodiff | x roofline | compile s | temp mem | arg mem | "
+            "grad rel. err vs bptt | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k, v in sorted(med.items(), key=lambda kv: kv[1]):
+            i = info[k]
+            lines.append(
+                f"| {k} | {v * 1e3:.3f} | {v / med[best_ad]:.2f} | {v / roofline:.2f} | {i['compile_s']:.2f} | "
+                f"{fmt_bytes(i['temp'])} | {fmt_bytes(i['arg'])} | {i['err']:.1e} | {i.get('note', '')} |"
+            )
+        lines += [
+            "",
+            f"best jax.grad contender: {best_grad}; the direct bptt call's speed-up over it: "
+            f"{med[best_grad] / direct:.2f}x; over the fastest other contender ({best_other}): "
+            f"{med[best_other] / direct:.2f}x; direct call / outer-jitted call: {direct / med['bptt']:.2f}",
+            "",
+        ]
+        if out:
+            with open(out, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+    lines += [
+        f"## {cell.upper()} summary (the direct `bptt(params, spec, xs, targets)` call)",
+        "",
+        f"Geometric mean speed-up over the best `jax.grad` contender: {float(np.exp(np.mean(np.log(geo)))):.2f}x",
+        "",
+        "| T, B, N, N1, M | over best jax.grad (which) | over fastest other (which) | "
+        "temp mem / smallest jax.grad temp (its temp) | over torch (eager, compiled) |",
+        "|---|---|---|---|---|",
+    ]
+    for shape, ad, ad_name, other, other_name, _, mem, small, tr in summary:
+        torch_txt = ", ".join(f"{v:.2f}x" for v in tr.values()) or "n/a"
+        lines.append(
+            f"| {shape} | {ad:.2f}x ({ad_name}) | {other:.2f}x ({other_name}) | {mem:.2f} ({fmt_bytes(small)}) | "
+            f"{torch_txt} |"
+        )
+    lines.append("")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke test)")
@@ -425,7 +523,16 @@ def main(argv=None):
         default=None,
         help="add bptt with recurrence='scan' and 'pallas' side by side (default: on a GPU only)",
     )
+    ap.add_argument(
+        "--cell",
+        action="append",
+        choices=CELLS,
+        help="the cell(s) to measure (repeatable; default all three). The dispatch, kernel, GPU and long-sequence "
+        "tables are the Elman cell's",
+    )
+    ap.add_argument("--no-torch-compile", action="store_true", help="PyTorch eager only (no torch.compile contenders)")
     args = ap.parse_args(argv)
+    cells = tuple(args.cell) if args.cell else CELLS
     rounds = args.rounds or (2 if args.quick else 10)
     if args.precision == "highest":
         jax.config.update("jax_default_matmul_precision", "highest")  # a benchmark script, not the library
@@ -462,8 +569,10 @@ def main(argv=None):
                 f.write(report + "\n")
         return report
     geo, summary = [], []
-    for shape in shapes:
-        med, info, roofline = bench_shape(shape, rounds, args.threads, flops_per_s, kernels, args.gpu_set)
+    for shape in shapes if "elman" in cells else []:
+        med, info, roofline = bench_shape(
+            shape, rounds, args.threads, flops_per_s, kernels, args.gpu_set, not args.no_torch_compile
+        )
         autodiff = [k for k in med if k.startswith("grad(") or k.startswith("flax")]
         best_ad = min(autodiff, key=lambda k: med[k])
         torch_names = [k for k in med if "torch" in k]
@@ -513,6 +622,17 @@ def main(argv=None):
         if args.out:  # what is measured so far survives a run stopped at its time limit
             with open(args.out, "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
+    for cell in cells:
+        if cell != "elman":
+            shapes_g = QUICK_SHAPES[1:] if args.quick else GATED_SHAPES  # quick: N, N1, M all different
+            gated_lines(cell, shapes_g, rounds, args.threads, flops_per_s, lines, args.out, not args.no_torch_compile)
+    if "elman" not in cells:
+        report = "\n".join(lines)
+        print(report)
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(report + "\n")
+        return report
     lines += [
         f"Geometric mean speed-up of the direct bptt call over the best autodiff contender: "
         f"{float(np.exp(np.mean(np.log(geo)))):.2f}x",

@@ -16,7 +16,7 @@ def test_benchmark_script_quick(tmp_path):
     sys.modules["bptt_speed"] = mod  # flax modules defined in it need their module registered
     spec.loader.exec_module(mod)
     out = tmp_path / "bench.md"
-    report = mod.main(["--quick", "--rounds", "1", "--out", str(out)])
+    report = mod.main(["--quick", "--rounds", "1", "--out", str(out), "--cell", "elman"])
     assert out.read_text().strip() == report.strip()
     assert "| bptt |" in report and "| grad(naive scan) |" in report
     assert "bptt checkpoint_every=" in report
@@ -29,6 +29,28 @@ def test_benchmark_script_quick(tmp_path):
             assert float(line.rstrip(" |").split("|")[-1]) < 1e-4, line
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.bench
+def test_benchmark_gated_cells_quick():
+    mod = _load("bptt_speed", "benchmarks/bptt_speed.py")
+    report = mod.main(["--quick", "--rounds", "1", "--cell", "gru", "--cell", "lstm", "--no-torch-compile"])
+    assert "## T, B, N, N1, M" not in report and "bptt checkpoint_every=" not in report  # no Elman tables
+    for cell, flax_name, torch_name in (("GRU", "GRUCell", "nn.GRU"), ("LSTM", "OptimizedLSTMCell", "nn.LSTM")):
+        assert f"## {cell}: T, B, N, N1, M = (12, 3, 5, 6, 7)" in report and f"## {cell} summary" in report
+        table = report.split(f"## {cell}: T, B, N, N1, M")[1].split("\n\n")[1]
+        rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+        names = {"bptt", "bptt (direct call)", "grad(loss)", "grad(plain scan)", "grad(hoisted, unroll=1)"}
+        names |= {"grad(hoisted, unroll=4)", f"flax RNN({flax_name})"}
+        try:
+            import torch  # noqa: F401
+
+            names.add(f"torch {torch_name}")
+        except ImportError:
+            pass
+        assert names <= set(rows), sorted(rows)
+        for name in names:  # every contender's gradients agree with the explicit BPTT (GRU: b_hn != 0)
+            assert float(rows[name].split("|")[-3]) < 1e-4, rows[name]
 
 
 @pytest.mark.bench
