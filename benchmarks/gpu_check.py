@@ -18,6 +18,10 @@ status, seconds, budget) and the tables the parts produced. The parts:
   bench   ``benchmarks/bptt_speed.py --kernels --gpu-set``: the five benchmark shapes plus two long
           ones, bptt with the scans and with the kernels, the jax.grad contenders, torch nn.RNN on cuDNN;
   train   ``benchmarks/train_speed.py``: the main job's model, steps per second, bptt / autodiff / torch.
+  tests_cells  tests/test_cells.py: GRU and LSTM BPTT = jax.grad (float32, float64), the loop oracle,
+          torch cross-checks where torch runs, under the GPU defaults (unroll 8, one block);
+  bench_cells  ``bptt_speed.py --cell gru --cell lstm --no-torch-compile``: the gated cells against the
+          jax.grad contenders, flax's cells and cuDNN's nn.GRU / nn.LSTM.
 
 ``--quick`` is the dry run for a CPU (interpret mode, tiny sizes, a few tests): the same code paths,
 minutes instead of the GPU's budget. ``--scale`` multiplies every budget.
@@ -36,7 +40,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Seconds per part on the GPU (about 6 minutes together, with process start-ups).
-BUDGETS = {"info": 20, "probe": 50, "sweep": 80, "tests_kernels": 70, "tests": 200, "bench": 130, "train": 50}
+BUDGETS = {
+    "info": 20,
+    "probe": 50,
+    "sweep": 80,
+    "tests_kernels": 70,
+    "tests": 200,
+    "bench": 130,
+    "train": 50,
+    "tests_cells": 120,
+    "bench_cells": 200,
+}
 
 GPU_TESTS = ["tests/test_bptt.py", "tests/test_train.py", "tests/test_vjp.py"]
 
@@ -318,6 +332,22 @@ def main(argv=None) -> int:
         ]
         + q,
         "train": [py, "benchmarks/train_speed.py", "--no-torch-compile", "--out", str(out / "train_speed.md")] + q,
+        "tests_cells": pytest
+        + (["tests/test_cells.py", "-k", "python_loop"] if args.quick else ["tests/test_cells.py"]),
+        "bench_cells": [
+            py,
+            "benchmarks/bptt_speed.py",
+            "--cell",
+            "gru",
+            "--cell",
+            "lstm",
+            "--no-torch-compile",
+            "--rounds",
+            "1" if args.quick else "5",
+            "--out",
+            str(out / "cells_speed.md"),
+        ]
+        + q,
     }
     results = {}
     for name in args.parts.split(","):
@@ -326,7 +356,7 @@ def main(argv=None) -> int:
     lines = ["# GPU check", "", "| part | exit | seconds | budget s |", "|---|---|---|---|"]
     for name, (rc, secs) in results.items():
         lines.append(f"| {name} | {rc} | {secs:.0f} | {BUDGETS[name] * args.scale:.0f} |")
-    for name in ("bptt_speed.md", "train_speed.md"):
+    for name in ("bptt_speed.md", "train_speed.md", "cells_speed.md"):
         p = out / name
         if p.exists():
             lines += ["", p.read_text(encoding="utf-8")]

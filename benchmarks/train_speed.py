@@ -1,13 +1,15 @@
-"""Training steps per second of the main job's model: bptt-jax's train step against PyTorch.
+"""Training steps per second of a char-LM config's model: bptt-jax's train step against PyTorch.
 
     python benchmarks/train_speed.py [--steps S] [--rounds R] [--quick] [--out FILE] [--threads K]
+                                     [--cell elman|gru|lstm | --config FILE]
 
 The model of ``configs/char_lm.toml`` (2 x 256 tanh, T = 64, B = 32, Adam, global-norm clipping 1,
 state carried across chunks) is trained by
   (a) bptt-jax's jitted train step with grad = "bptt" (the explicit BPTT),
   (b) the same step with grad = "autodiff" (jax.value_and_grad of the loss),
-  (c) an equivalent PyTorch loop: nn.RNN + Linear + torch.optim.Adam + clip_grad_norm_, threads =
-      cores, eager and under torch.compile (skipped with a note where compilation fails).
+  (c) an equivalent PyTorch loop: nn.RNN (nn.GRU, nn.LSTM for ``--cell gru|lstm``, which take
+      configs/char_lm_gru.toml, char_lm_lstm.toml) + Linear + torch.optim.Adam + clip_grad_norm_,
+      threads = cores, eager and under torch.compile (skipped with a note where compilation fails).
 All start from the same initial weights (exported with ``interop.to_torch_state_dict``) and read the
 same batches. Like for like: output dropout is off and the learning rate constant (the config's
 peak rate) for every contender, since PyTorch would draw other dropout masks. All contenders run in
@@ -62,15 +64,14 @@ def torch_contender(cfg, params, spec, threads, compiled):
         return None
     torch.set_num_threads(threads)
     n1 = spec.hidden_sizes
-    model = torch.nn.ModuleDict(
-        {
-            "rnn": torch.nn.RNN(spec.input_size, n1[0], num_layers=len(n1), nonlinearity="tanh"),
-            "readout": torch.nn.Linear(n1[-1], spec.output_size),
-        }
-    )
-    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in to_torch_state_dict(params, spec).items()})
-    for k in range(len(n1)):  # nn.RNN splits b1 into bias_ih + bias_hh; Adam would step both (twice the
-        getattr(model["rnn"], f"bias_hh_l{k}").requires_grad_(False)  # step on b1): keep bias_hh at 0
+    if spec.cell == "elman":
+        rnn = torch.nn.RNN(spec.input_size, n1[0], num_layers=len(n1), nonlinearity="tanh")
+    else:
+        rnn = getattr(torch.nn, spec.cell.upper())(spec.input_size, n1[0], num_layers=len(n1))
+    model = torch.nn.ModuleDict({"rnn": rnn, "readout": torch.nn.Linear(n1[-1], spec.output_size)})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_torch_state_dict(params, spec).items()})
+    for k in range(len(n1) if spec.cell == "elman" else 0):  # nn.RNN splits b1 into bias_ih + bias_hh; Adam
+        getattr(model["rnn"], f"bias_hh_l{k}").requires_grad_(False)  # would step both: keep bias_hh at 0
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine: cuDNN
     model = model.to(dev)
     opt = torch.optim.Adam(
@@ -85,20 +86,29 @@ def torch_contender(cfg, params, spec, threads, compiled):
         return torch.nn.functional.cross_entropy(z2.reshape(t * b, -1), d.reshape(-1), reduction="sum") / b, h_last
 
     if compiled:
+        import torch._dynamo
+
+        torch._dynamo.config.allow_rnn = True  # else dynamo runs the recurrent layer eagerly
         loss_fn = torch.compile(loss_fn)
-    box = {"h": torch.zeros(len(n1), cfg.data.batch_size, n1[0], device=dev), "loss": float("nan")}
+
+    def zeros():
+        h = torch.zeros(len(n1), cfg.data.batch_size, n1[0], device=dev)
+        return (h, h.clone()) if spec.cell == "lstm" else h  # the LSTM carries (h, c)
+
+    box = {"h": zeros(), "loss": float("nan")}
 
     def one(b):
-        x = torch.from_numpy(np.asarray(b.xs, np.float32)).to(dev)
-        d = torch.from_numpy(np.asarray(b.targets)).long().to(dev)
-        reset = torch.from_numpy(np.asarray(b.reset)).to(dev)
-        h0 = torch.where(reset[None, :, None], torch.zeros_like(box["h"]), box["h"])
+        x = torch.from_numpy(np.array(b.xs, np.float32)).to(dev)
+        d = torch.from_numpy(np.array(b.targets)).long().to(dev)
+        reset = torch.from_numpy(np.array(b.reset)).to(dev)
+        keep = lambda h: torch.where(reset[None, :, None], torch.zeros_like(h), h)  # noqa: E731
+        h0 = tuple(map(keep, box["h"])) if spec.cell == "lstm" else keep(box["h"])
         opt.zero_grad(set_to_none=True)
         loss, h_last = loss_fn(x, d, h0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         opt.step()
-        box["h"] = h_last.detach()
+        box["h"] = tuple(h.detach() for h in h_last) if spec.cell == "lstm" else h_last.detach()
         return loss
 
     def run(batches):
@@ -113,7 +123,7 @@ def torch_contender(cfg, params, spec, threads, compiled):
             model.load_state_dict(snapshot[0])
             opt.load_state_dict(snapshot[1])
             opt.state.clear()
-            box["h"] = torch.zeros_like(box["h"])
+            box["h"] = zeros()
         except Exception as e:  # no compiler toolchain, unsupported op, ...
             print(f"torch.compile unavailable, contender skipped: {type(e).__name__}: {e}", file=sys.stderr)
             return None
@@ -132,10 +142,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     ap.add_argument(
-        "--config",
-        default=str(ROOT / "configs" / "char_lm.toml"),
-        help="the model's config (default: the main job's); the PyTorch loop covers the Elman cell only",
+        "--cell", choices=("elman", "gru", "lstm"), help="the cell's char-LM config (configs/char_lm*.toml)"
     )
+    ap.add_argument("--config", help="the model's config (default: the main job's, or --cell's)")
     ap.add_argument("--no-torch-compile", action="store_true", help="PyTorch eager only (no torch.compile)")
     ap.add_argument(
         "--precision",
@@ -161,9 +170,13 @@ def main(argv=None):
     overrides = ["train.output_dropout=0.0", 'optim.schedule="constant"']
     if args.quick:
         overrides += ["model.hidden_sizes=[8, 8]", "data.seq_len=8", "data.batch_size=4"]
+    if args.config is None:
+        args.config = str(
+            ROOT / "configs" / ("char_lm.toml" if args.cell in (None, "elman") else f"char_lm_{args.cell}.toml")
+        )
     cfg = config.load_config(args.config, overrides)
-    if cfg.model.cell != "elman":
-        args.no_torch = True  # the PyTorch loop here is nn.RNN's (gated loops: the cells' benchmark issue)
+    if args.cell is not None and cfg.model.cell != args.cell:
+        ap.error(f"--cell {args.cell}: {args.config} has model.cell = {cfg.model.cell!r}")
     task, spec, _ = runner.build(cfg)
     total = args.warmup + per_round * rounds
     batches = [task.train_batch(i) for i in range(total)]
@@ -200,14 +213,14 @@ def main(argv=None):
     sps = {name: per_round / statistics.median(v) for name, v in times.items()}
     ref = sps['bptt-jax, grad = "bptt"']
     lines = [
-        f"# Training speed, the main job's model ({datetime.date.today().isoformat()})",
+        f"# Training speed, the model of {Path(args.config).name} ({datetime.date.today().isoformat()})",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}"
         + (f", torch {__import__('torch').__version__}" if any("PyTorch" in n for n in names) else "")
         + f"; command: `python benchmarks/train_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`.",
         "",
-        f"Model: {spec.hidden_sizes} {spec.activation}, N = M = {spec.input_size}, T = {cfg.data.seq_len}, "
+        f"Model: {spec.hidden_sizes} {spec.activation if spec.cell == 'elman' else spec.cell.upper()}, N = M = {spec.input_size}, T = {cfg.data.seq_len}, "
         f"B = {cfg.data.batch_size}, Adam {cfg.optim.learning_rate} (constant), global-norm clip "
         f"{cfg.optim.clip_value}, carried state, no dropout, float32 matmul precision {args.precision}; "
         f"{args.warmup} warm-up steps, then {rounds} rounds "

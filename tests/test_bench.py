@@ -99,6 +99,32 @@ def test_train_speed_quick(tmp_path):
     assert abs(losses[0] - losses[1]) < 1e-3 * abs(losses[0])
 
 
+@pytest.mark.bench
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_train_speed_gated_quick(cell):
+    # The gated char-LM configs' models: the explicit BPTT, autodiff and (where torch is installed) the
+    # PyTorch nn.GRU / nn.LSTM loop start from the same weights, read the same batches and end at the
+    # same loss after the same Adam steps.
+    mod = _load("train_speed", "benchmarks/train_speed.py")
+    report = mod.main(
+        ["--quick", "--cell", cell, "--steps", "2", "--rounds", "1", "--warmup", "1", "--no-torch-compile"]
+    )
+    assert f"char_lm_{cell}.toml" in report and f"{cell.upper()}, N = M" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| bptt-jax", "| PyTorch"))]
+    losses = {line.split("|")[1].strip(): float(line.rstrip(" |").split("|")[-1]) for line in rows}
+    want = {'bptt-jax, grad = "bptt"', 'bptt-jax, grad = "autodiff"'}
+    try:
+        import torch  # noqa: F401
+
+        want.add("PyTorch eager")
+    except ImportError:
+        pass
+    assert set(losses) == want
+    ref = losses['bptt-jax, grad = "bptt"']
+    for name, value in losses.items():
+        assert abs(value - ref) < 1e-3 * abs(ref), (name, losses)
+
+
 def _load(name, rel):
     spec = importlib.util.spec_from_file_location(name, ROOT / rel)
     mod = importlib.util.module_from_spec(spec)
