@@ -242,6 +242,7 @@ def layer_backward_blocked(
     with_norms: bool = True,
     unroll: int = 1,
     recurrence: str = "scan",
+    ds_last: Array | None = None,
 ):
     """One layer's BPTT given the gradient from above for all t, block by block (scan time).
 
@@ -252,6 +253,8 @@ def layer_backward_blocked(
       layer: the cell's parameters (Elman: W1 [N_in, N1], W11 [N1, N1], b1 [N1]).
       xs: [T, B, N_in] the layer's input; hs: [T, B, W] its states; h0: [B, W] the state before step 0.
       dhs_above: [T, B, N1]; valid: [T, B] or None. T must be a multiple of block_size.
+      ds_last: [B, W] the gradient reaching the state after the last step from outside (a
+        differentiated final carry), entering the reverse recurrence as its first carry; None: 0.
 
     Returns:
       (grads, ds_m1 [B, W], dxs [T, B, N_in] = dA(t) Wx^T (Elman: dZ1(t) W1^T) or None, dh_norm [T, B] or None).
@@ -283,7 +286,8 @@ def layer_backward_blocked(
         return (dh, g), (dx, dh_norm)
 
     blk_in = (_blocks(xs, c), hs_b, _entering_states(h0, hs_b), _blocks(dhs_above, c), _blocks(valid, c))
-    (dh_m1, grads), (dxs, dh_norm) = lax.scan(body, (jnp.zeros_like(h0), zero), blk_in, reverse=True)
+    ds0 = jnp.zeros_like(h0) if ds_last is None else ds_last
+    (dh_m1, grads), (dxs, dh_norm) = lax.scan(body, (ds0, zero), blk_in, reverse=True)
     return grads, dh_m1, _unblock(dxs), _unblock(dh_norm)
 
 
@@ -300,6 +304,7 @@ def stack_backward(
     unroll: int = 1,
     block_size: int | None = None,
     recurrence: str = "scan",
+    ds_last: tuple[Array, ...] | None = None,
 ):
     """BPTT through the whole stack given dDIV/d(top merged states) for all t, top layer first.
 
@@ -314,6 +319,8 @@ def stack_backward(
       with_norms: compute dh_norms (else None).
       with_dxs: compute dxs = dDIV/dX (else None).
       block_size: C, a divisor of T; None: T.
+      ds_last: L*D entries [B, W] (internal layout), dDIV/d(each entry's final state) from outside,
+        or None (the final states are not used).
 
     Returns:
       (layers grads, reverse_layers grads, dxs [T, B, N], dh0 (L*D), dh_norms [T, L*D]).
@@ -356,6 +363,7 @@ def stack_backward(
                 with_norms=with_norms,
                 unroll=unroll,
                 recurrence=recurrence,
+                ds_last=None if ds_last is None else ds_last[k * d + j],
             )
             if want_dx:
                 dx = dx if j == 0 else scan.reverse_padded(dx, lengths)  # input time

@@ -2,6 +2,8 @@
 
     states = rnn_states(params, spec, xs, h0=h0, lengths=lengths)   # [T, B, N_top]
     jax.grad(lambda p: my_loss(rnn_states(p, spec, xs)))(params)     # runs bptt.stack_backward
+    states, h_last = rnn_states(params, spec, xs, return_last=True)  # and the final states, also
+                                                                     # differentiable (a carried state)
 
 Differentiable once: the backward rule is itself not differentiated (``jax.hessian`` and
 ``jax.jvp`` of the result are not supported). The readout (W2, b2) is not used by the states, so its
@@ -22,19 +24,26 @@ from bptt_jax.params import RNNParams, RNNSpec
 Array = jax.Array
 
 
+def _last(traces) -> tuple[Array, ...]:
+    """Each (layer, direction) entry's state after its last scan step (internal layout [B, W]): the
+    forward net's at the last valid step, the reverse net's at t = 0 (padding holds the state)."""
+    return tuple(h[-1] for tr in traces for h in tr.states)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _states(spec, unroll, recurrence, params, xs, h0, lengths):
     traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence)
-    return traces[-1].merged
+    return traces[-1].merged, _last(traces)
 
 
 def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
     traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence)
-    return traces[-1].merged, (params, h0, lengths, traces)
+    return (traces[-1].merged, _last(traces)), (params, h0, lengths, traces)
 
 
-def _states_bwd(spec, unroll, recurrence, residuals, ct):
+def _states_bwd(spec, unroll, recurrence, residuals, cts):
     params, h0, lengths, traces = residuals
+    ct, ct_last = cts  # ct_last: symbolic zeros arrive as zero arrays
     t_len, batch = ct.shape[:2]
     c = auto_block_size(t_len, batch, max(block_width(spec), ct.shape[-1]))
     g_layers, g_reverse, dxs, dh0, _ = stack_backward(
@@ -48,6 +57,7 @@ def _states_bwd(spec, unroll, recurrence, residuals, ct):
         unroll=unroll,
         block_size=None if recurrence == "pallas" or t_len % c else c,  # residual states are not padded
         recurrence=recurrence,
+        ds_last=tuple(ct_last),
     )
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
     return RNNParams(g_layers, g_reverse, g_readout), dxs, dh0, None  # lengths: integer, no cotangent
@@ -65,7 +75,8 @@ def rnn_states(
     lengths: Array | None = None,
     unroll: int | None = None,
     recurrence: str = "auto",
-) -> Array:
+    return_last: bool = False,
+):
     """The top layer's merged states, differentiable (once) through the explicit BPTT.
 
     Args:
@@ -75,11 +86,15 @@ def rnn_states(
       lengths: [B] valid steps per sequence; padded steps hold the state.
       unroll: scan steps per loop iteration; None picks by backend, as ``bptt_jax.loss``.
       recurrence: "scan", "pallas" or "auto", as ``bptt_jax.loss``.
+      return_last: also return every (layer, direction) entry's final state, as ``bptt``'s
+        ``h_last`` (L*D entries; (h, c) pairs for the LSTM), differentiable: their cotangents enter
+        each entry's reverse recurrence as its first carry.
 
     Returns:
-      [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net).
-      Works under jit, vmap and inside lax.scan.
+      [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net), or
+      (states, h_last) with ``return_last``. Works under jit, vmap and inside lax.scan.
     """
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
-    return _states(spec, scan.resolve_unroll(unroll), rec, params, xs, h0, lengths)
+    states, last = _states(spec, scan.resolve_unroll(unroll), rec, params, xs, h0, lengths)
+    return (states, spec.public_states(last)) if return_last else states
