@@ -21,6 +21,7 @@ LEVELS = {
     "bptt": 4,
     "vjp": 5,
     "interop": 5,
+    "layers": 6,  # a package: one module per other library (flax nnx), over vjp.rnn_states
     "train": 6,
     "checkpoint": 6,
     "parallel": 7,
@@ -70,3 +71,16 @@ def test_imports_go_down_only(module):
             f"{module} (level {LEVELS[module]}) imports {imported} (level {LEVELS[imported]}): "
             "lower modules must not import higher ones"
         )
+
+
+def test_the_core_never_imports_the_optional_libraries():
+    # flax (and torch) are extras: only bptt_jax.layers.<library> may import its library.
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "layers":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("flax", "equinox", "torch"), f"{path.name} imports {name}"

@@ -1,0 +1,6 @@
+"""Layers for other JAX libraries, backed by the explicit BPTT (``bptt_jax.vjp.rnn_states``).
+
+One module per library, imported by name so that the core package never imports them:
+
+    from bptt_jax.layers import nnx as bnnx      # needs flax   (pip install 'bptt-jax[flax]')
+"""

@@ -1,0 +1,295 @@
+"""A Flax NNX recurrent layer whose backward pass is the explicit, time-blocked BPTT.
+
+    from bptt_jax.layers import nnx as bnnx
+    layer = bnnx.RNN(16, 32, cell="lstm", rngs=nnx.Rngs(0))        # instead of nnx.RNN(nnx.OptimizedLSTMCell(...))
+    ys = layer(xs)                                                  # xs [*batch, T, N] -> [*batch, T, N1]
+    carry, ys = layer(xs, seq_lengths=lengths, return_carry=True)   # carry: h, or (c, h) for the LSTM
+    layer = bnnx.RNN.from_flax_cell(nnx.GRUCell(16, 32, rngs=rngs)) # the same weights, our backward
+
+``RNN`` takes ``nnx.RNN``'s options and call signature (batch-major by default, any number of
+leading batch dimensions, ``time_major``, ``reverse`` with and without ``keep_order``,
+``seq_lengths``, ``return_carry``, ``initial_carry``, ``rngs``), so it works where ``nnx.RNN``
+does, inside ``nnx.Bidirectional`` too. ``jax.grad`` / ``nnx.grad`` of anything computed from its
+outputs and its final carry runs ``bptt_jax.vjp.rnn_states``'s custom VJP: the reverse scan of the
+lecture notes, not autodiff of the forward scan.
+
+Each weight is one ``nnx.Param`` named after the notation (Elman: ``w1`` [N, N1], ``w11``
+[N1, N1], ``b1`` [N1]; GRU and LSTM: ``wx`` [N, G N1], ``wh`` [N1, G N1], ``bx``, ``bh`` [G N1],
+PyTorch's gate orders r|z|n and i|f|g|o); the arrays, never the ``Param`` objects, go into the
+custom VJP, and the layer holds no readout (nothing for weight decay to move).
+
+Differences from ``nnx.RNN``, on purpose: steps past a sequence's length hold the state (and its
+output repeats the last valid one), where Flax keeps stepping over the padding; valid steps and
+final carries agree. No RNG stream is needed to build the zero carry. The GRU keeps PyTorch's
+b_hn inside r * (h W_hn + b_hn) (``nnx.GRUCell`` has no recurrent bias at all).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bptt_jax import cells, checks, scan
+from bptt_jax.params import ReadoutParams, RNNParams, RNNSpec, init_params
+from bptt_jax.vjp import rnn_states
+
+Array = jax.Array
+
+_NAMES = {"elman": ("w1", "w11", "b1"), "gru": ("wx", "wh", "bx", "bh"), "lstm": ("wx", "wh", "bx", "bh")}
+_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
+class RNN(nnx.Module):
+    """One recurrent layer (Elman, GRU or LSTM) with ``nnx.RNN``'s interface and the explicit BPTT.
+
+    Args:
+      in_features: N, the input width.
+      hidden_features: N1, the state width.
+      cell: "elman", "gru" or "lstm".
+      activation: the Elman cell's f1 ("tanh", "relu", ... as ``RNNSpec``); gated cells use tanh.
+      time_major, return_carry, reverse, keep_order: ``nnx.RNN``'s defaults, overridable per call.
+      unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU).
+      recurrence: "auto", "scan" or "pallas", as ``bptt_jax.bptt``.
+      grad: "bptt" (the explicit BPTT, the default) or "autodiff" (``jax.grad`` differentiates the
+        forward scan itself: the same layer as an oracle, as the config key ``train.grad``).
+      init, init_scale, forget_bias: the initialisation, as ``bptt_jax.init_params``.
+      param_dtype: the weights' dtype.
+      rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        cell: str = "elman",
+        activation: str = "tanh",
+        time_major: bool = False,
+        return_carry: bool = False,
+        reverse: bool = False,
+        keep_order: bool = False,
+        unroll: int | None = None,
+        recurrence: str = "auto",
+        grad: str = "bptt",
+        init: str = "uniform",
+        init_scale: float = 1.0,
+        forget_bias: float = 0.0,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.spec = RNNSpec(in_features, (hidden_features,), 1, activation=activation, cell=cell)
+        self.in_features, self.hidden_features, self.cell = in_features, hidden_features, cell
+        self.time_major, self.return_carry = time_major, return_carry
+        self.reverse, self.keep_order = reverse, keep_order
+        self.unroll, self.recurrence = unroll, recurrence
+        if grad not in ("bptt", "autodiff"):
+            raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
+        self.grad = grad
+        params = init_params(
+            rngs.params(), self.spec, scheme=init, scale=init_scale, dtype=param_dtype, forget_bias=forget_bias
+        )
+        for name, value in zip(_NAMES[cell], params.layers[0]):
+            setattr(self, name, nnx.Param(value))
+
+    # ------------------------------------------------------------------ the weights as the library's types
+
+    def layer_params(self):
+        """The weights as the cell's parameter NamedTuple of plain arrays (``LayerParams``, ...)."""
+        arrays = [getattr(self, name)[...] for name in _NAMES[self.cell]]
+        return cells.get(self.cell).Params(*arrays)
+
+    def _params(self, dtype) -> RNNParams:
+        # rnn_states ignores the readout: a constant, not a Param (weight decay would move a Param)
+        readout = ReadoutParams(jnp.zeros((self.hidden_features, 1), dtype), jnp.zeros((1,), dtype))
+        return RNNParams((self.layer_params(),), (), readout)
+
+    # ------------------------------------------------------------------ carries
+
+    def initialize_carry(self, input_shape, rngs=None):
+        """Zeros for a batch of ``input_shape`` = (*batch, N): h [*batch, N1], or (c, h) for the
+        LSTM (Flax's order). ``rngs`` is accepted for ``nnx.RNN``'s signature and not used."""
+        h = jnp.zeros((*tuple(input_shape)[:-1], self.hidden_features), self.layer_params()[0].dtype)
+        return (h, h) if self.cell == "lstm" else h
+
+    # ------------------------------------------------------------------ the call
+
+    def __call__(
+        self,
+        inputs: Array,
+        *,
+        initial_carry=None,
+        seq_lengths: Array | None = None,
+        return_carry: bool | None = None,
+        time_major: bool | None = None,
+        reverse: bool | None = None,
+        keep_order: bool | None = None,
+        rngs: Any = None,
+    ):
+        """``nnx.RNN.__call__``: inputs [*batch, T, N] (time_major: [T, *batch, N]) -> outputs of the
+        same layout with N1 features, or (carry, outputs) with ``return_carry``. ``rngs`` is not used."""
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        inputs = jnp.asarray(inputs)
+        if inputs.ndim < 2 or inputs.shape[-1] != self.in_features:
+            raise ValueError(
+                f"inputs: expected [*batch, T, {self.in_features}] (time_major: [T, *batch, {self.in_features}]), "
+                f"got shape {inputs.shape}"
+            )
+        x = inputs if time_major else jnp.moveaxis(inputs, -2, 0)  # [T, *batch, N]
+        t_len, batch_dims = x.shape[0], x.shape[1:-1]
+        b = math.prod(batch_dims)
+        x = x.reshape(t_len, b, self.in_features)
+        lengths = None
+        if seq_lengths is not None:
+            seq_lengths = jnp.asarray(seq_lengths)
+            if seq_lengths.shape != batch_dims:
+                raise ValueError(
+                    f"seq_lengths: expected shape {batch_dims} (the batch dimensions), got {seq_lengths.shape}"
+                )
+            lengths = seq_lengths.reshape(b).astype(jnp.int32)
+        if reverse:  # as Flax's flip_sequences on the valid steps: the first becomes the last
+            x = scan.reverse_padded(x, lengths)
+        if initial_carry is None:
+            initial_carry = self.initialize_carry((*batch_dims, self.in_features))
+        h0 = self._h0(initial_carry, batch_dims, b)
+        params = self._params(x.dtype)
+        if self.grad == "bptt":
+            states, h_last = rnn_states(
+                params,
+                self.spec,
+                x,
+                h0=h0,
+                lengths=lengths,
+                unroll=self.unroll,
+                recurrence=self.recurrence,
+                return_last=True,
+            )
+        else:  # the forward scans, differentiated by JAX
+            xs, h0_i, lengths = checks.check_inputs(params, self.spec, x, h0, lengths)
+            traces = scan.run_stack(params, self.spec, xs, h0_i, lengths, unroll=scan.resolve_unroll(self.unroll))
+            states = traces[-1].merged
+            h_last = self.spec.public_states(tuple(h[-1] for h in traces[0].states))
+        if reverse and keep_order:
+            states = scan.reverse_padded(states, lengths)
+        outputs = states.reshape(t_len, *batch_dims, self.hidden_features)
+        outputs = outputs if time_major else jnp.moveaxis(outputs, 0, -2)
+        if not return_carry:
+            return outputs
+        last = h_last[0]
+        if self.cell == "lstm":
+            h, c = last
+            return (c.reshape(*batch_dims, -1), h.reshape(*batch_dims, -1)), outputs
+        return last.reshape(*batch_dims, -1), outputs
+
+    def _h0(self, carry, batch_dims, b):
+        shape = (*batch_dims, self.hidden_features)
+
+        def flat(a, what):
+            a = jnp.asarray(a)
+            if a.shape != shape:
+                raise ValueError(f"initial_carry: {what} must have shape {shape}, got {a.shape}")
+            return a.reshape(b, self.hidden_features)
+
+        if self.cell == "lstm":
+            if not (isinstance(carry, (tuple, list)) and len(carry) == 2):
+                raise ValueError("initial_carry: the LSTM's carry is a pair (c, h) (Flax's order)")
+            c, h = carry
+            return ((flat(h, "h"), flat(c, "c")),)
+        return (flat(carry, "h"),)
+
+    # ------------------------------------------------------------------ to and from Flax's cells
+
+    @classmethod
+    def from_flax_cell(cls, flax_cell, **kwargs) -> RNN:
+        """A layer with the weights of ``nnx.SimpleCell``, ``nnx.GRUCell``, ``nnx.OptimizedLSTMCell``
+        or ``nnx.LSTMCell`` (gate orders and biases mapped exactly; keyword options as ``RNN``).
+        Refuses, by name, cells whose computation this layer does not have (another gate function,
+        a residual SimpleCell, an activation other than tanh / relu)."""
+        name = type(flax_cell).__name__
+        n, n1 = flax_cell.in_features, flax_cell.hidden_features
+        kinds = {"SimpleCell": "elman", "GRUCell": "gru", "OptimizedLSTMCell": "lstm", "LSTMCell": "lstm"}
+        if name not in kinds:
+            raise ValueError(
+                f"from_flax_cell: expected nnx.SimpleCell, GRUCell, OptimizedLSTMCell or LSTMCell, got {name}"
+            )
+        cell = kinds[name]
+        act = _activation_name(flax_cell.activation_fn)
+        if cell != "elman":
+            if act != "tanh" or flax_cell.gate_fn not in (jax.nn.sigmoid, nnx.sigmoid):
+                raise ValueError(f"from_flax_cell: {name} must use sigmoid gates and tanh (PyTorch's cell)")
+        elif getattr(flax_cell, "residual", False):
+            raise ValueError("from_flax_cell: a residual SimpleCell (h + f1(...)) is not the lecture notes' cell")
+        if act is None:
+            raise ValueError(
+                f"from_flax_cell: activation {flax_cell.activation_fn!r} is not one of {sorted(_ACTIVATIONS)}"
+            )
+        if cell == "elman":
+            kwargs.setdefault("activation", act)
+        layer = cls(n, n1, cell=cell, rngs=nnx.Rngs(0), **kwargs)
+        get = lambda mod, attr="kernel": jnp.asarray(getattr(mod, attr)[...])  # noqa: E731
+        values: tuple[Array, ...]
+        if name == "SimpleCell":
+            values = (get(flax_cell.dense_i), get(flax_cell.dense_h), get(flax_cell.dense_i, "bias"))
+        elif name == "GRUCell":
+            bx = get(flax_cell.dense_i, "bias")
+            values = (get(flax_cell.dense_i), get(flax_cell.dense_h), bx, jnp.zeros_like(bx))
+        elif name == "OptimizedLSTMCell":
+            bh = get(flax_cell.dense_h, "bias")
+            values = (get(flax_cell.dense_i), get(flax_cell.dense_h), jnp.zeros_like(bh), bh)
+        else:
+            gates = ("i", "f", "g", "o")
+            wx = jnp.concatenate([get(getattr(flax_cell, "if_" if g == "f" else f"i{g}")) for g in gates], -1)
+            wh = jnp.concatenate([get(getattr(flax_cell, f"h{g}")) for g in gates], -1)
+            bh = jnp.concatenate([get(getattr(flax_cell, f"h{g}"), "bias") for g in gates], -1)
+            values = (wx, wh, jnp.zeros_like(bh), bh)
+        for attr, value in zip(_NAMES[cell], values):
+            getattr(layer, attr)[...] = value
+        return layer
+
+    def to_flax_cell(self, *, rngs: nnx.Rngs | None = None):
+        """The Flax cell with these weights: ``nnx.SimpleCell``, ``nnx.GRUCell`` or
+        ``nnx.OptimizedLSTMCell`` (use it with ``nnx.RNN``). A GRU with a non-zero b_hn has no such
+        cell (``nnx.GRUCell`` has no recurrent bias): ValueError."""
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        p = self.layer_params()
+        n, n1 = self.in_features, self.hidden_features
+        fc: Any
+        if self.cell == "elman":
+            fc = nnx.SimpleCell(n, n1, activation_fn=_ACTIVATIONS[self.spec.activation], rngs=rngs)
+            _set(fc.dense_i, kernel=p.w1, bias=p.b1)
+            _set(fc.dense_h, kernel=p.w11)
+        elif self.cell == "gru":
+            b_hn = np.asarray(p.bh[2 * n1 :])
+            if np.any(b_hn != 0):
+                raise ValueError(
+                    "to_flax_cell: this GRU has a non-zero b_hn (inside r * (h W_hn + b_hn)); nnx.GRUCell has no "
+                    "recurrent bias, so no Flax cell computes it"
+                )
+            fc = nnx.GRUCell(n, n1, rngs=rngs)
+            _set(fc.dense_i, kernel=p.wx, bias=p.bx + p.bh)  # r, z: only the sum matters; n: b_hn is zero
+            _set(fc.dense_h, kernel=p.wh)
+        else:
+            fc = nnx.OptimizedLSTMCell(n, n1, rngs=rngs)
+            _set(fc.dense_i, kernel=p.wx)
+            _set(fc.dense_h, kernel=p.wh, bias=p.bx + p.bh)
+        return fc
+
+
+def _set(linear: Any, **arrays) -> None:
+    """Writes arrays into a Flax Linear's Params (``kernel=...``, ``bias=...``)."""
+    for attr, value in arrays.items():
+        getattr(linear, attr)[...] = value
+
+
+def _activation_name(fn) -> str | None:
+    for name, f in _ACTIVATIONS.items():
+        if fn is f or fn is getattr(nnx, name, None) or fn is getattr(jax.nn, name, None):
+            return name
+    return None

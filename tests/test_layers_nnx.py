@@ -1,0 +1,175 @@
+"""bptt_jax.layers.nnx.RNN against Flax NNX's own nnx.RNN with the corresponding cell (forward, final
+carries, gradients; float64), inside nnx.Bidirectional, trained with nnx.Optimizer, split/merged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+from bptt_jax.layers import nnx as bnnx  # noqa: E402
+
+T, N, N1 = 6, 3, 4
+FLAX_CELLS = {
+    "SimpleCell": "elman",
+    "GRUCell": "gru",
+    "OptimizedLSTMCell": "lstm",
+    "LSTMCell": "lstm",
+}
+# What each Flax cell's parameters map onto (the rest of ours has no Flax counterpart: the GRU's
+# recurrent biases, the LSTM's input-side bias, whose gradient equals the recurrent one's).
+COMPARED = {"SimpleCell": ("w1", "w11", "b1"), "GRUCell": ("wx", "wh", "bx"), "OptimizedLSTMCell": ("wx", "wh", "bh")}
+COMPARED["LSTMCell"] = COMPARED["OptimizedLSTMCell"]
+
+
+def _flax_cell(name, dtype=jnp.float64, seed=1):
+    return getattr(nnx, name)(N, N1, param_dtype=dtype, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def _valid(lengths, t_len):
+    return (jnp.arange(t_len)[None, :] < lengths[:, None])[..., None]
+
+
+def _loss(carry, ys, valid, seed=0):
+    """A loss of every valid output and of the final carry (padding differs on purpose)."""
+    rng = np.random.RandomState(seed)
+    w = jnp.asarray(rng.randn(*ys.shape[-1:]))
+    total = jnp.sum(jnp.where(valid[..., 0], jnp.tanh(ys @ w) ** 2, 0.0))
+    for k, c in enumerate(jax.tree_util.tree_leaves(carry)):
+        total = total + jnp.sum(jnp.sin(c + k))
+    return total
+
+
+@pytest.mark.parametrize("name", list(FLAX_CELLS))
+def test_equals_flax_rnn_forward_carry_and_gradients(name):
+    with jax.enable_x64(True):
+        fc = _flax_cell(name)
+        ref = nnx.RNN(fc, return_carry=True)
+        ours = bnnx.RNN.from_flax_cell(fc, return_carry=True, param_dtype=jnp.float64)
+        assert ours.cell == FLAX_CELLS[name]
+        xs = jax.random.normal(jax.random.key(0), (4, T, N), jnp.float64)
+        lengths = jnp.array([T, 3, 1, 5])
+        valid = _valid(lengths, T)
+        (c_ref, y_ref), (c_ours, y_ours) = ref(xs, seq_lengths=lengths), ours(xs, seq_lengths=lengths)
+        np.testing.assert_allclose(jnp.where(valid, y_ours, 0), jnp.where(valid, y_ref, 0), atol=1e-12)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), c_ours, c_ref)
+
+        g_ref = nnx.grad(lambda m: _loss(*m(xs, seq_lengths=lengths), valid))(ref)
+        g_ours = nnx.grad(lambda m: _loss(*m(xs, seq_lengths=lengths), valid))(ours)
+        # the Flax gradients in our layout: load them into a copy of the cell and map it
+        grad_cell = _flax_cell(name)
+        nnx.update(grad_cell, g_ref["cell"])
+        mapped = bnnx.RNN.from_flax_cell(grad_cell, param_dtype=jnp.float64)
+        for attr in COMPARED[name]:
+            np.testing.assert_allclose(g_ours[attr][...], getattr(mapped, attr)[...], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["SimpleCell", "GRUCell", "OptimizedLSTMCell"])
+def test_layouts_reverse_and_round_trip(name):
+    fc = _flax_cell(name, jnp.float32)
+    ours = bnnx.RNN.from_flax_cell(fc)
+    xs = jax.random.normal(jax.random.key(2), (2, 3, T, N))  # two batch dimensions
+    for kw in ({}, {"reverse": True}, {"reverse": True, "keep_order": True}):
+        want = nnx.RNN(fc, **kw)(xs)
+        np.testing.assert_allclose(ours(xs, **kw), want, atol=2e-6)
+        tm = jnp.moveaxis(xs, -2, 0)  # time-major [T, 2, 3, N]
+        np.testing.assert_allclose(ours(tm, time_major=True, **kw), jnp.moveaxis(want, -2, 0), atol=2e-6)
+    # with lengths, reversed: the valid steps agree (Flax flips each sequence's valid prefix, so do we)
+    xs1 = xs[0]
+    lengths = jnp.array([T, 2, 4])
+    for kw in ({"reverse": True}, {"reverse": True, "keep_order": True}):
+        c_want, want = nnx.RNN(fc, return_carry=True, **kw)(xs1, seq_lengths=lengths)
+        c_got, got = ours(xs1, seq_lengths=lengths, return_carry=True, **kw)
+        valid = _valid(lengths, T)
+        np.testing.assert_allclose(jnp.where(valid, got, 0), jnp.where(valid, want, 0), atol=2e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), c_got, c_want)
+    # and back to the Flax cell: the same function
+    np.testing.assert_allclose(nnx.RNN(ours.to_flax_cell())(xs), nnx.RNN(fc)(xs), atol=1e-6)
+    # an explicit initial carry, in Flax's layout ((c, h) for the LSTM)
+    carry = jax.tree_util.tree_map(lambda a: a + 0.3, nnx.RNN(fc).cell.initialize_carry((2, 3, N), nnx.Rngs(0)))
+    np.testing.assert_allclose(ours(xs, initial_carry=carry), nnx.RNN(fc)(xs, initial_carry=carry), atol=2e-6)
+
+
+def test_inside_nnx_bidirectional():
+    with jax.enable_x64(True):
+        cells = [_flax_cell("GRUCell", seed=s) for s in (1, 2)]
+        ref = nnx.Bidirectional(nnx.RNN(cells[0]), nnx.RNN(cells[1]), rngs=nnx.Rngs(0))
+        ours = nnx.Bidirectional(
+            *(bnnx.RNN.from_flax_cell(c, param_dtype=jnp.float64) for c in cells), rngs=nnx.Rngs(0)
+        )
+        xs = jax.random.normal(jax.random.key(3), (3, T, N), jnp.float64)
+        lengths = jnp.array([T, 4, 2])
+        valid = _valid(lengths, T)
+        c_want, want = ref(xs, seq_lengths=lengths, return_carry=True)
+        c_got, got = ours(xs, seq_lengths=lengths, return_carry=True)
+        np.testing.assert_allclose(jnp.where(valid, got, 0), jnp.where(valid, want, 0), atol=1e-12)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), c_got, c_want)
+
+
+class Model(nnx.Module):
+    """A small sequence model: an embedding-like projection, our layer, a readout."""
+
+    def __init__(self, cell, grad, rngs):
+        self.rnn = bnnx.RNN(N, N1, cell=cell, grad=grad, rngs=rngs)
+        self.out = nnx.Linear(N1, 2, rngs=rngs)
+
+    def __call__(self, xs):
+        return self.out(self.rnn(xs))
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+def test_training_with_nnx_optimizer_equals_autodiff(cell):
+    # Three Adam steps under nnx.jit: the explicit BPTT and autodiff of the forward scan (the same
+    # module with grad="autodiff") end at the same weights. The GRU's b_hn starts non-zero.
+    xs = jax.random.normal(jax.random.key(4), (5, T, N))
+    ds = jax.random.randint(jax.random.key(5), (5, T), 0, 2)
+    finals = {}
+    for grad in ("bptt", "autodiff"):
+        model = Model(cell, grad, nnx.Rngs(0))
+        if cell == "gru":
+            model.rnn.bh[...] = model.rnn.bh[...].at[2 * N1 :].set(0.5)
+        opt = nnx.Optimizer(model, optax.adam(0.05), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, opt):
+            def loss(m):
+                return optax.softmax_cross_entropy_with_integer_labels(m(xs), ds).mean()
+
+            value, g = nnx.value_and_grad(loss)(model)
+            opt.update(model, g)
+            return value
+
+        values = [float(step(model, opt)) for _ in range(3)]
+        assert values[-1] < values[0]
+        finals[grad] = nnx.state(model, nnx.Param)
+    leaves_b = jax.tree_util.tree_leaves(finals["bptt"])
+    leaves_a = jax.tree_util.tree_leaves(finals["autodiff"])
+    assert len(leaves_b) == len(leaves_a) == len(bnnx._NAMES[cell]) + 2  # one Param per array, no readout
+    for a, b in zip(leaves_b, leaves_a):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_split_merge_and_errors():
+    layer = bnnx.RNN(N, N1, cell="lstm", forget_bias=1.0, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    again = nnx.merge(graphdef, state)
+    xs = jax.random.normal(jax.random.key(6), (2, T, N))
+    np.testing.assert_array_equal(again(xs), layer(xs))
+    np.testing.assert_array_equal(layer.bx[...][N1 : 2 * N1] + layer.bh[...][N1 : 2 * N1], np.ones(N1))
+    assert layer.initialize_carry((2, N))[0].shape == (2, N1)  # no RNG stream needed
+    with pytest.raises(ValueError, match=r"inputs: expected \[\*batch, T, 3\]"):
+        layer(jnp.zeros((2, T, N + 1)))
+    with pytest.raises(ValueError, match=r"seq_lengths: expected shape \(2,\)"):
+        layer(xs, seq_lengths=jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"the LSTM's carry is a pair \(c, h\)"):
+        layer(xs, initial_carry=jnp.zeros((2, N1)))
+    with pytest.raises(ValueError, match="grad: expected 'bptt' or 'autodiff'"):
+        bnnx.RNN(N, N1, grad="finite", rngs=nnx.Rngs(0))
+    gru = bnnx.RNN(N, N1, cell="gru", rngs=nnx.Rngs(0))
+    gru.bh[...] = gru.bh[...].at[-1].set(0.1)
+    with pytest.raises(ValueError, match="non-zero b_hn"):
+        gru.to_flax_cell()
+    with pytest.raises(ValueError, match="residual SimpleCell"):
+        bnnx.RNN.from_flax_cell(nnx.SimpleCell(N, N1, residual=True, rngs=nnx.Rngs(0)))
