@@ -1,4 +1,4 @@
-"""A Flax NNX recurrent layer whose backward pass is the explicit, time-blocked BPTT.
+"""A Flax NNX recurrent layer whose backward pass is the explicit, time-blocked BPTT::
 
     from bptt_jax.layers import nnx as bnnx
     layer = bnnx.RNN(16, 32, cell="lstm", rngs=nnx.Rngs(0))        # instead of nnx.RNN(nnx.OptimizedLSTMCell(...))
@@ -111,8 +111,8 @@ class RNN(nnx.Module):
     # ------------------------------------------------------------------ carries
 
     def initialize_carry(self, input_shape, rngs=None):
-        """Zeros for a batch of ``input_shape`` = (*batch, N): h [*batch, N1], or (c, h) for the
-        LSTM (Flax's order). ``rngs`` is accepted for ``nnx.RNN``'s signature and not used."""
+        """Zeros for a batch of ``input_shape`` = ``(*batch, N)``: h ``[*batch, N1]``, or (c, h) for
+        the LSTM (Flax's order). ``rngs`` is accepted for ``nnx.RNN``'s signature and not used."""
         h = jnp.zeros((*tuple(input_shape)[:-1], self.hidden_features), self.layer_params()[0].dtype)
         return (h, h) if self.cell == "lstm" else h
 
@@ -130,8 +130,8 @@ class RNN(nnx.Module):
         keep_order: bool | None = None,
         rngs: Any = None,
     ):
-        """``nnx.RNN.__call__``: inputs [*batch, T, N] (time_major: [T, *batch, N]) -> outputs of the
-        same layout with N1 features, or (carry, outputs) with ``return_carry``. ``rngs`` is not used."""
+        """``nnx.RNN.__call__``: inputs ``[*batch, T, N]`` (time_major: ``[T, *batch, N]``) -> outputs of
+        the same layout with N1 features, or (carry, outputs) with ``return_carry``. ``rngs`` is not used."""
         return_carry = self.return_carry if return_carry is None else return_carry
         time_major = self.time_major if time_major is None else time_major
         reverse = self.reverse if reverse is None else reverse
