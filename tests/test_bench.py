@@ -122,6 +122,22 @@ def test_train_speed_gated_quick(cell):
         assert abs(value - ref) < 1e-3 * abs(ref), (name, losses)
 
 
+@pytest.mark.bench
+def test_nnx_speed_quick():
+    pytest.importorskip("flax")
+    mod = _load("nnx_speed", "benchmarks/nnx_speed.py")
+    report = mod.main(["--quick", "--cell", "elman", "--cell", "lstm"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith(("| elman", "| lstm"))]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("elman", "bptt_jax.layers.nnx.RNN"),
+        ("elman", "nnx.RNN + Flax cell"),
+        ("lstm", "bptt_jax.layers.nnx.RNN"),
+        ("lstm", "nnx.RNN + Flax cell"),
+    ]
+    # the same weights and batches: the Elman contenders end at the same loss
+    assert abs(float(rows[0][-2]) - float(rows[1][-2])) < 1e-4
+
+
 def _load(name, rel):
     spec = importlib.util.spec_from_file_location(name, ROOT / rel)
     mod = importlib.util.module_from_spec(spec)
