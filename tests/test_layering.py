@@ -21,7 +21,7 @@ LEVELS = {
     "bptt": 4,
     "vjp": 5,
     "interop": 5,
-    "layers": 6,  # a package: one module per other library (flax nnx), over vjp.rnn_states
+    "layers": 6,  # a package: one module per other library (flax nnx, equinox), over vjp.rnn_states
     "train": 6,
     "checkpoint": 6,
     "parallel": 7,

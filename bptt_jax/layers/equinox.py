@@ -1,0 +1,130 @@
+"""An Equinox recurrent layer (Elman, GRU, LSTM) whose backward pass is the explicit BPTT::
+
+    from bptt_jax.layers import equinox as beqx
+    rnn = beqx.RNN(16, 32, cell="gru", key=jax.random.key(0))
+    hs = rnn(xs)                                   # one sequence: xs [T, N] -> hs [T, N1]
+    hs = jax.vmap(rnn)(xs_batch)                   # a batch, the Equinox way
+    hs, h_last = rnn(xs, length=5, return_last=True)
+    rnn = beqx.RNN.from_eqx_cell(eqx.nn.LSTMCell(16, 32, key=key))   # the same weights
+
+Equinox's conventions: one sequence per call (batch with ``jax.vmap``), the network's description
+(``spec``) a static field, the weights an ordinary pytree field (``layer``: the cell's
+``LayerParams`` / ``GRUParams`` / ``LSTMParams``), so ``eqx.filter_value_and_grad``,
+``eqx.tree_serialise_leaves`` and optax work unchanged. Gradients run
+``bptt_jax.vjp.rnn_states``'s custom VJP (the explicit reverse scan); under ``jax.vmap`` it runs
+batched. Equinox ships no vanilla RNN cell: the Elman layer here has no Equinox counterpart.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from bptt_jax import cells, checks, scan
+from bptt_jax.params import ReadoutParams, RNNParams, RNNSpec, init_params
+from bptt_jax.vjp import rnn_states
+
+Array = jax.Array
+
+
+class RNN(eqx.Module):
+    """One recurrent layer over one sequence; ``jax.vmap`` it over a batch.
+
+    Args:
+      in_size: N, the input width.
+      hidden_size: N1, the state width.
+      cell: "elman", "gru" or "lstm".
+      activation: the Elman cell's f1 (as ``RNNSpec``); gated cells use tanh.
+      unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU).
+      grad: "bptt" (the explicit BPTT) or "autodiff" (``jax.grad`` differentiates the forward scan:
+        the same layer as an oracle).
+      init, init_scale, forget_bias, dtype: the initialisation, as ``bptt_jax.init_params``.
+      key: a JAX PRNG key for the weights.
+    """
+
+    layer: tuple  # the cell's parameter NamedTuple (LayerParams, GRUParams or LSTMParams)
+    spec: RNNSpec = eqx.field(static=True)
+    unroll: int | None = eqx.field(static=True)
+    grad: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_size: int,
+        hidden_size: int,
+        *,
+        cell: str = "elman",
+        activation: str = "tanh",
+        unroll: int | None = None,
+        grad: str = "bptt",
+        init: str = "uniform",
+        init_scale: float = 1.0,
+        forget_bias: float = 0.0,
+        dtype=jnp.float32,
+        key: Array,
+    ):
+        if grad not in ("bptt", "autodiff"):
+            raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
+        self.spec = RNNSpec(in_size, (hidden_size,), 1, activation=activation, cell=cell)
+        self.unroll, self.grad = unroll, grad
+        self.layer = init_params(
+            key, self.spec, scheme=init, scale=init_scale, dtype=dtype, forget_bias=forget_bias
+        ).layers[0]
+
+    def __call__(self, xs: Array, h0=None, *, length=None, return_last: bool = False, key=None):
+        """xs [T, N] -> the states h(t) [T, N1]; with ``return_last`` also the final state (h [N1],
+        or (h, c) for the LSTM), the state at the last valid step when ``length`` (a scalar, steps
+        past it hold the state) is given. ``h0``: [N1] (LSTM: (h, c)), zeros when None. ``key`` is
+        accepted for Equinox's layer signature and not used."""
+        xs = jnp.asarray(xs)
+        n1 = self.spec.hidden_sizes[0]
+        if xs.ndim != 2 or xs.shape[-1] != self.spec.input_size:
+            raise ValueError(
+                f"xs: expected one sequence [T, {self.spec.input_size}] (batch with jax.vmap), got shape {xs.shape}"
+            )
+        x = xs[:, None, :]  # [T, 1, N]
+        if h0 is not None:
+            parts = h0 if self.spec.is_lstm else (h0,)
+            if self.spec.is_lstm and not (isinstance(h0, (tuple, list)) and len(h0) == 2):
+                raise ValueError("h0: the LSTM's state is a pair (h, c)")
+            for p in parts:
+                if jnp.shape(p) != (n1,):
+                    raise ValueError(f"h0: expected shape ({n1},) per array, got {jnp.shape(p)}")
+            batched = tuple(jnp.asarray(p)[None] for p in parts)
+            h0 = (batched,) if self.spec.is_lstm else batched
+        lengths = None if length is None else jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
+        readout = ReadoutParams(jnp.zeros((n1, 1), x.dtype), jnp.zeros((1,), x.dtype))  # unused: not a field
+        params = RNNParams((self.layer,), (), readout)
+        if self.grad == "bptt":
+            states, last = rnn_states(
+                params, self.spec, x, h0=h0, lengths=lengths, unroll=self.unroll, return_last=True
+            )
+        else:
+            x, h0_i, lengths = checks.check_inputs(params, self.spec, x, h0, lengths)
+            traces = scan.run_stack(params, self.spec, x, h0_i, lengths, unroll=scan.resolve_unroll(self.unroll))
+            states, last = traces[-1].merged, self.spec.public_states(tuple(h[-1] for h in traces[0].states))
+        hs = states[:, 0]
+        if not return_last:
+            return hs
+        final = tuple(a[0] for a in last[0]) if self.spec.is_lstm else last[0][0]
+        return hs, final
+
+    @classmethod
+    def from_eqx_cell(cls, cell, **kwargs) -> RNN:
+        """A layer with the weights of ``eqx.nn.GRUCell`` or ``eqx.nn.LSTMCell`` (PyTorch's gate
+        orders; the GRU's ``bias_n`` is b_hn). Keyword options as ``RNN``."""
+        name = type(cell).__name__
+        kinds = {"GRUCell": "gru", "LSTMCell": "lstm"}
+        if name not in kinds:
+            raise ValueError(f"from_eqx_cell: expected eqx.nn.GRUCell or eqx.nn.LSTMCell, got {name}")
+        g = 3 if name == "GRUCell" else 4
+        n1 = cell.hidden_size
+        layer = cls(cell.input_size, n1, cell=kinds[name], key=jax.random.key(0), **kwargs)
+        dtype = cell.weight_ih.dtype
+        zeros = jnp.zeros((g * n1,), dtype)
+        bx = cell.bias if cell.use_bias else zeros
+        bh = zeros
+        if name == "GRUCell" and cell.use_bias:
+            bh = zeros.at[2 * n1 :].set(cell.bias_n)
+        params = cells.get(kinds[name]).Params(cell.weight_ih.T, cell.weight_hh.T, bx, bh)
+        return eqx.tree_at(lambda m: m.layer, layer, params)

@@ -1,0 +1,121 @@
+"""bptt_jax.layers.equinox.RNN: equal to Equinox's own cells scanned (forward and gradients, float64),
+per-example gradients under jax.vmap equal to per-example autodiff, training with
+eqx.filter_value_and_grad, serialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+eqx = pytest.importorskip("equinox")
+
+from bptt_jax.layers import equinox as beqx  # noqa: E402
+
+T, N, N1 = 6, 3, 4
+
+
+def _scan_eqx_cell(cell, xs, lstm):
+    h = (jnp.zeros(N1, xs.dtype), jnp.zeros(N1, xs.dtype)) if lstm else jnp.zeros(N1, xs.dtype)
+
+    def step(h, x):
+        h = cell(x, h)
+        return h, h[0] if lstm else h
+
+    return jax.lax.scan(step, h, xs)
+
+
+def _loss_of(hs, last):
+    w = jnp.linspace(-1.0, 1.0, hs.shape[-1])
+    return jnp.sum(jnp.tanh(hs @ w) ** 2) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree_util.tree_leaves(last))
+
+
+@pytest.mark.parametrize("name", ["GRUCell", "LSTMCell"])
+def test_equals_equinox_cells_forward_and_gradients(name):
+    with jax.enable_x64(True):
+        cell = getattr(eqx.nn, name)(N, N1, dtype=jnp.float64, key=jax.random.key(1))
+        if name == "GRUCell":  # a non-zero b_hn, so dropping it would show
+            cell = eqx.tree_at(lambda c: c.bias_n, cell, jnp.linspace(-0.5, 0.5, N1))
+        lstm = name == "LSTMCell"
+        ours = beqx.RNN.from_eqx_cell(cell, dtype=jnp.float64)
+        xs = jax.random.normal(jax.random.key(2), (T, N), jnp.float64)
+        last_want, want = _scan_eqx_cell(cell, xs, lstm)
+        got, last_got = ours(xs, return_last=True)
+        np.testing.assert_allclose(got, want, atol=1e-13)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-13), last_got, last_want)
+
+        g_ours = eqx.filter_grad(lambda m: _loss_of(*m(xs, return_last=True)))(ours).layer
+        g_cell = eqx.filter_grad(lambda c: _loss_of(*_scan_eqx_cell(c, xs, lstm)[::-1]))(cell)
+        np.testing.assert_allclose(g_ours.wx, g_cell.weight_ih.T, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(g_ours.wh, g_cell.weight_hh.T, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(g_ours.bx, g_cell.bias, rtol=1e-10, atol=1e-13)
+        if name == "GRUCell":
+            np.testing.assert_allclose(g_ours.bh[2 * N1 :], g_cell.bias_n, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+def test_vmap_per_example_gradients_equal_autodiff(cell):
+    # jax.vmap of the per-sequence gradient (the explicit BPTT, batched) = the same with grad="autodiff",
+    # with lengths (steps past a sequence's length hold its state) and a given initial state.
+    with jax.enable_x64(True):
+        key = jax.random.key(3)
+        ours = beqx.RNN(N, N1, cell=cell, dtype=jnp.float64, key=key)
+        oracle = beqx.RNN(N, N1, cell=cell, dtype=jnp.float64, grad="autodiff", key=key)
+        xs = jax.random.normal(jax.random.key(4), (5, T, N), jnp.float64)
+        lengths = jnp.array([T, 4, 1, 0, 3])
+        h = jax.random.normal(jax.random.key(5), (5, N1), jnp.float64) * 0.5
+        h0 = (h, -h) if cell == "lstm" else h
+
+        def per_example(model, x, length, h0):
+            return eqx.filter_grad(lambda m: _loss_of(*m(x, h0, length=length, return_last=True)))(model).layer
+
+        got = jax.vmap(per_example, in_axes=(None, 0, 0, 0))(ours, xs, lengths, h0)
+        want = jax.vmap(per_example, in_axes=(None, 0, 0, 0))(oracle, xs, lengths, h0)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        # a sequence of length 0 returns its initial state and gets no weight gradient from the states
+        hs, last = ours(xs[3], jax.tree_util.tree_map(lambda a: a[3], h0), length=0, return_last=True)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b[3]), last, h0)
+
+
+def test_training_and_serialisation(tmp_path):
+    model = beqx.RNN(N, N1, cell="lstm", forget_bias=1.0, key=jax.random.key(6))
+    head = jnp.ones((N1,))
+    xs = jax.random.normal(jax.random.key(7), (8, T, N))
+    ys = jnp.sum(xs[..., 0], axis=1)  # a sum over time: needs memory
+
+    @eqx.filter_jit
+    def step(model, opt_state):
+        def loss(m):
+            pred = jax.vmap(lambda x: m(x)[-1] @ head)(xs)
+            return jnp.mean((pred - ys) ** 2)
+
+        value, grads = eqx.filter_value_and_grad(loss)(model)
+        updates, opt_state = opt.update(grads, opt_state, model)
+        return eqx.apply_updates(model, updates), opt_state, value
+
+    opt = optax.adam(0.05)
+    opt_state = opt.init(eqx.filter(model, eqx.is_array))
+    values = []
+    for _ in range(15):
+        model, opt_state, value = step(model, opt_state)
+        values.append(float(value))
+    assert values[-1] < 0.7 * values[0], values
+    path = tmp_path / "rnn.eqx"
+    eqx.tree_serialise_leaves(path, model)
+    again = eqx.tree_deserialise_leaves(path, beqx.RNN(N, N1, cell="lstm", key=jax.random.key(0)))
+    np.testing.assert_array_equal(again(xs[0]), model(xs[0]))
+
+
+def test_named_errors():
+    rnn = beqx.RNN(N, N1, cell="lstm", key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"xs: expected one sequence \[T, 3\] \(batch with jax.vmap\)"):
+        rnn(jnp.zeros((2, T, N)))
+    with pytest.raises(ValueError, match=r"h0: the LSTM's state is a pair \(h, c\)"):
+        rnn(jnp.zeros((T, N)), jnp.zeros(N1))
+    with pytest.raises(ValueError, match=r"h0: expected shape \(4,\)"):
+        rnn(jnp.zeros((T, N)), (jnp.zeros(N1 + 1), jnp.zeros(N1)))
+    with pytest.raises(ValueError, match="from_eqx_cell: expected eqx.nn.GRUCell or eqx.nn.LSTMCell"):
+        beqx.RNN.from_eqx_cell(eqx.nn.Linear(2, 2, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="grad: expected 'bptt' or 'autodiff'"):
+        beqx.RNN(N, N1, grad="other", key=jax.random.key(0))
