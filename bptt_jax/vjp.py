@@ -71,7 +71,7 @@ def rnn_states(
     spec: RNNSpec,
     xs: Array,
     *,
-    h0: tuple[Array, ...] | None = None,
+    h0: tuple | None = None,
     lengths: Array | None = None,
     unroll: int | None = None,
     recurrence: str = "auto",
@@ -82,7 +82,7 @@ def rnn_states(
     Args:
       params, spec: the network (the readout is ignored).
       xs: [T, B, N] inputs.
-      h0: L*D entries [B, N1], zeros when None.
+      h0: L*D entries [B, N1] ((h, c) pairs for the LSTM), zeros when None.
       lengths: [B] valid steps per sequence; padded steps hold the state.
       unroll: scan steps per loop iteration; None picks by backend, as ``bptt_jax.loss``.
       recurrence: "scan", "pallas" or "auto", as ``bptt_jax.loss``.

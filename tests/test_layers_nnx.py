@@ -173,3 +173,41 @@ def test_split_merge_and_errors():
         gru.to_flax_cell()
     with pytest.raises(ValueError, match="residual SimpleCell"):
         bnnx.RNN.from_flax_cell(nnx.SimpleCell(N, N1, residual=True, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("cell,bidirectional", [("elman", True), ("gru", False), ("lstm", True)])
+def test_stacked_rnn_equals_its_layers_and_autodiff(cell, bidirectional):
+    # A 2-layer stack in one call: equal to the same weights as one RNN per layer (and nnx.Bidirectional
+    # with concat for the reverse nets), and its gradients (of outputs and carries) to grad="autodiff".
+    with jax.enable_x64(True):
+        kw = dict(cell=cell, bidirectional=bidirectional, param_dtype=jnp.float64)
+        stack = bnnx.StackedRNN(N, (N1, 5), rngs=nnx.Rngs(0), **kw)
+        oracle = bnnx.StackedRNN(N, (N1, 5), grad="autodiff", rngs=nnx.Rngs(0), **kw)
+        xs = jax.random.normal(jax.random.key(8), (3, T, N), jnp.float64)
+        lengths = jnp.array([T, 4, 2])
+        valid = _valid(lengths, T)
+        carry, ys = stack(xs, seq_lengths=lengths, return_carry=True)
+        assert ys.shape == (3, T, stack.out_features) and len(carry) == 2 * (1 + bidirectional)
+
+        def one_layer(weights, n_in, n1):
+            layer = bnnx.RNN(n_in, n1, cell=cell, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+            for name in bnnx._NAMES[cell]:
+                getattr(layer, name)[...] = getattr(weights, name)[...]
+            return layer
+
+        h = xs
+        for k, n_in, n1 in ((0, N, N1), (1, 2 * N1 if bidirectional else N1, 5)):
+            fwd = one_layer(stack.layers[k], n_in, n1)
+            if bidirectional:
+                bwd = one_layer(stack.reverse_layers[k], n_in, n1)
+                h = nnx.Bidirectional(fwd, bwd, rngs=nnx.Rngs(0))(h, seq_lengths=lengths)
+            else:
+                h = fwd(h, seq_lengths=lengths)
+        np.testing.assert_allclose(jnp.where(valid, ys, 0), jnp.where(valid, h, 0), atol=1e-12)
+
+        loss = lambda m: _loss(*m(xs, seq_lengths=lengths, return_carry=True), valid)  # noqa: E731
+        got = jax.tree_util.tree_leaves(nnx.state(nnx.grad(loss)(stack), nnx.Param))
+        want = jax.tree_util.tree_leaves(nnx.state(nnx.grad(loss)(oracle), nnx.Param))
+        assert len(got) == len(want) == len(bnnx._NAMES[cell]) * 2 * (1 + bidirectional)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -282,6 +282,137 @@ class RNN(nnx.Module):
         return fc
 
 
+class _Weights(nnx.Module):
+    """One (layer, direction) entry's weights, one ``nnx.Param`` per array named after the notation."""
+
+    def __init__(self, cell: str, layer):
+        self.cell = cell
+        for name, value in zip(_NAMES[cell], layer):
+            setattr(self, name, nnx.Param(value))
+
+    def params(self):
+        return cells.get(self.cell).Params(*(getattr(self, name)[...] for name in _NAMES[self.cell]))
+
+
+class StackedRNN(nnx.Module):
+    """A whole stack of recurrent layers (``RNNSpec``'s: several layers, optionally bidirectional)
+    in one call and one custom VJP, instead of one ``RNN`` (and one VJP) per layer and direction.
+
+    Args:
+      in_features: N.
+      hidden_sizes: N1 of each layer, bottom first.
+      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, param_dtype: as ``RNN``.
+      bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
+        how the two directions' states are combined for the next layer and the output.
+      time_major: the default layout, overridable per call.
+      rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
+
+    The weights: ``layers[k]`` (and ``reverse_layers[k]``) hold layer k's Params. The carry, in and
+    out, is a tuple with one entry per layer and direction (order layer * D + direction): h, or
+    (c, h) for the LSTM as in ``RNN``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_sizes,
+        *,
+        cell: str = "elman",
+        activation: str = "tanh",
+        bidirectional: bool = False,
+        merge: str = "concat",
+        time_major: bool = False,
+        unroll: int | None = None,
+        recurrence: str = "auto",
+        grad: str = "bptt",
+        init: str = "uniform",
+        init_scale: float = 1.0,
+        forget_bias: float = 0.0,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if grad not in ("bptt", "autodiff"):
+            raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
+        self.spec = RNNSpec(
+            in_features,
+            tuple(hidden_sizes),
+            1,
+            activation=activation,
+            cell=cell,
+            bidirectional=bidirectional,
+            merge=merge,
+        )
+        self.time_major, self.unroll, self.recurrence, self.grad = time_major, unroll, recurrence, grad
+        params = init_params(
+            rngs.params(), self.spec, scheme=init, scale=init_scale, dtype=param_dtype, forget_bias=forget_bias
+        )
+        self.layers = nnx.List([_Weights(cell, layer) for layer in params.layers])
+        self.reverse_layers = nnx.List([_Weights(cell, layer) for layer in params.reverse_layers])
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.merged_size(self.spec.num_layers - 1)
+
+    def __call__(
+        self, inputs: Array, *, initial_carry=None, seq_lengths=None, return_carry: bool = False, time_major=None
+    ):
+        """inputs ``[*batch, T, N]`` (time_major: ``[T, *batch, N]``) -> the top layer's merged states
+        (``out_features`` wide) in the same layout, or (carry, outputs) with ``return_carry``."""
+        spec = self.spec
+        time_major = self.time_major if time_major is None else time_major
+        inputs = jnp.asarray(inputs)
+        if inputs.ndim < 2 or inputs.shape[-1] != spec.input_size:
+            raise ValueError(
+                f"inputs: expected [*batch, T, {spec.input_size}] (time_major: [T, *batch, N]), got {inputs.shape}"
+            )
+        x = inputs if time_major else jnp.moveaxis(inputs, -2, 0)
+        t_len, batch_dims = x.shape[0], x.shape[1:-1]
+        b = math.prod(batch_dims)
+        x = x.reshape(t_len, b, spec.input_size)
+        lengths = None
+        if seq_lengths is not None:
+            seq_lengths = jnp.asarray(seq_lengths)
+            if seq_lengths.shape != batch_dims:
+                raise ValueError(
+                    f"seq_lengths: expected shape {batch_dims} (the batch dimensions), got {seq_lengths.shape}"
+                )
+            lengths = seq_lengths.reshape(b).astype(jnp.int32)
+        h0 = None
+        if initial_carry is not None:
+            entries = len(spec.state_sizes())
+            if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != entries:
+                raise ValueError(f"initial_carry: expected a tuple of {entries} entries (one per layer and direction)")
+            flat = lambda a: jnp.asarray(a).reshape(b, -1)  # noqa: E731
+            h0 = tuple((flat(e[1]), flat(e[0])) if spec.is_lstm else flat(e) for e in initial_carry)
+        readout = ReadoutParams(jnp.zeros((self.out_features, 1), x.dtype), jnp.zeros((1,), x.dtype))
+        params = RNNParams(
+            tuple(w.params() for w in self.layers), tuple(w.params() for w in self.reverse_layers), readout
+        )
+        if self.grad == "bptt":
+            states, last = rnn_states(
+                params,
+                spec,
+                x,
+                h0=h0,
+                lengths=lengths,
+                unroll=self.unroll,
+                recurrence=self.recurrence,
+                return_last=True,
+            )
+        else:
+            xs, h0_i, lengths = checks.check_inputs(params, spec, x, h0, lengths)
+            traces = scan.run_stack(params, spec, xs, h0_i, lengths, unroll=scan.resolve_unroll(self.unroll))
+            states = traces[-1].merged
+            last = spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
+        outputs = states.reshape(t_len, *batch_dims, -1)
+        outputs = outputs if time_major else jnp.moveaxis(outputs, 0, -2)
+        if not return_carry:
+            return outputs
+        shape = lambda a: a.reshape(*batch_dims, -1)  # noqa: E731
+        carry = tuple((shape(e[1]), shape(e[0])) if spec.is_lstm else shape(e) for e in last)
+        return carry, outputs
+
+
 def _set(linear: Any, **arrays) -> None:
     """Writes arrays into a Flax Linear's Params (``kernel=...``, ``bias=...``)."""
     for attr, value in arrays.items():
