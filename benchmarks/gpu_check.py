@@ -327,6 +327,8 @@ def main(argv=None) -> int:
             "--kernels",
             "--gpu-set",
             "--skip-long",
+            "--cell",
+            "elman",
             "--out",
             str(out / "bptt_speed.md"),
         ]

@@ -56,7 +56,20 @@ def test_benchmark_dispatch_and_kernels_quick():
     report = mod.main(["--quick", "--rounds", "1", "--dispatch-only"])
     assert "direct / outer compiled" in report and report.count("| (") == 2
     # The GPU check's contender set, kernels in interpret mode on a CPU.
-    report = mod.main(["--quick", "--rounds", "1", "--skip-long", "--kernels", "--gpu-set", "--precision", "highest"])
+    report = mod.main(
+        [
+            "--quick",
+            "--rounds",
+            "1",
+            "--skip-long",
+            "--kernels",
+            "--gpu-set",
+            "--precision",
+            "highest",
+            "--cell",
+            "elman",
+        ]
+    )
     names = (
         "| bptt recurrence=scan |",
         "| bptt recurrence=pallas |",
@@ -87,7 +100,10 @@ def test_gpu_check_parts_quick(capsys):
 def test_train_speed_quick(tmp_path):
     mod = _load("train_speed", "benchmarks/train_speed.py")
     out = tmp_path / "train.md"
-    report = mod.main(["--quick", "--steps", "2", "--rounds", "1", "--warmup", "1", "--out", str(out)])
+    # eager PyTorch only: torch.compile's path is exercised by test_benchmark_script_quick (the same helper)
+    report = mod.main(
+        ["--quick", "--steps", "2", "--rounds", "1", "--warmup", "1", "--no-torch-compile", "--out", str(out)]
+    )
     assert out.read_text().strip() == report.strip()
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| bptt-jax")}
     assert set(rows) == {'bptt-jax, grad = "bptt"', 'bptt-jax, grad = "autodiff"'}
