@@ -100,7 +100,7 @@ def test_gpu_check_parts_quick(capsys):
 def test_train_speed_quick(tmp_path):
     mod = _load("train_speed", "benchmarks/train_speed.py")
     out = tmp_path / "train.md"
-    # eager PyTorch only: torch.compile's path is exercised by test_benchmark_script_quick (the same helper)
+    # eager PyTorch only (fast); the compiled loop differs from it only by torch.compile around loss_fn
     report = mod.main(
         ["--quick", "--steps", "2", "--rounds", "1", "--warmup", "1", "--no-torch-compile", "--out", str(out)]
     )
