@@ -140,6 +140,7 @@ def test_sigterm_to_the_command(tmp_path):
     assert len(said) == 1, stdout[-2000:]
     step = int(said[0].split(" at step ")[1].split(";")[0])
     assert said[0] == f"stopped by SIGTERM: state saved to {out / 'last.ckpt'} at step {step}; continue with --resume"
+    print(f"SIGTERM to one process: stopped and saved at step {step}, exit status {proc.returncode}")
     assert step >= 5  # past the rows we waited for, and no periodic checkpoint was due (every 1000000)
     assert checkpoint.read_header(out / "last.ckpt")["metadata"]["step"] == step
     summary = json.loads((out / "summary.json").read_text())
