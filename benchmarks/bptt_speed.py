@@ -27,7 +27,6 @@ import numpy as np
 
 import bptt_jax as bj
 from bptt_jax import kernels as bj_kernels
-from bptt_jax.interop import to_torch_state_dict
 
 SHAPES = [
     (50, 1, 32, 64, 32),
@@ -160,61 +159,9 @@ def flax_contender(spec):
 
 
 def torch_contender(spec, params, xs, targets, threads, compiled=False):
-    """nn.RNN + Linear, eager or under ``torch.compile`` (None when torch, or compilation, is unavailable)."""
-    try:
-        import torch
-    except Exception:
-        return None
-    torch.set_num_threads(threads)
-    n1 = spec.hidden_sizes[0]
-    model = torch.nn.ModuleDict(
-        {
-            "rnn": torch.nn.RNN(spec.input_size, n1, nonlinearity="tanh"),
-            "readout": torch.nn.Linear(n1, spec.output_size),
-        }
-    )
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_state_dict(params, spec).items()})
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU machine: nn.RNN runs cuDNN
-    model = model.to(dev)
-    x = torch.from_numpy(np.asarray(xs)).to(dev)
-    d = torch.from_numpy(np.asarray(targets)).long().to(dev)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    t, b = d.shape
-
-    def loss_fn(x, d):
-        out, _ = model["rnn"](x)
-        z2 = model["readout"](out)
-        return torch.nn.functional.cross_entropy(z2.reshape(t * b, -1), d.reshape(-1), reduction="sum") / b
-
-    if compiled:
-        try:
-            loss_fn, graphs = _gated().torch_compile(loss_fn)  # allow_rnn on: nn.RNN inside the graph
-            loss_fn(x, d).backward()  # compile now, outside the timed rounds
-            if not graphs():
-                print("torch.compile compiled no graph: the compiled column is eager", file=sys.stderr)
-        except Exception as e:  # no compiler toolchain, unsupported op, ...
-            print(f"torch.compile unavailable, contender skipped: {type(e).__name__}: {e}", file=sys.stderr)
-            return None
-
-    def run():
-        for p in model.parameters():
-            p.grad = None
-        loss = loss_fn(x, d)
-        loss.backward()
-        sync()
-        return loss
-
-    def grads():
-        run()
-        g = {k: p.grad.cpu().numpy().copy() for k, p in model.named_parameters()}
-        w1 = g["rnn.weight_ih_l0"].T
-        return bj.RNNParams(
-            (bj.LayerParams(w1, g["rnn.weight_hh_l0"].T, g["rnn.bias_ih_l0"]),),
-            (),
-            bj.ReadoutParams(g["readout.weight"].T, g["readout.bias"]),
-        )
-
-    return run, grads
+    """nn.RNN + Linear, eager or under ``torch.compile``: ``gated.torch_contender`` for the Elman cell
+    (None when torch, or compilation, is unavailable). Returns (run, grads, note)."""
+    return _gated().torch_contender("elman", spec, params, xs, targets, threads, compiled=compiled)
 
 
 def _gated():
@@ -345,7 +292,7 @@ def bench_shape(shape, rounds, threads, flops_per_s, kernels=False, gpu_set=Fals
         tc = torch_contender(spec, params, xs, targets, threads, compiled=compiled)
         if tc is None:
             continue
-        run, grads = tc
+        run, grads, _ = tc
         info[name] = {
             "compile_s": time.perf_counter() - t0 if compiled else float("nan"),
             "temp": float("nan"),
@@ -496,6 +443,16 @@ def gated_lines(cell, shapes, rounds, threads, flops_per_s, lines, out=None, tor
     return lines
 
 
+def _report(lines, out=None) -> str:
+    """Prints the report and writes it to ``out`` (when given); returns it."""
+    report = "\n".join(lines)
+    print(report)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(report + "\n")
+    return report
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds (smoke test)")
@@ -562,12 +519,7 @@ def main(argv=None):
         "",
     ]
     if args.dispatch_only:
-        report = "\n".join(lines + dispatch_lines(shapes, max(rounds, 41 if not args.quick else rounds)))
-        print(report)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(report + "\n")
-        return report
+        return _report(lines + dispatch_lines(shapes, max(rounds, 41 if not args.quick else rounds)), args.out)
     geo, summary = [], []
     for shape in shapes if "elman" in cells else []:
         med, info, roofline = bench_shape(
@@ -627,12 +579,7 @@ def main(argv=None):
             shapes_g = QUICK_SHAPES[1:] if args.quick else GATED_SHAPES  # quick: N, N1, M all different
             gated_lines(cell, shapes_g, rounds, args.threads, flops_per_s, lines, args.out, not args.no_torch_compile)
     if "elman" not in cells:
-        report = "\n".join(lines)
-        print(report)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                f.write(report + "\n")
-        return report
+        return _report(lines, args.out)
     lines += [
         f"Geometric mean speed-up of the direct bptt call over the best autodiff contender: "
         f"{float(np.exp(np.mean(np.log(geo)))):.2f}x",
@@ -670,12 +617,7 @@ def main(argv=None):
                     f"{info[k]['err']:.1e} |"
                 )
             lines.append("")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(report + "\n")
-    return report
+    return _report(lines, args.out)
 
 
 if __name__ == "__main__":

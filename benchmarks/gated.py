@@ -19,7 +19,7 @@ import bptt_jax as bj
 from bptt_jax.interop import from_torch_state_dict, to_torch_state_dict
 
 FLAX_CELLS = {"gru": "GRUCell", "lstm": "OptimizedLSTMCell"}
-TORCH_MODULES = {"gru": "GRU", "lstm": "LSTM"}
+TORCH_MODULES = {"elman": "RNN", "gru": "GRU", "lstm": "LSTM"}
 
 
 def _ce(z2s, targets):
@@ -165,16 +165,19 @@ def torch_compile(fn, allow_rnn=True):
 
 
 def torch_contender(cell, spec, params, xs, targets, threads, compiled=False):
-    """nn.GRU / nn.LSTM + Linear, eager or compiled; None when torch or its compiler is unavailable.
-    Returns (run, grads, note) where note says how many graphs torch.compile produced."""
+    """nn.RNN / nn.GRU / nn.LSTM + Linear, eager or compiled; None when torch or its compiler is
+    unavailable. Returns (run, grads, note) where note says how many graphs torch.compile produced."""
     try:
         import torch
     except Exception:
         return None
     torch.set_num_threads(threads)
     n1 = spec.hidden_sizes[0]
-    module = getattr(torch.nn, TORCH_MODULES[cell])
-    model = torch.nn.ModuleDict({"rnn": module(spec.input_size, n1), "readout": torch.nn.Linear(n1, spec.output_size)})
+    if cell == "elman":
+        rnn = torch.nn.RNN(spec.input_size, n1, nonlinearity=spec.activation)
+    else:
+        rnn = getattr(torch.nn, TORCH_MODULES[cell])(spec.input_size, n1)
+    model = torch.nn.ModuleDict({"rnn": rnn, "readout": torch.nn.Linear(n1, spec.output_size)})
     model.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_state_dict(params, spec).items()})
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev)
@@ -216,7 +219,10 @@ def torch_contender(cell, spec, params, xs, targets, threads, compiled=False):
 
     def grads():
         run()
-        return from_torch_state_dict({k: p.grad.cpu().numpy() for k, p in model.named_parameters()}, spec)
+        g = {k: p.grad.cpu().numpy() for k, p in model.named_parameters()}
+        if cell == "elman":  # b1 = bias_ih + bias_hh; its gradient is either one's, not their sum
+            g = {k: np.zeros_like(v) if "bias_hh" in k else v for k, v in g.items()}
+        return from_torch_state_dict(g, spec)
 
     return run, grads, note
 

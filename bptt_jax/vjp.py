@@ -76,6 +76,7 @@ def rnn_states(
     unroll: int | None = None,
     recurrence: str = "auto",
     return_last: bool = False,
+    grad: str = "bptt",
 ):
     """The top layer's merged states, differentiable (once) through the explicit BPTT.
 
@@ -89,12 +90,20 @@ def rnn_states(
       return_last: also return every (layer, direction) entry's final state, as ``bptt``'s
         ``h_last`` (L*D entries; (h, c) pairs for the LSTM), differentiable: their cotangents enter
         each entry's reverse recurrence as its first carry.
+      grad: "bptt" (the custom VJP) or "autodiff": the same forward scans without it, so that
+        ``jax.grad`` differentiates them (the oracle; layers expose it as their ``grad`` option).
 
     Returns:
       [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net), or
       (states, h_last) with ``return_last``. Works under jit, vmap and inside lax.scan.
     """
+    if grad not in ("bptt", "autodiff"):
+        raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
-    states, last = _states(spec, scan.resolve_unroll(unroll), rec, params, xs, h0, lengths)
+    if grad == "bptt":
+        states, last = _states(spec, scan.resolve_unroll(unroll), rec, params, xs, h0, lengths)
+    else:
+        traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=scan.resolve_unroll(unroll), recurrence=rec)
+        states, last = traces[-1].merged, _last(traces)
     return (states, spec.public_states(last)) if return_last else states

@@ -1,11 +1,14 @@
 """bptt_jax.layers.nnx.RNN against Flax NNX's own nnx.RNN with the corresponding cell (forward, final
 carries, gradients; float64), inside nnx.Bidirectional, trained with nnx.Optimizer, split/merged."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 nnx = pytest.importorskip("flax.nnx")
 
@@ -211,3 +214,52 @@ def test_stacked_rnn_equals_its_layers_and_autodiff(cell, bidirectional):
         assert len(got) == len(want) == len(bnnx._NAMES[cell]) * 2 * (1 + bidirectional)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+class LayerGradientsTest(chex.TestCase):
+    """Property: the layer's gradients (explicit BPTT) equal the same layer with grad="autodiff", over
+    cells, batch layouts, lengths, reverse / keep_order and initial carries, in float64 and float32."""
+
+    @chex.variants(with_jit=True)
+    @settings(max_examples=min(6, settings().max_examples))
+    @given(
+        cell=st.sampled_from(["elman", "gru", "lstm"]),
+        batch=st.sampled_from([(2,), (2, 2)]),
+        t_len=st.integers(1, 5),
+        reverse=st.booleans(),
+        keep_order=st.booleans(),
+        use_lengths=st.booleans(),
+        use_carry=st.booleans(),
+        dtype=st.sampled_from(["float64", "float32"]),
+        seed=st.integers(0, 2**16),
+    )
+    def test_bptt_equals_autodiff(self, cell, batch, t_len, reverse, keep_order, use_lengths, use_carry, dtype, seed):
+        with jax.enable_x64(True):
+            dt = jnp.dtype(dtype)
+            rng = np.random.RandomState(seed)
+            xs = jnp.asarray(rng.randn(*batch, t_len, N), dt)
+            lengths = jnp.asarray(rng.randint(0, t_len + 1, size=batch)) if use_lengths else None
+            valid = (jnp.arange(t_len) < (t_len if lengths is None else lengths[..., None]))[..., None]
+            carry = None
+            if use_carry:
+                h = lambda: jnp.asarray(rng.randn(*batch, N1) * 0.5, dt)  # noqa: E731
+                carry = (h(), h()) if cell == "lstm" else h()
+            kw = dict(
+                seq_lengths=lengths, initial_carry=carry, return_carry=True, reverse=reverse, keep_order=keep_order
+            )
+
+            def grads(grad):
+                layer = bnnx.RNN(N, N1, cell=cell, grad=grad, param_dtype=dt, rngs=nnx.Rngs(seed % 7))
+                graphdef, state = nnx.split(layer)
+
+                def loss(state, carry):
+                    c, ys = nnx.merge(graphdef, state)(xs, **dict(kw, initial_carry=carry))
+                    return _loss(c, jnp.where(valid, ys, 0.0), valid)
+
+                return self.variant(jax.grad(loss, argnums=(0, 1)))(state, carry)
+
+            got, want = grads("bptt"), grads("autodiff")
+            tol = 1e-10 if dtype == "float64" else 2e-4
+            for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                scale = max(float(jnp.max(jnp.abs(b))), 1e-30)
+                assert float(jnp.max(jnp.abs(a - b))) / scale < tol

@@ -98,27 +98,40 @@ def test_inside_outer_scan():
     assert ref.max_rel_err(g, want) < 1e-5
 
 
-@settings(max_examples=min(6, settings().max_examples))  # three jits per example; the cells' VJP has its own tests
-@given(problem=ref.problems(cells=("elman", "gru", "lstm")), seed=st.integers(0, 2**16))
-def test_final_states_are_differentiable_too(problem, seed):
+class FinalStatesTest(chex.TestCase):
     """rnn_states(..., return_last=True): cotangents on the states AND on every entry's final state
     (a carry handed to the next chunk, nnx.RNN's return_carry) equal autodiff of the plain scans."""
-    with jax.enable_x64(True):
-        p = ref.cast(problem, jnp.float64)
-        spec = p.spec
 
-        def plain(params, xs, h0):
-            traces = scan.run_stack(params, spec, xs, spec.internal_states(h0), p.lengths)
-            return traces[-1].merged, spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
+    @chex.variants(with_jit=True)
+    @settings(max_examples=min(6, settings().max_examples))  # three compiles per example
+    @given(
+        problem=ref.problems(cells=("elman", "gru", "lstm")),
+        seed=st.integers(0, 2**16),
+        dtype=st.sampled_from(["float64", "float32"]),
+    )
+    def test_final_states_are_differentiable_too(self, problem, seed, dtype):
+        with jax.enable_x64(True):
+            p = ref.cast(problem, jnp.dtype(dtype))
+            spec = p.spec
+            tol = 1e-10 if dtype == "float64" else 2e-4
 
-        h0 = p.h0 or ref.zero_h0(spec, p.xs.shape[1], p.xs.dtype)  # public: (h, c) pairs for the LSTM
-        f = jax.jit(lambda params, xs, h0: rnn_states(params, spec, xs, h0=h0, lengths=p.lengths, return_last=True))
-        out, pullback = jax.vjp(f, p.params, p.xs, h0)
-        want_out, want_pullback = jax.vjp(plain, p.params, p.xs, h0)
-        assert ref.max_rel_err(out, want_out) < 1e-12
-        rng = np.random.RandomState(seed)
-        ct = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.randn(*a.shape)), out)
-        assert ref.max_rel_err(pullback(ct), want_pullback(ct)) < 1e-10
-        # The final states alone (states unused): only the carry's cotangent drives the gradient.
-        ct_last_only = (jnp.zeros_like(out[0]), ct[1])
-        assert ref.max_rel_err(pullback(ct_last_only), want_pullback(ct_last_only)) < 1e-10
+            def plain(params, xs, h0):
+                traces = scan.run_stack(params, spec, xs, spec.internal_states(h0), p.lengths)
+                return traces[-1].merged, spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
+
+            h0 = p.h0 or ref.zero_h0(spec, p.xs.shape[1], p.xs.dtype)  # public: (h, c) pairs for the LSTM
+            f = self.variant(
+                lambda params, xs, h0: rnn_states(params, spec, xs, h0=h0, lengths=p.lengths, return_last=True)
+            )
+            out, pullback = jax.vjp(f, p.params, p.xs, h0)
+            want_out, want_pullback = jax.vjp(plain, p.params, p.xs, h0)
+            assert ref.max_rel_err(out, want_out) < (1e-12 if dtype == "float64" else 1e-5)
+            rng = np.random.RandomState(seed)
+            ct = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.randn(*a.shape), a.dtype), out)
+            assert ref.max_rel_err(pullback(ct), want_pullback(ct)) < tol
+            # The final states alone (states unused): only the carry's cotangent drives the gradient.
+            ct_last_only = (jnp.zeros_like(out[0]), ct[1])
+            assert ref.max_rel_err(pullback(ct_last_only), want_pullback(ct_last_only)) < tol
+            # grad="autodiff" is that same plain computation (the layers' oracle)
+            g = lambda a, b, c: rnn_states(a, spec, b, h0=c, lengths=p.lengths, return_last=True, grad="autodiff")  # noqa: E731
+            assert ref.max_rel_err(jax.vjp(g, p.params, p.xs, h0)[1](ct), want_pullback(ct)) < tol

@@ -21,7 +21,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from bptt_jax import cells, checks, scan
+from bptt_jax import cells
 from bptt_jax.params import ReadoutParams, RNNParams, RNNSpec, init_params
 from bptt_jax.vjp import rnn_states
 
@@ -95,14 +95,9 @@ class RNN(eqx.Module):
         lengths = None if length is None else jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
         readout = ReadoutParams(jnp.zeros((n1, 1), x.dtype), jnp.zeros((1,), x.dtype))  # unused: not a field
         params = RNNParams((self.layer,), (), readout)
-        if self.grad == "bptt":
-            states, last = rnn_states(
-                params, self.spec, x, h0=h0, lengths=lengths, unroll=self.unroll, return_last=True
-            )
-        else:
-            x, h0_i, lengths = checks.check_inputs(params, self.spec, x, h0, lengths)
-            traces = scan.run_stack(params, self.spec, x, h0_i, lengths, unroll=scan.resolve_unroll(self.unroll))
-            states, last = traces[-1].merged, self.spec.public_states(tuple(h[-1] for h in traces[0].states))
+        states, last = rnn_states(
+            params, self.spec, x, h0=h0, lengths=lengths, unroll=self.unroll, return_last=True, grad=self.grad
+        )
         hs = states[:, 0]
         if not return_last:
             return hs

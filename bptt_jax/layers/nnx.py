@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bptt_jax import cells, checks, scan
+from bptt_jax import cells, scan
 from bptt_jax.params import ReadoutParams, RNNParams, RNNSpec, init_params
 from bptt_jax.vjp import rnn_states
 
@@ -136,50 +136,27 @@ class RNN(nnx.Module):
         time_major = self.time_major if time_major is None else time_major
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
-        inputs = jnp.asarray(inputs)
-        if inputs.ndim < 2 or inputs.shape[-1] != self.in_features:
-            raise ValueError(
-                f"inputs: expected [*batch, T, {self.in_features}] (time_major: [T, *batch, {self.in_features}]), "
-                f"got shape {inputs.shape}"
-            )
-        x = inputs if time_major else jnp.moveaxis(inputs, -2, 0)  # [T, *batch, N]
-        t_len, batch_dims = x.shape[0], x.shape[1:-1]
-        b = math.prod(batch_dims)
-        x = x.reshape(t_len, b, self.in_features)
-        lengths = None
-        if seq_lengths is not None:
-            seq_lengths = jnp.asarray(seq_lengths)
-            if seq_lengths.shape != batch_dims:
-                raise ValueError(
-                    f"seq_lengths: expected shape {batch_dims} (the batch dimensions), got {seq_lengths.shape}"
-                )
-            lengths = seq_lengths.reshape(b).astype(jnp.int32)
+        x, batch_dims, lengths = _time_major(inputs, self.in_features, time_major, seq_lengths)
+        b = x.shape[1]
         if reverse:  # as Flax's flip_sequences on the valid steps: the first becomes the last
             x = scan.reverse_padded(x, lengths)
         if initial_carry is None:
             initial_carry = self.initialize_carry((*batch_dims, self.in_features))
         h0 = self._h0(initial_carry, batch_dims, b)
-        params = self._params(x.dtype)
-        if self.grad == "bptt":
-            states, h_last = rnn_states(
-                params,
-                self.spec,
-                x,
-                h0=h0,
-                lengths=lengths,
-                unroll=self.unroll,
-                recurrence=self.recurrence,
-                return_last=True,
-            )
-        else:  # the forward scans, differentiated by JAX
-            xs, h0_i, lengths = checks.check_inputs(params, self.spec, x, h0, lengths)
-            traces = scan.run_stack(params, self.spec, xs, h0_i, lengths, unroll=scan.resolve_unroll(self.unroll))
-            states = traces[-1].merged
-            h_last = self.spec.public_states(tuple(h[-1] for h in traces[0].states))
+        states, h_last = rnn_states(
+            self._params(x.dtype),
+            self.spec,
+            x,
+            h0=h0,
+            lengths=lengths,
+            unroll=self.unroll,
+            recurrence=self.recurrence,
+            return_last=True,
+            grad=self.grad,
+        )
         if reverse and keep_order:
             states = scan.reverse_padded(states, lengths)
-        outputs = states.reshape(t_len, *batch_dims, self.hidden_features)
-        outputs = outputs if time_major else jnp.moveaxis(outputs, 0, -2)
+        outputs = _batch_layout(states, batch_dims, time_major)
         if not return_carry:
             return outputs
         last = h_last[0]
@@ -360,23 +337,8 @@ class StackedRNN(nnx.Module):
         (``out_features`` wide) in the same layout, or (carry, outputs) with ``return_carry``."""
         spec = self.spec
         time_major = self.time_major if time_major is None else time_major
-        inputs = jnp.asarray(inputs)
-        if inputs.ndim < 2 or inputs.shape[-1] != spec.input_size:
-            raise ValueError(
-                f"inputs: expected [*batch, T, {spec.input_size}] (time_major: [T, *batch, N]), got {inputs.shape}"
-            )
-        x = inputs if time_major else jnp.moveaxis(inputs, -2, 0)
-        t_len, batch_dims = x.shape[0], x.shape[1:-1]
-        b = math.prod(batch_dims)
-        x = x.reshape(t_len, b, spec.input_size)
-        lengths = None
-        if seq_lengths is not None:
-            seq_lengths = jnp.asarray(seq_lengths)
-            if seq_lengths.shape != batch_dims:
-                raise ValueError(
-                    f"seq_lengths: expected shape {batch_dims} (the batch dimensions), got {seq_lengths.shape}"
-                )
-            lengths = seq_lengths.reshape(b).astype(jnp.int32)
+        x, batch_dims, lengths = _time_major(inputs, spec.input_size, time_major, seq_lengths)
+        b = x.shape[1]
         h0 = None
         if initial_carry is not None:
             entries = len(spec.state_sizes())
@@ -388,29 +350,51 @@ class StackedRNN(nnx.Module):
         params = RNNParams(
             tuple(w.params() for w in self.layers), tuple(w.params() for w in self.reverse_layers), readout
         )
-        if self.grad == "bptt":
-            states, last = rnn_states(
-                params,
-                spec,
-                x,
-                h0=h0,
-                lengths=lengths,
-                unroll=self.unroll,
-                recurrence=self.recurrence,
-                return_last=True,
-            )
-        else:
-            xs, h0_i, lengths = checks.check_inputs(params, spec, x, h0, lengths)
-            traces = scan.run_stack(params, spec, xs, h0_i, lengths, unroll=scan.resolve_unroll(self.unroll))
-            states = traces[-1].merged
-            last = spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
-        outputs = states.reshape(t_len, *batch_dims, -1)
-        outputs = outputs if time_major else jnp.moveaxis(outputs, 0, -2)
+        states, last = rnn_states(
+            params,
+            spec,
+            x,
+            h0=h0,
+            lengths=lengths,
+            unroll=self.unroll,
+            recurrence=self.recurrence,
+            return_last=True,
+            grad=self.grad,
+        )
+        outputs = _batch_layout(states, batch_dims, time_major)
         if not return_carry:
             return outputs
         shape = lambda a: a.reshape(*batch_dims, -1)  # noqa: E731
         carry = tuple((shape(e[1]), shape(e[0])) if spec.is_lstm else shape(e) for e in last)
         return carry, outputs
+
+
+def _time_major(inputs, n_in: int, time_major: bool, seq_lengths):
+    """``nnx.RNN``'s layouts -> (xs [T, B, N] with B the product of the batch dimensions, the batch
+    dimensions, lengths [B] or None), with named errors for a wrong width or ``seq_lengths`` shape."""
+    inputs = jnp.asarray(inputs)
+    if inputs.ndim < 2 or inputs.shape[-1] != n_in:
+        raise ValueError(
+            f"inputs: expected [*batch, T, {n_in}] (time_major: [T, *batch, {n_in}]), got shape {inputs.shape}"
+        )
+    x = inputs if time_major else jnp.moveaxis(inputs, -2, 0)  # [T, *batch, N]
+    t_len, batch_dims = x.shape[0], x.shape[1:-1]
+    b = math.prod(batch_dims)
+    lengths = None
+    if seq_lengths is not None:
+        seq_lengths = jnp.asarray(seq_lengths)
+        if seq_lengths.shape != batch_dims:
+            raise ValueError(
+                f"seq_lengths: expected shape {batch_dims} (the batch dimensions), got {seq_lengths.shape}"
+            )
+        lengths = seq_lengths.reshape(b).astype(jnp.int32)
+    return x.reshape(t_len, b, n_in), batch_dims, lengths
+
+
+def _batch_layout(states, batch_dims, time_major: bool):
+    """[T, B, F] -> the caller's layout: [*batch, T, F], or [T, *batch, F] when time-major."""
+    out = states.reshape(states.shape[0], *batch_dims, states.shape[-1])
+    return out if time_major else jnp.moveaxis(out, 0, -2)
 
 
 def _set(linear: Any, **arrays) -> None:
