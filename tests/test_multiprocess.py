@@ -182,7 +182,9 @@ def test_lost_peer_stops_the_others_with_a_named_error(configs, tmp_path):
     assert launcher.returncode != 0
     assert "Traceback" not in stderr  # however process 0 noticed the loss, it says the same line:
     lines = [line for line in stderr.splitlines() if line.startswith("error: process 1 of 2 stopped responding")]
-    assert len(lines) == 1 and lines[0].endswith(f"stopping process 0 of 2; the last checkpoint is {out / 'last.ckpt'}")
+    assert len(lines) == 1 and lines[0].endswith(
+        f"stopping process 0 of 2; the last checkpoint is {out / 'last.ckpt'}"
+    ), stderr[-4000:]  # (once, under two full suites at once on 2 cores, the line was missing: keep the evidence)
     assert "error: process 1 of 2 was killed by signal 9" in stderr  # the launcher's
     assert f"error: process 0 of 2 exited with code {EXIT_PEER_LOST}" in stderr
     assert took < 10 + 30  # train.peer_timeout_s plus a margin for a loaded machine
