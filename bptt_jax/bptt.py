@@ -77,6 +77,7 @@ class BPTTAux(NamedTuple):
     dxs: Array | None  # [T, B, N] dDIV/dX, only with with_dxs=True (else None)
     dh_norms: Array | None  # [T, L*D] ||dDIV/dh(t)|| averaged over the batch, in input time
     h_last: tuple  # L*D entries [B, N1] ((h, c) pairs for the LSTM): the forward pass's final states
+    dc_norms: Array | None = None  # LSTM, with diagnostics: [T, L*D] ||dDIV/dc(t)||, as dh_norms
 
 
 def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = None) -> int:
@@ -674,7 +675,10 @@ def _bptt(
         dxs = None if dxs is None else dxs[:t_len]
         norms = None if norms is None else norms[:t_len]
     div, grads = checks.poison(bad, (div, grads))
-    aux = BPTTAux(spec.public_states(dh0), dxs if with_dxs else None, norms, spec.public_states(h_last))
+    dc_norms = None
+    if norms is not None and norms.ndim == 3:  # the LSTM's cells give (||dh(t)||, ||dc(t)||) per step
+        norms, dc_norms = norms[..., 0], norms[..., 1]
+    aux = BPTTAux(spec.public_states(dh0), dxs if with_dxs else None, norms, spec.public_states(h_last), dc_norms)
     return div, grads, aux
 
 

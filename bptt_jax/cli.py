@@ -136,8 +136,9 @@ def gradcheck(cfg, tolerance: float = 1e-4) -> dict:
     params = runner.initial_state(cfg, spec, optimizer).params
     batch = task.train_batch(0)
     xs = jnp.asarray(batch.xs)
-    value, grads, _ = bptt(params, spec, xs, batch.targets, weights=batch.weights)
-    want_value, want = jax.value_and_grad(lambda p: loss(p, spec, xs, batch.targets, weights=batch.weights))(params)
+    kw = dict(weights=batch.weights, lengths=batch.lengths)
+    value, grads, _ = bptt(params, spec, xs, batch.targets, **kw)
+    want_value, want = jax.value_and_grad(lambda p: loss(p, spec, xs, batch.targets, **kw))(params)
     worst = abs(float(value) - float(want_value)) / max(abs(float(want_value)), 1e-30)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
         scale = float(jnp.max(jnp.abs(b)))

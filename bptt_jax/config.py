@@ -119,12 +119,16 @@ HELP = {
     ("model", "init_scale"): "scale of the orthogonal / identity / normal initialisations",
     ("model", "cell"): 'the recurrent cell: "elman" (the lecture notes\' layer), "gru" or "lstm"',
     ("model", "forget_bias"): "the LSTM's forget-gate bias at initialisation (0 as PyTorch; 1 is common)",
-    ("data", "task"): "text (next character), adding (the adding problem), infill (masked characters)",
+    ("data", "task"): "text (next character), adding (the adding problem), infill (masked characters), "
+    "arrays (your own sequences: a .npz file in data.path)",
     ("data", "corpus"): "pydoc (built in), stdlib (Python's .py sources) or file (data.path)",
-    ("data", "path"): 'a UTF-8 text file when corpus = "file"',
-    ("data", "seq_len"): "T, steps per chunk (characters per truncated-BPTT chunk for text)",
+    ("data", "path"): 'a UTF-8 text file when corpus = "file"; the .npz file of the arrays task',
+    ("data", "seq_len"): "T, steps per chunk (characters per truncated-BPTT chunk for text; arrays: from the file)",
     ("data", "batch_size"): "B, the global batch (split over devices)",
-    ("data", "validation_fraction"): "share of the text held out at its end",
+    (
+        "data",
+        "validation_fraction",
+    ): "share of the text held out at its end (arrays: of the sequences, a fixed random draw)",
     ("data", "mask_prob"): "infill: share of characters masked (at least one per window)",
     ("data", "adding_length"): "adding: the sequence length T",
     ("data", "test_size"): "adding / infill: fixed test sequences",
@@ -159,7 +163,8 @@ HELP = {
     ("train", "coordinator_address"): "multi-host: host:port of process 0 (or env BPTT_JAX_COORDINATOR)",
     ("train", "num_processes"): "multi-host: number of processes (or env BPTT_JAX_NUM_PROCESSES)",
     ("train", "process_id"): "multi-host: this process's index (or env BPTT_JAX_PROCESS_ID)",
-    ("train", "peer_timeout_s"): "several processes: seconds without a peer's heartbeat before the others stop",
+    ("train", "peer_timeout_s"): "several processes: a peer silent for half of this is lost and the others stop "
+    "(JAX's own heartbeat gets 3x this)",
     ("output", "dir"): "default output directory (--out overrides)",
     ("output", "sample_length"): "characters sampled from the best checkpoint at the end (text)",
     ("output", "temperature"): "sampling temperature",
@@ -186,7 +191,7 @@ CHOICES = {
     ("model", "merge"): ("concat", "sum"),
     ("model", "init"): ("uniform", "orthogonal", "identity", "normal"),
     ("model", "cell"): ("elman", "gru", "lstm"),
-    ("data", "task"): ("text", "adding", "infill"),
+    ("data", "task"): ("text", "adding", "infill", "arrays"),
     ("data", "corpus"): ("pydoc", "stdlib", "file"),
     ("optim", "name"): ("sgd", "momentum", "adam", "adagrad", "rmsprop"),
     ("optim", "schedule"): ("constant", "cosine", "warmup_cosine", "warmup_constant"),
@@ -328,6 +333,8 @@ def _check_combination(cfg: Config, source: str) -> None:
             f"{source}: model.bidirectional = true cannot be used with data.task = 'text' "
             "(a language model must not see the future); use task 'infill'"
         )
+    if cfg.data.task == "arrays" and not cfg.data.path:
+        raise ConfigError(f"{source}: data.path must name a .npz file of sequences when data.task = 'arrays'")
     if cfg.data.corpus == "file" and not cfg.data.path:
         raise ConfigError(f"{source}: data.path must name a UTF-8 file when data.corpus = 'file'")
 

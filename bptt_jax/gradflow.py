@@ -36,6 +36,11 @@ from bptt_jax.params import RNNParams, RNNSpec
 FIT_FLOOR, FIT_CEILING = 1e-15, 1e15
 
 
+# The LSTM's lines of ||dDIV/dc(t)|| (the constant error carousel's gradient) are named after the h
+# line of the same layer and direction with this suffix.
+CELL_SUFFIX = " c(t)"
+
+
 class GradflowError(ValueError):
     """The gradient-flow picture cannot be drawn for these inputs (the message says why)."""
 
@@ -55,7 +60,9 @@ def gradient_flow(params: RNNParams, spec: RNNSpec, batch) -> dict[str, np.ndarr
         step: the last for the forward nets, the first for the reverse nets.
 
     Returns:
-      {``spec.state_labels()`` entry: [T] norms, entry k at distance k from the loss step}.
+      {``spec.state_labels()`` entry: [T] norms, entry k at distance k from the loss step}; for the
+      LSTM each entry is followed by ``entry + CELL_SUFFIX``: ||dDIV/dc(t)|| (``aux.dc_norms``), the
+      gradient reaching the cell state through the carousel c(t) = f c(t-1) + i g and through h(t).
     """
     xs = jnp.asarray(batch.xs)
     t_len, b = xs.shape[0], xs.shape[1]
@@ -67,11 +74,14 @@ def gradient_flow(params: RNNParams, spec: RNNSpec, batch) -> dict[str, np.ndarr
     for direction, step in ((0, t_len - 1), (1, 0))[:d]:
         w = jnp.asarray(_one_step_weights(t_len, b, step), xs.dtype)
         _, _, aux = bptt(params, spec, xs, batch.targets, weights=w, diagnostics=True)
-        norms = np.asarray(aux.dh_norms, np.float64)  # [T, L*D] in input time
-        for j, label in enumerate(labels):
-            if j % d == direction:
-                out[label] = norms[::-1, j].copy() if direction == 0 else norms[:, j].copy()
-    return {label: out[label] for label in labels}  # in the order layer * D + direction
+        profiles = [("", aux.dh_norms)] + ([(CELL_SUFFIX, aux.dc_norms)] if aux.dc_norms is not None else [])
+        for suffix, found in profiles:
+            norms = np.asarray(found, np.float64)  # [T, L*D] in input time
+            for j, label in enumerate(labels):
+                if j % d == direction:
+                    out[label + suffix] = norms[::-1, j].copy() if direction == 0 else norms[:, j].copy()
+    suffixes = ("", CELL_SUFFIX) if spec.cell == "lstm" else ("",)
+    return {label + x: out[label + x] for label in labels for x in suffixes}  # order layer * D + direction
 
 
 def fit_rate(norms: np.ndarray) -> tuple[float, tuple[int, int] | None]:
@@ -102,7 +112,7 @@ def write(profile: dict[str, np.ndarray], out_dir, *, title: str = "", meta: dic
         lines.append(
             {
                 "label": label,
-                "loss_step": "first" if label.endswith("reverse") else "last",
+                "loss_step": "first" if label.removesuffix(CELL_SUFFIX).endswith("reverse") else "last",
                 "rate": rate,
                 "fit_distances": list(span) if span else None,
                 "norms": [float(v) for v in norms],
@@ -129,7 +139,9 @@ def plot(profiles: dict[str, np.ndarray], path, *, title: str = "", rates: dict[
         text = label if rate is None or not math.isfinite(rate) else f"{label} (rate {rate:.3g}/step)"
         ax.semilogy(k[keep], norms[keep], label=text)
     ax.set_xlabel("distance from the loss step, T - 1 - t (reverse nets: t)")
-    ax.set_ylabel("mean ||dDIV/dh(t)||")
+    ax.set_ylabel(
+        "mean ||dDIV/dh(t)||" + ("; c(t) lines: ||dDIV/dc(t)||" if any(CELL_SUFFIX in k for k in profiles) else "")
+    )
     ax.set_title(title or "gradient reaching h(t), loss on one step")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -211,8 +223,6 @@ def run(cfg, out_dir, *, from_dir=None, checkpoint: str = "best", log=print) -> 
         profile, out_dir, title=title if from_dir is None else f"{kind}, T = {meta['T']}, trained", meta=meta
     )
     for line in record["lines"]:
-        log(
-            f"{line['label']}: fitted rate {line['rate']:.4g} per step over distances {line['fit_distances']}; "
-            f"W11 spectral radius {radius[line['label']]:.4g}"
-        )
+        rho = f"; W11 spectral radius {radius[line['label']]:.4g}" if spec.cell == "elman" else ""
+        log(f"{line['label']}: fitted rate {line['rate']:.4g} per step over distances {line['fit_distances']}{rho}")
     return record

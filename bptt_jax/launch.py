@@ -106,11 +106,14 @@ def launch(
     base_env = dict(os.environ if env is None else env)
     cfg = load_config(config, overrides)
     _, devices = plan(cfg, processes, base_env)
+    from bptt_jax.data import ArraysError, load_arrays
     from bptt_jax.runner import RunError, check_destination
 
     try:
         run_dir = check_destination(out)
-    except RunError as e:
+        if cfg.data.task == "arrays":  # a bad file is named before anything is written or started
+            load_arrays(cfg.data.path)
+    except (RunError, ArraysError) as e:
         raise LaunchError(str(e)) from None
     if not resume and ((run_dir / "last.ckpt").exists() or (run_dir / "metrics.jsonl").exists()):
         raise LaunchError(f"{out} already holds a run; pass --resume to continue it or choose another --out")

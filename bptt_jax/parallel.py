@@ -30,6 +30,7 @@ from bptt_jax import train
 from bptt_jax.params import RNNSpec
 
 AXIS = "data"
+JAX_HEARTBEAT_FACTOR = 3  # JAX's heartbeat timeout over train.peer_timeout_s (initialize_distributed)
 
 
 def initialize_distributed(
@@ -39,8 +40,12 @@ def initialize_distributed(
     BPTT_JAX_COORDINATOR, BPTT_JAX_NUM_PROCESSES, BPTT_JAX_PROCESS_ID. Returns True if it did.
 
     On CPUs the collectives run over gloo (TCP), so several processes on one machine exercise the
-    same code as several hosts. ``peer_timeout_s`` is JAX's heartbeat timeout: when a process dies,
-    the others stop with an error naming it after at most about that long, instead of hanging.
+    same code as several hosts. The peer watch (``watch_peers``) names a dead process after
+    ``peer_timeout_s / 2``; JAX's own heartbeat, which aborts the survivors with a runtime log and no
+    message of ours, gets ``JAX_HEARTBEAT_FACTOR * peer_timeout_s``. It must stay well behind the
+    watch: its clients beat only every few seconds, so with the same timeout as ``peer_timeout_s`` = 10
+    it aborted the survivor 7.4 s after a SIGKILL (measured), racing a watch that speaks at 5 to 6 s;
+    with 3 x 10 s, 19.5 s after it.
     """
     address = coordinator_address or os.environ.get("BPTT_JAX_COORDINATOR", "")
     n = int(os.environ.get("BPTT_JAX_NUM_PROCESSES", num_processes))
@@ -51,7 +56,10 @@ def initialize_distributed(
         raise ValueError("train.coordinator_address: needed (host:port of process 0) when num_processes > 1")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # a runtime choice, before any device use
     jax.distributed.initialize(
-        coordinator_address=address, num_processes=n, process_id=pid, heartbeat_timeout_seconds=int(peer_timeout_s)
+        coordinator_address=address,
+        num_processes=n,
+        process_id=pid,
+        heartbeat_timeout_seconds=int(JAX_HEARTBEAT_FACTOR * peer_timeout_s),
     )
     return True
 
@@ -70,8 +78,9 @@ class PeerWatch:
     itself cannot be reached, process 0 (which holds it) is the one lost.
 
     JAX's own heartbeat (``heartbeat_timeout_seconds``) also ends the survivors, by an abort with
-    a runtime log, after the full train.peer_timeout_s; the watch uses half of it, so its message
-    comes first. Checkpoints are written atomically, so the last one on disk stays loadable.
+    a runtime log, once a peer has been silent for ``JAX_HEARTBEAT_FACTOR`` x train.peer_timeout_s
+    (from its last beat, which can be seconds before its death); the watch uses half of
+    train.peer_timeout_s, so its message comes first. Checkpoints are written atomically, so the last one on disk stays loadable.
 
     When the main thread fails first (a collective whose peer is gone raises), ``explain()`` gives the
     watch the time it needs to name the peer, so the user reads the same one line either way.
@@ -237,8 +246,9 @@ def make_mesh(devices: str, batch_size: int) -> Mesh:
     return Mesh(np.array(devs), (AXIS,))
 
 
-def batch_sharding(mesh: Mesh):
-    """Shardings of a data.Batch: B is axis 1 of xs/targets/weights and axis 0 of reset."""
+def batch_sharding(mesh: Mesh, lengths: bool = False):
+    """Shardings of a data.Batch: B is axis 1 of xs/targets/weights and axis 0 of reset and of
+    lengths (None when the batches have no lengths)."""
     from bptt_jax.data import Batch
 
     tree: Any = Batch  # the NamedTuple as a tree of shardings, not of arrays
@@ -247,13 +257,14 @@ def batch_sharding(mesh: Mesh):
         NamedSharding(mesh, P(None, AXIS)),
         NamedSharding(mesh, P(None, AXIS)),
         NamedSharding(mesh, P(AXIS)),
+        NamedSharding(mesh, P(AXIS)) if lengths else None,
     )
 
 
 def shard_batch(mesh: Mesh, batch):
     """Places a global NumPy batch on the mesh. With several hosts each host passes the full global
     batch and keeps only its own slice of B (the batches are a pure function of (seed, step))."""
-    shardings = batch_sharding(mesh)
+    shardings = batch_sharding(mesh, lengths=batch.lengths is not None)
     if jax.process_count() == 1:
         return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, s), batch, shardings)
     n, pid = jax.process_count(), jax.process_index()
@@ -263,12 +274,13 @@ def shard_batch(mesh: Mesh, batch):
         part = np.split(a, n, axis=axis)[pid]
         return jax.make_array_from_process_local_data(s, part, a.shape)
 
-    xs, tg, w, reset = batch
+    xs, tg, w, reset, lengths = batch
     return type(batch)(
         local(xs, shardings.xs, 1),
         local(tg, shardings.targets, 1),
         local(w, shardings.weights, 1),
         local(reset, shardings.reset, 0),
+        None if lengths is None else local(lengths, shardings.lengths, 0),
     )
 
 
@@ -297,13 +309,25 @@ def make_sharded_train_step(spec: RNNSpec, optimizer, devices: str, batch_size: 
     metrics_tree: Any = train.StepMetrics
     batch_tree: Any = type(batch_sharding(mesh))
     state_spec = state_tree(P(), P(), P(), tuple(P(AXIS) for _ in spec.state_sizes()), P(), P())
-    batch_spec = batch_tree(P(None, AXIS), P(None, AXIS), P(None, AXIS), P(AXIS))
     metrics_spec = metrics_tree(P(), P(), P(), P())
-    sharded = jax.jit(
-        jax.shard_map(
-            inner, mesh=mesh, in_specs=(state_spec, batch_spec), out_specs=(state_spec, metrics_spec), check_vma=False
-        )
-    )
+    compiled: dict[bool, Any] = {}  # batches with and without lengths (a task has one kind: one compile)
+
+    def sharded(state, batch):
+        has_lengths = batch.lengths is not None
+        if has_lengths not in compiled:
+            batch_spec = batch_tree(
+                P(None, AXIS), P(None, AXIS), P(None, AXIS), P(AXIS), P(AXIS) if has_lengths else None
+            )
+            compiled[has_lengths] = jax.jit(
+                jax.shard_map(
+                    inner,
+                    mesh=mesh,
+                    in_specs=(state_spec, batch_spec),
+                    out_specs=(state_spec, metrics_spec),
+                    check_vma=False,
+                )
+            )
+        return compiled[has_lengths](state, batch)
 
     state_shardings = jax.tree_util.tree_map(
         lambda spec_: NamedSharding(mesh, spec_), state_spec, is_leaf=lambda x: isinstance(x, P)

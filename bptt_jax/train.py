@@ -160,7 +160,7 @@ def make_train_step(
 
     Returns:
       ``step(state, batch)`` where batch is a ``data.Batch`` (xs [T, B, N], targets, weights [T, B],
-      reset [B]); returns ``(new_state, StepMetrics)``.
+      reset [B], lengths [B] or None); returns ``(new_state, StepMetrics)``.
     """
     if grad not in ("bptt", "autodiff"):
         raise ValueError(f"grad: unknown value {grad!r}; allowed: ['bptt', 'autodiff']")
@@ -186,7 +186,14 @@ def make_train_step(
         else:
             h0 = tuple(jnp.zeros_like(h) for h in state.carry)
         h0 = spec.public_states(h0)  # the carry holds one array per entry; the LSTM's calls take (h, c)
-        kw = dict(weights=batch.weights, h0=h0, output_mask=output_mask, unroll=unroll, recurrence=recurrence)
+        kw = dict(
+            weights=batch.weights,
+            lengths=batch.lengths,
+            h0=h0,
+            output_mask=output_mask,
+            unroll=unroll,
+            recurrence=recurrence,
+        )
         if grad == "bptt":
             # diagnostics: the dh_norms profile of the metrics
             value, grads, aux = bptt(state.params, spec, xs, batch.targets, diagnostics=True, **kw)
@@ -229,8 +236,8 @@ def make_eval_step(spec: RNNSpec, *, unroll: int | None = None):
     @jax.jit
     def evaluate(params, h0, batch):
         xs = jnp.asarray(batch.xs)
-        out = scan.forward(params, spec, xs, h0=spec.public_states(h0), unroll=unroll)
-        w = jnp.asarray(batch.weights)
+        out = scan.forward(params, spec, xs, h0=spec.public_states(h0), lengths=batch.lengths, unroll=unroll)
+        w = losses.effective_weights(jnp.asarray(batch.weights), batch.lengths, xs.shape[0], xs.shape[1], xs.dtype)
         divs = losses.divergence(spec.divergence, out.z2s, out.ys, batch.targets)
         if spec.divergence == "cross_entropy" and jnp.issubdtype(batch.targets.dtype, jnp.integer):
             correct = jnp.sum(w * (jnp.argmax(out.z2s, -1) == batch.targets))

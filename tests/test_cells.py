@@ -337,3 +337,50 @@ def test_gated_outputs_and_gradients_match_torch_on_packed_sequences(cell):
     )
     assert abs(float(value) - loss_t.item()) <= 1e-10 * abs(loss_t.item())
     assert ref.max_rel_err(grads, want) < 1e-9
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 4])
+def test_lstm_dc_norms_are_the_norm_of_ddiv_dc_t(block_size):
+    """aux.dc_norms[t, k] = mean_b ||dDIV/dc(t)|| of layer k (the constant error carousel's gradient),
+    against jax.grad w.r.t. an additive probe on c(t) in a plain Python loop of PyTorch's LSTM step;
+    with lengths (a held state's gradient is the carry) and 2 layers."""
+    spec = bj.RNNSpec(2, (3, 2), 2, cell="lstm")
+    t_len, b = 6, 3
+    p = ref.make_problem(spec, t_len, b, seed=7)
+    lengths = jnp.array([6, 4, 1], jnp.int32)
+    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=lengths, block_size=block_size, diagnostics=True)
+    assert aux.dh_norms.shape == aux.dc_norms.shape == (t_len, 2)
+
+    def loss_with_probe(eps):  # eps: L entries [T, B, N1]: added to c(t) of each layer after its step
+        states = [(jnp.zeros((b, n1)), jnp.zeros((b, n1))) for n1 in spec.hidden_sizes]
+        tops, x_t = [], None
+        for t in range(t_len):
+            x_t = p.xs[t]
+            valid = (t < lengths)[:, None]
+            for k, layer in enumerate(p.params.layers):
+                _, c = ref.lstm_step(layer, states[k], x_t)  # c(t) = f c(t-1) + i g
+                c = jnp.where(valid, c, states[k][1]) + eps[k][t]
+                n1 = c.shape[-1]
+                o = jax.nn.sigmoid(
+                    x_t @ layer.wx[:, 3 * n1 :]
+                    + layer.bx[3 * n1 :]
+                    + states[k][0] @ layer.wh[:, 3 * n1 :]
+                    + layer.bh[3 * n1 :]
+                )
+                h = jnp.where(valid, o * jnp.tanh(c), states[k][0])  # h(t) = o tanh(c(t)), from the probed c(t)
+                states[k] = (h, c)
+                x_t = h
+            tops.append(x_t)
+        z2 = jnp.stack(tops) @ p.params.readout.w2 + p.params.readout.b2
+        logp = jnp.take_along_axis(jax.nn.log_softmax(z2), p.targets[..., None], -1)[..., 0]  # [T, B]
+        w = (jnp.arange(t_len)[:, None] < lengths[None, :]).astype(logp.dtype)
+        return -(w * logp).sum() / b
+
+    dc = jax.grad(loss_with_probe)(tuple(jnp.zeros((t_len, b, n1)) for n1 in spec.hidden_sizes))
+    for k in range(2):
+        want = jnp.linalg.norm(dc[k], axis=-1).mean(1)  # [T]
+        np.testing.assert_allclose(aux.dc_norms[:, k], want, rtol=1e-5, atol=1e-7)
+    # the Elman and GRU cells have no c(t): no dc_norms
+    gru = bj.RNNSpec(2, (3,), 2, cell="gru")
+    q = ref.make_problem(gru, t_len, b, seed=7)
+    assert bj.bptt(q.params, gru, q.xs, q.targets, diagnostics=True)[2].dc_norms is None

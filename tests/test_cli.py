@@ -1,6 +1,8 @@
 """The bptt-jax command end to end on tiny configs; resume bit-identity; every shipped config runs."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -31,6 +33,20 @@ TINY = [
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_runs_two_steps(path, tmp_path):
     cfg = load_config(path, TINY)
+    if cfg.data.task == "arrays":  # its file is made by experiments/make_arrays.py: a small one here
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "experiments/make_arrays.py"),
+                "--out",
+                str(tmp_path / "a.npz"),
+                "--sequences",
+                "20",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        cfg = load_config(path, [*TINY, f"data.path={(tmp_path / 'a.npz').as_posix()}"])
     summary = runner.run(cfg, tmp_path / "run", log=lambda s: None, progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["best_val_loss"])
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

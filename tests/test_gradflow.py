@@ -12,6 +12,7 @@ import pytest
 from hypothesis import assume, given, settings
 
 from bptt_jax import cli, data, gradflow, runner
+from bptt_jax.bptt import bptt
 from bptt_jax.bptt import loss as bptt_loss
 from bptt_jax.config import load_config
 from bptt_jax.params import RNNSpec, init_params
@@ -237,3 +238,29 @@ def test_negative_stop_below_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"train.stop_below.*expected a value >= 0, got -1"):
         load_config(ROOT / "configs" / "adding_irnn_150.toml", ["train.stop_below=-1"])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gradflow_command_for_gated_cells(cell, tmp_path, capsys):
+    """`bptt-jax gradflow` for the gated cells (no W11 spectral radius); the LSTM also draws
+    ||dDIV/dc(t)||, which is aux.dc_norms read from the loss step (its oracle is in test_cells)."""
+    config = ROOT / "configs" / "adding_tanh_150.toml"
+    sets = [*TINY, f"model.cell={cell}", "model.bidirectional=true"]
+    out = tmp_path / "gf"
+    assert cli.main(["gradflow", str(config), *sum((["--set", s] for s in sets), []), "--out", str(out)]) == 0
+    record = json.loads((out / "gradflow.json").read_text())
+    labels = [line["label"] for line in record["lines"]]
+    if cell == "gru":
+        assert labels == ["layer 1 forward", "layer 1 reverse"]
+    else:
+        assert labels == ["layer 1 forward", "layer 1 forward c(t)", "layer 1 reverse", "layer 1 reverse c(t)"]
+        assert [line["loss_step"] for line in record["lines"]] == ["last", "last", "first", "first"]
+        cfg = load_config(config, sets)
+        task, spec, optimizer = runner.build(cfg)
+        params = runner.initial_state(cfg, spec, optimizer).params
+        batch = task.train_batch(0)
+        w = np.zeros((12, 4), np.float32)
+        w[-1] = 1.0
+        aux = bptt(params, spec, jnp.asarray(batch.xs), batch.targets, weights=w, diagnostics=True)[2]
+        np.testing.assert_allclose(record["lines"][1]["norms"], np.asarray(aux.dc_norms)[::-1, 0], rtol=1e-6)
+    assert "w11_spectral_radius" not in record and "spectral radius" not in capsys.readouterr().out

@@ -184,7 +184,10 @@ def test_lost_peer_stops_the_others_with_a_named_error(configs, tmp_path):
     lines = [line for line in stderr.splitlines() if line.startswith("error: process 1 of 2 stopped responding")]
     assert len(lines) == 1 and lines[0].endswith(
         f"stopping process 0 of 2; the last checkpoint is {out / 'last.ckpt'}"
-    ), stderr[-4000:]  # (once, under two full suites at once on 2 cores, the line was missing: keep the evidence)
+    ), stderr[-4000:]
+    # Not JAX's heartbeat abort (signal 6, a runtime log, no line of ours): with the same timeout as
+    # the watch's it won the race now and then under load; it now waits 3 x train.peer_timeout_s.
+    assert "Terminating process because the JAX distributed service" not in stderr, stderr[-4000:]
     assert "error: process 1 of 2 was killed by signal 9" in stderr  # the launcher's
     assert f"error: process 0 of 2 exited with code {EXIT_PEER_LOST}" in stderr
     assert took < 10 + 30  # train.peer_timeout_s plus a margin for a loaded machine

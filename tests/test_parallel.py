@@ -20,7 +20,7 @@ def test_sharded_step_equals_single_device_and_batch_is_sharded():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("uni", "bi"):
+    for key in ("uni", "bi", "bi_lengths"):
         assert out[f"max_param_diff_{key}"] <= 1e-5 * max(1.0, out[f"max_abs_param_{key}"]), out
         assert out[f"loss_diff_{key}"] < 1e-5, out
     assert out["xs_spec"] in ("P(None, 'data')", "PartitionSpec(None, 'data')")

@@ -126,7 +126,8 @@ def reverse(p: LSTMParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init
       ds_init: [B, 2 N1] the carry entering from beyond the block, or None.
 
     Returns:
-      (dG [C, B, 4 N1] (= dA = dV), the same array, ds(-1) [B, 2 N1], ||dh(t)|| [C, B] or None).
+      (dG [C, B, 4 N1] (= dA = dV), the same array, ds(-1) [B, 2 N1], norms [C, B, 2] or None:
+      ||dDIV/dh(t)|| and ||dDIV/dc(t)|| (the total gradient reaching c(t), the carousel's)).
     """
     n1 = ss.shape[-1] // 2
     h_tm1, c_tm1, c = s_tm1s[..., :n1], s_tm1s[..., n1:], ss[..., n1:]
@@ -149,7 +150,10 @@ def reverse(p: LSTMParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init
         if valid_t is not None:
             dg_all = jnp.where(valid_t[:, None], dg_all, 0.0)
             new = jnp.where(valid_t[:, None], new, jnp.concatenate([dh, dc], axis=-1))
-        norm = jnp.sqrt(jnp.sum(dh * dh, axis=-1)) if with_norms else None
+        norm = None
+        if with_norms:  # (||dDIV/dh(t)||, ||dDIV/dc(t)||): c(t)'s total gradient, through h(t) too
+            dc_t = dct if valid_t is None else jnp.where(valid_t[:, None], dct, dc)  # held state: the carry
+            norm = jnp.stack([jnp.sqrt(jnp.sum(dh * dh, axis=-1)), jnp.sqrt(jnp.sum(dc_t * dc_t, axis=-1))], -1)
         return new, (dg_all, norm)
 
     init = jnp.zeros_like(s_tm1s[0]) if ds_init is None else ds_init

@@ -16,8 +16,9 @@ from bptt_jax.config import OptimConfig
 
 assert len(jax.devices()) == 4, jax.devices()
 out = {}
-for bidirectional in (False, True):
-    spec = bj.RNNSpec(3, (6, 4), 5, bidirectional=bidirectional)
+# "bi_lengths": a bidirectional GRU on batches with lengths (the arrays task's), sharded with the rest
+for key, bidirectional, cell in (("uni", False, "elman"), ("bi", True, "elman"), ("bi_lengths", True, "gru")):
+    spec = bj.RNNSpec(3, (6, 4), 5, bidirectional=bidirectional, cell=cell)
     opt = train.make_optimizer(OptimConfig(name="adam", learning_rate=0.01), 10)
     s1 = s4 = train.init_state(jax.random.key(0), spec, opt, 8)
     f1 = train.make_train_step(spec, opt, stateful=not bidirectional)
@@ -29,10 +30,10 @@ for bidirectional in (False, True):
             rng.randint(0, 5, (5, 8)).astype(np.int32),
             np.ones((5, 8), np.float32),
             np.full((8,), i == 0),
+            rng.randint(1, 6, (8,)).astype(np.int32) if key == "bi_lengths" else None,
         )
         s1, m1 = f1(s1, b)
         s4, m4 = f4(s4, b)
-    key = "bi" if bidirectional else "uni"
     out[f"max_param_diff_{key}"] = max(
         float(jnp.max(jnp.abs(a - c)))
         for a, c in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s4.params))
