@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,18 @@ def run_entries(entries: Sequence[Entry], out_dir, *, log=print) -> dict[str, di
         rows = _rows(run_dir)
         results[e.label] = {"summary": summary, "rows": rows}
     return results
+
+
+def run_one(entry: Entry, out_dir) -> dict:
+    """``run_entries`` for one entry, printing as it goes (for a process pool's workers)."""
+    return run_entries([entry], out_dir, log=lambda s: print(s, flush=True))[entry.label]
+
+
+def spread(values: Sequence[float], fmt: str) -> str:
+    """ "median [min, max]" of the values, each formatted with ``fmt``; "-" when there are none."""
+    if not values:
+        return "-"
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -16,24 +16,12 @@ import argparse
 import json
 import math
 import multiprocessing
-import statistics
 from pathlib import Path
 
-from bptt_jax.study import Entry, markdown_table, run_entries
+from bptt_jax.study import Entry, markdown_table, run_one, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.01
-
-
-def _one(entry: Entry, out: str) -> dict:
-    return run_entries([entry], out, log=lambda s: print(s, flush=True))[entry.label]
-
-
-def _spread(values: list[float], fmt: str) -> str:
-    """ "median [min, max]" of the values."""
-    if not values:
-        return "-"
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
 
 
 def _limit(budget: float | None) -> str:
@@ -76,10 +64,10 @@ def summarize(results: dict, entries: list[Entry]) -> tuple[list[list], dict]:
                 "IRNN" if model == "irnn" else "tanh",
                 t,
                 len(runs),
-                _spread(finite, "{:.4f}"),
+                spread(finite, "{:.4f}"),
                 f"{len(hit_s)}/{len(runs)}",
-                _spread(hit_s, "{:.0f}"),
-                _spread([float(x) for x in hit_steps], "{:.0f}"),
+                spread(hit_s, "{:.0f}"),
+                spread([float(x) for x in hit_steps], "{:.0f}"),
                 "; ".join(notes) or "-",
             ]
         )
@@ -147,10 +135,10 @@ def main():
                 )
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            done = pool.starmap(_one, [(e, args.out) for e in entries])
+            done = pool.starmap(run_one, [(e, args.out) for e in entries])
         results = {e.label: r for e, r in zip(entries, done)}
     else:
-        results = {e.label: _one(e, args.out) for e in entries}
+        results = {e.label: run_one(e, args.out) for e in entries}
     rows, record = summarize(results, entries)
     header = [
         "model",

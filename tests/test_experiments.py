@@ -1,0 +1,38 @@
+"""Smoke tests of the study scripts at tiny size (their real runs take minutes to hours)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cells_study_runs_and_tabulates(tmp_path):
+    tiny = ["model.hidden_sizes=[8]", "data.seq_len=8", "data.batch_size=2", "train.eval_every=1", "train.log_every=1"]
+    tiny += ["output.plots=false", "output.sample_length=3"]
+    cmd = [sys.executable, str(ROOT / "experiments/cells.py"), "--steps", "1", "--seeds", "0", "--out", str(tmp_path)]
+    r = subprocess.run(cmd + sum((["--set", s] for s in tiny), []), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(record) == ["elman", "gru", "lstm"]
+    assert all(runs[0]["steps"] == 1 and runs[0]["best_val_bits"] > 0 for runs in record.values())
+    assert "| elman | 8 |" in (tmp_path / "results.md").read_text() and (tmp_path / "cells.png").stat().st_size > 0
+
+
+def test_cells_equal_width_matches_the_parameter_count():
+    cells = _module("cells")
+    target = cells.parameter_count(cells.CONFIGS["elman"])
+    for cell in ("gru", "lstm"):
+        n = cells.equal_width(cells.CONFIGS[cell], target)
+        got = cells.parameter_count(cells.CONFIGS[cell], [f"model.hidden_sizes=[{n}, {n}]"])
+        worse = cells.parameter_count(cells.CONFIGS[cell], [f"model.hidden_sizes=[{n + 4}, {n + 4}]"])
+        assert abs(got - target) <= abs(worse - target) and abs(got - target) / target < 0.05
