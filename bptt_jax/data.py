@@ -378,9 +378,10 @@ def _arrays_task(d, seed: int) -> Task:
     n_val = val.xs.shape[0]
     evals = [arrays_batch(val, np.arange(i, min(i + b, n_val)), pad_to=b) for i in range(0, n_val, b)]
     classes = full.num_classes is not None
+    m = full.num_classes if full.num_classes is not None else int(full.targets.shape[2])
     baseline: dict = {"train_sequences": n_train, "validation_sequences": n_val, "T": int(full.xs.shape[1])}
     if classes:
-        baseline["uniform_guess_loss"] = math.log(full.num_classes)  # nats: every class 1/M
+        baseline["uniform_guess_loss"] = math.log(m)  # nats: every class 1/M
     else:  # the squared error of predicting the training mean at every weighted step
         mean = (train.targets * train.weights[..., None]).sum((0, 1)) / train.weights.sum()
         err = ((val.targets - mean) ** 2).sum(-1)
@@ -388,7 +389,7 @@ def _arrays_task(d, seed: int) -> Task:
     return Task(
         "arrays",
         int(full.xs.shape[2]),
-        full.num_classes if classes else int(full.targets.shape[2]),
+        m,
         "softmax" if classes else "identity",
         "cross_entropy" if classes else "squared_error",
         False,

@@ -111,7 +111,8 @@ def main() -> None:
         ]
     header = ["cell", "N1 per layer", "parameters", "seeds", "best val bits/char", "steps", "seconds"]
     table = markdown_table(header, rows)
-    table += f"\nseeds {seeds}; median [min, max]; budget per run: {args.budget or 'the configs'} s; jobs at a time: {args.jobs}.\n"
+    budget = f"{args.budget:g} s" if args.budget else "the configs' time limit (290 s)"
+    table += f"\nseeds {seeds}; median [min, max]; budget per run: {budget}; jobs at a time: {args.jobs}.\n"
     out = Path(args.out)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(record, indent=1))
