@@ -339,21 +339,16 @@ def test_gated_outputs_and_gradients_match_torch_on_packed_sequences(cell):
     assert ref.max_rel_err(grads, want) < 1e-9
 
 
-@pytest.mark.parametrize("block_size", [None, 1, 4])
-def test_lstm_dc_norms_are_the_norm_of_ddiv_dc_t(block_size):
-    """aux.dc_norms[t, k] = mean_b ||dDIV/dc(t)|| of layer k (the constant error carousel's gradient),
-    against jax.grad w.r.t. an additive probe on c(t) in a plain Python loop of PyTorch's LSTM step;
-    with lengths (a held state's gradient is the carry) and 2 layers."""
-    spec = bj.RNNSpec(2, (3, 2), 2, cell="lstm")
-    t_len, b = 6, 3
-    p = ref.make_problem(spec, t_len, b, seed=7)
-    lengths = jnp.array([6, 4, 1], jnp.int32)
-    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=lengths, block_size=block_size, diagnostics=True)
-    assert aux.dh_norms.shape == aux.dc_norms.shape == (t_len, 2)
+def _dc_by_probe(p: ref.Problem, lengths):
+    """dDIV/dc(t) per layer (L entries [T, B, N1]): jax.grad w.r.t. an additive probe on c(t) in a plain
+    Python loop of PyTorch's LSTM equations (unidirectional stack, softmax + cross-entropy, zero h0;
+    steps t >= lengths hold the state and weigh 0)."""
+    spec, (t_len, b) = p.spec, p.xs.shape[:2]
+    lengths = jnp.full((b,), t_len, jnp.int32) if lengths is None else lengths
 
-    def loss_with_probe(eps):  # eps: L entries [T, B, N1]: added to c(t) of each layer after its step
-        states = [(jnp.zeros((b, n1)), jnp.zeros((b, n1))) for n1 in spec.hidden_sizes]
-        tops, x_t = [], None
+    def loss_with_probe(eps):  # eps: L entries [T, B, N1], added to c(t) of each layer
+        states = [(jnp.zeros((b, n1), p.xs.dtype), jnp.zeros((b, n1), p.xs.dtype)) for n1 in spec.hidden_sizes]
+        tops = []
         for t in range(t_len):
             x_t = p.xs[t]
             valid = (t < lengths)[:, None]
@@ -376,7 +371,20 @@ def test_lstm_dc_norms_are_the_norm_of_ddiv_dc_t(block_size):
         w = (jnp.arange(t_len)[:, None] < lengths[None, :]).astype(logp.dtype)
         return -(w * logp).sum() / b
 
-    dc = jax.grad(loss_with_probe)(tuple(jnp.zeros((t_len, b, n1)) for n1 in spec.hidden_sizes))
+    return jax.grad(loss_with_probe)(tuple(jnp.zeros((t_len, b, n1), p.xs.dtype) for n1 in spec.hidden_sizes))
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 4])
+def test_lstm_dc_norms_are_the_norm_of_ddiv_dc_t(block_size):
+    """aux.dc_norms[t, k] = mean_b ||dDIV/dc(t)|| of layer k (the constant error carousel's gradient),
+    against the probe oracle; with lengths (a held state's gradient is the carry) and 2 layers."""
+    spec = bj.RNNSpec(2, (3, 2), 2, cell="lstm")
+    t_len, b = 6, 3
+    p = ref.make_problem(spec, t_len, b, seed=7)
+    lengths = jnp.array([6, 4, 1], jnp.int32)
+    _, _, aux = bj.bptt(p.params, spec, p.xs, p.targets, lengths=lengths, block_size=block_size, diagnostics=True)
+    assert aux.dh_norms.shape == aux.dc_norms.shape == (t_len, 2)
+    dc = _dc_by_probe(p, lengths)
     for k in range(2):
         want = jnp.linalg.norm(dc[k], axis=-1).mean(1)  # [T]
         np.testing.assert_allclose(aux.dc_norms[:, k], want, rtol=1e-5, atol=1e-7)
@@ -384,3 +392,35 @@ def test_lstm_dc_norms_are_the_norm_of_ddiv_dc_t(block_size):
     gru = bj.RNNSpec(2, (3,), 2, cell="gru")
     q = ref.make_problem(gru, t_len, b, seed=7)
     assert bj.bptt(q.params, gru, q.xs, q.targets, diagnostics=True)[2].dc_norms is None
+
+
+class LSTMCellNormsPropertyTest(chex.TestCase):
+    """aux.dc_norms against the probe oracle on drawn shapes, lengths (0 and T included) and block
+    sizes: float64 to 1e-10, float32 to 1e-4 (relative, norms above 1e-6 of the largest)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(
+        t_len=st.integers(1, 5),
+        batch=st.integers(1, 3),
+        hidden=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+        block=st.sampled_from([None, 1, 2]),
+        seed=st.integers(0, 2**16),
+        dtype=st.sampled_from([jnp.float64, jnp.float32]),
+    )
+    def test_dc_norms_equal_probe_gradients(self, t_len, batch, hidden, block, seed, dtype):
+        with jax.enable_x64(True):
+            spec = bj.RNNSpec(2, tuple(hidden), 3, cell="lstm")
+            p = ref.cast(ref.make_problem(spec, t_len, batch, seed, use_lengths=True), dtype)
+            f = self.variant(
+                lambda params, xs, lengths: (
+                    bj.bptt(params, spec, xs, p.targets, lengths=lengths, block_size=block, diagnostics=True)[
+                        2
+                    ].dc_norms
+                )
+            )
+            got = np.asarray(f(p.params, p.xs, p.lengths), np.float64)
+            dc = _dc_by_probe(p, p.lengths)
+            want = np.stack([np.asarray(jnp.linalg.norm(d, axis=-1).mean(1), np.float64) for d in dc], axis=1)
+            tol = 1e-10 if dtype == jnp.float64 else 1e-4
+            scale = max(float(np.abs(want).max()), 1e-30)
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
