@@ -22,6 +22,11 @@ status, seconds, budget) and the tables the parts produced. The parts:
           torch cross-checks where torch runs, under the GPU defaults (unroll 8, one block);
   bench_cells  ``bptt_speed.py --cell gru --cell lstm --no-torch-compile``: the gated cells against the
           jax.grad contenders, flax's cells and cuDNN's nn.GRU / nn.LSTM.
+  train_gru, train_lstm  ``train_speed.py --cell gru|lstm``: the gated char-LM configs' model, steps per
+          second, bptt / autodiff / torch eager (cuDNN).
+  adding  ``experiments/adding.py``: IRNN, LSTM (forget bias 0 and 1) and GRU on the adding problem at
+          T = 200 and 400, seeds 0-2, all 24 runs at once on the one GPU (each ADDING_RUN_S seconds at
+          most, stopping at test MSE < 0.005); tables, plot and every run's folder under DIR/adding.
 
 ``--quick`` is the dry run for a CPU (interpret mode, tiny sizes, a few tests): the same code paths,
 minutes instead of the GPU's budget. ``--scale`` multiplies every budget.
@@ -50,7 +55,13 @@ BUDGETS = {
     "train": 50,
     "tests_cells": 120,
     "bench_cells": 200,
+    "train_gru": 45,
+    "train_lstm": 45,
+    "adding": 420,  # ADDING_RUN_S for the runs themselves, the rest for start-up and the tables
 }
+
+# The adding study on the GPU: every run at once, each with this wall-clock limit (seconds).
+ADDING_RUN_S = 360
 
 GPU_TESTS = ["tests/test_bptt.py", "tests/test_train.py", "tests/test_vjp.py"]
 
@@ -350,7 +361,24 @@ def main(argv=None) -> int:
             str(out / "cells_speed.md"),
         ]
         + q,
+        "train_gru": [py, "benchmarks/train_speed.py", "--cell", "gru", "--no-torch-compile"]
+        + (q if args.quick else ["--steps", "100", "--rounds", "2"])
+        + ["--out", str(out / "train_gru.md")],
+        "train_lstm": [py, "benchmarks/train_speed.py", "--cell", "lstm", "--no-torch-compile"]
+        + (q if args.quick else ["--steps", "100", "--rounds", "2"])
+        + ["--out", str(out / "train_lstm.md")],
+        "adding": [py, "experiments/adding.py", "--models", "irnn,lstm0,lstm1,gru", "--out", str(out / "adding")]
+        + (
+            ["--lengths", "6", "--seeds", "0", "--steps", "2", "--jobs", "2", "--set", "model.hidden_sizes=[4]"]
+            + ["--set", "data.test_size=4", "--set", "train.eval_every=1", "--set", "data.batch_size=2"]
+            if args.quick
+            else ["--lengths", "200,400", "--seeds", "0,1,2", "--jobs", "24", "--budget", str(ADDING_RUN_S)]
+            + ["--stop-below", "0.005"]
+        ),
     }
+    unknown = [n for n in args.parts.split(",") if n not in commands]
+    if unknown:
+        ap.error(f"--parts: unknown {unknown}; known: {list(commands)}")
     results = {}
     for name in args.parts.split(","):
         part_env = env_tests if name.startswith("tests") and not args.quick else env
@@ -358,7 +386,14 @@ def main(argv=None) -> int:
     lines = ["# GPU check", "", "| part | exit | seconds | budget s |", "|---|---|---|---|"]
     for name, (rc, secs) in results.items():
         lines.append(f"| {name} | {rc} | {secs:.0f} | {BUDGETS[name] * args.scale:.0f} |")
-    for name in ("bptt_speed.md", "train_speed.md", "cells_speed.md"):
+    for name in (
+        "bptt_speed.md",
+        "train_speed.md",
+        "cells_speed.md",
+        "train_gru.md",
+        "train_lstm.md",
+        "adding/results.md",
+    ):
         p = out / name
         if p.exists():
             lines += ["", p.read_text(encoding="utf-8")]

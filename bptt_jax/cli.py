@@ -18,7 +18,9 @@ from bptt_jax.config import ConfigError, load_config
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's parser (the docs' command reference is generated from it)."""
-    p = argparse.ArgumentParser(prog="bptt-jax", description="Train Elman RNNs with explicit BPTT in JAX.")
+    p = argparse.ArgumentParser(
+        prog="bptt-jax", description="Train recurrent networks (Elman, GRU, LSTM) with explicit BPTT in JAX."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train one run from a TOML config")
     r.add_argument("config")

@@ -1,10 +1,14 @@
-"""IRNN (relu, W11 = I) against tanh RNN on the adding problem at T = 150, 300 and 400, several seeds.
+"""The adding problem at several lengths, several seeds: IRNN (relu, W11 = I) against the tanh RNN, and
+the gated cells (LSTM with forget-gate bias 0 and 1, GRU).
 
-    python experiments/adding.py [--lengths 150,300,400] [--seeds 0,1,2] [--budget S] [--tanh-budget S]
-                                 [--stop-below MSE] [--jobs 2] [--out DIR]
+    python experiments/adding.py [--models irnn,tanh] [--lengths 150,300,400] [--seeds 0,1,2]
+                                 [--budget S] [--tanh-budget S] [--steps N] [--stop-below MSE]
+                                 [--set SECTION.KEY=VALUE ...] [--jobs 2] [--out DIR]
 
-Each run is `bptt-jax run configs/adding_{irnn,tanh}_{T}.toml` with train.seed set (and the time
-limit, when --budget / --tanh-budget is given). Writes DIR/results.md (per model and length: median
+Each run is `bptt-jax run configs/adding_{model}_{T}.toml` with train.seed set, where the model is
+irnn, tanh, lstm or gru (lstm0 and lstm1 are the LSTM with model.forget_bias 0 and 1); a length
+without its own config runs the model's T = 400 config with data.adding_length = T. --budget sets
+the time limit of every model but tanh, --tanh-budget tanh's, --steps every run's step cap. Writes DIR/results.md (per model and length: median
 and range over seeds of the best test MSE and of the time and steps to test MSE < 0.01),
 DIR/results.json and DIR/adding.png (test MSE against seconds, one panel per length).
 With --jobs 2 two runs share the machine at a time, so their seconds are each about one core's.
@@ -22,6 +26,23 @@ from bptt_jax.study import Entry, markdown_table, run_one, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.01
+# model -> (config name, overrides, label in tables and plots, colour)
+MODELS = {
+    "irnn": ("irnn", (), "IRNN", "tab:blue"),
+    "tanh": ("tanh", (), "tanh", "tab:red"),
+    "lstm0": ("lstm", ("model.forget_bias=0.0",), "LSTM, forget bias 0", "tab:orange"),
+    "lstm1": ("lstm", ("model.forget_bias=1.0",), "LSTM, forget bias 1", "tab:green"),
+    "gru": ("gru", (), "GRU", "tab:purple"),
+}
+
+
+def config_for(model: str, t: int) -> tuple[str, tuple[str, ...]]:
+    """(config path, overrides) of one model at length T: its own config, or its T = 400 one with T set."""
+    name, sets, _, _ = MODELS[model]
+    own = ROOT / f"configs/adding_{name}_{t}.toml"
+    if own.exists():
+        return str(own), sets
+    return str(ROOT / f"configs/adding_{name}_400.toml"), sets + (f"data.adding_length={t}",)
 
 
 def _limit(budget: float | None) -> str:
@@ -34,7 +55,8 @@ def summarize(results: dict, entries: list[Entry]) -> tuple[list[list], dict]:
         model, t, seed = e.label.split("_")
         groups.setdefault((model, int(t[1:])), []).append((int(seed[4:]), results[e.label]))
     rows, record = [], {}
-    for (model, t), runs in sorted(groups.items()):
+    order = list(MODELS)
+    for (model, t), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
         best, hit_s, hit_steps, notes = [], [], [], []
         per_seed = []
         for seed, res in sorted(runs, key=lambda r: r[0]):
@@ -61,7 +83,7 @@ def summarize(results: dict, entries: list[Entry]) -> tuple[list[list], dict]:
         finite = [b for b in best if math.isfinite(b)]
         rows.append(
             [
-                "IRNN" if model == "irnn" else "tanh",
+                MODELS[model][2],
                 t,
                 len(runs),
                 spread(finite, "{:.4f}"),
@@ -82,7 +104,6 @@ def plot(results: dict, entries: list[Entry], path: Path, lengths: list[int], se
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
-    colors = {"irnn": "tab:blue", "tanh": "tab:red"}
     for e in entries:
         model, t, seed = e.label.split("_")
         ax = axes[0][lengths.index(int(t[1:]))]
@@ -91,9 +112,9 @@ def plot(results: dict, entries: list[Entry], path: Path, lengths: list[int], se
             first = int(seed[4:]) == seeds[0]  # one legend entry per model
             ax.plot(
                 *zip(*pts),
-                color=colors[model],
+                color=MODELS[model][3],
                 alpha=0.8,
-                label=("IRNN" if model == "irnn" else "tanh") if first else None,
+                label=MODELS[model][2] if first else None,
             )
     for ax, t in zip(axes[0], lengths):
         ax.axhline(TARGET, color="gray", ls=":", lw=1)
@@ -111,28 +132,40 @@ def plot(results: dict, entries: list[Entry], path: Path, lengths: list[int], se
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="150,300,400", help="comma-separated T values (a config each)")
+    ap.add_argument("--models", default="irnn,tanh", help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--lengths", default="150,300,400", help="comma-separated T values")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
-    ap.add_argument("--budget", type=float, default=None, help="IRNN time limit in seconds (default: the config's)")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="time limit in seconds of all but tanh (default: the config's)"
+    )
     ap.add_argument("--tanh-budget", type=float, default=None, help="tanh time limit (default: the config's)")
     ap.add_argument(
-        "--stop-below", type=float, default=0.0, help="IRNN runs stop at a test MSE below this (0: run the budget)"
+        "--stop-below", type=float, default=0.0, help="runs but tanh stop at a test MSE below this (0: run the budget)"
     )
+    ap.add_argument("--steps", type=int, default=None, help="every run's step cap (default: the config's)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override in every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
     ap.add_argument("--out", default="runs/adding_study")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
+    models = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        ap.error(f"--models: unknown {unknown}; allowed: {list(MODELS)}")
     entries = []
     for t in lengths:
-        for model, budget in (("irnn", args.budget), ("tanh", args.tanh_budget)):
+        for model in models:
+            budget = args.tanh_budget if model == "tanh" else args.budget
+            config, model_sets = config_for(model, t)
             for seed in seeds:
-                sets = [f"train.seed={seed}"] + ([f"train.time_limit_s={budget}"] if budget else [])
-                if model == "irnn" and args.stop_below:
+                sets = list(model_sets) + [f"train.seed={seed}"] + ([f"train.time_limit_s={budget}"] if budget else [])
+                if args.steps:
+                    sets.append(f"train.steps={args.steps}")
+                if model != "tanh" and args.stop_below:
                     sets.append(f"train.stop_below={args.stop_below}")
-                entries.append(
-                    Entry(f"{model}_T{t}_seed{seed}", str(ROOT / f"configs/adding_{model}_{t}.toml"), tuple(sets))
-                )
+                sets += args.set
+                entries.append(Entry(f"{model}_T{t}_seed{seed}", config, tuple(sets)))
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             done = pool.starmap(run_one, [(e, args.out) for e in entries])
@@ -151,10 +184,11 @@ def main():
         "notes",
     ]
     table = markdown_table(header, rows)
+    cap = args.steps or "the config's"
     table += (
-        f"\nSeeds {seeds}; always predicting 1 scores MSE 1/6 = 0.167; {args.jobs} run(s) at a time; IRNN time "
-        f"limit {_limit(args.budget)}, stopping at the first test MSE below {args.stop_below or 'nothing'}; tanh "
-        f"time limit {_limit(args.tanh_budget)}.\n"
+        f"\nSeeds {seeds}; always predicting 1 scores MSE 1/6 = 0.167; {args.jobs} run(s) at a time; time limit "
+        f"{_limit(args.budget)} (tanh: {_limit(args.tanh_budget)}), step cap {cap}, "
+        f"stopping at the first test MSE below {args.stop_below or 'nothing'} (not tanh).\n"
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "results.md").write_text(table)

@@ -36,3 +36,29 @@ def test_cells_equal_width_matches_the_parameter_count():
         got = cells.parameter_count(cells.CONFIGS[cell], [f"model.hidden_sizes=[{n}, {n}]"])
         worse = cells.parameter_count(cells.CONFIGS[cell], [f"model.hidden_sizes=[{n + 4}, {n + 4}]"])
         assert abs(got - target) <= abs(worse - target) and abs(got - target) / target < 0.05
+
+
+def test_adding_study_runs_every_model_and_tabulates(tmp_path):
+    tiny = ["model.hidden_sizes=[4]", "data.batch_size=2", "data.test_size=4", "train.eval_every=1"]
+    tiny += ["train.log_every=1"]
+    cmd = [sys.executable, str(ROOT / "experiments/adding.py"), "--models", "irnn,lstm0,lstm1,gru", "--lengths", "6"]
+    cmd += ["--seeds", "0", "--steps", "2", "--out", str(tmp_path)] + sum((["--set", s] for s in tiny), [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(record) == ["gru_T6", "irnn_T6", "lstm0_T6", "lstm1_T6"]
+    assert all(runs[0]["steps"] == 2 and runs[0]["best_test_mse"] > 0 for runs in record.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "| LSTM, forget bias 1 | 6 | 1 |" in table and (tmp_path / "adding.png").stat().st_size > 0
+    # the two LSTM runs differ in their forget-gate bias only
+    cfgs = {m: (tmp_path / f"{m}_T6_seed0" / "config.toml").read_text() for m in ("lstm0", "lstm1")}
+    assert "forget_bias = 0.0" in cfgs["lstm0"] and "forget_bias = 1.0" in cfgs["lstm1"]
+
+
+def test_adding_configs_for_a_length():
+    adding = _module("adding")
+    path, sets = adding.config_for("irnn", 300)  # a length with its own config
+    assert path.endswith("configs/adding_irnn_300.toml") and sets == ()
+    path, sets = adding.config_for("lstm1", 200)  # without: the T = 400 config, T set
+    assert path.endswith("configs/adding_lstm_400.toml")
+    assert sets == ("model.forget_bias=1.0", "data.adding_length=200")
