@@ -62,3 +62,22 @@ def test_adding_configs_for_a_length():
     path, sets = adding.config_for("lstm1", 200)  # without: the T = 400 config, T set
     assert path.endswith("configs/adding_lstm_400.toml")
     assert sets == ("model.forget_bias=1.0", "data.adding_length=200")
+
+
+def test_gradflow_lstm_part_on_a_tiny_run(tmp_path):
+    """The LSTM part of experiments/gradflow.py: h(t) and c(t) lines before and after training."""
+    from bptt_jax import runner
+    from bptt_jax.config import load_config
+
+    gradflow_study = _module("gradflow")
+    tiny = ("model.hidden_sizes=[6]", "data.test_size=4")
+    sets = ["data.adding_length=10", "data.batch_size=4", "train.steps=3", "model.forget_bias=1.0", *tiny]
+    sets += ["output.plots=false", "train.eval_every=1", "train.log_every=1"]
+    run_dir = tmp_path / "lstm_run"
+    runner.run(load_config(ROOT / "configs/adding_lstm_400.toml", sets), run_dir, progress=False, log=lambda s: None)
+    table = gradflow_study.lstm_part(run_dir, [0, 1], tmp_path, t_len=10, extra=tiny)
+    rows = [r for r in table.splitlines() if r.startswith("| untrained") or r.startswith("| trained")]
+    assert len(rows) == 3 and "forget bias 1)" in rows[2]  # the trained run's bias read from its config
+    rates = [float(r.split("|")[3].split()[0]) for r in rows]  # the c(t) lines' rates
+    assert all(0 < x < 2 for x in rates) and rates[0] < rates[1]  # bias 1 keeps more of dc than bias 0
+    assert (tmp_path / "lstm.png").stat().st_size > 0 and (tmp_path / "lstm.md").read_text() == table
