@@ -84,6 +84,8 @@ def hoisted_loss(cell, unroll):
 def jax_contenders(cell, spec):
     c = {
         "bptt": lambda p, x, d: bj.bptt(p, spec, x, d),
+        "bptt gates=store": lambda p, x, d: bj.bptt(p, spec, x, d, gates="store"),
+        "bptt gates=recompute": lambda p, x, d: bj.bptt(p, spec, x, d, gates="recompute"),
         "grad(loss)": jax.value_and_grad(lambda p, x, d: bj.loss(p, spec, x, d)),
         "grad(plain scan)": jax.value_and_grad(plain_loss(cell)),
     }

@@ -22,7 +22,10 @@ only, each layer runs its reverse recurrence over the C steps (``layer_backward`
 are matmuls over the block's C*B rows added to the carried sums. The forward pass likewise forms the
 input projection X(t) W1 + b1 per block (``scan.unroll_layer``). Only h(t) lives across the whole
 sequence; everything else is [C, B, ...]. C = T is the whole-sequence computation. When C does not
-divide T the sequence is padded at the end with steps that hold the state and weigh 0.
+divide T the sequence is padded at the end with steps that hold the state and weigh 0. The gated
+cells (GRU, LSTM) either recompute their gates per block from h(t-1) and X(t) (two block matmuls)
+or, with ``gates="store"`` (the default up to ``STORE_ELEMENTS``), read the gate activations the
+forward scan kept: 4 N1 more floats per step for no recompute matmuls.
 
 Where blocking does not apply fully:
 
@@ -68,6 +71,14 @@ MIN_BLOCK_ROWS = 512
 # above it (not measured), blocks of about GPU_BLOCK_ELEMENTS.
 GPU_WHOLE_ELEMENTS = 2**25
 GPU_BLOCK_ELEMENTS = 2**23
+# Gated cells: keep the forward's gate activations ("store") instead of recomputing them per block in
+# the backward pass ("recompute") while all layers' caches together hold at most STORE_ELEMENTS
+# elements (T * B * CACHE * N1 summed over layers and directions: 64 MiB in float32). Measured on the
+# 2-core CPU (benchmarks/README.md, "Stored or recomputed gates"): storing ran 1.1-1.4x faster than
+# recomputing at every benchmark shape but the smallest, for about 2-4x the temp memory (still about
+# half of jax.grad's); above the cap memory comes first.
+STORE_ELEMENTS = 2**24
+GATES = ("auto", "store", "recompute")
 
 
 class BPTTAux(NamedTuple):
@@ -106,6 +117,26 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
             if c // 2 <= cand <= 2 * c and 1 <= cand <= t_len and t_len % cand == 0:
                 return cand
     return c
+
+
+def resolve_gates(gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_every: int | None) -> bool:
+    """Whether the forward pass keeps the gates (True) or the backward pass recomputes them.
+
+    "store" and "recompute" as asked; "auto" stores while the caches of every layer and direction
+    hold at most STORE_ELEMENTS elements. Only gated cells without ``checkpoint_every`` can store (the
+    Elman cell has no gates; segments are recomputed anyway): otherwise "auto" recomputes and "store"
+    raises.
+    """
+    if gates not in GATES:
+        raise ValueError(f"gates: expected one of {list(GATES)}, got {gates!r}")
+    cache = cells.get(spec.cell).CACHE
+    can = cache > 0 and checkpoint_every is None
+    if gates == "store" and not can:
+        why = "the Elman cell has no gates" if cache == 0 else "checkpoint_every recomputes its segments"
+        raise ValueError(f"gates='store': {why}")
+    if gates == "auto":
+        return can and t_len * batch * cache * sum(spec.hidden_sizes) * spec.num_directions <= STORE_ELEMENTS
+    return gates == "store"
 
 
 def block_width(spec: RNNSpec) -> int:
@@ -178,6 +209,7 @@ def cell_backward(
     with_norms: bool,
     unroll: int,
     recurrence: str = "scan",
+    cache: Array | None = None,
 ):
     """One layer's BPTT over a run of C steps (scan time), for any cell: its reverse recurrence
     (``cell.reverse``, or the Elman kernel) and its "+=" weight-gradient sums over the C steps.
@@ -187,6 +219,7 @@ def cell_backward(
       xs: [C, B, N_in] the layer's input; s_in: [B, W] the state entering the first step;
       ss: [C, B, W] the states; dhs_above: [C, B, N1]; valid: [C, B] or None;
       ds_init: [B, W] the carry entering from beyond the last step (None: zeros).
+      cache: [C, B, CACHE N1] a gated cell's stored gates (None: the cell recomputes them).
 
     Returns:
       (grads (the cell's NamedTuple), ds(-1) [B, W], dA [C, B, G N1], ||dh(t)|| [C, B] or None).
@@ -198,7 +231,17 @@ def cell_backward(
         dvs, norms = das, norms if with_norms else None
     else:
         das, dvs, ds_m1, norms = cell.reverse(
-            layer, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, with_norms=with_norms, unroll=unroll
+            layer,
+            activation,
+            xs,
+            s_tm1s,
+            ss,
+            dhs_above,
+            valid,
+            ds_init,
+            with_norms=with_norms,
+            unroll=unroll,
+            cache=cache,
         )
     return cell.weight_grads(layer, xs, s_tm1s, das, dvs), ds_m1, das, norms
 
@@ -244,6 +287,7 @@ def layer_backward_blocked(
     unroll: int = 1,
     recurrence: str = "scan",
     ds_last: Array | None = None,
+    cache: Array | None = None,
 ):
     """One layer's BPTT given the gradient from above for all t, block by block (scan time).
 
@@ -256,6 +300,7 @@ def layer_backward_blocked(
       dhs_above: [T, B, N1]; valid: [T, B] or None. T must be a multiple of block_size.
       ds_last: [B, W] the gradient reaching the state after the last step from outside (a
         differentiated final carry), entering the reverse recurrence as its first carry; None: 0.
+      cache: [T, B, CACHE N1] a gated cell's stored gates (scan time), or None: recomputed per block.
 
     Returns:
       (grads, ds_m1 [B, W], dxs [T, B, N_in] = dA(t) Wx^T (Elman: dZ1(t) W1^T) or None, dh_norm [T, B] or None).
@@ -268,7 +313,7 @@ def layer_backward_blocked(
 
     def body(carry, blk):
         dh, g = carry
-        x_blk, h_blk, h_in, above_blk, valid_blk = blk
+        x_blk, h_blk, h_in, above_blk, valid_blk, cache_blk = blk
         g_blk, dh, das, dh_norm = cell_backward(
             layer,
             activation,
@@ -281,12 +326,20 @@ def layer_backward_blocked(
             with_norms=with_norms,
             unroll=unroll,
             recurrence=recurrence,
+            cache=cache_blk,
         )
         g = _tree_add(g, g_blk)
         dx = cell.input_grad(layer, das) if want_dx else None  # [C, B, N_in]
         return (dh, g), (dx, dh_norm)
 
-    blk_in = (_blocks(xs, c), hs_b, _entering_states(h0, hs_b), _blocks(dhs_above, c), _blocks(valid, c))
+    blk_in = (
+        _blocks(xs, c),
+        hs_b,
+        _entering_states(h0, hs_b),
+        _blocks(dhs_above, c),
+        _blocks(valid, c),
+        _blocks(cache, c),
+    )
     ds0 = jnp.zeros_like(h0) if ds_last is None else ds_last
     (dh_m1, grads), (dxs, dh_norm) = lax.scan(body, (ds0, zero), blk_in, reverse=True)
     return grads, dh_m1, _unblock(dxs), _unblock(dh_norm)
@@ -365,6 +418,7 @@ def stack_backward(
                 unroll=unroll,
                 recurrence=recurrence,
                 ds_last=None if ds_last is None else ds_last[k * d + j],
+                cache=None if tr.caches is None else tr.caches[j],
             )
             if want_dx:
                 dx = dx if j == 0 else scan.reverse_padded(dx, lengths)  # input time
@@ -435,10 +489,12 @@ def _stack_backward_fused(
     with_dxs: bool,
     unroll: int,
     recurrence: str = "scan",
+    caches: tuple[Array, ...] | None = None,
 ):
     """Unidirectional stacks: readout and every layer's BPTT together, block by block (module doc).
 
     xs: [T', B, N]; hs: L entries [T', B, N1]; h0: L entries [B, N1] (the states before step 0);
+    caches: None, or L entries [T', B, CACHE N1]: the gated cells' stored gates (``gates="store"``);
     valid: [T', B] or None; targets, w, output_mask: [T', ...]; T' a multiple of c. ``carry`` enters
     from beyond the last step (zeros, or a later segment's). Returns (carry at step 0, dxs [T', B, N]
     or None, norms [T', L] or None).
@@ -450,7 +506,7 @@ def _stack_backward_fused(
     cell = cells.get(spec.cell)
 
     def body(carry: _Carry, blk):
-        x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk = blk
+        x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk, cache_blks = blk
         top = cell.hidden(h_blks[-1])  # h(t) of the top layer's state
         top = top if mask_blk is None else top * mask_blk  # dropout on the readout's input
         div, g_readout, above = readout_backward(params, spec, top, tg_blk, w_blk, generic=generic)
@@ -473,6 +529,7 @@ def _stack_backward_fused(
                 with_norms=with_norms,
                 unroll=unroll,
                 recurrence=recurrence,
+                cache=None if cache_blks is None else cache_blks[k],
             )
             g_layers[k] = _tree_add(g_layers[k], g_k)
             if k > 0 or with_dxs:
@@ -490,6 +547,7 @@ def _stack_backward_fused(
         _blocks(targets, c),
         _blocks(w, c),
         _blocks(output_mask, c),
+        None if caches is None else tuple(_blocks(a, c) for a in caches),
     )
     carry, (dxs, norms) = lax.scan(body, carry, blk_in, reverse=True)
     return carry, _unblock(dxs), _unblock(norms)
@@ -594,7 +652,17 @@ def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, 
     return checks.poison(checks.value_flags(spec, targets, lengths, xs.shape[0]), (div, h_last))
 
 
-_STATIC = ("spec", "generic", "unroll", "block_size", "checkpoint_every", "diagnostics", "with_dxs", "recurrence")
+_STATIC = (
+    "spec",
+    "generic",
+    "unroll",
+    "block_size",
+    "checkpoint_every",
+    "diagnostics",
+    "with_dxs",
+    "recurrence",
+    "gates",
+)
 
 
 def _bptt(
@@ -614,6 +682,7 @@ def _bptt(
     diagnostics,
     with_dxs,
     recurrence,
+    gates="auto",
 ):
     # Shape and dtype checks: they run when this function is traced, i.e. once per input signature.
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
@@ -623,6 +692,7 @@ def _bptt(
     bad = checks.value_flags(spec, targets, lengths, t_len)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
     unroll = scan.resolve_unroll(unroll)
+    store = resolve_gates(gates, spec, t_len, batch, checkpoint_every)
     if block_size is None and rec == "pallas":
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
     c = min(block_size or auto_block_size(t_len, batch, block_width(spec)), t_len)
@@ -642,12 +712,16 @@ def _bptt(
         )
         div, grads, dh0 = carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh
     else:
-        traces = scan.run_stack(params, spec, xs_p, h0, lengths, unroll=unroll, block_size=c, recurrence=rec)
+        traces = scan.run_stack(
+            params, spec, xs_p, h0, lengths, unroll=unroll, block_size=c, recurrence=rec, store=store
+        )
         h_last = tuple(h[-1] for tr in traces for h in tr.states)
         if not spec.bidirectional:
             hs = tuple(tr.states[0] for tr in traces)
+            caches = tuple(tr.caches[0] for tr in traces) if store else None  # type: ignore[index]
+            zero = _zero_carry(params, h0, xs.dtype)
             carry, dxs, norms = _stack_backward_fused(
-                params, spec, xs_p, hs, h0, valid, tg_p, w_p, mask_p, _zero_carry(params, h0, xs.dtype), c, **opts
+                params, spec, xs_p, hs, h0, valid, tg_p, w_p, mask_p, zero, c, caches=caches, **opts
             )
             div, grads, dh0 = carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh
         else:
@@ -683,12 +757,11 @@ def _bptt(
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled_bptt(spec, generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence):
+def _compiled_bptt(spec, generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates):
     """``_bptt`` jitted for one static configuration, called with array arguments only: the jit's fast
     C++ dispatch then skips hashing keyword statics on every call (measured ~10 us a call)."""
-    static = dict(
-        zip(_STATIC, (spec, generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence))
-    )
+    values = (spec, generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
+    static = dict(zip(_STATIC, values))
     return jax.jit(functools.partial(_bptt, **static))
 
 
@@ -775,6 +848,7 @@ def bptt(
     diagnostics: bool = False,
     with_dxs: bool = False,
     recurrence: str = "auto",
+    gates: str = "auto",
     check_values: bool | None = None,
     check_finite: bool = False,
 ) -> tuple[Array, RNNParams, BPTTAux]:
@@ -798,6 +872,11 @@ def bptt(
       with_dxs: also compute ``aux.dxs`` = dDIV/dX [T, B, N] (one more matmul per step; None
         otherwise). ``aux.dh0`` and ``aux.h_last`` are always returned.
       recurrence: as ``loss``; with the kernels and no block_size the whole sequence is one block.
+      gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
+        step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))
+        only and recomputes the gates per block with two block matmuls; "auto" stores while that
+        cache holds at most ``STORE_ELEMENTS`` elements (``resolve_gates``). Same gradients either
+        way. Not with checkpoint_every (its segments recompute); the Elman cell has nothing to store.
 
     Returns:
       (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last)``).
@@ -818,5 +897,6 @@ def bptt(
     lengths, weights = checks.host_checks(spec, xs, targets, weights, lengths, check_values)
     if check_finite:
         checks.check_finite_inputs(xs, h0, params)
-    fn = _compiled_bptt(spec, generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence)
+    resolve_gates(gates, spec, 1, 1, checkpoint_every)  # a bad value or an impossible "store" fails here
+    fn = _compiled_bptt(spec, generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
     return fn(params, xs, targets, weights, lengths, h0, output_mask)

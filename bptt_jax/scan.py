@@ -72,7 +72,9 @@ def _unroll_whole(
     valid: Array | None,
     unroll: int,
     recurrence: str = "scan",
-) -> Array:
+    store: bool = False,
+):
+    """[T, B, W] states, or with ``store`` (a gated cell) the pair (states, gate caches [T, B, CACHE N1])."""
     cell = cells.of(layer)
     us = cell.project(layer, xs)  # [T, B, G N1], one matmul for all t
     if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
@@ -80,13 +82,16 @@ def _unroll_whole(
 
     def body(h_tm1, inp):
         u_t, valid_t = inp
-        h_t = cell.recur(layer, activation, h_tm1, u_t)
+        if store:
+            h_t, cache_t = cell.recur_cache(layer, activation, h_tm1, u_t)
+        else:
+            h_t, cache_t = cell.recur(layer, activation, h_tm1, u_t), None
         if valid_t is not None:
-            h_t = jnp.where(valid_t[:, None], h_t, h_tm1)
-        return h_t, h_t
+            h_t = jnp.where(valid_t[:, None], h_t, h_tm1)  # a padded step's cache is never read
+        return h_t, (h_t, cache_t)
 
-    _, hs = lax.scan(body, h0, (us, valid), unroll=unroll)
-    return hs
+    _, (hs, caches) = lax.scan(body, h0, (us, valid), unroll=unroll)
+    return (hs, caches) if store else hs
 
 
 @overload
@@ -110,7 +115,8 @@ def unroll_layer(
     unroll: int = 1,
     block_size: int | None = None,
     recurrence: str = "scan",
-) -> Array:
+    store: bool = False,
+):
     """Runs one layer (one direction) over time, with the input projection hoisted out of the scan.
 
     Equals the Python loop (tests/reference.py keeps it)::
@@ -137,13 +143,16 @@ def unroll_layer(
       unroll: steps per scan iteration (``lax.scan``'s unroll).
       block_size: C, steps per block; None (or >= T) projects all T steps at once.
       recurrence: "scan" (``lax.scan``) or "pallas" (``kernels.forward_recurrence``), resolved.
+      store: a gated cell also returns its gate cache per step (``cell.recur_cache``), for a
+        backward pass that reads the gates instead of recomputing them.
 
     Returns:
-      [T, B, W] the state for every t; hs[T-1] is the state at the last valid step.
+      [T, B, W] the state for every t; hs[T-1] is the state at the last valid step. With ``store``:
+      (that, caches [T, B, CACHE N1]).
     """
     t_len = xs.shape[0]
     if block_size is None or block_size >= t_len:
-        return _unroll_whole(layer, activation, xs, h0, valid, unroll, recurrence)
+        return _unroll_whole(layer, activation, xs, h0, valid, unroll, recurrence, store)
     c = block_size
     n_blocks = -(-t_len // c)
     pad = n_blocks * c - t_len
@@ -154,12 +163,12 @@ def unroll_layer(
 
     def block(h_in, inp):
         x_blk, valid_blk = inp
-        hs_blk = _unroll_whole(layer, activation, x_blk, h_in, valid_blk, unroll, recurrence)  # [C, B, N1]
-        return hs_blk[-1], hs_blk
+        out = _unroll_whole(layer, activation, x_blk, h_in, valid_blk, unroll, recurrence, store)  # [C, B, W]
+        return (out[0] if store else out)[-1], out
 
-    _, hs = lax.scan(block, h0, (xs_b, valid_b))  # [nb, C, B, N1]
-    hs = hs.reshape((n_blocks * c,) + hs.shape[2:])
-    return hs if pad == 0 else hs[:t_len]
+    _, out = lax.scan(block, h0, (xs_b, valid_b))  # [nb, C, B, W] (and [nb, C, B, CACHE N1])
+    whole = lambda a: a.reshape((n_blocks * c,) + a.shape[2:])[:t_len]
+    return (whole(out[0]), whole(out[1])) if store else whole(out)
 
 
 class LayerTrace(NamedTuple):
@@ -168,6 +177,7 @@ class LayerTrace(NamedTuple):
     inputs: Array  # [T, B, N_in] the layer's input, in input time
     states: tuple[Array, ...]  # D entries [T, B, W], each in its own scan's time (reverse: reversed)
     merged: Array  # [T, B, N_out] the merged states, in input time
+    caches: tuple[Array, ...] | None = None  # with run_stack's store: D entries [T, B, CACHE N1]
 
 
 def merge(spec: RNNSpec, h_fwd: Array, h_rev: Array | None) -> Array:
@@ -189,6 +199,7 @@ def run_stack(
     unroll: int = 1,
     block_size: int | None = None,
     recurrence: str = "scan",
+    store: bool = False,
 ) -> tuple[LayerTrace, ...]:
     """Runs every layer bottom to top; layer k reads the merged states of layer k-1.
 
@@ -199,10 +210,14 @@ def run_stack(
       h0: L*D entries [B, W] (internal states) in the order layer * D + direction.
       block_size: C for ``unroll_layer`` (input projections per block of C steps); None: all T.
       recurrence: "scan" or "pallas" (already resolved by ``kernels.resolve``).
+      store: gated cells only: keep each layer's and direction's gate cache (``LayerTrace.caches``,
+        in each direction's scan time, like ``states``).
 
     Returns:
       One ``LayerTrace`` per layer.
     """
+    if store and cells.get(spec.cell).CACHE == 0:
+        raise ValueError("run_stack: store keeps the gates of gated cells only")
     valid = valid_mask(lengths, xs.shape[0])
     d = spec.num_directions
     traces = []
@@ -217,7 +232,12 @@ def run_stack(
             unroll=unroll,
             block_size=block_size,
             recurrence=recurrence,
+            store=store,
         )
+        caches = None
+        if store:
+            hs_f, cache_f = hs_f
+            caches = (cache_f,)
         states: tuple[Array, ...] = (hs_f,)
         hs_r_input_time = None
         if spec.bidirectional:
@@ -230,12 +250,16 @@ def run_stack(
                 unroll=unroll,
                 block_size=block_size,
                 recurrence=recurrence,
+                store=store,
             )
+            if store:
+                hs_r, cache_r = hs_r
+                caches = (cache_f, cache_r)
             states = (hs_f, hs_r)
             hs_r_input_time = reverse_padded(hs_r, lengths)
         hidden = cells.get(spec.cell).hidden  # h(t) of the state: what the next layer reads
         merged = merge(spec, hidden(hs_f), None if hs_r_input_time is None else hidden(hs_r_input_time))
-        traces.append(LayerTrace(inputs, states, merged))
+        traces.append(LayerTrace(inputs, states, merged, caches))
         inputs = merged
     return tuple(traces)
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_jax import checks, kernels, scan
-from bptt_jax.bptt import auto_block_size, block_width, stack_backward
+from bptt_jax.bptt import auto_block_size, block_width, resolve_gates, stack_backward
 from bptt_jax.params import RNNParams, RNNSpec
 
 Array = jax.Array
@@ -37,7 +37,8 @@ def _states(spec, unroll, recurrence, params, xs, h0, lengths):
 
 
 def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
-    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence)
+    store = resolve_gates("auto", spec, xs.shape[0], xs.shape[1], None)  # gated cells: keep the gates
+    traces = scan.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence, store=store)
     return (traces[-1].merged, _last(traces)), (params, h0, lengths, traces)
 
 

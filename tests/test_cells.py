@@ -2,6 +2,8 @@
 equals a plain Python loop of PyTorch's equations (written in tests/reference.py, independently of
 the library) and, where torch is installed, nn.GRU / nn.LSTM."""
 
+import importlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -33,9 +35,14 @@ def _autodiff(p: ref.Problem, output_mask=None):
     return value, g, dh0, dxs
 
 
-def _check(p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask=None, variant=None, unroll=None):
-    """bptt (through ``variant``: chex's with/without an outer jit, or called as is) against autodiff."""
+def _check(
+    p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask=None, variant=None, unroll=None, gates="auto"
+):
+    """bptt (through ``variant``: chex's with/without an outer jit, or called as is) against autodiff.
+    ``gates="store"`` falls back to "auto" where it cannot apply (checkpoint_every)."""
     p = ref.cast(p, dtype)
+    if gates == "store" and checkpoint_every is not None:
+        gates = "auto"
     c = ref.block_size(block, p.xs.shape[0])
     run = (variant or (lambda f: f))(
         lambda params, xs, targets, weights, lengths, h0: bj.bptt(
@@ -50,6 +57,7 @@ def _check(p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask
             checkpoint_every=checkpoint_every,
             output_mask=output_mask,
             unroll=unroll,
+            gates=gates,
             with_dxs=True,
             diagnostics=True,
         )
@@ -73,6 +81,7 @@ def _check(p: ref.Problem, dtype, block=None, checkpoint_every=None, output_mask
 
 
 UNROLLS = st.sampled_from((None, 1, 3))  # None: the backend's default (1 here, 8 on a GPU)
+GATE_MODES = st.sampled_from(("store", "recompute"))  # the forward's gates kept, or recomputed per block
 
 
 class GatedBPTTEqualsAutodiffTest(chex.TestCase):
@@ -81,16 +90,16 @@ class GatedBPTTEqualsAutodiffTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     @settings(max_examples=4)  # each example compiles new shapes; the suite's time is bounded (conftest)
-    @given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS, unroll=UNROLLS)
-    def test_float64(self, problem, block, unroll):
+    @given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS, unroll=UNROLLS, gates=GATE_MODES)
+    def test_float64(self, problem, block, unroll, gates):
         with jax.enable_x64(True):
-            _check(problem, jnp.float64, block, variant=self.variant, unroll=unroll)
+            _check(problem, jnp.float64, block, variant=self.variant, unroll=unroll, gates=gates)
 
     @chex.variants(with_jit=True, without_jit=True)
     @settings(max_examples=4)
-    @given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS, unroll=UNROLLS)
-    def test_float32(self, problem, block, unroll):
-        _check(problem, jnp.float32, block, variant=self.variant, unroll=unroll)
+    @given(problem=ref.problems(cells=GATED, max_layers=2), block=ref.BLOCKS, unroll=UNROLLS, gates=GATE_MODES)
+    def test_float32(self, problem, block, unroll, gates):
+        _check(problem, jnp.float32, block, variant=self.variant, unroll=unroll, gates=gates)
 
 
 def test_segments_and_output_mask_equal_autodiff():
@@ -406,16 +415,17 @@ class LSTMCellNormsPropertyTest(chex.TestCase):
         block=st.sampled_from([None, 1, 2]),
         seed=st.integers(0, 2**16),
         dtype=st.sampled_from([jnp.float64, jnp.float32]),
+        gates=GATE_MODES,
     )
-    def test_dc_norms_equal_probe_gradients(self, t_len, batch, hidden, block, seed, dtype):
+    def test_dc_norms_equal_probe_gradients(self, t_len, batch, hidden, block, seed, dtype, gates):
         with jax.enable_x64(True):
             spec = bj.RNNSpec(2, tuple(hidden), 3, cell="lstm")
             p = ref.cast(ref.make_problem(spec, t_len, batch, seed, use_lengths=True), dtype)
             f = self.variant(
                 lambda params, xs, lengths: (
-                    bj.bptt(params, spec, xs, p.targets, lengths=lengths, block_size=block, diagnostics=True)[
-                        2
-                    ].dc_norms
+                    bj.bptt(
+                        params, spec, xs, p.targets, lengths=lengths, block_size=block, diagnostics=True, gates=gates
+                    )[2].dc_norms
                 )
             )
             got = np.asarray(f(p.params, p.xs, p.lengths), np.float64)
@@ -424,3 +434,50 @@ class LSTMCellNormsPropertyTest(chex.TestCase):
             tol = 1e-10 if dtype == jnp.float64 else 1e-4
             scale = max(float(np.abs(want).max()), 1e-30)
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
+
+
+# ----------------------------------------------------------------------------- stored or recomputed gates
+
+
+@pytest.mark.parametrize("cell", GATED)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_stored_gates_equal_recomputed_gates(cell, bidirectional):
+    """gates="store" (the forward's gate activations kept) and "recompute" (recomputed per block) give
+    the same DIV, gradients, dh0, dX and norms: 2 layers, uni- and bidirectional, lengths (0 and T),
+    weights, h0, dropout mask, block sizes 1, 3 (not dividing T) and T; float64, to rounding."""
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (4, 3), 2, cell=cell, bidirectional=bidirectional)
+        p = ref.cast(ref.make_problem(spec, 7, 3, seed=11, use_weights=True), jnp.float64)
+        lengths = jnp.array([7, 0, 4], jnp.int32)
+        n_top = 3 * spec.num_directions
+        mask = 2.0 * jax.random.bernoulli(jax.random.key(5), 0.5, (7, 3, n_top)).astype(jnp.float64)
+        h0 = ref.zero_h0(spec, 3, jnp.float64)
+        h0 = jax.tree_util.tree_map(lambda a: a + 0.1, h0)
+        kw = dict(weights=p.weights, lengths=lengths, h0=h0, output_mask=mask, with_dxs=True, diagnostics=True)
+        for c in (1, 3, None):
+            stored = bj.bptt(p.params, spec, p.xs, p.targets, block_size=c, gates="store", **kw)
+            redone = bj.bptt(p.params, spec, p.xs, p.targets, block_size=c, gates="recompute", **kw)
+            assert ref.max_rel_err(stored, redone) < 1e-12, (cell, c)
+
+
+def test_gates_rule_and_bad_values():
+    rule = importlib.import_module("bptt_jax.bptt").resolve_gates
+    lstm, gru = bj.RNNSpec(3, (4, 3), 2, cell="lstm"), bj.RNNSpec(3, (4,), 2, cell="gru")
+    cap = importlib.import_module("bptt_jax.bptt").STORE_ELEMENTS
+    assert rule("auto", lstm, 10, 2, None)  # small: stored
+    assert not rule("auto", lstm, cap // (4 * 7) + 1, 1, None)  # the caches (4 N1 per layer) over the cap
+    assert not rule("auto", gru, 10, 2, 5)  # checkpoint_every recomputes
+    bi = bj.RNNSpec(3, (4,), 2, cell="gru", bidirectional=True)
+    assert rule("auto", bi, 10, 2, None)  # both directions keep their gates
+    assert not rule("auto", bi, cap // (3 * 4 * 2) + 1, 1, None)  # ... counted together against the cap
+    assert not rule("auto", bj.RNNSpec(3, (4,), 2), 10, 2, None)  # the Elman cell has no gates
+    assert rule("store", gru, 10**6, 10**3, None) and not rule("recompute", gru, 10, 2, None)
+    p = ref.make_problem(gru, 4, 2, seed=0)
+    with pytest.raises(ValueError, match=r"gates: expected one of \['auto', 'store', 'recompute'\], got 'keep'"):
+        bj.bptt(p.params, gru, p.xs, p.targets, gates="keep")
+    with pytest.raises(ValueError, match="gates='store': checkpoint_every recomputes its segments"):
+        bj.bptt(p.params, gru, p.xs, p.targets, gates="store", checkpoint_every=2)
+    elman = bj.RNNSpec(3, (4,), 2)
+    q = ref.make_problem(elman, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="gates='store': the Elman cell has no gates"):
+        bj.bptt(q.params, elman, q.xs, q.targets, gates="store")

@@ -12,13 +12,17 @@ calls take and return the LSTM's state as an (h, c) pair (``bptt_jax.params.RNNS
 The interface every cell module provides (``p`` its parameters, s a state, a(t) the projection)::
 
     GATES                                  gate blocks in A(t) and V(t): 1, 3 or 4
+    CACHE                                  the gate cache kept per step with gates="store", in units of
+                                           N1 (0: the Elman cell keeps nothing; GRU and LSTM 4)
     state_width(n1)                        W, the width of the internal state
     hidden(s)                              h(t), the part of the state the next layer and the readout read
     shapes(n_in, n1)                       the parameters' shapes, as the parameter NamedTuple
     project(p, xs)                         A = X Wx + bx for many steps at once (one matmul)
     recur(p, activation, s_tm1, a_t)       s(t) from s(t-1) and A(t): the step with its input hoisted
-    reverse(p, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms, unroll)
-                                           the reverse recurrence of C steps: (dA, dV, ds(-1), ||dh(t)||)
+    recur_cache(p, activation, s_tm1, a_t) (s(t), the step's gate cache): gated cells only
+    reverse(p, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms, unroll, cache)
+                                           the reverse recurrence of C steps: (dA, dV, ds(-1), ||dh(t)||),
+                                           reading the gates from ``cache`` or recomputing them
     weight_grads(p, xs, s_tm1s, das, dvs)  the "+=" sums over the C steps, as block matmuls
     input_grad(p, das)                     dA Wx^T, the gradient handed to the layer below (or dX)
 """

@@ -25,6 +25,7 @@ from bptt_jax import activations
 Array = jax.Array
 
 GATES = 1
+CACHE = 0  # nothing to cache: f1'(Z1(t)) is computed from h(t) itself
 
 
 class LayerParams(NamedTuple):
@@ -126,8 +127,11 @@ def reverse_recurrence(
     return dz1s, dh_m1, dh_norm
 
 
-def reverse(p: LayerParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms=True, unroll=1):
-    """(dA = dZ1, dV = dZ1, dh(-1), norms): the Elman cell needs neither X nor h(t-1) for it."""
+def reverse(
+    p: LayerParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms=True, unroll=1, cache=None
+):
+    """(dA = dZ1, dV = dZ1, dh(-1), norms): the Elman cell needs neither X nor h(t-1) for it (and no
+    cache: ``cache`` is ignored)."""
     dz1s, dh_m1, norms = reverse_recurrence(
         p.w11, activation, ss, dhs_above, valid, ds_init, with_norms=with_norms, unroll=unroll
     )

@@ -20,6 +20,10 @@ Backward of one step, from dh(t) = dh_above(t) + dh_carry (the same shape as the
 Stored across the sequence: h(t) only. In a block of C steps the backward pass recomputes A and V
 with two block matmuls from the block's X(t) and h(t-1), forms the gate derivatives elementwise for
 all C steps, and then runs a reverse loop whose only matmul per step is dV(t) Wh^T.
+
+Or, where ``bptt``'s ``gates`` is "store", the forward scan also keeps the gate cache
+[r | z | n | V_n] (4 N1 per step and example, ``recur_cache``) and the backward pass reads it
+instead of recomputing: no recompute matmuls, 4 N1 more floats kept per step.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from jax import lax
 Array = jax.Array
 
 GATES = 3
+CACHE = 4  # the gate cache [r | z | n | V_n] per step, in units of N1
 
 
 class GRUParams(NamedTuple):
@@ -96,7 +101,17 @@ def recur(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> Array:
     return (1.0 - z) * n + z * h_tm1
 
 
-def reverse(p: GRUParams, activation, xs, hs_tm1, hs, dhs_above, valid, dh_init, *, with_norms=True, unroll=1):
+def recur_cache(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> tuple[Array, Array]:
+    """(h(t), the gate cache [r | z | n | V_n] [B, 4 N1]): ``recur`` keeping what ``reverse`` needs."""
+    n1 = h_tm1.shape[-1]
+    v = h_tm1 @ p.wh + p.bh
+    r, z, n = _gates(a_t, v)
+    return (1.0 - z) * n + z * h_tm1, jnp.concatenate([r, z, n, v[..., 2 * n1 :]], axis=-1)
+
+
+def reverse(
+    p: GRUParams, activation, xs, hs_tm1, hs, dhs_above, valid, dh_init, *, with_norms=True, unroll=1, cache=None
+):
     """The reverse recurrence of C steps (scan time). Equals the Python loop::
 
         carry = dh_init (or 0)
@@ -110,14 +125,18 @@ def reverse(p: GRUParams, activation, xs, hs_tm1, hs, dhs_above, valid, dh_init,
       xs: [C, B, N_in] the layer's input; hs_tm1: [C, B, N1] h(t-1); hs: [C, B, N1] h(t) (unused:
         the gates come from X(t) and h(t-1)); dhs_above: [C, B, N1]; valid: [C, B] or None;
         dh_init: [B, N1] the carry entering from beyond the block, or None.
+      cache: [C, B, 4 N1] the forward's gate cache (``recur_cache``), or None: recomputed here.
 
     Returns:
       (dA [C, B, 3 N1], dV [C, B, 3 N1], dh(-1) [B, N1], ||dh(t)|| [C, B] or None).
     """
     n1 = hs_tm1.shape[-1]
-    v = hs_tm1 @ p.wh + p.bh  # [C, B, 3 N1] V(t): one block matmul (A likewise), then elementwise
-    r, z, n = _gates(xs @ p.wx + p.bx, v)
-    v_n = v[..., 2 * n1 :]
+    if cache is None:
+        v = hs_tm1 @ p.wh + p.bh  # [C, B, 3 N1] V(t): one block matmul (A likewise), then elementwise
+        r, z, n = _gates(xs @ p.wx + p.bx, v)
+        v_n = v[..., 2 * n1 :]
+    else:
+        r, z, n, v_n = (cache[..., k * n1 : (k + 1) * n1] for k in range(4))
     c_n = (1.0 - z) * (1.0 - n * n)  # dA_n = dh * c_n
     c_r = c_n * v_n * r * (1.0 - r)  # dA_r = dh * c_r
     c_z = (hs_tm1 - n) * z * (1.0 - z)  # dA_z = dh * c_z

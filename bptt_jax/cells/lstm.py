@@ -20,6 +20,10 @@ dc(t) (the carry of the cell state)::
 
 Stored across the sequence: h(t) and c(t). In a block the gates are recomputed from X(t) and h(t-1)
 with two block matmuls; the reverse loop's only matmul per step is dG(t) Wh^T.
+
+Or, where ``bptt``'s ``gates`` is "store", the forward scan also keeps the gates [i | f | g | o]
+(4 N1 per step and example, ``recur_cache``) and the backward pass reads them instead of
+recomputing: no recompute matmuls, 4 N1 more floats kept per step.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from jax import lax
 Array = jax.Array
 
 GATES = 4
+CACHE = 4  # the gate cache [i | f | g | o] per step, in units of N1
 
 
 class LSTMParams(NamedTuple):
@@ -110,7 +115,18 @@ def recur(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> Array:
     return jnp.concatenate([o * jnp.tanh(c), c], axis=-1)
 
 
-def reverse(p: LSTMParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms=True, unroll=1):
+def recur_cache(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> tuple[Array, Array]:
+    """([h(t) | c(t)], the gates [i | f | g | o] [B, 4 N1]): ``recur`` keeping what ``reverse`` needs."""
+    n1 = s_tm1.shape[-1] // 2
+    h_tm1, c_tm1 = s_tm1[:, :n1], s_tm1[:, n1:]
+    i, f, g, o = _gates(a_t + h_tm1 @ p.wh + p.bh)
+    c = f * c_tm1 + i * g
+    return jnp.concatenate([o * jnp.tanh(c), c], axis=-1), jnp.concatenate([i, f, g, o], axis=-1)
+
+
+def reverse(
+    p: LSTMParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms=True, unroll=1, cache=None
+):
     """The reverse recurrence of C steps (scan time). Equals the Python loop::
 
         dh_carry, dc = ds_init (or 0)
@@ -124,6 +140,7 @@ def reverse(p: LSTMParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init
       xs: [C, B, N_in]; s_tm1s: [C, B, 2 N1] [h(t-1) | c(t-1)]; ss: [C, B, 2 N1] [h(t) | c(t)];
       dhs_above: [C, B, N1] the gradient reaching h(t) from outside; valid: [C, B] or None;
       ds_init: [B, 2 N1] the carry entering from beyond the block, or None.
+      cache: [C, B, 4 N1] the forward's gates (``recur_cache``), or None: recomputed here.
 
     Returns:
       (dG [C, B, 4 N1] (= dA = dV), the same array, ds(-1) [B, 2 N1], norms [C, B, 2] or None:
@@ -131,7 +148,10 @@ def reverse(p: LSTMParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init
     """
     n1 = ss.shape[-1] // 2
     h_tm1, c_tm1, c = s_tm1s[..., :n1], s_tm1s[..., n1:], ss[..., n1:]
-    i, f, g, o = _gates(xs @ p.wx + p.bx + h_tm1 @ p.wh + p.bh)  # two block matmuls, then elementwise
+    if cache is None:
+        i, f, g, o = _gates(xs @ p.wx + p.bx + h_tm1 @ p.wh + p.bh)  # two block matmuls, then elementwise
+    else:
+        i, f, g, o = (cache[..., k * n1 : (k + 1) * n1] for k in range(4))
     tc = jnp.tanh(c)
     c_o = tc * o * (1.0 - o)  # dG_o = dh * c_o
     c_k = o * (1.0 - tc * tc)  # dc_total = dc + dh * c_k
