@@ -30,6 +30,23 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+if os.environ.get("BPTT_JAX_TEST_XLA_CACHE", "1") != "0":
+    # A persistent compilation cache, one folder per test process (JAX writes its entries without a
+    # lock, so processes do not share one), emptied at exit. Programs compiled again after
+    # `jax.clear_caches()` (below, per module) or traced again from new closures (the same jax.grad
+    # oracle under both chex variants, the same shapes in several modules) are then read back
+    # instead of compiled: the suite's time is mostly XLA compilation. BPTT_JAX_TEST_XLA_CACHE=0
+    # turns it off.
+    import atexit
+    import shutil
+    import tempfile
+
+    _xla_cache = tempfile.mkdtemp(prefix="bptt_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _xla_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 if jax.default_backend() == "gpu":
     # XLA computes float32 matmuls in TF32 on NVIDIA GPUs by default (about 1e-3 relative): the tests
     # hold float32 to 1e-5 against jax.grad, so they pin full float32 for every dot instead of

@@ -380,7 +380,8 @@ def _dc_by_probe(p: ref.Problem, lengths):
         w = (jnp.arange(t_len)[:, None] < lengths[None, :]).astype(logp.dtype)
         return -(w * logp).sum() / b
 
-    return jax.grad(loss_with_probe)(tuple(jnp.zeros((t_len, b, n1), p.xs.dtype) for n1 in spec.hidden_sizes))
+    # jitted: one compile of the unrolled loop is ~2.5x faster than running it op by op
+    return jax.jit(jax.grad(loss_with_probe))(tuple(jnp.zeros((t_len, b, n1), p.xs.dtype) for n1 in spec.hidden_sizes))
 
 
 @pytest.mark.parametrize("block_size", [None, 1, 4])
@@ -444,7 +445,7 @@ class LSTMCellNormsPropertyTest(chex.TestCase):
 def test_stored_gates_equal_recomputed_gates(cell, bidirectional):
     """gates="store" (the forward's gate activations kept) and "recompute" (recomputed per block) give
     the same DIV, gradients, dh0, dX and norms: 2 layers, uni- and bidirectional, lengths (0 and T),
-    weights, h0, dropout mask, block sizes 1, 3 (not dividing T) and T; float64, to rounding."""
+    weights, h0, dropout mask, blocks of 3 steps (not dividing T); float64, to rounding."""
     with jax.enable_x64(True):
         spec = bj.RNNSpec(3, (4, 3), 2, cell=cell, bidirectional=bidirectional)
         p = ref.cast(ref.make_problem(spec, 7, 3, seed=11, use_weights=True), jnp.float64)
@@ -454,10 +455,10 @@ def test_stored_gates_equal_recomputed_gates(cell, bidirectional):
         h0 = ref.zero_h0(spec, 3, jnp.float64)
         h0 = jax.tree_util.tree_map(lambda a: a + 0.1, h0)
         kw = dict(weights=p.weights, lengths=lengths, h0=h0, output_mask=mask, with_dxs=True, diagnostics=True)
-        for c in (1, 3, None):
-            stored = bj.bptt(p.params, spec, p.xs, p.targets, block_size=c, gates="store", **kw)
-            redone = bj.bptt(p.params, spec, p.xs, p.targets, block_size=c, gates="recompute", **kw)
-            assert ref.max_rel_err(stored, redone) < 1e-12, (cell, c)
+        c = 3  # blocks that do not divide T (padding); other block sizes: the property tests above
+        stored = bj.bptt(p.params, spec, p.xs, p.targets, block_size=c, gates="store", **kw)
+        redone = bj.bptt(p.params, spec, p.xs, p.targets, block_size=c, gates="recompute", **kw)
+        assert ref.max_rel_err(stored, redone) < 1e-12, cell
 
 
 def test_gates_rule_and_bad_values():
