@@ -718,7 +718,7 @@ def _bptt(
         h_last = tuple(h[-1] for tr in traces for h in tr.states)
         if not spec.bidirectional:
             hs = tuple(tr.states[0] for tr in traces)
-            caches = tuple(tr.caches[0] for tr in traces) if store else None  # type: ignore[index]
+            caches = tuple(tr.caches[0] for tr in traces) if store else None
             zero = _zero_carry(params, h0, xs.dtype)
             carry, dxs, norms = _stack_backward_fused(
                 params, spec, xs_p, hs, h0, valid, tg_p, w_p, mask_p, zero, c, caches=caches, **opts

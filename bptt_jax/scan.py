@@ -234,7 +234,7 @@ def run_stack(
             recurrence=recurrence,
             store=store,
         )
-        caches = None
+        caches: tuple[Array, ...] | None = None
         if store:
             hs_f, cache_f = hs_f
             caches = (cache_f,)
