@@ -95,18 +95,18 @@ def _gates(a: Array, v: Array):
     return r, z, n
 
 
-def recur(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> Array:
-    """h(t) from h(t-1) [B, N1] and A(t) [B, 3 N1] (the module docstring's forward)."""
-    r, z, n = _gates(a_t, h_tm1 @ p.wh + p.bh)
-    return (1.0 - z) * n + z * h_tm1
-
-
 def recur_cache(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> tuple[Array, Array]:
-    """(h(t), the gate cache [r | z | n | V_n] [B, 4 N1]): ``recur`` keeping what ``reverse`` needs."""
+    """(h(t), the gate cache [r | z | n | V_n] [B, 4 N1]) from h(t-1) [B, N1] and A(t) [B, 3 N1]: the
+    module docstring's forward step, also returning what ``reverse`` reads with gates="store"."""
     n1 = h_tm1.shape[-1]
-    v = h_tm1 @ p.wh + p.bh
+    v = h_tm1 @ p.wh + p.bh  # V(t)
     r, z, n = _gates(a_t, v)
     return (1.0 - z) * n + z * h_tm1, jnp.concatenate([r, z, n, v[..., 2 * n1 :]], axis=-1)
+
+
+def recur(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> Array:
+    """h(t) alone (``recur_cache`` without its cache, which XLA then never computes)."""
+    return recur_cache(p, activation, h_tm1, a_t)[0]
 
 
 def reverse(

@@ -106,22 +106,20 @@ def _gates(g_all: Array):
     return i, f, g, o
 
 
-def recur(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> Array:
-    """[h(t) | c(t)] [B, 2 N1] from [h(t-1) | c(t-1)] and A(t) [B, 4 N1]."""
-    n1 = s_tm1.shape[-1] // 2
-    h_tm1, c_tm1 = s_tm1[:, :n1], s_tm1[:, n1:]
-    i, f, g, o = _gates(a_t + h_tm1 @ p.wh + p.bh)
-    c = f * c_tm1 + i * g
-    return jnp.concatenate([o * jnp.tanh(c), c], axis=-1)
-
-
 def recur_cache(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> tuple[Array, Array]:
-    """([h(t) | c(t)], the gates [i | f | g | o] [B, 4 N1]): ``recur`` keeping what ``reverse`` needs."""
+    """([h(t) | c(t)] [B, 2 N1], the gates [i | f | g | o] [B, 4 N1]) from [h(t-1) | c(t-1)] and A(t)
+    [B, 4 N1]: the module docstring's forward step, also returning what ``reverse`` reads with
+    gates="store"."""
     n1 = s_tm1.shape[-1] // 2
     h_tm1, c_tm1 = s_tm1[:, :n1], s_tm1[:, n1:]
     i, f, g, o = _gates(a_t + h_tm1 @ p.wh + p.bh)
     c = f * c_tm1 + i * g
     return jnp.concatenate([o * jnp.tanh(c), c], axis=-1), jnp.concatenate([i, f, g, o], axis=-1)
+
+
+def recur(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> Array:
+    """[h(t) | c(t)] alone (``recur_cache`` without its cache, which XLA then never computes)."""
+    return recur_cache(p, activation, s_tm1, a_t)[0]
 
 
 def reverse(
