@@ -315,6 +315,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
     env.setdefault("HYPOTHESIS_PROFILE", "gpu")  # before env_tests copies env (runs 1 and 2 missed it: "ci" there)
+    env.setdefault("BPTT_JAX_TEST_FAST_COMPILE", "0")  # tests/conftest.py: keep XLA's default code generation
     # The tests compile hundreds of small programs: skip XLA:GPU's GEMM autotuning there (not in the timings).
     env_tests = dict(env, XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip())
     py = sys.executable

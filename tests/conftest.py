@@ -2,9 +2,23 @@
 
 import os
 
-import jax
-import pytest
-from hypothesis import HealthCheck, settings
+# XLA:CPU compile economy. The suite's time is mostly XLA compiling hundreds of small programs (each
+# hypothesis example draws new shapes, so both the explicit BPTT and its jax.grad oracle compile
+# again), and most of a compile is LLVM optimising code that then runs for microseconds. The tests
+# therefore compile at LLVM's level 0 without its expensive passes: the same HLO programs, the same
+# float semantics (no fast-math either way), only less optimised machine code. Measured on the
+# 2-core CPU: the heaviest property tests take 0.55-0.65 of their time at the default level. Set
+# before JAX creates its backend; inherited by the tests' subprocesses (the command, the 4-device
+# checks), except the timing-sensitive multi-process tests, which keep XLA's defaults.
+# BPTT_JAX_TEST_FAST_COMPILE=0 compiles at XLA's default level instead; benchmarks/gpu_check.py sets
+# it, so the GPU's code generation is never changed by this.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if os.environ.get("BPTT_JAX_TEST_FAST_COMPILE", "1") != "0":
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",

@@ -239,7 +239,11 @@ def test_output_mask_shape_error():
 
 @given(problem=ref.problems())
 def test_loss_and_state_gives_the_forward_final_states(problem):
-    """The autodiff train path's (DIV, final states) in one pass: equals loss and forward().h_last."""
+    """The autodiff train path's (DIV, final states) in one pass: equals loss and forward().h_last.
+
+    The final states come from a different XLA program (the forward inside value_and_grad) than
+    forward()'s, so they agree to rounding, not bit for bit: compiled at another LLVM optimisation
+    level (tests/conftest.py) they differed by one float32 ulp (5e-8 relative)."""
     p = problem
     kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
     (value, h_last), grads = jax.value_and_grad(
@@ -247,4 +251,5 @@ def test_loss_and_state_gives_the_forward_final_states(problem):
     )(p.params)
     assert ref.max_rel_err(value, bj.loss(p.params, p.spec, p.xs, p.targets, **kw)) < 1e-6
     want = bj.forward(p.params, p.spec, p.xs, h0=p.h0, lengths=p.lengths).h_last
-    assert ref.max_rel_err(h_last, want) == 0.0
+    tol = 1e-6 if p.xs.dtype == jnp.float32 else 1e-14
+    assert ref.max_rel_err(h_last, want) <= tol

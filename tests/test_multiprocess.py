@@ -23,6 +23,8 @@ from bptt_jax.parallel import EXIT_PEER_LOST
 pytestmark = pytest.mark.serial
 
 ROOT = Path(__file__).resolve().parents[1]
+# Without XLA_FLAGS: no inherited device count, and XLA's default code generation (not conftest.py's
+# compile-economy flags), under which these timing-sensitive runs were proven.
 BASE_ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 BASE_ENV.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
 TIMEOUT = 300

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
+_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform"))
+ENV = dict(os.environ, XLA_FLAGS=f"{_FLAGS} --xla_force_host_platform_device_count=4".strip(), PYTHONPATH=str(ROOT))
 
 
 def test_sharded_step_equals_single_device_and_batch_is_sharded():
