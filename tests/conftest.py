@@ -9,7 +9,8 @@ import os
 # float semantics (no fast-math either way), only less optimised machine code. Measured on the
 # 2-core CPU: the heaviest property tests take 0.55-0.65 of their time at the default level. Set
 # before JAX creates its backend; inherited by the tests' subprocesses (the command, the 4-device
-# checks), except the timing-sensitive multi-process tests, which keep XLA's defaults.
+# checks, the multi-process runs), except the two timed multi-process scenarios (a lost peer, SIGTERM
+# to the launcher), which keep XLA's defaults.
 # BPTT_JAX_TEST_FAST_COMPILE=0 compiles at XLA's default level instead; benchmarks/gpu_check.py sets
 # it, so the GPU's code generation is never changed by this.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
