@@ -160,3 +160,14 @@ def _load(name, rel):
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.mark.bench
+def test_gate_blocks_benchmark_quick(tmp_path):
+    """The script checks that both formulations of the gated forward scan give the same states
+    (it raises otherwise) before it times them."""
+    mod = _load("gate_blocks", "benchmarks/gate_blocks.py")
+    out = tmp_path / "blocks.md"
+    report = mod.main(["--quick", "--rounds", "1", "--out", str(out)])
+    assert out.read_text() == report
+    assert "| GRU | (12, 3, 6) |" in report and "| LSTM | (12, 3, 6) |" in report
