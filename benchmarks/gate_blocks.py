@@ -1,6 +1,6 @@
 """The gated cells' forward scan: A(t) as one [T, B, G N1] array, or one array per gate block.
 
-    python benchmarks/gate_blocks.py [--rounds R] [--quick] [--out FILE]
+    python benchmarks/gate_blocks.py [--rounds R] [--quick] [--out FILE] [--no-sweep]
 
 ``scan.unroll_layer`` hands a gated cell's hoisted projection A(t) = X(t) Wx + bx to its ``lax.scan``
 as G arrays [T, B, N1] (one per gate block) and joins them inside the step. This script measures
@@ -8,6 +8,10 @@ why, side by side in one process: the same scan of ``cell.recur`` (h only) and `
 (h and the gate cache, gates="store"), fed A(t) either way, for GRU and LSTM at the benchmark shapes
 (one layer; T, B, N1). It checks that both formulations give the same states before timing, and
 also times the library's forward-only ``bptt_jax.loss`` (one layer + readout) for reference.
+
+Then the sweep behind ``bptt.STORE_MIN_ELEMENTS``: ``bptt(..., gates="store")`` against
+``gates="recompute"`` (forward + loss + gradients, one layer + softmax readout, T = 50, N = M = N1 / 2)
+from one example up, where a step's fixed costs dominate, with the cache's size in elements.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from bptt_jax import cells  # noqa: E402
 
 SHAPES = [(50, 1, 64), (100, 32, 128), (200, 64, 256), (1000, 16, 128), (100, 64, 512), (64, 32, 256)]
 QUICK_SHAPES = [(12, 3, 6)]
+SWEEP = [(50, b, 64) for b in (1, 2, 4, 8, 16, 32)] + [(50, 1, 128), (50, 1, 256), (200, 1, 64), (200, 4, 128)]
+QUICK_SWEEP = [(12, 3, 6)]
 
 
 def scans(cell_name: str, store: bool):
@@ -93,11 +99,40 @@ def bench(cell_name, shape, rounds):
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+def bench_gates(cell_name, shape, rounds):
+    """Medians (ms) of bptt with gates="store" and "recompute", and the cache's elements."""
+    t, b, n1 = shape
+    n = max(n1 // 2, 1)
+    spec = bj.RNNSpec(input_size=n, hidden_sizes=(n1,), output_size=n, cell=cell_name)
+    params = bj.init_params(jax.random.key(0), spec)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n))
+    targets = jax.random.randint(jax.random.key(2), (t, b), 0, n)
+    runs = {g: jax.jit(lambda p, x, d, g=g: bj.bptt(p, spec, x, d, gates=g)[:2]) for g in ("store", "recompute")}
+    out = {g: f(params, xs, targets) for g, f in runs.items()}
+    err = max(
+        float(jnp.max(jnp.abs(x - y)))
+        for x, y in zip(jax.tree.leaves(out["store"]), jax.tree.leaves(out["recompute"]), strict=True)
+    )
+    if err > 1e-3:
+        raise AssertionError(f"{cell_name} {shape}: stored and recomputed gates differ by {err}")
+    times: dict[str, list[float]] = {g: [] for g in runs}
+    for _ in range(rounds):
+        order = list(runs)
+        random.shuffle(order)
+        for g in order:
+            t0 = time.perf_counter()
+            jax.block_until_ready(runs[g](params, xs, targets))
+            times[g].append(time.perf_counter() - t0)
+    med = {g: 1e3 * statistics.median(v) for g, v in times.items()}
+    return med, t * b * cells.get(cell_name).CACHE * n1
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 21; quick 2)")
     ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
     ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--no-sweep", action="store_true", help="leave out the store-vs-recompute sweep")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 21)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -122,6 +157,22 @@ def main(argv=None) -> str:
                 f"| {c1 / c2:.2f}x | {m['bptt_jax.loss (1 layer + readout)']:.3f} |"
             )
             print(lines[-1], flush=True)
+    if not args.no_sweep:
+        lines += [
+            "",
+            '## bptt, gates="store" against "recompute" (T, B, N1; N = M = N1 / 2)',
+            "",
+            "| cell | T, B, N1 | cached elements | store ms | recompute ms | store's speed-up |",
+            "|---|---|---|---|---|---|",
+        ]
+        for cell_name in ("gru", "lstm"):
+            for shape in QUICK_SWEEP if args.quick else SWEEP:
+                med, elements = bench_gates(cell_name, shape, 2 * rounds)
+                lines.append(
+                    f"| {cell_name.upper()} | {shape} | {elements:,} | {med['store']:.3f} | {med['recompute']:.3f} "
+                    f"| {med['recompute'] / med['store']:.2f}x |"
+                )
+                print(lines[-1], flush=True)
     report = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(report)

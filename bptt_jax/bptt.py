@@ -24,7 +24,7 @@ input projection X(t) W1 + b1 per block (``scan.unroll_layer``). Only h(t) lives
 sequence; everything else is [C, B, ...]. C = T is the whole-sequence computation. When C does not
 divide T the sequence is padded at the end with steps that hold the state and weigh 0. The gated
 cells (GRU, LSTM) either recompute their gates per block from h(t-1) and X(t) (two block matmuls)
-or, with ``gates="store"`` (the default up to ``STORE_ELEMENTS``), read the gate activations the
+or, with ``gates="store"`` (the default from the cell's ``STORE_FROM`` up to ``STORE_ELEMENTS``), read the gate activations the
 forward scan kept: 4 N1 more floats per step for no recompute matmuls.
 
 Where blocking does not apply fully:
@@ -123,19 +123,22 @@ def resolve_gates(gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_
     """Whether the forward pass keeps the gates (True) or the backward pass recomputes them.
 
     "store" and "recompute" as asked; "auto" stores while the caches of every layer and direction
-    hold at most STORE_ELEMENTS elements. Only gated cells without ``checkpoint_every`` can store (the
+    hold at most STORE_ELEMENTS elements and at least the cell's STORE_FROM (the GRU's 2^16: below
+    it recomputing ran faster, the LSTM's 0). Only gated cells without ``checkpoint_every`` can store (the
     Elman cell has no gates; segments are recomputed anyway): otherwise "auto" recomputes and "store"
     raises.
     """
     if gates not in GATES:
         raise ValueError(f"gates: expected one of {list(GATES)}, got {gates!r}")
-    cache = cells.get(spec.cell).CACHE
+    cell = cells.get(spec.cell)
+    cache = cell.CACHE
     can = cache > 0 and checkpoint_every is None
     if gates == "store" and not can:
         why = "the Elman cell has no gates" if cache == 0 else "checkpoint_every recomputes its segments"
         raise ValueError(f"gates='store': {why}")
     if gates == "auto":
-        return can and t_len * batch * cache * sum(spec.hidden_sizes) * spec.num_directions <= STORE_ELEMENTS
+        elements = t_len * batch * cache * sum(spec.hidden_sizes) * spec.num_directions
+        return can and cell.STORE_FROM <= elements <= STORE_ELEMENTS
     return gates == "store"
 
 
@@ -875,7 +878,8 @@ def bptt(
       gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
         step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))
         only and recomputes the gates per block with two block matmuls; "auto" stores while that
-        cache holds at most ``STORE_ELEMENTS`` elements (``resolve_gates``). Same gradients either
+        cache holds at most ``STORE_ELEMENTS`` elements and, for the GRU, at least 2^16
+        (``resolve_gates``). Same gradients either
         way. Not with checkpoint_every (its segments recompute); the Elman cell has nothing to store.
 
     Returns:

@@ -467,10 +467,15 @@ def test_gates_rule_and_bad_values():
     cap = importlib.import_module("bptt_jax.bptt").STORE_ELEMENTS
     assert rule("auto", lstm, 10, 2, None)  # small: stored
     assert not rule("auto", lstm, cap // (4 * 7) + 1, 1, None)  # the caches (4 N1 per layer) over the cap
-    assert not rule("auto", gru, 10, 2, 5)  # checkpoint_every recomputes
+    assert not rule("auto", gru, 10**4, 2, 5)  # checkpoint_every recomputes
+    floor = importlib.import_module("bptt_jax.cells.gru").STORE_FROM  # the GRU's: measured, 2^16
+    assert floor == 2**16 and importlib.import_module("bptt_jax.cells.lstm").STORE_FROM == 0
+    assert not rule("auto", gru, 10, 2, None)  # 320 cached elements: below the GRU's floor, recomputed
+    assert not rule("auto", gru, floor // 16 - 1, 1, None) and rule("auto", gru, floor // 16, 1, None)
     bi = bj.RNNSpec(3, (4,), 2, cell="gru", bidirectional=True)
-    assert rule("auto", bi, 10, 2, None)  # both directions keep their gates
-    assert not rule("auto", bi, cap // (3 * 4 * 2) + 1, 1, None)  # ... counted together against the cap
+    assert rule("auto", bi, floor // 32, 1, None)  # both directions keep their gates (counted together)
+    assert not rule("auto", bi, floor // 32 - 1, 1, None)
+    assert not rule("auto", bi, cap // (4 * 4 * 2) + 1, 1, None)  # ... and against the cap
     assert not rule("auto", bj.RNNSpec(3, (4,), 2), 10, 2, None)  # the Elman cell has no gates
     assert rule("store", gru, 10**6, 10**3, None) and not rule("recompute", gru, 10, 2, None)
     p = ref.make_problem(gru, 4, 2, seed=0)

@@ -14,6 +14,8 @@ The interface every cell module provides (``p`` its parameters, s a state, a(t) 
     GATES                                  gate blocks in A(t) and V(t): 1, 3 or 4
     CACHE                                  the gate cache kept per step with gates="store", in units of
                                            N1 (0: the Elman cell keeps nothing; GRU and LSTM 4)
+    STORE_FROM                             gates="auto" stores from this many cached elements on
+                                           (measured per cell; the cap is bptt.STORE_ELEMENTS)
     state_width(n1)                        W, the width of the internal state
     hidden(s)                              h(t), the part of the state the next layer and the readout read
     shapes(n_in, n1)                       the parameters' shapes, as the parameter NamedTuple

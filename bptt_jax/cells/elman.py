@@ -26,6 +26,7 @@ Array = jax.Array
 
 GATES = 1
 CACHE = 0  # nothing to cache: f1'(Z1(t)) is computed from h(t) itself
+STORE_FROM = 0  # (nothing is stored)
 
 
 class LayerParams(NamedTuple):

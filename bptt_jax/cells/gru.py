@@ -39,6 +39,10 @@ Array = jax.Array
 
 GATES = 3
 CACHE = 4  # the gate cache [r | z | n | V_n] per step, in units of N1
+# gates="auto" stores the cache only from STORE_FROM cached elements on (all layers and directions):
+# below that, recomputing ran faster here (0.79-0.92x for storing at 5 of 6 sizes from 12,800 to
+# 51,200 elements; benchmarks/gate_blocks.py), where a step's fixed costs outweigh the two block matmuls.
+STORE_FROM = 2**16
 
 
 class GRUParams(NamedTuple):

@@ -39,6 +39,7 @@ Array = jax.Array
 
 GATES = 4
 CACHE = 4  # the gate cache [i | f | g | o] per step, in units of N1
+STORE_FROM = 0  # storing ran 1.03-1.12x faster at every size measured (benchmarks/gate_blocks.py)
 
 
 class LSTMParams(NamedTuple):
