@@ -73,10 +73,10 @@ GPU_WHOLE_ELEMENTS = 2**25
 GPU_BLOCK_ELEMENTS = 2**23
 # Gated cells: keep the forward's gate activations ("store") instead of recomputing them per block in
 # the backward pass ("recompute") while all layers' caches together hold at most STORE_ELEMENTS
-# elements (T * B * CACHE * N1 summed over layers and directions: 64 MiB in float32). Measured on the
-# 2-core CPU (benchmarks/README.md, "Stored or recomputed gates"): storing ran 1.1-1.4x faster than
-# recomputing at every benchmark shape but the smallest, for about 2-4x the temp memory (still about
-# half of jax.grad's); above the cap memory comes first.
+# elements (T * B * CACHE * N1 summed over layers and directions: 64 MiB in float32) and at least
+# the cell's STORE_FROM. Measured on the 2-core CPU (benchmarks/README.md, "Gated cells: the latest
+# run"): storing ran up to 1.22x faster than recomputing at the larger benchmark shapes (0.97-1.22x),
+# for about 2-4x the temp memory (still about half of jax.grad's); above the cap memory comes first.
 STORE_ELEMENTS = 2**24
 GATES = ("auto", "store", "recompute")
 

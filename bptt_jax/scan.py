@@ -83,8 +83,9 @@ def _unroll_whole(
     # Without the gate cache, a gated cell's A(t) enters the loop one gate block per array and is
     # joined again inside the step (XLA folds each slice of the join back to its own block): measured
     # on XLA:CPU (benchmarks/README.md, "The gated forward scan"), the step that slices its gate
-    # blocks out of one [T, B, G N1] array ran up to 2.4x slower. The step that also writes its gate
-    # cache ran 0.83-1.06x as fast split, so it keeps the one array.
+    # blocks out of one [T, B, G N1] array ran up to 2.2x slower (GRU; LSTM 1.5x, but 0.7-1.0x at
+    # the smallest and the largest shapes). The step that also writes its gate cache ran 0.77-1.05x
+    # as fast split, so it keeps the one array.
     n_parts = 1 if store else cell.GATES
     width = us.shape[-1] // n_parts
     parts = tuple(us[..., k * width : (k + 1) * width] for k in range(n_parts))
