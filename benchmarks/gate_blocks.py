@@ -78,7 +78,7 @@ def bench(cell_name, shape, rounds):
         fns = scans(cell_name, store)
         ref = fns["one array"](layer, us, s0)
         got = fns["per gate block"](layer, us, s0)
-        err = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+        err = _max_diff(ref, got)
         if err > 1e-5:
             raise AssertionError(f"{cell_name} {shape} store={store}: the two formulations differ by {err}")
         for name, f in fns.items():
@@ -88,6 +88,11 @@ def bench(cell_name, shape, rounds):
     args["bptt_jax.loss (1 layer + readout)"] = (params, xs, targets)
     for k, f in runs.items():
         jax.block_until_ready(f(*args[k]))
+    return _medians(runs, args, rounds)
+
+
+def _medians(runs, args, rounds):
+    """Median ms of each runs[k](*args[k]) over ``rounds`` rounds, a fresh random order each round."""
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         order = list(runs)
@@ -97,6 +102,10 @@ def bench(cell_name, shape, rounds):
             jax.block_until_ready(runs[k](*args[k]))
             times[k].append(time.perf_counter() - t0)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def _max_diff(a, b) -> float:
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def bench_gates(cell_name, shape, rounds):
@@ -109,21 +118,10 @@ def bench_gates(cell_name, shape, rounds):
     targets = jax.random.randint(jax.random.key(2), (t, b), 0, n)
     runs = {g: jax.jit(lambda p, x, d, g=g: bj.bptt(p, spec, x, d, gates=g)[:2]) for g in ("store", "recompute")}
     out = {g: f(params, xs, targets) for g, f in runs.items()}
-    err = max(
-        float(jnp.max(jnp.abs(x - y)))
-        for x, y in zip(jax.tree.leaves(out["store"]), jax.tree.leaves(out["recompute"]), strict=True)
-    )
+    err = _max_diff(out["store"], out["recompute"])
     if err > 1e-3:
         raise AssertionError(f"{cell_name} {shape}: stored and recomputed gates differ by {err}")
-    times: dict[str, list[float]] = {g: [] for g in runs}
-    for _ in range(rounds):
-        order = list(runs)
-        random.shuffle(order)
-        for g in order:
-            t0 = time.perf_counter()
-            jax.block_until_ready(runs[g](params, xs, targets))
-            times[g].append(time.perf_counter() - t0)
-    med = {g: 1e3 * statistics.median(v) for g, v in times.items()}
+    med = _medians(runs, {g: (params, xs, targets) for g in runs}, rounds)
     return med, t * b * cells.get(cell_name).CACHE * n1
 
 
