@@ -24,8 +24,9 @@ input projection X(t) W1 + b1 per block (``scan.unroll_layer``). Only h(t) lives
 sequence; everything else is [C, B, ...]. C = T is the whole-sequence computation. When C does not
 divide T the sequence is padded at the end with steps that hold the state and weigh 0. The gated
 cells (GRU, LSTM) either recompute their gates per block from h(t-1) and X(t) (two block matmuls)
-or, with ``gates="store"`` (the default from the cell's ``STORE_FROM`` up to ``STORE_ELEMENTS``), read the gate activations the
-forward scan kept: 4 N1 more floats per step for no recompute matmuls.
+or, with ``gates="store"`` (the default from the cell's ``STORE_FROM`` up to ``STORE_ELEMENTS``
+cached elements), read the gate activations the forward scan kept: 4 N1 more floats per step for
+no recompute matmuls.
 
 Where blocking does not apply fully:
 
@@ -124,9 +125,9 @@ def resolve_gates(gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_
 
     "store" and "recompute" as asked; "auto" stores while the caches of every layer and direction
     hold at most STORE_ELEMENTS elements and at least the cell's STORE_FROM (the GRU's 2^16: below
-    it recomputing ran faster, the LSTM's 0). Only gated cells without ``checkpoint_every`` can store (the
-    Elman cell has no gates; segments are recomputed anyway): otherwise "auto" recomputes and "store"
-    raises.
+    it recomputing ran faster, the LSTM's 0). Only gated cells without ``checkpoint_every`` can
+    store (the Elman cell has no gates; segments are recomputed anyway): otherwise "auto" recomputes
+    and "store" raises.
     """
     if gates not in GATES:
         raise ValueError(f"gates: expected one of {list(GATES)}, got {gates!r}")
@@ -879,8 +880,8 @@ def bptt(
         step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))
         only and recomputes the gates per block with two block matmuls; "auto" stores while that
         cache holds at most ``STORE_ELEMENTS`` elements and, for the GRU, at least 2^16
-        (``resolve_gates``). Same gradients either
-        way. Not with checkpoint_every (its segments recompute); the Elman cell has nothing to store.
+        (``resolve_gates``). Same gradients either way. Not with checkpoint_every (its segments
+        recompute); the Elman cell has nothing to store.
 
     Returns:
       (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last)``).

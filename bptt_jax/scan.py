@@ -88,7 +88,7 @@ def _unroll_whole(
     # as fast split, so it keeps the one array.
     n_parts = 1 if store else cell.GATES
     width = us.shape[-1] // n_parts
-    parts = tuple(us[..., k * width : (k + 1) * width] for k in range(n_parts))
+    parts = (us,) if n_parts == 1 else tuple(us[..., k * width : (k + 1) * width] for k in range(n_parts))
 
     def body(h_tm1, inp):
         u_parts, valid_t = inp
