@@ -2,6 +2,7 @@
 resumable across job shapes, saving and stopping together on SIGTERM, stopping with a named error when
 a peer is lost; the launcher's refusals."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -107,14 +108,17 @@ def runs(configs, tmp_path_factory):
     Adam steps as 2 processes x 2 devices, 1 x 4 (not the LSTM: the suite's time) and 1 x 1."""
     d = tmp_path_factory.mktemp("mp_runs")
     shapes = {"2x2": (2, 2), "1x4": (1, 4), "1x1": (1, 1)}
-    out = {}
-    for net, config in configs.items():
-        for name, (p, k) in shapes.items():
-            if net == "lstm" and name == "1x4":
-                continue
-            r = _run(config, d / f"{net}_{name}", processes=p, devices=k)
-            out[net, name] = (d / f"{net}_{name}", r)
-    return out
+    jobs = [(net, name) for net in configs for name in shapes if not (net == "lstm" and name == "1x4")]
+
+    def one(job):
+        net, name = job
+        p, k = shapes[name]
+        return job, (d / f"{net}_{name}", _run(configs[net], d / f"{net}_{name}", processes=p, devices=k))
+
+    # Two runs at a time (the runs are only compared when done, nothing here is timed): the serial
+    # part of the suite has both cores to itself, and a run is mostly start-up and compilation.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, jobs))
 
 
 @pytest.mark.parametrize("net", ["uni", "bi", "lstm"])
@@ -247,8 +251,13 @@ def test_sigterm_to_the_launcher_saves_one_agreed_step(configs, tmp_path):
     print(f"SIGTERM to 2 processes: saved step {step}, launcher returned {took:.1f} s after the signal")
 
     more = [f"train.steps={step + 10}"]
-    _run(configs["uni"], out, processes=2, sets=more, resume=True)
-    _run(configs["uni"], tmp_path / "whole", processes=2, sets=more)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:  # compared when done: not timed
+        done = [
+            pool.submit(_run, configs["uni"], out, processes=2, sets=more, resume=True),
+            pool.submit(_run, configs["uni"], tmp_path / "whole", processes=2, sets=more),
+        ]
+        for job in done:
+            job.result()
     diff = _relative_difference(out / "last.ckpt", tmp_path / "whole" / "last.ckpt")
     print(f"resumed as 2 processes vs uninterrupted as 2 processes, {step + 10} steps: relative difference {diff:.2e}")
     assert diff <= 1e-5
