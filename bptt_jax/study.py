@@ -11,13 +11,25 @@ from pathlib import Path
 from typing import NamedTuple
 
 from bptt_jax import runner
-from bptt_jax.config import load_config
+from bptt_jax.config import ConfigError, load_config
 
 
 class Entry(NamedTuple):
     label: str
     config: str  # path of a TOML config
     overrides: tuple[str, ...] = ()
+
+
+def config_error(entries: Sequence[Entry]) -> str | None:
+    """The first entry whose config does not load (a bad --set, a length of 0), as a message; None when
+    every one loads. Study scripts call it before the first run, so a bad setting in a late entry fails
+    at once instead of after hours of runs."""
+    for e in entries:
+        try:
+            load_config(e.config, e.overrides)
+        except ConfigError as err:
+            return f"{e.label}: {err}"
+    return None
 
 
 def run_entries(entries: Sequence[Entry], out_dir, *, log=print) -> dict[str, dict]:

@@ -22,7 +22,7 @@ import math
 import multiprocessing
 from pathlib import Path
 
-from bptt_jax.study import Entry, markdown_table, run_one, spread
+from bptt_jax.study import Entry, config_error, markdown_table, run_one, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.01
@@ -147,8 +147,11 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
     ap.add_argument("--out", default="runs/adding_study")
     args = ap.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError as err:
+        ap.error(f"--lengths and --seeds take comma-separated integers: {err}")
     models = [m.strip() for m in args.models.split(",")]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -166,6 +169,9 @@ def main():
                     sets.append(f"train.stop_below={args.stop_below}")
                 sets += args.set
                 entries.append(Entry(f"{model}_T{t}_seed{seed}", config, tuple(sets)))
+    bad = config_error(entries)
+    if bad:
+        ap.error(bad)
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             done = pool.starmap(run_one, [(e, args.out) for e in entries])

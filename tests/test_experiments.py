@@ -81,3 +81,17 @@ def test_gradflow_lstm_part_on_a_tiny_run(tmp_path):
     rates = [float(r.split("|")[3].split()[0]) for r in rows]  # the c(t) lines' rates
     assert all(0 < x < 2 for x in rates) and rates[0] < rates[1]  # bias 1 keeps more of dc than bias 0
     assert (tmp_path / "lstm.png").stat().st_size > 0 and (tmp_path / "lstm.md").read_text() == table
+
+
+def test_adding_study_checks_every_run_before_the_first(tmp_path):
+    # A length of 0 in the last entry and a typo'd key: refused before any run starts, nothing written.
+    base = [sys.executable, str(ROOT / "experiments/adding.py"), "--models", "irnn", "--seeds", "0", "--steps", "1"]
+    for extra, message in (
+        (["--lengths", "6,0"], "irnn_T0_seed0: "),
+        (["--lengths", "6", "--set", "train.step=2"], "unknown key 'step' (did you mean 'steps'?)"),
+        (["--lengths", "6,x"], "--lengths and --seeds take comma-separated integers"),
+    ):
+        out = tmp_path / "study"
+        r = subprocess.run(base + extra + ["--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not out.exists()
