@@ -27,7 +27,7 @@ import jax
 from bptt_jax import runner
 from bptt_jax.config import load_config
 from bptt_jax.params import init_params
-from bptt_jax.study import Entry, markdown_table, run_entries, run_one, spread
+from bptt_jax.study import Entry, config_error, markdown_table, run_entries, run_one, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
@@ -66,6 +66,9 @@ def main() -> None:
         common.append(f"train.time_limit_s={args.budget}")
     if args.steps is not None:
         common.append(f"train.steps={args.steps}")
+    bad = config_error([Entry(cell, str(ROOT / cfg), tuple(common)) for cell, cfg in CONFIGS.items()])
+    if bad:
+        ap.error(bad)
     models: dict[str, tuple[str, list[str]]] = {cell: (cfg, []) for cell, cfg in CONFIGS.items()}
     counts = {cell: parameter_count(cfg, common) for cell, cfg in CONFIGS.items()}
     if args.equal_params:
@@ -80,6 +83,9 @@ def main() -> None:
         for model, (cfg, extra) in models.items()
         for seed in seeds
     ]
+    bad = config_error(entries)
+    if bad:
+        ap.error(bad)
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             done = pool.starmap(run_one, [(e, args.out) for e in entries])

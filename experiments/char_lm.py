@@ -13,7 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from bptt_jax.study import Entry, markdown_table, plot_curves, run_entries
+from bptt_jax.study import Entry, config_error, markdown_table, plot_curves, run_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
@@ -27,15 +27,16 @@ def main():
     args = ap.parse_args()
     cfg = str(ROOT / "configs/char_lm.toml")
     short = (f"train.steps={args.agree_steps}", "train.time_limit_s=0", "train.eval_every=100", "train.log_every=1")
-    results = run_entries(
-        [
-            Entry("bptt_short", cfg, short + ("train.grad='bptt'",)),
-            Entry("autodiff_short", cfg, short + ("train.grad='autodiff'",)),
-            Entry("default", cfg, (f"train.time_limit_s={args.budget}",)),
-            Entry("min_char_rnn", str(ROOT / "configs/min_char_rnn.toml"), (f"train.time_limit_s={args.budget}",)),
-        ],
-        args.out,
-    )
+    entries = [
+        Entry("bptt_short", cfg, short + ("train.grad='bptt'",)),
+        Entry("autodiff_short", cfg, short + ("train.grad='autodiff'",)),
+        Entry("default", cfg, (f"train.time_limit_s={args.budget}",)),
+        Entry("min_char_rnn", str(ROOT / "configs/min_char_rnn.toml"), (f"train.time_limit_s={args.budget}",)),
+    ]
+    bad = config_error(entries)
+    if bad:
+        ap.error(bad)
+    results = run_entries(entries, args.out)
     # Same seed, same batches, same dropout masks: the two runs differ only by float32 rounding,
     # which the training dynamics (Adam divides by tiny second moments) amplify after a while.
     ra, rb = results["bptt_short"]["rows"], results["autodiff_short"]["rows"]

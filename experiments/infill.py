@@ -9,7 +9,7 @@ import argparse
 import math
 from pathlib import Path
 
-from bptt_jax.study import Entry, markdown_table, plot_curves, run_entries
+from bptt_jax.study import Entry, config_error, markdown_table, plot_curves, run_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,13 +20,14 @@ def main():
     ap.add_argument("--out", default="runs/infill_study")
     args = ap.parse_args()
     common = (f"train.time_limit_s={args.budget}",)
-    results = run_entries(
-        [
-            Entry("bidirectional", str(ROOT / "configs/infill_bi.toml"), common),
-            Entry("unidirectional", str(ROOT / "configs/infill_uni.toml"), common),
-        ],
-        args.out,
-    )
+    entries = [
+        Entry("bidirectional", str(ROOT / "configs/infill_bi.toml"), common),
+        Entry("unidirectional", str(ROOT / "configs/infill_uni.toml"), common),
+    ]
+    bad = config_error(entries)
+    if bad:
+        ap.error(bad)
+    results = run_entries(entries, args.out)
     rows = []
     for label, res in results.items():
         s = res["summary"]

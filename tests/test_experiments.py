@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,15 +85,28 @@ def test_gradflow_lstm_part_on_a_tiny_run(tmp_path):
     assert (tmp_path / "lstm.png").stat().st_size > 0 and (tmp_path / "lstm.md").read_text() == table
 
 
-def test_adding_study_checks_every_run_before_the_first(tmp_path):
-    # A length of 0 in the last entry and a typo'd key: refused before any run starts, nothing written.
-    base = [sys.executable, str(ROOT / "experiments/adding.py"), "--models", "irnn", "--seeds", "0", "--steps", "1"]
-    for extra, message in (
-        (["--lengths", "6,0"], "irnn_T0_seed0: "),
-        (["--lengths", "6", "--set", "train.step=2"], "unknown key 'step' (did you mean 'steps'?)"),
-        (["--lengths", "6,x"], "--lengths and --seeds take comma-separated integers"),
-    ):
-        out = tmp_path / "study"
-        r = subprocess.run(base + extra + ["--out", str(out)], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert not out.exists()
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("adding", ["--models", "irnn", "--steps", "1", "--lengths", "6,0"], "irnn_T0_seed0: "),
+        (
+            "adding",
+            ["--models", "irnn", "--lengths", "6", "--set", "train.step=2"],
+            "unknown key 'step' (did you mean 'steps'?)",
+        ),
+        ("adding", ["--lengths", "6,x"], "--lengths and --seeds take comma-separated integers"),
+        ("cells", ["--steps", "1", "--set", "train.step=2"], "unknown key 'step' (did you mean 'steps'?)"),
+        ("char_lm", ["--budget", "-1"], "time_limit_s"),
+        ("infill", ["--budget", "-1"], "time_limit_s"),
+    ],
+)
+def test_studies_check_every_run_before_the_first(script, args, message, tmp_path, monkeypatch, capsys):
+    # A length of 0 in the last entry, a typo'd key, a negative budget: refused (exit 2, a one-line
+    # message, no traceback) before any run starts, and nothing written.
+    out = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        _module(script).main()
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
