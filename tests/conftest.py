@@ -4,18 +4,42 @@ import os
 
 # XLA:CPU compile economy. The suite's time is mostly XLA compiling hundreds of small programs (each
 # hypothesis example draws new shapes, so both the explicit BPTT and its jax.grad oracle compile
-# again), and most of a compile is LLVM optimising code that then runs for microseconds. The tests
-# therefore compile at LLVM's level 0 without its expensive passes: the same HLO programs, the same
-# float semantics (no fast-math either way), only less optimised machine code. Measured on the
-# 2-core CPU: the heaviest property tests take 0.55-0.65 of their time at the default level. Set
-# before JAX creates its backend; inherited by the tests' subprocesses (the command, the 4-device
-# checks, the multi-process runs), except the two timed multi-process scenarios (a lost peer, SIGTERM
-# to the launcher), which keep XLA's defaults.
-# BPTT_JAX_TEST_FAST_COMPILE=0 compiles at XLA's default level instead; benchmarks/gpu_check.py sets
+# again), and most of a compile is code generation for code that then runs for microseconds. The
+# tests therefore compile at LLVM's level 0 without its expensive passes, and with XLA:CPU's older
+# loop emitters instead of its MLIR fusion emitters (`--xla_cpu_use_fusion_emitters=false`): the
+# same HLO programs and float semantics (no fast-math either way), only other, less optimised
+# machine code. Measured on the 2-core CPU: the heaviest property tests take 0.55-0.65 of their time
+# at the default level; the emitter flag then halved the compile time of a set of bptt programs
+# (3.4-3.6 s -> 1.7 s) and cut a one-op program's from ~50 to ~30 ms. Set before JAX creates its
+# backend; inherited by the tests' subprocesses (the command, the 4-device checks, the multi-process
+# runs), except the two timed multi-process scenarios (a lost peer, SIGTERM to the launcher), which
+# keep XLA's defaults. A flag this jaxlib does not know would abort every process that starts XLA,
+# so each optional flag is tried once in a subprocess (the first process that imports this file
+# does it and passes the result on in BPTT_JAX_TEST_XLA_FLAGS to the processes it starts).
+# BPTT_JAX_TEST_FAST_COMPILE=0 compiles with XLA's defaults instead; benchmarks/gpu_check.py sets
 # it, so the GPU's code generation is never changed by this.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+OPTIONAL_TEST_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
+
+
+def _accepted(flag: str) -> bool:
+    """Whether this jaxlib's XLA starts with ``flag`` (an unknown flag aborts the process)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    try:
+        return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 if os.environ.get("BPTT_JAX_TEST_FAST_COMPILE", "1") != "0":
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+    if "BPTT_JAX_TEST_XLA_FLAGS" not in os.environ:
+        extra = [f for f in OPTIONAL_TEST_XLA_FLAGS if _accepted(f)]
+        os.environ["BPTT_JAX_TEST_XLA_FLAGS"] = " ".join([TEST_XLA_FLAGS, *extra])
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {os.environ['BPTT_JAX_TEST_XLA_FLAGS']}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -24,10 +24,11 @@ def _autodiff(p: ref.Problem):
     """jax.value_and_grad of the plain loss w.r.t. params, h0 and xs (the oracle)."""
     h0 = p.h0 if p.h0 is not None else tuple(jnp.zeros((p.xs.shape[1], n1), p.xs.dtype) for n1 in p.spec.state_sizes())
 
-    def f(params, h0, xs):
-        return bj.loss(params, p.spec, xs, p.targets, weights=p.weights, lengths=p.lengths, h0=h0)
+    def f(params, h0, xs, targets, weights, lengths):
+        return bj.loss(params, p.spec, xs, targets, weights=weights, lengths=lengths, h0=h0)
 
-    value, (g, dh0, dxs) = jax.value_and_grad(f, argnums=(0, 1, 2))(p.params, h0, p.xs)
+    grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+    value, (g, dh0, dxs) = grad(p.params, h0, p.xs, p.targets, p.weights, p.lengths)
     return value, g, dh0, dxs
 
 
