@@ -171,3 +171,18 @@ def test_gate_blocks_benchmark_quick(tmp_path):
     report = mod.main(["--quick", "--rounds", "1", "--out", str(out)])
     assert out.read_text() == report
     assert "| GRU | (12, 3, 6) |" in report and "| LSTM | (12, 3, 6) |" in report
+
+
+@pytest.mark.bench
+def test_gated_memory_benchmark_quick(tmp_path):
+    """Every bptt setting's gradients are checked against the default's (the script raises otherwise)
+    before it reports compiled temp memory and times."""
+    mod = _load("gated_memory", "benchmarks/gated_memory.py")
+    out = tmp_path / "memory.md"
+    report = mod.main(["--quick", "--out", str(out)])
+    assert out.read_text() == report
+    for cell in ("GRU", "LSTM"):
+        assert f"## {cell}" in report
+    rows = [line for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
+    assert len(rows) == 2 * 4  # two cells x (default, recompute, two smaller blocks)
+    assert all(r.split("|")[7].strip().endswith("x") for r in rows)  # each timed against the default
