@@ -125,6 +125,18 @@ def bench_gates(cell_name, shape, rounds):
     return med, t * b * cells.get(cell_name).CACHE * n1
 
 
+def header(title: str, script: str, argv, rounds: int, unit: str = "") -> list[str]:
+    """A report's first lines: title and date, then machine, jax, the command line and the rounds."""
+    cmd = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return [
+        f"# {title} ({datetime.date.today()})",
+        "",
+        f"Machine: {platform.machine()}, {jax.device_count()} x {jax.default_backend()}, jax {jax.__version__}, "
+        f"python {platform.python_version()}; command: `{cmd.strip()}`; {rounds} rounds, random order, medians{unit}.",
+        "",
+    ]
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 21; quick 2)")
@@ -134,13 +146,8 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 21)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    cmd = "python benchmarks/gate_blocks.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        f"# The gated forward scan: one array or one per gate block ({datetime.date.today()})",
-        "",
-        f"Machine: {platform.machine()}, {jax.device_count()} x {jax.default_backend()}, jax {jax.__version__}, "
-        f"python {platform.python_version()}; command: `{cmd.strip()}`; {rounds} rounds, random order, medians (ms).",
-        "",
+    lines = header("The gated forward scan: one array or one per gate block", "gate_blocks.py", argv, rounds, " (ms)")
+    lines += [
         "| cell | T, B, N1 | recur: one array | per gate block | speed-up | recur_cache: one array "
         "| per gate block | speed-up | bptt_jax.loss |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -16,9 +16,7 @@ wherever that needs more than 4 MiB; this is the table behind "where the default
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import platform
 import sys
 from pathlib import Path
 
@@ -30,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bptt_speed  # noqa: E402
+import gate_blocks  # noqa: E402
 import gated  # noqa: E402
 
 import bptt_jax as bj  # noqa: E402
@@ -90,13 +89,8 @@ def main(argv=None) -> str:
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
-    cmd = "python benchmarks/gated_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [
-        f"# Gated cells: bptt's memory settings against jax.grad ({datetime.date.today()})",
-        "",
-        f"Machine: {platform.machine()}, {jax.device_count()} x {jax.default_backend()}, jax {jax.__version__}, "
-        f"python {platform.python_version()}; command: `{cmd.strip()}`; {rounds} rounds, random order, medians.",
-        "",
+    lines = gate_blocks.header("Gated cells: bptt's memory settings against jax.grad", "gated_memory.py", argv, rounds)
+    lines += [
         "temp / smallest: compiled temp memory over the smallest jax.grad contender's (target <= "
         f"{TARGET}x where that is > 4 MiB; `*` marks a shape below that floor); time: median ms, and the "
         "default's time over this setting's (below 1: slower than the default).",
@@ -119,11 +113,7 @@ def main(argv=None) -> str:
                     f"| {shape}{floor} | {bptt_speed.fmt_bytes(g_temp)} ({g_name}) | {label} "
                     f"| {bptt_speed.fmt_bytes(temp)} | {ratio(temp, g_temp)} | {1e3 * sec:.2f} | {base_ms / sec:.2f}x |"
                 )
-                print(lines[-1], flush=True)
-    report = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(report)
-    return report
+    return bptt_speed._report(lines, args.out)  # printed, and written to --out
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def test_gated_memory_benchmark_quick(tmp_path):
     mod = _load("gated_memory", "benchmarks/gated_memory.py")
     out = tmp_path / "memory.md"
     report = mod.main(["--quick", "--out", str(out)])
-    assert out.read_text() == report
+    assert out.read_text().strip() == report.strip()
     for cell in ("GRU", "LSTM"):
         assert f"## {cell}" in report
     rows = [line for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
