@@ -144,6 +144,8 @@ def main(argv=None) -> str:
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--no-sweep", action="store_true", help="leave out the store-vs-recompute sweep")
     args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds: expected a positive number of timed rounds, got {args.rounds}")
     rounds = args.rounds or (2 if args.quick else 21)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     lines = header("The gated forward scan: one array or one per gate block", "gate_blocks.py", argv, rounds, " (ms)")

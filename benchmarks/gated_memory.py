@@ -87,6 +87,8 @@ def main(argv=None) -> str:
     ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
     ap.add_argument("--out", help="also write the markdown report here")
     args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds: expected a positive number of timed rounds, got {args.rounds}")
     rounds = args.rounds or (1 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
     lines = gate_blocks.header("Gated cells: bptt's memory settings against jax.grad", "gated_memory.py", argv, rounds)

@@ -186,3 +186,8 @@ def test_gated_memory_benchmark_quick(tmp_path):
     rows = [line for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
     assert len(rows) == 2 * 4  # two cells x (default, recompute, two smaller blocks)
     assert all(r.split("|")[7].strip().endswith("x") for r in rows)  # each timed against the default
+    # A bad round count is refused before anything is compiled or written (argparse: exit 2).
+    bad = tmp_path / "bad.md"
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--quick", "--rounds", "0", "--out", str(bad)])
+    assert e.value.code == 2 and not bad.exists()
