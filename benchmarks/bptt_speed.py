@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax as bj
-from bptt_jax import kernels as bj_kernels
+from bptt_jax.core import kernels as bj_kernels
 
 SHAPES = [
     (50, 1, 32, 64, 32),

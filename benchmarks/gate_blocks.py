@@ -2,14 +2,14 @@
 
     python benchmarks/gate_blocks.py [--rounds R] [--quick] [--out FILE] [--no-sweep]
 
-``scan.unroll_layer`` hands a gated cell's hoisted projection A(t) = X(t) Wx + bx to its ``lax.scan``
+``forward.unroll_layer`` hands a gated cell's hoisted projection A(t) = X(t) Wx + bx to its ``lax.scan``
 as G arrays [T, B, N1] (one per gate block) and joins them inside the step. This script measures
 why, side by side in one process: the same scan of ``cell.recur`` (h only) and ``cell.recur_cache``
 (h and the gate cache, gates="store"), fed A(t) either way, for GRU and LSTM at the benchmark shapes
 (one layer; T, B, N1). It checks that both formulations give the same states before timing, and
 also times the library's forward-only ``bptt_jax.loss`` (one layer + readout) for reference.
 
-Then the sweep behind ``bptt.STORE_MIN_ELEMENTS``: ``bptt(..., gates="store")`` against
+Then the sweep behind ``plan.STORE_ELEMENTS``: ``bptt(..., gates="store")`` against
 ``gates="recompute"`` (forward + loss + gradients, one layer + softmax readout, T = 50, N = M = N1 / 2)
 from one example up, where a step's fixed costs dominate, with the cache's size in elements.
 """
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bptt_jax as bj  # noqa: E402
-from bptt_jax import cells  # noqa: E402
+from bptt_jax.core import cells  # noqa: E402
 
 SHAPES = [(50, 1, 64), (100, 32, 128), (200, 64, 256), (1000, 16, 128), (100, 64, 512), (64, 32, 256)]
 QUICK_SHAPES = [(12, 3, 6)]

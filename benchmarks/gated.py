@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax as bj
-from bptt_jax.interop import from_torch_state_dict, to_torch_state_dict
+from bptt_jax.core import cells as bj_cells
+from bptt_jax.layers.torch import from_torch_state_dict, to_torch_state_dict
 
 FLAX_CELLS = {"gru": "GRUCell", "lstm": "OptimizedLSTMCell"}
 TORCH_MODULES = {"elman": "RNN", "gru": "GRU", "lstm": "LSTM"}
@@ -143,7 +144,7 @@ def flax_contender(cell, spec):
             wx = jnp.concatenate([c[f"i{k}"]["kernel"] for k in "ifgo"], -1)
             wh = jnp.concatenate([c[f"h{k}"]["kernel"] for k in "ifgo"], -1)
             bx = bh = jnp.concatenate([c[f"h{k}"]["bias"] for k in "ifgo"], -1)
-        layer = bj.cells.get(cell).Params(wx, wh, bx, bh)
+        layer = bj_cells.get(cell).Params(wx, wh, bx, bh)
         return bj.RNNParams((layer,), (), bj.ReadoutParams(dense["kernel"], dense["bias"]))
 
     def loss(fp, xs, targets):

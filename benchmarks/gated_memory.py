@@ -16,7 +16,6 @@ wherever that needs more than 4 MiB; this is the table behind "where the default
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -32,8 +31,7 @@ import gate_blocks  # noqa: E402
 import gated  # noqa: E402
 
 import bptt_jax as bj  # noqa: E402
-
-bptt_mod = importlib.import_module("bptt_jax.bptt")  # the module (bptt_jax.bptt is also the function)
+from bptt_jax.core import plan as bptt_plan  # noqa: E402
 
 QUICK_SHAPES = [(12, 3, 5, 6, 7)]
 TARGET = 0.4  # issue 18: temp memory at most 0.4x the smallest jax.grad contender's
@@ -42,7 +40,7 @@ FLOOR = 4 * 2**20  # ... where that contender needs more than 4 MiB
 
 def settings(spec, t: int, b: int) -> dict:
     """{label: bptt keyword arguments}: the default, gates recomputed, and recomputed in smaller blocks."""
-    auto = bptt_mod.auto_block_size(t, b, bptt_mod.block_width(spec))
+    auto = bptt_plan.auto_block_size(t, b, bptt_plan.block_width(spec))
     out = {"bptt (default)": {}, "recompute": {"gates": "recompute"}}
     for k in (2, 4):
         c = max(min(auto, t) // k, 1)

@@ -35,7 +35,6 @@ minutes instead of the GPU's budget. ``--scale`` multiplies every budget.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import subprocess
 import sys
@@ -136,10 +135,9 @@ def part_probe(quick: bool) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from bptt_jax import kernels, scan
-    from bptt_jax.params import LayerParams
-
-    bptt = importlib.import_module("bptt_jax.bptt")  # the module (the package exports the function bptt)
+    from bptt_jax.core import forward, kernels
+    from bptt_jax.core.cells import elman
+    from bptt_jax.core.params import LayerParams
 
     shapes = [(8, 2, 8), (12, 3, 5)] if quick else [(50, 1, 64), (100, 32, 128), (1000, 16, 128), (1000, 1, 64)]
     warps_shape = (8, 2, 8) if quick else (1000, 16, 128)
@@ -149,13 +147,13 @@ def part_probe(quick: bool) -> None:
         f = lambda *s: jnp.asarray(rng.randn(*s), dtype)
         lens = rng.randint(0, t + 1, size=b)
         lens[0] = t
-        valid = scan.valid_mask(jnp.asarray(lens, jnp.int32), t)
+        valid = forward.valid_mask(jnp.asarray(lens, jnp.int32), t)
         return f(n1, n1) / np.sqrt(n1), f(t, b, n1), f(b, n1), f(t, b, n1), valid
 
     def case(t, b, n1, dtype, num_warps=None, time_it=True):
         w11, us, h0, above, valid = arrays(t, b, n1, dtype)
         layer = LayerParams(jnp.eye(n1, dtype=dtype), w11, jnp.zeros(n1, dtype))
-        scan_f = jax.jit(lambda u, h: scan.unroll_layer(layer, "tanh", u, h, valid))
+        scan_f = jax.jit(lambda u, h: forward.unroll_layer(layer, "tanh", u, h, valid))
         kern_f = jax.jit(lambda u, h: kernels._call_forward(w11, "tanh", u, h, valid, num_warps=num_warps))
         with jax.default_matmul_precision("highest"):
             want = scan_f(us, h0)
@@ -164,7 +162,7 @@ def part_probe(quick: bool) -> None:
             jax.block_until_ready(got)
             c_fwd = time.perf_counter() - t0
             fwd_err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-            scan_r = jax.jit(lambda a: bptt.layer_backward(w11, "tanh", want, a, valid))
+            scan_r = jax.jit(lambda a: elman.reverse_recurrence(w11, "tanh", want, a, valid, None))
             kern_r = jax.jit(
                 lambda a: kernels._call_reverse(w11, "tanh", want, a, valid, jnp.zeros_like(h0), num_warps=num_warps)
             )
@@ -216,10 +214,10 @@ def _sweep_case(t_len, b, n1, warps):
     import jax.numpy as jnp
     import numpy as np
 
-    from bptt_jax import kernels, scan
-    from bptt_jax.params import LayerParams
+    from bptt_jax.core import forward, kernels
+    from bptt_jax.core.cells import elman
+    from bptt_jax.core.params import LayerParams
 
-    bptt = importlib.import_module("bptt_jax.bptt")
     rng = np.random.RandomState(0)
     f = lambda *s: jnp.asarray(rng.randn(*s), jnp.float32)
     w11, us, h0, above = f(n1, n1) / np.sqrt(n1), f(t_len, b, n1), f(b, n1), f(t_len, b, n1)
@@ -227,8 +225,8 @@ def _sweep_case(t_len, b, n1, warps):
     layer = LayerParams(jnp.eye(n1), w11, jnp.zeros(n1))
 
     def by_scan(u, a, unroll):
-        hs = scan.unroll_layer(layer, "tanh", u, h0, valid, unroll=unroll)
-        return hs, bptt.layer_backward(w11, "tanh", hs, a, valid, unroll=unroll)[:2]
+        hs = forward.unroll_layer(layer, "tanh", u, h0, valid, unroll=unroll)
+        return hs, elman.reverse_recurrence(w11, "tanh", hs, a, valid, None, unroll=unroll)[:2]
 
     def by_kernels(u, a):
         hs = kernels._call_forward(w11, "tanh", u, h0, valid, num_warps=warps)

@@ -36,8 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bptt_jax import config, runner, train  # noqa: E402
-from bptt_jax.interop import to_torch_state_dict  # noqa: E402
+from bptt_jax.command import config, runner  # noqa: E402
+from bptt_jax.layers.torch import to_torch_state_dict  # noqa: E402
+from bptt_jax.training import train  # noqa: E402
 
 
 def jax_contender(cfg, grad):

@@ -6,10 +6,16 @@ Shape glossary (time-major, batched):
   D  directions (2 for a bidirectional network, 1 otherwise)
 
 Per-(layer, direction) tuples (h0, final states, dh0) are ordered layer * D + direction, as PyTorch.
+
+The package is in layers (imports go down only): ``bptt_jax.core`` (cells, forward unrolling, the
+plan, the explicit BPTT, the custom VJP), ``bptt_jax.layers`` (Flax NNX, Equinox, PyTorch interop),
+``bptt_jax.training`` (train step, data parallelism, checkpoints, sampling) and
+``bptt_jax.command`` (the ``bptt-jax`` command).
 """
 
-from bptt_jax.bptt import BPTTAux, bptt, loss
-from bptt_jax.params import (
+from bptt_jax.core.forward import ForwardOutput, forward, reverse_padded
+from bptt_jax.core.gradient import BPTTAux, bptt, loss, loss_and_state
+from bptt_jax.core.params import (
     GRUParams,
     LayerParams,
     LSTMParams,
@@ -19,7 +25,6 @@ from bptt_jax.params import (
     expected_shapes,
     init_params,
 )
-from bptt_jax.scan import ForwardOutput, forward, reverse_padded
 
 __all__ = [
     "BPTTAux",
@@ -35,7 +40,8 @@ __all__ = [
     "forward",
     "init_params",
     "loss",
+    "loss_and_state",
     "reverse_padded",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

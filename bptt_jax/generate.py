@@ -1,48 +1,5 @@
-"""Sampling text from a trained character model, one ``lax.scan`` over the generated steps."""
+"""Moved to ``bptt_jax.training.generate`` (0.2.0); this alias goes in 0.3."""
 
-from __future__ import annotations
+from bptt_jax import _moved
 
-import functools
-
-import jax
-from jax import lax
-
-from bptt_jax import cells, scan
-from bptt_jax.params import RNNParams, RNNSpec
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "length"))
-def sample_ids(key, params: RNNParams, spec: RNNSpec, prime_xs, length: int, temperature):
-    """Runs the prime through the network, then samples ``length`` symbols one step at a time.
-
-    Args:
-      key: PRNG key.
-      prime_xs: [P, 1, V] one-hot prime (P >= 1).
-      length: symbols to generate.
-      temperature: divides the logits before sampling.
-
-    Returns:
-      [length] int32 sampled symbol ids.
-    """
-    if spec.bidirectional:
-        raise ValueError("spec.bidirectional: a bidirectional network cannot generate left to right")
-    out = scan.forward(params, spec, prime_xs)
-    v = spec.input_size
-
-    cell = cells.get(spec.cell)
-
-    def body(carry, key_t):
-        ss, z2 = carry  # ss: one internal state [1, W] per layer
-        sym = jax.random.categorical(key_t, z2 / temperature)  # [1]
-        x = jax.nn.one_hot(sym, v, dtype=z2.dtype)  # [1, V]
-        new = []
-        for k, layer in enumerate(params.layers):  # layers, not time
-            s = cell.recur(layer, spec.activation, ss[k], cell.project(layer, x))  # one step of the cell
-            new.append(s)
-            x = cell.hidden(s)
-        z2 = x @ params.readout.w2 + params.readout.b2
-        return (tuple(new), z2), sym[0]
-
-    start = spec.internal_states(out.h_last)
-    _, syms = lax.scan(body, (start, out.z2s[-1]), jax.random.split(key, length))
-    return syms
+_moved.alias(__name__, "bptt_jax.training.generate")

@@ -8,7 +8,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from bptt_jax import cli, config
+from bptt_jax.command import cli, config
 
 
 def _type(cls, name) -> str:
@@ -29,7 +29,7 @@ def config_page() -> str:
     lines = [
         "# Config keys",
         "",
-        "Generated from `bptt_jax.config` when the site is built: every section's dataclass gives the keys,",
+        "Generated from `bptt_jax.command.config` when the site is built: every section's dataclass gives the keys,",
         "types and defaults; the checks give the allowed values; `config.HELP` the meaning.",
         "",
     ]
@@ -57,7 +57,7 @@ def cli_page() -> str:
     lines = [
         "# The `bptt-jax` command",
         "",
-        "Generated from the command's argparse parser (`bptt_jax.cli.build_parser`) when the site is built.",
+        "Generated from the command's argparse parser (`bptt_jax.command.cli.build_parser`) when the site is built.",
         "",
         "```text",
         parser.format_usage().strip(),

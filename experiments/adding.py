@@ -22,7 +22,7 @@ import math
 import multiprocessing
 from pathlib import Path
 
-from bptt_jax.study import Entry, config_error, markdown_table, run_one, spread
+from bptt_jax.command.study import Entry, config_error, markdown_table, run_one, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.01

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import jax
 
-from bptt_jax import runner
-from bptt_jax.config import load_config
-from bptt_jax.params import init_params
-from bptt_jax.study import Entry, config_error, markdown_table, run_entries, run_one, spread
+from bptt_jax.command import runner
+from bptt_jax.command.config import load_config
+from bptt_jax.command.study import Entry, config_error, markdown_table, run_entries, run_one, spread
+from bptt_jax.core.params import init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)

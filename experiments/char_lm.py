@@ -13,7 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-from bptt_jax.study import Entry, config_error, markdown_table, plot_curves, run_entries
+from bptt_jax.command.study import Entry, config_error, markdown_table, plot_curves, run_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)

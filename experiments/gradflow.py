@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bptt_jax import gradflow, runner
-from bptt_jax.config import load_config
-from bptt_jax.study import markdown_table
+from bptt_jax.command import gradflow, runner
+from bptt_jax.command.config import load_config
+from bptt_jax.command.study import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-from bptt_jax import activations, cell
-from bptt_jax.params import GRUParams, LSTMParams, RNNParams, RNNSpec, expected_shapes
+from bptt_jax.core import activations
+from bptt_jax.core.cells import elman as cell
+from bptt_jax.core.params import GRUParams, LSTMParams, RNNParams, RNNSpec, expected_shapes
 
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
 VALID_PAIRS = (
@@ -29,7 +30,7 @@ VALID_PAIRS = (
 
 def gru_step(p, h, x):
     """One GRU step as PyTorch's nn.GRU documents it (gates r, z, n; b_hn inside r * (...)), written
-    here from those equations, independently of bptt_jax.cells.gru. h: [B, N1], x: [B, N]."""
+    here from those equations, independently of bptt_jax.core.cells.gru. h: [B, N1], x: [B, N]."""
     n1 = h.shape[-1]
     w_i = lambda k: p.wx[:, k * n1 : (k + 1) * n1]
     w_h = lambda k: p.wh[:, k * n1 : (k + 1) * n1]
@@ -43,7 +44,7 @@ def gru_step(p, h, x):
 
 def lstm_step(p, state, x):
     """One LSTM step as PyTorch's nn.LSTM documents it (gates i, f, g, o), independently of
-    bptt_jax.cells.lstm. state: (h, c), each [B, N1]; x: [B, N]. Returns (h, c)."""
+    bptt_jax.core.cells.lstm. state: (h, c), each [B, N1]; x: [B, N]. Returns (h, c)."""
     h, c = state
     n1 = h.shape[-1]
     pre = lambda k: (

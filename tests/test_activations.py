@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bptt_jax import activations
+from bptt_jax.core import activations
 
 
 @pytest.mark.parametrize("name", sorted(activations.HIDDEN_ACTIVATIONS))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import bptt_jax as bj
-from bptt_jax import cli, data, launch, runner
-from bptt_jax.config import load_config
+from bptt_jax.command import cli, data, launch, runner
+from bptt_jax.command.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 S, T, N = 40, 7, 3

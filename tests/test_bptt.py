@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import bptt_jax as bj
-from bptt_jax.bptt import loss_and_state
+from bptt_jax.core.gradient import loss_and_state
 from tests import reference as ref
 
 TOL = {jnp.float32: 1e-5, jnp.float64: 1e-10}

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax import cells, kernels, scan
-from bptt_jax.interop import expected_torch_shapes, from_torch_state_dict, to_torch_state_dict
-from bptt_jax.vjp import rnn_states
+from bptt_jax.core import cells, forward, kernels
+from bptt_jax.core.vjp import rnn_states
+from bptt_jax.layers.torch import expected_torch_shapes, from_torch_state_dict, to_torch_state_dict
 from tests import reference as ref
 
 GATED = ("gru", "lstm")
@@ -209,7 +209,7 @@ def test_rnn_states_vjp_equals_autodiff_of_the_scans():
 
         def plain(params, xs, h0):
             h0_int = spec.internal_states(h0)
-            tr = scan.run_stack(params, spec, xs, h0_int, p.lengths)
+            tr = forward.run_stack(params, spec, xs, h0_int, p.lengths)
             return jnp.sum(tr[-1].merged * ct)
 
         got = jax.grad(f, argnums=(0, 1, 2))(p.params, p.xs, p.h0)
@@ -462,14 +462,14 @@ def test_stored_gates_equal_recomputed_gates(cell, bidirectional):
 
 
 def test_gates_rule_and_bad_values():
-    rule = importlib.import_module("bptt_jax.bptt").resolve_gates
+    rule = importlib.import_module("bptt_jax.core.plan").resolve_gates
     lstm, gru = bj.RNNSpec(3, (4, 3), 2, cell="lstm"), bj.RNNSpec(3, (4,), 2, cell="gru")
-    cap = importlib.import_module("bptt_jax.bptt").STORE_ELEMENTS
+    cap = importlib.import_module("bptt_jax.core.plan").STORE_ELEMENTS
     assert rule("auto", lstm, 10, 2, None)  # small: stored
     assert not rule("auto", lstm, cap // (4 * 7) + 1, 1, None)  # the caches (4 N1 per layer) over the cap
     assert not rule("auto", gru, 10**4, 2, 5)  # checkpoint_every recomputes
-    floor = importlib.import_module("bptt_jax.cells.gru").STORE_FROM  # the GRU's: measured, 2^16
-    assert floor == 2**16 and importlib.import_module("bptt_jax.cells.lstm").STORE_FROM == 0
+    floor = importlib.import_module("bptt_jax.core.cells.gru").STORE_FROM  # the GRU's: measured, 2^16
+    assert floor == 2**16 and importlib.import_module("bptt_jax.core.cells.lstm").STORE_FROM == 0
     assert not rule("auto", gru, 10, 2, None)  # 320 cached elements: below the GRU's floor, recomputed
     assert not rule("auto", gru, floor // 16 - 1, 1, None) and rule("auto", gru, floor // 16, 1, None)
     bi = bj.RNNSpec(3, (4,), 2, cell="gru", bidirectional=True)

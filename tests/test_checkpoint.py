@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bptt_jax import checkpoint
+from bptt_jax.training import checkpoint
 
 
 def _tree():

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from bptt_jax import checkpoint, cli, data, runner
-from bptt_jax.config import load_config
+from bptt_jax.command import cli, data, runner
+from bptt_jax.command.config import load_config
+from bptt_jax.training import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ROOT.joinpath("configs").glob("*.toml"))
@@ -141,6 +142,51 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, monkeypatch):
+    # A job script that always passes --resume (a preemptible job) must never be stuck: a run killed
+    # before its first checkpoint (metrics.jsonl, no last.ckpt) starts again from step 0, and an
+    # empty or missing directory starts a new run; either ends where an uninterrupted run ends.
+    cfg = load_config(_tiny_text_config(tmp_path), ["output.plots=false", "train.checkpoint_every=4"])
+    quiet = lambda s: None
+    runner.run(cfg, tmp_path / "a", log=quiet, progress=False)
+    template = runner.initial_state(cfg, *runner.build(cfg)[1:])
+    whole, _ = checkpoint.load(tmp_path / "a" / "last.ckpt", template)
+
+    real = data.make_task
+
+    def crashing(*args, **kwargs):  # dies at step 3 without saving anything, as SIGKILL would
+        task = real(*args, **kwargs)
+
+        def batch(step):
+            if step == 3:
+                raise RuntimeError("killed")
+            return task.train_batch(step)
+
+        return task._replace(train_batch=batch)
+
+    monkeypatch.setattr(data, "make_task", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        runner.run(cfg, tmp_path / "b", log=quiet, progress=False)
+    monkeypatch.setattr(data, "make_task", real)
+    assert (tmp_path / "b" / "metrics.jsonl").exists() and not (tmp_path / "b" / "last.ckpt").exists()
+    with pytest.raises(runner.RunError, match="already holds a run"):
+        runner.run(cfg, tmp_path / "b", log=quiet, progress=False)
+    said: list[str] = []
+    runner.run(cfg, tmp_path / "b", resume=True, log=said.append, progress=False)
+    assert any("does not exist" in s and "from step 0" in s for s in said), said
+    (tmp_path / "c").mkdir()  # empty
+    for fresh in (tmp_path / "c", tmp_path / "d"):  # empty, missing
+        said.clear()
+        runner.run(cfg, fresh, resume=True, log=said.append, progress=False)
+        assert any("a new run" in s for s in said), said
+    for run_dir in ("b", "c", "d"):
+        got, _ = checkpoint.load(tmp_path / run_dir / "last.ckpt", template)
+        for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(got)):
+            np.testing.assert_array_equal(a, b)
+        steps = [json.loads(l)["step"] for l in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4, 5, 6], (run_dir, steps)
 
 
 def test_corrupt_checkpoint_is_not_resumed(tmp_path):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from bptt_jax.config import Config, ConfigError, apply_overrides, load_config, to_toml
+from bptt_jax.command.config import Config, ConfigError, apply_overrides, load_config, to_toml
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.toml"))
 
@@ -68,7 +68,7 @@ def test_overrides_are_type_checked(tmp_path):
 
 
 def test_unroll_auto_or_an_int(tmp_path):
-    from bptt_jax.runner import _unroll
+    from bptt_jax.command.runner import _unroll
 
     path = _write(tmp_path, "[train]\nsteps = 1\n")
     assert _unroll(load_config(path)) is None  # "auto": the library picks by backend
@@ -92,7 +92,7 @@ def test_shipped_configs_load_and_every_key_is_commented(path):
 
 def test_every_config_key_is_documented():
     """config.HELP (printed by the generated config reference) has a line for every field, and no others."""
-    from bptt_jax import config
+    from bptt_jax.command import config
 
     fields = {(name, f.name) for name, cls in config._SECTION_TYPES.items() for f in dataclasses.fields(cls)}
     assert set(config.HELP) == fields

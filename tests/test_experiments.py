@@ -68,8 +68,8 @@ def test_adding_configs_for_a_length():
 
 def test_gradflow_lstm_part_on_a_tiny_run(tmp_path):
     """The LSTM part of experiments/gradflow.py: h(t) and c(t) lines before and after training."""
-    from bptt_jax import runner
-    from bptt_jax.config import load_config
+    from bptt_jax.command import runner
+    from bptt_jax.command.config import load_config
 
     gradflow_study = _module("gradflow")
     tiny = ("model.hidden_sizes=[6]", "data.test_size=4")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 
-from bptt_jax import cli, data, gradflow, runner
-from bptt_jax.bptt import bptt
-from bptt_jax.bptt import loss as bptt_loss
-from bptt_jax.config import load_config
-from bptt_jax.params import RNNSpec, init_params
+from bptt_jax.command import cli, data, gradflow, report, runner
+from bptt_jax.command.config import load_config
+from bptt_jax.core.gradient import bptt
+from bptt_jax.core.gradient import loss as bptt_loss
+from bptt_jax.core.params import RNNSpec, init_params
 from tests import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_profile_is_dh_norms_read_from_the_loss_step():
     params = init_params(jax.random.key(1), spec)
     batch = data.adding_batch(np.random.default_rng(1), 9, 3)
     profile = gradflow.gradient_flow(params, spec, batch)["layer 1 forward"]
-    from bptt_jax.bptt import loss
+    from bptt_jax.core.gradient import loss
 
     xs = jnp.asarray(batch.xs)
 
@@ -146,7 +146,7 @@ def test_state_labels_and_dh_norms_plot_legend(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
     rows = [{"step": 1, "loss": 0.5}]
     task = data.make_task(load_config(ROOT / "configs" / "adding_irnn_150.toml", TINY).data, 0, False)
-    runner.plot(tmp_path, rows, np.ones((6, 4)), task, spec.state_labels())
+    report.plot(tmp_path, rows, np.ones((6, 4)), task, spec.state_labels())
     assert ("dh_norms.png", list(spec.state_labels())) in legends
 
 
@@ -162,7 +162,8 @@ def _probe_loss(problem, w, eps):
     """DIV of ``problem``'s network with loss weights ``w``, by Python loops, with eps[j] [T, B, N1]
     added to state j (order layer * D + direction) at each input time t after the cell: the
     gradient with respect to eps[j][t] is dDIV/dh(t) of that state."""
-    from bptt_jax import activations, cell, losses
+    from bptt_jax.core import activations, losses
+    from bptt_jax.core.cells import elman as cell
 
     spec, params, xs = problem.spec, problem.params, problem.xs
     t_len, batch = xs.shape[:2]
@@ -234,7 +235,7 @@ def test_one_step_sequences_are_refused_by_name():
 
 
 def test_negative_stop_below_is_a_config_error():
-    from bptt_jax.config import ConfigError
+    from bptt_jax.command.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"train.stop_below.*expected a value >= 0, got -1"):
         load_config(ROOT / "configs" / "adding_irnn_150.toml", ["train.stop_below=-1"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import bptt_jax as bj
-from bptt_jax.interop import expected_torch_shapes, from_torch_state_dict, to_torch_state_dict
+from bptt_jax.layers.torch import expected_torch_shapes, from_torch_state_dict, to_torch_state_dict
 from tests import reference as ref
 
 

@@ -9,11 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax import kernels, scan
-from bptt_jax.params import LayerParams
+from bptt_jax.core import forward, kernels
+from bptt_jax.core.cells import elman
+from bptt_jax.core.params import LayerParams
 from tests import reference as ref
-
-_bptt_module = __import__("sys").modules["bptt_jax.bptt"]
 
 
 @st.composite
@@ -50,12 +49,12 @@ class KernelsEqualScansTest(chex.TestCase):
     def _check(self, case, dtype, tol):
         t_len, batch, n1, act, use_lengths, seed = case
         w11, us, h0, above, dh_init, lengths = _arrays(t_len, batch, n1, use_lengths, seed, dtype)
-        valid = scan.valid_mask(lengths, t_len)
+        valid = forward.valid_mask(lengths, t_len)
         layer = LayerParams(jnp.eye(n1, dtype=dtype), w11, jnp.zeros(n1, dtype))
-        want_hs = scan.unroll_layer(layer, act, us, h0, valid)
+        want_hs = forward.unroll_layer(layer, act, us, h0, valid)
         got_hs = self.variant(lambda u, h: kernels.forward_recurrence(w11, act, u, h, valid))(us, h0)
         self.assertLess(ref.max_rel_err(got_hs, want_hs), tol)
-        want = _bptt_module.layer_backward(w11, act, want_hs, above, valid, dh_init=dh_init)
+        want = elman.reverse_recurrence(w11, act, want_hs, above, valid, dh_init)
         got = self.variant(lambda a, d: kernels.reverse_recurrence(w11, act, want_hs, a, valid, d))(above, dh_init)
         self.assertLess(ref.max_rel_err(got, want), tol)  # dZ1(t), dh(-1) and the norms of dh(t)
 
@@ -77,11 +76,11 @@ def test_grad_through_the_forward_kernel_equals_grad_through_the_scan():
     """The forward kernel's custom VJP (the reverse kernel) equals autodiff of the scan."""
     with jax.enable_x64(True):
         w11, us, h0, _, _, lengths = _arrays(5, 3, 4, True, 3, jnp.float64)
-        valid = scan.valid_mask(lengths, 5)
+        valid = forward.valid_mask(lengths, 5)
         for act in ref.ACTIVATIONS:
             via_kernel = lambda w, u, h, act=act: jnp.sum(jnp.sin(kernels.forward_recurrence(w, act, u, h, valid)))
             via_scan = lambda w, u, h, act=act: jnp.sum(
-                jnp.sin(scan.unroll_layer(LayerParams(jnp.eye(4), w, jnp.zeros(4)), act, u, h, valid))
+                jnp.sin(forward.unroll_layer(LayerParams(jnp.eye(4), w, jnp.zeros(4)), act, u, h, valid))
             )
             got = jax.grad(via_kernel, argnums=(0, 1, 2))(w11, us, h0)
             want = jax.grad(via_scan, argnums=(0, 1, 2))(w11, us, h0)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 nnx = pytest.importorskip("flax.nnx")
 
+from bptt_jax.layers import biases as bias_layouts  # noqa: E402
 from bptt_jax.layers import nnx as bnnx  # noqa: E402
 
 T, N, N1 = 6, 3, 4
@@ -111,6 +112,60 @@ def test_inside_nnx_bidirectional():
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), c_got, c_want)
 
 
+def _train(rnn, xs, lengths, optimizer, steps=5):
+    """``steps`` optimizer steps under nnx.jit of a loss of the valid outputs and the final carry."""
+    valid = _valid(lengths, xs.shape[1])
+    opt = nnx.Optimizer(rnn, optimizer, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(rnn, opt):
+        value, g = nnx.value_and_grad(lambda m: _loss(*m(xs, seq_lengths=lengths, return_carry=True), valid))(rnn)
+        opt.update(rnn, g)
+        return value
+
+    return np.array([float(step(rnn, opt)) for _ in range(steps)])
+
+
+@pytest.mark.parametrize("name", list(FLAX_CELLS))
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_switched_model_trains_as_flax_step_for_step(name, optimizer):
+    # from_flax_cell keeps exactly the Flax cell's Params (one bias per gate where the cell has one),
+    # so any optax optimizer moves them as it moves nnx.RNN(cell)'s: equal losses and weights.
+    opt = optax.sgd(0.1) if optimizer == "sgd" else optax.adam(0.05)
+    lengths = jnp.array([T, 3, 1])
+    with jax.enable_x64(True):
+        xs = jax.random.normal(jax.random.key(7), (3, T, N), jnp.float64)
+        ref = nnx.RNN(_flax_cell(name), return_carry=True)
+        ours = bnnx.RNN.from_flax_cell(_flax_cell(name), return_carry=True, param_dtype=jnp.float64)
+        assert set(nnx.state(ours, nnx.Param)) == set(COMPARED[name])  # no Param Flax lacks
+        want, got = _train(ref, xs, lengths, opt), _train(ours, xs, lengths, opt)
+        assert want[-1] < want[0]
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+        trained = bnnx.RNN.from_flax_cell(ref.cell, param_dtype=jnp.float64)  # Flax's weights, our names
+        for attr in COMPARED[name]:
+            np.testing.assert_allclose(getattr(ours, attr)[...], getattr(trained, attr)[...], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["GRUCell", "OptimizedLSTMCell"])
+def test_a_switched_model_trains_as_flax_float32_and_bidirectional(name):
+    lengths = jnp.array([T, 4, 2])
+    xs = jax.random.normal(jax.random.key(8), (3, T, N))
+    fcs = lambda: [_flax_cell(name, jnp.float32, seed=s) for s in (1, 2)]  # noqa: E731
+    ref = nnx.Bidirectional(*(nnx.RNN(c) for c in fcs()), rngs=nnx.Rngs(0))
+    ours = nnx.Bidirectional(*(bnnx.RNN.from_flax_cell(c) for c in fcs()), rngs=nnx.Rngs(0))
+    want, got = _train(ref, xs, lengths, optax.adam(0.05)), _train(ours, xs, lengths, optax.adam(0.05))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for layer_ref, layer_ours in ((ref.forward_rnn, ours.forward_rnn), (ref.backward_rnn, ours.backward_rnn)):
+        trained = bnnx.RNN.from_flax_cell(layer_ref.cell)
+        for attr in COMPARED[name]:
+            np.testing.assert_allclose(
+                getattr(layer_ours, attr)[...], getattr(trained, attr)[...], rtol=1e-4, atol=1e-5
+            )
+    # the PyTorch layout stays available: two biases, another training curve
+    pt = bnnx.RNN.from_flax_cell(_flax_cell(name, jnp.float32), biases="pytorch")
+    assert {"bx", "bh"} <= set(nnx.state(pt, nnx.Param))
+
+
 class Model(nnx.Module):
     """A small sequence model: an embedding-like projection, our layer, a readout."""
 
@@ -149,7 +204,9 @@ def test_training_with_nnx_optimizer_equals_autodiff(cell):
         finals[grad] = nnx.state(model, nnx.Param)
     leaves_b = jax.tree_util.tree_leaves(finals["bptt"])
     leaves_a = jax.tree_util.tree_leaves(finals["autodiff"])
-    assert len(leaves_b) == len(leaves_a) == len(bnnx._NAMES[cell]) + 2  # one Param per array, no readout
+    assert (
+        len(leaves_b) == len(leaves_a) == len(bias_layouts.names(cell, "pytorch")) + 2
+    )  # one Param per array, no readout
     for a, b in zip(leaves_b, leaves_a):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
@@ -194,7 +251,7 @@ def test_stacked_rnn_equals_its_layers_and_autodiff(cell, bidirectional):
 
         def one_layer(weights, n_in, n1):
             layer = bnnx.RNN(n_in, n1, cell=cell, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-            for name in bnnx._NAMES[cell]:
+            for name in bias_layouts.names(cell, "pytorch"):
                 getattr(layer, name)[...] = getattr(weights, name)[...]
             return layer
 
@@ -211,7 +268,7 @@ def test_stacked_rnn_equals_its_layers_and_autodiff(cell, bidirectional):
         loss = lambda m: _loss(*m(xs, seq_lengths=lengths, return_carry=True), valid)  # noqa: E731
         got = jax.tree_util.tree_leaves(nnx.state(nnx.grad(loss)(stack), nnx.Param))
         want = jax.tree_util.tree_leaves(nnx.state(nnx.grad(loss)(oracle), nnx.Param))
-        assert len(got) == len(want) == len(bnnx._NAMES[cell]) * 2 * (1 + bidirectional)
+        assert len(got) == len(want) == len(bias_layouts.names(cell, "pytorch")) * 2 * (1 + bidirectional)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bptt_jax import activations, losses
+from bptt_jax.core import activations, losses
 from tests.reference import VALID_PAIRS
 
 

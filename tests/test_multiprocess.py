@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bptt_jax import checkpoint, cli, runner
-from bptt_jax.config import load_config
-from bptt_jax.parallel import EXIT_PEER_LOST
+from bptt_jax.command import cli, runner
+from bptt_jax.command.config import load_config
+from bptt_jax.training import checkpoint
+from bptt_jax.training.parallel import EXIT_PEER_LOST
 
 # Timing-sensitive (peer timeouts, several processes per test): run alone, after the parallel part of the
 # suite (README test command, .ci/run), never beside other tests.
@@ -45,7 +46,7 @@ def _env(devices_per_process: int, *, compile_economy: bool = False) -> dict:
 
 
 def _run(config, out, *, processes=1, devices=1, sets=(), resume=False):
-    cmd = [sys.executable, "-m", "bptt_jax.cli", "run", str(config), "--out", str(out)]
+    cmd = [sys.executable, "-m", "bptt_jax.command.cli", "run", str(config), "--out", str(out)]
     cmd += sum((["--set", s] for s in sets), [])
     if processes > 1:
         cmd += ["--processes", str(processes)]
@@ -177,7 +178,17 @@ def _worker(launcher_pid: int, process_id: int) -> int | None:
 def test_lost_peer_stops_the_others_with_a_named_error(configs, tmp_path):
     out = tmp_path / "run"
     sets = ["train.steps=1000000", "train.checkpoint_every=20", "train.eval_every=1000000", "train.peer_timeout_s=10"]
-    cmd = [sys.executable, "-m", "bptt_jax.cli", "run", str(configs["uni"]), "--out", str(out), "--processes", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bptt_jax.command.cli",
+        "run",
+        str(configs["uni"]),
+        "--out",
+        str(out),
+        "--processes",
+        "2",
+    ]
     cmd += sum((["--set", s] for s in sets), [])
     launcher = subprocess.Popen(cmd, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -222,7 +233,17 @@ def test_sigterm_to_the_launcher_saves_one_agreed_step(configs, tmp_path):
     # layouts' float32 rounding would add up over the steps taken, which depend on the machine's speed.)
     out = tmp_path / "run"
     sets = ["train.steps=1000000", "train.log_every=10", "train.checkpoint_every=1000000", "train.eval_every=1000000"]
-    cmd = [sys.executable, "-m", "bptt_jax.cli", "run", str(configs["uni"]), "--out", str(out), "--processes", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bptt_jax.command.cli",
+        "run",
+        str(configs["uni"]),
+        "--out",
+        str(out),
+        "--processes",
+        "2",
+    ]
     cmd += sum((["--set", s] for s in sets), [])
     launcher = subprocess.Popen(cmd, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

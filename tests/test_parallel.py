@@ -42,7 +42,7 @@ def test_cli_run_on_four_devices(tmp_path):
         '[train]\nsteps=4\nlog_every=2\neval_every=2\ndevices="4"\n[output]\nplots=false\nsample_length=5\n'
     )
     r = subprocess.run(
-        [sys.executable, "-m", "bptt_jax.cli", "run", str(cfg), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "bptt_jax.command.cli", "run", str(cfg), "--out", str(tmp_path / "run")],
         env=ENV,
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def test_cli_run_on_four_devices(tmp_path):
         [
             sys.executable,
             "-m",
-            "bptt_jax.cli",
+            "bptt_jax.command.cli",
             "run",
             str(cfg),
             "--out",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import bptt_jax as bj
-from bptt_jax.params import check_params
+from bptt_jax.core.params import check_params
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax import scan
+from bptt_jax.core import forward
 from tests import reference as ref
 
 
@@ -83,14 +83,14 @@ def test_unroll_does_not_change_results():
 
 
 def test_unroll_auto_by_backend_and_bad_values():
-    """unroll=None ("auto", the default) is 1 on a CPU and scan.GPU_UNROLL on a GPU (measured on an
+    """unroll=None ("auto", the default) is 1 on a CPU and forward.GPU_UNROLL on a GPU (measured on an
     H100, benchmarks/README.md); anything but a positive int or None is a named error."""
-    assert scan.resolve_unroll(None, backend="cpu") == 1
-    assert scan.resolve_unroll(None, backend="gpu") == scan.GPU_UNROLL == 8
-    assert scan.resolve_unroll(3, backend="gpu") == 3
+    assert forward.resolve_unroll(None, backend="cpu") == 1
+    assert forward.resolve_unroll(None, backend="gpu") == forward.GPU_UNROLL == 8
+    assert forward.resolve_unroll(3, backend="gpu") == 3
     for bad in (0, -1, 2.0, True, "8"):
         with pytest.raises(ValueError, match=r"unroll: expected a positive int or None"):
-            scan.resolve_unroll(bad)
+            forward.resolve_unroll(bad)
     spec = bj.RNNSpec(3, (4,), 5)
     p = ref.make_problem(spec, 3, 2, seed=0)
     with pytest.raises(ValueError, match=r"unroll: expected a positive int or None"):
@@ -100,7 +100,7 @@ def test_unroll_auto_by_backend_and_bad_values():
 def test_auto_block_size_by_backend():
     """On a GPU the whole sequence is one block up to GPU_WHOLE_ELEMENTS (measured faster there); the
     CPU keeps its cache-sized blocks."""
-    from bptt_jax.bptt import auto_block_size
+    from bptt_jax.core.plan import auto_block_size
 
     assert auto_block_size(1000, 64, 256, backend="cpu") < 1000
     assert auto_block_size(1000, 64, 256, backend="gpu") == 1000  # 2^24 elements

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bptt_jax import checkpoint, cli, data, parallel, runner, train
-from bptt_jax.config import load_config
+from bptt_jax.command import cli, data, runner
+from bptt_jax.command.config import load_config
+from bptt_jax.training import checkpoint, parallel, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,7 @@ def test_sigterm_to_the_command(tmp_path):
     """A real SIGTERM from outside: exit status 143, one line naming the checkpoint, at the step reached."""
     cfg_path = _config(tmp_path, steps=200000)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "bptt_jax.cli", "run", str(cfg_path), "--out", str(out)]
+    cmd = [sys.executable, "-m", "bptt_jax.command.cli", "run", str(cfg_path), "--out", str(out)]
     cmd += ["--set", "train.checkpoint_every=1000000", "--set", "train.eval_every=1000000"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

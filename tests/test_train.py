@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import bptt_jax as bj
-from bptt_jax import data, train
-from bptt_jax.config import OptimConfig
+from bptt_jax.command import data
+from bptt_jax.command.config import OptimConfig
+from bptt_jax.training import train
 from tests import reference as ref
 
 

@@ -1,4 +1,4 @@
-"""jax.grad through bptt_jax.vjp.rnn_states (explicit BPTT) equals plain autodiff of the scan."""
+"""jax.grad through bptt_jax.core.vjp.rnn_states (explicit BPTT) equals plain autodiff of the scan."""
 
 import chex
 import jax
@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax import scan
-from bptt_jax.vjp import rnn_states
+from bptt_jax.core import forward
+from bptt_jax.core.vjp import rnn_states
 from tests import reference as ref
 
 
 def _plain_states(params, spec, xs, h0, lengths):
-    return scan.run_stack(params, spec, xs, h0, lengths)[-1].merged
+    return forward.run_stack(params, spec, xs, h0, lengths)[-1].merged
 
 
 def _h0(p):
@@ -69,7 +69,7 @@ def test_vmap_per_example_gradients():
     xs = jnp.asarray(np.random.RandomState(1).randn(4, 5, 1, 2), jnp.float32)  # 4 examples of [T, 1, N]
     loss = lambda params, x, states_fn: jnp.sum(states_fn(params, x) ** 2)
     custom = lambda params, x: rnn_states(params, spec, x)
-    plain = lambda params, x: _plain_states(params, spec, x, scan.default_h0(spec, 1, x.dtype), None)
+    plain = lambda params, x: _plain_states(params, spec, x, forward.default_h0(spec, 1, x.dtype), None)
     g = jax.vmap(jax.grad(loss), in_axes=(None, 0, None))(p.params, xs, custom)
     want = jax.vmap(jax.grad(loss), in_axes=(None, 0, None))(p.params, xs, plain)
     assert g.layers[0].w1.shape == (4, 2, 3)
@@ -92,7 +92,7 @@ def test_inside_outer_scan():
         return jax.lax.scan(body, 0.0, chunks)[0]
 
     custom = lambda params, x: rnn_states(params, spec, x)
-    plain = lambda params, x: _plain_states(params, spec, x, scan.default_h0(spec, 2, x.dtype), None)
+    plain = lambda params, x: _plain_states(params, spec, x, forward.default_h0(spec, 2, x.dtype), None)
     g = jax.jit(jax.grad(total), static_argnums=1)(p.params, custom)
     want = jax.grad(total)(p.params, plain)
     assert ref.max_rel_err(g, want) < 1e-5
@@ -116,7 +116,7 @@ class FinalStatesTest(chex.TestCase):
             tol = 1e-10 if dtype == "float64" else 2e-4
 
             def plain(params, xs, h0):
-                traces = scan.run_stack(params, spec, xs, spec.internal_states(h0), p.lengths)
+                traces = forward.run_stack(params, spec, xs, spec.internal_states(h0), p.lengths)
                 return traces[-1].merged, spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
 
             h0 = p.h0 or ref.zero_h0(spec, p.xs.shape[1], p.xs.dtype)  # public: (h, c) pairs for the LSTM

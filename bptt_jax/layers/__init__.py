@@ -1,4 +1,4 @@
-"""Layers for other JAX libraries, backed by the explicit BPTT (``bptt_jax.vjp.rnn_states``).
+"""Layers for other JAX libraries, backed by the explicit BPTT (``bptt_jax.core.vjp.rnn_states``).
 
 One module per library, imported by name so that the core package never imports them:
 

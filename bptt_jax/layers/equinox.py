@@ -9,9 +9,10 @@
 
 Equinox's conventions: one sequence per call (batch with ``jax.vmap``), the network's description
 (``spec``) a static field, the weights an ordinary pytree field (``layer``: the cell's
-``LayerParams`` / ``GRUParams`` / ``LSTMParams``), so ``eqx.filter_value_and_grad``,
+``LayerParams`` / ``GRUParams`` / ``LSTMParams``; a bias the layout ``biases`` does not train is
+None there, and the "equinox" GRU's b_hn is ``bias_n``), so ``eqx.filter_value_and_grad``,
 ``eqx.tree_serialise_leaves`` and optax work unchanged. Gradients run
-``bptt_jax.vjp.rnn_states``'s custom VJP (the explicit reverse scan); under ``jax.vmap`` it runs
+``bptt_jax.core.vjp.rnn_states``'s custom VJP (the explicit reverse scan); under ``jax.vmap`` it runs
 batched. Equinox ships no vanilla RNN cell: the Elman layer here has no Equinox counterpart.
 """
 
@@ -21,9 +22,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from bptt_jax import cells
-from bptt_jax.params import ReadoutParams, RNNParams, RNNSpec, init_params
-from bptt_jax.vjp import rnn_states
+from bptt_jax.core import cells, vjp
+from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
+from bptt_jax.core.vjp import rnn_states
+from bptt_jax.layers import biases as bias_layouts
 
 Array = jax.Array
 
@@ -40,11 +42,16 @@ class RNN(eqx.Module):
       grad: "bptt" (the explicit BPTT) or "autodiff" (``jax.grad`` differentiates the forward scan:
         the same layer as an oracle).
       init, init_scale, forget_bias, dtype: the initialisation, as ``bptt_jax.init_params``.
+      biases: which biases are trained: "pytorch" (bx and bh), "equinox" (``eqx.nn.GRUCell``'s bias
+        and bias_n, ``eqx.nn.LSTMCell``'s bias: what ``from_eqx_cell`` gives), "flax" or "none"
+        (``bptt_jax.layers.biases``); the others are zeros, not leaves.
       key: a JAX PRNG key for the weights.
     """
 
-    layer: tuple  # the cell's parameter NamedTuple (LayerParams, GRUParams or LSTMParams)
+    layer: tuple  # the cell's parameter NamedTuple (LayerParams, GRUParams or LSTMParams); None: not trained
+    bias_n: Array | None  # the "equinox" GRU's b_hn [N1] (eqx.nn.GRUCell's bias_n); None otherwise
     spec: RNNSpec = eqx.field(static=True)
+    biases: str = eqx.field(static=True)
     unroll: int | None = eqx.field(static=True)
     grad: str = eqx.field(static=True)
 
@@ -61,15 +68,22 @@ class RNN(eqx.Module):
         init_scale: float = 1.0,
         forget_bias: float = 0.0,
         dtype=jnp.float32,
+        biases: str = "pytorch",
         key: Array,
     ):
-        if grad not in ("bptt", "autodiff"):
-            raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
+        vjp.check_grad(grad)
+        bias_layouts.check_layout(biases)
         self.spec = RNNSpec(in_size, (hidden_size,), 1, activation=activation, cell=cell)
-        self.unroll, self.grad = unroll, grad
-        self.layer = init_params(
-            key, self.spec, scheme=init, scale=init_scale, dtype=dtype, forget_bias=forget_bias
-        ).layers[0]
+        self.unroll, self.grad, self.biases = unroll, grad, biases
+        full = init_params(key, self.spec, scheme=init, scale=init_scale, dtype=dtype, forget_bias=forget_bias)
+        self.layer, self.bias_n = _stored(cell, biases, full.layers[0])
+
+    def full_layer(self):
+        """The cell's full parameters (zeros for the biases the layout does not train)."""
+        arrays = {k: v for k, v in self.layer._asdict().items() if v is not None}
+        if self.bias_n is not None:
+            arrays["bh_n"] = self.bias_n
+        return bias_layouts.join(self.spec.cell, self.biases, arrays)
 
     def __call__(self, xs: Array, h0=None, *, length=None, return_last: bool = False, key=None):
         """xs [T, N] -> the states h(t) [T, N1]; with ``return_last`` also the final state (h [N1],
@@ -94,7 +108,7 @@ class RNN(eqx.Module):
             h0 = (batched,) if self.spec.is_lstm else batched
         lengths = None if length is None else jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
         readout = ReadoutParams(jnp.zeros((n1, 1), x.dtype), jnp.zeros((1,), x.dtype))  # unused: not a field
-        params = RNNParams((self.layer,), (), readout)
+        params = RNNParams((self.full_layer(),), (), readout)
         states, last = rnn_states(
             params, self.spec, x, h0=h0, lengths=lengths, unroll=self.unroll, return_last=True, grad=self.grad
         )
@@ -107,13 +121,17 @@ class RNN(eqx.Module):
     @classmethod
     def from_eqx_cell(cls, cell, **kwargs) -> RNN:
         """A layer with the weights of ``eqx.nn.GRUCell`` or ``eqx.nn.LSTMCell`` (PyTorch's gate
-        orders; the GRU's ``bias_n`` is b_hn). Keyword options as ``RNN``."""
+        orders; the GRU's ``bias_n`` is b_hn). Its trained arrays are exactly the cell's
+        (``biases="equinox"``), so it trains as the cell scanned does. Keyword options as ``RNN``."""
         name = type(cell).__name__
         kinds = {"GRUCell": "gru", "LSTMCell": "lstm"}
         if name not in kinds:
             raise ValueError(f"from_eqx_cell: expected eqx.nn.GRUCell or eqx.nn.LSTMCell, got {name}")
         g = 3 if name == "GRUCell" else 4
         n1 = cell.hidden_size
+        kwargs.setdefault("biases", "equinox")
+        if not cell.use_bias:
+            kwargs["biases"] = "none"  # the cell has no biases: nor does the layer
         layer = cls(cell.input_size, n1, cell=kinds[name], key=jax.random.key(0), **kwargs)
         dtype = cell.weight_ih.dtype
         zeros = jnp.zeros((g * n1,), dtype)
@@ -122,4 +140,12 @@ class RNN(eqx.Module):
         if name == "GRUCell" and cell.use_bias:
             bh = zeros.at[2 * n1 :].set(cell.bias_n)
         params = cells.get(kinds[name]).Params(cell.weight_ih.T, cell.weight_hh.T, bx, bh)
-        return eqx.tree_at(lambda m: m.layer, layer, params)
+        stored, bias_n = _stored(kinds[name], layer.biases, params)
+        layer = eqx.tree_at(lambda m: m.layer, layer, stored)
+        return eqx.tree_at(lambda m: m.bias_n, layer, bias_n, is_leaf=lambda x: x is None)
+
+
+def _stored(cell: str, layout: str, full):
+    """(the NamedTuple with None for the biases ``layout`` does not train, b_hn or None)."""
+    arrays = bias_layouts.split(cell, layout, full)
+    return type(full)(*(arrays.get(f) for f in full._fields)), arrays.get("bh_n")

@@ -10,18 +10,21 @@
 leading batch dimensions, ``time_major``, ``reverse`` with and without ``keep_order``,
 ``seq_lengths``, ``return_carry``, ``initial_carry``, ``rngs``), so it works where ``nnx.RNN``
 does, inside ``nnx.Bidirectional`` too. ``jax.grad`` / ``nnx.grad`` of anything computed from its
-outputs and its final carry runs ``bptt_jax.vjp.rnn_states``'s custom VJP: the reverse scan of the
+outputs and its final carry runs ``bptt_jax.core.vjp.rnn_states``'s custom VJP: the reverse scan of the
 lecture notes, not autodiff of the forward scan.
 
 Each weight is one ``nnx.Param`` named after the notation (Elman: ``w1`` [N, N1], ``w11``
 [N1, N1], ``b1`` [N1]; GRU and LSTM: ``wx`` [N, G N1], ``wh`` [N1, G N1], ``bx``, ``bh`` [G N1],
 PyTorch's gate orders r|z|n and i|f|g|o); the arrays, never the ``Param`` objects, go into the
-custom VJP, and the layer holds no readout (nothing for weight decay to move).
+custom VJP, and the layer holds no readout (nothing for weight decay to move). ``biases`` says which
+biases are Params (``bptt_jax.layers.biases``): PyTorch's two per gate ("pytorch", the default of a
+layer built here), or exactly the Flax cell's ("flax", what ``from_flax_cell`` gives: ``nnx.GRUCell``
+has bx only, the LSTM cells bh only), so that a switched model trains step for step as before.
 
 Differences from ``nnx.RNN``, on purpose: steps past a sequence's length hold the state (and its
 output repeats the last valid one), where Flax keeps stepping over the padding; valid steps and
 final carries agree. No RNG stream is needed to build the zero carry. The GRU keeps PyTorch's
-b_hn inside r * (h W_hn + b_hn) (``nnx.GRUCell`` has no recurrent bias at all).
+b_hn inside r * (h W_hn + b_hn) in the "pytorch" layout (``nnx.GRUCell`` has no recurrent bias at all).
 """
 
 from __future__ import annotations
@@ -34,13 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bptt_jax import cells, scan
-from bptt_jax.params import ReadoutParams, RNNParams, RNNSpec, init_params
-from bptt_jax.vjp import rnn_states
+from bptt_jax.core import cells, forward, vjp
+from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
+from bptt_jax.core.vjp import rnn_states
+from bptt_jax.layers import biases as bias_layouts
 
 Array = jax.Array
 
-_NAMES = {"elman": ("w1", "w11", "b1"), "gru": ("wx", "wh", "bx", "bh"), "lstm": ("wx", "wh", "bx", "bh")}
 _ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
 
 
@@ -59,6 +62,8 @@ class RNN(nnx.Module):
         forward scan itself: the same layer as an oracle, as the config key ``train.grad``).
       init, init_scale, forget_bias: the initialisation, as ``bptt_jax.init_params``.
       param_dtype: the weights' dtype.
+      biases: which biases are Params: "pytorch" (bx and bh), "flax" (the Flax cell's), "equinox"
+        (``bptt_jax.layers.biases``); the others are zeros, not trained.
       rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
     """
 
@@ -80,28 +85,29 @@ class RNN(nnx.Module):
         init_scale: float = 1.0,
         forget_bias: float = 0.0,
         param_dtype=jnp.float32,
+        biases: str = "pytorch",
         rngs: nnx.Rngs,
     ):
+        bias_layouts.check_layout(biases)
         self.spec = RNNSpec(in_features, (hidden_features,), 1, activation=activation, cell=cell)
         self.in_features, self.hidden_features, self.cell = in_features, hidden_features, cell
         self.time_major, self.return_carry = time_major, return_carry
         self.reverse, self.keep_order = reverse, keep_order
         self.unroll, self.recurrence = unroll, recurrence
-        if grad not in ("bptt", "autodiff"):
-            raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
-        self.grad = grad
+        vjp.check_grad(grad)
+        self.grad, self.biases = grad, biases
         params = init_params(
             rngs.params(), self.spec, scheme=init, scale=init_scale, dtype=param_dtype, forget_bias=forget_bias
         )
-        for name, value in zip(_NAMES[cell], params.layers[0]):
+        for name, value in bias_layouts.split(cell, biases, params.layers[0]).items():
             setattr(self, name, nnx.Param(value))
 
     # ------------------------------------------------------------------ the weights as the library's types
 
     def layer_params(self):
         """The weights as the cell's parameter NamedTuple of plain arrays (``LayerParams``, ...)."""
-        arrays = [getattr(self, name)[...] for name in _NAMES[self.cell]]
-        return cells.get(self.cell).Params(*arrays)
+        names = bias_layouts.names(self.cell, self.biases)
+        return bias_layouts.join(self.cell, self.biases, {name: getattr(self, name)[...] for name in names})
 
     def _params(self, dtype) -> RNNParams:
         # rnn_states ignores the readout: a constant, not a Param (weight decay would move a Param)
@@ -139,7 +145,7 @@ class RNN(nnx.Module):
         x, batch_dims, lengths = _time_major(inputs, self.in_features, time_major, seq_lengths)
         b = x.shape[1]
         if reverse:  # as Flax's flip_sequences on the valid steps: the first becomes the last
-            x = scan.reverse_padded(x, lengths)
+            x = forward.reverse_padded(x, lengths)
         if initial_carry is None:
             initial_carry = self.initialize_carry((*batch_dims, self.in_features))
         h0 = self._h0(initial_carry, batch_dims, b)
@@ -155,7 +161,7 @@ class RNN(nnx.Module):
             grad=self.grad,
         )
         if reverse and keep_order:
-            states = scan.reverse_padded(states, lengths)
+            states = forward.reverse_padded(states, lengths)
         outputs = _batch_layout(states, batch_dims, time_major)
         if not return_carry:
             return outputs
@@ -186,7 +192,9 @@ class RNN(nnx.Module):
     @classmethod
     def from_flax_cell(cls, flax_cell, **kwargs) -> RNN:
         """A layer with the weights of ``nnx.SimpleCell``, ``nnx.GRUCell``, ``nnx.OptimizedLSTMCell``
-        or ``nnx.LSTMCell`` (gate orders and biases mapped exactly; keyword options as ``RNN``).
+        or ``nnx.LSTMCell`` (gate orders and biases mapped exactly; keyword options as ``RNN``). Its
+        Params are exactly the cell's (``biases="flax"``), so training it with any optax optimizer
+        equals training ``nnx.RNN(cell)``; ``biases="pytorch"`` gives PyTorch's two biases instead.
         Refuses, by name, cells whose computation this layer does not have (another gate function,
         a residual SimpleCell, an activation other than tanh / relu)."""
         name = type(flax_cell).__name__
@@ -209,6 +217,7 @@ class RNN(nnx.Module):
             )
         if cell == "elman":
             kwargs.setdefault("activation", act)
+        kwargs.setdefault("biases", "flax")  # exactly the Flax cell's Params: it trains as nnx.RNN(cell)
         layer = cls(n, n1, cell=cell, rngs=nnx.Rngs(0), **kwargs)
         get = lambda mod, attr="kernel": jnp.asarray(getattr(mod, attr)[...])  # noqa: E731
         values: tuple[Array, ...]
@@ -226,7 +235,8 @@ class RNN(nnx.Module):
             wh = jnp.concatenate([get(getattr(flax_cell, f"h{g}")) for g in gates], -1)
             bh = jnp.concatenate([get(getattr(flax_cell, f"h{g}"), "bias") for g in gates], -1)
             values = (wx, wh, jnp.zeros_like(bh), bh)
-        for attr, value in zip(_NAMES[cell], values):
+        full = cells.get(cell).Params(*values)
+        for attr, value in bias_layouts.split(cell, layer.biases, full).items():
             getattr(layer, attr)[...] = value
         return layer
 
@@ -262,13 +272,14 @@ class RNN(nnx.Module):
 class _Weights(nnx.Module):
     """One (layer, direction) entry's weights, one ``nnx.Param`` per array named after the notation."""
 
-    def __init__(self, cell: str, layer):
-        self.cell = cell
-        for name, value in zip(_NAMES[cell], layer):
+    def __init__(self, cell: str, layer, biases: str):
+        self.cell, self.biases = cell, biases
+        for name, value in bias_layouts.split(cell, biases, layer).items():
             setattr(self, name, nnx.Param(value))
 
     def params(self):
-        return cells.get(self.cell).Params(*(getattr(self, name)[...] for name in _NAMES[self.cell]))
+        names = bias_layouts.names(self.cell, self.biases)
+        return bias_layouts.join(self.cell, self.biases, {name: getattr(self, name)[...] for name in names})
 
 
 class StackedRNN(nnx.Module):
@@ -278,7 +289,8 @@ class StackedRNN(nnx.Module):
     Args:
       in_features: N.
       hidden_sizes: N1 of each layer, bottom first.
-      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, param_dtype: as ``RNN``.
+      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, param_dtype, biases:
+        as ``RNN``.
       bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
         how the two directions' states are combined for the next layer and the output.
       time_major: the default layout, overridable per call.
@@ -306,10 +318,11 @@ class StackedRNN(nnx.Module):
         init_scale: float = 1.0,
         forget_bias: float = 0.0,
         param_dtype=jnp.float32,
+        biases: str = "pytorch",
         rngs: nnx.Rngs,
     ):
-        if grad not in ("bptt", "autodiff"):
-            raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
+        vjp.check_grad(grad)
+        bias_layouts.check_layout(biases)
         self.spec = RNNSpec(
             in_features,
             tuple(hidden_sizes),
@@ -323,8 +336,8 @@ class StackedRNN(nnx.Module):
         params = init_params(
             rngs.params(), self.spec, scheme=init, scale=init_scale, dtype=param_dtype, forget_bias=forget_bias
         )
-        self.layers = nnx.List([_Weights(cell, layer) for layer in params.layers])
-        self.reverse_layers = nnx.List([_Weights(cell, layer) for layer in params.reverse_layers])
+        self.layers = nnx.List([_Weights(cell, layer, biases) for layer in params.layers])
+        self.reverse_layers = nnx.List([_Weights(cell, layer, biases) for layer in params.reverse_layers])
 
     @property
     def out_features(self) -> int:

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax as bj
-from bptt_jax import data, parallel, train
-from bptt_jax.config import OptimConfig
+from bptt_jax.command import data
+from bptt_jax.command.config import OptimConfig
+from bptt_jax.training import parallel, train
 
 assert len(jax.devices()) == 4, jax.devices()
 out = {}

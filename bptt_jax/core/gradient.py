@@ -1,0 +1,257 @@
+"""The public entry points of the explicit BPTT: ``bptt`` (DIV and its gradient), ``loss`` and
+``loss_and_state`` (the plain forward computation that ``jax.grad`` differentiates: the oracle).
+
+How the gradient is computed lives in the modules below: ``plan`` (the options and the rules that
+resolve them), ``backward`` (the reverse scans over time blocks, in the notes' notation),
+``segments`` (checkpoint segments). Inputs are checked once on the host (``checks.entry_checks``)
+and once when the call is traced (``checks.traced_checks``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bptt_jax.core import backward, checks, forward, kernels, losses, plan, segments
+from bptt_jax.core.params import RNNParams, RNNSpec
+
+Array = jax.Array
+
+
+class BPTTAux(NamedTuple):
+    """Diagnostics of one BPTT pass. Per-(layer, direction) entries are ordered layer * D + direction.
+
+    Attributes:
+      dh0: L*D entries [B, N1]: dDIV/dh(-1); the LSTM's are (dDIV/dh(-1), dDIV/dc(-1)) pairs.
+      dxs: [T, B, N] dDIV/dX, only with ``with_dxs=True`` (else None).
+      dh_norms: [T, L*D] ||dDIV/dh(t)|| averaged over the batch, in input time, only with
+        ``diagnostics=True`` (else None).
+      h_last: L*D entries [B, N1] ((h, c) pairs for the LSTM): the forward pass's final states.
+      dc_norms: the LSTM with ``diagnostics=True``: [T, L*D] ||dDIV/dc(t)||, as dh_norms (else None).
+    """
+
+    dh0: tuple
+    dxs: Array | None
+    dh_norms: Array | None
+    h_last: tuple
+    dc_norms: Array | None = None
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "unroll", "recurrence"))
+def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence="auto"):
+    """(DIV, final states): the plain forward computation that ``jax.grad`` differentiates."""
+    a = checks.traced_checks(params, spec, xs, targets, weights, lengths, h0, output_mask)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, a.xs.dtype, cell=spec.cell)
+    unroll = forward.resolve_unroll(unroll)
+    traces = forward.run_stack(params, spec, a.xs, a.h0, a.lengths, unroll=unroll, recurrence=rec)
+    top = traces[-1].merged
+    if a.output_mask is not None:
+        top = top * a.output_mask
+    z2s, ys = backward.readout(params, spec, top)
+    t_len, batch = a.xs.shape[0], a.xs.shape[1]
+    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, a.xs.dtype)
+    h_last = spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
+    div = losses.total(losses.divergence(spec.divergence, z2s, ys, a.targets), w)
+    return checks.poison(a.bad, (div, h_last))
+
+
+def _unidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
+    """(DIV, grads, dh0, h_last, dxs, norms) of a unidirectional stack: segments or blocks."""
+    if p.segment is not None:
+        carry, h_last, dxs, norms = segments.stack_backward_segments(params, spec, run, lengths, p)
+    else:
+        traces = backward.run_forward(params, spec, run.xs, run.h0, lengths, p)
+        h_last = tuple(tr.states[0][-1] for tr in traces)
+        run = run._replace(
+            hs=tuple(tr.states[0] for tr in traces),
+            caches=tuple(tr.caches[0] for tr in traces if tr.caches is not None) if p.store else None,
+        )
+        zero = backward.zero_carry(params, run.h0, run.xs.dtype)
+        carry, dxs, norms = backward.stack_backward_blocked(params, spec, run, zero, p)
+    return carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh, h_last, dxs, norms
+
+
+def _bidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
+    """(DIV, grads, dh0, h_last, dxs, norms) of a bidirectional network: the whole-sequence readout."""
+    traces = backward.run_forward(params, spec, run.xs, run.h0, lengths, p)
+    h_last = tuple(h[-1] for tr in traces for h in tr.states)
+    top = traces[-1].merged  # [T', B, N_top], whole sequence: both directions at each t
+    mask = run.output_mask
+    if mask is not None:
+        top = top * mask
+    div, g_readout, dtop = backward.readout_backward(params, spec, top, run.targets, run.w, generic=p.generic)
+    if mask is not None:
+        dtop = dtop * mask
+    g_layers, g_reverse, dxs, dh0, norms = backward.stack_backward(params, spec, traces, run.h0, lengths, dtop, p)
+    return div, RNNParams(g_layers, g_reverse, g_readout), dh0, h_last, dxs, norms
+
+
+def _bptt(params, xs, targets, weights, lengths, h0, output_mask, *, spec: RNNSpec, options: plan.Options):
+    """``bptt``'s jitted body: checks (once per input signature), the plan, the time axis padded to
+    a multiple of the block (or segment) with steps that hold the state and weigh 0, the BPTT."""
+    a = checks.traced_checks(params, spec, xs, targets, weights, lengths, h0, output_mask)
+    t_len, batch, _ = a.xs.shape
+    p = plan.resolve(options, spec, t_len, batch, a.xs.dtype)
+    pad = plan.padded_length(p, t_len) - t_len
+    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, a.xs.dtype)  # [T, B]
+    lengths = a.lengths
+    if pad and lengths is None:
+        lengths = jnp.full((batch,), t_len, jnp.int32)  # the padded steps hold the state, weigh 0
+    run = backward.Run(
+        xs=forward.pad_time(a.xs, pad),
+        hs=(),
+        h0=a.h0,
+        valid=forward.valid_mask(lengths, t_len + pad),
+        targets=forward.pad_time(a.targets, pad),
+        w=forward.pad_time(w, pad),
+        output_mask=forward.pad_time(a.output_mask, pad),
+    )
+    path = _bidirectional if spec.bidirectional else _unidirectional
+    div, grads, dh0, h_last, dxs, norms = path(params, spec, run, lengths, p)
+    if pad:
+        dxs = None if dxs is None else dxs[:t_len]
+        norms = None if norms is None else norms[:t_len]
+    div, grads = checks.poison(a.bad, (div, grads))
+    dc_norms = None
+    if norms is not None and norms.ndim == 3:  # the LSTM's cells give (||dh(t)||, ||dc(t)||) per step
+        norms, dc_norms = norms[..., 0], norms[..., 1]
+    aux = BPTTAux(spec.public_states(dh0), dxs if p.with_dxs else None, norms, spec.public_states(h_last), dc_norms)
+    return div, grads, aux
+
+
+def loss(
+    params: RNNParams,
+    spec: RNNSpec,
+    xs: Array,
+    targets: Array,
+    *,
+    weights: Array | None = None,
+    lengths: Array | None = None,
+    h0: tuple[Array, ...] | None = None,
+    output_mask: Array | None = None,
+    unroll: int | None = None,
+    recurrence: str = "auto",
+    check_values: bool | None = None,
+    check_finite: bool = False,
+) -> Array:
+    """DIV = mean over the batch of sum over t of w(t) Div(Y(t), D(t)). Differentiable by jax.grad.
+
+    Args:
+      params, spec: the network.
+      xs: [T, B, N] inputs.
+      targets: cross_entropy: [T, B] integer classes in [0, M) or [T, B, M] probabilities;
+        otherwise [T, B, M] floats D(t).
+      weights: [T, B] w(t) ("removes" outputs where 0; many-to-one puts 1 at the last valid step
+        only). Ones when None. Steps t >= lengths[b] always weigh 0.
+      lengths: [B] valid steps per sequence.
+      h0: L*D entries [B, N1] (order layer * D + direction), zeros when None.
+      output_mask: [T, B, N_top] multiplies the top layer's merged states before the readout
+        (dropout on the outputs: zeros and 1/(1-p)); None for no dropout.
+      unroll: scan steps per loop iteration (``lax.scan``'s unroll); None picks 1 on a CPU and
+        ``forward.GPU_UNROLL`` (8) on a GPU, as measured (docs/results/benchmarks.md).
+      recurrence: "scan" (``lax.scan``), "pallas" (the fused kernels of ``bptt_jax.core.kernels``, one launch
+        per layer and direction for all T; interpret mode on a CPU) or "auto" (the kernels on a GPU
+        where they apply, the scans elsewhere). An explicit "pallas" that cannot apply raises.
+      check_values: how class indices and lengths are range-checked (``bptt_jax.core.checks``): None reads
+        host arrays only, True also reads device arrays back (a host sync), False never; out-of-range
+        values always make the result NaN in the graph.
+      check_finite: raise ValueError on NaN or inf in xs, h0 or params.
+
+    Returns:
+      The scalar DIV.
+    """
+    lengths, weights = checks.entry_checks(
+        spec, xs, targets, weights, lengths, h0, params, check_values=check_values, check_finite=check_finite
+    )
+    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence)[0]
+
+
+def loss_and_state(
+    params,
+    spec,
+    xs,
+    targets,
+    *,
+    weights=None,
+    lengths=None,
+    h0=None,
+    output_mask=None,
+    unroll: int | None = None,
+    recurrence: str = "auto",
+):
+    """(DIV, final states) — ``loss`` plus the L*D final states, for ``jax.value_and_grad(...,
+    has_aux=True)`` in truncated BPTT (one forward pass gives both). Arguments as ``loss``."""
+    lengths, weights = checks.host_checks(spec, xs, targets, weights, lengths, None)
+    return _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence)
+
+
+def bptt(
+    params: RNNParams,
+    spec: RNNSpec,
+    xs: Array,
+    targets: Array,
+    *,
+    weights: Array | None = None,
+    lengths: Array | None = None,
+    h0: tuple[Array, ...] | None = None,
+    output_mask: Array | None = None,
+    generic: bool = False,
+    unroll: int | None = None,
+    block_size: int | None = None,
+    checkpoint_every: int | None = None,
+    diagnostics: bool = False,
+    with_dxs: bool = False,
+    recurrence: str = "auto",
+    gates: str = "auto",
+    check_values: bool | None = None,
+    check_finite: bool = False,
+) -> tuple[Array, RNNParams, BPTTAux]:
+    """DIV and its gradient by the explicit BPTT over time blocks (arguments as ``loss``).
+
+    The forward scans store h(t) only; the backward pass walks blocks of C steps from the last to
+    the first (``bptt_jax.core.backward``), carrying dh and the weight-gradient sums. The call is jitted:
+    shape checks run once per input signature, value checks follow ``check_values``.
+
+    Args:
+      generic: form dDIV/dZ2 by the generic path (dDIV/dY times the full Jacobian for softmax)
+        instead of the fused closed form; the two agree (tests show it).
+      block_size: C, steps per time block; None picks ``plan.auto_block_size`` (one block for small
+        problems, cache-sized blocks for large ones). C = T is the whole-sequence computation. Any
+        C >= 1 gives the same gradients.
+      checkpoint_every: store the states only every k steps and recompute each k-step segment in
+        the backward pass: memory ~ T/k + k instead of T, same gradients. Unidirectional networks
+        without output_mask only.
+      diagnostics: also compute ``aux.dh_norms`` = ||dDIV/dh(t)|| per step and layer (None otherwise).
+        Off by default: the norm in every step of the reverse scans costs ~10% at small shapes.
+      with_dxs: also compute ``aux.dxs`` = dDIV/dX [T, B, N] (one more matmul per step; None
+        otherwise). ``aux.dh0`` and ``aux.h_last`` are always returned.
+      recurrence: as ``loss``; with the kernels and no block_size the whole sequence is one block.
+      gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
+        step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))
+        only and recomputes the gates per block with two block matmuls; "auto" stores while that
+        cache holds at most ``plan.STORE_ELEMENTS`` elements and, for the GRU, at least 2^16
+        (``plan.resolve_gates``). Same gradients either way. Not with checkpoint_every (its segments
+        recompute); the Elman cell has nothing to store. Measured on a 2-core CPU at the larger
+        benchmark shapes (benchmarks/gated_memory.py): temp memory 0.48-0.71x of ``jax.grad``
+        through a plain scan stored, 0.14-0.50x recomputed, 0.16-0.34x recomputed with half the
+        automatic ``block_size``, at 0.79-1.00x of the stored default's speed.
+
+    Returns:
+      (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last, dc_norms)``).
+    """
+    options = plan.Options(generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
+    lengths, weights = checks.entry_checks(
+        spec, xs, targets, weights, lengths, h0, params, check_values=check_values, check_finite=check_finite
+    )
+    options.check(spec, output_mask is not None)
+    return _compiled(spec, options)(params, xs, targets, weights, lengths, h0, output_mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(spec: RNNSpec, options: plan.Options):
+    """``_bptt`` jitted for one network and options, called with array arguments only: the jit's fast C++
+    dispatch then skips hashing keyword statics on every call (measured ~10 us a call)."""
+    return jax.jit(functools.partial(_bptt, spec=spec, options=options))

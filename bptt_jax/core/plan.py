@@ -1,0 +1,197 @@
+"""How the exact gradient is computed: the options a caller asks for and the plan they resolve to.
+
+None of this changes the gradient's value; every plan gives the same gradients to rounding (the
+property tests draw plans). ``Options`` is what a caller asks for (``bptt``'s keywords, validated
+once, frozen and hashable: the jitted entry's static argument); ``resolve`` turns it into a ``Plan``
+for the shapes at hand, by the rules below, when the call is traced:
+
+- the time-block size C (``auto_block_size``),
+- whether a gated cell's forward pass keeps its gates or the backward pass recomputes them
+  (``resolve_gates``),
+- the scan's unroll (``forward.resolve_unroll``) and scans or kernels (``kernels.resolve``),
+- checkpoint segments of k steps (``checkpoint_every``).
+
+Every tuning constant cites the measurement it came from (docs/results/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+
+from bptt_jax.core import cells, forward, kernels
+from bptt_jax.core.params import RNNSpec
+
+# The automatic block size (``auto_block_size``), measured on a 2-core CPU (docs/results/benchmarks.md):
+# below WHOLE_ELEMENTS elements in a [T, B, width] buffer the whole sequence is one block (its
+# buffers fit in cache and one block runs fastest); above it, blocks of about BLOCK_ELEMENTS elements
+# and at least MIN_BLOCK_ROWS rows (C*B) keep the block buffers cache-sized while the block's
+# matmuls still have enough rows to run near full speed.
+WHOLE_ELEMENTS = 2**20
+BLOCK_ELEMENTS = 2**17
+MIN_BLOCK_ROWS = 512
+# On a GPU the blocks trade speed for memory the other way: measured on an H100 (docs/results/benchmarks.md,
+# "On a GPU"), the whole sequence as one block ran 1.1-1.6x faster than the CPU's cache-sized blocks
+# at every benchmark shape where the two differ (up to T*B*width = 2^24), at up to 3.3x the temp
+# memory (still below jax.grad's). Up to GPU_WHOLE_ELEMENTS the whole sequence is one block there;
+# above it (not measured), blocks of about GPU_BLOCK_ELEMENTS.
+GPU_WHOLE_ELEMENTS = 2**25
+GPU_BLOCK_ELEMENTS = 2**23
+# Gated cells: keep the forward's gate activations ("store") instead of recomputing them per block in
+# the backward pass ("recompute") while all layers' caches together hold at most STORE_ELEMENTS
+# elements (T * B * CACHE * N1 summed over layers and directions: 64 MiB in float32) and at least
+# the cell's STORE_FROM. Measured on the 2-core CPU (docs/results/benchmarks.md, "Gated cells: the latest
+# run"): storing ran up to 1.22x faster than recomputing at the larger benchmark shapes (0.97-1.22x),
+# for about 2-4x the temp memory (still about half of jax.grad's); above the cap memory comes first.
+STORE_ELEMENTS = 2**24
+GATES = ("auto", "store", "recompute")
+
+
+def _positive_int_or_none(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a caller asks of the explicit BPTT (``bptt``'s keywords of the same names), checked here.
+
+    Frozen and hashable: the static argument of the jitted entry. None and "auto" leave the choice
+    to ``resolve``'s rules.
+
+    Attributes:
+      generic: dDIV/dZ2 by the generic path (dDIV/dY times f2's Jacobian) instead of the closed form.
+      unroll: ``lax.scan``'s unroll; None: by backend.
+      block_size: C, steps per time block; None: ``auto_block_size``.
+      checkpoint_every: k, steps per recomputed segment; None: no segments.
+      diagnostics: also return ||dDIV/dh(t)|| (``BPTTAux.dh_norms``).
+      with_dxs: also return dDIV/dX (``BPTTAux.dxs``).
+      recurrence: "scan", "pallas" or "auto".
+      gates: "store", "recompute" or "auto" (gated cells).
+    """
+
+    generic: bool = False
+    unroll: int | None = None
+    block_size: int | None = None
+    checkpoint_every: int | None = None
+    diagnostics: bool = False
+    with_dxs: bool = False
+    recurrence: str = "auto"
+    gates: str = "auto"
+
+    def __post_init__(self):
+        _positive_int_or_none("block_size", self.block_size)
+        _positive_int_or_none("checkpoint_every", self.checkpoint_every)
+        if self.unroll is not None:
+            forward.resolve_unroll(self.unroll)  # a bad value raises, naming unroll
+        if self.recurrence not in kernels.RECURRENCES:
+            raise ValueError(f"recurrence: expected one of {list(kernels.RECURRENCES)}, got {self.recurrence!r}")
+        if self.gates not in GATES:
+            raise ValueError(f"gates: expected one of {list(GATES)}, got {self.gates!r}")
+
+    def check(self, spec: RNNSpec, with_output_mask: bool) -> None:
+        """What the options cannot do for this network: raises ValueError naming the option."""
+        if self.checkpoint_every is not None:
+            if spec.bidirectional:
+                raise ValueError(
+                    "checkpoint_every: segment recomputation needs a unidirectional network (spec.bidirectional=True)"
+                )
+            if with_output_mask:
+                raise ValueError("checkpoint_every: cannot be combined with output_mask")
+        resolve_gates(self.gates, spec, 1, 1, self.checkpoint_every)  # an impossible "store" fails here
+
+
+class Plan(NamedTuple):
+    """``Options`` resolved for one network and input shape: what the backward functions read."""
+
+    block: int  # C, steps per time block (a divisor of every padded run the blocks cover)
+    store: bool  # a gated cell's forward keeps its gates for the backward pass
+    segment: int | None  # k, steps per checkpoint segment, or None
+    unroll: int  # lax.scan's unroll
+    recurrence: str  # "scan" or "pallas"
+    generic: bool = False
+    with_norms: bool = False  # Options.diagnostics
+    with_dxs: bool = False
+
+
+def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = None) -> int:
+    """The block size C used when ``block_size`` is None.
+
+    Args:
+      t_len, batch: T and B.
+      width: the widest per-step feature size (the largest of N1 per direction and M).
+      backend: "cpu", "gpu", ...; None: JAX's default backend.
+
+    Returns:
+      T when T*B*width <= WHOLE_ELEMENTS (GPU_WHOLE_ELEMENTS on a GPU); otherwise about
+      max(MIN_BLOCK_ROWS / B, BLOCK_ELEMENTS / (B * width)) steps (GPU_BLOCK_ELEMENTS on a GPU),
+      capped at T, preferring a divisor of T within a factor of two of that (no padding steps then).
+    """
+    batch, width = max(batch, 1), max(width, 1)
+    on_gpu = (backend or jax.default_backend()) == "gpu"
+    whole, block = (GPU_WHOLE_ELEMENTS, GPU_BLOCK_ELEMENTS) if on_gpu else (WHOLE_ELEMENTS, BLOCK_ELEMENTS)
+    if t_len * batch * width <= whole:
+        return t_len
+    c = max(-(-MIN_BLOCK_ROWS // batch), block // (batch * width), 1)
+    if c >= t_len:
+        return t_len
+    for delta in range(c):  # nearest divisor of T in [c/2, 2c]
+        for cand in (c - delta, c + delta):
+            if c // 2 <= cand <= 2 * c and 1 <= cand <= t_len and t_len % cand == 0:
+                return cand
+    return c
+
+
+def resolve_gates(gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_every: int | None) -> bool:
+    """Whether the forward pass keeps the gates (True) or the backward pass recomputes them.
+
+    "store" and "recompute" as asked; "auto" stores while the caches of every layer and direction
+    hold at most STORE_ELEMENTS elements and at least the cell's STORE_FROM (the GRU's 2^16: below
+    it recomputing ran faster, the LSTM's 0). Only gated cells without ``checkpoint_every`` can
+    store (the Elman cell has no gates; segments are recomputed anyway): otherwise "auto" recomputes
+    and "store" raises.
+    """
+    if gates not in GATES:
+        raise ValueError(f"gates: expected one of {list(GATES)}, got {gates!r}")
+    cell = cells.get(spec.cell)
+    cache = cell.CACHE
+    can = cache > 0 and checkpoint_every is None
+    if gates == "store" and not can:
+        why = "the Elman cell has no gates" if cache == 0 else "checkpoint_every recomputes its segments"
+        raise ValueError(f"gates='store': {why}")
+    if gates == "auto":
+        elements = t_len * batch * cache * sum(spec.hidden_sizes) * spec.num_directions
+        return can and cell.STORE_FROM <= elements <= STORE_ELEMENTS
+    return gates == "store"
+
+
+def block_width(spec: RNNSpec) -> int:
+    """The widest per-step buffer of a block: G*N1 (a cell's gates; N1 for the Elman cell) or M."""
+    return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
+
+
+def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> Plan:
+    """The plan for ``options`` at this network and shape (run when the jitted entry is traced)."""
+    recurrence = kernels.resolve(options.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)
+    block_size = options.block_size
+    if block_size is None and recurrence == "pallas":
+        block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
+    return Plan(
+        block=min(block_size or auto_block_size(t_len, batch, block_width(spec)), t_len),
+        store=resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every),
+        segment=options.checkpoint_every,
+        unroll=forward.resolve_unroll(options.unroll),
+        recurrence=recurrence,
+        generic=options.generic,
+        with_norms=options.diagnostics,
+        with_dxs=options.with_dxs,
+    )
+
+
+def padded_length(plan: Plan, t_len: int) -> int:
+    """T' >= T, the time axis padded to a multiple of the segment (or, without one, the block)."""
+    unit = plan.segment or plan.block
+    return math.ceil(t_len / unit) * unit

@@ -1,0 +1,1 @@
+"""Training on the core: the optax train step, data parallelism, checkpoints and sampling."""
