@@ -166,6 +166,44 @@ def test_a_switched_model_trains_as_flax_float32_and_bidirectional(name):
     assert {"bx", "bh"} <= set(nnx.state(pt, nnx.Param))
 
 
+@pytest.mark.parametrize("name", list(FLAX_CELLS))
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_reduced_precision_flax_cells_give_what_flax_gives(name, dtype):
+    # A float16 / bfloat16 Flax cell (dtype and param_dtype; made in float32 and cast: XLA:CPU has no
+    # float16 QR for the orthogonal initialiser) through from_flax_cell: Flax's dtype, Flax's outputs
+    # to the dtype's rounding, gradients in the weights' dtype.
+    fc = getattr(nnx, name)(N, N1, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    nnx.update(fc, jax.tree_util.tree_map(lambda a: a.astype(dtype), nnx.state(fc, nnx.Param)))
+    fc.param_dtype = dtype
+    xs = jax.random.normal(jax.random.key(9), (2, T, N)).astype(dtype)
+    want = nnx.RNN(fc)(xs)
+    ours = bnnx.RNN.from_flax_cell(fc)
+    got = ours(xs)
+    assert got.dtype == want.dtype == dtype
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=4 * eps)
+    g = nnx.grad(lambda m: jnp.sum(m(xs).astype(jnp.float32) ** 2))(ours)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(g)} == {jnp.dtype(dtype)}
+
+
+@pytest.mark.parametrize("name", ["GRUCell", "OptimizedLSTMCell"])
+def test_bfloat16_computation_with_float32_weights(name):
+    # Flax's dtype option: computation in bfloat16, weights (and their gradients) in float32.
+    fc = getattr(nnx, name)(N, N1, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    xs = jax.random.normal(jax.random.key(10), (2, T, N))
+    carry = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), fc.initialize_carry((2, N), nnx.Rngs(0)))
+    want = nnx.RNN(fc)(xs, initial_carry=carry)  # Flax's zero carry is float32: its scan needs bf16 given
+    ours = bnnx.RNN.from_flax_cell(fc)
+    assert ours.dtype == jnp.bfloat16
+    got = ours(xs)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=4 * 2.0**-8)
+    g = nnx.grad(lambda m: jnp.sum(m(xs).astype(jnp.float32) ** 2))(ours)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(g)} == {jnp.dtype(jnp.float32)}
+    back = ours.to_flax_cell()
+    assert back.dtype == jnp.bfloat16 and jax.tree_util.tree_leaves(nnx.state(back, nnx.Param))[0].dtype == jnp.float32
+
+
 class Model(nnx.Module):
     """A small sequence model: an embedding-like projection, our layer, a readout."""
 

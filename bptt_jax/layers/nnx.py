@@ -61,6 +61,8 @@ class RNN(nnx.Module):
       grad: "bptt" (the explicit BPTT, the default) or "autodiff" (``jax.grad`` differentiates the
         forward scan itself: the same layer as an oracle, as the config key ``train.grad``).
       init, init_scale, forget_bias: the initialisation, as ``bptt_jax.init_params``.
+      dtype: the computation's dtype, as Flax's cells: inputs, weights and states are cast to it (the
+        gradients come back in ``param_dtype``); None: the promotion of the inputs' and weights' dtypes.
       param_dtype: the weights' dtype.
       biases: which biases are Params: "pytorch" (bx and bh), "flax" (the Flax cell's), "equinox"
         (``bptt_jax.layers.biases``); the others are zeros, not trained.
@@ -84,11 +86,13 @@ class RNN(nnx.Module):
         init: str = "uniform",
         init_scale: float = 1.0,
         forget_bias: float = 0.0,
+        dtype=None,
         param_dtype=jnp.float32,
         biases: str = "pytorch",
         rngs: nnx.Rngs,
     ):
         bias_layouts.check_layout(biases)
+        self.dtype = dtype
         self.spec = RNNSpec(in_features, (hidden_features,), 1, activation=activation, cell=cell)
         self.in_features, self.hidden_features, self.cell = in_features, hidden_features, cell
         self.time_major, self.return_carry = time_major, return_carry
@@ -112,14 +116,14 @@ class RNN(nnx.Module):
     def _params(self, dtype) -> RNNParams:
         # rnn_states ignores the readout: a constant, not a Param (weight decay would move a Param)
         readout = ReadoutParams(jnp.zeros((self.hidden_features, 1), dtype), jnp.zeros((1,), dtype))
-        return RNNParams((self.layer_params(),), (), readout)
+        return _cast(RNNParams((self.layer_params(),), (), readout), self.dtype)
 
     # ------------------------------------------------------------------ carries
 
     def initialize_carry(self, input_shape, rngs=None):
         """Zeros for a batch of ``input_shape`` = ``(*batch, N)``: h ``[*batch, N1]``, or (c, h) for
         the LSTM (Flax's order). ``rngs`` is accepted for ``nnx.RNN``'s signature and not used."""
-        h = jnp.zeros((*tuple(input_shape)[:-1], self.hidden_features), self.layer_params()[0].dtype)
+        h = jnp.zeros((*tuple(input_shape)[:-1], self.hidden_features), self.dtype or self.layer_params()[0].dtype)
         return (h, h) if self.cell == "lstm" else h
 
     # ------------------------------------------------------------------ the call
@@ -142,13 +146,13 @@ class RNN(nnx.Module):
         time_major = self.time_major if time_major is None else time_major
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
-        x, batch_dims, lengths = _time_major(inputs, self.in_features, time_major, seq_lengths)
+        x, batch_dims, lengths = _time_major(_cast(inputs, self.dtype), self.in_features, time_major, seq_lengths)
         b = x.shape[1]
         if reverse:  # as Flax's flip_sequences on the valid steps: the first becomes the last
             x = forward.reverse_padded(x, lengths)
         if initial_carry is None:
             initial_carry = self.initialize_carry((*batch_dims, self.in_features))
-        h0 = self._h0(initial_carry, batch_dims, b)
+        h0 = self._h0(_cast(initial_carry, self.dtype), batch_dims, b)
         states, h_last = rnn_states(
             self._params(x.dtype),
             self.spec,
@@ -218,6 +222,8 @@ class RNN(nnx.Module):
         if cell == "elman":
             kwargs.setdefault("activation", act)
         kwargs.setdefault("biases", "flax")  # exactly the Flax cell's Params: it trains as nnx.RNN(cell)
+        kwargs.setdefault("param_dtype", jax.tree_util.tree_leaves(nnx.state(flax_cell, nnx.Param))[0].dtype)
+        kwargs.setdefault("dtype", getattr(flax_cell, "dtype", None))
         layer = cls(n, n1, cell=cell, rngs=nnx.Rngs(0), **kwargs)
         get = lambda mod, attr="kernel": jnp.asarray(getattr(mod, attr)[...])  # noqa: E731
         values: tuple[Array, ...]
@@ -246,10 +252,11 @@ class RNN(nnx.Module):
         cell (``nnx.GRUCell`` has no recurrent bias): ValueError."""
         rngs = nnx.Rngs(0) if rngs is None else rngs
         p = self.layer_params()
+        dtypes = {"dtype": self.dtype, "param_dtype": p[0].dtype}
         n, n1 = self.in_features, self.hidden_features
         fc: Any
         if self.cell == "elman":
-            fc = nnx.SimpleCell(n, n1, activation_fn=_ACTIVATIONS[self.spec.activation], rngs=rngs)
+            fc = nnx.SimpleCell(n, n1, activation_fn=_ACTIVATIONS[self.spec.activation], rngs=rngs, **dtypes)
             _set(fc.dense_i, kernel=p.w1, bias=p.b1)
             _set(fc.dense_h, kernel=p.w11)
         elif self.cell == "gru":
@@ -259,11 +266,11 @@ class RNN(nnx.Module):
                     "to_flax_cell: this GRU has a non-zero b_hn (inside r * (h W_hn + b_hn)); nnx.GRUCell has no "
                     "recurrent bias, so no Flax cell computes it"
                 )
-            fc = nnx.GRUCell(n, n1, rngs=rngs)
+            fc = nnx.GRUCell(n, n1, rngs=rngs, **dtypes)
             _set(fc.dense_i, kernel=p.wx, bias=p.bx + p.bh)  # r, z: only the sum matters; n: b_hn is zero
             _set(fc.dense_h, kernel=p.wh)
         else:
-            fc = nnx.OptimizedLSTMCell(n, n1, rngs=rngs)
+            fc = nnx.OptimizedLSTMCell(n, n1, rngs=rngs, **dtypes)
             _set(fc.dense_i, kernel=p.wx)
             _set(fc.dense_h, kernel=p.wh, bias=p.bx + p.bh)
         return fc
@@ -289,8 +296,8 @@ class StackedRNN(nnx.Module):
     Args:
       in_features: N.
       hidden_sizes: N1 of each layer, bottom first.
-      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, param_dtype, biases:
-        as ``RNN``.
+      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, dtype, param_dtype,
+        biases: as ``RNN``.
       bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
         how the two directions' states are combined for the next layer and the output.
       time_major: the default layout, overridable per call.
@@ -317,12 +324,14 @@ class StackedRNN(nnx.Module):
         init: str = "uniform",
         init_scale: float = 1.0,
         forget_bias: float = 0.0,
+        dtype=None,
         param_dtype=jnp.float32,
         biases: str = "pytorch",
         rngs: nnx.Rngs,
     ):
         vjp.check_grad(grad)
         bias_layouts.check_layout(biases)
+        self.dtype = dtype
         self.spec = RNNSpec(
             in_features,
             tuple(hidden_sizes),
@@ -350,7 +359,7 @@ class StackedRNN(nnx.Module):
         (``out_features`` wide) in the same layout, or (carry, outputs) with ``return_carry``."""
         spec = self.spec
         time_major = self.time_major if time_major is None else time_major
-        x, batch_dims, lengths = _time_major(inputs, spec.input_size, time_major, seq_lengths)
+        x, batch_dims, lengths = _time_major(_cast(inputs, self.dtype), spec.input_size, time_major, seq_lengths)
         b = x.shape[1]
         h0 = None
         if initial_carry is not None:
@@ -358,11 +367,12 @@ class StackedRNN(nnx.Module):
             if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != entries:
                 raise ValueError(f"initial_carry: expected a tuple of {entries} entries (one per layer and direction)")
             flat = lambda a: jnp.asarray(a).reshape(b, -1)  # noqa: E731
-            h0 = tuple((flat(e[1]), flat(e[0])) if spec.is_lstm else flat(e) for e in initial_carry)
+            h0 = tuple((flat(e[1]), flat(e[0])) if spec.is_lstm else flat(e) for e in _cast(initial_carry, self.dtype))
         readout = ReadoutParams(jnp.zeros((self.out_features, 1), x.dtype), jnp.zeros((1,), x.dtype))
         params = RNNParams(
             tuple(w.params() for w in self.layers), tuple(w.params() for w in self.reverse_layers), readout
         )
+        params = _cast(params, self.dtype)
         states, last = rnn_states(
             params,
             spec,
@@ -408,6 +418,14 @@ def _batch_layout(states, batch_dims, time_major: bool):
     """[T, B, F] -> the caller's layout: [*batch, T, F], or [T, *batch, F] when time-major."""
     out = states.reshape(states.shape[0], *batch_dims, states.shape[-1])
     return out if time_major else jnp.moveaxis(out, 0, -2)
+
+
+def _cast(tree, dtype):
+    """Every array of ``tree`` in ``dtype`` (None: unchanged). A cast of the weights is differentiable:
+    their gradients come back in their own dtype."""
+    if dtype is None or tree is None:
+        return tree
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(dtype), tree)
 
 
 def _set(linear: Any, **arrays) -> None:
