@@ -275,6 +275,12 @@ def run_stack(
     return tuple(traces)
 
 
+def last_states(traces: tuple[LayerTrace, ...]) -> tuple[Array, ...]:
+    """Each (layer, direction) entry's state after its last scan step (internal layout [B, W]): the
+    forward net's at the last valid step, the reverse net's at t = 0 (padding holds the state)."""
+    return tuple(h[-1] for tr in traces for h in tr.states)
+
+
 def default_h0(spec: RNNSpec, batch: int, dtype) -> tuple[Array, ...]:
     """Zeros for every (layer, direction): L*D internal states [B, W] (W = N1, or 2 N1 for the LSTM)."""
     return tuple(jnp.zeros((batch, w), dtype) for w in spec.state_widths())

@@ -53,7 +53,7 @@ def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, 
     z2s, ys = backward.readout(params, spec, top)
     t_len, batch = a.xs.shape[0], a.xs.shape[1]
     w = losses.effective_weights(a.weights, a.lengths, t_len, batch, a.xs.dtype)
-    h_last = spec.public_states(tuple(h[-1] for tr in traces for h in tr.states))
+    h_last = spec.public_states(forward.last_states(traces))
     div = losses.total(losses.divergence(spec.divergence, z2s, ys, a.targets), w)
     return checks.poison(a.bad, (div, h_last))
 
@@ -77,7 +77,7 @@ def _unidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
 def _bidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
     """(DIV, grads, dh0, h_last, dxs, norms) of a bidirectional network: the whole-sequence readout."""
     traces = backward.run_forward(params, spec, run.xs, run.h0, lengths, p)
-    h_last = tuple(h[-1] for tr in traces for h in tr.states)
+    h_last = forward.last_states(traces)
     top = traces[-1].merged  # [T', B, N_top], whole sequence: both directions at each t
     mask = run.output_mask
     if mask is not None:
@@ -242,16 +242,23 @@ def bptt(
     Returns:
       (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last, dc_norms)``).
     """
-    options = plan.Options(generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
     lengths, weights = checks.entry_checks(
         spec, xs, targets, weights, lengths, h0, params, check_values=check_values, check_finite=check_finite
     )
-    options.check(spec, output_mask is not None)
-    return _compiled(spec, options)(params, xs, targets, weights, lengths, h0, output_mask)
+    options = (generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
+    try:
+        fn = _compiled(spec, output_mask is not None, *options)  # checks the options once per setting
+    except TypeError:  # an unhashable option value: Options names it
+        plan.Options(*options)
+        raise
+    return fn(params, xs, targets, weights, lengths, h0, output_mask)
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(spec: RNNSpec, options: plan.Options):
-    """``_bptt`` jitted for one network and options, called with array arguments only: the jit's fast C++
-    dispatch then skips hashing keyword statics on every call (measured ~10 us a call)."""
-    return jax.jit(functools.partial(_bptt, spec=spec, options=options))
+def _compiled(spec: RNNSpec, with_output_mask: bool, *options):
+    """``_bptt`` jitted for one network and ``plan.Options(*options)``, checked here (a bad value
+    raises and is not cached), called with array arguments only: the jit's fast C++ dispatch then
+    skips hashing keyword statics on every call (measured ~10 us a call)."""
+    opts = plan.Options(*options)
+    opts.check(spec, with_output_mask)
+    return jax.jit(functools.partial(_bptt, spec=spec, options=opts))

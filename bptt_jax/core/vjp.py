@@ -24,22 +24,16 @@ from bptt_jax.core.plan import Plan, auto_block_size, block_width, resolve_gates
 Array = jax.Array
 
 
-def _last(traces) -> tuple[Array, ...]:
-    """Each (layer, direction) entry's state after its last scan step (internal layout [B, W]): the
-    forward net's at the last valid step, the reverse net's at t = 0 (padding holds the state)."""
-    return tuple(h[-1] for tr in traces for h in tr.states)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _states(spec, unroll, recurrence, params, xs, h0, lengths):
     traces = forward.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence)
-    return traces[-1].merged, _last(traces)
+    return traces[-1].merged, forward.last_states(traces)
 
 
 def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
     store = resolve_gates("auto", spec, xs.shape[0], xs.shape[1], None)  # gated cells: keep the gates
     traces = forward.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence, store=store)
-    return (traces[-1].merged, _last(traces)), (params, h0, lengths, traces)
+    return (traces[-1].merged, forward.last_states(traces)), (params, h0, lengths, traces)
 
 
 def _states_bwd(spec, unroll, recurrence, residuals, cts):
@@ -108,5 +102,5 @@ def rnn_states(
         states, last = _states(spec, forward.resolve_unroll(unroll), rec, params, xs, h0, lengths)
     else:
         traces = forward.run_stack(params, spec, xs, h0, lengths, unroll=forward.resolve_unroll(unroll), recurrence=rec)
-        states, last = traces[-1].merged, _last(traces)
+        states, last = traces[-1].merged, forward.last_states(traces)
     return (states, spec.public_states(last)) if return_last else states
