@@ -137,3 +137,21 @@ def test_value_checks_off():
     """check_values=False reads nothing on the host: host arrays out of range then give NaN too."""
     value, _, _ = _bptt(targets=np.full((6, 2), 5, np.int32), check_values=False)
     assert np.isnan(float(value))
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+def test_float32_inputs_with_float64_parameters_are_promoted(cell):
+    # The recurrence computes in the promotion of the inputs' and parameters' dtypes (float64 here);
+    # the explicit BPTT equals jax.grad of the loss, and the gradients have the parameters' dtype.
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (4,), 5, cell=cell, bidirectional=cell == "gru")
+        params = bj.init_params(jax.random.key(0), spec, dtype=jnp.float64)
+        xs = jax.random.normal(jax.random.key(1), (6, 2, 3), jnp.float32)
+        targets = jnp.asarray([[0, 1], [2, 3], [4, 0], [1, 2], [3, 4], [0, 0]], jnp.int32)
+        lengths = jnp.array([6, 4])
+        value, grads, _ = bj.bptt(params, spec, xs, targets, lengths=lengths)
+        want = jax.grad(bj.loss)(params, spec, xs, targets, lengths=lengths)
+        assert value.dtype == jnp.float64
+        for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want)):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -159,3 +159,21 @@ def test_named_errors():
         beqx.RNN.from_eqx_cell(eqx.nn.Linear(2, 2, key=jax.random.key(0)))
     with pytest.raises(ValueError, match="grad: expected 'bptt' or 'autodiff'"):
         beqx.RNN(N, N1, grad="other", key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"biases: expected one of \['pytorch', 'flax', 'equinox', 'none'\]"):
+        beqx.RNN(N, N1, cell="gru", biases="torch", key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+def test_float32_inputs_into_a_float64_layer_are_promoted(cell):
+    # Inputs whose dtype differs from the weights' are promoted (as Flax does): float64 states, and
+    # the explicit BPTT's gradients equal autodiff's (grad="autodiff"), both taking float32 inputs.
+    with jax.enable_x64(True):
+        key = jax.random.key(11)
+        ours = beqx.RNN(N, N1, cell=cell, dtype=jnp.float64, key=key)
+        oracle = beqx.RNN(N, N1, cell=cell, dtype=jnp.float64, grad="autodiff", key=key)
+        xs = jax.random.normal(jax.random.key(12), (T, N), jnp.float32)
+        assert ours(xs).dtype == jnp.float64
+        grad = lambda m: eqx.filter_grad(lambda m: _loss_of(*m(xs, length=4, return_last=True)))(m).layer
+        for a, b in zip(grad(ours), grad(oracle)):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -249,6 +249,13 @@ def test_training_with_nnx_optimizer_equals_autodiff(cell):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+def test_bad_bias_layout_is_named():
+    with pytest.raises(ValueError, match="biases: expected one of"):
+        bnnx.RNN(N, N1, cell="lstm", biases="keras", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="biases: expected one of"):
+        bnnx.StackedRNN(N, (N1,), biases="keras", rngs=nnx.Rngs(0))
+
+
 def test_split_merge_and_errors():
     layer = bnnx.RNN(N, N1, cell="lstm", forget_bias=1.0, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(layer)
