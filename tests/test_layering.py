@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bptt_jax"
 # of its own level). Names are paths below bptt_jax; a package (core.cells) is one module here.
 LEVELS = {
     "core.activations": 0,
+    "core.precision": 0,  # the computation dtype: imports jax only
     "core.cells": 0.5,  # one module per cell, importing activations only
     "core.params": 1,
     "core.checks": 2,

@@ -52,6 +52,7 @@ from bptt_jax.core import activations, cells, forward, kernels, losses
 from bptt_jax.core.cells.base import flat
 from bptt_jax.core.params import LayerParams, ReadoutParams, RNNParams, RNNSpec
 from bptt_jax.core.plan import Plan
+from bptt_jax.core.precision import mm, zeros_acc
 
 Array = jax.Array
 
@@ -179,7 +180,7 @@ def layer_backward_blocked(
     """
     c = plan.block
     hs_b = _blocks(hs, c)
-    zero = jax.tree_util.tree_map(jnp.zeros_like, layer)
+    zero = jax.tree_util.tree_map(zeros_acc, layer)
     cell = cells.of(layer)
 
     def body(carry, blk):
@@ -199,14 +200,14 @@ def layer_backward_blocked(
         _blocks(valid, c),
         _blocks(cache, c),
     )
-    ds0 = jnp.zeros_like(h0) if ds_last is None else ds_last
+    ds0 = zeros_acc(h0) if ds_last is None else ds_last
     (dh_m1, grads), (dxs, dh_norm) = lax.scan(body, (ds0, zero), blk_in, reverse=True)
     return grads, dh_m1, _unblock(dxs), _unblock(dh_norm)
 
 
 def readout(params: RNNParams, spec: RNNSpec, top: Array) -> tuple[Array, Array]:
     """(Z2 = h W2 + b2, Y = f2(Z2)) for every step given: [T, B, M] each."""
-    z2s = top @ params.readout.w2 + params.readout.b2
+    z2s = mm(top, params.readout.w2) + params.readout.b2
     return z2s, activations.output(spec.output_activation, z2s)
 
 
@@ -223,8 +224,8 @@ def readout_backward(params: RNNParams, spec: RNNSpec, top: Array, targets: Arra
     z2s, ys = readout(params, spec, top)
     div = losses.total(losses.divergence(spec.divergence, z2s, ys, targets), w)
     dz2s = losses.output_grad(spec.divergence, spec.output_activation, z2s, ys, targets, w, generic=generic)
-    g_readout = ReadoutParams(flat(top).T @ flat(dz2s), jnp.sum(dz2s, axis=(0, 1)))
-    return div, g_readout, dz2s @ params.readout.w2.T
+    g_readout = ReadoutParams(mm(flat(top).T, flat(dz2s)), jnp.sum(dz2s, axis=(0, 1)))
+    return div, g_readout, mm(dz2s, params.readout.w2.T)
 
 
 def _down_the_stack(
@@ -330,12 +331,11 @@ class Carry(NamedTuple):
     div: Array  # DIV so far
 
 
-def zero_carry(params: RNNParams, h0: tuple[Array, ...], dtype) -> Carry:
-    """The carry entering from beyond the last step: zeros."""
-    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
-    return Carry(
-        tuple(jnp.zeros_like(h) for h in h0), zeros(params.layers), zeros(params.readout), jnp.zeros((), dtype)
-    )
+def zero_carry(params: RNNParams, h0: tuple[Array, ...]) -> Carry:
+    """The carry entering from beyond the last step: zeros, in the dtype gradients accumulate in."""
+    zeros = lambda t: jax.tree_util.tree_map(zeros_acc, t)
+    div = zeros_acc(params.readout.b2[0])
+    return Carry(tuple(zeros_acc(h) for h in h0), zeros(params.layers), zeros(params.readout), div)
 
 
 class Run(NamedTuple):

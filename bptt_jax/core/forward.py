@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax.core import cells, checks, kernels
+from bptt_jax.core import cells, checks, kernels, precision
 from bptt_jax.core.params import RNNParams, RNNSpec
 
 Array = jax.Array
@@ -300,17 +300,19 @@ def _forward(params, spec, xs, h0, lengths, unroll, recurrence="auto"):
     from bptt_jax.core import activations  # local: keeps the import graph of the design table
 
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)  # shapes: once per signature
+    outer = xs.dtype
+    params, xs, h0 = precision.to_compute(spec.compute_dtype, (params, xs, h0))
     rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
     traces = run_stack(params, spec, xs, h0, lengths, unroll=resolve_unroll(unroll), recurrence=rec)
     top = traces[-1].merged
-    z2s = top @ params.readout.w2 + params.readout.b2  # [T, B, M]
+    z2s = precision.mm(top, params.readout.w2) + params.readout.b2  # [T, B, M]
     ys = activations.output(spec.output_activation, z2s)
     hidden = cells.get(spec.cell).hidden
     hs, h_last = [], []
     for tr in traces:
         for j, h in enumerate(tr.states):
             hs.append(hidden(h if j == 0 else reverse_padded(h, lengths)))
-            h_last.append(h[-1])
+            h_last.append(h[-1].astype(outer))  # the dtype a caller feeds back as h0
     return ForwardOutput(ys, tuple(hs), spec.public_states(tuple(h_last)), z2s)
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import backward, checks, forward, kernels, losses, plan, segments
+from bptt_jax.core import backward, checks, forward, kernels, losses, plan, precision, segments
 from bptt_jax.core.params import RNNParams, RNNSpec
 
 Array = jax.Array
@@ -44,17 +44,19 @@ class BPTTAux(NamedTuple):
 def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, recurrence="auto"):
     """(DIV, final states): the plain forward computation that ``jax.grad`` differentiates."""
     a = checks.traced_checks(params, spec, xs, targets, weights, lengths, h0, output_mask)
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, a.xs.dtype, cell=spec.cell)
+    outer = a.xs.dtype
+    params, xs, h0 = precision.to_compute(spec.compute_dtype, (params, a.xs, a.h0))
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
     unroll = forward.resolve_unroll(unroll)
-    traces = forward.run_stack(params, spec, a.xs, a.h0, a.lengths, unroll=unroll, recurrence=rec)
+    traces = forward.run_stack(params, spec, xs, h0, a.lengths, unroll=unroll, recurrence=rec)
     top = traces[-1].merged
     if a.output_mask is not None:
         top = top * a.output_mask
     z2s, ys = backward.readout(params, spec, top)
-    t_len, batch = a.xs.shape[0], a.xs.shape[1]
-    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, a.xs.dtype)
-    h_last = spec.public_states(forward.last_states(traces))
-    div = losses.total(losses.divergence(spec.divergence, z2s, ys, a.targets), w)
+    t_len, batch = xs.shape[0], xs.shape[1]
+    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, precision.accumulation(xs.dtype))
+    h_last = spec.public_states(tuple(s.astype(outer) for s in forward.last_states(traces)))
+    div = losses.total(losses.divergence(spec.divergence, z2s, ys, a.targets), w).astype(outer)
     return checks.poison(a.bad, (div, h_last))
 
 
@@ -69,7 +71,7 @@ def _unidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
             hs=tuple(tr.states[0] for tr in traces),
             caches=tuple(tr.caches[0] for tr in traces if tr.caches is not None) if p.store else None,
         )
-        zero = backward.zero_carry(params, run.h0, run.xs.dtype)
+        zero = backward.zero_carry(params, run.h0)
         carry, dxs, norms = backward.stack_backward_blocked(params, spec, run, zero, p)
     return carry.div, RNNParams(carry.layers, (), carry.readout), carry.dh, h_last, dxs, norms
 
@@ -90,20 +92,23 @@ def _bidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
 
 
 def _bptt(params, xs, targets, weights, lengths, h0, output_mask, *, spec: RNNSpec, options: plan.Options):
-    """``bptt``'s jitted body: checks (once per input signature), the plan, the time axis padded to
-    a multiple of the block (or segment) with steps that hold the state and weigh 0, the BPTT."""
+    """``bptt``'s jitted body: checks (once per input signature), the compute dtype, the plan, the
+    time axis padded to a multiple of the block (or segment) with steps that hold the state and
+    weigh 0, the BPTT; gradients come back in the dtype of what they differentiate."""
     a = checks.traced_checks(params, spec, xs, targets, weights, lengths, h0, output_mask)
-    t_len, batch, _ = a.xs.shape
-    p = plan.resolve(options, spec, t_len, batch, a.xs.dtype)
+    outer_params = params
+    params, xs, h0 = precision.to_compute(spec.compute_dtype, (params, a.xs, a.h0))
+    t_len, batch, _ = xs.shape
+    p = plan.resolve(options, spec, t_len, batch, xs.dtype)
     pad = plan.padded_length(p, t_len) - t_len
-    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, a.xs.dtype)  # [T, B]
+    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, precision.accumulation(xs.dtype))  # [T, B]
     lengths = a.lengths
     if pad and lengths is None:
         lengths = jnp.full((batch,), t_len, jnp.int32)  # the padded steps hold the state, weigh 0
     run = backward.Run(
-        xs=forward.pad_time(a.xs, pad),
+        xs=forward.pad_time(xs, pad),
         hs=(),
-        h0=a.h0,
+        h0=h0,
         valid=forward.valid_mask(lengths, t_len + pad),
         targets=forward.pad_time(a.targets, pad),
         w=forward.pad_time(w, pad),
@@ -114,6 +119,9 @@ def _bptt(params, xs, targets, weights, lengths, h0, output_mask, *, spec: RNNSp
     if pad:
         dxs = None if dxs is None else dxs[:t_len]
         norms = None if norms is None else norms[:t_len]
+    outer = a.xs.dtype
+    grads, dh0, h_last = precision.like((grads, dh0, h_last), (outer_params, a.h0, a.h0))
+    div, dxs = div.astype(outer), None if dxs is None else dxs.astype(outer)
     div, grads = checks.poison(a.bad, (div, grads))
     dc_norms = None
     if norms is not None and norms.ndim == 3:  # the LSTM's cells give (||dh(t)||, ||dc(t)||) per step

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax.core import activations
+from bptt_jax.core import activations, precision
 
 Array = jax.Array
 
@@ -107,6 +107,8 @@ def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None, ce
             )
         return "scan"
     reason = unsupported_reason(hidden_sizes, dtype, backend)
+    if precision.is_half(dtype):  # the kernels know no mixed-precision policy
+        reason = f"the kernels compute in float32 or float64, not {jnp.dtype(dtype).name} (compute_dtype)"
     if recurrence == "auto":
         faster = max(hidden_sizes) <= AUTO_MAX_HIDDEN_GPU
         return "pallas" if GPU_AUTO and backend == "gpu" and reason is None and faster else "scan"

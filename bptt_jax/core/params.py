@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import activations, cells
+from bptt_jax.core import activations, cells, precision
 from bptt_jax.core.cells.elman import LayerParams as LayerParams  # the cells' parameter types, re-exported
 from bptt_jax.core.cells.gru import GRUParams as GRUParams
 from bptt_jax.core.cells.lstm import LSTMParams as LSTMParams
@@ -45,6 +45,10 @@ class RNNSpec:
       merge: how the two directions' states are merged at each t: "concat" (forward first) or "sum".
       cell: "elman" (the lecture notes' layer, default), "gru" or "lstm" (``bptt_jax.core.cells``).
         ``activation`` is the Elman cell's f1; a gated cell takes only its default, "tanh".
+      compute_dtype: None (compute in the parameters' dtype), "bfloat16" or "float16" (mixed
+        precision: 16-bit matmul operands and stored states, float32 accumulation, carries and
+        gradient sums; ``bptt_jax.core.precision`` states the policy) or "float32". A dtype object
+        (``jnp.bfloat16``) is taken by its name.
     """
 
     input_size: int
@@ -56,6 +60,7 @@ class RNNSpec:
     bidirectional: bool = False
     merge: str = "concat"
     cell: str = "elman"
+    compute_dtype: str | None = None
 
     def __post_init__(self):
         hs = self.hidden_sizes
@@ -77,6 +82,15 @@ class RNNSpec:
         _check_choice("divergence", self.divergence, list(DIVERGENCES))
         _check_choice("merge", self.merge, list(MERGES))
         _check_choice("cell", self.cell, list(cells.NAMES))
+        if self.compute_dtype is not None:
+            cd = self.compute_dtype
+            if not isinstance(cd, str):
+                try:
+                    cd = jnp.dtype(cd).name
+                except TypeError:
+                    pass
+            object.__setattr__(self, "compute_dtype", cd)
+            _check_choice("compute_dtype", cd, [None, *precision.COMPUTE_DTYPES])
         if self.cell != "elman" and self.activation != "tanh":
             raise ValueError(
                 f"RNNSpec.activation: {self.activation!r} applies to the Elman cell only; the {self.cell} cell "
@@ -154,7 +168,7 @@ def _is_pos_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_choice(field: str, value, allowed: list[str]) -> None:
+def _check_choice(field: str, value, allowed: list) -> None:
     if value not in allowed:
         raise ValueError(f"RNNSpec.{field}: unknown value {value!r}; allowed: {allowed}")
 

@@ -66,7 +66,7 @@ def stack_backward_segments(
         carry, dxs, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, seg_plan)
         return carry, (dxs, norms)
 
-    init = backward.zero_carry(params, run.h0, run.xs.dtype)
+    init = backward.zero_carry(params, run.h0)
     inputs = (seg(run.xs), seg(run.targets), seg(run.w), seg(run.valid), lens_s, boundaries)
     carry, (dxs, norms) = lax.scan(seg_backward, init, inputs, reverse=True)
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])

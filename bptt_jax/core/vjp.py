@@ -17,27 +17,37 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import backward, checks, forward, kernels
+from bptt_jax.core import backward, checks, forward, kernels, precision
 from bptt_jax.core.params import RNNParams, RNNSpec
 from bptt_jax.core.plan import Plan, auto_block_size, block_width, resolve_gates
 
 Array = jax.Array
 
 
+def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False):
+    """(merged top states, final states in h0's dtype, traces), computed in ``spec.compute_dtype``."""
+    cparams, cxs, ch0 = precision.to_compute(spec.compute_dtype, (params, xs, h0))
+    traces = forward.run_stack(cparams, spec, cxs, ch0, lengths, unroll=unroll, recurrence=recurrence, store=store)
+    last = tuple(s.astype(h.dtype) for s, h in zip(forward.last_states(traces), h0))
+    return traces[-1].merged, last, traces
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _states(spec, unroll, recurrence, params, xs, h0, lengths):
-    traces = forward.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence)
-    return traces[-1].merged, forward.last_states(traces)
+    return _plain(spec, unroll, recurrence, params, xs, h0, lengths)[:2]
 
 
 def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
     store = resolve_gates("auto", spec, xs.shape[0], xs.shape[1], None)  # gated cells: keep the gates
-    traces = forward.run_stack(params, spec, xs, h0, lengths, unroll=unroll, recurrence=recurrence, store=store)
-    return (traces[-1].merged, forward.last_states(traces)), (params, h0, lengths, traces)
+    merged, last, traces = _plain(spec, unroll, recurrence, params, xs, h0, lengths, store)
+    return (merged, last), (params, xs, h0, lengths, traces)
 
 
 def _states_bwd(spec, unroll, recurrence, residuals, cts):
-    params, h0, lengths, traces = residuals
+    """The explicit BPTT (``backward.stack_backward``) in the compute dtype; the cotangents come
+    back in the dtypes of the primal inputs."""
+    params, xs, h0, lengths, traces = residuals
+    cparams, ch0 = precision.to_compute(spec.compute_dtype, (params, h0))
     ct, ct_last = cts  # ct_last: symbolic zeros arrive as zero arrays
     t_len, batch = ct.shape[:2]
     c = auto_block_size(t_len, batch, max(block_width(spec), ct.shape[-1]))
@@ -45,11 +55,13 @@ def _states_bwd(spec, unroll, recurrence, residuals, cts):
     p = Plan(
         block=t_len if whole else c, store=False, segment=None, unroll=unroll, recurrence=recurrence, with_dxs=True
     )
+    ds_last = tuple(a.astype(precision.accumulation(a.dtype)) for a in ct_last)
     g_layers, g_reverse, dxs, dh0, _ = backward.stack_backward(
-        params, spec, traces, h0, lengths, ct, p, ds_last=tuple(ct_last)
+        cparams, spec, traces, ch0, lengths, ct, p, ds_last=ds_last
     )
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
-    return RNNParams(g_layers, g_reverse, g_readout), dxs, dh0, None  # lengths: integer, no cotangent
+    grads, dxs, dh0 = precision.like((RNNParams(g_layers, g_reverse, g_readout), dxs, dh0), (params, xs, h0))
+    return grads, dxs, dh0, None  # lengths: integer, no cotangent
 
 
 _states.defvjp(_states_fwd, _states_bwd)
@@ -97,10 +109,9 @@ def rnn_states(
     """
     check_grad(grad)
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
     if grad == "bptt":
         states, last = _states(spec, forward.resolve_unroll(unroll), rec, params, xs, h0, lengths)
     else:
-        traces = forward.run_stack(params, spec, xs, h0, lengths, unroll=forward.resolve_unroll(unroll), recurrence=rec)
-        states, last = traces[-1].merged, forward.last_states(traces)
+        states, last, _ = _plain(spec, forward.resolve_unroll(unroll), rec, params, xs, h0, lengths)
     return (states, spec.public_states(last)) if return_last else states

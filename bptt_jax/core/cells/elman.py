@@ -22,6 +22,7 @@ from jax import lax
 
 from bptt_jax.core import activations
 from bptt_jax.core.cells.base import flat
+from bptt_jax.core.precision import mm, zeros_acc
 
 Array = jax.Array
 
@@ -76,7 +77,7 @@ def init(keys: Any, shp: Any, *, scheme: str, scale: float, dtype, forget_bias: 
 
 def project(p: LayerParams, xs: Array) -> Array:
     """A = X W1 + b1: [..., N_in] -> [..., N1], one matmul for every step given."""
-    return xs @ p.w1 + p.b1
+    return mm(xs, p.w1) + p.b1
 
 
 def step(p: LayerParams, activation: str, h_tm1: Array, x_t: Array) -> Array:
@@ -91,13 +92,13 @@ def step(p: LayerParams, activation: str, h_tm1: Array, x_t: Array) -> Array:
     Returns:
       [B, N1] h(t) = f1(Z1(t)), Z1(t) = X(t) W1 + h(t-1) W11 + b1.
     """
-    return recur(p, activation, h_tm1, x_t @ p.w1 + p.b1)
+    return recur(p, activation, h_tm1, project(p, x_t))
 
 
 def recur(p: LayerParams, activation: str, h_tm1: Array, u_t: Array) -> Array:
     """The recurrent half of ``step``, for scans that form u(t) = X(t) W1 + b1 for all t before the
-    loop: h(t) = f1(u(t) + h(t-1) W11). [B, N1]."""
-    return activations.hidden(activation).f(u_t + h_tm1 @ p.w11)
+    loop: h(t) = f1(u(t) + h(t-1) W11). [B, N1], in h(t-1)'s dtype (``bptt_jax.core.precision``)."""
+    return activations.hidden(activation).f(u_t + mm(h_tm1, p.w11)).astype(h_tm1.dtype)
 
 
 def recur_cache(p: LayerParams, activation: str, h_tm1: Array, u_t: Array) -> tuple[Array, Array]:
@@ -137,16 +138,16 @@ def reverse_recurrence(
     def body(carry, inp):
         dh_above_t, h_t, valid_t = inp
         dh_t = dh_above_t + carry  # [B, N1]
-        dz1_t = dh_t * df(h_t)
+        dz1_t = dh_t * df(h_t.astype(dh_t.dtype))
         if valid_t is None:
-            carry = dz1_t @ w11_t
+            carry = mm(dz1_t, w11_t)
         else:
             dz1_t = jnp.where(valid_t[:, None], dz1_t, 0.0)
-            carry = jnp.where(valid_t[:, None], dz1_t @ w11_t, dh_t)
+            carry = jnp.where(valid_t[:, None], mm(dz1_t, w11_t), dh_t)
         norm = jnp.sqrt(jnp.sum(dh_t * dh_t, axis=-1)) if with_norms else None
         return carry, (dz1_t, norm)
 
-    init = jnp.zeros_like(hs[0]) if dh_init is None else dh_init
+    init = zeros_acc(hs[0]) if dh_init is None else dh_init
     dh_m1, (dz1s, dh_norm) = lax.scan(body, init, (dhs_above, hs, valid), reverse=True, unroll=unroll)
     return dz1s, dh_m1, dh_norm
 
@@ -168,9 +169,9 @@ def weight_grads(p: LayerParams, xs: Array, hs_tm1: Array, das: Array, dvs: Arra
     xs: [C, B, N_in]; hs_tm1: [C, B, N1] h(t-1); das = dvs: [C, B, N1] dZ1(t).
     """
     dz = flat(das)
-    return LayerParams(flat(xs).T @ dz, flat(hs_tm1).T @ dz, jnp.sum(dz, axis=0))
+    return LayerParams(mm(flat(xs).T, dz), mm(flat(hs_tm1).T, dz), jnp.sum(dz, axis=0))
 
 
 def input_grad(p: LayerParams, das: Array) -> Array:
     """dZ1(t) W1^T [C, B, N_in]: the gradient handed to the layer below (or dX(t))."""
-    return das @ p.w1.T
+    return mm(das, p.w1.T)

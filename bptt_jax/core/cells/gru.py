@@ -36,6 +36,7 @@ from jax import lax
 
 from bptt_jax.core.cells import base
 from bptt_jax.core.cells.base import flat
+from bptt_jax.core.precision import accumulation, mm, zeros_acc
 
 Array = jax.Array
 
@@ -78,7 +79,7 @@ def init(keys: Any, shp: Any, *, scheme: str, scale: float, dtype, forget_bias: 
 
 def project(p: GRUParams, xs: Array) -> Array:
     """A = X Wx + bx: [..., N_in] -> [..., 3 N1]."""
-    return xs @ p.wx + p.bx
+    return mm(xs, p.wx) + p.bx
 
 
 def _gates(a: Array, v: Array):
@@ -91,11 +92,13 @@ def _gates(a: Array, v: Array):
 
 def recur_cache(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> tuple[Array, Array]:
     """(h(t), the gate cache [r | z | n | V_n] [B, 4 N1]) from h(t-1) [B, N1] and A(t) [B, 3 N1]: the
-    module docstring's forward step, also returning what ``reverse`` reads with gates="store"."""
+    module docstring's forward step, also returning what ``reverse`` reads with gates="store". Both
+    in h(t-1)'s dtype (``bptt_jax.core.precision``)."""
     n1 = h_tm1.shape[-1]
-    v = h_tm1 @ p.wh + p.bh  # V(t)
+    v = mm(h_tm1, p.wh) + p.bh  # V(t)
     r, z, n = _gates(a_t, v)
-    return (1.0 - z) * n + z * h_tm1, jnp.concatenate([r, z, n, v[..., 2 * n1 :]], axis=-1)
+    h_t = (1.0 - z) * n + z * h_tm1
+    return h_t.astype(h_tm1.dtype), jnp.concatenate([r, z, n, v[..., 2 * n1 :]], axis=-1).astype(h_tm1.dtype)
 
 
 def recur(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> Array:
@@ -126,10 +129,11 @@ def reverse(
     """
     n1 = hs_tm1.shape[-1]
     if cache is None:
-        v = hs_tm1 @ p.wh + p.bh  # [C, B, 3 N1] V(t): one block matmul (A likewise), then elementwise
-        r, z, n = _gates(xs @ p.wx + p.bx, v)
+        v = mm(hs_tm1, p.wh) + p.bh  # [C, B, 3 N1] V(t): one block matmul (A likewise), then elementwise
+        r, z, n = _gates(project(p, xs), v)
         v_n = v[..., 2 * n1 :]
     else:
+        cache = cache.astype(accumulation(cache.dtype))
         r, z, n, v_n = (cache[..., k * n1 : (k + 1) * n1] for k in range(4))
     c_n = (1.0 - z) * (1.0 - n * n)  # dA_n = dh * c_n
     c_r = c_n * v_n * r * (1.0 - r)  # dA_r = dh * c_r
@@ -141,14 +145,14 @@ def reverse(
         dh = above_t + carry  # [B, N1]
         da = jnp.concatenate([dh * cr_t, dh * cz_t, dh * cn_t], axis=-1)  # [B, 3 N1]
         dv = jnp.concatenate([da[:, : 2 * n1], da[:, 2 * n1 :] * r_t], axis=-1)
-        new = dh * z_t + dv @ wh_t
+        new = dh * z_t + mm(dv, wh_t)
         if valid_t is not None:
             da = jnp.where(valid_t[:, None], da, 0.0)
             new = jnp.where(valid_t[:, None], new, dh)
         norm = jnp.sqrt(jnp.sum(dh * dh, axis=-1)) if with_norms else None
         return new, (da, norm)
 
-    init = jnp.zeros_like(hs_tm1[0]) if dh_init is None else dh_init
+    init = zeros_acc(hs_tm1[0]) if dh_init is None else dh_init
     dh_m1, (das, norms) = lax.scan(body, init, (dhs_above, c_r, c_z, c_n, r, z, valid), reverse=True, unroll=unroll)
     dvs = jnp.concatenate([das[..., : 2 * n1], das[..., 2 * n1 :] * r], axis=-1)  # padded steps: das = 0
     return das, dvs, dh_m1, norms
@@ -157,9 +161,9 @@ def reverse(
 def weight_grads(p: GRUParams, xs: Array, hs_tm1: Array, das: Array, dvs: Array) -> GRUParams:
     """dWx = sum_t X(t)^T dA(t), dWh = sum_t h(t-1)^T dV(t), dbx = sum_t dA(t), dbh = sum_t dV(t)."""
     da, dv = flat(das), flat(dvs)
-    return GRUParams(flat(xs).T @ da, flat(hs_tm1).T @ dv, jnp.sum(da, axis=0), jnp.sum(dv, axis=0))
+    return GRUParams(mm(flat(xs).T, da), mm(flat(hs_tm1).T, dv), jnp.sum(da, axis=0), jnp.sum(dv, axis=0))
 
 
 def input_grad(p: GRUParams, das: Array) -> Array:
     """dA(t) Wx^T [C, B, N_in]."""
-    return das @ p.wx.T
+    return mm(das, p.wx.T)

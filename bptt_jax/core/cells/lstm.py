@@ -36,6 +36,7 @@ from jax import lax
 
 from bptt_jax.core.cells import base
 from bptt_jax.core.cells.base import flat
+from bptt_jax.core.precision import accumulation, mm, zeros_acc
 
 Array = jax.Array
 
@@ -82,7 +83,7 @@ def init(keys: Any, shp: Any, *, scheme: str, scale: float, dtype, forget_bias: 
 
 def project(p: LSTMParams, xs: Array) -> Array:
     """A = X Wx + bx: [..., N_in] -> [..., 4 N1]."""
-    return xs @ p.wx + p.bx
+    return mm(xs, p.wx) + p.bx
 
 
 def _gates(g_all: Array):
@@ -97,12 +98,13 @@ def _gates(g_all: Array):
 def recur_cache(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> tuple[Array, Array]:
     """([h(t) | c(t)] [B, 2 N1], the gates [i | f | g | o] [B, 4 N1]) from [h(t-1) | c(t-1)] and A(t)
     [B, 4 N1]: the module docstring's forward step, also returning what ``reverse`` reads with
-    gates="store"."""
+    gates="store". Both in the state's dtype (``bptt_jax.core.precision``)."""
     n1 = s_tm1.shape[-1] // 2
     h_tm1, c_tm1 = s_tm1[:, :n1], s_tm1[:, n1:]
-    i, f, g, o = _gates(a_t + h_tm1 @ p.wh + p.bh)
+    i, f, g, o = _gates(a_t + mm(h_tm1, p.wh) + p.bh)
     c = f * c_tm1 + i * g
-    return jnp.concatenate([o * jnp.tanh(c), c], axis=-1), jnp.concatenate([i, f, g, o], axis=-1)
+    s_t = jnp.concatenate([o * jnp.tanh(c), c], axis=-1)
+    return s_t.astype(s_tm1.dtype), jnp.concatenate([i, f, g, o], axis=-1).astype(s_tm1.dtype)
 
 
 def recur(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> Array:
@@ -133,10 +135,13 @@ def reverse(
       ||dDIV/dh(t)|| and ||dDIV/dc(t)|| (the total gradient reaching c(t), the carousel's)).
     """
     n1 = ss.shape[-1] // 2
-    h_tm1, c_tm1, c = s_tm1s[..., :n1], s_tm1s[..., n1:], ss[..., n1:]
+    acc = accumulation(ss.dtype)  # the stored states and gates in the dtype the backward computes in
+    h_tm1 = s_tm1s[..., :n1]
+    c_tm1, c = s_tm1s[..., n1:].astype(acc), ss[..., n1:].astype(acc)
     if cache is None:
-        i, f, g, o = _gates(xs @ p.wx + p.bx + h_tm1 @ p.wh + p.bh)  # two block matmuls, then elementwise
+        i, f, g, o = _gates(project(p, xs) + mm(h_tm1, p.wh) + p.bh)  # two block matmuls, then elementwise
     else:
+        cache = cache.astype(acc)
         i, f, g, o = (cache[..., k * n1 : (k + 1) * n1] for k in range(4))
     tc = jnp.tanh(c)
     c_o = tc * o * (1.0 - o)  # dG_o = dh * c_o
@@ -152,7 +157,7 @@ def reverse(
         dc = carry[:, n1:]
         dct = dc + dh * ck
         dg_all = jnp.concatenate([dct * ci, dct * cf, dct * cg, dh * co], axis=-1)  # [B, 4 N1]
-        new = jnp.concatenate([dg_all @ wh_t, dct * f_t], axis=-1)
+        new = jnp.concatenate([mm(dg_all, wh_t), dct * f_t], axis=-1)
         if valid_t is not None:
             dg_all = jnp.where(valid_t[:, None], dg_all, 0.0)
             new = jnp.where(valid_t[:, None], new, jnp.concatenate([dh, dc], axis=-1))
@@ -162,7 +167,7 @@ def reverse(
             norm = jnp.stack([jnp.sqrt(jnp.sum(dh * dh, axis=-1)), jnp.sqrt(jnp.sum(dc_t * dc_t, axis=-1))], -1)
         return new, (dg_all, norm)
 
-    init = jnp.zeros_like(s_tm1s[0]) if ds_init is None else ds_init
+    init = zeros_acc(s_tm1s[0]) if ds_init is None else ds_init
     inputs = (dhs_above, c_o, c_k, c_i, c_f, c_g, f, valid)
     ds_m1, (dgs, norms) = lax.scan(body, init, inputs, reverse=True, unroll=unroll)
     return dgs, dgs, ds_m1, norms
@@ -173,9 +178,9 @@ def weight_grads(p: LSTMParams, xs: Array, s_tm1s: Array, das: Array, dvs: Array
     n1 = s_tm1s.shape[-1] // 2
     dg = flat(das)
     db = jnp.sum(dg, axis=0)
-    return LSTMParams(flat(xs).T @ dg, flat(s_tm1s[..., :n1]).T @ dg, db, db)
+    return LSTMParams(mm(flat(xs).T, dg), mm(flat(s_tm1s[..., :n1]).T, dg), db, db)
 
 
 def input_grad(p: LSTMParams, das: Array) -> Array:
     """dG(t) Wx^T [C, B, N_in]."""
-    return das @ p.wx.T
+    return mm(das, p.wx.T)

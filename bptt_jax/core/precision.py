@@ -1,0 +1,71 @@
+"""The computation dtype: mixed precision for the forward pass and the explicit BPTT.
+
+``RNNSpec(compute_dtype=...)`` chooses it: None (default) computes in the parameters' dtype (float32
+or float64) and changes nothing; "bfloat16" or "float16" is the policy below; "float32" computes in
+float32 whatever the parameters' dtype.
+
+The policy, in the notes' notation, with c the compute dtype (bfloat16 or float16)::
+
+    X(t), h(-1), W1, W11, b1, W2, b2      cast to c at the call's entry (the parameters stay float32)
+    Z1(t) = X(t) W1 + h(t-1) W11 + b1      matmuls of c operands, accumulated in float32
+    h(t)  = f1(Z1(t))                      f1 in float32, h(t) rounded to c: the states stored across
+                                           the sequence (and a gated cell's stored gates) are in c
+    Z2(t), Y(t), Div, DIV                  float32
+    dh(t), dZ1(t), dc(t)                   float32: the backward's carries
+    dZ1(t) W11^T, X(t)^T dZ1(t), ...       matmuls of c operands (dZ1 rounded to c), accumulated
+                                           in float32; the "+=" sums over blocks in float32
+    dW1, dW11, ..., dDIV/dh(-1), dX        returned in the dtype of what they differentiate
+
+Everything below the entry points follows from the dtypes of the arrays: ``mm`` multiplies in the
+narrower of its operands' dtypes when one is a 16-bit float, accumulating in float32, and the
+backward's zeros start in ``accumulation(dtype)``. With equal 32- or 64-bit operands ``mm`` is
+``a @ b``: the default computation is the one it was.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def is_half(dtype) -> bool:
+    """Whether ``dtype`` is a 16-bit float (bfloat16 or float16)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+
+
+def accumulation(dtype):
+    """The dtype sums and carries of ``dtype`` values are kept in: float32 for 16-bit floats, else
+    ``dtype`` itself."""
+    return jnp.dtype(jnp.float32) if is_half(dtype) else jnp.dtype(dtype)
+
+
+def mm(a: Array, b: Array) -> Array:
+    """``a @ b``; with a 16-bit float operand: both operands in that dtype, accumulated and returned
+    in float32 (``preferred_element_type``)."""
+    half = a.dtype if is_half(a.dtype) else b.dtype if is_half(b.dtype) else None
+    if half is None:
+        return a @ b
+    return jnp.matmul(a.astype(half), b.astype(half), preferred_element_type=jnp.float32)
+
+
+def zeros_acc(a: Array) -> Array:
+    """Zeros shaped as ``a``, in the dtype its gradients accumulate in."""
+    return jnp.zeros(a.shape, accumulation(a.dtype))
+
+
+def to_compute(compute_dtype: str | None, tree):
+    """Every floating leaf of ``tree`` cast to ``compute_dtype`` (None: unchanged)."""
+    if compute_dtype is None:
+        return tree
+    dt = jnp.dtype(compute_dtype)
+    return jax.tree_util.tree_map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def like(tree, ref):
+    """Every leaf of ``tree`` cast to the dtype of the matching leaf of ``ref`` (gradients back in
+    the dtype of what they differentiate); None leaves stay None."""
+    return jax.tree_util.tree_map(lambda g, r: None if g is None else g.astype(r.dtype), tree, ref)
