@@ -54,6 +54,26 @@ def test_every_shipped_config_runs_two_steps(path, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and "val_loss" in rows[1]
 
 
+@pytest.mark.parametrize("path", ["min_char_rnn.toml", "char_lm_gru.toml", "char_lm_lstm.toml"])
+def test_bfloat16_training_through_the_command(path, tmp_path, capsys):
+    """--set model.compute_dtype=bfloat16 trains (float32 parameters and optimizer state), and its
+    first loss is the float32 run's to bfloat16's rounding."""
+    losses = {}
+    for cd in ("float32", "bfloat16"):
+        out = tmp_path / cd
+        args = ["run", str(ROOT / "configs" / path), "--out", str(out), *(f"--set={s}" for s in TINY)]
+        assert cli.main([*args, f"--set=model.compute_dtype={cd}"]) == 0
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[cd] = rows[0]["loss"]
+        assert np.isfinite(rows[-1]["loss"])
+        cfg = load_config(ROOT / "configs" / path, [*TINY, f"model.compute_dtype={cd}"])
+        state, _ = checkpoint.load(out / "last.ckpt", runner.initial_state(cfg, *runner.build(cfg)[1:]))
+        assert {a.dtype for a in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+    assert losses["bfloat16"] != losses["float32"]
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.02 * losses["float32"]
+    capsys.readouterr()
+
+
 def _tiny_text_config(tmp_path, extra=()):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")

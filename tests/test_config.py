@@ -43,6 +43,14 @@ def _write(tmp_path, text):
         ("[train\nsteps = 1\n", r"c.toml: not valid TOML"),
         ("[train]\nunroll = 0\n", r"c.toml: train.unroll: expected \"auto\" or a positive int, got '0'"),
         ("[train]\nunroll = 'fast'\n", r"c.toml: train.unroll: expected \"auto\" or a positive int, got 'fast'"),
+        (
+            "[model]\ncompute_dtype = 'float16'\n",
+            r"c.toml: model.compute_dtype: 'float16' is not trained by the command: without loss scaling .*use 'bfloat16'",
+        ),
+        (
+            "[model]\ncompute_dtype = 'half'\n",
+            r"c.toml: model.compute_dtype: got 'half'; allowed: \['float32', 'bfloat16', 'float16'\]",
+        ),
     ],
 )
 def test_config_errors(tmp_path, text, message):

@@ -30,6 +30,7 @@ class ModelConfig:
     init_scale: float = 1.0
     cell: str = "elman"
     forget_bias: float = 0.0
+    compute_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,8 @@ HELP = {
     ("model", "init_scale"): "scale of the orthogonal / identity / normal initialisations",
     ("model", "cell"): 'the recurrent cell: "elman" (the lecture notes\' layer), "gru" or "lstm"',
     ("model", "forget_bias"): "the LSTM's forget-gate bias at initialisation (0 as PyTorch; 1 is common)",
+    ("model", "compute_dtype"): "float32, or bfloat16: mixed precision (16-bit matmuls and stored states, "
+    "float32 parameters, sums and carries); float16 is refused (no loss scaling: use bfloat16)",
     ("data", "task"): "text (next character), adding (the adding problem), infill (masked characters), "
     "arrays (your own sequences: a .npz file in data.path)",
     ("data", "corpus"): "pydoc (built in), stdlib (Python's .py sources) or file (data.path)",
@@ -191,6 +194,7 @@ CHOICES = {
     ("model", "merge"): ("concat", "sum"),
     ("model", "init"): ("uniform", "orthogonal", "identity", "normal"),
     ("model", "cell"): ("elman", "gru", "lstm"),
+    ("model", "compute_dtype"): ("float32", "bfloat16", "float16"),
     ("data", "task"): ("text", "adding", "infill", "arrays"),
     ("data", "corpus"): ("pydoc", "stdlib", "file"),
     ("optim", "name"): ("sgd", "momentum", "adam", "adagrad", "rmsprop"),
@@ -256,6 +260,11 @@ def _coerce(where: str, tp, value):
 
 
 def _check_value(where: str, section: str, key: str, value) -> None:
+    if (section, key) == ("model", "compute_dtype") and value == "float16":
+        raise ConfigError(
+            f"{where}: 'float16' is not trained by the command: without loss scaling its gradients underflow "
+            "(float16 stops at 6e-8); use 'bfloat16', which has float32's range"
+        )
     if (section, key) in CHOICES and value not in CHOICES[(section, key)]:
         raise ConfigError(f"{where}: got {value!r}; allowed: {list(CHOICES[(section, key)])}")
     if (section, key) in POSITIVE and not value > 0:

@@ -118,6 +118,7 @@ def build(cfg: Config):
         bidirectional=cfg.model.bidirectional,
         merge=cfg.model.merge,
         cell=cfg.model.cell,
+        compute_dtype=None if cfg.model.compute_dtype == "float32" else cfg.model.compute_dtype,
     )
     optimizer = train.make_optimizer(cfg.optim, cfg.train.steps)
     return task, spec, optimizer

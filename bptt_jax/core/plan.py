@@ -21,8 +21,9 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
-from bptt_jax.core import cells, forward, kernels
+from bptt_jax.core import cells, forward, kernels, precision
 from bptt_jax.core.params import RNNSpec
 
 # The automatic block size (``auto_block_size``), measured on a 2-core CPU (docs/results/benchmarks.md):
@@ -145,26 +146,35 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
     return c
 
 
-def resolve_gates(gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_every: int | None) -> bool:
+def resolve_gates(gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_every: int | None, dtype=None) -> bool:
     """Whether the forward pass keeps the gates (True) or the backward pass recomputes them.
 
     "store" and "recompute" as asked; "auto" stores while the caches of every layer and direction
     hold at most STORE_ELEMENTS elements and at least the cell's STORE_FROM (the GRU's 2^16: below
     it recomputing ran faster, the LSTM's 0). Only gated cells without ``checkpoint_every`` can
     store (the Elman cell has no gates; segments are recomputed anyway): otherwise "auto" recomputes
-    and "store" raises.
+    and "store" raises. With a 16-bit compute ``dtype`` the gates are recomputed ("store" raises):
+    kept, they would be kept in 16 bits, where recomputing gives the float32 values the forward pass
+    used (measured, tests/test_precision.py: stored in bfloat16, the LSTM's error against float64
+    reached 1.75x jax.grad's; recomputed, at most 1.1x).
     """
     if gates not in GATES:
         raise ValueError(f"gates: expected one of {list(GATES)}, got {gates!r}")
     cell = cells.get(spec.cell)
     cache = cell.CACHE
     can = cache > 0 and checkpoint_every is None
-    if gates == "store" and not can:
+    half = dtype is not None and precision.is_half(dtype)
+    if gates == "store" and (half or not can):
         why = "the Elman cell has no gates" if cache == 0 else "checkpoint_every recomputes its segments"
+        if half and can:
+            why = (
+                f"the gates would be kept in {jnp.dtype(dtype).name}, where sigma'(.) = s (1 - s) loses its digits "
+                "as a gate saturates; with a 16-bit compute dtype the gates are recomputed (gates='auto')"
+            )
         raise ValueError(f"gates='store': {why}")
     if gates == "auto":
         elements = t_len * batch * cache * sum(spec.hidden_sizes) * spec.num_directions
-        return can and cell.STORE_FROM <= elements <= STORE_ELEMENTS
+        return can and cell.STORE_FROM <= elements <= STORE_ELEMENTS and not half
     return gates == "store"
 
 
@@ -181,7 +191,7 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> P
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
     return Plan(
         block=min(block_size or auto_block_size(t_len, batch, block_width(spec)), t_len),
-        store=resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every),
+        store=resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every, dtype),
         segment=options.checkpoint_every,
         unroll=forward.resolve_unroll(options.unroll),
         recurrence=recurrence,

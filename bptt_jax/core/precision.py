@@ -9,17 +9,20 @@ The policy, in the notes' notation, with c the compute dtype (bfloat16 or float1
     X(t), h(-1), W1, W11, b1, W2, b2      cast to c at the call's entry (the parameters stay float32)
     Z1(t) = X(t) W1 + h(t-1) W11 + b1      matmuls of c operands, accumulated in float32
     h(t)  = f1(Z1(t))                      f1 in float32, h(t) rounded to c: the states stored across
-                                           the sequence (and a gated cell's stored gates) are in c
+                                           the sequence are in c; f1'(Z1(t)) and a gated cell's gates
+                                           are recomputed in float32 from them (not read from a
+                                           rounded h(t): 1 - h^2 loses its digits where tanh saturates)
     Z2(t), Y(t), Div, DIV                  float32
     dh(t), dZ1(t), dc(t)                   float32: the backward's carries
-    dZ1(t) W11^T, X(t)^T dZ1(t), ...       matmuls of c operands (dZ1 rounded to c), accumulated
-                                           in float32; the "+=" sums over blocks in float32
-    dW1, dW11, ..., dDIV/dh(-1), dX        returned in the dtype of what they differentiate
+    dZ1(t) W11^T, X(t)^T dZ1(t), ...       float32 gradients times c values, in float32 (as jax.grad's
+                                           transposed products); the "+=" sums over blocks in float32
+    dW1, dW11, ..., dDIV/dh(-1), dX        returned in the dtype of what they differentiate (jax.grad
+                                           of the same loss rounds dW1, ... to c on the way)
 
-Everything below the entry points follows from the dtypes of the arrays: ``mm`` multiplies in the
-narrower of its operands' dtypes when one is a 16-bit float, accumulating in float32, and the
-backward's zeros start in ``accumulation(dtype)``. With equal 32- or 64-bit operands ``mm`` is
-``a @ b``: the default computation is the one it was.
+Everything below the entry points follows from the dtypes of the arrays: ``mm`` multiplies two c
+operands with float32 accumulation and a float32 operand by a c one in float32, and the backward's
+zeros start in ``accumulation(dtype)``. With equal 32- or 64-bit operands ``mm`` is ``a @ b``: the
+default computation is the one it was.
 """
 
 from __future__ import annotations
@@ -44,12 +47,12 @@ def accumulation(dtype):
 
 
 def mm(a: Array, b: Array) -> Array:
-    """``a @ b``; with a 16-bit float operand: both operands in that dtype, accumulated and returned
-    in float32 (``preferred_element_type``)."""
-    half = a.dtype if is_half(a.dtype) else b.dtype if is_half(b.dtype) else None
-    if half is None:
-        return a @ b
-    return jnp.matmul(a.astype(half), b.astype(half), preferred_element_type=jnp.float32)
+    """``a @ b``: two 16-bit operands multiplied with float32 accumulation and result
+    (``preferred_element_type``); a 16-bit operand and a float32 one in float32 (every 16-bit value
+    is a float32 one: nothing is rounded); otherwise as ``@`` promotes."""
+    if a.dtype == b.dtype and is_half(a.dtype):
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+    return a @ b
 
 
 def zeros_acc(a: Array) -> Array:

@@ -38,7 +38,8 @@ def _states(spec, unroll, recurrence, params, xs, h0, lengths):
 
 
 def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
-    store = resolve_gates("auto", spec, xs.shape[0], xs.shape[1], None)  # gated cells: keep the gates
+    dtype = spec.compute_dtype or xs.dtype
+    store = resolve_gates("auto", spec, xs.shape[0], xs.shape[1], None, dtype)  # gated cells: keep the gates
     merged, last, traces = _plain(spec, unroll, recurrence, params, xs, h0, lengths, store)
     return (merged, last), (params, xs, h0, lengths, traces)
 

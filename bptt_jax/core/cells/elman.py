@@ -22,7 +22,7 @@ from jax import lax
 
 from bptt_jax.core import activations
 from bptt_jax.core.cells.base import flat
-from bptt_jax.core.precision import mm, zeros_acc
+from bptt_jax.core.precision import is_half, mm, zeros_acc
 
 Array = jax.Array
 
@@ -156,7 +156,12 @@ def reverse(
     p: LayerParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms=True, unroll=1, cache=None
 ):
     """(dA = dZ1, dV = dZ1, dh(-1), norms): the Elman cell needs neither X nor h(t-1) for it (and no
-    cache: ``cache`` is ignored)."""
+    cache: ``cache`` is ignored) -- except in a 16-bit compute dtype, where f1' is taken from h(t)
+    recomputed in float32 from X(t) and h(t-1) (two block matmuls, as the gated cells' gates):
+    1 - h^2 from a 16-bit h(t) loses every digit where tanh saturates (h = tanh(-3.5) rounds to -1
+    in bfloat16, and f1' to 0), while the forward pass computed h(t) in float32 before rounding it."""
+    if is_half(ss.dtype):
+        ss = activations.hidden(activation).f(project(p, xs) + mm(s_tm1s, p.w11))
     dz1s, dh_m1, norms = reverse_recurrence(
         p.w11, activation, ss, dhs_above, valid, ds_init, with_norms=with_norms, unroll=unroll
     )
