@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import random
 import statistics
@@ -125,13 +126,24 @@ def bench_gates(cell_name, shape, rounds):
     return med, t * b * cells.get(cell_name).CACHE * n1
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), and its logical cores."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
 def header(title: str, script: str, argv, rounds: int, unit: str = "") -> list[str]:
-    """A report's first lines: title and date, then machine, jax, the command line and the rounds."""
+    """A report's first lines: title and date, then machine (CPU model), jax, the command line and the rounds."""
     cmd = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     return [
         f"# {title} ({datetime.date.today()})",
         "",
-        f"Machine: {platform.machine()}, {jax.device_count()} x {jax.default_backend()}, jax {jax.__version__}, "
+        f"Machine: {cpu_model()} ({platform.machine()}), {jax.device_count()} x {jax.default_backend()}, jax {jax.__version__}, "
         f"python {platform.python_version()}; command: `{cmd.strip()}`; {rounds} rounds, random order, medians{unit}.",
         "",
     ]

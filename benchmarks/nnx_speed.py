@@ -4,22 +4,20 @@
 
 The model: ``nnx.Embed`` (V -> N), two recurrent layers, ``nnx.Linear`` readout, softmax
 cross-entropy over every step, ``nnx.Optimizer(adam)``. The recurrent layers are either
-``bptt_jax.layers.nnx.RNN`` (the explicit BPTT) or ``nnx.RNN`` over ``nnx.SimpleCell`` /
-``nnx.GRUCell`` / ``nnx.OptimizedLSTMCell`` with the same weights (``RNN.to_flax_cell``; the GRU's
-b_hn is zero, which is all ``nnx.GRUCell`` can hold). The step is the functional NNX pattern
-(``nnx.split`` once, a ``jax.jit``-ed pure step over the state), so both contenders compile to one
-XLA program whose temp memory is read from ``memory_analysis()``. Both read the same batches in
-one process, a fresh random order each round; steps/s is the median over rounds, and the loss
-after the same steps is reported beside it: equal for the Elman cell up to float32 rounding, close
-for the gated cells, whose layers here hold PyTorch's two biases where Flax's cells hold one (Adam
-moves each of the two, so their sum moves further).
+``nnx.RNN`` over ``nnx.SimpleCell`` / ``nnx.GRUCell`` / ``nnx.OptimizedLSTMCell``, or the same
+cells switched to the explicit BPTT by ``bptt_jax.layers.nnx.RNN.from_flax_cell`` (the same
+weights and the same trainable parameters: Flax's one bias per gate). The step is the functional
+NNX pattern (``nnx.split`` once, a ``jax.jit``-ed pure step over the state), so both contenders
+compile to one XLA program whose temp memory is read from ``memory_analysis()``. Both read the same
+batches in one process, a fresh random order each round; steps/s is the median over rounds, and the
+loss after the same steps is reported beside it: a switched model trains as Flax's, so the two
+agree to float32 rounding.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import random
 import statistics
@@ -35,6 +33,9 @@ from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gate_blocks  # noqa: E402
 
 from bptt_jax.layers import nnx as bnnx  # noqa: E402
 
@@ -46,14 +47,12 @@ class Model(nnx.Module):
     def __init__(self, cell, sizes, *, flax_cells: bool, rngs):
         v, n, n1 = sizes["V"], sizes["N"], sizes["N1"]
         self.embed = nnx.Embed(v, n, rngs=rngs)
-        ours = [bnnx.RNN(n, n1, cell=cell, rngs=rngs), bnnx.RNN(n1, n1, cell=cell, rngs=rngs)]
-        if cell == "gru":  # nnx.GRUCell cannot hold b_hn: zero in both contenders
-            for layer in ours:
-                layer.bh[...] = layer.bh[...].at[2 * n1 :].set(0.0)
-        if flax_cells:  # the same weights in Flax's cells
-            self.rnn1, self.rnn2 = (nnx.RNN(layer.to_flax_cell()) for layer in ours)  # not from rngs: same readout
-        else:
-            self.rnn1, self.rnn2 = ours
+        make = {"elman": nnx.SimpleCell, "gru": nnx.GRUCell, "lstm": nnx.OptimizedLSTMCell}[cell]
+        flax = [make(n, n1, rngs=rngs), make(n1, n1, rngs=rngs)]  # the same draws for both contenders
+        if flax_cells:
+            self.rnn1, self.rnn2 = (nnx.RNN(c) for c in flax)
+        else:  # the one-line switch
+            self.rnn1, self.rnn2 = (bnnx.RNN.from_flax_cell(c) for c in flax)
         self.out = nnx.Linear(n1, v, rngs=rngs)
 
     def __call__(self, ids):
@@ -78,6 +77,50 @@ def contender(cell, sizes, flax_cells):
     return jax.jit(step, donate_argnums=0), state
 
 
+OURS, FLAX = "bptt_jax.layers.nnx.RNN", "nnx.RNN + Flax cell"
+
+
+def race(contenders: dict, batches, rounds: int, steps: int) -> dict:
+    """{name: (steps/s, compile s, temp bytes, loss after the steps)} for contenders {name: (jitted
+    step(state, ids, targets) -> (state, loss), state)}: each compiled (temp memory from
+    ``memory_analysis()``), warmed up on the first batch, then ``rounds`` rounds of ``steps`` steps
+    each on the same batches, a fresh random order per round; steps/s from the median round."""
+    runs, info = {}, {}
+    for name, (step, state) in contenders.items():
+        t0 = time.perf_counter()
+        compiled = step.lower(state, *batches[0]).compile()
+        mem = compiled.memory_analysis()
+        info[name] = (time.perf_counter() - t0, getattr(mem, "temp_size_in_bytes", float("nan")))
+        state, value = step(state, *batches[0])  # warm-up (the same first batch for every contender)
+        runs[name] = {"step": step, "state": state, "loss": value, "times": []}
+    order = list(runs)
+    shuffle = random.Random(0)
+    for r in range(rounds):
+        shuffle.shuffle(order)
+        chunk = batches[1 + r * steps : 1 + (r + 1) * steps]
+        for name in order:
+            run = runs[name]
+            t0 = time.perf_counter()
+            for ids, targets in chunk:
+                run["state"], run["loss"] = run["step"](run["state"], ids, targets)
+            jax.block_until_ready(run["loss"])
+            run["times"].append(time.perf_counter() - t0)
+    return {
+        name: (steps / statistics.median(run["times"]), *info[name], float(run["loss"])) for name, run in runs.items()
+    }
+
+
+def table_rows(cell: str, results: dict, ours: str, theirs: str) -> list[str]:
+    """The report's rows of one cell: steps/s, our speed-up, temp memory and its ratio, compile s, loss."""
+    sps = {name: r[0] for name, r in results.items()}
+    temp = {name: r[2] for name, r in results.items()}
+    return [
+        f"| {cell} | {name} | {sps[name]:.1f} | {sps[ours] / sps[name]:.2f}x | {temp[name] / 2**20:.2f} MiB | "
+        f"{temp[ours] / temp[theirs]:.2f} | {compile_s:.1f} | {loss:.4f} |"
+        for name, (_, compile_s, _, loss) in results.items()
+    ]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -98,7 +141,7 @@ def main(argv=None):
     lines = [
         f"# A Flax NNX model's training step: our layer against nnx.RNN ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"Machine: {gate_blocks.cpu_model()} ({platform.machine()}), {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"jax {jax.__version__}, flax {__import__('flax').__version__}; command: "
         f"`python benchmarks/nnx_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`. Model: Embed "
         f"{sizes['V']} -> {sizes['N']}, two recurrent layers of {sizes['N1']}, Linear readout, Adam; batch "
@@ -110,36 +153,9 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
-        runs, info = {}, {}
-        for name, flax_cells in (("bptt_jax.layers.nnx.RNN", False), ("nnx.RNN + Flax cell", True)):
-            step, state = contender(cell, sizes, flax_cells)
-            t0 = time.perf_counter()
-            compiled = step.lower(state, *batches[0]).compile()
-            mem = compiled.memory_analysis()
-            info[name] = {"compile": time.perf_counter() - t0, "temp": getattr(mem, "temp_size_in_bytes", float("nan"))}
-            state, value = step(state, *batches[0])  # warm-up (the same first batch for both)
-            runs[name] = {"step": step, "state": state, "loss": value, "times": []}
-        order = list(runs)
-        shuffle = random.Random(0)
-        for r in range(rounds):
-            shuffle.shuffle(order)
-            chunk = batches[1 + r * steps : 1 + (r + 1) * steps]
-            for name in order:
-                run = runs[name]
-                t0 = time.perf_counter()
-                for ids, targets in chunk:
-                    run["state"], run["loss"] = run["step"](run["state"], ids, targets)
-                jax.block_until_ready(run["loss"])
-                run["times"].append(time.perf_counter() - t0)
-        sps = {name: steps / statistics.median(run["times"]) for name, run in runs.items()}
-        ours, flax_name = "bptt_jax.layers.nnx.RNN", "nnx.RNN + Flax cell"
-        for name in runs:
-            lines.append(
-                f"| {cell} | {name} | {sps[name]:.1f} | {sps[ours] / sps[name]:.2f}x | "
-                f"{info[name]['temp'] / 2**20:.2f} MiB | {info[ours]['temp'] / info[flax_name]['temp']:.2f} | "
-                f"{info[name]['compile']:.1f} | {float(runs[name]['loss']):.4f} |"
-            )
-        if args.out:
+        contenders = {name: contender(cell, sizes, flax_cells) for name, flax_cells in ((OURS, False), (FLAX, True))}
+        lines += table_rows(cell, race(contenders, batches, rounds, steps), OURS, FLAX)
+        if args.out:  # what is measured so far
             Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     report = "\n".join(lines)
     print(report)

@@ -150,8 +150,41 @@ def test_nnx_speed_quick():
         ("lstm", "bptt_jax.layers.nnx.RNN"),
         ("lstm", "nnx.RNN + Flax cell"),
     ]
-    # the same weights and batches: the Elman contenders end at the same loss
+    # the same Flax cells, switched by from_flax_cell: the contenders end at the same loss
     assert abs(float(rows[0][-2]) - float(rows[1][-2])) < 1e-4
+    assert abs(float(rows[2][-2]) - float(rows[3][-2])) < 1e-4
+
+
+@pytest.mark.bench
+def test_eqx_speed_quick():
+    pytest.importorskip("equinox")
+    pytest.importorskip("flax")  # the script shares nnx_speed.py's timing loop
+    _load("nnx_speed", "benchmarks/nnx_speed.py")
+    mod = _load("eqx_speed", "benchmarks/eqx_speed.py")
+    report = mod.main(["--quick"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith(("| gru", "| lstm"))]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("gru", "bptt_jax.layers.equinox.RNN"),
+        ("gru", "lax.scan + Equinox cell"),
+        ("lstm", "bptt_jax.layers.equinox.RNN"),
+        ("lstm", "lax.scan + Equinox cell"),
+    ]
+    # the same Equinox cells, switched by from_eqx_cell: the contenders end at the same loss
+    assert abs(float(rows[0][-2]) - float(rows[1][-2])) < 1e-4
+    assert abs(float(rows[2][-2]) - float(rows[3][-2])) < 1e-4
+
+
+@pytest.mark.bench
+def test_precision_benchmark_quick():
+    _load("bptt_speed", "benchmarks/bptt_speed.py")
+    _load("gate_blocks", "benchmarks/gate_blocks.py")
+    mod = _load("precision_bench", "benchmarks/precision.py")
+    report = mod.main(["--quick", "--cell", "gru"])
+    rows = {line.split("|")[2].strip(): line.split("|") for line in report.splitlines() if line.startswith("| (12")}
+    assert set(rows) == {"bptt float32", "bptt bfloat16", "grad(loss) float32", "grad(loss) bfloat16"}
+    assert float(rows["grad(loss) float32"][-2]) < 1e-5  # the same float32 gradients
+    assert 1e-4 < float(rows["bptt bfloat16"][-2]) < 0.05  # bfloat16's rounding: present, and small
+    assert "## Summary: bptt bfloat16 over bptt float32" in report
 
 
 def _load(name, rel):

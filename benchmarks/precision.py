@@ -1,0 +1,111 @@
+"""Mixed precision: bptt with ``compute_dtype="bfloat16"`` against float32, memory and speed.
+
+    python benchmarks/precision.py [--rounds R] [--quick] [--out FILE] [--cell elman|gru|lstm ...]
+
+For every cell at the gated benchmark shapes (one layer + softmax readout, as ``bptt_speed.py
+--cell``), four contenders compiled and timed side by side in one process (round robin, random
+order): the default ``bptt`` call in float32 and with ``RNNSpec(compute_dtype="bfloat16")``, and
+``jax.grad`` of ``bj.loss`` under each of the two policies. Reported: compiled temp memory (XLA's
+``memory_analysis()``), median time, bfloat16 over float32 for both, and each bfloat16 gradient's
+largest relative difference from the float32 explicit BPTT's (the policy's rounding, not an error
+of the BPTT: ``tests/test_precision.py`` holds that to jax.grad's against float64).
+
+Issue 33's target: temp memory of the default call with bfloat16 compute at most 0.6x float32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bptt_speed  # noqa: E402
+import gate_blocks  # noqa: E402
+
+import bptt_jax as bj  # noqa: E402
+
+QUICK_SHAPES = [(12, 3, 5, 6, 7)]
+TARGET = 0.6  # issue 33: bfloat16 temp memory at most 0.6x float32's
+
+
+def bench(cell: str, shape, rounds: int) -> dict:
+    """{contender: (temp bytes, median s, largest rel. difference of its gradients from bptt float32's)}."""
+    t, b, n, n1, m = shape
+    spec32 = bj.RNNSpec(n, (n1,), m, cell=cell)
+    spec16 = dataclasses.replace(spec32, compute_dtype="bfloat16")
+    params = bj.init_params(jax.random.key(0), spec32)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
+    fns = {
+        "bptt float32": lambda p, x, d: bj.bptt(p, spec32, x, d)[:2],
+        "bptt bfloat16": lambda p, x, d: bj.bptt(p, spec16, x, d)[:2],
+        "grad(loss) float32": jax.value_and_grad(lambda p, x, d: bj.loss(p, spec32, x, d)),
+        "grad(loss) bfloat16": jax.value_and_grad(lambda p, x, d: bj.loss(p, spec16, x, d)),
+    }
+    runners, temps, outs = {}, {}, {}
+    for name, fn in fns.items():
+        compiled, _, temps[name], _ = bptt_speed.compile_jax(fn, params, xs, targets)
+        outs[name] = compiled(params, xs, targets)
+        runners[name] = lambda c=compiled: bptt_speed._block(c(params, xs, targets))
+    ref = outs["bptt float32"]
+    med = bptt_speed.round_robin(runners, rounds)
+    return {k: (temps[k], med[k], bptt_speed.max_rel_err(outs[k], ref)) for k in fns}
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 11; quick 1)")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
+    ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--cell", action="append", choices=bptt_speed.CELLS, help="cells (default: all three)")
+    args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds: expected a positive number of timed rounds, got {args.rounds}")
+    rounds = args.rounds or (1 if args.quick else 11)
+    shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
+    lines = gate_blocks.header("Mixed precision: bfloat16 compute against float32", "precision.py", argv, rounds)
+    lines += [
+        "Per shape: compiled temp memory and median ms of each contender; bf16 / f32: the bfloat16 "
+        f"contender's over its float32 twin's (temp: target <= {TARGET}x for bptt; time: below 1 is faster); "
+        "diff: largest relative difference of DIV and the gradients from bptt float32's.",
+    ]
+    summary = []
+    for cell in args.cell or bptt_speed.CELLS:
+        lines += [
+            "",
+            f"## {cell.upper()}",
+            "",
+            "| T, B, N, N1, M | contender | temp | ms | temp bf16 / f32 | time bf16 / f32 | diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for shape in shapes:
+            rows = bench(cell, shape, rounds)
+            for name, (temp, sec, diff) in rows.items():
+                twin = rows[name.replace("bfloat16", "float32")]
+                ratios = f"{temp / twin[0]:.2f} | {sec / twin[1]:.2f}" if "bfloat16" in name else " | "
+                lines.append(
+                    f"| {shape} | {name} | {bptt_speed.fmt_bytes(temp)} | {1e3 * sec:.2f} | {ratios} | {diff:.1e} |"
+                )
+            (t16, s16, _), (t32, s32, _) = rows["bptt bfloat16"], rows["bptt float32"]
+            summary.append(f"| {cell} | {shape} | {t16 / t32:.2f} | {s16 / s32:.2f} |")
+    lines += [
+        "",
+        "## Summary: bptt bfloat16 over bptt float32",
+        "",
+        "| cell | T, B, N, N1, M | temp | time |",
+        "|---|---|---|---|",
+        *summary,
+    ]
+    return bptt_speed._report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
