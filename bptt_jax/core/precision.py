@@ -9,7 +9,7 @@ The policy, in the notes' notation, with c the compute dtype (bfloat16 or float1
     X(t), h(-1), W1, W11, b1, W2, b2      cast to c at the call's entry (the parameters stay float32)
     Z1(t) = X(t) W1 + h(t-1) W11 + b1      matmuls of c operands, accumulated in float32
     h(t)  = f1(Z1(t))                      f1 in float32, h(t) rounded to c: the states stored across
-                                           the sequence are in c; f1'(Z1(t)) and a gated cell's gates
+                                           the sequence are in c; f1'(Z1(t)), a gated cell's gates and the LSTM's c(t)
                                            are recomputed in float32 from them (not read from a
                                            rounded h(t): 1 - h^2 loses its digits where tanh saturates)
     Z2(t), Y(t), Div, DIV                  float32

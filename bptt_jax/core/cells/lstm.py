@@ -36,7 +36,7 @@ from jax import lax
 
 from bptt_jax.core.cells import base
 from bptt_jax.core.cells.base import flat
-from bptt_jax.core.precision import accumulation, mm, zeros_acc
+from bptt_jax.core.precision import accumulation, is_half, mm, zeros_acc
 
 Array = jax.Array
 
@@ -143,6 +143,8 @@ def reverse(
     else:
         cache = cache.astype(acc)
         i, f, g, o = (cache[..., k * n1 : (k + 1) * n1] for k in range(4))
+    if is_half(ss.dtype):  # c(t) as the forward computed it, before rounding it to the stored dtype
+        c = f * c_tm1 + i * g
     tc = jnp.tanh(c)
     c_o = tc * o * (1.0 - o)  # dG_o = dh * c_o
     c_k = o * (1.0 - tc * tc)  # dc_total = dc + dh * c_k
