@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bptt_speed  # noqa: E402
 import gate_blocks  # noqa: E402
 import nnx_speed  # noqa: E402
 
@@ -130,11 +131,7 @@ def main(argv=None):
     for cell in args.cell or ["gru", "lstm"]:
         contenders = {name: contender(cell, sizes, ours) for name, ours in ((OURS, True), (EQX, False))}
         lines += nnx_speed.table_rows(cell, nnx_speed.race(contenders, batches, rounds, steps), OURS, EQX)
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n", encoding="utf-8")
-    return report
+    return bptt_speed._report(lines, args.out)  # printed, and written to --out
 
 
 if __name__ == "__main__":
