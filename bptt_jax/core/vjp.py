@@ -41,13 +41,14 @@ def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
     dtype = spec.compute_dtype or xs.dtype
     store = resolve_gates("auto", spec, xs.shape[0], xs.shape[1], None, dtype)  # gated cells: keep the gates
     merged, last, traces = _plain(spec, unroll, recurrence, params, xs, h0, lengths, store)
-    return (merged, last), (params, xs, h0, lengths, traces)
+    xs_dtype = jnp.zeros((), xs.dtype)  # dX's dtype; the inputs themselves are in traces[0] (computed)
+    return (merged, last), (params, xs_dtype, h0, lengths, traces)
 
 
 def _states_bwd(spec, unroll, recurrence, residuals, cts):
     """The explicit BPTT (``backward.stack_backward``) in the compute dtype; the cotangents come
     back in the dtypes of the primal inputs."""
-    params, xs, h0, lengths, traces = residuals
+    params, xs_dtype, h0, lengths, traces = residuals
     cparams, ch0 = precision.to_compute(spec.compute_dtype, (params, h0))
     ct, ct_last = cts  # ct_last: symbolic zeros arrive as zero arrays
     t_len, batch = ct.shape[:2]
@@ -61,7 +62,7 @@ def _states_bwd(spec, unroll, recurrence, residuals, cts):
         cparams, spec, traces, ch0, lengths, ct, p, ds_last=ds_last
     )
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
-    grads, dxs, dh0 = precision.like((RNNParams(g_layers, g_reverse, g_readout), dxs, dh0), (params, xs, h0))
+    grads, dxs, dh0 = precision.like((RNNParams(g_layers, g_reverse, g_readout), dxs, dh0), (params, xs_dtype, h0))
     return grads, dxs, dh0, None  # lengths: integer, no cotangent
 
 
