@@ -164,14 +164,12 @@ def test_eqx_speed_quick():
     report = mod.main(["--quick"])
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| gru", "| lstm"))]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
-        ("gru", "bptt_jax.layers.equinox.RNN"),
-        ("gru", "lax.scan + Equinox cell"),
-        ("lstm", "bptt_jax.layers.equinox.RNN"),
-        ("lstm", "lax.scan + Equinox cell"),
+        (cell, name) for cell in ("gru", "lstm") for name in (mod.OURS, mod.BATCH, mod.EQX)
     ]
-    # the same Equinox cells, switched by from_eqx_cell: the contenders end at the same loss
-    assert abs(float(rows[0][-2]) - float(rows[1][-2])) < 1e-4
-    assert abs(float(rows[2][-2]) - float(rows[3][-2])) < 1e-4
+    # the same Equinox cells, switched by from_eqx_cell (vmapped or called once): the same loss
+    for i in (0, 3):
+        losses = [float(rows[j][-2]) for j in range(i, i + 3)]
+        assert max(losses) - min(losses) < 1e-4, losses
 
 
 @pytest.mark.bench

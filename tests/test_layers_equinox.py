@@ -149,8 +149,10 @@ def test_training_and_serialisation(tmp_path):
 
 def test_named_errors():
     rnn = beqx.RNN(N, N1, cell="lstm", key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"xs: expected one sequence \[T, 3\] \(batch with jax.vmap\)"):
-        rnn(jnp.zeros((2, T, N)))
+    with pytest.raises(ValueError, match=r"xs: expected one sequence \[T, 3\] or a batch \[B, T, 3\]"):
+        rnn(jnp.zeros((2, 2, T, N)))
+    with pytest.raises(ValueError, match=r"length: expected shape \(2,\) \(one per sequence\)"):
+        rnn(jnp.zeros((2, T, N)), length=3)
     with pytest.raises(ValueError, match=r"h0: the LSTM's state is a pair \(h, c\)"):
         rnn(jnp.zeros((T, N)), jnp.zeros(N1))
     with pytest.raises(ValueError, match=r"h0: expected shape \(4,\)"):
@@ -177,3 +179,33 @@ def test_float32_inputs_into_a_float64_layer_are_promoted(cell):
         for a, b in zip(grad(ours), grad(oracle)):
             assert a.dtype == jnp.float64
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_a_batch_in_one_call_equals_vmap(cell):
+    # xs [B, T, N] in one call: the states, final states and the summed loss's gradients equal
+    # jax.vmap over the sequences (the Equinox way) and autodiff's, with lengths and h0.
+    with jax.enable_x64(True):
+        key = jax.random.key(13)
+        ours = beqx.RNN(N, N1, cell=cell, dtype=jnp.float64, key=key)
+        oracle = beqx.RNN(N, N1, cell=cell, dtype=jnp.float64, grad="autodiff", key=key)
+        xs = jax.random.normal(jax.random.key(14), (4, T, N), jnp.float64)
+        lengths = jnp.array([T, 2, 0, 5])
+        h = jax.random.normal(jax.random.key(15), (4, N1), jnp.float64) * 0.5
+        h0 = (h, -h) if cell == "lstm" else h
+
+        def batched(m):
+            return _loss_of(*m(xs, h0, length=lengths, return_last=True))
+
+        def vmapped(m):
+            hs, last = jax.vmap(lambda x, h, n: m(x, h, length=n, return_last=True))(xs, h0, lengths)
+            return _loss_of(hs, last)
+
+        hs, last = ours(xs, h0, length=lengths, return_last=True)
+        hs_v, last_v = jax.vmap(lambda x, h, n: ours(x, h, length=n, return_last=True))(xs, h0, lengths)
+        np.testing.assert_allclose(hs, hs_v, rtol=1e-13, atol=1e-14)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14), last, last_v)
+        got = eqx.filter_grad(batched)(ours).layer
+        for want in (eqx.filter_grad(vmapped)(ours).layer, eqx.filter_grad(batched)(oracle).layer):
+            for a, b in zip(got, want):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)

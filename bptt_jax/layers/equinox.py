@@ -4,6 +4,7 @@
     rnn = beqx.RNN(16, 32, cell="gru", key=jax.random.key(0))
     hs = rnn(xs)                                   # one sequence: xs [T, N] -> hs [T, N1]
     hs = jax.vmap(rnn)(xs_batch)                   # a batch, the Equinox way
+    hs = rnn(xs_batch)                             # the same, one call: xs [B, T, N] (faster to train)
     hs, h_last = rnn(xs, length=5, return_last=True)
     rnn = beqx.RNN.from_eqx_cell(eqx.nn.LSTMCell(16, 32, key=key))   # the same weights
 
@@ -42,6 +43,9 @@ class RNN(eqx.Module):
       grad: "bptt" (the explicit BPTT) or "autodiff" (``jax.grad`` differentiates the forward scan:
         the same layer as an oracle).
       init, init_scale, forget_bias, dtype: the initialisation, as ``bptt_jax.init_params``.
+      compute_dtype: the explicit BPTT's mixed precision, as ``RNNSpec.compute_dtype`` (None,
+        "bfloat16", "float16" or "float32"; docs/howto/precision.md): the weights and the final
+        state stay in ``dtype``, the states h(t) come in the compute dtype.
       biases: which biases are trained: "pytorch" (bx and bh), "equinox" (``eqx.nn.GRUCell``'s bias
         and bias_n, ``eqx.nn.LSTMCell``'s bias: what ``from_eqx_cell`` gives), "flax" or "none"
         (``bptt_jax.layers.biases``); the others are zeros, not leaves.
@@ -68,12 +72,13 @@ class RNN(eqx.Module):
         init_scale: float = 1.0,
         forget_bias: float = 0.0,
         dtype=jnp.float32,
+        compute_dtype=None,
         biases: str = "pytorch",
         key: Array,
     ):
         vjp.check_grad(grad)
         bias_layouts.check_layout(biases)
-        self.spec = RNNSpec(in_size, (hidden_size,), 1, activation=activation, cell=cell)
+        self.spec = RNNSpec(in_size, (hidden_size,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype)
         self.unroll, self.grad, self.biases = unroll, grad, biases
         full = init_params(key, self.spec, scheme=init, scale=init_scale, dtype=dtype, forget_bias=forget_bias)
         self.layer, self.bias_n = _stored(cell, biases, full.layers[0])
@@ -89,33 +94,47 @@ class RNN(eqx.Module):
         """xs [T, N] -> the states h(t) [T, N1]; with ``return_last`` also the final state (h [N1],
         or (h, c) for the LSTM), the state at the last valid step when ``length`` (a scalar, steps
         past it hold the state) is given. ``h0``: [N1] (LSTM: (h, c)), zeros when None. ``key`` is
-        accepted for Equinox's layer signature and not used."""
+        accepted for Equinox's layer signature and not used.
+
+        A batch in one call: xs [B, T, N] (``length`` [B], ``h0`` [B, N1]) -> [B, T, N1], the same
+        values as ``jax.vmap`` over the sequences. It is the faster way to train: under ``jax.vmap``
+        JAX batches the custom VJP's backward rule per sequence (weight gradients per sequence,
+        summed afterwards), where one call sums them inside the reverse scan
+        (benchmarks/results/eqx_speed.md)."""
         xs = jnp.asarray(xs)
         n1 = self.spec.hidden_sizes[0]
-        if xs.ndim != 2 or xs.shape[-1] != self.spec.input_size:
+        if xs.ndim not in (2, 3) or xs.shape[-1] != self.spec.input_size:
             raise ValueError(
-                f"xs: expected one sequence [T, {self.spec.input_size}] (batch with jax.vmap), got shape {xs.shape}"
+                f"xs: expected one sequence [T, {self.spec.input_size}] or a batch [B, T, {self.spec.input_size}], "
+                f"got shape {xs.shape}"
             )
-        x = xs[:, None, :]  # [T, 1, N]
+        batch = xs.shape[:-2]  # () or (B,)
+        x = jnp.moveaxis(xs.reshape((-1,) + xs.shape[-2:]), 0, 1)  # [T, B, N]
         if h0 is not None:
             parts = h0 if self.spec.is_lstm else (h0,)
             if self.spec.is_lstm and not (isinstance(h0, (tuple, list)) and len(h0) == 2):
                 raise ValueError("h0: the LSTM's state is a pair (h, c)")
             for p in parts:
-                if jnp.shape(p) != (n1,):
-                    raise ValueError(f"h0: expected shape ({n1},) per array, got {jnp.shape(p)}")
-            batched = tuple(jnp.asarray(p)[None] for p in parts)
+                if jnp.shape(p) != (*batch, n1):
+                    raise ValueError(f"h0: expected shape {(*batch, n1)} per array, got {jnp.shape(p)}")
+            batched = tuple(jnp.asarray(p).reshape(-1, n1) for p in parts)
             h0 = (batched,) if self.spec.is_lstm else batched
-        lengths = None if length is None else jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
+        lengths = None
+        if length is not None:
+            length = jnp.asarray(length)
+            if length.shape != batch:
+                raise ValueError(f"length: expected shape {batch} (one per sequence), got {length.shape}")
+            lengths = length.reshape(-1).astype(jnp.int32)
         readout = ReadoutParams(jnp.zeros((n1, 1), x.dtype), jnp.zeros((1,), x.dtype))  # unused: not a field
         params = RNNParams((self.full_layer(),), (), readout)
         states, last = rnn_states(
             params, self.spec, x, h0=h0, lengths=lengths, unroll=self.unroll, return_last=True, grad=self.grad
         )
-        hs = states[:, 0]
+        hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
         if not return_last:
             return hs
-        final = tuple(a[0] for a in last[0]) if self.spec.is_lstm else last[0][0]
+        unbatch = lambda a: a.reshape(*batch, n1)  # noqa: E731
+        final = tuple(unbatch(a) for a in last[0]) if self.spec.is_lstm else unbatch(last[0])
         return hs, final
 
     @classmethod

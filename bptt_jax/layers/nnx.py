@@ -64,6 +64,11 @@ class RNN(nnx.Module):
       dtype: the computation's dtype, as Flax's cells: inputs, weights and states are cast to it (the
         gradients come back in ``param_dtype``); None: the promotion of the inputs' and weights' dtypes.
       param_dtype: the weights' dtype.
+      compute_dtype: the explicit BPTT's mixed precision (``RNNSpec.compute_dtype``: None,
+        "bfloat16", "float16" or "float32"): the matmuls in that dtype accumulated in float32, the
+        states stored in it, the gradients summed in float32 and returned in ``param_dtype``
+        (docs/howto/precision.md). Unlike ``dtype`` it keeps the weights and the carry in their dtype;
+        the outputs (the states) come in the compute dtype.
       biases: which biases are Params: "pytorch" (bx and bh), "flax" (the Flax cell's), "equinox"
         (``bptt_jax.layers.biases``); the others are zeros, not trained.
       rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
@@ -88,12 +93,15 @@ class RNN(nnx.Module):
         forget_bias: float = 0.0,
         dtype=None,
         param_dtype=jnp.float32,
+        compute_dtype=None,
         biases: str = "pytorch",
         rngs: nnx.Rngs,
     ):
         bias_layouts.check_layout(biases)
         self.dtype = dtype
-        self.spec = RNNSpec(in_features, (hidden_features,), 1, activation=activation, cell=cell)
+        self.spec = RNNSpec(
+            in_features, (hidden_features,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype
+        )
         self.in_features, self.hidden_features, self.cell = in_features, hidden_features, cell
         self.time_major, self.return_carry = time_major, return_carry
         self.reverse, self.keep_order = reverse, keep_order
@@ -296,7 +304,8 @@ class StackedRNN(nnx.Module):
     Args:
       in_features: N.
       hidden_sizes: N1 of each layer, bottom first.
-      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, dtype, param_dtype, biases: as ``RNN``.
+      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, dtype, param_dtype,
+        compute_dtype, biases: as ``RNN``.
       bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
         how the two directions' states are combined for the next layer and the output.
       time_major: the default layout, overridable per call.
@@ -325,6 +334,7 @@ class StackedRNN(nnx.Module):
         forget_bias: float = 0.0,
         dtype=None,
         param_dtype=jnp.float32,
+        compute_dtype=None,
         biases: str = "pytorch",
         rngs: nnx.Rngs,
     ):
@@ -339,6 +349,7 @@ class StackedRNN(nnx.Module):
             cell=cell,
             bidirectional=bidirectional,
             merge=merge,
+            compute_dtype=compute_dtype,
         )
         self.time_major, self.unroll, self.recurrence, self.grad = time_major, unroll, recurrence, grad
         params = init_params(
