@@ -25,6 +25,7 @@ from bptt_jax.core.params import (
     expected_shapes,
     init_params,
 )
+from bptt_jax.core.tune import tune
 
 __all__ = [
     "BPTTAux",
@@ -42,6 +43,7 @@ __all__ = [
     "loss",
     "loss_and_state",
     "reverse_padded",
+    "tune",
 ]
 
 __version__ = "0.2.0"

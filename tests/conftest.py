@@ -41,6 +41,17 @@ if os.environ.get("BPTT_JAX_TEST_FAST_COMPILE", "1") != "0":
         os.environ["BPTT_JAX_TEST_XLA_FLAGS"] = " ".join([TEST_XLA_FLAGS, *extra])
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {os.environ['BPTT_JAX_TEST_XLA_FLAGS']}".strip()
 
+# The plan cache (bptt_jax.core.plancache): the tests never read or write the user's. Each test
+# process gets an empty folder of its own (inherited by the subprocesses it starts), removed at exit.
+if "BPTT_JAX_TEST_PLAN_CACHE" not in os.environ:
+    import atexit as _atexit
+    import shutil as _shutil
+    import tempfile as _tempfile
+
+    os.environ["BPTT_JAX_TEST_PLAN_CACHE"] = _tempfile.mkdtemp(prefix="bptt-jax-plans-")
+    _atexit.register(_shutil.rmtree, os.environ["BPTT_JAX_TEST_PLAN_CACHE"], True)
+os.environ["BPTT_JAX_CACHE_DIR"] = os.environ["BPTT_JAX_TEST_PLAN_CACHE"]
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

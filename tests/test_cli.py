@@ -259,3 +259,35 @@ def test_resume_with_another_global_batch_is_refused(tmp_path):
     cfg = load_config(path, TINY + ["data.batch_size=4", "train.steps=3"])
     with pytest.raises(runner.RunError, match=r"written with a global batch of 2 sequences.*data.batch_size = 4"):
         runner.run(cfg, tmp_path / "a", resume=True, log=lambda s: None, progress=False)
+
+
+def test_tune_then_run_traces_the_tuned_plan(tmp_path, monkeypatch, capsys):
+    """bptt-jax tune caches a plan under the key of the train step's own bptt call (the same
+    per-device batch, dropout mask and diagnostics): a run of the config then traces that plan."""
+    from bptt_jax.core import gradient, plan, plancache
+
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    gradient._compiled.cache_clear()
+    seen = []
+    resolve = plan.resolve
+    monkeypatch.setattr(plan, "resolve", lambda *a, **k: seen.append(resolve(*a, **k)) or seen[-1])
+    cfg = _tiny_text_config(tmp_path)
+    assert cli.main(["tune", str(cfg), "--time-budget", "0"]) == 0
+    assert "plan: block_size=" in capsys.readouterr().out
+    path = tmp_path / "cache" / plancache.FILE
+    (key, entry), *more = json.loads(path.read_text())["entries"].items()
+    assert not more and json.loads(key)["work"]["diagnostics"] is True
+    entry.update(block_size=3, gates="recompute", unroll=2)  # an unusual plan: T = 8 padded to 9
+    assert plancache.record(key, entry)
+    gradient._compiled.cache_clear()
+    seen.clear()
+    assert cli.main(["run", str(cfg), "--out", str(tmp_path / "run"), "--set=output.plots=false"]) == 0
+    assert (seen[0].block, seen[0].unroll) == (3, 2)
+    # train.tune = true tunes before training: the entry, deleted, is measured and recorded again
+    path.unlink()
+    out = tmp_path / "run2"
+    assert cli.main(["run", str(cfg), "--out", str(out), "--set=train.tune=true", "--set=output.plots=false"]) == 0
+    assert list(json.loads(path.read_text())["entries"]) == [key]
+    assert cli.main(["tune", str(cfg), "--set=train.grad=autodiff"]) == 1
+    assert "only the explicit BPTT" in capsys.readouterr().err
+    gradient._compiled.cache_clear()

@@ -24,11 +24,13 @@ LEVELS = {
     "core.kernels": 2,
     "core.losses": 2,
     "core.forward": 3,
+    "core.plancache": 3.5,  # the on-disk cache of tuned plans
     "core.plan": 4,
     "core.backward": 5,
     "core.segments": 6,
     "core.vjp": 6,
     "core.gradient": 7,
+    "core.tune": 8,
     "layers.biases": 9,
     "layers.torch": 10,
     "layers.nnx": 10,

@@ -4,6 +4,7 @@ bptt-jax run CONFIG [--set section.key=value ...] [--out DIR] [--resume] [--proc
 bptt-jax sample RUN_DIR [--prime TEXT] [--length N] [--temperature X] [--seed S]
 bptt-jax gradcheck CONFIG [--set ...] [--tolerance X]
 bptt-jax gradflow CONFIG [--set ...] [--out DIR] [--from RUN_DIR [--checkpoint best|last]]
+bptt-jax tune CONFIG [--set ...] [--time-budget S]
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--checkpoint", choices=("best", "last"), default="best", help="with --from: best.ckpt (default) or last.ckpt"
     )
+    t = sub.add_parser(
+        "tune",
+        help="measure the explicit BPTT's plans for a config's shapes on this machine and cache the fastest",
+    )
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    t.add_argument("--time-budget", type=float, default=60.0, metavar="S", help="seconds to spend (default 60)")
     return p
 
 
@@ -73,6 +81,8 @@ def main(argv=None) -> int:
             return _sample(args)
         if args.command == "gradflow":
             return _gradflow(args)
+        if args.command == "tune":
+            return _tune(args)
         return _gradcheck(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -161,6 +171,23 @@ def _gradcheck(args) -> int:
         f"(tolerance {args.tolerance:.1e}): {'OK' if result['ok'] else 'FAIL'}"
     )
     return 0 if result["ok"] else 1
+
+
+def _tune(args) -> int:
+    from bptt_jax.command import runner
+    from bptt_jax.core import plancache
+
+    if args.time_budget < 0:
+        print("error: --time-budget must be >= 0", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, args.set)
+    chosen = runner.tune_plan(cfg, time_budget=args.time_budget)
+    gates = "store" if chosen.store else "recompute"
+    print(
+        f"plan: block_size={chosen.block} gates={gates} unroll={chosen.unroll} recurrence={chosen.recurrence} "
+        f"(cached in {plancache.cache_dir() / plancache.FILE})"
+    )
+    return 0
 
 
 def _gradflow(args) -> int:

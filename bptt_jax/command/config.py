@@ -77,6 +77,7 @@ class TrainConfig:
     unroll: str = "auto"
     recurrence: str = "auto"
     devices: str = "1"
+    tune: bool = False
     peer_timeout_s: int = 60
     coordinator_address: str = ""
     num_processes: int = 1
@@ -163,6 +164,8 @@ HELP = {
         "recurrence",
     ): "auto (lax.scan; the Pallas kernels on a GPU for float32 layers of N1 <= 64), scan or pallas",
     ("train", "devices"): '"1", a count, or "all": data-parallel over devices (batch split along B)',
+    ("train", "tune"): "before training, measure the explicit BPTT's plans for this run's shapes on this machine "
+    "and cache the fastest (bptt-jax tune; about a minute, once per machine and shape)",
     ("train", "coordinator_address"): "multi-host: host:port of process 0 (or env BPTT_JAX_COORDINATOR)",
     ("train", "num_processes"): "multi-host: number of processes (or env BPTT_JAX_NUM_PROCESSES)",
     ("train", "process_id"): "multi-host: this process's index (or env BPTT_JAX_PROCESS_ID)",

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax.command import data
@@ -124,6 +125,43 @@ def build(cfg: Config):
     return task, spec, optimizer
 
 
+def tune_plan(cfg: Config, *, time_budget: float = 60.0, progress: bool = True):
+    """``bptt_jax.tune`` for the ``bptt`` call this config's train step makes (the same network,
+    per-device batch, weights, lengths, dropout mask and diagnostics), so that the run (and every
+    later run of the same shapes on this machine) traces the fastest plan measured here. Returns
+    the plan; raises RunError where the run does not use the explicit BPTT."""
+    from bptt_jax.core.tune import tune
+
+    if cfg.train.grad != "bptt":
+        raise RunError(
+            f"train.grad = {cfg.train.grad!r}: only the explicit BPTT (train.grad = 'bptt') has plans to tune"
+        )
+    task, spec, optimizer = build(cfg)
+    params = initial_state(cfg, spec, optimizer).params
+    batch = task.train_batch(0)
+    shards = len(parallel.select_devices(cfg.train.devices)) if cfg.train.devices != "1" else 1
+    local = max(cfg.data.batch_size // shards, 1)  # the batch one device's step sees
+    cut = lambda a, axis: None if a is None else jax.lax.slice_in_dim(jnp.asarray(a), 0, local, axis=axis)  # noqa: E731
+    xs = jax.lax.slice_in_dim(jnp.asarray(batch.xs), 0, local, axis=1)
+    mask = None
+    if cfg.train.output_dropout > 0.0:
+        mask = jax.ShapeDtypeStruct((xs.shape[0], local, spec.merged_size(spec.num_layers - 1)), xs.dtype)
+    return tune(
+        params,
+        spec,
+        xs,
+        cut(batch.targets, 1),
+        weights=cut(batch.weights, 1),
+        lengths=cut(batch.lengths, 0),
+        output_mask=mask,
+        diagnostics=True,
+        unroll=_unroll(cfg),
+        recurrence=cfg.train.recurrence,
+        time_budget=time_budget,
+        progress=progress,
+    )
+
+
 def initial_state(cfg: Config, spec: RNNSpec, optimizer) -> train.TrainState:
     return train.init_state(
         jax.random.key(cfg.train.seed),
@@ -184,6 +222,11 @@ class _Run:
         self.last_path, self.best_path = out / "last.ckpt", out / "best.ckpt"
         self.main = parallel.is_main_process()  # only process 0 writes into the run directory
         self.log = log if self.main else (lambda msg: None)  # other processes would repeat process 0's output
+        if cfg.train.tune:
+            if jax.process_count() == 1:
+                tune_plan(cfg, progress=self.main)
+            else:
+                self.log("train.tune: skipped in a run of several processes (run `bptt-jax tune CONFIG` first)")
         self.task, self.spec, optimizer = build(cfg)
         self.state = initial_state(cfg, self.spec, optimizer)
         self.best_val: float = math.inf

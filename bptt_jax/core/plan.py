@@ -11,6 +11,9 @@ for the shapes at hand, by the rules below, when the call is traced:
 - the scan's unroll (``forward.resolve_unroll``) and scans or kernels (``kernels.resolve``),
 - checkpoint segments of k steps (``checkpoint_every``).
 
+A plan measured faster on this machine by ``bptt_jax.tune`` overrides the rules: ``resolve`` reads
+the on-disk cache (``plancache``) when the call is traced, for the choices the caller left to it.
+
 Every tuning constant cites the measurement it came from (docs/results/benchmarks.md).
 """
 
@@ -23,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import cells, forward, kernels, precision
+from bptt_jax.core import cells, forward, kernels, plancache, precision
 from bptt_jax.core.params import RNNSpec
 
 # The automatic block size (``auto_block_size``), measured on a 2-core CPU (docs/results/benchmarks.md):
@@ -193,8 +196,51 @@ def half_precision_block(t_len: int, auto: int) -> int:
     return next((d for d in range(c, max(c // 2, 1) - 1, -1) if t_len % d == 0), c)
 
 
-def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> Plan:
-    """The plan for ``options`` at this network and shape (run when the jitted entry is traced)."""
+TUNABLE = ("block_size", "gates", "unroll", "recurrence")  # the choices ``bptt_jax.tune`` measures
+
+
+def _left_auto(options: Options, field: str) -> bool:
+    value = getattr(options, field)
+    return value in (None, "auto")
+
+
+def cache_key(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> str:
+    """The plan cache's key for ``options`` at this shape: the work (what the options change
+    besides the plan) and the choices the caller fixed are part of it."""
+    work = {
+        "generic": options.generic,
+        "diagnostics": options.diagnostics,
+        "with_dxs": options.with_dxs,
+        "checkpoint_every": options.checkpoint_every,
+        "fixed": {f: getattr(options, f) for f in TUNABLE if not _left_auto(options, f)},
+    }
+    return plancache.key(spec, t_len, batch, dtype, work)
+
+
+def tuned_entry(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> dict | None:
+    """The cached tuned plan for this call, or None (nothing left to choose, no entry, no cache)."""
+    if not any(_left_auto(options, f) for f in TUNABLE):
+        return None
+    return plancache.lookup(cache_key(options, spec, t_len, batch, dtype), spec, t_len)
+
+
+def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_cache: bool = True) -> Plan:
+    """The plan for ``options`` at this network and shape (run when the jitted entry is traced):
+    the caller's choices, then a tuned plan from the cache (``use_cache``), then the rules."""
+    tuned = tuned_entry(options, spec, t_len, batch, dtype) if use_cache else None
+    if tuned is not None:
+        fill = {f: tuned[f] for f in TUNABLE if _left_auto(options, f)}
+        if fill.get("gates") == "store":
+            try:
+                resolve_gates("store", spec, t_len, batch, options.checkpoint_every, dtype)
+            except ValueError:
+                fill.pop("gates")  # cannot store here (the rules then choose)
+        if fill.get("recurrence") == "pallas":
+            try:
+                kernels.resolve("pallas", spec.hidden_sizes, dtype, cell=spec.cell)
+            except ValueError:
+                fill.pop("recurrence")
+        options = dataclasses.replace(options, **fill)
     recurrence = kernels.resolve(options.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)
     block_size = options.block_size
     if block_size is None and recurrence == "pallas":

@@ -1,0 +1,216 @@
+"""``tune``: measure the plans of one ``bptt`` call on this machine and cache the fastest.
+
+    plan = bptt_jax.tune(params, spec, xs, targets, lengths=lengths)   # about a minute at most
+    div, grads, aux = bptt_jax.bptt(params, spec, xs, targets, lengths=lengths)   # runs it
+
+The rules of ``plan.resolve`` were measured on one machine; on another (other caches, vector width,
+core count) other plans can be faster. ``tune`` compiles the candidate plans for the shapes at hand
+-- time blocks C from the whole sequence down to a few cache-sized ones, a gated cell's gates stored
+or recomputed, then the scan's unroll for the best of those -- times them side by side (interleaved
+rounds, medians) within a time budget, and records the fastest in the plan cache
+(``bptt_jax.core.plancache``), which every later ``bptt`` call of the same problem reads when it is
+traced. Every plan gives the same gradient to rounding, so tuning changes the time, never the value.
+A plan replaces the rules' plan only when it measured at least ``MARGIN`` faster (a tie in the noise
+keeps the rules' plan).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bptt_jax.core import cells, checks, gradient, plan, plancache, precision
+from bptt_jax.core.params import RNNSpec
+
+MARGIN = 0.03  # a candidate must beat the rules' plan by 3% to replace it
+UNROLLS = (2, 4)  # tried for the best plan at the default unroll (1 on a CPU)
+MIN_BLOCK_ROWS = 128  # no candidate block with fewer rows C*B (the block matmuls would crawl)
+BLOCK_DIVISIONS = (2, 4, 8, 16, 32)  # candidate C near T / d
+
+
+def _concrete(a, rng: np.random.RandomState, integer_high: int):
+    """An array for ``a`` (an array as it is; a ``jax.ShapeDtypeStruct``: random values)."""
+    if not isinstance(a, jax.ShapeDtypeStruct):
+        return a
+    if jnp.issubdtype(a.dtype, jnp.integer):
+        return jnp.asarray(rng.randint(0, integer_high, a.shape), a.dtype)
+    return jnp.asarray(0.3 * rng.randn(*a.shape), a.dtype)
+
+
+def _divisor_near(t_len: int, c: int) -> int:
+    """The divisor of T nearest to c (no padding steps), or c when none lies within a factor of 2."""
+    near = [d for d in range(max(c // 2, 1), min(2 * c, t_len) + 1) if t_len % d == 0]
+    return min(near, key=lambda d: abs(d - c), default=c)
+
+
+def candidate_blocks(t_len: int, batch: int, rules_block: int) -> list[int]:
+    """The time blocks to try: the rules' block, the whole sequence, and divisors of T near T/d
+    with at least ``MIN_BLOCK_ROWS`` rows."""
+    blocks = {rules_block, t_len}
+    for d in BLOCK_DIVISIONS:
+        c = _divisor_near(t_len, max(t_len // d, 1))
+        if c * batch >= MIN_BLOCK_ROWS:
+            blocks.add(c)
+    return sorted(blocks, reverse=True)
+
+
+def _label(opts: plan.Options) -> str:
+    return f"block_size={opts.block_size} gates={opts.gates} unroll={opts.unroll} recurrence={opts.recurrence}"
+
+
+def tune(
+    params,
+    spec: RNNSpec,
+    xs,
+    targets,
+    *,
+    weights=None,
+    lengths=None,
+    h0=None,
+    output_mask=None,
+    generic: bool = False,
+    unroll: int | None = None,
+    block_size: int | None = None,
+    checkpoint_every: int | None = None,
+    diagnostics: bool = False,
+    with_dxs: bool = False,
+    recurrence: str = "auto",
+    gates: str = "auto",
+    time_budget: float = 60.0,
+    rounds: int = 5,
+    progress: bool = True,
+    record: bool = True,
+) -> plan.Plan:
+    """Measure the plans of ``bptt(params, spec, xs, targets, **same keywords)`` and cache the fastest.
+
+    Args:
+      params, spec, xs, targets, weights, lengths, h0, output_mask: as ``bptt``; arrays or
+        ``jax.ShapeDtypeStruct`` (random values are drawn for those: the plans' times do not
+        depend on the values).
+      generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates: as
+        ``bptt``. A choice given here is kept; those left to "auto" / None are tuned.
+      time_budget: seconds for compiling and timing the candidates (about; the rules' plan is
+        always measured, and the timing rounds run after the last compile).
+      rounds: interleaved timing rounds; a plan's time is its median round.
+      progress: print a line per candidate and the result to stderr.
+      record: write the winner to the plan cache (``plancache``; a directory that cannot be
+        written warns, and the plan is still returned).
+
+    Returns:
+      The ``plan.Plan`` that later ``bptt`` calls of this problem resolve to.
+    """
+    start = time.perf_counter()
+    rng = np.random.RandomState(0)
+    xs = _concrete(xs, rng, 1)
+    m = spec.output_size
+    targets = _concrete(targets, rng, m)
+    params = jax.tree.map(lambda a: _concrete(a, rng, 1), params, is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
+    weights, lengths, output_mask = (
+        _concrete(a, rng, 1) if a is not None else None for a in (weights, lengths, output_mask)
+    )
+    if h0 is not None:
+        h0 = jax.tree.map(lambda a: _concrete(a, rng, 1), h0, is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
+    lengths, weights = checks.entry_checks(
+        spec, xs, targets, weights, lengths, h0, params, check_values=None, check_finite=False
+    )
+    asked = plan.Options(generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
+    asked.check(spec, output_mask is not None)
+    t_len, batch = xs.shape[0], xs.shape[1]
+    layers = jax.tree.leaves((params.layers, params.reverse_layers))
+    dtype = jnp.dtype(spec.compute_dtype or jnp.result_type(xs.dtype, *(a.dtype for a in layers)))  # as _bptt
+    rules = plan.resolve(asked, spec, t_len, batch, dtype, use_cache=False)
+    default = dataclasses.replace(
+        asked,
+        block_size=rules.block,
+        gates="store" if rules.store else "recompute",
+        unroll=rules.unroll,
+        recurrence=rules.recurrence,
+    )
+    args = (params, xs, targets, weights, lengths, h0, output_mask)
+
+    def options_for(**choices) -> plan.Options:
+        return dataclasses.replace(default, **{k: v for k, v in choices.items() if plan._left_auto(asked, k)})
+
+    candidates = [default]
+    gate_choices = ["recompute"]
+    if cells.get(spec.cell).CACHE > 0 and checkpoint_every is None and not precision.is_half(dtype):
+        gate_choices = ["store", "recompute"]
+    for c in candidate_blocks(t_len, batch, rules.block):
+        for g in gate_choices:
+            o = options_for(block_size=c, gates=g)
+            if o not in candidates:
+                candidates.append(o)
+
+    measured: dict[plan.Options, dict] = {}
+
+    def say(text: str) -> None:
+        if progress:
+            print(f"tune: {text}", file=sys.stderr, flush=True)
+
+    def compile_one(o: plan.Options, i: int, n: int) -> None:
+        t0 = time.perf_counter()
+        fn = jax.jit(functools.partial(gradient._bptt, spec=spec, options=o))
+        compiled = fn.lower(*args).compile()
+        mem = compiled.memory_analysis()
+        jax.block_until_ready(compiled(*args))  # warm-up
+        measured[o] = {
+            "fn": compiled,
+            "temp_bytes": int(getattr(mem, "temp_size_in_bytes", -1)),
+            "times": [],
+        }
+        say(f"[{i}/{n}] {_label(o)}: compiled in {time.perf_counter() - t0:.1f} s")
+
+    def time_rounds(opts: list[plan.Options]) -> None:
+        for r in range(rounds):
+            order = opts[r % len(opts) :] + opts[: r % len(opts)]  # a rotating order per round
+            for o in order:
+                fn = measured[o]["fn"]
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                measured[o]["times"].append(time.perf_counter() - t0)
+
+    n = len(candidates)
+    for i, o in enumerate(candidates, 1):
+        if o is not default and time.perf_counter() - start > time_budget:
+            say(f"time budget of {time_budget:.0f} s spent: {n - i + 1} candidates not measured")
+            break
+        compile_one(o, i, n)
+    time_rounds(list(measured))
+    median = lambda o: float(np.median(measured[o]["times"]))  # noqa: E731
+    best = min(measured, key=median)
+    if plan._left_auto(asked, "unroll") and time.perf_counter() - start <= time_budget:
+        more = [options_for(unroll=u) for u in UNROLLS]
+        more = [dataclasses.replace(best, unroll=o.unroll) for o in more if o.unroll != best.unroll]
+        for i, o in enumerate(more, 1):
+            compile_one(o, i, len(more))
+        if more:
+            for o in measured:
+                measured[o]["times"] = []
+            time_rounds(list(measured))
+            best = min(measured, key=median)
+    if median(best) > (1 - MARGIN) * median(default):
+        best = default
+    say(
+        f"{_label(best)}: {1e3 * median(best):.2f} ms, {median(default) / median(best):.2f}x the rules' plan "
+        f"({_label(default)}: {1e3 * median(default):.2f} ms); {len(measured)} plans in {time.perf_counter() - start:.0f} s"
+    )
+    if record:
+        entry = {f: getattr(best, f) for f in plan.TUNABLE}
+        entry.update(
+            seconds=median(best),
+            rules_seconds=median(default),
+            temp_bytes=measured[best]["temp_bytes"],
+            rules_temp_bytes=measured[default]["temp_bytes"],
+            plans_measured=len(measured),
+            tuned_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        if plancache.record(plan.cache_key(asked, spec, t_len, batch, dtype), entry):
+            gradient._compiled.cache_clear()  # later calls trace again and read the entry
+    return plan.resolve(best, spec, t_len, batch, dtype, use_cache=False)

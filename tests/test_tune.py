@@ -1,0 +1,174 @@
+"""``bptt_jax.tune`` and the plan cache (``bptt_jax.core.plancache``).
+
+A tuned plan changes how the gradient is computed, never its value: the plans ``bptt`` resolves to
+from the cache give jax.grad's gradients (float64, 1e-10). The cache: what tune records is what a
+later call traces; a corrupt file, an entry that does not parse, another jax version's key, a
+directory that cannot be written, concurrent writers, the switch that turns it off. Every test
+here points BPTT_JAX_CACHE_DIR at its own tmp_path (conftest already keeps the suite away from the
+user's cache).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bptt_jax as bj
+from bptt_jax.core import gradient, plan, plancache
+from tests import reference as ref
+
+T, B = 12, 3
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BPTT_JAX_PLAN_CACHE", raising=False)
+    gradient._compiled.cache_clear()  # calls traced before (another cache) must trace again
+    yield tmp_path
+    gradient._compiled.cache_clear()
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """The plans ``bptt`` resolved to while tracing, in order."""
+    seen = []
+    resolve = plan.resolve
+
+    def spy(*args, **kwargs):
+        p = resolve(*args, **kwargs)
+        seen.append(p)
+        return p
+
+    monkeypatch.setattr(plan, "resolve", spy)
+    return seen
+
+
+def _problem(cell="gru", dtype=jnp.float64, bidirectional=False):
+    spec = bj.RNNSpec(3, (5,), 4, cell=cell, bidirectional=bidirectional)
+    return ref.make_problem(spec, T, B, seed=3, use_lengths=True, dtype=dtype), spec
+
+
+def _key(spec, p, **options):
+    return plan.cache_key(plan.Options(**options), spec, T, B, p.xs.dtype)
+
+
+def _check_against_autodiff(p, spec, **kw):
+    div, grads, _ = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, **kw)
+    loss = lambda params: bj.loss(params, spec, p.xs, p.targets, lengths=p.lengths)  # noqa: E731
+    want = jax.grad(loss)(p.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), grads, want)
+    np.testing.assert_allclose(div, loss(p.params), rtol=1e-12)
+
+
+def test_tune_records_a_plan_that_later_calls_trace(cache, traced):
+    with jax.enable_x64(True):
+        p, spec = _problem()
+        structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (p.xs, p.targets, p.lengths))
+        chosen = bj.tune(p.params, spec, structs[0], structs[1], lengths=structs[2], time_budget=20, progress=False)
+        entries = json.loads((cache / plancache.FILE).read_text())["entries"]
+        entry = entries[_key(spec, p)]
+        assert (entry["block_size"], entry["gates"], entry["unroll"]) == (
+            chosen.block,
+            "store" if chosen.store else "recompute",
+            chosen.unroll,
+        )
+        assert entry["plans_measured"] >= 2 and entry["seconds"] > 0 and entry["temp_bytes"] > 0
+        traced.clear()
+        _check_against_autodiff(p, spec)
+        assert traced[0] == chosen
+
+
+@pytest.mark.parametrize("cell", ["elman", "lstm"])
+def test_a_cached_plan_is_used_for_what_the_caller_left_open(cache, traced, cell):
+    with jax.enable_x64(True):
+        p, spec = _problem(cell, bidirectional=cell == "lstm")
+        gates = "store" if cell == "lstm" else "recompute"
+        entry = {"block_size": 5, "gates": gates, "unroll": 2, "recurrence": "scan"}
+        assert plancache.record(_key(spec, p), entry)
+        _check_against_autodiff(p, spec)  # T = 12 padded to 15: the padded steps hold the state
+        assert (traced[-1].block, traced[-1].store, traced[-1].unroll) == (5, cell == "lstm", 2)
+        # a caller's own choice is kept; its key (the fixed choice is part of it) has no entry: the rules
+        _check_against_autodiff(p, spec, block_size=4)
+        rules = plan.resolve(plan.Options(block_size=4), spec, T, B, p.xs.dtype, use_cache=False)
+        assert traced[-1] == rules
+
+
+def test_corrupt_file_and_bad_entries_warn_and_are_ignored(cache, traced):
+    with jax.enable_x64(True):
+        p, spec = _problem("elman")
+        rules = plan.resolve(plan.Options(), spec, T, B, p.xs.dtype, use_cache=False)
+        (cache / plancache.FILE).write_text("{not json")
+        with pytest.warns(plancache.PlanCacheWarning, match="corrupt"):
+            _check_against_autodiff(p, spec)
+        assert traced[-1] == rules
+        for bad in (
+            {"block_size": 0, "gates": "recompute", "unroll": 1, "recurrence": "scan"},
+            {"block_size": 4, "gates": "store", "unroll": 1, "recurrence": "scan"},  # the Elman cell has no gates
+            {"block_size": 4, "gates": "recompute", "unroll": -1, "recurrence": "scan"},
+            {"block_size": 4},
+        ):
+            (cache / plancache.FILE).unlink()
+            assert plancache.record(_key(spec, p), bad)
+            gradient._compiled.cache_clear()
+            with pytest.warns(plancache.PlanCacheWarning, match="does not parse"):
+                _check_against_autodiff(p, spec)
+            assert traced[-1] == rules
+
+
+def test_another_versions_key_does_not_match(cache, traced):
+    with jax.enable_x64(True):
+        p, spec = _problem("elman")
+        stale = json.loads(_key(spec, p))
+        stale["jax"] = "0.0.1"
+        entry = {"block_size": 3, "gates": "recompute", "unroll": 1, "recurrence": "scan"}
+        assert plancache.record(json.dumps(stale, sort_keys=True, separators=(",", ":")), entry)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _check_against_autodiff(p, spec)
+        assert traced[-1] == plan.resolve(plan.Options(), spec, T, B, p.xs.dtype, use_cache=False)
+
+
+def test_concurrent_writers_lose_nothing(cache):
+    def write(i):
+        for j in range(5):
+            assert plancache.record(f"key-{i}-{j}", {"n": i * 5 + j})
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    entries = json.loads((cache / plancache.FILE).read_text())["entries"]
+    assert entries == {f"key-{i}-{j}": {"n": i * 5 + j} for i in range(8) for j in range(5)}
+    assert [f.name for f in cache.iterdir() if f.name.startswith(".plans-")] == []  # no temporary left
+
+
+def test_a_cache_that_cannot_be_written_warns_and_tuning_still_works(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(blocker / "plans"))  # below a file: cannot be created
+    p, spec = _problem("elman", dtype=jnp.float32)
+    with pytest.warns(plancache.PlanCacheWarning, match="cannot be written"):
+        chosen = bj.tune(p.params, spec, p.xs, p.targets, time_budget=0, rounds=1, progress=False)
+    assert chosen == plan.resolve(plan.Options(), spec, T, B, jnp.float32, use_cache=False)  # only the rules' plan
+    assert not (blocker / "plans").exists()
+
+
+def test_the_cache_can_be_turned_off_and_is_never_the_users(cache, monkeypatch):
+    p, spec = _problem("elman", dtype=jnp.float32)
+    key = _key(spec, p)
+    assert plancache.record(key, {"block_size": 3, "gates": "recompute", "unroll": 1, "recurrence": "scan"})
+    assert plancache.lookup(key, spec, T)["block_size"] == 3
+    monkeypatch.setenv("BPTT_JAX_PLAN_CACHE", "off")
+    assert plancache.lookup(key, spec, T) is None
+    assert not plancache.record(key, {})
+    monkeypatch.delenv("BPTT_JAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "xdg"))
+    assert plancache.cache_dir() == cache / "xdg" / "bptt_jax"
