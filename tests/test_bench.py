@@ -222,3 +222,15 @@ def test_gated_memory_benchmark_quick(tmp_path):
     with pytest.raises(SystemExit) as e:
         mod.main(["--quick", "--rounds", "0", "--out", str(bad)])
     assert e.value.code == 2 and not bad.exists()
+
+
+@pytest.mark.bench
+def test_tune_speed_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path / "users-cache"))
+    mod = _load("tune_speed", "benchmarks/tune_speed.py")
+    report = mod.main(["--quick", "--cell", "gru", "--budget", "5"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| gru | (")]
+    assert len(rows) == 2
+    assert all(float(r[-2]) < 1e-4 for r in rows)  # every plan's gradient = jax.grad's
+    assert not (tmp_path / "users-cache").exists()  # tuned in a cache of its own
+    assert "| gru | " in report.split("geometric mean")[1]

@@ -290,4 +290,12 @@ def test_tune_then_run_traces_the_tuned_plan(tmp_path, monkeypatch, capsys):
     assert list(json.loads(path.read_text())["entries"]) == [key]
     assert cli.main(["tune", str(cfg), "--set=train.grad=autodiff"]) == 1
     assert "only the explicit BPTT" in capsys.readouterr().err
+    # a memory budget through the command: the run trains; a budget nothing fits stops with its size
+    out = tmp_path / "run3"
+    assert (
+        cli.main(["run", str(cfg), "--out", str(out), "--set=train.max_memory=64MiB", "--set=output.plots=false"]) == 0
+    )
+    bad = ["run", str(cfg), "--out", str(tmp_path / "run4"), "--set=train.max_memory=100", "--set=output.plots=false"]
+    assert cli.main(bad) == 1
+    assert "no plan of this gradient fits" in capsys.readouterr().err
     gradient._compiled.cache_clear()

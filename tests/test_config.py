@@ -51,6 +51,14 @@ def _write(tmp_path, text):
             "[model]\ncompute_dtype = 'half'\n",
             r"c.toml: model.compute_dtype: got 'half'; allowed: \['float32', 'bfloat16', 'float16'\]",
         ),
+        (
+            "[train]\nmax_memory = 'lots'\n",
+            r"c.toml: train.max_memory: max_memory: expected bytes \(an int\) or a size such as '512MiB'",
+        ),
+        (
+            "[train]\nmax_memory = '1GiB'\ngrad = 'autodiff'\n",
+            r"c.toml: train.max_memory applies to train.grad = 'bptt'",
+        ),
     ],
 )
 def test_config_errors(tmp_path, text, message):

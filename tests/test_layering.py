@@ -26,6 +26,7 @@ LEVELS = {
     "core.forward": 3,
     "core.plancache": 3.5,  # the on-disk cache of tuned plans
     "core.plan": 4,
+    "core.budget": 4.5,  # max_memory: candidates, lower bounds, the choice
     "core.backward": 5,
     "core.segments": 6,
     "core.vjp": 6,

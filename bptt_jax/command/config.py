@@ -77,6 +77,7 @@ class TrainConfig:
     unroll: str = "auto"
     recurrence: str = "auto"
     devices: str = "1"
+    max_memory: str = ""
     tune: bool = False
     peer_timeout_s: int = 60
     coordinator_address: str = ""
@@ -164,6 +165,8 @@ HELP = {
         "recurrence",
     ): "auto (lax.scan; the Pallas kernels on a GPU for float32 layers of N1 <= 64), scan or pallas",
     ("train", "devices"): '"1", a count, or "all": data-parallel over devices (batch split along B)',
+    ("train", "max_memory"): 'a budget for the gradient program\'s temp memory per device ("512MiB", "2GiB"; '
+    '"" = none): the fastest plan that fits (bptt\'s max_memory)',
     ("train", "tune"): "before training, measure the explicit BPTT's plans for this run's shapes on this machine "
     "and cache the fastest (bptt-jax tune; about a minute, once per machine and shape)",
     ("train", "coordinator_address"): "multi-host: host:port of process 0 (or env BPTT_JAX_COORDINATOR)",
@@ -181,6 +184,7 @@ ALLOWED_TEXT = {
     ("model", "hidden_sizes"): "each > 0",
     ("train", "devices"): '`"all"` or a positive int as a string',
     ("train", "unroll"): '`"auto"` or a positive int',
+    ("train", "max_memory"): '`""` or a size: bytes, or a number with KiB, MiB, GiB, KB, MB, GB',
     ("train", "time_limit_s"): ">= 0",
     ("train", "stop_below"): ">= 0",
     ("output", "sample_length"): ">= 0",
@@ -278,6 +282,13 @@ def _check_value(where: str, section: str, key: str, value) -> None:
         raise ConfigError(f"{where}: every layer size must be > 0, got {list(value)}")
     if (section, key) == ("train", "unroll") and not (value == "auto" or (value.isdigit() and int(value) > 0)):
         raise ConfigError(f'{where}: expected "auto" or a positive int, got {value!r}')
+    if (section, key) == ("train", "max_memory") and value != "":
+        from bptt_jax.core.budget import parse_memory
+
+        try:
+            parse_memory(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if (section, key) == ("train", "devices") and not (value == "all" or (value.isdigit() and int(value) > 0)):
         raise ConfigError(f'{where}: expected "all" or a positive int, got {value!r}')
     if (
@@ -336,6 +347,8 @@ def _check_combination(cfg: Config, source: str) -> None:
             f"{source}: model.activation = {cfg.model.activation!r} applies to the Elman cell only; the "
             f"{cfg.model.cell} cell has its own gate activations (leave model.activation at 'tanh')"
         )
+    if cfg.train.max_memory and cfg.train.grad != "bptt":
+        raise ConfigError(f"{source}: train.max_memory applies to train.grad = 'bptt' (the explicit BPTT's plans)")
     if cfg.model.forget_bias != 0.0 and cfg.model.cell != "lstm":
         raise ConfigError(f"{source}: model.forget_bias applies to model.cell = 'lstm' only, got {cfg.model.cell!r}")
     if cfg.model.cell != "elman" and cfg.model.init == "identity":

@@ -157,6 +157,7 @@ def tune_plan(cfg: Config, *, time_budget: float = 60.0, progress: bool = True):
         diagnostics=True,
         unroll=_unroll(cfg),
         recurrence=cfg.train.recurrence,
+        max_memory=cfg.train.max_memory or None,
         time_budget=time_budget,
         progress=progress,
     )
@@ -432,6 +433,7 @@ def _make_step(cfg: Config, spec, optimizer, task):
         seed=cfg.train.seed,
         unroll=_unroll(cfg),
         recurrence=cfg.train.recurrence,
+        max_memory=cfg.train.max_memory or None,
     )
     if cfg.train.devices != "1":
         return parallel.make_sharded_train_step(spec, optimizer, cfg.train.devices, cfg.data.batch_size, **kwargs)

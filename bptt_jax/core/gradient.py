@@ -9,13 +9,14 @@ and once when the call is traced (``checks.traced_checks``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import backward, checks, forward, kernels, losses, plan, precision, segments
+from bptt_jax.core import backward, budget, checks, forward, kernels, losses, plan, precision, segments
 from bptt_jax.core.params import RNNParams, RNNSpec
 
 Array = jax.Array
@@ -214,6 +215,7 @@ def bptt(
     with_dxs: bool = False,
     recurrence: str = "auto",
     gates: str = "auto",
+    max_memory: int | str | None = None,
     check_values: bool | None = None,
     check_finite: bool = False,
 ) -> tuple[Array, RNNParams, BPTTAux]:
@@ -246,6 +248,13 @@ def bptt(
         benchmark shapes (benchmarks/gated_memory.py): temp memory 0.48-0.71x of ``jax.grad``
         through a plain scan stored, 0.14-0.50x recomputed, 0.16-0.34x recomputed with half the
         automatic ``block_size``, at 0.79-1.00x of the stored default's speed.
+      max_memory: a budget for the gradient program's temp memory, in bytes or as a string
+        ("512MiB", "1.5GiB", "800MB"): the fastest plan whose compiled program fits is run
+        (``bptt_jax.core.budget``: the rules' or tuned plan, then gates recomputed, smaller blocks,
+        checkpoint segments), chosen once per shape by compiling and reading XLA's memory
+        analysis; a choice given here (``block_size``, ``gates``, ``checkpoint_every``) is kept
+        where it fits. Raises ValueError naming the smallest budget that would fit when none does.
+        None: no budget.
 
     Returns:
       (DIV, grads with exactly the structure of params, ``BPTTAux(dh0, dxs, dh_norms, h_last, dc_norms)``).
@@ -254,12 +263,50 @@ def bptt(
         spec, xs, targets, weights, lengths, h0, params, check_values=check_values, check_finite=check_finite
     )
     options = (generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
+    args = (params, xs, targets, weights, lengths, h0, output_mask)
     try:
         fn = _compiled(spec, output_mask is not None, *options)  # checks the options once per setting
     except TypeError:  # an unhashable option value: Options names it
         plan.Options(*options)
         raise
-    return fn(params, xs, targets, weights, lengths, h0, output_mask)
+    if max_memory is not None:
+        limit = budget.parse_memory(max_memory)
+        signature = tuple(
+            (tuple(a.shape), str(a.dtype)) if a is not None else None
+            for a in jax.tree_util.tree_leaves(args, is_leaf=lambda a: a is None)
+        )
+        structure = jax.tree_util.tree_structure(args, is_leaf=lambda a: a is None)
+        chosen = _within_budget(spec, options, limit, signature, structure)
+        fn = _compiled(spec, output_mask is not None, *dataclasses.astuple(chosen))
+    return fn(*args)
+
+
+@functools.lru_cache(maxsize=256)
+def _within_budget(spec: RNNSpec, options: tuple, limit: int, signature: tuple, structure) -> plan.Options:
+    """The plan ``bptt`` runs under ``max_memory=limit`` for arguments of this signature (shapes and
+    dtypes of ``(params, xs, targets, weights, lengths, h0, output_mask)``'s leaves): a tuned entry
+    for this budget when the plan cache has one, else ``budget.choose`` (compiles candidates)."""
+    structs = [None if s is None else jax.ShapeDtypeStruct(s[0], s[1]) for s in signature]
+    args = jax.tree_util.tree_unflatten(structure, structs)
+    params, xs = args[0], args[1]
+    with_mask = args[6] is not None
+    asked = plan.Options(*options)
+    t_len, batch = xs.shape[0], xs.shape[1]
+    layers = jax.tree_util.tree_leaves((params.layers, params.reverse_layers))
+    dtype = jnp.dtype(spec.compute_dtype or jnp.result_type(xs.dtype, *(a.dtype for a in layers)))
+    tuned = plan.tuned_entry(asked, spec, t_len, batch, dtype, budget=limit)
+    if tuned is not None:
+        fill = {f: tuned[f] for f in plan.TUNABLE if plan._left_auto(asked, f)}
+        if asked.checkpoint_every is None:
+            fill["checkpoint_every"] = tuned.get("checkpoint_every")
+        return dataclasses.replace(asked, **fill)
+    first = plan.explicit(asked, spec, t_len, batch, dtype)
+
+    def measure(o: plan.Options) -> int:
+        return budget.temp_bytes(_compiled(spec, with_mask, *dataclasses.astuple(o)).lower(*args).compile())
+
+    segments_ok = not spec.bidirectional and not with_mask
+    return budget.choose(first, spec, t_len, batch, dtype, limit, segments_ok, measure)
 
 
 @functools.lru_cache(maxsize=256)

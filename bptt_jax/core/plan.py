@@ -204,24 +204,38 @@ def _left_auto(options: Options, field: str) -> bool:
     return value in (None, "auto")
 
 
-def cache_key(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> str:
+def cache_key(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, budget: int | None = None) -> str:
     """The plan cache's key for ``options`` at this shape: the work (what the options change
-    besides the plan) and the choices the caller fixed are part of it."""
+    besides the plan), the choices the caller fixed and the memory budget (bytes) are part of it."""
     work = {
         "generic": options.generic,
         "diagnostics": options.diagnostics,
         "with_dxs": options.with_dxs,
         "checkpoint_every": options.checkpoint_every,
         "fixed": {f: getattr(options, f) for f in TUNABLE if not _left_auto(options, f)},
+        "max_memory": budget,
     }
     return plancache.key(spec, t_len, batch, dtype, work)
 
 
-def tuned_entry(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> dict | None:
-    """The cached tuned plan for this call, or None (nothing left to choose, no entry, no cache)."""
-    if not any(_left_auto(options, f) for f in TUNABLE):
+def tuned_entry(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, budget: int | None = None):
+    """The cached tuned plan for this call (a dict), or None (nothing left to choose, no entry, no cache)."""
+    if budget is None and not any(_left_auto(options, f) for f in TUNABLE):
         return None
-    return plancache.lookup(cache_key(options, spec, t_len, batch, dtype), spec, t_len)
+    return plancache.lookup(cache_key(options, spec, t_len, batch, dtype, budget), spec, t_len)
+
+
+def explicit(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> Options:
+    """``options`` with every choice the plan makes written out (as ``resolve`` resolves them, the
+    plan cache included): the same plan, asked for explicitly."""
+    p = resolve(options, spec, t_len, batch, dtype)
+    return dataclasses.replace(
+        options,
+        block_size=p.block,
+        gates="store" if p.store else "recompute",
+        unroll=p.unroll,
+        recurrence=p.recurrence,
+    )
 
 
 def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_cache: bool = True) -> Plan:

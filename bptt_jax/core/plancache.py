@@ -120,7 +120,8 @@ def valid_entry(entry, spec: RNNSpec, t_len: int) -> bool:
         forward.resolve_unroll(unroll)
     except (TypeError, ValueError):
         return False
-    return True
+    k = entry.get("checkpoint_every")  # budgeted entries only: None or k steps per segment
+    return k is None or (not isinstance(k, bool) and isinstance(k, int) and 1 <= k <= t_len)
 
 
 def lookup(cache_key: str, spec: RNNSpec, t_len: int) -> dict | None:

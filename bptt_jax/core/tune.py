@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax.core import cells, checks, gradient, plan, plancache, precision
+from bptt_jax.core import budget, cells, checks, gradient, plan, plancache, precision
 from bptt_jax.core.params import RNNSpec
 
 MARGIN = 0.03  # a candidate must beat the rules' plan by 3% to replace it
@@ -62,7 +62,10 @@ def candidate_blocks(t_len: int, batch: int, rules_block: int) -> list[int]:
 
 
 def _label(opts: plan.Options) -> str:
-    return f"block_size={opts.block_size} gates={opts.gates} unroll={opts.unroll} recurrence={opts.recurrence}"
+    segments = f" checkpoint_every={opts.checkpoint_every}" if opts.checkpoint_every else ""
+    return (
+        f"block_size={opts.block_size} gates={opts.gates} unroll={opts.unroll} recurrence={opts.recurrence}{segments}"
+    )
 
 
 def tune(
@@ -83,6 +86,7 @@ def tune(
     with_dxs: bool = False,
     recurrence: str = "auto",
     gates: str = "auto",
+    max_memory: int | str | None = None,
     time_budget: float = 60.0,
     rounds: int = 5,
     progress: bool = True,
@@ -96,6 +100,9 @@ def tune(
         depend on the values).
       generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates: as
         ``bptt``. A choice given here is kept; those left to "auto" / None are tuned.
+      max_memory: as ``bptt``'s: only plans whose compiled temp memory fits are timed, checkpoint
+        segments among them (unidirectional, no output mask), and the winner is cached for calls
+        with this budget. Raises ValueError (the smallest budget that would fit) when none fits.
       time_budget: seconds for compiling and timing the candidates (about; the rules' plan is
         always measured, and the timing rounds run after the last compile).
       rounds: interleaved timing rounds; a plan's time is its median round.
@@ -134,9 +141,21 @@ def tune(
         recurrence=rules.recurrence,
     )
     args = (params, xs, targets, weights, lengths, h0, output_mask)
+    limit = None if max_memory is None else budget.parse_memory(max_memory)
+    segments_ok = not spec.bidirectional and output_mask is None
+    if limit is not None:  # the plan bptt(max_memory=...) runs without a tuned entry: the baseline
 
-    def options_for(**choices) -> plan.Options:
-        return dataclasses.replace(default, **{k: v for k, v in choices.items() if plan._left_auto(asked, k)})
+        def temp_of(o: plan.Options) -> int:
+            fn = jax.jit(functools.partial(gradient._bptt, spec=spec, options=o))
+            return budget.temp_bytes(fn.lower(*args).compile())
+
+        unbudgeted = default
+        default = budget.choose(default, spec, t_len, batch, dtype, limit, segments_ok, temp_of)
+    else:
+        unbudgeted = default
+
+    def options_for(**choices) -> plan.Options:  # the unbudgeted plan with the choices left open changed
+        return dataclasses.replace(unbudgeted, **{k: v for k, v in choices.items() if plan._left_auto(asked, k)})
 
     candidates = [default]
     gate_choices = ["recompute"]
@@ -147,6 +166,10 @@ def tune(
             o = options_for(block_size=c, gates=g)
             if o not in candidates:
                 candidates.append(o)
+    if limit is not None:
+        more = budget.candidates(unbudgeted, spec, t_len, batch, segments_ok and asked.checkpoint_every is None)
+        candidates += [o for o in more if o not in candidates]
+        candidates = [o for o in candidates if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
 
     measured: dict[plan.Options, dict] = {}
 
@@ -165,7 +188,13 @@ def tune(
             "temp_bytes": int(getattr(mem, "temp_size_in_bytes", -1)),
             "times": [],
         }
-        say(f"[{i}/{n}] {_label(o)}: compiled in {time.perf_counter() - t0:.1f} s")
+        over = limit is not None and measured[o]["temp_bytes"] > limit
+        if over:
+            del measured[o]  # over the budget: not timed
+        say(
+            f"[{i}/{n}] {_label(o)}: compiled in {time.perf_counter() - t0:.1f} s"
+            + (", over max_memory" if over else "")
+        )
 
     def time_rounds(opts: list[plan.Options]) -> None:
         for r in range(rounds):
@@ -186,8 +215,7 @@ def tune(
     median = lambda o: float(np.median(measured[o]["times"]))  # noqa: E731
     best = min(measured, key=median)
     if plan._left_auto(asked, "unroll") and time.perf_counter() - start <= time_budget:
-        more = [options_for(unroll=u) for u in UNROLLS]
-        more = [dataclasses.replace(best, unroll=o.unroll) for o in more if o.unroll != best.unroll]
+        more = [dataclasses.replace(best, unroll=u) for u in UNROLLS if u != best.unroll]
         for i, o in enumerate(more, 1):
             compile_one(o, i, len(more))
         if more:
@@ -203,6 +231,8 @@ def tune(
     )
     if record:
         entry = {f: getattr(best, f) for f in plan.TUNABLE}
+        if limit is not None:
+            entry["checkpoint_every"] = best.checkpoint_every
         entry.update(
             seconds=median(best),
             rules_seconds=median(default),
@@ -211,6 +241,7 @@ def tune(
             plans_measured=len(measured),
             tuned_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
-        if plancache.record(plan.cache_key(asked, spec, t_len, batch, dtype), entry):
+        if plancache.record(plan.cache_key(asked, spec, t_len, batch, dtype, limit), entry):
             gradient._compiled.cache_clear()  # later calls trace again and read the entry
+            gradient._within_budget.cache_clear()
     return plan.resolve(best, spec, t_len, batch, dtype, use_cache=False)

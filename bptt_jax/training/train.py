@@ -146,6 +146,7 @@ def make_train_step(
     seed: int = 0,
     unroll: int | None = None,
     recurrence: str = "auto",
+    max_memory: int | str | None = None,
     axis_name=None,
     jit: bool = True,
 ):
@@ -163,6 +164,7 @@ def make_train_step(
         takes the mask as ``output_mask``).
       unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU), as ``bptt``.
       recurrence: "scan", "pallas" or "auto" (the fused kernels on a GPU where they apply), as ``bptt``.
+      max_memory: a budget for the gradient program's temp memory (per shard), as ``bptt``'s; None: none.
       axis_name: when the step runs per shard (``parallel.make_sharded_train_step``), the mesh
         axis over which loss, gradients and dh_norms are averaged (``lax.pmean``) before the
         update; every shard then applies the same update. None on one device.
@@ -205,7 +207,9 @@ def make_train_step(
         )
         if grad == "bptt":
             # diagnostics: the dh_norms profile of the metrics
-            value, grads, aux = bptt(state.params, spec, xs, batch.targets, diagnostics=True, **kw)
+            value, grads, aux = bptt(
+                state.params, spec, xs, batch.targets, diagnostics=True, max_memory=max_memory, **kw
+            )
             assert aux.dh_norms is not None  # asked for with diagnostics=True
             dh_norms, h_last = aux.dh_norms, aux.h_last
         else:

@@ -1,0 +1,146 @@
+"""The explicit BPTT before and after ``bptt_jax.tune`` on this machine, beside ``jax.grad``.
+
+    python benchmarks/tune_speed.py [--quick] [--rounds R] [--budget S] [--out FILE] [--cell elman|gru|lstm ...]
+
+For each cell and benchmark shape (``bptt_speed.SHAPES`` for the Elman cell, ``GATED_SHAPES`` for
+the GRU and LSTM; one layer, softmax + cross-entropy, float32): ``bptt_jax.tune`` runs first (its
+time is reported; ``--budget`` seconds at most per shape), in a plan cache of its own (a temporary
+``BPTT_JAX_CACHE_DIR``, never the user's); then, in one process and round-robin, the plan the rules
+choose (``plan.resolve`` without the cache), the tuned plan, and the ``jax.grad`` contenders of
+``bptt_speed.py`` / ``gated.py``, all jitted, gradients checked against the first ``jax.grad``
+contender. Reported: each plan's time over the best ``jax.grad`` contender's (speed-up, higher is
+better), the tuned plan over the rules' plan, and temp memory. Geometric means per cell at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bptt_speed  # noqa: E402
+import gate_blocks  # noqa: E402
+import gated  # noqa: E402
+
+import bptt_jax as bj  # noqa: E402
+from bptt_jax.core import plan  # noqa: E402
+
+RULES, TUNED = "bptt, the rules' plan", "bptt, tuned"
+
+
+def _explicit(p: plan.Plan) -> dict:
+    return dict(block_size=p.block, gates="store" if p.store else "recompute", unroll=p.unroll, recurrence=p.recurrence)
+
+
+def _label(p: plan.Plan) -> str:
+    return f"C={p.block} {'store' if p.store else 'recompute'} u={p.unroll}"
+
+
+def bench(cell: str, shape, rounds: int, budget: float) -> dict:
+    t, b, n, n1, m = shape
+    spec = bj.RNNSpec(n, (n1,), m, cell=cell)
+    params = bj.init_params(jax.random.key(0), spec)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
+    t0 = time.perf_counter()
+    tuned = bj.tune(params, spec, xs, targets, time_budget=budget, progress=False)
+    tune_s = time.perf_counter() - t0
+    rules = plan.resolve(plan.Options(), spec, t, b, jnp.float32, use_cache=False)
+    grads = (
+        gated.jax_contenders(cell, spec) if cell != "elman" else bptt_speed.jax_contenders(spec)
+    )  # the jax.grad ones
+    grads = {k: v for k, v in grads.items() if k.startswith("grad(")}
+    contenders = {
+        RULES: lambda p, x, d: bj.bptt(p, spec, x, d, **_explicit(rules)),
+        TUNED: lambda p, x, d: bj.bptt(p, spec, x, d, **_explicit(tuned)),
+        **grads,
+    }
+    runners, info, ref = {}, {}, None
+    for name, fn in contenders.items():
+        compiled, _, temp, _ = bptt_speed.compile_jax(fn, params, xs, targets)
+        value, g = compiled(params, xs, targets)[:2]
+        if name.startswith("grad(") and ref is None:
+            ref = (value, g)
+        info[name] = {"temp": temp, "out": (value, g)}
+        runners[name] = lambda c=compiled: bptt_speed._block(c(params, xs, targets))
+    for name in info:
+        info[name]["err"] = bptt_speed.max_rel_err(info[name].pop("out"), ref)
+    med = bptt_speed.round_robin(runners, rounds)
+    best_grad = min((k for k in grads), key=lambda k: med[k])
+    return {
+        "med": med,
+        "info": info,
+        "best_grad": best_grad,
+        "rules": rules,
+        "tuned": tuned,
+        "tune_s": tune_s,
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, quick 2)")
+    ap.add_argument("--budget", type=float, default=60.0, help="tune's time budget per shape, seconds")
+    ap.add_argument("--cell", action="append", choices=("elman", "gru", "lstm"), help="default: all three")
+    ap.add_argument("--out", help="also write the markdown report here")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 9)
+    cells = args.cell or ["elman", "gru", "lstm"]
+    saved = os.environ.get("BPTT_JAX_CACHE_DIR")
+    lines = gate_blocks.header("The explicit BPTT before and after tuning", "tune_speed.py", argv, rounds) + [
+        f"tune's budget {args.budget:.0f} s per shape. Speed-up: the best `jax.grad` contender's time over the "
+        "plan's (higher is better).",
+        "",
+        "| cell | (T, B, N, N1, M) | rules' plan | tuned plan | tune s | rules over best grad | tuned over best grad "
+        "| tuned over rules | best grad contender | temp: rules / tuned / best grad | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory(prefix="bptt-jax-tune-bench-") as cache:
+        os.environ["BPTT_JAX_CACHE_DIR"] = cache
+        try:
+            geo: dict[str, list[tuple[float, float]]] = {}
+            for cell in cells:
+                shapes = (
+                    bptt_speed.QUICK_SHAPES
+                    if args.quick
+                    else (bptt_speed.SHAPES if cell == "elman" else bptt_speed.GATED_SHAPES)
+                )
+                for shape in shapes:
+                    r = bench(cell, shape, rounds, args.budget)
+                    med, info, g = r["med"], r["info"], r["best_grad"]
+                    su_rules, su_tuned = med[g] / med[RULES], med[g] / med[TUNED]
+                    geo.setdefault(cell, []).append((su_rules, su_tuned))
+                    mib = lambda k, info=info: info[k]["temp"] / 2**20  # noqa: E731
+                    err = max(v["err"] for v in info.values())
+                    lines.append(
+                        f"| {cell} | {shape} | {_label(r['rules'])} | {_label(r['tuned'])} | {r['tune_s']:.0f} | "
+                        f"{su_rules:.2f}x | {su_tuned:.2f}x | {med[RULES] / med[TUNED]:.2f}x | "
+                        f"{g} | {mib(RULES):.1f} / {mib(TUNED):.1f} / {mib(g):.1f} MiB | {err:.1e} |"
+                    )
+                    print(lines[-1], flush=True)
+            lines += ["", "| cell | geometric mean: rules over best grad | tuned over best grad |", "|---|---|---|"]
+            for cell, rows in geo.items():
+                gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs))  # noqa: E731
+                lines.append(f"| {cell} | {gm([a for a, _ in rows]):.2f}x | {gm([b for _, b in rows]):.2f}x |")
+        finally:
+            if saved is None:
+                os.environ.pop("BPTT_JAX_CACHE_DIR", None)
+            else:
+                os.environ["BPTT_JAX_CACHE_DIR"] = saved
+    return bptt_speed._report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
