@@ -10,8 +10,8 @@ or recomputed, then the scan's unroll for the best of those -- times them side b
 rounds, medians) within a time budget, and records the fastest in the plan cache
 (``bptt_jax.core.plancache``), which every later ``bptt`` call of the same problem reads when it is
 traced. Every plan gives the same gradient to rounding, so tuning changes the time, never the value.
-A plan replaces the rules' plan only when it measured at least ``MARGIN`` faster (a tie in the noise
-keeps the rules' plan).
+A plan replaces the rules' plan only when it is at least ``MARGIN`` faster in a head-to-head of twice
+the rounds after the search (a tie in the noise keeps the rules' plan).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from bptt_jax.core.params import RNNSpec
 
 MARGIN = 0.03  # a candidate must beat the rules' plan by 3% to replace it
 UNROLLS = (2, 4)  # tried for the best plan at the default unroll (1 on a CPU)
+COMPILE_SHARE = 0.5  # no candidate is compiled after this share of the time budget
+UNROLL_SHARE = 0.7  # the unroll stage starts only before this share
 MIN_BLOCK_ROWS = 128  # no candidate block with fewer rows C*B (the block matmuls would crawl)
 BLOCK_DIVISIONS = (2, 4, 8, 16, 32)  # candidate C near T / d
 
@@ -206,15 +208,15 @@ def tune(
                 measured[o]["times"].append(time.perf_counter() - t0)
 
     n = len(candidates)
-    for i, o in enumerate(candidates, 1):
-        if o is not default and time.perf_counter() - start > time_budget:
+    for i, o in enumerate(candidates, 1):  # compiling gets half the time budget, timing the rest
+        if o is not default and time.perf_counter() - start > COMPILE_SHARE * time_budget:
             say(f"time budget of {time_budget:.0f} s spent: {n - i + 1} candidates not measured")
             break
         compile_one(o, i, n)
     time_rounds(list(measured))
     median = lambda o: float(np.median(measured[o]["times"]))  # noqa: E731
     best = min(measured, key=median)
-    if plan._left_auto(asked, "unroll") and time.perf_counter() - start <= time_budget:
+    if plan._left_auto(asked, "unroll") and time.perf_counter() - start <= UNROLL_SHARE * time_budget:
         more = [dataclasses.replace(best, unroll=u) for u in UNROLLS if u != best.unroll]
         for i, o in enumerate(more, 1):
             compile_one(o, i, len(more))
@@ -223,6 +225,11 @@ def tune(
                 measured[o]["times"] = []
             time_rounds(list(measured))
             best = min(measured, key=median)
+    if best != default:  # a head-to-head of twice the rounds confirms the winner (noise picks too)
+        for o in measured:
+            measured[o]["times"] = []
+        for _ in range(2):
+            time_rounds([default, best])
     if median(best) > (1 - MARGIN) * median(default):
         best = default
     say(
