@@ -37,7 +37,7 @@ import gated  # noqa: E402
 import bptt_jax as bj  # noqa: E402
 from bptt_jax.core import plan  # noqa: E402
 
-RULES, TUNED = "bptt, the rules' plan", "bptt, tuned"
+RULES, TUNED, BUDGETED = "bptt, the rules' plan", "bptt, tuned", "bptt, max_memory"
 
 
 def _explicit(p: plan.Plan) -> dict:
@@ -48,7 +48,7 @@ def _label(p: plan.Plan) -> str:
     return f"C={p.block} {'store' if p.store else 'recompute'} u={p.unroll}"
 
 
-def bench(cell: str, shape, rounds: int, budget: float) -> dict:
+def bench(cell: str, shape, rounds: int, budget: float, budget_fraction: float) -> dict:
     t, b, n, n1, m = shape
     spec = bj.RNNSpec(n, (n1,), m, cell=cell)
     params = bj.init_params(jax.random.key(0), spec)
@@ -62,12 +62,22 @@ def bench(cell: str, shape, rounds: int, budget: float) -> dict:
         gated.jax_contenders(cell, spec) if cell != "elman" else bptt_speed.jax_contenders(spec)
     )  # the jax.grad ones
     grads = {k: v for k, v in grads.items() if k.startswith("grad(")}
-    contenders = {RULES: lambda p, x, d: bj.bptt(p, spec, x, d, **_explicit(rules))}
+    contenders = dict(grads)  # first: the memory budget is a share of theirs
+    contenders[RULES] = lambda p, x, d: bj.bptt(p, spec, x, d, **_explicit(rules))
     if tuned != rules:  # the same plan is the same program: timed once, reported for both
         contenders[TUNED] = lambda p, x, d: bj.bptt(p, spec, x, d, **_explicit(tuned))
-    contenders.update(grads)
+    contenders[BUDGETED] = None  # filled in once the jax.grad contenders' temp memory is known
     runners, info, ref = {}, {}, None
+    limit, fits = None, True
     for name, fn in contenders.items():
+        if name == BUDGETED:
+            limit = int(budget_fraction * min(info[k]["temp"] for k in grads))
+            try:
+                bj.bptt(params, spec, xs, targets, max_memory=limit)
+            except ValueError:  # no plan fits: reported as such
+                fits = False
+                continue
+            fn = lambda p, x, d, limit=limit: bj.bptt(p, spec, x, d, max_memory=limit)  # noqa: E731
         compiled, _, temp, _ = bptt_speed.compile_jax(fn, params, xs, targets)
         value, g = compiled(params, xs, targets)[:2]
         if name.startswith("grad(") and ref is None:
@@ -87,6 +97,8 @@ def bench(cell: str, shape, rounds: int, budget: float) -> dict:
         "rules": rules,
         "tuned": tuned,
         "tune_s": tune_s,
+        "limit": limit,
+        "fits": fits,
     }
 
 
@@ -96,6 +108,12 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, quick 2)")
     ap.add_argument("--budget", type=float, default=60.0, help="tune's time budget per shape, seconds")
     ap.add_argument("--cell", action="append", choices=("elman", "gru", "lstm"), help="default: all three")
+    ap.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.4,
+        help="max_memory for the budgeted contender, a share of the smallest jax.grad contender's temp (0.4)",
+    )
     ap.add_argument("--out", help="also write the markdown report here")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 9)
@@ -113,6 +131,7 @@ def main(argv=None):
         os.environ["BPTT_JAX_CACHE_DIR"] = cache
         try:
             geo: dict[str, list[tuple[float, float]]] = {}
+            budget_rows: list[str] = []
             for cell in cells:
                 shapes = (
                     bptt_speed.QUICK_SHAPES
@@ -120,7 +139,7 @@ def main(argv=None):
                     else (bptt_speed.SHAPES if cell == "elman" else bptt_speed.GATED_SHAPES)
                 )
                 for shape in shapes:
-                    r = bench(cell, shape, rounds, args.budget)
+                    r = bench(cell, shape, rounds, args.budget, args.memory_fraction)
                     med, info, g = r["med"], r["info"], r["best_grad"]
                     su_rules, su_tuned = med[g] / med[RULES], med[g] / med[TUNED]
                     geo.setdefault(cell, []).append((su_rules, su_tuned))
@@ -133,6 +152,22 @@ def main(argv=None):
                         f"{g} | {mib(RULES):.1f} / {mib(TUNED):.1f} / {mib(g):.1f} MiB | {err:.1e} |"
                     )
                     print(lines[-1], flush=True)
+                    lim = f"{r['limit'] / 2**20:.1f} MiB"
+                    if r["fits"]:
+                        budget_rows.append(
+                            f"| {cell} | {shape} | {lim} | {mib(BUDGETED):.1f} MiB | {med[g] / med[BUDGETED]:.2f}x | "
+                            f"{med[RULES] / med[BUDGETED]:.2f}x |"
+                        )
+                    else:
+                        budget_rows.append(f"| {cell} | {shape} | {lim} | no plan fits | - | - |")
+            lines += [
+                "",
+                f"Under `max_memory` = {args.memory_fraction} x the smallest `jax.grad` contender's temp memory:",
+                "",
+                "| cell | (T, B, N, N1, M) | max_memory | its plan's temp | over best grad | over the rules' plan |",
+                "|---|---|---|---|---|---|",
+                *budget_rows,
+            ]
             lines += ["", "| cell | geometric mean: rules over best grad | tuned over best grad |", "|---|---|---|"]
             for cell, rows in geo.items():
                 gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs))  # noqa: E731

@@ -229,8 +229,10 @@ def test_tune_speed_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path / "users-cache"))
     mod = _load("tune_speed", "benchmarks/tune_speed.py")
     report = mod.main(["--quick", "--cell", "gru", "--budget", "5"])
-    rows = [line.split("|") for line in report.splitlines() if line.startswith("| gru | (")]
+    first, budgeted = report.split("Under `max_memory`")
+    rows = [line.split("|") for line in first.splitlines() if line.startswith("| gru | (")]
     assert len(rows) == 2
     assert all(float(r[-2]) < 1e-4 for r in rows)  # every plan's gradient = jax.grad's
     assert not (tmp_path / "users-cache").exists()  # tuned in a cache of its own
     assert "| gru | " in report.split("geometric mean")[1]
+    assert len([line for line in budgeted.splitlines() if line.startswith("| gru | (")]) == 2
