@@ -236,3 +236,14 @@ def test_tune_speed_quick(tmp_path, monkeypatch):
     assert not (tmp_path / "users-cache").exists()  # tuned in a cache of its own
     assert "| gru | " in report.split("geometric mean")[1]
     assert len([line for line in budgeted.splitlines() if line.startswith("| gru | (")]) == 2
+
+
+@pytest.mark.bench
+def test_scaling_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    mod = _load("scaling", "benchmarks/scaling.py")
+    report = mod.main(["--quick", "--cell", "lstm", "--plot", str(tmp_path / "s.png")])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| lstm |")]
+    assert len(rows) == 6  # 2 lengths x 3 contenders, each timed
+    assert all(r[-2].strip() != "-" and float(r[-2]) < 1e-4 for r in rows)  # gradients = the budgeted call's
+    assert (tmp_path / "s.png").stat().st_size > 0
