@@ -304,8 +304,8 @@ class StackedRNN(nnx.Module):
     Args:
       in_features: N.
       hidden_sizes: N1 of each layer, bottom first.
-      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias, dtype, param_dtype,
-        compute_dtype, biases: as ``RNN``.
+      cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias: as ``RNN``.
+      dtype, param_dtype, compute_dtype, biases: as ``RNN``.
       bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
         how the two directions' states are combined for the next layer and the output.
       time_major: the default layout, overridable per call.
