@@ -181,7 +181,7 @@ def test_float32_inputs_into_a_float64_layer_are_promoted(cell):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
 def test_a_batch_in_one_call_equals_vmap(cell):
     # xs [B, T, N] in one call: the states, final states and the summed loss's gradients equal
     # jax.vmap over the sequences (the Equinox way) and autodiff's, with lengths and h0.

@@ -99,8 +99,8 @@ def tune(
 
     Args:
       params, spec, xs, targets, weights, lengths, h0, output_mask: as ``bptt``; arrays or
-        ``jax.ShapeDtypeStruct`` (random values are drawn for those: the plans' times do not
-        depend on the values).
+        ``jax.ShapeDtypeStruct`` (random values are drawn for those, and lengths of T: the plans'
+        times do not depend on the values).
       generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates: as
         ``bptt``. A choice given here is kept; those left to "auto" / None are tuned.
       max_memory: as ``bptt``'s: only plans whose compiled temp memory fits are timed, checkpoint
@@ -123,9 +123,9 @@ def tune(
     m = spec.output_size
     targets = _concrete(targets, rng, m)
     params = jax.tree.map(lambda a: _concrete(a, rng, 1), params, is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
-    weights, lengths, output_mask = (
-        _concrete(a, rng, 1) if a is not None else None for a in (weights, lengths, output_mask)
-    )
+    weights, output_mask = (_concrete(a, rng, 1) if a is not None else None for a in (weights, output_mask))
+    if isinstance(lengths, jax.ShapeDtypeStruct):  # every sequence whole: the time a full batch takes
+        lengths = jnp.full(lengths.shape, xs.shape[0], lengths.dtype)
     if h0 is not None:
         h0 = jax.tree.map(lambda a: _concrete(a, rng, 1), h0, is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
     lengths, weights = checks.entry_checks(
