@@ -247,3 +247,22 @@ def test_scaling_quick(tmp_path, monkeypatch):
     assert len(rows) == 6  # 2 lengths x 3 contenders, each timed
     assert all(r[-2].strip() != "-" and float(r[-2]) < 1e-4 for r in rows)  # gradients = the budgeted call's
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+@pytest.mark.bench
+def test_step_profile_quick():
+    mod = _load("step_profile", "benchmarks/step_profile.py")
+    report = mod.main(["--quick", "--cell", "lstm", "--rounds", "1"])
+    (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| 12, 3, 5, 6 |")]
+    loops = [part.strip() for part in row[-2].split(",")]
+    assert len(loops) == 2  # the forward and the reverse loop, each with its one matmul
+    assert all(loop.endswith("(1)") and int(loop.split()[0]) > 1 for loop in loops)
+
+
+@pytest.mark.bench
+def test_xla_options_quick():
+    mod = _load("xla_options", "benchmarks/xla_options.py")
+    report = mod.main(["--quick", "--cell", "gru"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| ") and "(12, 3" not in line]
+    assert [r[1].strip() for r in rows] == ["default", "no XNNPACK (Eigen matmuls)", "single-threaded Eigen"]
+    assert all(float(r[2]) > 0 for r in rows)  # each timed, its gradients checked against the default's

@@ -1,13 +1,16 @@
 """``max_memory``: the plan ``bptt`` runs under a budget fits it by the compiled program's own memory
 analysis, and gives jax.grad's gradient (float64, 1e-10); too small a budget names the smallest one
 that fits, and that one then works; budgets are parsed with named errors; a budget works under an
-outer jit and through ``tune``.
+outer jit and through ``tune``. The same for ``rnn_states`` (the layers' custom VJP) and the NNX and
+Equinox layers' ``max_memory``: the chosen (gates, block) fits by the compiled forward + backward's
+memory analysis and equals ``grad="autodiff"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax.core import budget, gradient, plan
+from bptt_jax.core import budget, gradient, plan, vjp
 from tests import reference as ref
 
 T, B = 24, 2
@@ -27,8 +30,10 @@ T, B = 24, 2
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path))
     gradient._within_budget.cache_clear()
+    vjp._within_budget.cache_clear()
     yield tmp_path
     gradient._within_budget.cache_clear()
+    vjp._within_budget.cache_clear()
 
 
 def _problem(cell, bidirectional=False, seed=0, dtype=jnp.float64):
@@ -148,3 +153,120 @@ def test_parse_memory(value, expected):
 def test_parse_memory_refuses_by_name(value):
     with pytest.raises(ValueError, match="max_memory: expected"):
         budget.parse_memory(value)
+
+
+# ----------------------------------------------------------------------------- rnn_states, the layers
+
+
+def _public_h0(spec, dtype):
+    zeros = lambda n1: jnp.zeros((B, n1), dtype)  # noqa: E731
+    return tuple((zeros(n1), zeros(n1)) if spec.is_lstm else zeros(n1) for n1 in spec.state_sizes())
+
+
+def _states_temp(p, spec, gates, block_size) -> int:
+    """The compiled temp memory of rnn_states' forward + backward with this layout (h0 an argument,
+    as the layers pass it): measured here by jax.vjp of the public call, independently of
+    ``vjp._within_budget``."""
+
+    def fwd_bwd(params, xs, h0, ct):
+        f = lambda a, b, c: vjp.rnn_states(a, spec, b, h0=c, lengths=p.lengths, gates=gates, block_size=block_size)  # noqa: E731
+        return jax.vjp(f, params, xs, h0)[1](ct)
+
+    ct = jax.ShapeDtypeStruct((T, B, spec.merged_size(spec.num_layers - 1)), p.xs.dtype)
+    h0 = _public_h0(spec, p.xs.dtype)
+    return budget.temp_bytes(jax.jit(fwd_bwd).lower(p.params, p.xs, h0, ct).compile())
+
+
+@settings(max_examples=4)
+@given(
+    cell=st.sampled_from(["elman", "gru", "lstm"]),
+    bidirectional=st.booleans(),
+    fraction=st.sampled_from([1.0, 0.6, 0.3]),
+    seed=st.integers(0, 99),
+)
+def test_rnn_states_under_a_budget_fits_and_equals_autodiff(cell, bidirectional, fraction, seed):
+    with jax.enable_x64(True):
+        p, spec = _problem(cell, bidirectional=bidirectional, seed=seed)
+        ct = jnp.asarray(np.random.RandomState(seed).randn(T, B, spec.merged_size(0)))
+        limit = int(_states_temp(p, spec, "auto", None) * fraction)
+
+        h0 = _public_h0(spec, p.xs.dtype)
+
+        def grads(**kw):
+            f = lambda a, b: jnp.sum(vjp.rnn_states(a, spec, b, h0=h0, lengths=p.lengths, **kw) * ct)  # noqa: E731
+            return jax.grad(f, argnums=(0, 1))(p.params, p.xs)
+
+        try:
+            got = grads(max_memory=limit)
+        except ValueError as e:  # too lean for any layout: the error names a budget that does fit
+            need = int(re.search(r"\((\d+) bytes\)", str(e)).group(1))
+            assert need > limit
+            assert "bptt's only" in str(e)
+            limit = need
+            got = grads(max_memory=limit)
+        (sig, struct), *_ = [_states_signature(p)]
+        gates, block = vjp._within_budget(spec, 1, "scan", ("auto", None), limit, sig, struct)
+        assert _states_temp(p, spec, gates, block) <= limit
+        want = grads(grad="autodiff")
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
+
+
+def _states_signature(p):
+    h0 = tuple(jnp.zeros((B, w), p.xs.dtype) for w in p.spec.state_widths())
+    leaves, structure = jax.tree_util.tree_flatten((p.params, p.xs, h0, p.lengths))
+    return tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves), structure
+
+
+def test_rnn_states_options_are_checked_by_name():
+    p, spec = _problem("elman", dtype=jnp.float32)
+    with pytest.raises(ValueError, match="gates='store': the Elman cell has no gates"):
+        vjp.rnn_states(p.params, spec, p.xs, gates="store")
+    with pytest.raises(ValueError, match="block_size: expected a positive int"):
+        vjp.rnn_states(p.params, spec, p.xs, block_size=0)
+    with pytest.raises(ValueError, match="max_memory: expected bytes"):
+        vjp.rnn_states(p.params, spec, p.xs, max_memory="lots")
+
+
+def test_the_layers_take_a_budget():
+    """NNX RNN, StackedRNN and the Equinox RNN with max_memory: the gradient of a loss equals the
+    same layer's grad="autodiff" (float64), and a bad budget is refused when the layer is built."""
+    from flax import nnx
+
+    from bptt_jax.layers import equinox as beqx
+    from bptt_jax.layers import nnx as bnnx
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.RandomState(0).randn(B, T, 3))
+        lengths = jnp.array([T, T // 2])
+        builds = {
+            "nnx RNN": lambda g, m: bnnx.RNN(
+                3, 6, cell="lstm", grad=g, max_memory=m, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+            ),
+            "nnx StackedRNN": lambda g, m: bnnx.StackedRNN(
+                3,
+                (6, 5),
+                cell="gru",
+                bidirectional=True,
+                grad=g,
+                max_memory=m,
+                param_dtype=jnp.float64,
+                rngs=nnx.Rngs(0),
+            ),
+        }
+        for build in builds.values():
+            grads = {}
+            for g, m in (("bptt", "60KiB"), ("autodiff", None)):
+                model = build(g, m)
+                loss = lambda mdl: jnp.sum(jnp.sin(mdl(x, seq_lengths=lengths)))  # noqa: E731
+                grads[g] = nnx.grad(loss)(model)
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), *grads.values())
+        eqx_grads = []
+        for g, m in (("bptt", "60KiB"), ("autodiff", None)):
+            rnn = beqx.RNN(3, 6, cell="gru", grad=g, max_memory=m, dtype=jnp.float64, key=jax.random.key(0))
+            eqx_grads.append(jax.grad(lambda r: jnp.sum(jnp.sin(r(x, length=lengths))))(rnn))
+        for a, b in zip(*map(jax.tree.leaves, eqx_grads)):  # the static fields (grad, max_memory) differ
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="max_memory: expected bytes"):
+        bnnx.RNN(3, 6, max_memory="lots", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="gates: expected one of"):
+        beqx.RNN(3, 6, gates="sometimes", key=jax.random.key(0))

@@ -139,11 +139,13 @@ def choose(
     budget: int,
     segments_ok: bool,
     measure: Callable[[plan.Options], int],
+    hint: str | None = None,
 ) -> plan.Options:
     """The first of ``candidates`` whose compiled temp memory (``measure``) is at most ``budget``
     bytes; a candidate whose lower bound (``stored_bytes``) exceeds the budget is not compiled.
     When none fits, every candidate is compiled and the ValueError gives the smallest compiled temp
-    memory among them: the smallest budget that would fit."""
+    memory among them: the smallest budget that would fit (``hint``: what the message adds about
+    the plans left out)."""
     tried = candidates(first, spec, t_len, batch, segments_ok)
     measured: dict[plan.Options, int] = {}
     for o in tried:
@@ -157,11 +159,12 @@ def choose(
             measured[o] = measure(o)
     leanest = min(tried, key=lambda o: measured[o])
     need = measured[leanest]
-    hint = (
-        ""
-        if segments_ok
-        else " (checkpoint segments, the leanest plans, need a unidirectional network without output_mask)"
-    )
+    if hint is None:
+        hint = (
+            ""
+            if segments_ok
+            else " (checkpoint segments, the leanest plans, need a unidirectional network without output_mask)"
+        )
     raise ValueError(
         f"max_memory={format_bytes(budget)}: no plan of this gradient fits; the leanest "
         f"(block_size={leanest.block_size}, gates={leanest.gates!r}, checkpoint_every={leanest.checkpoint_every}) "

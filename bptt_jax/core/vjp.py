@@ -17,9 +17,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import backward, checks, forward, kernels, precision
+from bptt_jax.core import backward, budget, checks, forward, kernels, precision
 from bptt_jax.core.params import RNNParams, RNNSpec
-from bptt_jax.core.plan import Plan, auto_block_size, block_width, resolve_gates
+from bptt_jax.core.plan import Options, Plan, auto_block_size, block_width, resolve_gates
 
 Array = jax.Array
 
@@ -32,31 +32,35 @@ def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False):
     return traces[-1].merged, last, traces
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _states(spec, unroll, recurrence, params, xs, h0, lengths):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _states(spec, unroll, recurrence, layout, params, xs, h0, lengths):
     return _plain(spec, unroll, recurrence, params, xs, h0, lengths)[:2]
 
 
-def _states_fwd(spec, unroll, recurrence, params, xs, h0, lengths):
-    dtype = spec.compute_dtype or xs.dtype
-    store = resolve_gates("auto", spec, xs.shape[0], xs.shape[1], None, dtype)  # gated cells: keep the gates
+def _block(layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -> int:
+    """The backward's time block C for ``layout`` = (gates, block_size) as asked: None resolves by
+    ``auto_block_size`` (``width``: the widest per-step buffer); C must divide T (the residual
+    states are not padded), so a C that does not becomes the whole sequence, as with the kernels."""
+    c = layout[1] or auto_block_size(t_len, batch, width)
+    return t_len if recurrence == "pallas" or t_len % c else c
+
+
+def _states_fwd(spec, unroll, recurrence, layout, params, xs, h0, lengths):
+    store = resolve_gates(layout[0], spec, xs.shape[0], xs.shape[1], None, spec.compute_dtype or xs.dtype)
     merged, last, traces = _plain(spec, unroll, recurrence, params, xs, h0, lengths, store)
     xs_dtype = jnp.zeros((), xs.dtype)  # dX's dtype; the inputs themselves are in traces[0] (computed)
     return (merged, last), (params, xs_dtype, h0, lengths, traces)
 
 
-def _states_bwd(spec, unroll, recurrence, residuals, cts):
+def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
     """The explicit BPTT (``backward.stack_backward``) in the compute dtype; the cotangents come
     back in the dtypes of the primal inputs."""
     params, xs_dtype, h0, lengths, traces = residuals
     cparams, ch0 = precision.to_compute(spec.compute_dtype, (params, h0))
     ct, ct_last = cts  # ct_last: symbolic zeros arrive as zero arrays
     t_len, batch = ct.shape[:2]
-    c = auto_block_size(t_len, batch, max(block_width(spec), ct.shape[-1]))
-    whole = recurrence == "pallas" or t_len % c  # residual states are not padded: C must divide T
-    p = Plan(
-        block=t_len if whole else c, store=False, segment=None, unroll=unroll, recurrence=recurrence, with_dxs=True
-    )
+    c = _block(layout, t_len, batch, max(block_width(spec), ct.shape[-1]), recurrence)
+    p = Plan(block=c, store=False, segment=None, unroll=unroll, recurrence=recurrence, with_dxs=True)
     ds_last = tuple(a.astype(precision.accumulation(a.dtype)) for a in ct_last)
     g_layers, g_reverse, dxs, dh0, _ = backward.stack_backward(
         cparams, spec, traces, ch0, lengths, ct, p, ds_last=ds_last
@@ -78,6 +82,15 @@ def check_grad(grad: str) -> None:
         raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
 
 
+def check_memory_options(gates: str, max_memory):
+    """A layer's ``gates`` and ``max_memory`` checked at construction (a bad value names its
+    option); returned unchanged."""
+    Options(gates=gates)
+    if max_memory is not None:
+        budget.parse_memory(max_memory)
+    return gates, max_memory
+
+
 def rnn_states(
     params: RNNParams,
     spec: RNNSpec,
@@ -89,6 +102,9 @@ def rnn_states(
     recurrence: str = "auto",
     return_last: bool = False,
     grad: str = "bptt",
+    gates: str = "auto",
+    block_size: int | None = None,
+    max_memory: int | str | None = None,
 ):
     """The top layer's merged states, differentiable (once) through the explicit BPTT.
 
@@ -104,16 +120,63 @@ def rnn_states(
         each entry's reverse recurrence as its first carry.
       grad: "bptt" (the custom VJP) or "autodiff": the same forward scans without it, so that
         ``jax.grad`` differentiates them (the oracle; layers expose it as their ``grad`` option).
+      gates: the GRU's and LSTM's gates kept from the forward pass for the backward ("store") or
+        recomputed there ("recompute"); "auto" as ``bptt``'s rules. Same gradients either way.
+      block_size: C, the backward's time block (gates recomputed per block); None: as ``bptt``'s
+        rules. A C that does not divide T runs the whole sequence as one block.
+      max_memory: a budget for the temp memory of the layer's forward + backward program, in bytes
+        or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
+        shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
+        recomputed, then smaller time blocks. Raises ValueError naming the smallest budget that
+        would fit when none does. Checkpoint segments are ``bptt``'s only (not here yet).
 
     Returns:
       [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net), or
       (states, h_last) with ``return_last``. Works under jit, vmap and inside lax.scan.
     """
     check_grad(grad)
+    Options(block_size=block_size, gates=gates).check(spec, False)  # names a bad value
+    limit = None if max_memory is None else budget.parse_memory(max_memory)
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
+    unroll = forward.resolve_unroll(unroll)
     if grad == "bptt":
-        states, last = _states(spec, forward.resolve_unroll(unroll), rec, params, xs, h0, lengths)
+        layout = (gates, block_size)
+        if limit is not None:
+            args = (params, xs, h0, lengths)
+            leaves, structure = jax.tree_util.tree_flatten(args)
+            signature = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
+            layout = _within_budget(spec, unroll, rec, layout, limit, signature, structure)
+        states, last = _states(spec, unroll, rec, layout, params, xs, h0, lengths)
     else:
-        states, last, _ = _plain(spec, forward.resolve_unroll(unroll), rec, params, xs, h0, lengths)
+        states, last, _ = _plain(spec, unroll, rec, params, xs, h0, lengths)
     return (states, spec.public_states(last)) if return_last else states
+
+
+@functools.lru_cache(maxsize=256)
+def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: int, signature: tuple, structure):
+    """(gates, block_size) for ``rnn_states`` under ``max_memory=limit`` with arguments of this
+    signature: ``budget.choose`` over the custom VJP's forward + backward programs, compiled from
+    the shapes (no checkpoint segments here)."""
+    params, xs, h0, lengths = jax.tree_util.tree_unflatten(
+        structure, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
+    )
+    t_len, batch = xs.shape[:2]
+    dtype = jnp.dtype(spec.compute_dtype or xs.dtype)
+    top = jax.eval_shape(lambda p, x, h, n: _plain(spec, unroll, rec, p, x, h, n)[0], params, xs, h0, lengths)
+    store = resolve_gates(layout[0], spec, t_len, batch, None, dtype)
+    c = _block(layout, t_len, batch, max(block_width(spec), top.shape[-1]), rec)
+    first = Options(block_size=c, gates="store" if store else "recompute")
+
+    def measure(o: Options) -> int:
+        lay = (o.gates, o.block_size)
+
+        def fwd_bwd(p, x, h, n, ct):
+            _, pull = jax.vjp(lambda p, x, h: _states(spec, unroll, rec, lay, p, x, h, n)[0], p, x, h)
+            return pull(ct)
+
+        return budget.temp_bytes(jax.jit(fwd_bwd).lower(params, xs, h0, lengths, top).compile())
+
+    hint = " (checkpoint segments, the leanest plans, are bptt's only: rnn_states and the layers have none yet)"
+    chosen = budget.choose(first, spec, t_len, batch, dtype, limit, False, measure, hint=hint)
+    return (chosen.gates, chosen.block_size)

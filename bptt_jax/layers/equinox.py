@@ -49,6 +49,8 @@ class RNN(eqx.Module):
       biases: which biases are trained: "pytorch" (bx and bh), "equinox" (``eqx.nn.GRUCell``'s bias
         and bias_n, ``eqx.nn.LSTMCell``'s bias: what ``from_eqx_cell`` gives), "flax" or "none"
         (``bptt_jax.layers.biases``); the others are zeros, not leaves.
+      gates, max_memory: the gated cells' gates stored or recomputed, and a budget for the temp
+        memory of one call's forward + backward, as ``bptt_jax.core.vjp.rnn_states``.
       key: a JAX PRNG key for the weights.
     """
 
@@ -58,6 +60,8 @@ class RNN(eqx.Module):
     biases: str = eqx.field(static=True)
     unroll: int | None = eqx.field(static=True)
     grad: str = eqx.field(static=True)
+    gates: str = eqx.field(static=True)
+    max_memory: int | str | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -74,9 +78,12 @@ class RNN(eqx.Module):
         dtype=jnp.float32,
         compute_dtype=None,
         biases: str = "pytorch",
+        gates: str = "auto",
+        max_memory: int | str | None = None,
         key: Array,
     ):
         vjp.check_grad(grad)
+        self.gates, self.max_memory = vjp.check_memory_options(gates, max_memory)
         bias_layouts.check_layout(biases)
         self.spec = RNNSpec(in_size, (hidden_size,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype)
         self.unroll, self.grad, self.biases = unroll, grad, biases
@@ -128,7 +135,16 @@ class RNN(eqx.Module):
         readout = ReadoutParams(jnp.zeros((n1, 1), x.dtype), jnp.zeros((1,), x.dtype))  # unused: not a field
         params = RNNParams((self.full_layer(),), (), readout)
         states, last = rnn_states(
-            params, self.spec, x, h0=h0, lengths=lengths, unroll=self.unroll, return_last=True, grad=self.grad
+            params,
+            self.spec,
+            x,
+            h0=h0,
+            lengths=lengths,
+            unroll=self.unroll,
+            return_last=True,
+            grad=self.grad,
+            gates=self.gates,
+            max_memory=self.max_memory,
         )
         hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
         if not return_last:

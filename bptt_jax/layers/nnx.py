@@ -71,6 +71,10 @@ class RNN(nnx.Module):
         the outputs (the states) come in the compute dtype.
       biases: which biases are Params: "pytorch" (bx and bh), "flax" (the Flax cell's), "equinox"
         (``bptt_jax.layers.biases``); the others are zeros, not trained.
+      gates: "auto", "store" or "recompute": the gated cells' gates kept for the backward pass or
+        recomputed there, as ``bptt_jax.core.vjp.rnn_states``.
+      max_memory: a budget for the temp memory of the layer's forward + backward (bytes or "512MiB"),
+        as ``rnn_states``: the fastest of its plans that fits, chosen once per input shape.
       rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
     """
 
@@ -95,9 +99,12 @@ class RNN(nnx.Module):
         param_dtype=jnp.float32,
         compute_dtype=None,
         biases: str = "pytorch",
+        gates: str = "auto",
+        max_memory: int | str | None = None,
         rngs: nnx.Rngs,
     ):
         bias_layouts.check_layout(biases)
+        self.gates, self.max_memory = vjp.check_memory_options(gates, max_memory)
         self.dtype = dtype
         self.spec = RNNSpec(
             in_features, (hidden_features,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype
@@ -171,6 +178,8 @@ class RNN(nnx.Module):
             recurrence=self.recurrence,
             return_last=True,
             grad=self.grad,
+            gates=self.gates,
+            max_memory=self.max_memory,
         )
         if reverse and keep_order:
             states = forward.reverse_padded(states, lengths)
@@ -305,7 +314,8 @@ class StackedRNN(nnx.Module):
       in_features: N.
       hidden_sizes: N1 of each layer, bottom first.
       cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias: as ``RNN``.
-      dtype, param_dtype, compute_dtype, biases: as ``RNN``.
+      dtype, param_dtype, compute_dtype, biases, gates, max_memory: as ``RNN`` (``max_memory``
+        budgets the whole stack's forward + backward).
       bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
         how the two directions' states are combined for the next layer and the output.
       time_major: the default layout, overridable per call.
@@ -336,10 +346,13 @@ class StackedRNN(nnx.Module):
         param_dtype=jnp.float32,
         compute_dtype=None,
         biases: str = "pytorch",
+        gates: str = "auto",
+        max_memory: int | str | None = None,
         rngs: nnx.Rngs,
     ):
         vjp.check_grad(grad)
         bias_layouts.check_layout(biases)
+        self.gates, self.max_memory = vjp.check_memory_options(gates, max_memory)
         self.dtype = dtype
         self.spec = RNNSpec(
             in_features,
@@ -393,6 +406,8 @@ class StackedRNN(nnx.Module):
             recurrence=self.recurrence,
             return_last=True,
             grad=self.grad,
+            gates=self.gates,
+            max_memory=self.max_memory,
         )
         outputs = _batch_layout(states, batch_dims, time_major)
         if not return_carry:
