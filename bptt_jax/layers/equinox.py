@@ -50,7 +50,9 @@ class RNN(eqx.Module):
         and bias_n, ``eqx.nn.LSTMCell``'s bias: what ``from_eqx_cell`` gives), "flax" or "none"
         (``bptt_jax.layers.biases``); the others are zeros, not leaves.
       gates, max_memory: the gated cells' gates stored or recomputed, and a budget for the temp
-        memory of one call's forward + backward, as ``bptt_jax.core.vjp.rnn_states``.
+        memory of one call's forward + backward, as ``bptt_jax.core.vjp.rnn_states`` (under
+        ``jax.vmap`` that is one sequence's program, which vmap then runs for the whole batch;
+        the batch call [B, T, N] is budgeted whole).
       key: a JAX PRNG key for the weights.
     """
 
