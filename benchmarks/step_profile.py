@@ -39,12 +39,10 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("BPTT_JAX_PLAN_CACHE", "off")  # the rules' plans, never a tuned one
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

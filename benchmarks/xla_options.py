@@ -20,16 +20,15 @@ which no ``try`` here can catch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("BPTT_JAX_PLAN_CACHE", "off")  # the rules' plans, never a tuned one
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,6 +94,21 @@ def bench(cell: str, shape, rounds: int, names: list[str]) -> dict:
     return {"shape": shape, "med": med, "errors": errors, "rejected": rejected}
 
 
+@contextlib.contextmanager
+def rules_only():
+    """The plan cache off while the programs are traced (the rules' plans, never a tuned one), and
+    the environment as it was afterwards (the test suite runs ``main`` in its own process)."""
+    old = os.environ.get("BPTT_JAX_PLAN_CACHE")
+    os.environ["BPTT_JAX_PLAN_CACHE"] = "off"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["BPTT_JAX_PLAN_CACHE"]
+        else:
+            os.environ["BPTT_JAX_PLAN_CACHE"] = old
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -114,7 +128,8 @@ def main(argv=None) -> str:
         "",
     ]
     for cell in args.cell or ["elman", "gru", "lstm"]:
-        rows = [bench(cell, s, rounds, names) for s in shapes]
+        with rules_only():
+            rows = [bench(cell, s, rounds, names) for s in shapes]
         head = "| option set | " + " | ".join(f"({', '.join(map(str, r['shape']))})" for r in rows) + " | geomean |"
         lines += [f"## {cell.upper()}", "", head, "|---" * (len(rows) + 2) + "|"]
         for name in names:

@@ -1,6 +1,7 @@
 """A quick run of the benchmark script on tiny shapes, so it never rots (no timing assertions)."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -263,7 +264,9 @@ def test_step_profile_quick():
 @pytest.mark.bench
 def test_xla_options_quick():
     mod = _load("xla_options", "benchmarks/xla_options.py")
+    before = os.environ.get("BPTT_JAX_PLAN_CACHE")
     report = mod.main(["--quick", "--cell", "gru"])
+    assert os.environ.get("BPTT_JAX_PLAN_CACHE") == before  # the cache switched off for its run only
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| ") and "(12, 3" not in line]
     assert [r[1].strip() for r in rows] == ["default", "no XNNPACK (Eigen matmuls)", "single-threaded Eigen"]
     assert all(float(r[2]) > 0 for r in rows)  # each timed, its gradients checked against the default's
