@@ -270,3 +270,14 @@ def test_xla_options_quick():
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| ") and "(12, 3" not in line]
     assert [r[1].strip() for r in rows] == ["default", "no XNNPACK (Eigen matmuls)", "single-threaded Eigen"]
     assert all(float(r[2]) > 0 for r in rows)  # each timed, its gradients checked against the default's
+
+
+@pytest.mark.bench
+def test_lstm_forms_quick():
+    mod = _load("lstm_forms", "benchmarks/lstm_forms.py")
+    before = os.environ.get("BPTT_JAX_PLAN_CACHE")
+    report = mod.main(["--quick", "--rounds", "1"])
+    (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3")]
+    assert len(row) == 7 and all(float(r) > 0 for r in row[2:6])  # 2 forms x 2 gate settings, each checked
+    assert mod.lstm._gates is not mod.fused_gates and mod.lstm.reverse is not mod.in_loop_reverse  # restored
+    assert os.environ.get("BPTT_JAX_PLAN_CACHE") == before
