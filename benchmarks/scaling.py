@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py [--quick] [--cell elman|gru|lstm ...] [--lengths 100,1000,...]
                                  [--max-memory 256MiB] [--out FILE] [--plot FILE.png]
+                                 [--batches 1,4,16,64,256] [--widths 32,64,128,256,512] [--sweep-t T] [--no-lengths]
 
 For each cell (one unidirectional layer, B 16, N 64, N1 128, M 64, float32, softmax + cross-entropy)
 and each T (10^2 ... 10^6 by default), side by side in one process: the default ``bptt`` call (the
@@ -12,7 +13,8 @@ XLA's memory analysis; it runs only when that and the inputs fit in ``--ram-shar
 machine's memory (the rows say "does not fit" otherwise, with the temp memory it would need). Times
 are medians of a few calls after a warm-up (one call at T >= 10^5); gradients are checked against
 the budgeted call's. The report gives seconds per call, microseconds per step and temp memory; with
-``--plot`` a log-log figure of both against T.
+``--plot`` a log-log figure of both against T. ``--batches`` and ``--widths`` add the same
+contenders at one T (``--sweep-t``) against B and against N1 (``--no-lengths``: those alone).
 """
 
 from __future__ import annotations
@@ -106,6 +108,30 @@ def measure(cell: str, t_len: int, sizes: dict, limit: int, ram_share: float) ->
     return rows
 
 
+def sweep(cells: list[str], key: str, values: str, sizes: dict, t_len: int, limit: int, ram_share: float) -> list[str]:
+    """The same contenders at one T against B or N1 (``key``), the other sizes as the T sweep's."""
+    lines = [
+        "",
+        f"### Against {key} (T = {t_len}, the other sizes as above)",
+        "",
+        f"| cell | {key} | contender | s per gradient | us per step | temp memory | temp per {key} | max rel err vs budgeted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        for v in (int(x) for x in values.split(",")):
+            for r in measure(cell, t_len, {**sizes, key: v}, limit, ram_share):
+                temp = budget.format_bytes(r["temp"]) if "temp" in r else "-"
+                per = budget.format_bytes(r["temp"] / v) if "temp" in r else "-"
+                if "seconds" in r:
+                    timing = f"{r['seconds']:.4g} | {1e6 * r['seconds'] / t_len:.2f}"
+                else:
+                    timing = f"{r.get('note', '-')} | -"
+                err = f"{r['err']:.1e}" if "err" in r else "-"
+                lines.append(f"| {cell} | {v} | {r['contender']} | {timing} | {temp} | {per} | {err} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -143,6 +169,10 @@ def main(argv=None) -> str:
     ap.add_argument("--ram-share", type=float, default=0.6, help="run a contender only within this share of RAM")
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--plot", help="write the log-log figure here (.png)")
+    ap.add_argument("--batches", help="also sweep B (comma-separated) at T = --sweep-t, the other sizes fixed")
+    ap.add_argument("--widths", help="also sweep N1 (comma-separated) at T = --sweep-t, the other sizes fixed")
+    ap.add_argument("--sweep-t", type=int, default=1000, help="T of the B and N1 sweeps (1000)")
+    ap.add_argument("--no-lengths", action="store_true", help="only the B / N1 sweeps, not the T sweep")
     args = ap.parse_args(argv)
     sizes = dict(QUICK) if args.quick else dict(B=B, N=N, N1=N1, M=M, lengths=LENGTHS)
     lengths = tuple(int(float(v)) for v in args.lengths.split(",")) if args.lengths else sizes["lengths"]
@@ -158,7 +188,7 @@ def main(argv=None) -> str:
     ]
     rows: list[dict] = []
     for cell in args.cell or ["elman", "gru", "lstm"]:
-        for t_len in lengths:
+        for t_len in () if args.no_lengths else lengths:
             for r in measure(cell, t_len, sizes, limit, args.ram_share):
                 rows.append(r)
                 temp = budget.format_bytes(r["temp"]) if "temp" in r else "-"
@@ -170,6 +200,11 @@ def main(argv=None) -> str:
                 compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
                 lines.append(f"| {cell} | {t_len:.0e} | {r['contender']} | {timing} | {temp} | {compile_s} | {err} |")
                 print(lines[-1], flush=True)
+    for key, values in (("B", args.batches), ("N1", args.widths)):
+        if values:
+            lines += sweep(
+                args.cell or ["elman", "gru", "lstm"], key, values, sizes, args.sweep_t, limit, args.ram_share
+            )
     if args.plot:
         plot(rows, args.plot)
         lines += ["", f"Figure: {args.plot}"]

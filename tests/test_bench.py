@@ -281,3 +281,15 @@ def test_lstm_forms_quick():
     assert len(row) == 7 and all(float(r) > 0 for r in row[2:6])  # 2 forms x 2 gate settings, each checked
     assert mod.lstm._gates is not mod.fused_gates and mod.lstm.reverse is not mod.in_loop_reverse  # restored
     assert os.environ.get("BPTT_JAX_PLAN_CACHE") == before
+
+
+@pytest.mark.bench
+def test_scaling_sweeps_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    mod = _load("scaling", "benchmarks/scaling.py")
+    report = mod.main(
+        ["--quick", "--cell", "gru", "--no-lengths", "--batches", "1,3", "--widths", "4", "--sweep-t", "16"]
+    )
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| gru |")]
+    assert [(r[2].strip()) for r in rows] == ["1"] * 3 + ["3"] * 3 + ["4"] * 3  # B 1, 3 then N1 4, 3 contenders each
+    assert all(r[-2].strip() != "-" and float(r[-2]) < 1e-4 for r in rows)  # gradients = the budgeted call's
