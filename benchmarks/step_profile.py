@@ -315,11 +315,7 @@ def main(argv=None) -> str:
             rows.append(bench(cell, shape, rounds, args.threads))
             print(f"{cell} {shape} done", file=sys.stderr)
         lines += report(cell, rows)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    return text
+    return bptt_speed._report(lines, args.out)  # printed, and written to --out
 
 
 if __name__ == "__main__":

@@ -152,11 +152,7 @@ def main(argv=None) -> str:
         print(f"{cell} done", file=sys.stderr)
         if args.out:  # what is measured so far, in case a later option takes the process down
             Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    return text
+    return bptt_speed._report(lines, args.out)  # printed, and written to --out
 
 
 if __name__ == "__main__":
