@@ -3,6 +3,7 @@
     python benchmarks/scaling.py [--quick] [--cell elman|gru|lstm ...] [--lengths 100,1000,...]
                                  [--max-memory 256MiB] [--out FILE] [--plot FILE.png]
                                  [--batches 1,4,16,64,256] [--widths 32,64,128,256,512] [--sweep-t T] [--no-lengths]
+                                 [--bidirectional] [--segments]
 
 For each cell (one unidirectional layer, B 16, N 64, N1 128, M 64, float32, softmax + cross-entropy)
 and each T (10^2 ... 10^6 by default), side by side in one process: the default ``bptt`` call (the
@@ -11,10 +12,12 @@ rules' plan), the same call under ``max_memory`` (``--max-memory``, 256 MiB by d
 cell's ``bptt_speed.naive_loss``). Every contender is compiled first and its temp memory read from
 XLA's memory analysis; it runs only when that and the inputs fit in ``--ram-share`` of this
 machine's memory (the rows say "does not fit" otherwise, with the temp memory it would need). Times
-are medians of a few calls after a warm-up (one call at T >= 10^5); gradients are checked against
+are medians of a few calls after a warm-up (one call at T >= 10^5, and no warm-up at 10^6); gradients are checked against
 the budgeted call's. The report gives seconds per call, microseconds per step and temp memory; with
 ``--plot`` a log-log figure of both against T. ``--batches`` and ``--widths`` add the same
 contenders at one T (``--sweep-t``) against B and against N1 (``--no-lengths``: those alone).
+``--bidirectional`` makes the layer bidirectional (its ``jax.grad`` contender: ``jax.grad`` of
+``bj.loss``); ``--segments`` adds ``bptt`` with checkpoint segments of about sqrt(T) steps.
 """
 
 from __future__ import annotations
@@ -54,24 +57,39 @@ def _ram() -> int:
         return 8 * 2**30
 
 
-def contenders(cell: str, spec, limit: int) -> dict:
-    grad = gated.plain_loss(cell) if cell != "elman" else bptt_speed.naive_loss
-    return {
+def segment_steps(t_len: int) -> int:
+    """k for the ``--segments`` contender: the divisor of T nearest sqrt(T)."""
+    return min((d for d in range(1, t_len + 1) if t_len % d == 0), key=lambda d: abs(d - math.isqrt(t_len)))
+
+
+def contenders(cell: str, spec, limit: int, t_len: int, segments: bool) -> dict:
+    if spec.bidirectional:  # jax.grad of the library's own forward loss (two plain lax.scans)
+        grad, grad_name = (lambda p, x, d: bj.loss(p, spec, x, d)), "jax.grad (bj.loss)"
+    else:
+        grad = gated.plain_loss(cell) if cell != "elman" else bptt_speed.naive_loss
+        grad_name = "jax.grad (plain scan)"
+    out = {
         "bptt (default)": lambda p, x, d: bj.bptt(p, spec, x, d)[:2],
         f"bptt max_memory={budget.format_bytes(limit)}": lambda p, x, d: bj.bptt(p, spec, x, d, max_memory=limit)[:2],
-        "jax.grad (plain scan)": jax.value_and_grad(grad),
     }
+    if segments:
+        k = segment_steps(t_len)
+        out[f"bptt checkpoint_every={k}"] = lambda p, x, d: bj.bptt(p, spec, x, d, checkpoint_every=k)[:2]
+    out[grad_name] = jax.value_and_grad(grad)
+    return out
 
 
-def measure(cell: str, t_len: int, sizes: dict, limit: int, ram_share: float) -> list[dict]:
+def measure(
+    cell: str, t_len: int, sizes: dict, limit: int, ram_share: float, bidirectional=False, segments=False
+) -> list[dict]:
     b, n, n1, m = sizes["B"], sizes["N"], sizes["N1"], sizes["M"]
-    spec = bj.RNNSpec(n, (n1,), m, cell=cell)
+    spec = bj.RNNSpec(n, (n1,), m, cell=cell, bidirectional=bidirectional)
     params = bj.init_params(jax.random.key(0), spec)
     xs = jax.random.normal(jax.random.key(1), (t_len, b, n), jnp.float32)
     targets = jax.random.randint(jax.random.key(2), (t_len, b), 0, m)
     args_bytes = xs.nbytes + targets.nbytes
     rows, ref = [], None
-    for name, fn in contenders(cell, spec, limit).items():
+    for name, fn in contenders(cell, spec, limit, t_len, segments).items():
         row = {"cell": cell, "T": t_len, "contender": name}
         try:
             t0 = time.perf_counter()
@@ -87,8 +105,8 @@ def measure(cell: str, t_len: int, sizes: dict, limit: int, ram_share: float) ->
             rows.append(row)
             continue
         calls = 1 if t_len >= 100_000 else 3
-        out = compiled(params, xs, targets)
-        jax.block_until_ready(out)  # warm-up
+        if t_len < 1_000_000:  # at 10^6 steps a call takes minutes and was compiled above: no warm-up
+            jax.block_until_ready(compiled(params, xs, targets))
         times = []
         for _ in range(calls):
             t0 = time.perf_counter()
@@ -173,13 +191,15 @@ def main(argv=None) -> str:
     ap.add_argument("--widths", help="also sweep N1 (comma-separated) at T = --sweep-t, the other sizes fixed")
     ap.add_argument("--sweep-t", type=int, default=1000, help="T of the B and N1 sweeps (1000)")
     ap.add_argument("--no-lengths", action="store_true", help="only the B / N1 sweeps, not the T sweep")
+    ap.add_argument("--bidirectional", action="store_true", help="one bidirectional layer (the T sweep)")
+    ap.add_argument("--segments", action="store_true", help="also bptt with checkpoint_every = the divisor nearest sqrt(T)")
     args = ap.parse_args(argv)
     sizes = dict(QUICK) if args.quick else dict(B=B, N=N, N1=N1, M=M, lengths=LENGTHS)
     lengths = tuple(int(float(v)) for v in args.lengths.split(",")) if args.lengths else sizes["lengths"]
     limit = budget.parse_memory(args.max_memory if not args.quick else "64KiB")
     lines = gate_blocks.header("How time and memory grow with T", "scaling.py", argv, 3, " (1 call at T >= 1e5)")
     lines += [
-        f"One unidirectional layer, B {sizes['B']}, N {sizes['N']}, N1 {sizes['N1']}, M {sizes['M']}, float32; this "
+        f"One {'bidirectional' if args.bidirectional else 'unidirectional'} layer, B {sizes['B']}, N {sizes['N']}, N1 {sizes['N1']}, M {sizes['M']}, float32; this "
         f"machine's memory {_ram() / 2**30:.1f} GiB (a contender runs when its temp memory and twice the inputs fit "
         f"in {args.ram_share:.0%} of it).",
         "",
@@ -189,7 +209,7 @@ def main(argv=None) -> str:
     rows: list[dict] = []
     for cell in args.cell or ["elman", "gru", "lstm"]:
         for t_len in () if args.no_lengths else lengths:
-            for r in measure(cell, t_len, sizes, limit, args.ram_share):
+            for r in measure(cell, t_len, sizes, limit, args.ram_share, args.bidirectional, args.segments):
                 rows.append(r)
                 temp = budget.format_bytes(r["temp"]) if "temp" in r else "-"
                 if "seconds" in r:

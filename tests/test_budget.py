@@ -64,11 +64,14 @@ def _signature(p):
 
 @settings(max_examples=4)
 @given(
-    cell=st.sampled_from(["elman", "gru", "lstm"]), fraction=st.sampled_from([1.0, 0.5, 0.25]), seed=st.integers(0, 99)
+    cell=st.sampled_from(["elman", "gru", "lstm"]),
+    bidirectional=st.booleans(),
+    fraction=st.sampled_from([1.0, 0.5, 0.25]),
+    seed=st.integers(0, 99),
 )
-def test_the_plan_under_a_budget_fits_and_gives_autodiffs_gradient(cell, fraction, seed):
+def test_the_plan_under_a_budget_fits_and_gives_autodiffs_gradient(cell, bidirectional, fraction, seed):
     with jax.enable_x64(True):
-        p, spec = _problem(cell, seed=seed)
+        p, spec = _problem(cell, bidirectional, seed=seed)
         default = _temp(p, spec, plan.explicit(plan.Options(), spec, T, B, jnp.float64))
         limit = int(default * fraction)
         try:
@@ -100,14 +103,30 @@ def test_a_lean_budget_takes_segments_and_too_small_a_budget_names_the_smallest(
         assert chosen.checkpoint_every is not None or chosen.block_size < T  # a lean plan, not the default
 
 
-def test_bidirectional_budget_without_segments():
+def test_bidirectional_lean_budget_takes_segments_output_mask_none():
+    """A bidirectional network's leanest plans are checkpoint segments too; with an output mask
+    there are none, and the error says so."""
     with jax.enable_x64(True):
         p, spec = _problem("lstm", bidirectional=True)
-        with pytest.raises(ValueError, match="checkpoint segments, the leanest plans, need a unidirectional"):
+        with pytest.raises(
+            ValueError, match=r"the leanest \(block_size=\d+, gates='recompute', checkpoint_every=\d+\)"
+        ) as e:
             bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, max_memory="1KiB")
+        need = int(str(e.value).split("(")[-1].split(" bytes")[0])
         default = _temp(p, spec, plan.explicit(plan.Options(), spec, T, B, jnp.float64))
-        _, grads, _ = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, max_memory=default)
-        assert _chosen(p, spec, default).checkpoint_every is None
+        assert need < default
+        div, grads, _ = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, max_memory=need)
+        chosen = _chosen(p, spec, need)
+        assert chosen.checkpoint_every is not None and _temp(p, spec, chosen) == need
+        loss = lambda params: bj.loss(params, spec, p.xs, p.targets, lengths=p.lengths)  # noqa: E731
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), grads, jax.grad(loss)(p.params)
+        )
+        mask = jnp.ones((T, B, 12), jnp.float64)
+        with pytest.raises(
+            ValueError, match="checkpoint segments, the leanest plans, cannot be combined with output_mask"
+        ):
+            bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, output_mask=mask, max_memory="1KiB")
 
 
 def test_a_budget_under_an_outer_jit():

@@ -10,28 +10,35 @@ from hypothesis import strategies as st
 import bptt_jax as bj
 from tests import reference as ref
 
+CELLS = ("elman", "gru", "lstm")
+
 
 class SegmentsTest(chex.TestCase):
+    """Uni- and bidirectional stacks of every cell, lengths (0 and T among them), weights, h0: the
+    segments' DIV, gradients, dh0, h_last, dxs and ||dh(t)|| equal the plain BPTT's; DIV and the
+    gradients equal jax.value_and_grad's."""
+
     def _check(self, problem, every, dtype, tol, block=None):
         p = ref.cast(problem, dtype)
-        kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
+        kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0, with_dxs=True, diagnostics=True)
         c = ref.block_size(block, p.xs.shape[0])
         seg = self.variant(
             lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, checkpoint_every=every, block_size=c, **kw)
         )(p.params, p.xs)
         plain = bj.bptt(p.params, p.spec, p.xs, p.targets, **kw)
         self.assertLess(ref.max_rel_err(seg, plain), tol)
+        kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0)
         value, auto = jax.value_and_grad(lambda q: bj.loss(q, p.spec, p.xs, p.targets, **kw))(p.params)
         self.assertLess(ref.max_rel_err((seg[0], seg[1]), (value, auto)), tol)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=False, max_t=9), every=st.integers(1, 10), block=ref.BLOCKS)
+    @given(problem=ref.problems(max_t=9, max_layers=2, cells=CELLS), every=st.integers(1, 10), block=ref.BLOCKS)
     def test_segments_equal_plain_bptt_and_autodiff_float64(self, problem, every, block):
         with jax.enable_x64(True):
             self._check(problem, every, jnp.float64, 1e-10, block)
 
     @chex.variants(with_jit=True, without_jit=True)
-    @given(problem=ref.problems(bidirectional=False, max_t=9), every=st.integers(1, 10), block=ref.BLOCKS)
+    @given(problem=ref.problems(max_t=9, max_layers=2, cells=CELLS), every=st.integers(1, 10), block=ref.BLOCKS)
     def test_segments_equal_plain_bptt_and_autodiff_float32(self, problem, every, block):
         self._check(problem, every, jnp.float32, 1e-5, block)
 
@@ -49,7 +56,7 @@ def test_diagnostics_off_gives_same_gradients():
 def test_segment_errors():
     spec = bj.RNNSpec(3, (4,), 5, bidirectional=True)
     p = ref.make_problem(spec, 6, 2, seed=0)
-    with pytest.raises(ValueError, match=r"checkpoint_every: segment recomputation needs a unidirectional network"):
-        bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"checkpoint_every: cannot be combined with output_mask"):
+        bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=2, output_mask=jnp.ones((6, 2, 8)))
     with pytest.raises(ValueError, match=r"checkpoint_every: expected a positive int or None, got 0"):
         bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=0)

@@ -3,8 +3,8 @@
 The plans, fastest first as measured on the benchmark machines (docs/results/benchmarks.md, "Gated
 cells: the memory settings"): the plan ``plan.resolve`` gives (the rules', or one tuned on this
 machine), then a gated cell's gates recomputed instead of stored, then smaller time blocks, then
-checkpoint segments (unidirectional networks without an output mask: about one more forward pass,
-memory ~ T/k + k). Each candidate is first held against a lower bound read from the shapes -- the
+checkpoint segments (networks without an output mask: about one more forward pass, two or more
+for a bidirectional one; memory ~ T/k + k). Each candidate is first held against a lower bound read from the shapes -- the
 arrays it must keep across the whole sequence (the states h(t), c(t), and the gates where stored;
 only the segments' boundary states with segments) -- and, when that fits, compiled: its memory
 analysis (``temp_size_in_bytes``) decides. So the budget is met by the compiled program, not by a
@@ -160,11 +160,7 @@ def choose(
     leanest = min(tried, key=lambda o: measured[o])
     need = measured[leanest]
     if hint is None:
-        hint = (
-            ""
-            if segments_ok
-            else " (checkpoint segments, the leanest plans, need a unidirectional network without output_mask)"
-        )
+        hint = "" if segments_ok else " (checkpoint segments, the leanest plans, cannot be combined with output_mask)"
     raise ValueError(
         f"max_memory={format_bytes(budget)}: no plan of this gradient fits; the leanest "
         f"(block_size={leanest.block_size}, gates={leanest.gates!r}, checkpoint_every={leanest.checkpoint_every}) "

@@ -78,7 +78,10 @@ def _unidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
 
 
 def _bidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
-    """(DIV, grads, dh0, h_last, dxs, norms) of a bidirectional network: the whole-sequence readout."""
+    """(DIV, grads, dh0, h_last, dxs, norms) of a bidirectional network: segments, or the
+    whole-sequence readout."""
+    if p.segment is not None:
+        return segments.bidirectional_segments(params, spec, run, p)
     traces = backward.run_forward(params, spec, run.xs, run.h0, lengths, p)
     h_last = forward.last_states(traces)
     top = traces[-1].merged  # [T', B, N_top], whole sequence: both directions at each t
@@ -232,8 +235,8 @@ def bptt(
         problems, cache-sized blocks for large ones). C = T is the whole-sequence computation. Any
         C >= 1 gives the same gradients.
       checkpoint_every: store the states only every k steps and recompute each k-step segment in
-        the backward pass: memory ~ T/k + k instead of T, same gradients. Unidirectional networks
-        without output_mask only.
+        the backward pass: memory ~ T/k + k instead of T, same gradients. Bidirectional networks
+        too (``segments.bidirectional_segments``: more recomputation); not with output_mask.
       diagnostics: also compute ``aux.dh_norms`` = ||dDIV/dh(t)|| per step and layer (None otherwise).
         Off by default: the norm in every step of the reverse scans costs ~10% at small shapes.
       with_dxs: also compute ``aux.dxs`` = dDIV/dX [T, B, N] (one more matmul per step; None
@@ -305,7 +308,7 @@ def _within_budget(spec: RNNSpec, options: tuple, limit: int, signature: tuple, 
     def measure(o: plan.Options) -> int:
         return budget.temp_bytes(_compiled(spec, with_mask, *dataclasses.astuple(o)).lower(*args).compile())
 
-    segments_ok = not spec.bidirectional and not with_mask
+    segments_ok = not with_mask
     return budget.choose(first, spec, t_len, batch, dtype, limit, segments_ok, measure)
 
 

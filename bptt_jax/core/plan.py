@@ -98,13 +98,8 @@ class Options:
 
     def check(self, spec: RNNSpec, with_output_mask: bool) -> None:
         """What the options cannot do for this network: raises ValueError naming the option."""
-        if self.checkpoint_every is not None:
-            if spec.bidirectional:
-                raise ValueError(
-                    "checkpoint_every: segment recomputation needs a unidirectional network (spec.bidirectional=True)"
-                )
-            if with_output_mask:
-                raise ValueError("checkpoint_every: cannot be combined with output_mask")
+        if self.checkpoint_every is not None and with_output_mask:
+            raise ValueError("checkpoint_every: cannot be combined with output_mask")
         resolve_gates(self.gates, spec, 1, 1, self.checkpoint_every)  # an impossible "store" fails here
 
 

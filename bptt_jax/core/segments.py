@@ -1,5 +1,5 @@
 """``checkpoint_every=k``: the states are stored every k steps and each k-step segment is recomputed
-in the backward pass (unidirectional stacks).
+in the backward pass (unidirectional stacks here; bidirectional ones in ``bidirectional_segments``).
 
 The forward pass keeps only the state entering each segment of k steps (T/k boundary states per
 layer); the backward pass walks the segments from the last to the first, re-runs the forward scans
@@ -11,13 +11,16 @@ compute. Inside a segment the block size is the largest divisor of k not above t
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax.core import backward
+from bptt_jax.core import backward, cells, forward, precision
 from bptt_jax.core.params import RNNParams, RNNSpec
 from bptt_jax.core.plan import Plan
+from bptt_jax.core.precision import zeros_acc
 
 Array = jax.Array
 
@@ -71,3 +74,186 @@ def stack_backward_segments(
     carry, (dxs, norms) = lax.scan(seg_backward, init, inputs, reverse=True)
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
     return carry, h_last, unseg(dxs), unseg(norms)
+
+
+def _flip(a: Array | None) -> Array | None:
+    return None if a is None else a[::-1]
+
+
+def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, plan: Plan):
+    """The explicit BPTT of a bidirectional stack with segments of k = ``plan.segment`` steps.
+
+    The reverse net here runs over input time from the last step to the first, holding its state
+    at the padded steps t >= lengths[b] (so it enters each sequence's last valid step with h(-1)):
+    the same states at every valid step as the scan over ``reverse_padded`` inputs, and every
+    segment of input time is a segment of its scan too (the flipped segment). Per layer l and
+    segment s the forward pass keeps two boundary states: the forward net's entering from the left
+    (``fwd[l][s]``) and the reverse net's entering from the right (``rev[l][s]``); a segment's
+    states are recomputed from them, its input from the layers below recomputed the same way.
+
+    The backward pass walks the layers from the top down and runs two sweeps per layer: the forward
+    net's BPTT over the segments from the last to the first (its carry dh moves towards t = 0) and
+    the reverse net's from the first to the last (its carry moves towards t = T'-1). Both need
+    dDIV/d(the layer's merged states) in the segment at hand: the readout's gradient at the top,
+    handed down through the layers above, each of whose two sweeps kept its carry entering every
+    segment (``bf``, ``br``). So no [T', B, ...] array but the inputs (and dxs when asked for) lives
+    across the sequence: memory ~ T'/k + k per layer, for about L + 2 more forward passes and,
+    below the top layer, more backward passes of the layers above (L(L-1) in all).
+
+    Args:
+      run: the padded inputs, targets and weights (``run.hs`` is not read; ``run.h0``: L*2 entries);
+        T' a multiple of k; no output mask.
+
+    Returns:
+      (DIV, grads, dh0 (L*2), h_last (L*2), dxs [T', B, N] or None, norms [T', L*2(, 2)] or None),
+      in the same form and layout as ``gradient._bidirectional``.
+    """
+    k = plan.segment
+    assert k is not None
+    n_layers, n_seg = spec.num_layers, run.xs.shape[0] // k
+    seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
+    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
+    unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+    nets = (params.layers, params.reverse_layers)
+    hidden = cells.get(spec.cell).hidden
+    # A gated cell keeps the gates of the segment it differentiates (k steps; 16-bit compute
+    # recomputes them, as plan.resolve_gates says why).
+    store = cells.get(spec.cell).CACHE > 0 and not precision.is_half(run.xs.dtype)
+
+    def scan_time(a, j):  # a segment in input time -> its net's scan time (and back: its own inverse)
+        return a if j == 0 else _flip(a)
+
+    def states(l, j, x, h_in, valid, store=False):  # layer l's net j over one segment, in its scan time
+        return forward.unroll_layer(
+            nets[j][l],
+            spec.activation,
+            scan_time(x, j),
+            h_in,
+            scan_time(valid, j),
+            unroll=plan.unroll,
+            block_size=seg_plan.block,
+            recurrence=plan.recurrence,
+            store=store,
+        )
+
+    def stack_on(x, valid, fwd, rev, upto, keep=lambda l, j: False):
+        """Layers < upto on one segment: ([(input, (hs_f, hs_r), (gates_f, gates_r))], top merged);
+        a net's gates are None unless ``keep(l, j)``."""
+        out = []
+        for l in range(upto):
+            both = [states(l, j, x, (fwd, rev)[j][l], valid, keep(l, j)) for j in (0, 1)]
+            hs = tuple(a[0] if keep(l, j) else a for j, a in enumerate(both))
+            kept = tuple(a[1] if keep(l, j) else None for j, a in enumerate(both))
+            out.append((x, hs, kept))
+            x = forward.merge(spec, hidden(hs[0]), hidden(_flip(hs[1])))
+        return out, x
+
+    xs_s, valid_s = seg(run.xs), seg(run.valid)
+    fwd: list[Array] = []  # per layer: [S, B, W] the forward net's state entering each segment
+    rev: list[Array] = []  # per layer: [S, B, W] the reverse net's state entering each segment from the right
+    h_last: list[Array] = []
+    for l in range(n_layers):  # a loop over layers, not time
+
+        def f_body(h, inp, l=l):
+            x, valid, fb, rb = inp
+            x_l = stack_on(x, valid, fb, rb, l)[1]
+            return states(l, 0, x_l, h, valid)[-1], h
+
+        def r_body(h, inp, l=l):
+            x, valid, fb, rb = inp
+            x_l = stack_on(x, valid, fb, rb, l)[1]
+            return states(l, 1, x_l, h, valid)[-1], h
+
+        below = (xs_s, valid_s, tuple(fwd), tuple(rev))
+        hf_last, fb_l = lax.scan(f_body, run.h0[2 * l], below)
+        hr_last, rb_l = lax.scan(r_body, run.h0[2 * l + 1], below, reverse=True)
+        fwd.append(fb_l)
+        rev.append(rb_l)
+        h_last += [hf_last, hr_last]
+
+    def parts(l, d_merged):  # dDIV/d(layer l's merged states) -> each net's part
+        n1 = spec.hidden_sizes[l]
+        if spec.merge == "concat":
+            return d_merged[..., :n1], d_merged[..., n1:]
+        return d_merged, d_merged
+
+    def net_backward(l, j, seg_l, above, valid, h_in, carry, want_dx):  # one net's BPTT over one segment
+        x, hs, kept = seg_l
+        grads, carry, dx, norm = backward.layer_backward_blocked(
+            nets[j][l],
+            spec.activation,
+            scan_time(x, j),
+            hs[j],
+            h_in,
+            scan_time(parts(l, above)[j], j),
+            scan_time(valid, j),
+            seg_plan,
+            want_dx=want_dx,
+            ds_last=carry,
+            cache=kept[j],
+        )
+        if norm is not None and valid is not None:  # the padded steps' ||dh(t)|| is 0, as without segments
+            v = scan_time(valid, j)
+            norm = jnp.where(v.reshape(v.shape + (1,) * (norm.ndim - 2)), norm, 0)
+        return grads, carry, scan_time(dx, j), None if norm is None else scan_time(jnp.mean(norm, axis=1), j)
+
+    def gradient_at(l, j, x, valid, tg, w, fb, rb, bf, br):
+        """One segment: the stack recomputed, the readout's DIV, grads and dDIV/d(top merged), that
+        handed down to layer l (the nets above run from their carries kept at this segment)."""
+        keep = lambda m, i: store and (m > l or (m, i) == (l, j))  # the nets differentiated here
+        seg_layers, top = stack_on(x, valid, fb, rb, n_layers, keep)
+        div, g_readout, above = backward.readout_backward(params, spec, top, tg, w, generic=plan.generic)
+        for m in reversed(range(l + 1, n_layers)):
+            dx_f = net_backward(m, 0, seg_layers[m], above, valid, fb[m], bf[m], True)[2]
+            dx_r = net_backward(m, 1, seg_layers[m], above, valid, rb[m], br[m], True)[2]
+            above = dx_f + dx_r
+        return seg_layers, div, g_readout, above
+
+    zeros = lambda t: jax.tree_util.tree_map(zeros_acc, t)
+    bf: dict[int, Array] = {}  # per layer above: [S, B, W] the forward net's carry entering each segment (right)
+    br: dict[int, Array] = {}  # the reverse net's carry entering each segment (left)
+    g = [[None] * n_layers, [None] * n_layers]
+    dh0: list[Any] = [None] * (2 * n_layers)
+    norms: list[Any] = [None] * (2 * n_layers)
+    dxs: Array | None = None
+    div, g_readout = None, None
+    for l in reversed(range(n_layers)):
+        kept = tuple(bf[m] for m in range(l + 1, n_layers)), tuple(br[m] for m in range(l + 1, n_layers))
+        want_dx = l == 0 and plan.with_dxs
+        for j in (0, 1):
+            top = l == n_layers - 1 and j == 0  # the sweep that sums DIV and the readout's gradient
+
+            def body(carry, inp, l=l, j=j, top=top, want_dx=want_dx):
+                ds, g_net, div_c, g_ro = carry
+                x, valid, tg, w, fb, rb, bf_above, br_above = inp
+                pad = (None,) * (l + 1)
+                seg_layers, div_s, g_ro_s, above = gradient_at(
+                    l, j, x, valid, tg, w, fb, rb, pad + bf_above, pad + br_above
+                )
+                h_in = (fb if j == 0 else rb)[l]
+                g_s, ds_new, dx, norm = net_backward(l, j, seg_layers[l], above, valid, h_in, ds, want_dx)
+                g_net = backward._tree_add(g_net, g_s)
+                if top:
+                    div_c, g_ro = div_c + div_s, backward._tree_add(g_ro, g_ro_s)
+                return (ds_new, g_net, div_c, g_ro), (ds, dx, norm)
+
+            init = (
+                zeros_acc(run.h0[2 * l + j]),
+                zeros(nets[j][l]),
+                zeros_acc(params.readout.b2[0]),
+                zeros(params.readout),
+            )
+            inputs = (xs_s, valid_s, seg(run.targets), seg(run.w), tuple(fwd), tuple(rev)) + kept
+            (ds, g_net, div_c, g_ro), (entering, dx, norm) = lax.scan(body, init, inputs, reverse=(j == 0))
+            g[j][l], dh0[2 * l + j] = g_net, ds
+            (bf if j == 0 else br)[l] = entering
+            if top:
+                div, g_readout = div_c, g_ro
+            dx_in = unseg(dx)
+            if dx_in is not None:
+                dxs = dx_in if dxs is None else dxs + dx_in
+            norms[2 * l + j] = unseg(norm)
+    dh_norms = jnp.stack(norms, axis=1) if plan.with_norms else None
+    assert div is not None and g_readout is not None  # the top layer's forward sweep summed them
+    grads = RNNParams(tuple(g[0]), tuple(g[1]), g_readout)
+    return div, grads, tuple(dh0), tuple(h_last), dxs, dh_norms

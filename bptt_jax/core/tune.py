@@ -104,7 +104,7 @@ def tune(
       generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates: as
         ``bptt``. A choice given here is kept; those left to "auto" / None are tuned.
       max_memory: as ``bptt``'s: only plans whose compiled temp memory fits are timed, checkpoint
-        segments among them (unidirectional, no output mask), and the winner is cached for calls
+        segments among them (not with an output mask), and the winner is cached for calls
         with this budget. Raises ValueError (the smallest budget that would fit) when none fits.
       time_budget: seconds for compiling and timing the candidates (about; the rules' plan is
         always measured, and the timing rounds run after the last compile).
@@ -146,7 +146,7 @@ def tune(
     )
     args = (params, xs, targets, weights, lengths, h0, output_mask)
     limit = None if max_memory is None else budget.parse_memory(max_memory)
-    segments_ok = not spec.bidirectional and output_mask is None
+    segments_ok = output_mask is None
     if limit is not None:  # the plan bptt(max_memory=...) runs without a tuned entry: the baseline
 
         def temp_of(o: plan.Options) -> int:
