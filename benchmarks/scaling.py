@@ -192,7 +192,9 @@ def main(argv=None) -> str:
     ap.add_argument("--sweep-t", type=int, default=1000, help="T of the B and N1 sweeps (1000)")
     ap.add_argument("--no-lengths", action="store_true", help="only the B / N1 sweeps, not the T sweep")
     ap.add_argument("--bidirectional", action="store_true", help="one bidirectional layer (the T sweep)")
-    ap.add_argument("--segments", action="store_true", help="also bptt with checkpoint_every = the divisor nearest sqrt(T)")
+    ap.add_argument(
+        "--segments", action="store_true", help="also bptt with checkpoint_every = the divisor nearest sqrt(T)"
+    )
     args = ap.parse_args(argv)
     sizes = dict(QUICK) if args.quick else dict(B=B, N=N, N1=N1, M=M, lengths=LENGTHS)
     lengths = tuple(int(float(v)) for v in args.lengths.split(",")) if args.lengths else sizes["lengths"]

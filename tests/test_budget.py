@@ -291,3 +291,31 @@ def test_the_layers_take_a_budget():
         bnnx.RNN(3, 6, max_memory="lots", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="gates: expected one of"):
         beqx.RNN(3, 6, gates="sometimes", key=jax.random.key(0))
+
+
+def test_nested_segments_in_budgets_and_cached_plans():
+    """The budget's candidates end with two nested levels (unidirectional), whose shape-read lower
+    bound counts every level's boundaries; a cached entry's checkpoint_every may be such a list (as
+    JSON keeps a tuple), and one that does not nest is refused."""
+    from bptt_jax.core import plancache
+
+    spec = bj.RNNSpec(3, (6,), 4, cell="gru")
+    first = plan.explicit(plan.Options(), spec, 1000, 2, jnp.float32)
+    nested = [
+        o.checkpoint_every
+        for o in budget.candidates(first, spec, 1000, 2, True)
+        if isinstance(o.checkpoint_every, tuple)
+    ]
+    assert len(nested) == 1 and nested[0][0] % nested[0][1] == 0
+    k1, k2 = nested[0]
+    per_step = 2 * 6 * 4
+    lean = dataclasses.replace(first, gates="recompute", checkpoint_every=(k1, k2))
+    assert budget.stored_bytes(lean, spec, 1000, 2, jnp.float32) == (1000 // k1 + k1 // k2 + k2) * per_step
+    bidir = bj.RNNSpec(3, (6,), 4, cell="gru", bidirectional=True)
+    assert not any(isinstance(o.checkpoint_every, tuple) for o in budget.candidates(first, bidir, 1000, 2, True))
+    entry = dict(block_size=10, gates="recompute", unroll=1, recurrence="scan")
+    assert plancache.valid_entry({**entry, "checkpoint_every": [100, 10]}, spec, 1000)
+    assert plancache.valid_entry({**entry, "checkpoint_every": 100}, spec, 1000)
+    for bad in ([100, 30], [10, 100], [100, True], "100"):
+        assert not plancache.valid_entry({**entry, "checkpoint_every": bad}, spec, 1000)
+    assert plan.Options(checkpoint_every=[100, 10]).checkpoint_every == (100, 10)

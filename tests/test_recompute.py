@@ -53,6 +53,23 @@ def test_diagnostics_off_gives_same_gradients():
     assert ref.max_rel_err(b[:2], a[:2]) < 1e-6
 
 
+class NestedSegmentsTest(chex.TestCase):
+    """checkpoint_every=(k1, k2[, k3]): segments of segments equal the plain BPTT and jax.grad."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @given(
+        problem=ref.problems(bidirectional=False, max_t=12, max_layers=2, cells=CELLS),
+        inner=st.integers(1, 3),
+        factors=st.lists(st.integers(2, 3), min_size=1, max_size=2),
+    )
+    def test_nested_segments_equal_plain_bptt_and_autodiff_float64(self, problem, inner, factors):
+        levels = [inner]
+        for f in factors:
+            levels.insert(0, levels[0] * f)
+        with jax.enable_x64(True):
+            SegmentsTest._check(self, problem, tuple(levels), jnp.float64, 1e-10)
+
+
 def test_segment_errors():
     spec = bj.RNNSpec(3, (4,), 5, bidirectional=True)
     p = ref.make_problem(spec, 6, 2, seed=0)
@@ -60,3 +77,27 @@ def test_segment_errors():
         bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=2, output_mask=jnp.ones((6, 2, 8)))
     with pytest.raises(ValueError, match=r"checkpoint_every: expected a positive int or None, got 0"):
         bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=0)
+    with pytest.raises(ValueError, match=r"nested segments are for unidirectional networks"):
+        bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=(4, 2))
+    uni = bj.RNNSpec(3, (4,), 5)
+    q = ref.make_problem(uni, 6, 2, seed=0)
+    for bad in [(4, 3), (2, 4), (4, 4), (), (4, 0), (4, True), [6, 2.0]]:
+        with pytest.raises(ValueError, match=r"checkpoint_every: expected a positive int, None, or a tuple"):
+            bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=bad)
+    one = bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=(3,))  # one level: the int
+    assert ref.max_rel_err(one, bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=3)) == 0
+
+
+def test_nested_segments_keep_fewer_states():
+    """At T = 512 the compiled temp memory of (64, 8) (512/64 + 64/8 + 8 = 24 states) is below one
+    level of 16 steps (512/16 + 16 = 48 states) and of the plain BPTT; same gradients."""
+    from bptt_jax.core import budget
+
+    spec = bj.RNNSpec(4, (32,), 4, cell="gru")
+    p = ref.make_problem(spec, 512, 4, seed=1)
+    temp = {}
+    for every in (None, 16, (64, 8)):
+        fn = jax.jit(lambda params, xs, e=every: bj.bptt(params, spec, xs, p.targets, checkpoint_every=e)[:2])
+        temp[every] = budget.temp_bytes(fn.lower(p.params, p.xs).compile())
+        assert ref.max_rel_err(fn(p.params, p.xs), bj.bptt(p.params, spec, p.xs, p.targets)[:2]) < 1e-5
+    assert temp[(64, 8)] < temp[16] < temp[None], temp

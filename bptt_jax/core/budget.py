@@ -4,7 +4,8 @@ The plans, fastest first as measured on the benchmark machines (docs/results/ben
 cells: the memory settings"): the plan ``plan.resolve`` gives (the rules', or one tuned on this
 machine), then a gated cell's gates recomputed instead of stored, then smaller time blocks, then
 checkpoint segments (networks without an output mask: about one more forward pass, two or more
-for a bidirectional one; memory ~ T/k + k). Each candidate is first held against a lower bound read from the shapes -- the
+for a bidirectional one; memory ~ T/k + k), then two levels of nested segments (unidirectional:
+memory ~ T/k1 + k1/k2 + k2). Each candidate is first held against a lower bound read from the shapes -- the
 arrays it must keep across the whole sequence (the states h(t), c(t), and the gates where stored;
 only the segments' boundary states with segments) -- and, when that fits, compiled: its memory
 analysis (``temp_size_in_bytes``) decides. So the budget is met by the compiled program, not by a
@@ -84,13 +85,14 @@ def stored_bytes(options: plan.Options, spec: RNNSpec, t_len: int, batch: int, d
     boundary states plus one segment's k steps); a gated cell's stored gates: T' steps of CACHE*N1."""
     item = jnp.dtype(dtype).itemsize
     cell = cells.get(spec.cell)
-    unit = options.checkpoint_every or options.block_size or t_len
+    levels = plan.segment_levels(options.checkpoint_every)
+    unit = (levels[0] if levels else None) or options.block_size or t_len
     padded = math.ceil(t_len / unit) * unit
     widths = spec.state_widths()  # per (layer, direction): N1, or 2 N1 for the LSTM's (h, c)
     per_step = batch * sum(widths) * item
-    if options.checkpoint_every:
-        k = options.checkpoint_every
-        return (padded // k + k) * per_step
+    if levels:  # the boundaries of every level (T'/k1 + k1/k2 + ...) and the innermost segment's steps
+        outer = (padded, *levels)
+        return (sum(a // b for a, b in zip(outer, outer[1:])) + levels[-1]) * per_step
     total = padded * per_step
     if options.gates == "store" and cell.CACHE:
         total += padded * batch * cell.CACHE * sum(spec.hidden_sizes) * spec.num_directions * item
@@ -123,6 +125,14 @@ def candidates(first: plan.Options, spec: RNNSpec, t_len: int, batch: int, segme
             if 1 < k < t_len:
                 seg = dataclasses.replace(lean, gates="recompute", checkpoint_every=k, block_size=min(block, k))
                 out.append(seg)
+        if not spec.bidirectional and t_len >= 64:  # nested segments: ~3 T^(1/3) states, one more forward pass
+            k1 = _near_divisor(t_len, round(t_len ** (2 / 3)))
+            k2 = _near_divisor(k1, math.isqrt(k1))
+            if 1 < k2 < k1 < t_len:
+                nested = (k1, k2)
+                out.append(
+                    dataclasses.replace(lean, gates="recompute", checkpoint_every=nested, block_size=min(block, k2))
+                )
     unique: list[plan.Options] = []
     for o in out:
         if o not in unique:

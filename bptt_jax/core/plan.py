@@ -59,6 +59,29 @@ def _positive_int_or_none(name: str, value) -> None:
         raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
 
 
+def _segment_levels_checked(value):
+    """``checkpoint_every`` as Options keeps it: None, an int k, or a tuple of two or more levels,
+    each a positive int dividing the one before (a list is taken as a tuple; one level is its int)."""
+    if isinstance(value, (list, tuple)):
+        levels = tuple(value)
+        bad = not levels or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in levels)
+        if bad or any(a <= b or a % b for a, b in zip(levels, levels[1:])):
+            raise ValueError(
+                "checkpoint_every: expected a positive int, None, or a tuple of positive ints each dividing "
+                f"the one before (nested segments, e.g. (1000, 50)), got {value!r}"
+            )
+        return levels if len(levels) > 1 else levels[0]
+    _positive_int_or_none("checkpoint_every", value)
+    return value
+
+
+def segment_levels(checkpoint_every) -> tuple[int, ...]:
+    """The segment lengths, outermost first: () without segments, (k,) for an int."""
+    if checkpoint_every is None:
+        return ()
+    return checkpoint_every if isinstance(checkpoint_every, tuple) else (checkpoint_every,)
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """What a caller asks of the explicit BPTT (``bptt``'s keywords of the same names), checked here.
@@ -70,7 +93,9 @@ class Options:
       generic: dDIV/dZ2 by the generic path (dDIV/dY times f2's Jacobian) instead of the closed form.
       unroll: ``lax.scan``'s unroll; None: by backend.
       block_size: C, steps per time block; None: ``auto_block_size``.
-      checkpoint_every: k, steps per recomputed segment; None: no segments.
+      checkpoint_every: k, steps per recomputed segment; a tuple (k1, k2, ...): nested segments,
+        each level's segment cut into segments of the next (each k dividing the one before;
+        unidirectional networks); None: no segments. A one-element tuple is that int.
       diagnostics: also return ||dDIV/dh(t)|| (``BPTTAux.dh_norms``).
       with_dxs: also return dDIV/dX (``BPTTAux.dxs``).
       recurrence: "scan", "pallas" or "auto".
@@ -80,7 +105,7 @@ class Options:
     generic: bool = False
     unroll: int | None = None
     block_size: int | None = None
-    checkpoint_every: int | None = None
+    checkpoint_every: int | tuple[int, ...] | None = None
     diagnostics: bool = False
     with_dxs: bool = False
     recurrence: str = "auto"
@@ -88,7 +113,7 @@ class Options:
 
     def __post_init__(self):
         _positive_int_or_none("block_size", self.block_size)
-        _positive_int_or_none("checkpoint_every", self.checkpoint_every)
+        object.__setattr__(self, "checkpoint_every", _segment_levels_checked(self.checkpoint_every))
         if self.unroll is not None:
             forward.resolve_unroll(self.unroll)  # a bad value raises, naming unroll
         if self.recurrence not in kernels.RECURRENCES:
@@ -100,6 +125,11 @@ class Options:
         """What the options cannot do for this network: raises ValueError naming the option."""
         if self.checkpoint_every is not None and with_output_mask:
             raise ValueError("checkpoint_every: cannot be combined with output_mask")
+        if isinstance(self.checkpoint_every, tuple) and spec.bidirectional:
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every}: nested segments are for unidirectional networks; "
+                "a bidirectional network takes one level (an int)"
+            )
         resolve_gates(self.gates, spec, 1, 1, self.checkpoint_every)  # an impossible "store" fails here
 
 
@@ -108,7 +138,7 @@ class Plan(NamedTuple):
 
     block: int  # C, steps per time block (a divisor of every padded run the blocks cover)
     store: bool  # a gated cell's forward keeps its gates for the backward pass
-    segment: int | None  # k, steps per checkpoint segment, or None
+    segment: int | tuple[int, ...] | None  # k, steps per checkpoint segment (a tuple: nested), or None
     unroll: int  # lax.scan's unroll
     recurrence: str  # "scan" or "pallas"
     generic: bool = False
@@ -144,7 +174,9 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
     return c
 
 
-def resolve_gates(gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_every: int | None, dtype=None) -> bool:
+def resolve_gates(
+    gates: str, spec: RNNSpec, t_len: int, batch: int, checkpoint_every: int | tuple[int, ...] | None, dtype=None
+) -> bool:
     """Whether the forward pass keeps the gates (True) or the backward pass recomputes them.
 
     "store" and "recompute" as asked; "auto" stores while the caches of every layer and direction
@@ -272,5 +304,5 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
 
 def padded_length(plan: Plan, t_len: int) -> int:
     """T' >= T, the time axis padded to a multiple of the segment (or, without one, the block)."""
-    unit = plan.segment or plan.block
+    unit = segment_levels(plan.segment)[0] if plan.segment else plan.block
     return math.ceil(t_len / unit) * unit

@@ -120,8 +120,10 @@ def valid_entry(entry, spec: RNNSpec, t_len: int) -> bool:
         forward.resolve_unroll(unroll)
     except (TypeError, ValueError):
         return False
-    k = entry.get("checkpoint_every")  # budgeted entries only: None or k steps per segment
-    return k is None or (not isinstance(k, bool) and isinstance(k, int) and 1 <= k <= t_len)
+    k = entry.get("checkpoint_every")  # budgeted entries only: None, k steps per segment or nested levels
+    levels = k if isinstance(k, list) and k else [k]
+    ints = all(not isinstance(v, bool) and isinstance(v, int) and 1 <= v <= t_len for v in levels)
+    return k is None or (ints and all(a > b and a % b == 0 for a, b in zip(levels, levels[1:])))
 
 
 def lookup(cache_key: str, spec: RNNSpec, t_len: int) -> dict | None:

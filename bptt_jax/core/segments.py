@@ -29,29 +29,61 @@ def _largest_divisor_at_most(n: int, c: int) -> int:
     return max(d for d in range(1, min(n, c) + 1) if n % d == 0)
 
 
+def _segment_lengths(lengths: Array | None, n_seg: int, k: int) -> Array | None:
+    """[S, B]: each sequence's valid steps inside each of S segments of k steps (None: all)."""
+    if lengths is None:
+        return None
+    starts = jnp.arange(n_seg) * k
+    return jnp.clip(lengths[None, :] - starts[:, None], 0, k).astype(jnp.int32)
+
+
+def _final_states(params, spec, xs, h0, lengths, plan: Plan, levels: tuple[int, ...]) -> tuple[Array, ...]:
+    """The states after the last of these steps (L entries [B, W]), from ``h0``: the forward scans,
+    run over chunks of ``levels[0]`` steps (recursively) so that at most ``levels[-1]`` steps of
+    states exist at a time (none of the levels: all of them)."""
+    if not levels:
+        block = plan._replace(block=_largest_divisor_at_most(xs.shape[0], plan.block))
+        return tuple(tr.states[0][-1] for tr in backward.run_forward(params, spec, xs, h0, lengths, block))
+    k, n = levels[0], xs.shape[0] // levels[0]
+
+    def chunk(h, inp):
+        x_c, lens = inp
+        return _final_states(params, spec, x_c, h, lens, plan, levels[1:]), None
+
+    h_last, _ = lax.scan(chunk, h0, (xs.reshape((n, k) + xs.shape[1:]), _segment_lengths(lengths, n, k)))
+    return h_last
+
+
 def stack_backward_segments(
-    params: RNNParams, spec: RNNSpec, run: backward.Run, lengths: Array | None, plan: Plan
+    params: RNNParams,
+    spec: RNNSpec,
+    run: backward.Run,
+    lengths: Array | None,
+    plan: Plan,
+    carry: backward.Carry | None = None,
 ) -> tuple[backward.Carry, tuple[Array, ...], Array | None, Array | None]:
     """The explicit BPTT with segments of k = ``plan.segment`` steps.
+
+    Nested segments (``plan.segment`` a tuple (k1, k2, ...)): each k1-step segment's backward pass
+    is this function again over that segment, with segments of k2 steps (its boundary states
+    recomputed from the segment's own), down to the last level, whose segments run the blocked
+    BPTT. Memory ~ T'/k1 + k1/k2 + ... + k_last states, for one more forward pass per level.
 
     Args:
       run: the padded inputs, targets and weights (``run.hs`` is not read: the states are
         recomputed; ``run.h0`` holds the states before step 0); T' a multiple of k; no output mask.
       lengths: [B] valid steps (the padded steps are not valid), or None.
+      carry: what enters from beyond the last step (an outer segment's carry); None: zeros.
 
     Returns:
       (carry at step 0, the final states (L entries [B, W]), dxs [T', B, N] or None, norms [T', L] or None).
     """
-    k = plan.segment
-    assert k is not None
+    assert plan.segment is not None
+    k, *inner = plan.segment if isinstance(plan.segment, tuple) else (plan.segment,)
     n_seg = run.xs.shape[0] // k
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
     seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
-    if lengths is None:
-        lens_s = None
-    else:
-        starts = jnp.arange(n_seg) * k
-        lens_s = jnp.clip(lengths[None, :] - starts[:, None], 0, k).astype(jnp.int32)  # [S, B]
+    lens_s = _segment_lengths(lengths, n_seg, k)  # [S, B]
 
     def states(x_seg, h_start, lens):  # the forward scans over one segment, from its boundary states
         traces = backward.run_forward(params, spec, x_seg, h_start, lens, seg_plan)  # no gates kept: k steps
@@ -59,21 +91,26 @@ def stack_backward_segments(
 
     def seg_forward(h, inp):  # h: L entries [B, W], the state entering the segment
         x_seg, lens = inp
-        return tuple(hs[-1] for hs in states(x_seg, h, lens)), h
+        return _final_states(params, spec, x_seg, h, lens, seg_plan, tuple(inner)), h
 
     h_last, boundaries = lax.scan(seg_forward, run.h0, (seg(run.xs), lens_s))  # boundaries: L entries [S, B, W]
 
     def seg_backward(carry, inp):
         x_seg, tg_seg, w_seg, valid_seg, lens, h_start = inp
+        if inner:  # the next level's segments inside this one
+            seg_run = backward.Run(x_seg, (), h_start, valid_seg, tg_seg, w_seg)
+            inner_plan = plan._replace(segment=tuple(inner) if len(inner) > 1 else inner[0])
+            carry, _, dxs, norms = stack_backward_segments(params, spec, seg_run, lens, inner_plan, carry)
+            return carry, (dxs, norms)
         seg_run = backward.Run(x_seg, states(x_seg, h_start, lens), h_start, valid_seg, tg_seg, w_seg)
         carry, dxs, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, seg_plan)
         return carry, (dxs, norms)
 
-    init = backward.zero_carry(params, run.h0)
+    init = backward.zero_carry(params, run.h0) if carry is None else carry
     inputs = (seg(run.xs), seg(run.targets), seg(run.w), seg(run.valid), lens_s, boundaries)
-    carry, (dxs, norms) = lax.scan(seg_backward, init, inputs, reverse=True)
+    out, (dxs, norms) = lax.scan(seg_backward, init, inputs, reverse=True)
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
-    return carry, h_last, unseg(dxs), unseg(norms)
+    return out, h_last, unseg(dxs), unseg(norms)
 
 
 def _flip(a: Array | None) -> Array | None:
@@ -87,9 +124,11 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
     at the padded steps t >= lengths[b] (so it enters each sequence's last valid step with h(-1)):
     the same states at every valid step as the scan over ``reverse_padded`` inputs, and every
     segment of input time is a segment of its scan too (the flipped segment). Per layer l and
-    segment s the forward pass keeps two boundary states: the forward net's entering from the left
+    segment s two boundary states are kept: the forward net's entering from the left
     (``fwd[l][s]``) and the reverse net's entering from the right (``rev[l][s]``); a segment's
-    states are recomputed from them, its input from the layers below recomputed the same way.
+    states are recomputed from them, its input from the layers below recomputed the same way. The
+    forward pass runs every net but the top layer's reverse net, which runs (and leaves its
+    boundaries) in the first backward sweep: that sweep walks the segments from right to left too.
 
     The backward pass walks the layers from the top down and runs two sweeps per layer: the forward
     net's BPTT over the segments from the last to the first (its carry dh moves towards t = 0) and
@@ -97,8 +136,12 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
     dDIV/d(the layer's merged states) in the segment at hand: the readout's gradient at the top,
     handed down through the layers above, each of whose two sweeps kept its carry entering every
     segment (``bf``, ``br``). So no [T', B, ...] array but the inputs (and dxs when asked for) lives
-    across the sequence: memory ~ T'/k + k per layer, for about L + 2 more forward passes and,
-    below the top layer, more backward passes of the layers above (L(L-1) in all).
+    across the sequence: memory ~ T'/k + k per layer. The cost: for one layer, the forward net runs
+    three times, the reverse net twice and the readout twice, against once each without segments
+    (docs/results/benchmarks.md, "Bidirectional segments", has the time it costs); each
+    layer below the top adds two sweeps that recompute the stack and the backward passes above it.
+    A gated cell keeps the gates of the segment it differentiates (k steps) instead of recomputing
+    them per block.
 
     Args:
       run: the padded inputs, targets and weights (``run.hs`` is not read; ``run.h0``: L*2 entries);
@@ -109,7 +152,7 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
       in the same form and layout as ``gradient._bidirectional``.
     """
     k = plan.segment
-    assert k is not None
+    assert isinstance(k, int)  # one level (Options.check)
     n_layers, n_seg = spec.num_layers, run.xs.shape[0] // k
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
     seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
@@ -166,10 +209,12 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
 
         below = (xs_s, valid_s, tuple(fwd), tuple(rev))
         hf_last, fb_l = lax.scan(f_body, run.h0[2 * l], below)
-        hr_last, rb_l = lax.scan(r_body, run.h0[2 * l + 1], below, reverse=True)
         fwd.append(fb_l)
-        rev.append(rb_l)
-        h_last += [hf_last, hr_last]
+        h_last.append(hf_last)
+        if l < n_layers - 1:  # the top reverse net runs in the first backward sweep (same direction)
+            hr_last, rb_l = lax.scan(r_body, run.h0[2 * l + 1], below, reverse=True)
+            rev.append(rb_l)
+            h_last.append(hr_last)
 
     def parts(l, d_merged):  # dDIV/d(layer l's merged states) -> each net's part
         n1 = spec.hidden_sizes[l]
@@ -224,8 +269,10 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
             top = l == n_layers - 1 and j == 0  # the sweep that sums DIV and the readout's gradient
 
             def body(carry, inp, l=l, j=j, top=top, want_dx=want_dx):
-                ds, g_net, div_c, g_ro = carry
+                ds, g_net, div_c, g_ro, h_rt = carry
                 x, valid, tg, w, fb, rb, bf_above, br_above = inp
+                if top:  # the top reverse net's state entering this segment from the right
+                    rb = rb + (h_rt,)
                 pad = (None,) * (l + 1)
                 seg_layers, div_s, g_ro_s, above = gradient_at(
                     l, j, x, valid, tg, w, fb, rb, pad + bf_above, pad + br_above
@@ -233,22 +280,28 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
                 h_in = (fb if j == 0 else rb)[l]
                 g_s, ds_new, dx, norm = net_backward(l, j, seg_layers[l], above, valid, h_in, ds, want_dx)
                 g_net = backward._tree_add(g_net, g_s)
+                h_rt_in = h_rt
                 if top:
                     div_c, g_ro = div_c + div_s, backward._tree_add(g_ro, g_ro_s)
-                return (ds_new, g_net, div_c, g_ro), (ds, dx, norm)
+                    h_rt = seg_layers[l][1][1][-1]  # its last scan step: the state entering segment s-1
+                return (ds_new, g_net, div_c, g_ro, h_rt), (ds, dx, norm, h_rt_in)
 
             init = (
                 zeros_acc(run.h0[2 * l + j]),
                 zeros(nets[j][l]),
                 zeros_acc(params.readout.b2[0]),
                 zeros(params.readout),
+                run.h0[2 * l + 1] if top else None,
             )
             inputs = (xs_s, valid_s, seg(run.targets), seg(run.w), tuple(fwd), tuple(rev)) + kept
-            (ds, g_net, div_c, g_ro), (entering, dx, norm) = lax.scan(body, init, inputs, reverse=(j == 0))
+            (ds, g_net, div_c, g_ro, h_rt), (entering, dx, norm, rt) = lax.scan(body, init, inputs, reverse=(j == 0))
             g[j][l], dh0[2 * l + j] = g_net, ds
             (bf if j == 0 else br)[l] = entering
             if top:
                 div, g_readout = div_c, g_ro
+                assert h_rt is not None  # the top sweep carries the top reverse net's state
+                rev.append(rt)
+                h_last.append(h_rt)
             dx_in = unseg(dx)
             if dx_in is not None:
                 dxs = dx_in if dxs is None else dxs + dx_in
