@@ -3,7 +3,7 @@
     python benchmarks/scaling.py [--quick] [--cell elman|gru|lstm ...] [--lengths 100,1000,...]
                                  [--max-memory 256MiB] [--out FILE] [--plot FILE.png]
                                  [--batches 1,4,16,64,256] [--widths 32,64,128,256,512] [--sweep-t T] [--no-lengths]
-                                 [--bidirectional] [--segments]
+                                 [--bidirectional] [--segments] [--nested]
 
 For each cell (one unidirectional layer, B 16, N 64, N1 128, M 64, float32, softmax + cross-entropy)
 and each T (10^2 ... 10^6 by default), side by side in one process: the default ``bptt`` call (the
@@ -17,7 +17,8 @@ the budgeted call's. The report gives seconds per call, microseconds per step an
 ``--plot`` a log-log figure of both against T. ``--batches`` and ``--widths`` add the same
 contenders at one T (``--sweep-t``) against B and against N1 (``--no-lengths``: those alone).
 ``--bidirectional`` makes the layer bidirectional (its ``jax.grad`` contender: ``jax.grad`` of
-``bj.loss``); ``--segments`` adds ``bptt`` with checkpoint segments of about sqrt(T) steps.
+``bj.loss``); ``--segments`` adds ``bptt`` with checkpoint segments of about sqrt(T) steps,
+``--nested`` (unidirectional) the two nested levels that ``max_memory`` tries (about T^(2/3), T^(1/3)).
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ def segment_steps(t_len: int) -> int:
     return min((d for d in range(1, t_len + 1) if t_len % d == 0), key=lambda d: abs(d - math.isqrt(t_len)))
 
 
-def contenders(cell: str, spec, limit: int, t_len: int, segments: bool) -> dict:
+def nested_steps(t_len: int) -> tuple[int, int]:
+    """(k1, k2) for the ``--nested`` contender: the two levels ``max_memory`` tries (budget.candidates)."""
+    k1 = budget._near_divisor(t_len, round(t_len ** (2 / 3)))
+    return k1, budget._near_divisor(k1, math.isqrt(k1))
+
+
+def contenders(cell: str, spec, limit: int, t_len: int, segments: bool, nested: bool = False) -> dict:
     if spec.bidirectional:  # jax.grad of the library's own forward loss (two plain lax.scans)
         grad, grad_name = (lambda p, x, d: bj.loss(p, spec, x, d)), "jax.grad (bj.loss)"
     else:
@@ -75,12 +82,22 @@ def contenders(cell: str, spec, limit: int, t_len: int, segments: bool) -> dict:
     if segments:
         k = segment_steps(t_len)
         out[f"bptt checkpoint_every={k}"] = lambda p, x, d: bj.bptt(p, spec, x, d, checkpoint_every=k)[:2]
+    if nested and not spec.bidirectional:
+        levels = nested_steps(t_len)
+        out[f"bptt checkpoint_every={levels}"] = lambda p, x, d: bj.bptt(p, spec, x, d, checkpoint_every=levels)[:2]
     out[grad_name] = jax.value_and_grad(grad)
     return out
 
 
 def measure(
-    cell: str, t_len: int, sizes: dict, limit: int, ram_share: float, bidirectional=False, segments=False
+    cell: str,
+    t_len: int,
+    sizes: dict,
+    limit: int,
+    ram_share: float,
+    bidirectional=False,
+    segments=False,
+    nested=False,
 ) -> list[dict]:
     b, n, n1, m = sizes["B"], sizes["N"], sizes["N1"], sizes["M"]
     spec = bj.RNNSpec(n, (n1,), m, cell=cell, bidirectional=bidirectional)
@@ -89,7 +106,7 @@ def measure(
     targets = jax.random.randint(jax.random.key(2), (t_len, b), 0, m)
     args_bytes = xs.nbytes + targets.nbytes
     rows, ref = [], None
-    for name, fn in contenders(cell, spec, limit, t_len, segments).items():
+    for name, fn in contenders(cell, spec, limit, t_len, segments, nested).items():
         row = {"cell": cell, "T": t_len, "contender": name}
         try:
             t0 = time.perf_counter()
@@ -195,6 +212,7 @@ def main(argv=None) -> str:
     ap.add_argument(
         "--segments", action="store_true", help="also bptt with checkpoint_every = the divisor nearest sqrt(T)"
     )
+    ap.add_argument("--nested", action="store_true", help="also bptt with the two nested levels max_memory tries")
     args = ap.parse_args(argv)
     sizes = dict(QUICK) if args.quick else dict(B=B, N=N, N1=N1, M=M, lengths=LENGTHS)
     lengths = tuple(int(float(v)) for v in args.lengths.split(",")) if args.lengths else sizes["lengths"]
@@ -211,7 +229,7 @@ def main(argv=None) -> str:
     rows: list[dict] = []
     for cell in args.cell or ["elman", "gru", "lstm"]:
         for t_len in () if args.no_lengths else lengths:
-            for r in measure(cell, t_len, sizes, limit, args.ram_share, args.bidirectional, args.segments):
+            for r in measure(cell, t_len, sizes, limit, args.ram_share, args.bidirectional, args.segments, args.nested):
                 rows.append(r)
                 temp = budget.format_bytes(r["temp"]) if "temp" in r else "-"
                 if "seconds" in r:
