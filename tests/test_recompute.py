@@ -70,6 +70,19 @@ class NestedSegmentsTest(chex.TestCase):
         with jax.enable_x64(True):
             SegmentsTest._check(self, problem, tuple(levels), jnp.float64, 1e-10)
 
+    @chex.variants(with_jit=True)
+    @settings(max_examples=4)
+    @given(
+        problem=ref.problems(bidirectional=False, max_t=12, max_layers=2, cells=CELLS),
+        inner=st.integers(1, 3),
+        factors=st.lists(st.integers(2, 3), min_size=1, max_size=2),
+    )
+    def test_nested_segments_equal_plain_bptt_and_autodiff_float32(self, problem, inner, factors):
+        levels = [inner]
+        for f in factors:
+            levels.insert(0, levels[0] * f)
+        SegmentsTest._check(self, problem, tuple(levels), jnp.float32, 1e-5)
+
 
 def test_segment_errors():
     spec = bj.RNNSpec(3, (4,), 5, bidirectional=True)
