@@ -19,7 +19,7 @@ from jax import lax
 
 from bptt_jax.core import backward, cells, forward, precision
 from bptt_jax.core.params import RNNParams, RNNSpec
-from bptt_jax.core.plan import Plan
+from bptt_jax.core.plan import Plan, segment_levels
 from bptt_jax.core.precision import zeros_acc
 
 Array = jax.Array
@@ -78,8 +78,7 @@ def stack_backward_segments(
     Returns:
       (carry at step 0, the final states (L entries [B, W]), dxs [T', B, N] or None, norms [T', L] or None).
     """
-    assert plan.segment is not None
-    k, *inner = plan.segment if isinstance(plan.segment, tuple) else (plan.segment,)
+    k, *inner = segment_levels(plan.segment)
     n_seg = run.xs.shape[0] // k
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
     seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
@@ -99,7 +98,7 @@ def stack_backward_segments(
         x_seg, tg_seg, w_seg, valid_seg, lens, h_start = inp
         if inner:  # the next level's segments inside this one
             seg_run = backward.Run(x_seg, (), h_start, valid_seg, tg_seg, w_seg)
-            inner_plan = plan._replace(segment=tuple(inner) if len(inner) > 1 else inner[0])
+            inner_plan = plan._replace(segment=tuple(inner))  # read through segment_levels
             carry, _, dxs, norms = stack_backward_segments(params, spec, seg_run, lens, inner_plan, carry)
             return carry, (dxs, norms)
         seg_run = backward.Run(x_seg, states(x_seg, h_start, lens), h_start, valid_seg, tg_seg, w_seg)
