@@ -53,35 +53,33 @@ def test_diagnostics_off_gives_same_gradients():
     assert ref.max_rel_err(b[:2], a[:2]) < 1e-6
 
 
+@st.composite
+def nested_levels(draw) -> tuple[int, ...]:
+    """Two or three levels (k1, k2[, k3]), each a multiple (2-3x) of the next, the innermost 1-3."""
+    levels = [draw(st.integers(1, 3))]
+    for f in draw(st.lists(st.integers(2, 3), min_size=1, max_size=2)):
+        levels.insert(0, levels[0] * f)
+    return tuple(levels)
+
+
+NESTED_PROBLEMS = ref.problems(bidirectional=False, max_t=12, max_layers=2, cells=CELLS)
+
+
 class NestedSegmentsTest(chex.TestCase):
     """checkpoint_every=(k1, k2[, k3]): segments of segments equal the plain BPTT and jax.grad."""
 
     @chex.variants(with_jit=True)  # the levels are Python structure: an outer jit changes nothing else
     @settings(max_examples=6)
-    @given(
-        problem=ref.problems(bidirectional=False, max_t=12, max_layers=2, cells=CELLS),
-        inner=st.integers(1, 3),
-        factors=st.lists(st.integers(2, 3), min_size=1, max_size=2),
-    )
-    def test_nested_segments_equal_plain_bptt_and_autodiff_float64(self, problem, inner, factors):
-        levels = [inner]
-        for f in factors:
-            levels.insert(0, levels[0] * f)
+    @given(problem=NESTED_PROBLEMS, levels=nested_levels())
+    def test_nested_segments_equal_plain_bptt_and_autodiff_float64(self, problem, levels):
         with jax.enable_x64(True):
-            SegmentsTest._check(self, problem, tuple(levels), jnp.float64, 1e-10)
+            SegmentsTest._check(self, problem, levels, jnp.float64, 1e-10)
 
     @chex.variants(with_jit=True)
     @settings(max_examples=4)
-    @given(
-        problem=ref.problems(bidirectional=False, max_t=12, max_layers=2, cells=CELLS),
-        inner=st.integers(1, 3),
-        factors=st.lists(st.integers(2, 3), min_size=1, max_size=2),
-    )
-    def test_nested_segments_equal_plain_bptt_and_autodiff_float32(self, problem, inner, factors):
-        levels = [inner]
-        for f in factors:
-            levels.insert(0, levels[0] * f)
-        SegmentsTest._check(self, problem, tuple(levels), jnp.float32, 1e-5)
+    @given(problem=NESTED_PROBLEMS, levels=nested_levels())
+    def test_nested_segments_equal_plain_bptt_and_autodiff_float32(self, problem, levels):
+        SegmentsTest._check(self, problem, levels, jnp.float32, 1e-5)
 
 
 def test_segment_errors():
