@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax.core import activations, cells, forward, kernels, losses
+from bptt_jax.core import activations, cells, forward, kernels, losses, precision
 from bptt_jax.core.cells.base import flat
 from bptt_jax.core.params import LayerParams, ReadoutParams, RNNParams, RNNSpec
 from bptt_jax.core.plan import Plan
@@ -185,7 +185,7 @@ def layer_backward_blocked(
 
     def body(carry, blk):
         dh, g = carry
-        x_blk, h_blk, h_in, above_blk, valid_blk, cache_blk = blk
+        x_blk, h_blk, h_in, above_blk, valid_blk, cache_blk = precision.per_block(blk, blk_in)
         g_blk, dh, das, dh_norm = cell_backward(
             layer, activation, x_blk, h_in, h_blk, above_blk, valid_blk, plan, ds_init=dh, cache=cache_blk
         )
@@ -201,7 +201,7 @@ def layer_backward_blocked(
         _blocks(cache, c),
     )
     ds0 = zeros_acc(h0) if ds_last is None else ds_last
-    (dh_m1, grads), (dxs, dh_norm) = lax.scan(body, (ds0, zero), blk_in, reverse=True)
+    (dh_m1, grads), (dxs, dh_norm) = lax.scan(body, (ds0, zero), precision.hide(blk_in), reverse=True)
     return grads, dh_m1, _unblock(dxs), _unblock(dh_norm)
 
 
@@ -363,7 +363,7 @@ def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Ca
     cell = cells.get(spec.cell)
 
     def body(carry: Carry, blk):
-        x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk, cache_blks = blk
+        x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk, cache_blks = precision.per_block(blk, blk_in)
         top = cell.hidden(h_blks[-1])  # h(t) of the top layer's state
         top = top if mask_blk is None else top * mask_blk  # dropout on the readout's input
         div, g_readout, above = readout_backward(params, spec, top, tg_blk, w_blk, generic=plan.generic)
@@ -374,7 +374,7 @@ def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Ca
 
         def layer_step(k: int, j: int, above_k: Array, want_dx: bool) -> Array | None:
             layer = params.layers[k]
-            x_k = x_blk if k == 0 else cell.hidden(h_blks[k - 1])
+            x_k = precision.rounded(x_blk, h_ins[0].dtype) if k == 0 else cell.hidden(h_blks[k - 1])
             cache = None if cache_blks is None else cache_blks[k]
             g_k, dh[k], das, dh_norm = cell_backward(
                 layer, spec.activation, x_k, h_ins[k], h_blks[k], above_k, valid_blk, plan, ds_init=dh[k], cache=cache
@@ -398,5 +398,5 @@ def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Ca
         _blocks(run.output_mask, c),
         None if run.caches is None else tuple(_blocks(a, c) for a in run.caches),
     )
-    carry, (dxs, norms) = lax.scan(body, carry, blk_in, reverse=True)
+    carry, (dxs, norms) = lax.scan(body, carry, precision.hide(blk_in), reverse=True)
     return carry, _unblock(dxs), _unblock(norms)

@@ -76,7 +76,7 @@ def _unroll_whole(
 ):
     """[T, B, W] states, or with ``store`` (a gated cell) the pair (states, gate caches [T, B, CACHE N1])."""
     cell = cells.of(layer)
-    us = cell.project(layer, xs)  # [T, B, G N1], one matmul for all t
+    us = cell.project(layer, precision.rounded(xs, h0.dtype))  # [T, B, G N1], one matmul for all t
     if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
 
@@ -173,11 +173,12 @@ def unroll_layer(
     valid_b = None if valid is None else jnp.reshape(pad_time(valid, pad, False), (n_blocks, c) + valid.shape[1:])
 
     def block(h_in, inp):
-        x_blk, valid_blk = inp
+        x_blk, valid_blk = precision.per_block(inp, (xs, valid))
         out = _unroll_whole(layer, activation, x_blk, h_in, valid_blk, unroll, recurrence, store)  # [C, B, W]
-        return (out[0] if store else out)[-1], out
+        return (out[0] if store else out)[-1], precision.hide(out)
 
-    _, out = lax.scan(block, h0, (xs_b, valid_b))  # [nb, C, B, W] (and [nb, C, B, CACHE N1])
+    _, out = lax.scan(block, h0, precision.hide((xs_b, valid_b)))
+    out = precision.reveal(out, h0.dtype)  # [nb, C, B, W] (and [nb, C, B, CACHE N1])
     whole = lambda a: a.reshape((n_blocks * c,) + a.shape[2:])[:t_len]
     return (whole(out[0]), whole(out[1])) if store else whole(out)
 

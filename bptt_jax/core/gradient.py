@@ -101,11 +101,16 @@ def _bptt(params, xs, targets, weights, lengths, h0, output_mask, *, spec: RNNSp
     weigh 0, the BPTT; gradients come back in the dtype of what they differentiate."""
     a = checks.traced_checks(params, spec, xs, targets, weights, lengths, h0, output_mask)
     outer_params = params
-    params, xs, h0 = precision.to_compute(spec.compute_dtype, (params, a.xs, a.h0))
-    t_len, batch, _ = xs.shape
-    p = plan.resolve(options, spec, t_len, batch, xs.dtype)
+    params, h0 = precision.to_compute(spec.compute_dtype, (params, a.h0))
+    cdtype = jnp.dtype(spec.compute_dtype or a.xs.dtype)  # the compute dtype
+    t_len, batch, _ = a.xs.shape
+    p = plan.resolve(options, spec, t_len, batch, cdtype)
+    # X(t) in c: the blocked unidirectional path rounds it block by block (precision.rounded), the
+    # others here at the entry.
+    blocked = precision.is_half(cdtype) and not spec.bidirectional and p.segment is None
+    xs = a.xs if blocked else precision.to_compute(spec.compute_dtype, a.xs)
     pad = plan.padded_length(p, t_len) - t_len
-    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, precision.accumulation(xs.dtype))  # [T, B]
+    w = losses.effective_weights(a.weights, a.lengths, t_len, batch, precision.accumulation(cdtype))  # [T, B]
     lengths = a.lengths
     if pad and lengths is None:
         lengths = jnp.full((batch,), t_len, jnp.int32)  # the padded steps hold the state, weigh 0
