@@ -293,3 +293,11 @@ def test_scaling_sweeps_quick(tmp_path, monkeypatch):
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| gru |")]
     assert [(r[2].strip()) for r in rows] == ["1"] * 3 + ["3"] * 3 + ["4"] * 3  # B 1, 3 then N1 4, 3 contenders each
     assert all(r[-2].strip() != "-" and float(r[-2]) < 1e-4 for r in rows)  # gradients = the budgeted call's
+
+
+@pytest.mark.bench
+def test_bidir_batched_quick():
+    mod = _load("bidir_batched", "benchmarks/bidir_batched.py")
+    report = mod.main(["--quick", "--rounds", "1", "--cell", "lstm"])  # raises when the two ways differ
+    (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| lstm |")]
+    assert float(row[4]) > 0 and float(row[5]) > 0
