@@ -44,7 +44,7 @@ QUICK = dict(T=8, B=4, V=11, N=5, N1=6)
 
 
 class Model(nnx.Module):
-    def __init__(self, cell, sizes, *, flax_cells: bool, rngs, gates: str = "auto"):
+    def __init__(self, cell, sizes, *, flax_cells: bool, rngs, **layer_options):
         v, n, n1 = sizes["V"], sizes["N"], sizes["N1"]
         self.embed = nnx.Embed(v, n, rngs=rngs)
         make = {"elman": nnx.SimpleCell, "gru": nnx.GRUCell, "lstm": nnx.OptimizedLSTMCell}[cell]
@@ -52,15 +52,15 @@ class Model(nnx.Module):
         if flax_cells:
             self.rnn1, self.rnn2 = (nnx.RNN(c) for c in flax)
         else:  # the one-line switch
-            self.rnn1, self.rnn2 = (bnnx.RNN.from_flax_cell(c, gates=gates) for c in flax)
+            self.rnn1, self.rnn2 = (bnnx.RNN.from_flax_cell(c, **layer_options) for c in flax)
         self.out = nnx.Linear(n1, v, rngs=rngs)
 
     def __call__(self, ids):
         return self.out(self.rnn2(self.rnn1(self.embed(ids))))
 
 
-def contender(cell, sizes, flax_cells, gates="auto"):
-    model = Model(cell, sizes, flax_cells=flax_cells, rngs=nnx.Rngs(0), gates=gates)
+def contender(cell, sizes, flax_cells, **layer_options):
+    model = Model(cell, sizes, flax_cells=flax_cells, rngs=nnx.Rngs(0), **layer_options)
     opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
     graphdef, state = nnx.split((model, opt))
 
@@ -79,6 +79,11 @@ def contender(cell, sizes, flax_cells, gates="auto"):
 
 OURS, FLAX = "bptt_jax.layers.nnx.RNN", "nnx.RNN + Flax cell"
 LEAN = "bptt_jax.layers.nnx.RNN, gates='recompute'"  # the gated cells' lean layout (rnn_states' gates)
+
+
+def segment_length(t_len: int) -> int:
+    """k for the segments contender: the largest divisor of T not above sqrt(T) (at least 2 where T allows)."""
+    return max(d for d in range(1, max(int(t_len**0.5), 2) + 1) if t_len % d == 0)
 
 
 def race(contenders: dict, batches, rounds: int, steps: int) -> dict:
@@ -157,6 +162,8 @@ def main(argv=None):
         contenders = {OURS: contender(cell, sizes, False)}
         if cell != "elman":  # the Elman cell has no gates to recompute
             contenders[LEAN] = contender(cell, sizes, False, gates="recompute")
+        k = segment_length(sizes["T"])
+        contenders[f"{OURS}, checkpoint_every={k}"] = contender(cell, sizes, False, checkpoint_every=k)
         contenders[FLAX] = contender(cell, sizes, True)
         lines += table_rows(cell, race(contenders, batches, rounds, steps), FLAX)
         if args.out:  # what is measured so far

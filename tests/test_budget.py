@@ -182,13 +182,16 @@ def _public_h0(spec, dtype):
     return tuple((zeros(n1), zeros(n1)) if spec.is_lstm else zeros(n1) for n1 in spec.state_sizes())
 
 
-def _states_temp(p, spec, gates, block_size) -> int:
+def _states_temp(p, spec, gates, block_size, checkpoint_every=None) -> int:
     """The compiled temp memory of rnn_states' forward + backward with this layout (h0 an argument,
     as the layers pass it): measured here by jax.vjp of the public call, independently of
     ``vjp._within_budget``."""
 
     def fwd_bwd(params, xs, h0, ct):
-        f = lambda a, b, c: vjp.rnn_states(a, spec, b, h0=c, lengths=p.lengths, gates=gates, block_size=block_size)  # noqa: E731
+        def f(a, b, c):
+            kw = dict(gates=gates, block_size=block_size, checkpoint_every=checkpoint_every)
+            return vjp.rnn_states(a, spec, b, h0=c, lengths=p.lengths, **kw)
+
         return jax.vjp(f, params, xs, h0)[1](ct)
 
     ct = jax.ShapeDtypeStruct((T, B, spec.merged_size(spec.num_layers - 1)), p.xs.dtype)
@@ -222,12 +225,13 @@ def test_rnn_states_under_a_budget_fits_and_equals_autodiff(cell, bidirectional,
         except ValueError as e:  # too lean for any layout: the error names a budget that does fit
             need = int(re.search(r"\((\d+) bytes\)", str(e)).group(1))
             assert need > limit
-            assert "bptt's only" in str(e)
+            assert not bidirectional or "segments, the leanest plans, are for unidirectional stacks here" in str(e)
             limit = need
             got = grads(max_memory=limit)
         (sig, struct), *_ = [_states_signature(p)]
-        gates, block = vjp._within_budget(spec, 1, "scan", ("auto", None), limit, sig, struct)
-        assert _states_temp(p, spec, gates, block) <= limit
+        gates, block, k = vjp._within_budget(spec, 1, "scan", ("auto", None, None), limit, sig, struct)
+        assert k is None or (not bidirectional and T % k == 0)
+        assert _states_temp(p, spec, gates, block, k) <= limit
         want = grads(grad="autodiff")
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), got, want)
 
@@ -246,6 +250,55 @@ def test_rnn_states_options_are_checked_by_name():
         vjp.rnn_states(p.params, spec, p.xs, block_size=0)
     with pytest.raises(ValueError, match="max_memory: expected bytes"):
         vjp.rnn_states(p.params, spec, p.xs, max_memory="lots")
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+def test_rnn_states_segments_equal_autodiff_and_meet_a_lean_budget(cell):
+    """rnn_states(checkpoint_every=k) for a two-layer stack with lengths, h0 and the final states
+    differentiated too: every k dividing T gives grad="autodiff"'s gradients (float64, 1e-10). A
+    budget below every unsegmented layout is then met by segments: the chosen plan has them, its
+    compiled temp memory fits, and its gradients are the same."""
+    with jax.enable_x64(True):
+        spec = bj.RNNSpec(3, (6, 5), 4, cell=cell)
+        p = ref.make_problem(spec, T, B, seed=5, use_lengths=True, use_h0=True, dtype=jnp.float64)
+        h0 = jax.tree.map(lambda a: a + 0.1, _public_h0(spec, jnp.float64))
+        ct = jnp.asarray(np.random.RandomState(1).randn(T, B, 5))
+
+        def grads(**kw):
+            def f(a, b, c):
+                states, last = vjp.rnn_states(a, spec, b, h0=c, lengths=p.lengths, return_last=True, **kw)
+                return jnp.sum(states * ct) + sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(last))
+
+            return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(p.params, p.xs, h0)
+
+        want = grads(grad="autodiff")
+
+        def check(got):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
+
+        for k in (1, 4, 6, T):
+            check(grads(checkpoint_every=k))
+        unsegmented = min(_states_temp(p, spec, "recompute", c) for c in range(1, T + 1) if T % c == 0)
+        limit = int(0.85 * unsegmented)  # clear of it: the two measures differ by a few bytes
+        (sig, struct), *_ = [_states_signature(p)]
+        gates, block, k = vjp._within_budget(spec, 1, "scan", ("auto", None, None), limit, sig, struct)
+        assert k is not None and T % k == 0
+        assert _states_temp(p, spec, gates, block, k) <= limit
+        check(grads(max_memory=limit))
+
+
+def test_rnn_states_segments_are_checked_by_name():
+    p, spec = _problem("gru", dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"checkpoint_every=5 must divide the sequence length T=24"):
+        vjp.rnn_states(p.params, spec, p.xs, checkpoint_every=5)
+    with pytest.raises(ValueError, match="nested segments are bptt's only"):
+        vjp.rnn_states(p.params, spec, p.xs, checkpoint_every=(12, 4))
+    with pytest.raises(ValueError, match="checkpoint_every: expected"):
+        vjp.rnn_states(p.params, spec, p.xs, checkpoint_every=0)
+    bi = dataclasses.replace(spec, bidirectional=True)
+    params = bj.init_params(jax.random.key(0), bi)
+    with pytest.raises(ValueError, match="segments are for unidirectional stacks here"):
+        vjp.rnn_states(params, bi, p.xs, checkpoint_every=4)
 
 
 def test_the_layers_take_a_budget():
@@ -291,6 +344,48 @@ def test_the_layers_take_a_budget():
         bnnx.RNN(3, 6, max_memory="lots", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="gates: expected one of"):
         beqx.RNN(3, 6, gates="sometimes", key=jax.random.key(0))
+
+
+def test_the_layers_take_checkpoint_segments():
+    """NNX RNN, StackedRNN and the Equinox RNN with checkpoint_every: the gradient of a loss (and,
+    for the NNX RNN, of its final carry) equals the same layer's grad="autodiff" (float64); k is
+    checked at construction (one int, unidirectional) and per call (it must divide T)."""
+    from flax import nnx
+
+    from bptt_jax.layers import equinox as beqx
+    from bptt_jax.layers import nnx as bnnx
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.RandomState(2).randn(B, T, 3))
+        lengths = jnp.array([T, 5])
+        kw = lambda: dict(param_dtype=jnp.float64, rngs=nnx.Rngs(1))  # noqa: E731  (the same weights each time)
+        builds = [
+            lambda g, k: bnnx.RNN(3, 6, cell="lstm", grad=g, checkpoint_every=k, return_carry=True, **kw()),
+            lambda g, k: bnnx.StackedRNN(3, (6, 5), cell="elman", grad=g, checkpoint_every=k, **kw()),
+        ]
+
+        def loss(mdl):
+            out = mdl(x, seq_lengths=lengths)
+            return sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(out))
+
+        for build in builds:
+            want = nnx.grad(loss)(build("autodiff", None))
+            got = nnx.grad(loss)(build("bptt", 6))
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
+        eqx_grads = []
+        for g, k in (("bptt", 8), ("autodiff", None)):
+            rnn = beqx.RNN(3, 6, cell="gru", grad=g, checkpoint_every=k, dtype=jnp.float64, key=jax.random.key(0))
+            eqx_grads.append(jax.grad(lambda r: jnp.sum(jnp.sin(r(x, length=lengths))))(rnn))
+        for a, b in zip(*map(jax.tree.leaves, eqx_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+        with pytest.raises(ValueError, match="checkpoint_every=5 must divide the sequence length T=24"):
+            builds[0]("bptt", 5)(x)
+    with pytest.raises(ValueError, match="segments are for unidirectional stacks here"):
+        bnnx.StackedRNN(3, (6,), bidirectional=True, checkpoint_every=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="nested segments are bptt's only"):
+        beqx.RNN(3, 6, checkpoint_every=(8, 4), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="checkpoint_every: expected"):
+        bnnx.RNN(3, 6, checkpoint_every=-2, rngs=nnx.Rngs(0))
 
 
 def test_nested_segments_in_budgets_and_cached_plans():

@@ -339,16 +339,19 @@ def zero_carry(params: RNNParams, h0: tuple[Array, ...]) -> Carry:
 
 
 class Run(NamedTuple):
-    """A unidirectional stack's forward pass over T' steps (a multiple of the block) and its targets."""
+    """A unidirectional stack's forward pass over T' steps (a multiple of the block) and its targets,
+    or (``dtop``) the gradient reaching its top layer's states from outside (the custom VJP's
+    cotangent), which then takes the readout's place: no readout, DIV 0, no readout gradient."""
 
     xs: Array  # [T', B, N]
     hs: tuple[Array, ...]  # L entries [T', B, W]
     h0: tuple[Array, ...]  # L entries [B, W]: the states before step 0
     valid: Array | None  # [T', B]
-    targets: Array  # [T', B] or [T', B, M]
-    w: Array  # [T', B] effective weights
+    targets: Array | None  # [T', B] or [T', B, M]; None with dtop
+    w: Array | None  # [T', B] effective weights; None with dtop
     output_mask: Array | None = None  # [T', B, N_top]
     caches: tuple[Array, ...] | None = None  # L entries [T', B, CACHE N1]: the stored gates
+    dtop: Array | None = None  # [T', B, N_top] dDIV/d(top layer's h(t)) from outside, instead of a readout
 
 
 def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Carry, plan: Plan):
@@ -363,10 +366,15 @@ def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Ca
     cell = cells.get(spec.cell)
 
     def body(carry: Carry, blk):
-        x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk, cache_blks = precision.per_block(blk, blk_in)
-        top = cell.hidden(h_blks[-1])  # h(t) of the top layer's state
-        top = top if mask_blk is None else top * mask_blk  # dropout on the readout's input
-        div, g_readout, above = readout_backward(params, spec, top, tg_blk, w_blk, generic=plan.generic)
+        x_blk, h_blks, h_ins, valid_blk, tg_blk, w_blk, mask_blk, cache_blks, dtop_blk = precision.per_block(
+            blk, blk_in
+        )
+        if dtop_blk is not None:  # the gradient from outside: no readout
+            div, g_readout, above = zeros_acc(carry.div), None, dtop_blk
+        else:
+            top = cell.hidden(h_blks[-1])  # h(t) of the top layer's state
+            top = top if mask_blk is None else top * mask_blk  # dropout on the readout's input
+            div, g_readout, above = readout_backward(params, spec, top, tg_blk, w_blk, generic=plan.generic)
         if mask_blk is not None:
             above = above * mask_blk
         dh, g_layers = list(carry.dh), list(carry.layers)
@@ -385,7 +393,8 @@ def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Ca
             return cell.input_grad(layer, das) if want_dx else None  # [C, B, N_in]: to layer k-1 (or dX)
 
         dxs = _down_the_stack(spec, above, layer_step, plan.with_dxs)
-        new = Carry(tuple(dh), tuple(g_layers), _tree_add(carry.readout, g_readout), carry.div + div)
+        g_ro = carry.readout if g_readout is None else _tree_add(carry.readout, g_readout)
+        new = Carry(tuple(dh), tuple(g_layers), g_ro, carry.div + div)
         return new, (dxs, jnp.stack(norms, axis=1) if plan.with_norms else None)
 
     blk_in = (
@@ -397,6 +406,7 @@ def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Ca
         _blocks(run.w, c),
         _blocks(run.output_mask, c),
         None if run.caches is None else tuple(_blocks(a, c) for a in run.caches),
+        _blocks(run.dtop, c),
     )
     carry, (dxs, norms) = lax.scan(body, carry, precision.hide(blk_in), reverse=True)
     return carry, _unblock(dxs), _unblock(norms)

@@ -150,13 +150,14 @@ def choose(
     segments_ok: bool,
     measure: Callable[[plan.Options], int],
     hint: str | None = None,
+    allowed: Callable[[plan.Options], bool] | None = None,
 ) -> plan.Options:
     """The first of ``candidates`` whose compiled temp memory (``measure``) is at most ``budget``
     bytes; a candidate whose lower bound (``stored_bytes``) exceeds the budget is not compiled.
     When none fits, every candidate is compiled and the ValueError gives the smallest compiled temp
     memory among them: the smallest budget that would fit (``hint``: what the message adds about
-    the plans left out)."""
-    tried = candidates(first, spec, t_len, batch, segments_ok)
+    the plans left out). ``allowed``: only the candidates it accepts are tried."""
+    tried = [o for o in candidates(first, spec, t_len, batch, segments_ok) if allowed is None or allowed(o)]
     measured: dict[plan.Options, int] = {}
     for o in tried:
         if stored_bytes(o, spec, t_len, batch, dtype) > budget:

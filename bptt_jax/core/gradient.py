@@ -88,6 +88,7 @@ def _bidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
     mask = run.output_mask
     if mask is not None:
         top = top * mask
+    assert run.targets is not None and run.w is not None  # bptt's run: a readout, no dtop
     div, g_readout, dtop = backward.readout_backward(params, spec, top, run.targets, run.w, generic=p.generic)
     if mask is not None:
         dtop = dtop * mask

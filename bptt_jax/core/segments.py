@@ -29,7 +29,7 @@ def _largest_divisor_at_most(n: int, c: int) -> int:
     return max(d for d in range(1, min(n, c) + 1) if n % d == 0)
 
 
-def _segment_lengths(lengths: Array | None, n_seg: int, k: int) -> Array | None:
+def segment_lengths(lengths: Array | None, n_seg: int, k: int) -> Array | None:
     """[S, B]: each sequence's valid steps inside each of S segments of k steps (None: all)."""
     if lengths is None:
         return None
@@ -50,7 +50,7 @@ def _final_states(params, spec, xs, h0, lengths, plan: Plan, levels: tuple[int, 
         x_c, lens = inp
         return _final_states(params, spec, x_c, h, lens, plan, levels[1:]), None
 
-    h_last, _ = lax.scan(chunk, h0, (xs.reshape((n, k) + xs.shape[1:]), _segment_lengths(lengths, n, k)))
+    h_last, _ = lax.scan(chunk, h0, (xs.reshape((n, k) + xs.shape[1:]), segment_lengths(lengths, n, k)))
     return h_last
 
 
@@ -61,7 +61,8 @@ def stack_backward_segments(
     lengths: Array | None,
     plan: Plan,
     carry: backward.Carry | None = None,
-) -> tuple[backward.Carry, tuple[Array, ...], Array | None, Array | None]:
+    boundaries: tuple[Array, ...] | None = None,
+) -> tuple[backward.Carry, tuple[Array, ...] | None, Array | None, Array | None]:
     """The explicit BPTT with segments of k = ``plan.segment`` steps.
 
     Nested segments (``plan.segment`` a tuple (k1, k2, ...)): each k1-step segment's backward pass
@@ -70,19 +71,24 @@ def stack_backward_segments(
     BPTT. Memory ~ T'/k1 + k1/k2 + ... + k_last states, for one more forward pass per level.
 
     Args:
-      run: the padded inputs, targets and weights (``run.hs`` is not read: the states are
-        recomputed; ``run.h0`` holds the states before step 0); T' a multiple of k; no output mask.
+      run: the padded inputs, targets and weights, or ``run.dtop`` (the gradient reaching the top
+        layer's states from outside, the custom VJP's) instead of those; ``run.hs`` is not read
+        (the states are recomputed); ``run.h0`` holds the states before step 0; T' a multiple of
+        k; no output mask.
       lengths: [B] valid steps (the padded steps are not valid), or None.
       carry: what enters from beyond the last step (an outer segment's carry); None: zeros.
+      boundaries: L entries [S, B, W], the state entering each segment, when the forward pass
+        kept them already (the custom VJP's); None: this function's own forward pass finds them.
 
     Returns:
-      (carry at step 0, the final states (L entries [B, W]), dxs [T', B, N] or None, norms [T', L] or None).
+      (carry at step 0, the final states (L entries [B, W]; None when ``boundaries`` were given),
+      dxs [T', B, N] or None, norms [T', L] or None).
     """
     k, *inner = segment_levels(plan.segment)
     n_seg = run.xs.shape[0] // k
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
     seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
-    lens_s = _segment_lengths(lengths, n_seg, k)  # [S, B]
+    lens_s = segment_lengths(lengths, n_seg, k)  # [S, B]
 
     def states(x_seg, h_start, lens):  # the forward scans over one segment, from its boundary states
         traces = backward.run_forward(params, spec, x_seg, h_start, lens, seg_plan)  # no gates kept: k steps
@@ -92,21 +98,24 @@ def stack_backward_segments(
         x_seg, lens = inp
         return _final_states(params, spec, x_seg, h, lens, seg_plan, tuple(inner)), h
 
-    h_last, boundaries = lax.scan(seg_forward, run.h0, (seg(run.xs), lens_s))  # boundaries: L entries [S, B, W]
+    h_last = None
+    if boundaries is None:
+        h_last, boundaries = lax.scan(seg_forward, run.h0, (seg(run.xs), lens_s))  # L entries [S, B, W]
 
     def seg_backward(carry, inp):
-        x_seg, tg_seg, w_seg, valid_seg, lens, h_start = inp
+        x_seg, tg_seg, w_seg, valid_seg, lens, h_start, dtop_seg = inp
         if inner:  # the next level's segments inside this one
-            seg_run = backward.Run(x_seg, (), h_start, valid_seg, tg_seg, w_seg)
+            seg_run = backward.Run(x_seg, (), h_start, valid_seg, tg_seg, w_seg, dtop=dtop_seg)
             inner_plan = plan._replace(segment=tuple(inner))  # read through segment_levels
             carry, _, dxs, norms = stack_backward_segments(params, spec, seg_run, lens, inner_plan, carry)
             return carry, (dxs, norms)
-        seg_run = backward.Run(x_seg, states(x_seg, h_start, lens), h_start, valid_seg, tg_seg, w_seg)
+        hs = states(x_seg, h_start, lens)
+        seg_run = backward.Run(x_seg, hs, h_start, valid_seg, tg_seg, w_seg, dtop=dtop_seg)
         carry, dxs, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, seg_plan)
         return carry, (dxs, norms)
 
     init = backward.zero_carry(params, run.h0) if carry is None else carry
-    inputs = (seg(run.xs), seg(run.targets), seg(run.w), seg(run.valid), lens_s, boundaries)
+    inputs = (seg(run.xs), seg(run.targets), seg(run.w), seg(run.valid), lens_s, boundaries, seg(run.dtop))
     out, (dxs, norms) = lax.scan(seg_backward, init, inputs, reverse=True)
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
     return out, h_last, unseg(dxs), unseg(norms)

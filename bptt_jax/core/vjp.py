@@ -16,8 +16,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from bptt_jax.core import backward, budget, checks, forward, kernels, precision
+from bptt_jax.core import backward, budget, checks, forward, kernels, precision, segments
 from bptt_jax.core.params import RNNParams, RNNSpec
 from bptt_jax.core.plan import Options, Plan, auto_block_size, block_width, resolve_gates
 
@@ -32,8 +33,30 @@ def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False):
     return traces[-1].merged, last, traces
 
 
+def _segmented(spec, unroll, recurrence, k, params, xs, h0, lengths):
+    """``_plain`` with checkpoint segments of k steps (unidirectional stacks): (merged top states,
+    final states in h0's dtype, the state entering each segment: L entries [T/k, B, W]). One scan
+    over the segments runs the stack k steps at a time, so across the sequence it keeps only the top
+    layer's states (the output) and the segments' boundary states."""
+    cparams, cxs, ch0 = precision.to_compute(spec.compute_dtype, (params, xs, h0))
+    t_len = xs.shape[0]
+    n = t_len // k
+
+    def segment(h, inp):
+        x_seg, lens = inp
+        traces = forward.run_stack(cparams, spec, x_seg, h, lens, unroll=unroll, recurrence=recurrence)
+        return forward.last_states(traces), (traces[-1].merged, h)
+
+    inputs = (cxs.reshape((n, k) + cxs.shape[1:]), segments.segment_lengths(lengths, n, k))
+    h_last, (top, boundaries) = lax.scan(segment, ch0, inputs)
+    last = tuple(s.astype(h.dtype) for s, h in zip(h_last, h0))
+    return top.reshape((t_len,) + top.shape[2:]), last, boundaries
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _states(spec, unroll, recurrence, layout, params, xs, h0, lengths):
+    if layout[2] is not None:
+        return _segmented(spec, unroll, recurrence, layout[2], params, xs, h0, lengths)[:2]
     return _plain(spec, unroll, recurrence, params, xs, h0, lengths)[:2]
 
 
@@ -46,6 +69,9 @@ def _block(layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -
 
 
 def _states_fwd(spec, unroll, recurrence, layout, params, xs, h0, lengths):
+    if layout[2] is not None:  # checkpoint segments: the boundary states are the residuals
+        merged, last, boundaries = _segmented(spec, unroll, recurrence, layout[2], params, xs, h0, lengths)
+        return (merged, last), (params, xs, h0, lengths, boundaries)
     store = resolve_gates(layout[0], spec, xs.shape[0], xs.shape[1], None, spec.compute_dtype or xs.dtype)
     merged, last, traces = _plain(spec, unroll, recurrence, params, xs, h0, lengths, store)
     xs_dtype = jnp.zeros((), xs.dtype)  # dX's dtype; the inputs themselves are in traces[0] (computed)
@@ -55,16 +81,33 @@ def _states_fwd(spec, unroll, recurrence, layout, params, xs, h0, lengths):
 def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
     """The explicit BPTT (``backward.stack_backward``) in the compute dtype; the cotangents come
     back in the dtypes of the primal inputs."""
-    params, xs_dtype, h0, lengths, traces = residuals
+    params, xs_or_dtype, h0, lengths, saved = residuals
     cparams, ch0 = precision.to_compute(spec.compute_dtype, (params, h0))
     ct, ct_last = cts  # ct_last: symbolic zeros arrive as zero arrays
     t_len, batch = ct.shape[:2]
     c = _block(layout, t_len, batch, max(block_width(spec), ct.shape[-1]), recurrence)
-    p = Plan(block=c, store=False, segment=None, unroll=unroll, recurrence=recurrence, with_dxs=True)
+    p = Plan(block=c, store=False, segment=layout[2], unroll=unroll, recurrence=recurrence, with_dxs=True)
     ds_last = tuple(a.astype(precision.accumulation(a.dtype)) for a in ct_last)
-    g_layers, g_reverse, dxs, dh0, _ = backward.stack_backward(
-        cparams, spec, traces, ch0, lengths, ct, p, ds_last=ds_last
-    )
+    if layout[2] is not None:  # segments: recomputed from the boundary states (``saved``), the top
+        # layer's gradient from outside (ct) in the readout's place
+        run = backward.Run(
+            precision.to_compute(spec.compute_dtype, xs_or_dtype),
+            (),
+            ch0,
+            forward.valid_mask(lengths, t_len),
+            None,
+            None,
+        )
+        init = backward.zero_carry(cparams, ch0)._replace(dh=ds_last)
+        carry, _, dxs, _ = segments.stack_backward_segments(
+            cparams, spec, run._replace(dtop=ct), lengths, p, init, boundaries=saved
+        )
+        g_layers, g_reverse, dh0 = carry.layers, (), carry.dh
+    else:
+        g_layers, g_reverse, dxs, dh0, _ = backward.stack_backward(
+            cparams, spec, saved, ch0, lengths, ct, p, ds_last=ds_last
+        )
+    xs_dtype = xs_or_dtype
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
     grads, dxs, dh0 = precision.like((RNNParams(g_layers, g_reverse, g_readout), dxs, dh0), (params, xs_dtype, h0))
     return grads, dxs, dh0, None  # lengths: integer, no cotangent
@@ -82,13 +125,16 @@ def check_grad(grad: str) -> None:
         raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
 
 
-def check_memory_options(gates: str, max_memory):
-    """A layer's ``gates`` and ``max_memory`` checked at construction (a bad value names its
-    option); returned unchanged."""
-    Options(gates=gates)
+def check_memory_options(gates: str, max_memory, checkpoint_every=None, spec: RNNSpec | None = None):
+    """A layer's ``gates``, ``max_memory`` and ``checkpoint_every`` checked at construction (a bad
+    value names its option; segments need one int and a unidirectional ``spec``); returned
+    unchanged. Whether k divides T is checked per call."""
+    Options(gates=gates, checkpoint_every=checkpoint_every)
     if max_memory is not None:
         budget.parse_memory(max_memory)
-    return gates, max_memory
+    if checkpoint_every is not None and spec is not None:
+        _check_segments(spec, checkpoint_every, checkpoint_every)
+    return gates, max_memory, checkpoint_every
 
 
 def rnn_states(
@@ -104,6 +150,7 @@ def rnn_states(
     grad: str = "bptt",
     gates: str = "auto",
     block_size: int | None = None,
+    checkpoint_every: int | None = None,
     max_memory: int | str | None = None,
 ):
     """The top layer's merged states, differentiable (once) through the explicit BPTT.
@@ -124,24 +171,32 @@ def rnn_states(
         recomputed there ("recompute"); "auto" as ``bptt``'s rules. Same gradients either way.
       block_size: C, the backward's time block (gates recomputed per block); None: as ``bptt``'s
         rules. A C that does not divide T runs the whole sequence as one block.
+      checkpoint_every: k, checkpoint segments (unidirectional stacks; k must divide T): the
+        forward pass keeps, besides its output (the top layer's states), only the state entering
+        every k-step segment of each layer, and the backward pass recomputes each segment from it
+        (``bptt``'s ``checkpoint_every``; same gradients). None: no segments.
       max_memory: a budget for the temp memory of the layer's forward + backward program, in bytes
         or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
         shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
-        recomputed, then smaller time blocks. Raises ValueError naming the smallest budget that
-        would fit when none does. Checkpoint segments are ``bptt``'s only (not here yet).
+        recomputed, then smaller time blocks, then (unidirectional stacks) checkpoint segments of
+        divisors of T. Raises ValueError naming the smallest budget that would fit when none does.
 
     Returns:
       [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net), or
       (states, h_last) with ``return_last``. Works under jit, vmap and inside lax.scan.
     """
     check_grad(grad)
-    Options(block_size=block_size, gates=gates).check(spec, False)  # names a bad value
+    Options(block_size=block_size, gates=gates, checkpoint_every=checkpoint_every).check(
+        spec, False
+    )  # names a bad value
+    if checkpoint_every is not None:
+        _check_segments(spec, checkpoint_every, xs.shape[0])
     limit = None if max_memory is None else budget.parse_memory(max_memory)
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
     unroll = forward.resolve_unroll(unroll)
     if grad == "bptt":
-        layout = (gates, block_size)
+        layout = (gates, block_size, checkpoint_every)
         if limit is not None:
             args = (params, xs, h0, lengths)
             leaves, structure = jax.tree_util.tree_flatten(args)
@@ -153,23 +208,36 @@ def rnn_states(
     return (states, spec.public_states(last)) if return_last else states
 
 
+def _check_segments(spec: RNNSpec, k, t_len: int) -> None:
+    """``rnn_states``' checkpoint_every: one level of k steps, k dividing T, unidirectional."""
+    if isinstance(k, tuple):
+        raise ValueError(f"rnn_states: checkpoint_every={k}: nested segments are bptt's only; give one int")
+    if spec.bidirectional:
+        raise ValueError(
+            f"rnn_states: checkpoint_every={k}: segments are for unidirectional stacks here "
+            "(bptt has them for bidirectional networks too)"
+        )
+    if t_len % k:
+        raise ValueError(f"rnn_states: checkpoint_every={k} must divide the sequence length T={t_len}")
+
+
 @functools.lru_cache(maxsize=256)
 def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: int, signature: tuple, structure):
     """(gates, block_size) for ``rnn_states`` under ``max_memory=limit`` with arguments of this
     signature: ``budget.choose`` over the custom VJP's forward + backward programs, compiled from
-    the shapes (no checkpoint segments here)."""
+    the shapes (one level of checkpoint segments, k dividing T, for unidirectional stacks)."""
     params, xs, h0, lengths = jax.tree_util.tree_unflatten(
         structure, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
     )
     t_len, batch = xs.shape[:2]
     dtype = jnp.dtype(spec.compute_dtype or xs.dtype)
     top = jax.eval_shape(lambda p, x, h, n: _plain(spec, unroll, rec, p, x, h, n)[0], params, xs, h0, lengths)
-    store = resolve_gates(layout[0], spec, t_len, batch, None, dtype)
+    store = resolve_gates(layout[0], spec, t_len, batch, layout[2], dtype)
     c = _block(layout, t_len, batch, max(block_width(spec), top.shape[-1]), rec)
-    first = Options(block_size=c, gates="store" if store else "recompute")
+    first = Options(block_size=c, gates="store" if store else "recompute", checkpoint_every=layout[2])
 
     def measure(o: Options) -> int:
-        lay = (o.gates, o.block_size)
+        lay = (o.gates, o.block_size, o.checkpoint_every)
 
         def fwd_bwd(p, x, h, n, ct):
             _, pull = jax.vjp(lambda p, x, h: _states(spec, unroll, rec, lay, p, x, h, n)[0], p, x, h)
@@ -177,6 +245,12 @@ def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: i
 
         return budget.temp_bytes(jax.jit(fwd_bwd).lower(params, xs, h0, lengths, top).compile())
 
-    hint = " (checkpoint segments, the leanest plans, are bptt's only: rnn_states and the layers have none yet)"
-    chosen = budget.choose(first, spec, t_len, batch, dtype, limit, False, measure, hint=hint)
-    return (chosen.gates, chosen.block_size)
+    hint = " (checkpoint segments, the leanest plans, are for unidirectional stacks here)" if spec.bidirectional else ""
+
+    def allowed(o: Options) -> bool:  # one level of segments dividing T (nested, padded: bptt's only)
+        k = o.checkpoint_every
+        return k is None or (isinstance(k, int) and t_len % k == 0)
+
+    segments_ok = not spec.bidirectional
+    chosen = budget.choose(first, spec, t_len, batch, dtype, limit, segments_ok, measure, hint=hint, allowed=allowed)
+    return (chosen.gates, chosen.block_size, chosen.checkpoint_every)

@@ -53,6 +53,8 @@ class RNN(eqx.Module):
         memory of one call's forward + backward, as ``bptt_jax.core.vjp.rnn_states`` (under
         ``jax.vmap`` that is one sequence's program, which vmap then runs for the whole batch;
         the batch call [B, T, N] is budgeted whole).
+      checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (k must
+        divide the sequence length of every call); None: none.
       key: a JAX PRNG key for the weights.
     """
 
@@ -64,6 +66,7 @@ class RNN(eqx.Module):
     grad: str = eqx.field(static=True)
     gates: str = eqx.field(static=True)
     max_memory: int | str | None = eqx.field(static=True)
+    checkpoint_every: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -82,12 +85,15 @@ class RNN(eqx.Module):
         biases: str = "pytorch",
         gates: str = "auto",
         max_memory: int | str | None = None,
+        checkpoint_every: int | None = None,
         key: Array,
     ):
         vjp.check_grad(grad)
-        self.gates, self.max_memory = vjp.check_memory_options(gates, max_memory)
         bias_layouts.check_layout(biases)
         self.spec = RNNSpec(in_size, (hidden_size,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype)
+        self.gates, self.max_memory, self.checkpoint_every = vjp.check_memory_options(
+            gates, max_memory, checkpoint_every, self.spec
+        )
         self.unroll, self.grad, self.biases = unroll, grad, biases
         full = init_params(key, self.spec, scheme=init, scale=init_scale, dtype=dtype, forget_bias=forget_bias)
         self.layer, self.bias_n = _stored(cell, biases, full.layers[0])
@@ -147,6 +153,7 @@ class RNN(eqx.Module):
             grad=self.grad,
             gates=self.gates,
             max_memory=self.max_memory,
+            checkpoint_every=self.checkpoint_every,
         )
         hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
         if not return_last:

@@ -75,6 +75,8 @@ class RNN(nnx.Module):
         recomputed there, as ``bptt_jax.core.vjp.rnn_states``.
       max_memory: a budget for the temp memory of the layer's forward + backward (bytes or "512MiB"),
         as ``rnn_states``: the fastest of its plans that fits, chosen once per input shape.
+      checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (k must
+        divide the sequence length of every call); None: none.
       rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
     """
 
@@ -101,13 +103,16 @@ class RNN(nnx.Module):
         biases: str = "pytorch",
         gates: str = "auto",
         max_memory: int | str | None = None,
+        checkpoint_every: int | None = None,
         rngs: nnx.Rngs,
     ):
         bias_layouts.check_layout(biases)
-        self.gates, self.max_memory = vjp.check_memory_options(gates, max_memory)
         self.dtype = dtype
         self.spec = RNNSpec(
             in_features, (hidden_features,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype
+        )
+        self.gates, self.max_memory, self.checkpoint_every = vjp.check_memory_options(
+            gates, max_memory, checkpoint_every, self.spec
         )
         self.in_features, self.hidden_features, self.cell = in_features, hidden_features, cell
         self.time_major, self.return_carry = time_major, return_carry
@@ -180,6 +185,7 @@ class RNN(nnx.Module):
             grad=self.grad,
             gates=self.gates,
             max_memory=self.max_memory,
+            checkpoint_every=self.checkpoint_every,
         )
         if reverse and keep_order:
             states = forward.reverse_padded(states, lengths)
@@ -314,8 +320,8 @@ class StackedRNN(nnx.Module):
       in_features: N.
       hidden_sizes: N1 of each layer, bottom first.
       cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias: as ``RNN``.
-      dtype, param_dtype, compute_dtype, biases, gates, max_memory: as ``RNN`` (``max_memory``
-        budgets the whole stack's forward + backward).
+      dtype, param_dtype, compute_dtype, biases, gates, max_memory, checkpoint_every: as ``RNN``
+        (``max_memory`` budgets the whole stack's forward + backward; segments: unidirectional).
       bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
         how the two directions' states are combined for the next layer and the output.
       time_major: the default layout, overridable per call.
@@ -348,11 +354,11 @@ class StackedRNN(nnx.Module):
         biases: str = "pytorch",
         gates: str = "auto",
         max_memory: int | str | None = None,
+        checkpoint_every: int | None = None,
         rngs: nnx.Rngs,
     ):
         vjp.check_grad(grad)
         bias_layouts.check_layout(biases)
-        self.gates, self.max_memory = vjp.check_memory_options(gates, max_memory)
         self.dtype = dtype
         self.spec = RNNSpec(
             in_features,
@@ -363,6 +369,9 @@ class StackedRNN(nnx.Module):
             bidirectional=bidirectional,
             merge=merge,
             compute_dtype=compute_dtype,
+        )
+        self.gates, self.max_memory, self.checkpoint_every = vjp.check_memory_options(
+            gates, max_memory, checkpoint_every, self.spec
         )
         self.time_major, self.unroll, self.recurrence, self.grad = time_major, unroll, recurrence, grad
         params = init_params(
@@ -408,6 +417,7 @@ class StackedRNN(nnx.Module):
             grad=self.grad,
             gates=self.gates,
             max_memory=self.max_memory,
+            checkpoint_every=self.checkpoint_every,
         )
         outputs = _batch_layout(states, batch_dims, time_major)
         if not return_carry:
