@@ -304,3 +304,13 @@ def test_bidir_batched_quick():
     report = mod.main(["--quick", "--rounds", "1", "--cell", "lstm"])  # raises when the two ways differ
     (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| lstm |")]
     assert float(row[4]) > 0 and float(row[5]) > 0
+
+
+@pytest.mark.bench
+def test_states_memory_quick():
+    mod = _load("states_memory", "benchmarks/states_memory.py")
+    report = mod.main(["--quick", "--rounds", "1", "--cell", "gru"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| gru |")]
+    names = [r[3].strip() for r in rows]
+    assert names == ["default", "gates='recompute'", "checkpoint_every=4", 'grad="autodiff"'], names
+    assert all(float(r[-2]) < 1e-5 for r in rows)  # every plan's gradients = the default's
