@@ -20,7 +20,6 @@ batching is faster).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -73,15 +72,7 @@ def contenders(cell: str, shape):
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 11; quick 1)")
-    ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
-    ap.add_argument("--out", help="also write the markdown report here")
-    ap.add_argument("--cell", action="append", choices=bptt_speed.CELLS, help="cells (default: all three)")
-    args = ap.parse_args(argv)
-    if args.rounds is not None and args.rounds < 1:
-        ap.error(f"--rounds: expected a positive number of timed rounds, got {args.rounds}")
-    rounds = args.rounds or (1 if args.quick else 11)
+    args, rounds = gate_blocks.parse_report_args(__doc__, argv, bptt_speed.CELLS, 11)
     shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
     lines = gate_blocks.header(
         "Bidirectional layer: both directions in one batched scan", "bidir_batched.py", argv, rounds

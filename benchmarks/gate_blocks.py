@@ -137,6 +137,20 @@ def cpu_model() -> str:
     return f"{name}, {os.cpu_count()} logical cores"
 
 
+def parse_report_args(doc: str, argv, cells, default_rounds: int):
+    """The options of a report script (--rounds, --quick, --out, --cell): (args, rounds), rounds
+    being --rounds, else 1 with --quick, else ``default_rounds``; a non-positive --rounds is refused."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {default_rounds}; quick 1)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--cell", action="append", choices=cells, help="cells (default: all)")
+    args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds: expected a positive number of timed rounds, got {args.rounds}")
+    return args, args.rounds or (1 if args.quick else default_rounds)
+
+
 def header(title: str, script: str, argv, rounds: int, unit: str = "") -> list[str]:
     """A report's first lines: title and date, then machine (CPU model), jax, the command line and the rounds."""
     cmd = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -13,7 +13,6 @@ against the default's first. Reported: temp memory and time, each over the defau
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -75,15 +74,7 @@ def bench(cell: str, sizes: dict, t_len: int, rounds: int) -> dict:
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; quick 1)")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    ap.add_argument("--out", help="also write the markdown report here")
-    ap.add_argument("--cell", action="append", choices=bptt_speed.CELLS, help="cells (default: all three)")
-    args = ap.parse_args(argv)
-    if args.rounds is not None and args.rounds < 1:
-        ap.error(f"--rounds: expected a positive number of timed rounds, got {args.rounds}")
-    rounds = args.rounds or (1 if args.quick else 7)
+    args, rounds = gate_blocks.parse_report_args(__doc__, argv, bptt_speed.CELLS, 7)
     sizes, lengths = (QUICK, QUICK_LENGTHS) if args.quick else (SIZES, LENGTHS)
     lines = gate_blocks.header("rnn_states of a stack: memory and time of its plans", "states_memory.py", argv, rounds)
     lines += [
