@@ -70,12 +70,12 @@ class Model(eqx.Module):
     rnn2: eqx.Module
     out: eqx.nn.Linear
 
-    def __init__(self, cell: str, sizes: dict, *, ours: bool, key, gates: str = "auto"):
+    def __init__(self, cell: str, sizes: dict, *, ours: bool, key, **layer_options):
         v, n, n1 = sizes["V"], sizes["N"], sizes["N1"]
         k = jax.random.split(key, 4)
         make = {"gru": eqx.nn.GRUCell, "lstm": eqx.nn.LSTMCell}[cell]
         cells = [make(n, n1, key=k[1]), make(n1, n1, key=k[2])]  # the same draws for both contenders
-        layers = [beqx.RNN.from_eqx_cell(c, gates=gates) if ours else Scanned(c) for c in cells]
+        layers = [beqx.RNN.from_eqx_cell(c, **layer_options) if ours else Scanned(c) for c in cells]
         self.embed = eqx.nn.Embedding(v, n, key=k[0])
         self.rnn1, self.rnn2 = layers
         self.out = eqx.nn.Linear(n1, v, key=k[3])
@@ -88,10 +88,10 @@ class Model(eqx.Module):
         return jax.vmap(jax.vmap(self.out))(self.rnn2(self.rnn1(xs)))
 
 
-def contender(cell: str, sizes: dict, ours: bool, batch_call: bool = False, gates: str = "auto"):
+def contender(cell: str, sizes: dict, ours: bool, batch_call: bool = False, **layer_options):
     """(jitted step(state, ids [B, T], targets [B, T]) -> (state, loss), state); ``batch_call``: the
     model's ``batch`` (our layers called once on the batch) instead of ``jax.vmap`` of the model."""
-    model = Model(cell, sizes, ours=ours, key=jax.random.key(0), gates=gates)
+    model = Model(cell, sizes, ours=ours, key=jax.random.key(0), **layer_options)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt = optax.adam(1e-3)
 
@@ -139,11 +139,13 @@ def main(argv=None):
         "| cell | contender | steps/s | speed-up over Equinox | temp mem | temp / Equinox's | compile s | loss after the steps |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    k = nnx_speed.segment_length(sizes["T"])
     for cell in args.cell or ["gru", "lstm"]:
         contenders = {
             OURS: contender(cell, sizes, True),
             BATCH: contender(cell, sizes, True, batch_call=True),
             LEAN: contender(cell, sizes, True, batch_call=True, gates="recompute"),
+            f"{BATCH}, checkpoint_every={k}": contender(cell, sizes, True, batch_call=True, checkpoint_every=k),
             EQX: contender(cell, sizes, False),
         }
         results = nnx_speed.race(contenders, batches, rounds, steps)
