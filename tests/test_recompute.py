@@ -43,6 +43,60 @@ class SegmentsTest(chex.TestCase):
         self._check(problem, every, jnp.float32, 1e-5, block)
 
 
+class StatesSegmentsTest(chex.TestCase):
+    """``rnn_states(checkpoint_every=k)`` (the layers' custom VJP; unidirectional stacks, k dividing
+    T) of every cell, one or two layers, lengths (0 and T among them), h0, the final states
+    differentiated too: the gradients of params, xs and h0 equal grad="autodiff"'s (jax.grad through
+    the plain scans)."""
+
+    @staticmethod
+    def _grads(problem, grad, every):
+        """d(sum(states * probe) + sum(tanh(final states)))/d(params, xs, h0) in the problem's dtype."""
+        from bptt_jax.core.vjp import rnn_states
+
+        p = problem
+        t_len, batch = p.xs.shape[:2]
+        dtype = p.xs.dtype
+        h0 = p.h0 if p.h0 is not None else ref.zero_h0(p.spec, batch, dtype)
+        probe = jnp.cos(jnp.arange(t_len * batch * p.spec.merged_size(-1), dtype=dtype)).reshape(t_len, batch, -1)
+
+        def f(params, xs, h0):
+            kw = dict(lengths=p.lengths, return_last=True, grad=grad, checkpoint_every=every)
+            states, last = rnn_states(params, p.spec, xs, h0=h0, **kw)
+            return jnp.sum(states * probe) + sum(jnp.sum(jnp.tanh(a)) for a in jax.tree.leaves(last))
+
+        return jax.grad(f, argnums=(0, 1, 2))(p.params, p.xs, h0)
+
+    def _k(self, problem, k_index):
+        t_len = problem.xs.shape[0]
+        divisors = [d for d in range(1, t_len + 1) if t_len % d == 0]
+        return divisors[k_index % len(divisors)]
+
+    @chex.variants(with_jit=True)
+    @settings(max_examples=6)
+    @given(problem=ref.problems(bidirectional=False, max_t=8, max_layers=2, cells=CELLS), k_index=st.integers(0, 7))
+    def test_rnn_states_segments_equal_autodiff_float64(self, problem, k_index):
+        with jax.enable_x64(True):
+            p = ref.cast(problem, jnp.float64)
+            got = self.variant(lambda: self._grads(p, "bptt", self._k(p, k_index)))()
+            self.assertLess(ref.max_rel_err(got, self._grads(p, "autodiff", None)), 1e-10)
+
+    @chex.variants(with_jit=True)
+    @settings(max_examples=4)
+    @given(problem=ref.problems(bidirectional=False, max_t=8, max_layers=2, cells=CELLS), k_index=st.integers(0, 7))
+    def test_rnn_states_segments_as_accurate_as_autodiff_float32(self, problem, k_index):
+        """float32: both gradients judged against the float64 one (a small gradient array's relative
+        difference between two float32 computations can reach 1e-4): the segments' error within
+        1.5x autodiff's, plus 1e-5."""
+        p = ref.cast(problem, jnp.float32)
+        got = self.variant(lambda: self._grads(p, "bptt", self._k(p, k_index)))()
+        theirs = self._grads(p, "autodiff", None)
+        with jax.enable_x64(True):
+            truth = self._grads(ref.cast(problem, jnp.float64), "autodiff", None)
+            e_ours, e_theirs = ref.max_rel_err(got, truth), ref.max_rel_err(theirs, truth)
+        self.assertLess(e_ours, 1.5 * e_theirs + 1e-5, (e_ours, e_theirs))
+
+
 def test_diagnostics_off_gives_same_gradients():
     spec = bj.RNNSpec(3, (4,), 5)
     p = ref.make_problem(spec, 6, 2, seed=0)
