@@ -90,26 +90,17 @@ def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
     ds_last = tuple(a.astype(precision.accumulation(a.dtype)) for a in ct_last)
     if layout[2] is not None:  # segments: recomputed from the boundary states (``saved``), the top
         # layer's gradient from outside (ct) in the readout's place
-        run = backward.Run(
-            precision.to_compute(spec.compute_dtype, xs_or_dtype),
-            (),
-            ch0,
-            forward.valid_mask(lengths, t_len),
-            None,
-            None,
-        )
+        cxs = precision.to_compute(spec.compute_dtype, xs_or_dtype)
+        run = backward.Run(cxs, (), ch0, forward.valid_mask(lengths, t_len), None, None, dtop=ct)
         init = backward.zero_carry(cparams, ch0)._replace(dh=ds_last)
-        carry, _, dxs, _ = segments.stack_backward_segments(
-            cparams, spec, run._replace(dtop=ct), lengths, p, init, boundaries=saved
-        )
+        carry, _, dxs, _ = segments.stack_backward_segments(cparams, spec, run, lengths, p, init, boundaries=saved)
         g_layers, g_reverse, dh0 = carry.layers, (), carry.dh
     else:
         g_layers, g_reverse, dxs, dh0, _ = backward.stack_backward(
             cparams, spec, saved, ch0, lengths, ct, p, ds_last=ds_last
         )
-    xs_dtype = xs_or_dtype
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
-    grads, dxs, dh0 = precision.like((RNNParams(g_layers, g_reverse, g_readout), dxs, dh0), (params, xs_dtype, h0))
+    grads, dxs, dh0 = precision.like((RNNParams(g_layers, g_reverse, g_readout), dxs, dh0), (params, xs_or_dtype, h0))
     return grads, dxs, dh0, None  # lengths: integer, no cotangent
 
 
@@ -133,7 +124,7 @@ def check_memory_options(gates: str, max_memory, checkpoint_every=None, spec: RN
     if max_memory is not None:
         budget.parse_memory(max_memory)
     if checkpoint_every is not None and spec is not None:
-        _check_segments(spec, checkpoint_every, checkpoint_every)
+        _check_segments(spec, checkpoint_every)
     return gates, max_memory, checkpoint_every
 
 
@@ -208,8 +199,9 @@ def rnn_states(
     return (states, spec.public_states(last)) if return_last else states
 
 
-def _check_segments(spec: RNNSpec, k, t_len: int) -> None:
-    """``rnn_states``' checkpoint_every: one level of k steps, k dividing T, unidirectional."""
+def _check_segments(spec: RNNSpec, k, t_len: int | None = None) -> None:
+    """``rnn_states``' checkpoint_every: one level of k steps, unidirectional, k dividing T (when
+    ``t_len`` is given: a layer checks that per call)."""
     if isinstance(k, tuple):
         raise ValueError(f"rnn_states: checkpoint_every={k}: nested segments are bptt's only; give one int")
     if spec.bidirectional:
@@ -217,7 +209,7 @@ def _check_segments(spec: RNNSpec, k, t_len: int) -> None:
             f"rnn_states: checkpoint_every={k}: segments are for unidirectional stacks here "
             "(bptt has them for bidirectional networks too)"
         )
-    if t_len % k:
+    if t_len is not None and t_len % k:
         raise ValueError(f"rnn_states: checkpoint_every={k} must divide the sequence length T={t_len}")
 
 
