@@ -313,3 +313,14 @@ def test_states_memory_quick():
     names = [r[3].strip() for r in rows]
     assert names == ["default", "gates='recompute'", "checkpoint_every=4", 'grad="autodiff"'], names
     assert all(float(r[-2]) < 1e-5 for r in rows)  # every plan's gradients = the default's
+
+
+@pytest.mark.bench
+def test_native_lstm_quick(tmp_path):
+    mod = _load("native_lstm", "benchmarks/native_lstm.py")
+    why = mod.unavailable()
+    if why is not None:  # the test extra installs scipy-openblas32; a machine without g++ skips
+        pytest.skip(why)
+    report = mod.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "n.md")])  # raises where they differ
+    (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
+    assert all(float(v) > 0 for v in row[2:7]), row

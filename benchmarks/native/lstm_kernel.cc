@@ -1,0 +1,231 @@
+// The LSTM's forward step loop and reverse recursion (bptt_jax/core/cells/lstm.py) as two XLA FFI
+// handlers for the CPU: one call runs all C steps of one layer, with a BLAS sgemm for the recurrent
+// matmul of each step and the gate arithmetic fused into one pass over the batch rows.
+//
+// Forward, per step t (row vectors, gates i | f | g | o):
+//     Q(t) = A(t) + bh + h(t-1) Wh                   A(t) = X(t) Wx + bx, formed outside
+//     i, f, o = sigmoid(Q_i, Q_f, Q_o);  g = tanh(Q_g)
+//     c(t) = f c(t-1) + i g;  h(t) = o tanh(c(t))    held at s(t-1) where valid[t] is false
+// Reverse, for t = C-1 .. 0 (the notes' BPTT of this cell; lstm.reverse states the same loop):
+//     dh = dH_above(t) + dh_carry;  dc_total = dc + dh o (1 - tanh(c)^2)
+//     dG(t) = [dc_total g i(1-i), dc_total c(t-1) f(1-f), dc_total i(1-g^2), dh tanh(c) o(1-o)]
+//     dh_carry = dG(t) Wh^T;  dc = dc_total f        (dG = 0 and the carry passed on where not valid)
+//
+// The sgemm is the CBLAS one of the BLAS library the Python side loaded (its address arrives as the
+// attribute "sgemm"); this file needs only the XLA FFI headers that ship with jaxlib.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using Sgemm = void (*)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                       int lda, const float* b, int ldb, float beta, float* c, int ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// exp(x) = 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, p the Taylor polynomial of degree 6 (relative
+// error below 2e-7). Written without branches or calls so that the compiler vectorizes the row loops.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693359375f;                                           // ln2 in two parts
+  r = r + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+// tanh(x) = (e - 1) / (e + 1), e = exp(2x), and its odd Taylor series near 0 (where e - 1 cancels).
+inline float fast_tanh(float x) {
+  const float e = fast_exp(2.0f * x);
+  const float far = (e - 1.0f) / (e + 1.0f);
+  const float x2 = x * x;
+  const float near = x * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
+  return std::fabs(x) < 0.0625f ? near : far;
+}
+
+// One row of the forward step: Q (the pre-activations, overwritten by the gates), c(t-1) -> h, c.
+void forward_row(float* __restrict qi, float* __restrict qf, float* __restrict qg, float* __restrict qo,
+                 const float* __restrict c_prev, float* __restrict h, float* __restrict c, long n) {
+  for (long j = 0; j < n; ++j) {
+    const float i = sigmoid(qi[j]), f = sigmoid(qf[j]), g = fast_tanh(qg[j]), o = sigmoid(qo[j]);
+    const float c_new = f * c_prev[j] + i * g;
+    qi[j] = i;
+    qf[j] = f;
+    qg[j] = g;
+    qo[j] = o;
+    c[j] = c_new;
+    h[j] = o * fast_tanh(c_new);
+  }
+}
+
+// One row of the reverse step: dh = above + dh_carry; writes dG(t) and the new dc carry in place.
+void reverse_row(const float* __restrict gi, const float* __restrict gf, const float* __restrict gg,
+                 const float* __restrict go, const float* __restrict c, const float* __restrict c_prev,
+                 const float* __restrict above, const float* __restrict dh_carry, float* __restrict dc,
+                 float* __restrict di, float* __restrict df, float* __restrict dgg, float* __restrict dout,
+                 float* __restrict dh_keep, long n) {
+  for (long j = 0; j < n; ++j) {
+    const float i = gi[j], f = gf[j], g = gg[j], o = go[j];
+    const float tc = fast_tanh(c[j]);
+    const float dh = above[j] + dh_carry[j];
+    const float dct = dc[j] + dh * o * (1.0f - tc * tc);
+    di[j] = dct * g * i * (1.0f - i);
+    df[j] = dct * c_prev[j] * f * (1.0f - f);
+    dgg[j] = dct * i * (1.0f - g * g);
+    dout[j] = dh * tc * o * (1.0f - o);
+    dc[j] = dct * f;
+    dh_keep[j] = dh;
+  }
+}
+
+ffi::Error check_dims(bool ok, const char* what) {
+  return ok ? ffi::Error::Success() : ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+// a [C, B, 4N] (X Wx + bx), wh [N, 4N], bh [4N], s0 [B, 2N] = [h | c], valid [C, B]
+//   -> ss [C, B, 2N] the states [h(t) | c(t)], gates [C or 1, B, 4N] (i | f | g | o; one step's
+//      scratch when the caller does not keep them).
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bh,
+                           ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::PRED> valid, int64_t sgemm_address,
+                           ffi::ResultBuffer<ffi::F32> ss, ffi::ResultBuffer<ffi::F32> gates) {
+  const auto d = a.dimensions();
+  if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm forward: a must be [C, B, 4 N]");
+  const long steps = d[0], batch = d[1], width = d[2], n = width / 4;
+  const auto gd = gates->dimensions();
+  const bool keep = gd[0] == steps;
+  if (auto e = check_dims(wh.dimensions().size() == 2 && wh.dimensions()[0] == n && wh.dimensions()[1] == width &&
+                              bh.element_count() == static_cast<size_t>(width) &&
+                              s0.element_count() == static_cast<size_t>(batch * 2 * n) &&
+                              valid.element_count() == static_cast<size_t>(steps * batch) &&
+                              ss->element_count() == static_cast<size_t>(steps * batch * 2 * n) &&
+                              gates->element_count() == static_cast<size_t>((keep ? steps : 1) * batch * width),
+                          "lstm forward: inconsistent shapes");
+      e.failure())
+    return e;
+  const Sgemm sgemm = reinterpret_cast<Sgemm>(sgemm_address);
+  const float* A = a.typed_data();
+  const float* W = wh.typed_data();
+  const float* bias = bh.typed_data();
+  const bool* V = valid.typed_data();
+  float* S = ss->typed_data();
+  float* Q = gates->typed_data();
+  const long sw = 2 * n;
+  for (long t = 0; t < steps; ++t) {
+    const float* prev = t == 0 ? s0.typed_data() : S + (t - 1) * batch * sw;
+    float* q = Q + (keep ? t : 0) * batch * width;
+    float* s = S + t * batch * sw;
+    const float* at = A + t * batch * width;
+    for (long b = 0; b < batch; ++b)
+      for (long j = 0; j < width; ++j) q[b * width + j] = at[b * width + j] + bias[j];
+    sgemm(kRowMajor, kNoTrans, kNoTrans, batch, width, n, 1.0f, prev, sw, W, width, 1.0f, q, width);
+    for (long b = 0; b < batch; ++b) {
+      float* qb = q + b * width;
+      float* sb = s + b * sw;
+      const float* pb = prev + b * sw;
+      if (V[t * batch + b]) {
+        forward_row(qb, qb + n, qb + 2 * n, qb + 3 * n, pb + n, sb, sb + n, n);
+      } else {
+        std::memcpy(sb, pb, sizeof(float) * sw);  // padding holds the state
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// dhs [C, B, N] (the gradient reaching h(t) from outside), gates [C, B, 4N], s_prev [C, B, 2N]
+// (s(t-1)), ss [C, B, 2N] (s(t)), wh [N, 4N], valid [C, B], ds_init [B, 2N]
+//   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)).
+ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s_prev,
+                           ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
+                           ffi::Buffer<ffi::F32> ds_init, int64_t sgemm_address, ffi::ResultBuffer<ffi::F32> dgs,
+                           ffi::ResultBuffer<ffi::F32> ds_m1) {
+  const auto d = gates.dimensions();
+  if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm reverse: gates must be [C, B, 4 N]");
+  const long steps = d[0], batch = d[1], width = d[2], n = width / 4, sw = 2 * n;
+  const size_t states = static_cast<size_t>(steps * batch * sw);
+  if (auto e = check_dims(dhs.element_count() == static_cast<size_t>(steps * batch * n) &&
+                              s_prev.element_count() == states && ss.element_count() == states &&
+                              wh.element_count() == static_cast<size_t>(n * width) &&
+                              valid.element_count() == static_cast<size_t>(steps * batch) &&
+                              ds_init.element_count() == static_cast<size_t>(batch * sw),
+                          "lstm reverse: inconsistent shapes");
+      e.failure())
+    return e;
+  const Sgemm sgemm = reinterpret_cast<Sgemm>(sgemm_address);
+  const float* DH = dhs.typed_data();
+  const float* G = gates.typed_data();
+  const float* SP = s_prev.typed_data();
+  const float* S = ss.typed_data();
+  const float* W = wh.typed_data();
+  const bool* V = valid.typed_data();
+  float* DG = dgs->typed_data();
+  float* carry = ds_m1->typed_data();  // [dh_carry | dc] per row, updated step by step
+  std::memcpy(carry, ds_init.typed_data(), sizeof(float) * batch * sw);
+  std::vector<float> dh_keep(batch * n);
+  for (long t = steps - 1; t >= 0; --t) {
+    const long row0 = t * batch;
+    float* dg = DG + row0 * width;
+    for (long b = 0; b < batch; ++b) {
+      const float* gb = G + (row0 + b) * width;
+      const float* sb = S + (row0 + b) * sw;
+      const float* pb = SP + (row0 + b) * sw;
+      float* cb = carry + b * sw;
+      float* db = dg + b * width;
+      float* keep = dh_keep.data() + b * n;
+      if (V[row0 + b]) {
+        reverse_row(gb, gb + n, gb + 2 * n, gb + 3 * n, sb + n, pb + n, DH + (row0 + b) * n, cb, cb + n, db, db + n,
+                    db + 2 * n, db + 3 * n, keep, n);
+      } else {  // padding: dG = 0, the carry passes on with dH_above added to dh
+        const float* above = DH + (row0 + b) * n;
+        for (long j = 0; j < n; ++j) keep[j] = above[j] + cb[j];
+        std::memset(db, 0, sizeof(float) * width);
+      }
+    }
+    // dh_carry = dG(t) Wh^T, [B, 4N] x [N, 4N]^T, into the carry's h half (leading dimension 2N).
+    sgemm(kRowMajor, kNoTrans, kTrans, batch, n, width, 1.0f, dg, width, W, width, 0.0f, carry, sw);
+    for (long b = 0; b < batch; ++b)
+      if (!V[row0 + b]) std::memcpy(carry + b * sw, dh_keep.data() + b * n, sizeof(float) * n);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<int64_t>("sgemm")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sgemm")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,232 @@
+"""The LSTM's two loops as a compiled CPU kernel (jax.ffi + a BLAS sgemm), against the library's scans.
+
+    python benchmarks/native_lstm.py [--quick] [--rounds R] [--out FILE]
+
+Issue 35's third lever, measured before it is built into the package: one LSTM layer's forward step
+loop and reverse recursion written in C++ (``benchmarks/native/lstm_kernel.cc``: per step one CBLAS
+sgemm for h(t-1) Wh, or dG(t) Wh^T in reverse, and one fused, vectorized pass over the batch rows for
+the gate arithmetic; the loop the module docstring of ``bptt_jax.core.cells.lstm`` writes out),
+compiled here with the system's C++ compiler (``-O3 -march=native``) against jaxlib's XLA FFI
+headers, its sgemm the CBLAS routine of the ``scipy-openblas32`` wheel, and registered with
+``jax.ffi``. Three comparisons per benchmark shape (float32, every sequence full length, one block):
+
+  forward loop   the library's ``forward.unroll_layer(..., store=True)`` (input projection + scan
+                 keeping the gates) against the projection + the kernel's forward;
+  reverse loop   ``cells.lstm.reverse`` given the stored gates against the kernel's reverse;
+  layer          forward + explicit BPTT of the layer (``backward.cell_backward``: the reverse loop
+                 and the weight-gradient and dX matmuls) against the same with both kernel loops;
+  torch          PyTorch's ``nn.LSTM`` forward + ``backward`` of the same cotangent (oneDNN's fused
+                 layer, eager; where torch imports), beside the layer rows.
+
+Every pair is checked equal (1e-4 relative) before timing; compiled programs timed side by side
+(round robin, random order, medians). Reported: scan time over kernel time (above 1: the kernel is
+faster) and the kernel layer's time over PyTorch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bptt_speed  # noqa: E402
+import gate_blocks  # noqa: E402
+import step_profile  # noqa: E402
+
+import bptt_jax as bj  # noqa: E402
+from bptt_jax.core import backward, forward, plan  # noqa: E402
+from bptt_jax.core.cells import lstm  # noqa: E402
+
+SOURCE = ROOT / "benchmarks" / "native" / "lstm_kernel.cc"
+FLAGS = ["-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+QUICK_SHAPES = [(12, 3, 5, 6, 7)]
+TARGETS = {"forward": ("bench_lstm_forward", "BpttLstmForward"), "reverse": ("bench_lstm_reverse", "BpttLstmReverse")}
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot be built here, or None."""
+    if shutil.which("g++") is None:
+        return "no C++ compiler (g++) on PATH"
+    if importlib.util.find_spec("scipy_openblas32") is None:
+        return "scipy-openblas32 is not installed (pip install scipy-openblas32)"
+    return None
+
+
+def build(workdir: Path) -> int:
+    """Compiles the kernel, registers its two handlers with XLA; returns the sgemm's address."""
+    import jaxlib
+    import scipy_openblas32
+
+    lib_path = workdir / "lstm_kernel.so"
+    include = Path(jaxlib.__file__).parent / "include"
+    subprocess.run(["g++", *FLAGS, f"-I{include}", str(SOURCE), "-o", str(lib_path)], check=True, capture_output=True)
+    blas = ctypes.CDLL(f"{scipy_openblas32.get_lib_dir()}/lib{scipy_openblas32.get_library()}.so")
+    lib = ctypes.CDLL(str(lib_path))
+    for target, symbol in TARGETS.values():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return int(ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p).value or 0)
+
+
+def kernel_forward(sgemm: int, layer, xs, s0, valid=None):
+    """([h | c] states [T, B, 2 N1], gates [T, B, 4 N1]) by the kernel, after the input projection."""
+    a = lstm.project(layer, xs)
+    t, b, g = a.shape
+    out = (jax.ShapeDtypeStruct((t, b, g // 2), jnp.float32), jax.ShapeDtypeStruct((t, b, g), jnp.float32))
+    mask = jnp.ones((t, b), bool) if valid is None else valid
+    return jax.ffi.ffi_call(TARGETS["forward"][0], out)(a, layer.wh, layer.bh, s0, mask, sgemm=np.int64(sgemm))
+
+
+def kernel_reverse(sgemm: int, layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
+    """(dG [T, B, 4 N1], ds(-1) [B, 2 N1]) by the kernel."""
+    t, b, g = gates.shape
+    out = (jax.ShapeDtypeStruct(gates.shape, jnp.float32), jax.ShapeDtypeStruct((b, g // 2), jnp.float32))
+    mask = jnp.ones((t, b), bool) if valid is None else valid
+    ds0 = jnp.zeros((b, g // 2), jnp.float32) if ds_init is None else ds_init
+    return jax.ffi.ffi_call(TARGETS["reverse"][0], out)(
+        dhs_above, gates, s_tm1s, ss, layer.wh, mask, ds0, sgemm=np.int64(sgemm)
+    )
+
+
+def check_lengths(sgemm: int) -> float:
+    """The kernel's padding and entering carries against the library's scans (lengths 0 .. T, h0, an
+    entering (dh, dc)): the largest relative difference; raises above 1e-4."""
+    t, b, n, n1 = 9, 5, 4, 6
+    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, cell="lstm")).layers[0]
+    k = jax.random.split(jax.random.key(4), 4)
+    xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
+    s0 = jax.random.normal(k[1], (b, 2 * n1), jnp.float32)
+    above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
+    ds_init = jax.random.normal(k[3], (b, 2 * n1), jnp.float32)
+    valid = forward.valid_mask(jnp.array([0, 3, 9, 1, 6]), t)
+
+    def both(layer, xs, s0, above, ds_init):
+        ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
+        prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
+        das, _, ds_m1, _ = lstm.reverse(
+            layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates
+        )
+        kss, kgates = kernel_forward(sgemm, layer, xs, s0, valid)
+        kdas, kds_m1 = kernel_reverse(sgemm, layer, above, kgates, prev, kss, valid, ds_init)
+        return (ss, das, ds_m1), (kss, kdas, kds_m1)
+
+    scan, kernel = jax.jit(both)(layer, xs, s0, above, ds_init)
+    err = bptt_speed.max_rel_err(kernel, scan)
+    if err > 1e-4:
+        raise AssertionError(f"with lengths, h0 and an entering carry the kernel differs from the scan ({err:.2e})")
+    return err
+
+
+def contenders(sgemm: int, shape):
+    """{comparison: {way: (function, args)}} at one shape, and the layer's inputs for torch."""
+    t, b, n, n1, m = shape
+    spec = bj.RNNSpec(n, (n1,), m, cell="lstm")
+    params = bj.init_params(jax.random.key(0), spec)
+    layer = params.layers[0]
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    above = jax.random.normal(jax.random.key(2), (t, b, n1), jnp.float32)
+    s0 = jnp.zeros((b, 2 * n1), jnp.float32)
+    p = plan.Plan(block=t, store=True, segment=None, unroll=1, recurrence="scan", with_dxs=True)
+
+    def scan_forward(layer, xs):
+        return forward.unroll_layer(layer, "tanh", xs, s0, None, store=True)
+
+    def prev(ss):
+        return jnp.concatenate([s0[None], ss[:-1]], axis=0)
+
+    def scan_reverse(layer, xs, ss, gates, above):
+        return lstm.reverse(layer, "tanh", xs, prev(ss), ss, above, None, None, with_norms=False, cache=gates)[::2]
+
+    def native_reverse(layer, xs, ss, gates, above):
+        return kernel_reverse(sgemm, layer, above, gates, prev(ss), ss)
+
+    def scan_layer(layer, xs, above):
+        ss, gates = scan_forward(layer, xs)
+        grads, ds0, das, _ = backward.cell_backward(
+            layer, "tanh", xs, s0, ss, above, None, p, ds_init=None, cache=gates
+        )
+        return ss, grads, ds0, lstm.input_grad(layer, das)
+
+    def native_layer(layer, xs, above):
+        ss, gates = kernel_forward(sgemm, layer, xs, s0)
+        das, ds0 = kernel_reverse(sgemm, layer, above, gates, prev(ss), ss)
+        return ss, lstm.weight_grads(layer, xs, prev(ss), das, das), ds0, lstm.input_grad(layer, das)
+
+    ss, gates = jax.jit(scan_forward)(layer, xs)
+    rev_args = (layer, xs, ss, gates, above)
+    return {
+        "forward loop": {
+            "scan": (scan_forward, (layer, xs)),
+            "kernel": (lambda l, x: kernel_forward(sgemm, l, x, s0), (layer, xs)),
+        },
+        "reverse loop": {"scan": (scan_reverse, rev_args), "kernel": (native_reverse, rev_args)},
+        "layer": {"scan": (scan_layer, (layer, xs, above)), "kernel": (native_layer, (layer, xs, above))},
+    }, (spec, params, xs, above)
+
+
+def main(argv=None) -> str:
+    args, rounds = gate_blocks.parse_report_args(__doc__, argv, ("lstm",), 11)
+    shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
+    lines = gate_blocks.header("The LSTM's loops as a compiled CPU kernel", "native_lstm.py", argv, rounds)
+    why = unavailable()
+    if why is not None:
+        lines.append(f"Not run: {why}.")
+        return bptt_speed._report(lines, args.out)
+    threads = os.cpu_count() or 1  # PyTorch's threads, as step_profile.py
+    lines += [
+        "One LSTM layer, float32, full lengths, one block; us per step (median). scan / kernel above 1: the",
+        "kernel is faster. kernel / torch below 1: the kernel layer is faster than PyTorch's fused layer.",
+        "",
+        "| T, B, N, N1 | forward loop scan / kernel | reverse loop scan / kernel | layer scan | layer kernel"
+        " | layer scan / kernel | torch | kernel / torch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        sgemm = build(Path(tmp))
+        lines.insert(
+            -5,
+            f"Checked first: with lengths (0 to T), h0 and an entering carry, kernel = scans to {check_lengths(sgemm):.1e}.",
+        )
+        lines.insert(-5, "")
+        for shape in shapes:
+            t = shape[0]
+            ways, (spec, params, xs, above) = contenders(sgemm, shape)
+            runners, ratios, per_step = {}, {}, {}
+            for name, pair in ways.items():
+                compiled = {w: jax.jit(f).lower(*a).compile() for w, (f, a) in pair.items()}
+                outs = {w: compiled[w](*pair[w][1]) for w in pair}
+                err = bptt_speed.max_rel_err(outs["kernel"], outs["scan"])
+                if err > 1e-4:
+                    raise AssertionError(f"{shape} {name}: the kernel differs from the scan ({err:.2e})")
+                for w in pair:
+                    runners[f"{name} {w}"] = lambda f=compiled[w], a=pair[w][1]: bptt_speed._block(f(*a))
+            torch_run = step_profile._torch_layer("lstm", spec, params, xs, above, threads)
+            if torch_run is not None:
+                runners["torch"] = torch_run[0]
+            med = bptt_speed.round_robin(runners, rounds)
+            for name in ways:
+                ratios[name] = med[f"{name} scan"] / med[f"{name} kernel"]
+            per_step = {k: 1e6 * v / t for k, v in med.items()}
+            torch_us = per_step.get("torch", float("nan"))
+            lines.append(
+                f"| {shape[:4]} | {ratios['forward loop']:.2f} | {ratios['reverse loop']:.2f} "
+                f"| {per_step['layer scan']:.1f} | {per_step['layer kernel']:.1f} | {ratios['layer']:.2f} "
+                f"| {torch_us:.1f} | {per_step['layer kernel'] / torch_us:.2f} |"
+            )
+    return bptt_speed._report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
