@@ -214,13 +214,17 @@ def block_width(spec: RNNSpec) -> int:
 
 
 def half_precision_block(t_len: int, auto: int) -> int:
-    """The automatic block with a 16-bit compute dtype: half of ``auto`` (a divisor of T within a
-    factor of two below it where there is one). The stored states are halved there while a block's
-    buffers stay float32, so the block is halved too: measured with bfloat16 at the gated benchmark
-    shapes over 1 MiB (2026-12-04, after the scans stopped keeping float32 copies), temp memory over
-    float32's default with the float32 block and with half of it: GRU 0.18-0.52x and 0.14-0.32x,
-    LSTM 0.25-0.60x and 0.21-0.38x, Elman 0.68-1.61x and 0.56-0.95x."""
-    c = max(min(auto, t_len) // 2, 1)
+    """The automatic block with a 16-bit compute dtype: half of ``auto``, a quarter of T where
+    ``auto`` is the whole sequence (a divisor of T within a factor of two below it where there is one).
+
+    The stored states are halved there while a block's buffers stay float32, so the block shrinks
+    too: measured with bfloat16 at the gated benchmark shapes over 1 MiB (2026-12-04, after the scans
+    stopped keeping float32 copies), temp memory over float32's default with the float32 block and
+    with half of it: GRU 0.18-0.52x and 0.14-0.32x, LSTM 0.25-0.60x and 0.21-0.38x, Elman 0.68-1.61x
+    and 0.56-0.95x. Where float32 runs T as one block (the Elman cell at (100, 32, 64, 128, 64)) a
+    block's float32 work arrays are as long as the sequence: half of T kept 0.95x, a quarter 0.54x
+    (0.30x at T/10, at 1.14x a quarter's time; 2026-12-04, same machine)."""
+    c = max(min(auto, t_len) // (4 if auto >= t_len else 2), 1)
     return next((d for d in range(c, max(c // 2, 1) - 1, -1) if t_len % d == 0), c)
 
 
