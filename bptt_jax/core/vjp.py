@@ -34,7 +34,7 @@ def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False):
 
 
 def _segmented(spec, unroll, recurrence, k, params, xs, h0, lengths):
-    """``_plain`` with checkpoint segments of k steps (unidirectional stacks): (merged top states,
+    """``_plain`` with checkpoint segments of k steps, k dividing T (unidirectional stacks): (merged top states,
     final states in h0's dtype, the state entering each segment: L entries [T/k, B, W]). One scan
     over the segments runs the stack k steps at a time, so across the sequence it keeps only the top
     layer's states (the output) and the segments' boundary states."""
@@ -119,7 +119,7 @@ def check_grad(grad: str) -> None:
 def check_memory_options(gates: str, max_memory, checkpoint_every=None, spec: RNNSpec | None = None):
     """A layer's ``gates``, ``max_memory`` and ``checkpoint_every`` checked at construction (a bad
     value names its option; segments need one int and a unidirectional ``spec``); returned
-    unchanged. Whether k divides T is checked per call."""
+    unchanged."""
     Options(gates=gates, checkpoint_every=checkpoint_every)
     if max_memory is not None:
         budget.parse_memory(max_memory)
@@ -162,10 +162,12 @@ def rnn_states(
         recomputed there ("recompute"); "auto" as ``bptt``'s rules. Same gradients either way.
       block_size: C, the backward's time block (gates recomputed per block); None: as ``bptt``'s
         rules. A C that does not divide T runs the whole sequence as one block.
-      checkpoint_every: k, checkpoint segments (unidirectional stacks; k must divide T): the
-        forward pass keeps, besides its output (the top layer's states), only the state entering
-        every k-step segment of each layer, and the backward pass recomputes each segment from it
-        (``bptt``'s ``checkpoint_every``; same gradients). None: no segments.
+      checkpoint_every: k, checkpoint segments (unidirectional stacks): the forward pass keeps,
+        besides its output (the top layer's states), only the state entering every k-step segment
+        of each layer, and the backward pass recomputes each segment from it (``bptt``'s
+        ``checkpoint_every``; same gradients). A k that does not divide T: the last segment is
+        filled up with padding steps (states held, as past a sequence's length; k > T is T). None:
+        no segments.
       max_memory: a budget for the temp memory of the layer's forward + backward program, in bytes
         or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
         shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
@@ -181,9 +183,16 @@ def rnn_states(
         spec, False
     )  # names a bad value
     if checkpoint_every is not None:
-        _check_segments(spec, checkpoint_every, xs.shape[0])
+        _check_segments(spec, checkpoint_every)
     limit = None if max_memory is None else budget.parse_memory(max_memory)
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
+    t_len = xs.shape[0]
+    if grad == "bptt" and checkpoint_every is not None:
+        checkpoint_every = min(checkpoint_every, t_len)
+        if t_len % checkpoint_every:  # the last segment is filled up with steps no sequence has
+            if lengths is None:
+                lengths = jnp.full((xs.shape[1],), t_len, jnp.int32)
+            xs = forward.pad_time(xs, -t_len % checkpoint_every)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
     unroll = forward.resolve_unroll(unroll)
     if grad == "bptt":
@@ -194,14 +203,14 @@ def rnn_states(
             signature = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
             layout = _within_budget(spec, unroll, rec, layout, limit, signature, structure)
         states, last = _states(spec, unroll, rec, layout, params, xs, h0, lengths)
+        states = states[:t_len]  # without the padding steps (their states are held ones)
     else:
         states, last, _ = _plain(spec, unroll, rec, params, xs, h0, lengths)
     return (states, spec.public_states(last)) if return_last else states
 
 
-def _check_segments(spec: RNNSpec, k, t_len: int | None = None) -> None:
-    """``rnn_states``' checkpoint_every: one level of k steps, unidirectional, k dividing T (when
-    ``t_len`` is given: a layer checks that per call)."""
+def _check_segments(spec: RNNSpec, k) -> None:
+    """``rnn_states``' checkpoint_every: one level of k steps, for a unidirectional stack."""
     if isinstance(k, tuple):
         raise ValueError(f"rnn_states: checkpoint_every={k}: nested segments are bptt's only; give one int")
     if spec.bidirectional:
@@ -209,8 +218,6 @@ def _check_segments(spec: RNNSpec, k, t_len: int | None = None) -> None:
             f"rnn_states: checkpoint_every={k}: segments are for unidirectional stacks here "
             "(bptt has them for bidirectional networks too)"
         )
-    if t_len is not None and t_len % k:
-        raise ValueError(f"rnn_states: checkpoint_every={k} must divide the sequence length T={t_len}")
 
 
 @functools.lru_cache(maxsize=256)

@@ -53,8 +53,8 @@ class RNN(eqx.Module):
         memory of one call's forward + backward, as ``bptt_jax.core.vjp.rnn_states`` (under
         ``jax.vmap`` that is one sequence's program, which vmap then runs for the whole batch;
         the batch call [B, T, N] is budgeted whole).
-      checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (k must
-        divide the sequence length of every call); None: none.
+      checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (a k that
+        does not divide the sequence length fills the last segment up with held steps); None: none.
       key: a JAX PRNG key for the weights.
     """
 

@@ -75,8 +75,8 @@ class RNN(nnx.Module):
         recomputed there, as ``bptt_jax.core.vjp.rnn_states``.
       max_memory: a budget for the temp memory of the layer's forward + backward (bytes or "512MiB"),
         as ``rnn_states``: the fastest of its plans that fits, chosen once per input shape.
-      checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (k must
-        divide the sequence length of every call); None: none.
+      checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (a k that
+        does not divide the sequence length fills the last segment up with held steps); None: none.
       rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
     """
 
