@@ -225,12 +225,11 @@ def test_rnn_states_under_a_budget_fits_and_equals_autodiff(cell, bidirectional,
         except ValueError as e:  # too lean for any layout: the error names a budget that does fit
             need = int(re.search(r"\((\d+) bytes\)", str(e)).group(1))
             assert need > limit
-            assert not bidirectional or "segments, the leanest plans, are for unidirectional stacks here" in str(e)
             limit = need
             got = grads(max_memory=limit)
         (sig, struct), *_ = [_states_signature(p)]
         gates, block, k = vjp._within_budget(spec, 1, "scan", ("auto", None, None), limit, sig, struct)
-        assert k is None or (not bidirectional and T % k == 0)
+        assert k is None or T % k == 0
         assert _states_temp(p, spec, gates, block, k) <= limit
         want = grads(grad="autodiff")
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tol), got, want)
@@ -296,8 +295,12 @@ def test_rnn_states_segments_are_checked_by_name():
         vjp.rnn_states(p.params, spec, p.xs, checkpoint_every=0)
     bi = dataclasses.replace(spec, bidirectional=True)
     params = bj.init_params(jax.random.key(0), bi)
-    with pytest.raises(ValueError, match="segments are for unidirectional stacks here"):
-        vjp.rnn_states(params, bi, p.xs, checkpoint_every=4)
+    ct = jnp.cos(jnp.arange(T * B * 2 * 6, dtype=jnp.float32)).reshape(T, B, 12)
+    f = lambda a, x, **kw: jnp.sum(vjp.rnn_states(a, bi, x, lengths=jnp.array([T, 7]), **kw) * ct)  # noqa: E731
+    got, want = (
+        jax.grad(f, argnums=(0, 1))(params, p.xs, **kw) for kw in ({"checkpoint_every": 5}, {"grad": "autodiff"})
+    )
+    assert ref.max_rel_err(got, want) < 1e-5  # a bidirectional stack's segments (float32)
 
 
 def test_the_layers_take_a_budget():
@@ -348,8 +351,8 @@ def test_the_layers_take_a_budget():
 def test_the_layers_take_checkpoint_segments():
     """NNX RNN, StackedRNN and the Equinox RNN with checkpoint_every: the gradient of a loss (and,
     for the NNX RNN, of its final carry) equals the same layer's grad="autodiff" (float64); k is
-    checked at construction (one int, unidirectional); a k that does not divide T pads the last
-    segment (same gradients)."""
+    checked at construction (one int); a k that does not divide T pads the last segment, and a
+    bidirectional stack takes segments too (same gradients)."""
     from flax import nnx
 
     from bptt_jax.layers import equinox as beqx
@@ -381,8 +384,9 @@ def test_the_layers_take_checkpoint_segments():
         want = nnx.grad(loss)(builds[0]("autodiff", None))
         got = nnx.grad(loss)(builds[0]("bptt", 5))  # T = 24: four segments of 5, then 4 steps + 1 padding step
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
-    with pytest.raises(ValueError, match="segments are for unidirectional stacks here"):
-        bnnx.StackedRNN(3, (6,), bidirectional=True, checkpoint_every=4, rngs=nnx.Rngs(0))
+        bi = lambda g, k: bnnx.StackedRNN(3, (6, 5), bidirectional=True, grad=g, checkpoint_every=k, **kw())  # noqa: E731
+        want, got = nnx.grad(loss)(bi("autodiff", None)), nnx.grad(loss)(bi("bptt", 8))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
     with pytest.raises(ValueError, match="nested segments are bptt's only"):
         beqx.RNN(3, 6, checkpoint_every=(8, 4), key=jax.random.key(0))
     with pytest.raises(ValueError, match="checkpoint_every: expected"):

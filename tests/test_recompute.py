@@ -44,8 +44,9 @@ class SegmentsTest(chex.TestCase):
 
 
 class StatesSegmentsTest(chex.TestCase):
-    """``rnn_states(checkpoint_every=k)`` (the layers' custom VJP; unidirectional stacks, any k from 1
-    to T + 1: the last segment padded where k does not divide T) of every cell, one or two layers,
+    """``rnn_states(checkpoint_every=k)`` (the layers' custom VJP; unidirectional and bidirectional
+    stacks, any k from 1 to T + 1: the last segment padded where k does not divide T) of every cell,
+    one or two layers, concat and sum merges,
     lengths (0 and T among them), h0, the final states
     differentiated too: the gradients of params, xs and h0 equal grad="autodiff"'s (jax.grad through
     the plain scans)."""
@@ -74,7 +75,7 @@ class StatesSegmentsTest(chex.TestCase):
 
     @chex.variants(with_jit=True)
     @settings(max_examples=6)
-    @given(problem=ref.problems(bidirectional=False, max_t=8, max_layers=2, cells=CELLS), k_index=st.integers(0, 9))
+    @given(problem=ref.problems(max_t=8, max_layers=2, cells=CELLS), k_index=st.integers(0, 9))
     def test_rnn_states_segments_equal_autodiff_float64(self, problem, k_index):
         with jax.enable_x64(True):
             p = ref.cast(problem, jnp.float64)
@@ -83,7 +84,7 @@ class StatesSegmentsTest(chex.TestCase):
 
     @chex.variants(with_jit=True)
     @settings(max_examples=4)
-    @given(problem=ref.problems(bidirectional=False, max_t=8, max_layers=2, cells=CELLS), k_index=st.integers(0, 9))
+    @given(problem=ref.problems(max_t=8, max_layers=2, cells=CELLS), k_index=st.integers(0, 9))
     def test_rnn_states_segments_as_accurate_as_autodiff_float32(self, problem, k_index):
         """float32: both gradients judged against the float64 one (a small gradient array's relative
         difference between two float32 computations can reach 1e-4): the segments' error within

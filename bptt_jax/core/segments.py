@@ -125,7 +125,9 @@ def _flip(a: Array | None) -> Array | None:
     return None if a is None else a[::-1]
 
 
-def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, plan: Plan):
+def bidirectional_segments(
+    params: RNNParams, spec: RNNSpec, run: backward.Run, plan: Plan, ds_last: tuple[Array, ...] | None = None
+):
     """The explicit BPTT of a bidirectional stack with segments of k = ``plan.segment`` steps.
 
     The reverse net here runs over input time from the last step to the first, holding its state
@@ -153,7 +155,12 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
 
     Args:
       run: the padded inputs, targets and weights (``run.hs`` is not read; ``run.h0``: L*2 entries);
-        T' a multiple of k; no output mask.
+        T' a multiple of k; no output mask. Or, instead of targets, ``run.dtop`` [T', B, 2 N1]: the
+        gradient reaching the top layer's two nets' states from outside, (forward | reverse) whatever
+        the merge (the custom VJP of ``rnn_states``), in the readout's place (DIV 0, a zero readout
+        gradient). Its padded steps are the states this function holds there.
+      ds_last: L*2 entries, the gradient reaching each net's final state (the custom VJP's), entering
+        its sweep as the first carry; None: zeros.
 
     Returns:
       (DIV, grads, dh0 (L*2), h_last (L*2), dxs [T', B, N] or None, norms [T', L*2(, 2)] or None),
@@ -226,7 +233,7 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
 
     def parts(l, d_merged):  # dDIV/d(layer l's merged states) -> each net's part
         n1 = spec.hidden_sizes[l]
-        if spec.merge == "concat":
+        if spec.merge == "concat" or (run.dtop is not None and l == n_layers - 1):  # dtop: the two parts
             return d_merged[..., :n1], d_merged[..., n1:]
         return d_merged, d_merged
 
@@ -250,12 +257,16 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
             norm = jnp.where(v.reshape(v.shape + (1,) * (norm.ndim - 2)), norm, 0)
         return grads, carry, scan_time(dx, j), None if norm is None else scan_time(jnp.mean(norm, axis=1), j)
 
-    def gradient_at(l, j, x, valid, tg, w, fb, rb, bf, br):
-        """One segment: the stack recomputed, the readout's DIV, grads and dDIV/d(top merged), that
-        handed down to layer l (the nets above run from their carries kept at this segment)."""
+    def gradient_at(l, j, x, valid, tg, w, dtop, fb, rb, bf, br):
+        """One segment: the stack recomputed, the readout's DIV, grads and dDIV/d(top merged) (or the
+        given ``dtop``), that handed down to layer l (the nets above run from their carries kept at
+        this segment)."""
         keep = lambda m, i: store and (m > l or (m, i) == (l, j))  # the nets differentiated here
         seg_layers, top = stack_on(x, valid, fb, rb, n_layers, keep)
-        div, g_readout, above = backward.readout_backward(params, spec, top, tg, w, generic=plan.generic)
+        if dtop is None:
+            div, g_readout, above = backward.readout_backward(params, spec, top, tg, w, generic=plan.generic)
+        else:  # the gradient from outside: no readout
+            div, g_readout, above = zeros_acc(params.readout.b2[0]), zeros(params.readout), dtop
         for m in reversed(range(l + 1, n_layers)):
             dx_f = net_backward(m, 0, seg_layers[m], above, valid, fb[m], bf[m], True)[2]
             dx_r = net_backward(m, 1, seg_layers[m], above, valid, rb[m], br[m], True)[2]
@@ -278,12 +289,12 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
 
             def body(carry, inp, l=l, j=j, top=top, want_dx=want_dx):
                 ds, g_net, div_c, g_ro, h_rt = carry
-                x, valid, tg, w, fb, rb, bf_above, br_above = inp
+                x, valid, tg, w, dtop, fb, rb, bf_above, br_above = inp
                 if top:  # the top reverse net's state entering this segment from the right
                     rb = rb + (h_rt,)
                 pad = (None,) * (l + 1)
                 seg_layers, div_s, g_ro_s, above = gradient_at(
-                    l, j, x, valid, tg, w, fb, rb, pad + bf_above, pad + br_above
+                    l, j, x, valid, tg, w, dtop, fb, rb, pad + bf_above, pad + br_above
                 )
                 h_in = (fb if j == 0 else rb)[l]
                 g_s, ds_new, dx, norm = net_backward(l, j, seg_layers[l], above, valid, h_in, ds, want_dx)
@@ -295,13 +306,13 @@ def bidirectional_segments(params: RNNParams, spec: RNNSpec, run: backward.Run, 
                 return (ds_new, g_net, div_c, g_ro, h_rt), (ds, dx, norm, h_rt_in)
 
             init = (
-                zeros_acc(run.h0[2 * l + j]),
+                zeros_acc(run.h0[2 * l + j]) if ds_last is None else ds_last[2 * l + j],
                 zeros(nets[j][l]),
                 zeros_acc(params.readout.b2[0]),
                 zeros(params.readout),
                 run.h0[2 * l + 1] if top else None,
             )
-            inputs = (xs_s, valid_s, seg(run.targets), seg(run.w), tuple(fwd), tuple(rev)) + kept
+            inputs = (xs_s, valid_s, seg(run.targets), seg(run.w), seg(run.dtop), tuple(fwd), tuple(rev)) + kept
             (ds, g_net, div_c, g_ro, h_rt), (entering, dx, norm, rt) = lax.scan(body, init, inputs, reverse=(j == 0))
             g[j][l], dh0[2 * l + j] = g_net, ds
             (bf if j == 0 else br)[l] = entering

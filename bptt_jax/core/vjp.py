@@ -55,7 +55,7 @@ def _segmented(spec, unroll, recurrence, k, params, xs, h0, lengths):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _states(spec, unroll, recurrence, layout, params, xs, h0, lengths):
-    if layout[2] is not None:
+    if layout[2] is not None and not spec.bidirectional:
         return _segmented(spec, unroll, recurrence, layout[2], params, xs, h0, lengths)[:2]
     return _plain(spec, unroll, recurrence, params, xs, h0, lengths)[:2]
 
@@ -69,6 +69,9 @@ def _block(layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -
 
 
 def _states_fwd(spec, unroll, recurrence, layout, params, xs, h0, lengths):
+    if layout[2] is not None and spec.bidirectional:  # segments: the backward finds its boundaries
+        merged, last, _ = _plain(spec, unroll, recurrence, params, xs, h0, lengths)
+        return (merged, last), (params, xs, h0, lengths, None)
     if layout[2] is not None:  # checkpoint segments: the boundary states are the residuals
         merged, last, boundaries = _segmented(spec, unroll, recurrence, layout[2], params, xs, h0, lengths)
         return (merged, last), (params, xs, h0, lengths, boundaries)
@@ -88,7 +91,15 @@ def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
     c = _block(layout, t_len, batch, max(block_width(spec), ct.shape[-1]), recurrence)
     p = Plan(block=c, store=False, segment=layout[2], unroll=unroll, recurrence=recurrence, with_dxs=True)
     ds_last = tuple(a.astype(precision.accumulation(a.dtype)) for a in ct_last)
-    if layout[2] is not None:  # segments: recomputed from the boundary states (``saved``), the top
+    if layout[2] is not None and spec.bidirectional:  # the top's gradient from outside (ct) in the
+        # readout's place; the segments' forward pass keeps the boundary states
+        cxs = precision.to_compute(spec.compute_dtype, xs_or_dtype)
+        valid = forward.valid_mask(lengths, t_len)
+        dtop, ds_last = _bidirectional_top(spec, ct, valid, ds_last)
+        run = backward.Run(cxs, (), ch0, valid, None, None, dtop=dtop)
+        _, g, dh0, _, dxs, _ = segments.bidirectional_segments(cparams, spec, run, p, ds_last=ds_last)
+        g_layers, g_reverse = g.layers, g.reverse_layers
+    elif layout[2] is not None:  # segments: recomputed from the boundary states (``saved``), the top
         # layer's gradient from outside (ct) in the readout's place
         cxs = precision.to_compute(spec.compute_dtype, xs_or_dtype)
         run = backward.Run(cxs, (), ch0, forward.valid_mask(lengths, t_len), None, None, dtop=ct)
@@ -102,6 +113,23 @@ def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
     g_readout = jax.tree_util.tree_map(jnp.zeros_like, params.readout)
     grads, dxs, dh0 = precision.like((RNNParams(g_layers, g_reverse, g_readout), dxs, dh0), (params, xs_or_dtype, h0))
     return grads, dxs, dh0, None  # lengths: integer, no cotangent
+
+
+def _bidirectional_top(spec: RNNSpec, ct: Array, valid: Array | None, ds_last: tuple) -> tuple[Array, tuple]:
+    """The cotangent of a bidirectional stack's merged top states as ``segments.bidirectional_segments``
+    takes it: (the forward net's part | the reverse net's) [T, B, 2 N1], and ``ds_last``. At a
+    padded step (t >= lengths[b]) the output holds the reverse net's final state, where the segments
+    hold its initial one: that part of the cotangent is moved to the final state's."""
+    n1 = spec.hidden_sizes[-1]
+    d_f, d_r = (ct[..., :n1], ct[..., n1:]) if spec.merge == "concat" else (ct, ct)
+    if valid is not None:
+        held = ~valid[..., None]
+        top = 2 * spec.num_layers - 1  # the top reverse net's entry
+        d = ds_last[top]
+        moved = jnp.sum(jnp.where(held, d_r, 0), axis=0).astype(d.dtype)
+        ds_last = ds_last[:top] + (d.at[:, :n1].add(moved),) + ds_last[top + 1 :]
+        d_r = jnp.where(held, 0, d_r)
+    return jnp.concatenate([d_f, d_r], axis=-1), ds_last
 
 
 _states.defvjp(_states_fwd, _states_bwd)
@@ -118,7 +146,7 @@ def check_grad(grad: str) -> None:
 
 def check_memory_options(gates: str, max_memory, checkpoint_every=None, spec: RNNSpec | None = None):
     """A layer's ``gates``, ``max_memory`` and ``checkpoint_every`` checked at construction (a bad
-    value names its option; segments need one int and a unidirectional ``spec``); returned
+    value names its option; segments need one int); returned
     unchanged."""
     Options(gates=gates, checkpoint_every=checkpoint_every)
     if max_memory is not None:
@@ -162,16 +190,18 @@ def rnn_states(
         recomputed there ("recompute"); "auto" as ``bptt``'s rules. Same gradients either way.
       block_size: C, the backward's time block (gates recomputed per block); None: as ``bptt``'s
         rules. A C that does not divide T runs the whole sequence as one block.
-      checkpoint_every: k, checkpoint segments (unidirectional stacks): the forward pass keeps,
+      checkpoint_every: k, checkpoint segments: for a unidirectional stack the forward pass keeps,
         besides its output (the top layer's states), only the state entering every k-step segment
-        of each layer, and the backward pass recomputes each segment from it (``bptt``'s
-        ``checkpoint_every``; same gradients). A k that does not divide T: the last segment is
+        of each layer, and the backward pass recomputes each segment from it; a bidirectional
+        stack keeps only its output and the backward pass runs ``bptt``'s bidirectional segments
+        (``segments.bidirectional_segments``, the output's gradient in the readout's place). Same
+        gradients (``bptt``'s ``checkpoint_every``). A k that does not divide T: the last segment is
         filled up with padding steps (states held, as past a sequence's length; k > T is T). None:
         no segments.
       max_memory: a budget for the temp memory of the layer's forward + backward program, in bytes
         or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
         shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
-        recomputed, then smaller time blocks, then (unidirectional stacks) checkpoint segments of
+        recomputed, then smaller time blocks, then checkpoint segments of
         divisors of T. Raises ValueError naming the smallest budget that would fit when none does.
 
     Returns:
@@ -210,21 +240,16 @@ def rnn_states(
 
 
 def _check_segments(spec: RNNSpec, k) -> None:
-    """``rnn_states``' checkpoint_every: one level of k steps, for a unidirectional stack."""
+    """``rnn_states``' checkpoint_every: one level of k steps."""
     if isinstance(k, tuple):
         raise ValueError(f"rnn_states: checkpoint_every={k}: nested segments are bptt's only; give one int")
-    if spec.bidirectional:
-        raise ValueError(
-            f"rnn_states: checkpoint_every={k}: segments are for unidirectional stacks here "
-            "(bptt has them for bidirectional networks too)"
-        )
 
 
 @functools.lru_cache(maxsize=256)
 def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: int, signature: tuple, structure):
     """(gates, block_size) for ``rnn_states`` under ``max_memory=limit`` with arguments of this
     signature: ``budget.choose`` over the custom VJP's forward + backward programs, compiled from
-    the shapes (one level of checkpoint segments, k dividing T, for unidirectional stacks)."""
+    the shapes (one level of checkpoint segments, k dividing T)."""
     params, xs, h0, lengths = jax.tree_util.tree_unflatten(
         structure, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
     )
@@ -244,12 +269,9 @@ def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: i
 
         return budget.temp_bytes(jax.jit(fwd_bwd).lower(params, xs, h0, lengths, top).compile())
 
-    hint = " (checkpoint segments, the leanest plans, are for unidirectional stacks here)" if spec.bidirectional else ""
-
     def allowed(o: Options) -> bool:  # one level of segments dividing T (nested, padded: bptt's only)
         k = o.checkpoint_every
         return k is None or (isinstance(k, int) and t_len % k == 0)
 
-    segments_ok = not spec.bidirectional
-    chosen = budget.choose(first, spec, t_len, batch, dtype, limit, segments_ok, measure, hint=hint, allowed=allowed)
+    chosen = budget.choose(first, spec, t_len, batch, dtype, limit, True, measure, allowed=allowed)
     return (chosen.gates, chosen.block_size, chosen.checkpoint_every)

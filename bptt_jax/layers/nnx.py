@@ -321,7 +321,7 @@ class StackedRNN(nnx.Module):
       hidden_sizes: N1 of each layer, bottom first.
       cell, activation, unroll, recurrence, grad, init, init_scale, forget_bias: as ``RNN``.
       dtype, param_dtype, compute_dtype, biases, gates, max_memory, checkpoint_every: as ``RNN``
-        (``max_memory`` budgets the whole stack's forward + backward; segments: unidirectional).
+        (``max_memory`` budgets the whole stack's forward + backward).
       bidirectional: each layer also runs a reverse net; merge: "concat" (forward first) or "sum",
         how the two directions' states are combined for the next layer and the output.
       time_major: the default layout, overridable per call.
