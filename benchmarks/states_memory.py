@@ -3,7 +3,7 @@
     python benchmarks/states_memory.py [--quick] [--rounds R] [--out FILE] [--cell elman|gru|lstm ...]
 
 What the NNX / Equinox layers run: ``rnn_states`` of a unidirectional stack of three layers (B 16,
-N 16, N1 64, float32, T 256 and 1024) and the gradient of a fixed random cotangent of its output
+N 16, N1 64, float32, T 256 and 1024; then a bidirectional one, concat merge, T 256) and the gradient of a fixed random cotangent of its output
 (``jax.vjp``), for: the default plan, the gates recomputed (gated cells), checkpoint segments of k
 steps (k the divisor of T nearest sqrt(T), and 4k), and ``grad="autodiff"`` (``jax.grad`` through
 the same scans). Each program compiled once: temp memory from XLA's ``memory_analysis()``; all
@@ -33,6 +33,7 @@ SIZES = dict(B=16, N=16, N1=64, L=3)
 LENGTHS = (256, 1024)
 QUICK = dict(B=2, N=3, N1=4, L=2)
 QUICK_LENGTHS = (16,)
+BIDIR_LENGTHS = (256,)  # the bidirectional stack's (its segments recompute more: one length is enough)
 
 
 def _sqrt_divisor(t_len: int) -> int:
@@ -52,13 +53,13 @@ def contenders(cell: str, sizes: dict, t_len: int) -> dict:
     return out
 
 
-def bench(cell: str, sizes: dict, t_len: int, rounds: int) -> dict:
+def bench(cell: str, sizes: dict, t_len: int, rounds: int, bidirectional: bool = False) -> dict:
     """{name: (temp bytes, median s, largest relative difference from the default's gradients)}."""
     b, n, n1, n_layers = sizes["B"], sizes["N"], sizes["N1"], sizes["L"]
-    spec = bj.RNNSpec(n, (n1,) * n_layers, 2, cell=cell)
+    spec = bj.RNNSpec(n, (n1,) * n_layers, 2, cell=cell, bidirectional=bidirectional)
     params = bj.init_params(jax.random.key(0), spec)
     xs = jax.random.normal(jax.random.key(1), (t_len, b, n), jnp.float32)
-    ct = jax.random.normal(jax.random.key(2), (t_len, b, n1), jnp.float32)
+    ct = jax.random.normal(jax.random.key(2), (t_len, b, spec.merged_size(-1)), jnp.float32)
     compiled, temps, outs = {}, {}, {}
     for name, kw in contenders(cell, sizes, t_len).items():
 
@@ -85,15 +86,17 @@ def main(argv=None) -> str:
         "| cell | T | contender | temp | temp / default | ms | time / default | diff |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for cell in args.cell or bptt_speed.CELLS:
-        for t_len in lengths:
-            rows = bench(cell, sizes, t_len, rounds)
-            temp0, time0, _ = rows["default"]
-            for name, (temp, sec, err) in rows.items():
-                lines.append(
-                    f"| {cell} | {t_len} | {name} | {bptt_speed.fmt_bytes(temp)} | {temp / temp0:.2f} | "
-                    f"{1e3 * sec:.2f} | {sec / time0:.2f} | {err:.1e} |"
-                )
+    for bidirectional in (False, True):
+        for cell in args.cell or bptt_speed.CELLS:
+            label = f"{cell} (bidirectional)" if bidirectional else cell
+            for t_len in (QUICK_LENGTHS if args.quick else BIDIR_LENGTHS) if bidirectional else lengths:
+                rows = bench(cell, sizes, t_len, rounds, bidirectional)
+                temp0, time0, _ = rows["default"]
+                for name, (temp, sec, err) in rows.items():
+                    lines.append(
+                        f"| {label} | {t_len} | {name} | {bptt_speed.fmt_bytes(temp)} | {temp / temp0:.2f} | "
+                        f"{1e3 * sec:.2f} | {sec / time0:.2f} | {err:.1e} |"
+                    )
     return bptt_speed._report(lines, args.out)
 
 

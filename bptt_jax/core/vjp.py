@@ -144,15 +144,14 @@ def check_grad(grad: str) -> None:
         raise ValueError(f"grad: expected 'bptt' or 'autodiff', got {grad!r}")
 
 
-def check_memory_options(gates: str, max_memory, checkpoint_every=None, spec: RNNSpec | None = None):
+def check_memory_options(gates: str, max_memory, checkpoint_every=None):
     """A layer's ``gates``, ``max_memory`` and ``checkpoint_every`` checked at construction (a bad
-    value names its option; segments need one int); returned
-    unchanged."""
+    value names its option; segments need one int); returned unchanged."""
     Options(gates=gates, checkpoint_every=checkpoint_every)
     if max_memory is not None:
         budget.parse_memory(max_memory)
-    if checkpoint_every is not None and spec is not None:
-        _check_segments(spec, checkpoint_every)
+    if checkpoint_every is not None:
+        _check_segments(checkpoint_every)
     return gates, max_memory, checkpoint_every
 
 
@@ -213,7 +212,7 @@ def rnn_states(
         spec, False
     )  # names a bad value
     if checkpoint_every is not None:
-        _check_segments(spec, checkpoint_every)
+        _check_segments(checkpoint_every)
     limit = None if max_memory is None else budget.parse_memory(max_memory)
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     t_len = xs.shape[0]
@@ -239,7 +238,7 @@ def rnn_states(
     return (states, spec.public_states(last)) if return_last else states
 
 
-def _check_segments(spec: RNNSpec, k) -> None:
+def _check_segments(k) -> None:
     """``rnn_states``' checkpoint_every: one level of k steps."""
     if isinstance(k, tuple):
         raise ValueError(f"rnn_states: checkpoint_every={k}: nested segments are bptt's only; give one int")

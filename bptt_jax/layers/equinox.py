@@ -92,7 +92,7 @@ class RNN(eqx.Module):
         bias_layouts.check_layout(biases)
         self.spec = RNNSpec(in_size, (hidden_size,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype)
         self.gates, self.max_memory, self.checkpoint_every = vjp.check_memory_options(
-            gates, max_memory, checkpoint_every, self.spec
+            gates, max_memory, checkpoint_every
         )
         self.unroll, self.grad, self.biases = unroll, grad, biases
         full = init_params(key, self.spec, scheme=init, scale=init_scale, dtype=dtype, forget_bias=forget_bias)

@@ -112,7 +112,7 @@ class RNN(nnx.Module):
             in_features, (hidden_features,), 1, activation=activation, cell=cell, compute_dtype=compute_dtype
         )
         self.gates, self.max_memory, self.checkpoint_every = vjp.check_memory_options(
-            gates, max_memory, checkpoint_every, self.spec
+            gates, max_memory, checkpoint_every
         )
         self.in_features, self.hidden_features, self.cell = in_features, hidden_features, cell
         self.time_major, self.return_carry = time_major, return_carry
@@ -371,7 +371,7 @@ class StackedRNN(nnx.Module):
             compute_dtype=compute_dtype,
         )
         self.gates, self.max_memory, self.checkpoint_every = vjp.check_memory_options(
-            gates, max_memory, checkpoint_every, self.spec
+            gates, max_memory, checkpoint_every
         )
         self.time_major, self.unroll, self.recurrence, self.grad = time_major, unroll, recurrence, grad
         params = init_params(
