@@ -11,7 +11,9 @@ NNX pattern (``nnx.split`` once, a ``jax.jit``-ed pure step over the state), so 
 compile to one XLA program whose temp memory is read from ``memory_analysis()``. Both read the same
 batches in one process, a fresh random order each round; steps/s is the median over rounds, and the
 loss after the same steps is reported beside it: a switched model trains as Flax's, so the two
-agree to float32 rounding.
+agree to float32 rounding. Our layer runs with its defaults, with the gated cells' gates
+recomputed, with checkpoint segments, and under a memory budget (``max_memory`` of each layer's own
+forward + backward program: the plan the layer picks to fit it).
 """
 
 from __future__ import annotations
@@ -164,6 +166,8 @@ def main(argv=None):
             contenders[LEAN] = contender(cell, sizes, False, gates="recompute")
         k = segment_length(sizes["T"])
         contenders[f"{OURS}, checkpoint_every={k}"] = contender(cell, sizes, False, checkpoint_every=k)
+        budget = "8MiB" if not args.quick else "64KiB"  # each layer's forward + backward program
+        contenders[f"{OURS}, max_memory={budget}"] = contender(cell, sizes, False, max_memory=budget)
         contenders[FLAX] = contender(cell, sizes, True)
         lines += table_rows(cell, race(contenders, batches, rounds, steps), FLAX)
         if args.out:  # what is measured so far

@@ -145,18 +145,20 @@ def test_nnx_speed_quick():
     mod = _load("nnx_speed", "benchmarks/nnx_speed.py")
     report = mod.main(["--quick", "--cell", "elman", "--cell", "lstm"])
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| elman", "| lstm"))]
-    seg = f"{mod.OURS}, checkpoint_every=2"
+    seg, budget = f"{mod.OURS}, checkpoint_every=2", f"{mod.OURS}, max_memory=64KiB"
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("elman", mod.OURS),
         ("elman", seg),
+        ("elman", budget),
         ("elman", mod.FLAX),
         ("lstm", mod.OURS),
         ("lstm", mod.LEAN),
         ("lstm", seg),
+        ("lstm", budget),
         ("lstm", mod.FLAX),
     ]
-    # the same Flax cells, switched by from_flax_cell (gates stored or recomputed, segments): the same loss
-    for some in (rows[:3], rows[3:]):
+    # the same Flax cells, switched by from_flax_cell (gates stored or recomputed, segments, a budget): the same loss
+    for some in (rows[:4], rows[4:]):
         assert max(float(r[-2]) for r in some) - min(float(r[-2]) for r in some) < 1e-4
 
 
