@@ -254,8 +254,8 @@ def test_rnn_states_options_are_checked_by_name():
 @pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
 def test_rnn_states_segments_equal_autodiff_and_meet_a_lean_budget(cell):
     """rnn_states(checkpoint_every=k) for a two-layer stack with lengths, h0 and the final states
-    differentiated too: k dividing T, not dividing it (the last segment padded) and beyond T give
-    grad="autodiff"'s gradients (float64, 1e-10). A
+    differentiated too: k dividing T, not dividing it (the last segment padded), beyond T, and nested
+    levels (dividing T or padded) give grad="autodiff"'s gradients (float64, 1e-10). A
     budget below every unsegmented layout is then met by segments: the chosen plan has them, its
     compiled temp memory fits, and its gradients are the same."""
     with jax.enable_x64(True):
@@ -276,7 +276,7 @@ def test_rnn_states_segments_equal_autodiff_and_meet_a_lean_budget(cell):
         def check(got):
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
 
-        for k in (1, 4, 5, 6, 7, T, T + 3):
+        for k in (1, 4, 5, 6, 7, T, T + 3, (12, 4), (10, 5), (6, 3, 1)):
             check(grads(checkpoint_every=k))
         unsegmented = min(_states_temp(p, spec, "recompute", c) for c in range(1, T + 1) if T % c == 0)
         limit = int(0.85 * unsegmented)  # clear of it: the two measures differ by a few bytes
@@ -289,8 +289,8 @@ def test_rnn_states_segments_equal_autodiff_and_meet_a_lean_budget(cell):
 
 def test_rnn_states_segments_are_checked_by_name():
     p, spec = _problem("gru", dtype=jnp.float32)
-    with pytest.raises(ValueError, match="nested segments are bptt's only"):
-        vjp.rnn_states(p.params, spec, p.xs, checkpoint_every=(12, 4))
+    with pytest.raises(ValueError, match="each dividing the one before"):
+        vjp.rnn_states(p.params, spec, p.xs, checkpoint_every=(12, 5))
     with pytest.raises(ValueError, match="checkpoint_every: expected"):
         vjp.rnn_states(p.params, spec, p.xs, checkpoint_every=0)
     bi = dataclasses.replace(spec, bidirectional=True)
@@ -301,6 +301,8 @@ def test_rnn_states_segments_are_checked_by_name():
         jax.grad(f, argnums=(0, 1))(params, p.xs, **kw) for kw in ({"checkpoint_every": 5}, {"grad": "autodiff"})
     )
     assert ref.max_rel_err(got, want) < 1e-5  # a bidirectional stack's segments (float32)
+    with pytest.raises(ValueError, match="nested segments are for unidirectional networks"):
+        vjp.rnn_states(params, bi, p.xs, checkpoint_every=(12, 4))
 
 
 def test_the_layers_take_a_budget():
@@ -351,7 +353,8 @@ def test_the_layers_take_a_budget():
 def test_the_layers_take_checkpoint_segments():
     """NNX RNN, StackedRNN and the Equinox RNN with checkpoint_every: the gradient of a loss (and,
     for the NNX RNN, of its final carry) equals the same layer's grad="autodiff" (float64); k is
-    checked at construction (one int); a k that does not divide T pads the last segment, and a
+    checked at construction; nested levels run too (the Equinox layer's (8, 4)); a k that does not
+    divide T pads the last segment, and a
     bidirectional stack takes segments too (same gradients)."""
     from flax import nnx
 
@@ -376,7 +379,7 @@ def test_the_layers_take_checkpoint_segments():
             got = nnx.grad(loss)(build("bptt", 6))
             jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
         eqx_grads = []
-        for g, k in (("bptt", 8), ("autodiff", None)):
+        for g, k in (("bptt", (8, 4)), ("autodiff", None)):  # nested segments
             rnn = beqx.RNN(3, 6, cell="gru", grad=g, checkpoint_every=k, dtype=jnp.float64, key=jax.random.key(0))
             eqx_grads.append(jax.grad(lambda r: jnp.sum(jnp.sin(r(x, length=lengths))))(rnn))
         for a, b in zip(*map(jax.tree.leaves, eqx_grads)):
@@ -387,8 +390,8 @@ def test_the_layers_take_checkpoint_segments():
         bi = lambda g, k: bnnx.StackedRNN(3, (6, 5), bidirectional=True, grad=g, checkpoint_every=k, **kw())  # noqa: E731
         want, got = nnx.grad(loss)(bi("autodiff", None)), nnx.grad(loss)(bi("bptt", 8))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
-    with pytest.raises(ValueError, match="nested segments are bptt's only"):
-        beqx.RNN(3, 6, checkpoint_every=(8, 4), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="each dividing the one before"):
+        beqx.RNN(3, 6, checkpoint_every=(8, 3), key=jax.random.key(0))
     with pytest.raises(ValueError, match="checkpoint_every: expected"):
         bnnx.RNN(3, 6, checkpoint_every=-2, rngs=nnx.Rngs(0))
 

@@ -45,7 +45,8 @@ class SegmentsTest(chex.TestCase):
 
 class StatesSegmentsTest(chex.TestCase):
     """``rnn_states(checkpoint_every=k)`` (the layers' custom VJP; unidirectional and bidirectional
-    stacks, any k from 1 to T + 1: the last segment padded where k does not divide T) of every cell,
+    stacks, any k from 1 to T + 1: the last segment padded where k does not divide T; nested levels
+    (k, d) for unidirectional stacks) of every cell,
     one or two layers, concat and sum merges,
     lengths (0 and T among them), h0, the final states
     differentiated too: the gradients of params, xs and h0 equal grad="autodiff"'s (jax.grad through
@@ -70,8 +71,12 @@ class StatesSegmentsTest(chex.TestCase):
         return jax.grad(f, argnums=(0, 1, 2))(p.params, p.xs, h0)
 
     def _k(self, problem, k_index):
-        """k in 1 .. T + 1: divisors of T, others (the last segment padded) and one beyond T."""
-        return 1 + k_index % (problem.xs.shape[0] + 1)
+        """k in 1 .. T + 1: divisors of T, others (the last segment padded) and one beyond T; for a
+        unidirectional stack and an odd k_index, nested levels (k, d): d the largest proper divisor of k."""
+        k = 1 + k_index % (problem.xs.shape[0] + 1)
+        if k_index % 2 == 0 or problem.spec.bidirectional or k == 1:
+            return k
+        return (k, max(d for d in range(1, k) if k % d == 0))
 
     @chex.variants(with_jit=True)
     @settings(max_examples=6)

@@ -20,7 +20,7 @@ from jax import lax
 
 from bptt_jax.core import backward, budget, checks, forward, kernels, precision, segments
 from bptt_jax.core.params import RNNParams, RNNSpec
-from bptt_jax.core.plan import Options, Plan, auto_block_size, block_width, resolve_gates
+from bptt_jax.core.plan import Options, Plan, auto_block_size, block_width, resolve_gates, segment_levels
 
 Array = jax.Array
 
@@ -33,13 +33,14 @@ def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False):
     return traces[-1].merged, last, traces
 
 
-def _segmented(spec, unroll, recurrence, k, params, xs, h0, lengths):
+def _segmented(spec, unroll, recurrence, every, params, xs, h0, lengths):
     """``_plain`` with checkpoint segments of k steps, k dividing T (unidirectional stacks): (merged top states,
     final states in h0's dtype, the state entering each segment: L entries [T/k, B, W]). One scan
     over the segments runs the stack k steps at a time, so across the sequence it keeps only the top
-    layer's states (the output) and the segments' boundary states."""
+    layer's states (the output) and the segments' boundary states. Nested segments (``every`` a
+    tuple): the outermost level's boundaries (the backward pass finds the inner ones)."""
     cparams, cxs, ch0 = precision.to_compute(spec.compute_dtype, (params, xs, h0))
-    t_len = xs.shape[0]
+    t_len, k = xs.shape[0], segment_levels(every)[0]
     n = t_len // k
 
     def segment(h, inp):
@@ -146,13 +147,11 @@ def check_grad(grad: str) -> None:
 
 def check_memory_options(gates: str, max_memory, checkpoint_every=None):
     """A layer's ``gates``, ``max_memory`` and ``checkpoint_every`` checked at construction (a bad
-    value names its option; segments need one int); returned unchanged."""
-    Options(gates=gates, checkpoint_every=checkpoint_every)
+    value names its option); returned as ``Options`` keeps them (a list of levels as a tuple)."""
+    options = Options(gates=gates, checkpoint_every=checkpoint_every)
     if max_memory is not None:
         budget.parse_memory(max_memory)
-    if checkpoint_every is not None:
-        _check_segments(checkpoint_every)
-    return gates, max_memory, checkpoint_every
+    return gates, max_memory, options.checkpoint_every
 
 
 def rnn_states(
@@ -168,7 +167,7 @@ def rnn_states(
     grad: str = "bptt",
     gates: str = "auto",
     block_size: int | None = None,
-    checkpoint_every: int | None = None,
+    checkpoint_every: int | tuple[int, ...] | None = None,
     max_memory: int | str | None = None,
 ):
     """The top layer's merged states, differentiable (once) through the explicit BPTT.
@@ -195,8 +194,10 @@ def rnn_states(
         stack keeps only its output and the backward pass runs ``bptt``'s bidirectional segments
         (``segments.bidirectional_segments``, the output's gradient in the readout's place). Same
         gradients (``bptt``'s ``checkpoint_every``). A k that does not divide T: the last segment is
-        filled up with padding steps (states held, as past a sequence's length; k > T is T). None:
-        no segments.
+        filled up with padding steps (states held, as past a sequence's length; k > T is T). A
+        tuple (k1, k2, ...): nested segments, as ``bptt``'s (unidirectional stacks; the forward pass
+        keeps the k1-step boundaries, the backward pass recomputes each k1-step segment's k2-step
+        boundaries, and so on; a level of T steps or more is dropped). None: no segments.
       max_memory: a budget for the temp memory of the layer's forward + backward program, in bytes
         or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
         shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
@@ -208,20 +209,18 @@ def rnn_states(
       (states, h_last) with ``return_last``. Works under jit, vmap and inside lax.scan.
     """
     check_grad(grad)
-    Options(block_size=block_size, gates=gates, checkpoint_every=checkpoint_every).check(
-        spec, False
-    )  # names a bad value
-    if checkpoint_every is not None:
-        _check_segments(checkpoint_every)
+    options = Options(block_size=block_size, gates=gates, checkpoint_every=checkpoint_every)
+    options.check(spec, False)  # names a bad value
     limit = None if max_memory is None else budget.parse_memory(max_memory)
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     t_len = xs.shape[0]
+    checkpoint_every = _levels_within(options.checkpoint_every, t_len)
     if grad == "bptt" and checkpoint_every is not None:
-        checkpoint_every = min(checkpoint_every, t_len)
-        if t_len % checkpoint_every:  # the last segment is filled up with steps no sequence has
+        k = segment_levels(checkpoint_every)[0]
+        if t_len % k:  # the last segment is filled up with steps no sequence has
             if lengths is None:
                 lengths = jnp.full((xs.shape[1],), t_len, jnp.int32)
-            xs = forward.pad_time(xs, -t_len % checkpoint_every)
+            xs = forward.pad_time(xs, -t_len % k)
     rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
     unroll = forward.resolve_unroll(unroll)
     if grad == "bptt":
@@ -238,17 +237,20 @@ def rnn_states(
     return (states, spec.public_states(last)) if return_last else states
 
 
-def _check_segments(k) -> None:
-    """``rnn_states``' checkpoint_every: one level of k steps."""
-    if isinstance(k, tuple):
-        raise ValueError(f"rnn_states: checkpoint_every={k}: nested segments are bptt's only; give one int")
+def _levels_within(every, t_len: int):
+    """``checkpoint_every`` for a sequence of T steps: a level of T steps or more is no segment (the
+    levels below it remain); none left, or an int above T: T."""
+    levels = tuple(k for k in segment_levels(every) if k < t_len)
+    if every is None:
+        return None
+    return levels if len(levels) > 1 else (levels[0] if levels else t_len)
 
 
 @functools.lru_cache(maxsize=256)
 def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: int, signature: tuple, structure):
     """(gates, block_size) for ``rnn_states`` under ``max_memory=limit`` with arguments of this
     signature: ``budget.choose`` over the custom VJP's forward + backward programs, compiled from
-    the shapes (one level of checkpoint segments, k dividing T)."""
+    the shapes (checkpoint segments whose outer level divides T)."""
     params, xs, h0, lengths = jax.tree_util.tree_unflatten(
         structure, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
     )
@@ -268,9 +270,9 @@ def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: i
 
         return budget.temp_bytes(jax.jit(fwd_bwd).lower(params, xs, h0, lengths, top).compile())
 
-    def allowed(o: Options) -> bool:  # one level of segments dividing T (nested, padded: bptt's only)
+    def allowed(o: Options) -> bool:  # segments (nested ones too) whose outer level divides T
         k = o.checkpoint_every
-        return k is None or (isinstance(k, int) and t_len % k == 0)
+        return k is None or t_len % segment_levels(k)[0] == 0
 
     chosen = budget.choose(first, spec, t_len, batch, dtype, limit, True, measure, allowed=allowed)
     return (chosen.gates, chosen.block_size, chosen.checkpoint_every)

@@ -54,7 +54,8 @@ class RNN(eqx.Module):
         ``jax.vmap`` that is one sequence's program, which vmap then runs for the whole batch;
         the batch call [B, T, N] is budgeted whole).
       checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (a k that
-        does not divide the sequence length fills the last segment up with held steps); None: none.
+        does not divide the sequence length fills the last segment up with held steps; a tuple
+        (k1, k2, ...) nests them); None: none.
       key: a JAX PRNG key for the weights.
     """
 
@@ -66,7 +67,7 @@ class RNN(eqx.Module):
     grad: str = eqx.field(static=True)
     gates: str = eqx.field(static=True)
     max_memory: int | str | None = eqx.field(static=True)
-    checkpoint_every: int | None = eqx.field(static=True)
+    checkpoint_every: int | tuple[int, ...] | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -85,7 +86,7 @@ class RNN(eqx.Module):
         biases: str = "pytorch",
         gates: str = "auto",
         max_memory: int | str | None = None,
-        checkpoint_every: int | None = None,
+        checkpoint_every: int | tuple[int, ...] | None = None,
         key: Array,
     ):
         vjp.check_grad(grad)

@@ -76,7 +76,8 @@ class RNN(nnx.Module):
       max_memory: a budget for the temp memory of the layer's forward + backward (bytes or "512MiB"),
         as ``rnn_states``: the fastest of its plans that fits, chosen once per input shape.
       checkpoint_every: k, checkpoint segments of the backward pass, as ``rnn_states`` (a k that
-        does not divide the sequence length fills the last segment up with held steps); None: none.
+        does not divide the sequence length fills the last segment up with held steps; a tuple
+        (k1, k2, ...) nests them); None: none.
       rngs: ``nnx.Rngs``; its ``params`` stream draws the weights.
     """
 
@@ -103,7 +104,7 @@ class RNN(nnx.Module):
         biases: str = "pytorch",
         gates: str = "auto",
         max_memory: int | str | None = None,
-        checkpoint_every: int | None = None,
+        checkpoint_every: int | tuple[int, ...] | None = None,
         rngs: nnx.Rngs,
     ):
         bias_layouts.check_layout(biases)
@@ -354,7 +355,7 @@ class StackedRNN(nnx.Module):
         biases: str = "pytorch",
         gates: str = "auto",
         max_memory: int | str | None = None,
-        checkpoint_every: int | None = None,
+        checkpoint_every: int | tuple[int, ...] | None = None,
         rngs: nnx.Rngs,
     ):
         vjp.check_grad(grad)
