@@ -1,6 +1,7 @@
 """The explicit BPTT before and after ``bptt_jax.tune`` on this machine, beside ``jax.grad``.
 
     python benchmarks/tune_speed.py [--quick] [--rounds R] [--budget S] [--out FILE] [--cell elman|gru|lstm ...]
+    python benchmarks/tune_speed.py --layers [...]   # the layers' plans: rnn_states and tune_states
 
 For each cell and benchmark shape (``bptt_speed.SHAPES`` for the Elman cell, ``GATED_SHAPES`` for
 the GRU and LSTM; one layer, softmax + cross-entropy, float32): ``bptt_jax.tune`` runs first (its
@@ -11,6 +12,10 @@ choose (``plan.resolve`` without the cache), the tuned plan, and the ``jax.grad`
 contender. Reported: each plan's time over the best ``jax.grad`` contender's (speed-up, higher is
 better), the tuned plan over the rules' plan, and temp memory. Where tune kept the rules' plan the
 two are one program, timed once. Geometric means per cell at the end.
+
+``--layers``: the same for one layer's forward + backward through ``rnn_states`` (what the NNX and
+Equinox layers run) at ``nnx_speed.py``'s two layer shapes, ``tune_states`` against the rules'
+plan, beside ``grad="autodiff"`` (jax.grad of the same scans).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import gate_blocks  # noqa: E402
 import gated  # noqa: E402
 
 import bptt_jax as bj  # noqa: E402
-from bptt_jax.core import plan  # noqa: E402
+from bptt_jax.core import plan, vjp  # noqa: E402
 
 RULES, TUNED, BUDGETED = "bptt, the rules' plan", "bptt, tuned", "bptt, max_memory"
 
@@ -102,6 +107,92 @@ def bench(cell: str, shape, rounds: int, budget: float, budget_fraction: float) 
     }
 
 
+LAYER_SHAPES = ((128, 32, 64, 256), (128, 32, 256, 256))  # (T, B, N, N1): nnx_speed.py's two layers
+QUICK_LAYER_SHAPES = ((8, 4, 5, 6),)
+
+
+def bench_layer(cell: str, shape, rounds: int, budget: float) -> dict:
+    """One layer's forward + backward (``rnn_states``, what the NNX / Equinox layers run): the plan the
+    rules choose, the plan ``tune_states`` recorded, and ``grad="autodiff"`` (jax.grad of the same
+    scans), round-robin; gradients checked against autodiff's."""
+    t, b, n, n1 = shape
+    spec = bj.RNNSpec(n, (n1,), 1, cell=cell)
+    params = bj.init_params(jax.random.key(0), spec)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    ct = jax.random.normal(jax.random.key(2), (t, b, n1), jnp.float32)
+    t0 = time.perf_counter()
+    tuned = bj.tune_states(params, spec, xs, time_budget=budget, progress=False)
+    tune_s = time.perf_counter() - t0
+    rules = _states_rules(params, spec, xs)
+
+    def fwd_bwd(**kw):
+        def f(p, x):
+            _, pull = jax.vjp(lambda p, x: vjp.rnn_states(p, spec, x, **kw), p, x)
+            return pull(ct)
+
+        return f
+
+    contenders = {"autodiff": fwd_bwd(grad="autodiff"), RULES: fwd_bwd(**_explicit_states(rules))}
+    if tuned != rules:
+        contenders[TUNED] = fwd_bwd(**_explicit_states(tuned))
+    runners, info = {}, {}
+    for name, fn in contenders.items():
+        compiled, _, temp, _ = bptt_speed.compile_jax(fn, params, xs)
+        info[name] = {"temp": temp, "out": compiled(params, xs)}
+        runners[name] = lambda c=compiled: bptt_speed._block(c(params, xs))
+    want = info["autodiff"]["out"]
+    for name in info:
+        info[name]["err"] = bptt_speed.max_rel_err(info[name]["out"], want)
+    med = bptt_speed.round_robin(runners, rounds)
+    if TUNED not in med:
+        med[TUNED], info[TUNED] = med[RULES], info[RULES]
+    return {"med": med, "info": info, "rules": rules, "tuned": tuned, "tune_s": tune_s}
+
+
+def _states_rules(params, spec, xs) -> plan.Plan:
+    """The plan ``rnn_states`` runs without a tuned entry (its rules), as a ``plan.Plan``."""
+    asked, x, h0, lengths, _ = vjp.prepare(params, spec, xs, None, None, "bptt", None, "auto", "auto", None, None)
+    unroll, rec, (gates, block, _) = vjp._plan(params, spec, asked, x, h0, lengths, None, use_cache=False)
+    width = max(plan.block_width(spec), spec.hidden_sizes[-1])
+    t, b = x.shape[:2]
+    store = plan.resolve_gates(gates, spec, t, b, None, x.dtype)
+    c = vjp._block((gates, block, None), t, b, width, rec)
+    return plan.Plan(block=c, store=store, segment=None, unroll=unroll, recurrence=rec, with_dxs=True)
+
+
+def _explicit_states(p: plan.Plan) -> dict:
+    return dict(block_size=p.block, gates="store" if p.store else "recompute", unroll=p.unroll, recurrence=p.recurrence)
+
+
+def main_layers(args, argv) -> str:
+    """``--layers``: the NNX / Equinox layers' plans before and after ``tune_states``."""
+    rounds = args.rounds or (2 if args.quick else 9)
+    cells = args.cell or ["elman", "gru", "lstm"]
+    lines = gate_blocks.header("A layer's explicit BPTT before and after tuning", "tune_speed.py", argv, rounds) + [
+        f"One layer's forward + backward through `rnn_states` (what the NNX and Equinox layers run), float32; "
+        f"`tune_states`' budget {args.budget:.0f} s per shape. Speed-up: `grad=\"autodiff\"`'s time (jax.grad of "
+        "the same scans) over the plan's (higher is better).",
+        "",
+        "| cell | (T, B, N, N1) | rules' plan | tuned plan | tune s | rules over autodiff | tuned over autodiff "
+        "| tuned over rules | temp: rules / tuned / autodiff | max rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        for shape in QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES:
+            r = bench_layer(cell, shape, rounds, args.budget)
+            med, info = r["med"], r["info"]
+            mib = lambda k, info=info: info[k]["temp"] / 2**20  # noqa: E731
+            lines.append(
+                f"| {cell} | {shape} | {_label(r['rules'])} | "
+                f"{'the same' if r['tuned'] == r['rules'] else _label(r['tuned'])} | {r['tune_s']:.0f} | "
+                f"{med['autodiff'] / med[RULES]:.2f}x | {med['autodiff'] / med[TUNED]:.2f}x | "
+                f"{med[RULES] / med[TUNED]:.2f}x | {mib(RULES):.1f} / {mib(TUNED):.1f} / {mib('autodiff'):.1f} MiB | "
+                f"{max(v['err'] for v in info.values()):.1e} |"
+            )
+            print(lines[-1], flush=True)
+    return bptt_speed._report(lines, args.out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
@@ -113,6 +204,9 @@ def main(argv=None):
         type=float,
         default=0.4,
         help="max_memory for the budgeted contender, a share of the smallest jax.grad contender's temp (0.4)",
+    )
+    ap.add_argument(
+        "--layers", action="store_true", help="the NNX / Equinox layers' plans (rnn_states, tune_states) instead"
     )
     ap.add_argument("--out", help="also write the markdown report here")
     args = ap.parse_args(argv)
@@ -130,6 +224,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bptt-jax-tune-bench-") as cache:
         os.environ["BPTT_JAX_CACHE_DIR"] = cache
         try:
+            if args.layers:
+                return main_layers(args, argv)
             geo: dict[str, list[tuple[float, float]]] = {}
             budget_rows: list[str] = []
             for cell in cells:

@@ -25,7 +25,7 @@ from bptt_jax.core.params import (
     expected_shapes,
     init_params,
 )
-from bptt_jax.core.tune import tune
+from bptt_jax.core.tune import tune, tune_states
 
 __all__ = [
     "BPTTAux",
@@ -44,6 +44,7 @@ __all__ = [
     "loss_and_state",
     "reverse_padded",
     "tune",
+    "tune_states",
 ]
 
 __version__ = "0.2.0"

@@ -242,6 +242,10 @@ def test_tune_speed_quick(tmp_path, monkeypatch):
     assert not (tmp_path / "users-cache").exists()  # tuned in a cache of its own
     assert "| gru | " in report.split("geometric mean")[1]
     assert len([line for line in budgeted.splitlines() if line.startswith("| gru | (")]) == 2
+    layers = mod.main(["--quick", "--layers", "--cell", "lstm", "--budget", "2"])  # rnn_states' plans
+    rows = [line.split("|") for line in layers.splitlines() if line.startswith("| lstm | (")]
+    assert len(rows) == 1 and float(rows[0][-2]) < 1e-4  # = grad="autodiff"'s gradient
+    assert not (tmp_path / "users-cache").exists()
 
 
 @pytest.mark.bench

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import bptt_jax as bj
-from bptt_jax.core import gradient, plan, plancache
+from bptt_jax.core import budget, checks, gradient, plan, plancache, vjp
 from tests import reference as ref
 
 T, B = 12, 3
@@ -172,3 +172,113 @@ def test_the_cache_can_be_turned_off_and_is_never_the_users(cache, monkeypatch):
     monkeypatch.delenv("BPTT_JAX_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "xdg"))
     assert plancache.cache_dir() == cache / "xdg" / "bptt_jax"
+
+
+@pytest.fixture
+def states_plans(monkeypatch):
+    """The (unroll, recurrence, layout) ``rnn_states`` ran its custom VJP with, in order."""
+    seen = []
+    states = vjp._states
+
+    def spy(spec, unroll, rec, layout, *args):
+        seen.append((unroll, rec, layout))
+        return states(spec, unroll, rec, layout, *args)
+
+    monkeypatch.setattr(vjp, "_states", spy)
+    return seen
+
+
+def _states_grads(p, spec, **kw):
+    """d(sum(states * probe) + sum(sin(final states)))/d(params, xs) of ``rnn_states`` (float64)."""
+    probe = jnp.cos(jnp.arange(T * B * 5, dtype=p.xs.dtype)).reshape(T, B, 5)
+
+    def f(params, xs):
+        states, last = vjp.rnn_states(params, spec, xs, lengths=p.lengths, return_last=True, **kw)
+        return jnp.sum(states * probe) + sum(jnp.sum(jnp.sin(a)) for a in jax.tree.leaves(last))
+
+    return jax.grad(f, argnums=(0, 1))(p.params, p.xs)
+
+
+def test_tune_states_records_a_plan_that_rnn_states_runs(cache, states_plans):
+    """tune_states' entry is keyed apart from bptt's and read by rnn_states when traced: a plan put
+    in its place (block 4, unroll 2, gates recomputed) is what the custom VJP then runs, with
+    grad="autodiff"'s gradients (float64, 1e-10); with a budget the entry's segments are run."""
+    with jax.enable_x64(True):
+        p, spec = _problem("gru")
+        structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (p.xs, p.lengths))
+        chosen = bj.tune_states(p.params, spec, structs[0], lengths=structs[1], time_budget=4, progress=False)
+        key = plan.cache_key(plan.Options(), spec, T, B, p.xs.dtype, entry="rnn_states")
+        assert key != _key(spec, p)
+        entry = json.loads((cache / plancache.FILE).read_text())["entries"][key]
+        assert (entry["block_size"], entry["gates"], entry["unroll"]) == (
+            chosen.block,
+            "store" if chosen.store else "recompute",
+            chosen.unroll,
+        )
+        assert entry["plans_measured"] >= 2 and entry["seconds"] > 0
+        want = _states_grads(p, spec, grad="autodiff")
+        assert plancache.record(key, {"block_size": 4, "gates": "recompute", "unroll": 2, "recurrence": "scan"})
+        got = _states_grads(p, spec)
+        assert states_plans[-1] == (2, "scan", ("recompute", 4, None))
+        assert ref.max_rel_err(got, want) < 1e-10
+        limit = 10**9
+        budget_key = plan.cache_key(plan.Options(), spec, T, B, p.xs.dtype, limit, entry="rnn_states")
+        segments = {
+            "block_size": 2,
+            "gates": "recompute",
+            "unroll": 1,
+            "recurrence": "scan",
+            "checkpoint_every": [6, 2],
+        }
+        assert plancache.record(budget_key, segments)
+        got = _states_grads(p, spec, max_memory=limit)
+        assert states_plans[-1] == (1, "scan", ("recompute", 2, (6, 2)))
+        assert ref.max_rel_err(got, want) < 1e-10
+
+
+def test_tune_states_under_a_budget_records_a_plan_that_fits(cache):
+    with jax.enable_x64(True):
+        p, spec = _problem("lstm")
+        probe = jnp.zeros((T, B, 5))
+        _, h0, _ = checks.check_inputs(p.params, spec, p.xs, None, p.lengths)  # zeros, the internal layout
+        args = (p.params, p.xs, h0, p.lengths, probe)
+        temp = lambda lay: budget.temp_bytes(jax.jit(vjp.states_fwd_bwd(spec, 1, "scan", lay)).lower(*args).compile())  # noqa: E731
+        limit = int(
+            0.85 * min(temp(("recompute", c, None)) for c in (1, 2, 3, 4, 6, 12))
+        )  # below every unsegmented plan
+        chosen = bj.tune_states(
+            p.params, spec, p.xs, lengths=p.lengths, max_memory=limit, time_budget=4, progress=False
+        )
+        key = plan.cache_key(plan.Options(), spec, T, B, p.xs.dtype, limit, entry="rnn_states")
+        entry = json.loads((cache / plancache.FILE).read_text())["entries"][key]
+        assert entry["temp_bytes"] <= limit and entry["checkpoint_every"] is not None
+        assert chosen.segment is not None
+        assert (
+            ref.max_rel_err(_states_grads(p, spec, max_memory=limit), _states_grads(p, spec, grad="autodiff")) < 1e-10
+        )
+
+
+def test_the_layers_tune_their_call(cache, states_plans):
+    """NNX RNN / StackedRNN and the Equinox RNN: ``tune`` records the entry their next call reads
+    (the plan it returned is the one run); a layer with grad="autodiff" has none to tune."""
+    import equinox as eqx  # noqa: F401  (the Equinox layer needs it)
+    from flax import nnx
+
+    from bptt_jax.layers import equinox as beqx
+    from bptt_jax.layers import nnx as bnnx
+
+    x = jnp.asarray(np.random.RandomState(0).randn(B, T, 3), jnp.float32)
+    layers = [
+        bnnx.RNN(3, 5, cell="gru", rngs=nnx.Rngs(0)),
+        bnnx.StackedRNN(3, (5, 4), cell="lstm", rngs=nnx.Rngs(0)),
+        beqx.RNN(3, 5, cell="lstm", key=jax.random.key(0)),
+    ]
+    for layer in layers:
+        chosen = layer.tune(x, time_budget=2, rounds=3, progress=False)
+        layer(x)
+        unroll, _, (gates, block, k) = states_plans[-1]
+        assert (block, gates == "store", unroll, k) == (chosen.block, chosen.store, chosen.unroll, None)
+    with pytest.raises(ValueError, match="grad is 'autodiff'"):
+        bnnx.RNN(3, 5, grad="autodiff", rngs=nnx.Rngs(0)).tune(x)
+    with pytest.raises(ValueError, match="grad is 'autodiff'"):
+        beqx.RNN(3, 5, grad="autodiff", key=jax.random.key(0)).tune(x)

@@ -236,10 +236,18 @@ def _left_auto(options: Options, field: str) -> bool:
     return value in (None, "auto")
 
 
-def cache_key(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, budget: int | None = None) -> str:
+ENTRIES = ("bptt", "rnn_states")  # the entry points whose plans are tuned (``bptt_jax.tune``, ``tune_states``)
+
+
+def cache_key(
+    options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, budget: int | None = None, entry: str = "bptt"
+) -> str:
     """The plan cache's key for ``options`` at this shape: the work (what the options change
-    besides the plan), the choices the caller fixed and the memory budget (bytes) are part of it."""
-    work = {
+    besides the plan), the choices the caller fixed and the memory budget (bytes) are part of it,
+    and the entry point (``rnn_states``' forward + backward is another program than ``bptt``'s)."""
+    if entry not in ENTRIES:
+        raise ValueError(f"entry: expected one of {list(ENTRIES)}, got {entry!r}")
+    work: dict[str, object] = {
         "generic": options.generic,
         "diagnostics": options.diagnostics,
         "with_dxs": options.with_dxs,
@@ -247,14 +255,36 @@ def cache_key(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, bu
         "fixed": {f: getattr(options, f) for f in TUNABLE if not _left_auto(options, f)},
         "max_memory": budget,
     }
+    if entry != "bptt":  # bptt's keys as they were (entries tuned before stay valid)
+        work["entry"] = entry
     return plancache.key(spec, t_len, batch, dtype, work)
 
 
-def tuned_entry(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, budget: int | None = None):
+def tuned_entry(
+    options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, budget: int | None = None, entry: str = "bptt"
+):
     """The cached tuned plan for this call (a dict), or None (nothing left to choose, no entry, no cache)."""
     if budget is None and not any(_left_auto(options, f) for f in TUNABLE):
         return None
-    return plancache.lookup(cache_key(options, spec, t_len, batch, dtype, budget), spec, t_len)
+    return plancache.lookup(cache_key(options, spec, t_len, batch, dtype, budget, entry), spec, t_len)
+
+
+def fill_tuned(options: Options, tuned: dict, spec: RNNSpec, t_len: int, batch: int, dtype) -> Options:
+    """``options`` with the choices it left open taken from a tuned entry (``tuned_entry``), except
+    those this network cannot run here (gates it cannot store, kernels it cannot use: the rules
+    then choose them)."""
+    fill = {f: tuned[f] for f in TUNABLE if _left_auto(options, f)}
+    if fill.get("gates") == "store":
+        try:
+            resolve_gates("store", spec, t_len, batch, options.checkpoint_every, dtype)
+        except ValueError:
+            fill.pop("gates")  # cannot store here (the rules then choose)
+    if fill.get("recurrence") == "pallas":
+        try:
+            kernels.resolve("pallas", spec.hidden_sizes, dtype, cell=spec.cell)
+        except ValueError:
+            fill.pop("recurrence")
+    return dataclasses.replace(options, **fill)
 
 
 def explicit(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> Options:
@@ -275,18 +305,7 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
     the caller's choices, then a tuned plan from the cache (``use_cache``), then the rules."""
     tuned = tuned_entry(options, spec, t_len, batch, dtype) if use_cache else None
     if tuned is not None:
-        fill = {f: tuned[f] for f in TUNABLE if _left_auto(options, f)}
-        if fill.get("gates") == "store":
-            try:
-                resolve_gates("store", spec, t_len, batch, options.checkpoint_every, dtype)
-            except ValueError:
-                fill.pop("gates")  # cannot store here (the rules then choose)
-        if fill.get("recurrence") == "pallas":
-            try:
-                kernels.resolve("pallas", spec.hidden_sizes, dtype, cell=spec.cell)
-            except ValueError:
-                fill.pop("recurrence")
-        options = dataclasses.replace(options, **fill)
+        options = fill_tuned(options, tuned, spec, t_len, batch, dtype)
     recurrence = kernels.resolve(options.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)
     block_size = options.block_size
     if block_size is None and recurrence == "pallas":

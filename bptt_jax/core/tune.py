@@ -21,12 +21,13 @@ import datetime
 import functools
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax.core import budget, cells, checks, gradient, plan, plancache, precision
+from bptt_jax.core import budget, cells, checks, forward, gradient, kernels, plan, plancache, precision, vjp
 from bptt_jax.core.params import RNNSpec
 
 MARGIN = 0.05  # a candidate must beat the rules' plan by 5% to replace it (this CPU's noise: +-4%)
@@ -175,6 +176,32 @@ def tune(
         candidates += [o for o in more if o not in candidates]
         candidates = [o for o in candidates if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
 
+    build = lambda o: functools.partial(gradient._bptt, spec=spec, options=o)  # noqa: E731
+    best, measured = _search(default, candidates, build, args, asked, limit, time_budget, rounds, progress, start)
+    if record:
+        key = plan.cache_key(asked, spec, t_len, batch, dtype, limit)
+        if _record(key, best, default, measured, limit):
+            gradient._compiled.cache_clear()  # later calls trace again and read the entry
+            gradient._within_budget.cache_clear()
+    return plan.resolve(best, spec, t_len, batch, dtype, use_cache=False)
+
+
+def _search(
+    default: plan.Options,
+    candidates: list[plan.Options],
+    build: Callable[[plan.Options], Callable],
+    args: tuple,
+    asked: plan.Options,
+    limit: int | None,
+    time_budget: float,
+    rounds: int,
+    progress: bool,
+    start: float,
+) -> tuple[plan.Options, dict]:
+    """Compile ``build(o)`` for each candidate (``default`` first: the plan the call runs without an
+    entry), time them in interleaved rounds within the time budget, try the unrolls for the best
+    (when ``asked`` leaves unroll open), and confirm a winner other than ``default`` head-to-head.
+    Returns (the plan to record, the measurements by plan)."""
     measured: dict[plan.Options, dict] = {}
 
     def say(text: str) -> None:
@@ -183,8 +210,7 @@ def tune(
 
     def compile_one(o: plan.Options, i: int, n: int) -> None:
         t0 = time.perf_counter()
-        fn = jax.jit(functools.partial(gradient._bptt, spec=spec, options=o))
-        compiled = fn.lower(*args).compile()
+        compiled = jax.jit(build(o)).lower(*args).compile()
         mem = compiled.memory_analysis()
         t1 = time.perf_counter()
         jax.block_until_ready(compiled(*args))  # warm-up
@@ -245,19 +271,136 @@ def tune(
         f"{_label(best)}: {1e3 * median(best):.2f} ms, {median(default) / median(best):.2f}x the rules' plan "
         f"({_label(default)}: {1e3 * median(default):.2f} ms); {len(measured)} plans in {time.perf_counter() - start:.0f} s"
     )
-    if record:
-        entry = {f: getattr(best, f) for f in plan.TUNABLE}
-        if limit is not None:
-            entry["checkpoint_every"] = best.checkpoint_every
-        entry.update(
-            seconds=median(best),
-            rules_seconds=median(default),
-            temp_bytes=measured[best]["temp_bytes"],
-            rules_temp_bytes=measured[default]["temp_bytes"],
-            plans_measured=len(measured),
-            tuned_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    for o in measured:  # the last rounds each plan took part in (the head-to-head's: two of them)
+        measured[o]["median"] = median(o) if measured[o]["times"] else None
+    return best, measured
+
+
+def _record(key: str, best: plan.Options, default: plan.Options, measured: dict, limit: int | None) -> bool:
+    """Writes the winner's entry to the plan cache; whether it was written."""
+    entry: dict = {f: getattr(best, f) for f in plan.TUNABLE}
+    if limit is not None:
+        entry["checkpoint_every"] = best.checkpoint_every
+    entry.update(
+        seconds=measured[best]["median"],
+        rules_seconds=measured[default]["median"],
+        temp_bytes=measured[best]["temp_bytes"],
+        rules_temp_bytes=measured[default]["temp_bytes"],
+        plans_measured=len(measured),
+        tuned_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+    return plancache.record(key, entry)
+
+
+def tune_states(
+    params,
+    spec: RNNSpec,
+    xs,
+    *,
+    h0=None,
+    lengths=None,
+    unroll: int | None = None,
+    recurrence: str = "auto",
+    gates: str = "auto",
+    block_size: int | None = None,
+    checkpoint_every: int | tuple[int, ...] | None = None,
+    max_memory: int | str | None = None,
+    time_budget: float = 60.0,
+    rounds: int = 5,
+    progress: bool = True,
+    record: bool = True,
+) -> plan.Plan:
+    """``tune`` for ``rnn_states`` (and so for the NNX and Equinox layers, whose ``tune`` methods
+    call it): measure the plans of one forward + backward of ``rnn_states(params, spec, xs, **same
+    keywords)`` with ``grad="bptt"`` on this machine and cache the fastest; later ``rnn_states`` calls of
+    the same problem (the same shapes, options and budget) read it when they are traced.
+
+    Args:
+      params, spec, xs, h0, lengths: as ``rnn_states``; arrays or ``jax.ShapeDtypeStruct`` (random
+        values are drawn for those, and lengths of T).
+      unroll, recurrence, gates, block_size, checkpoint_every, max_memory: as ``rnn_states``. A
+        choice given here is kept; those left to "auto" / None are tuned. With ``max_memory`` only
+        plans that fit are timed, checkpoint segments among them.
+      time_budget, rounds, progress, record: as ``tune``.
+
+    Returns:
+      The ``plan.Plan`` later calls run: its block, gates stored or not, segments, unroll and
+      recurrence (``with_dxs``: the layer's backward pass always returns dX).
+    """
+    start = time.perf_counter()
+    rng = np.random.RandomState(0)
+    is_struct = lambda a: isinstance(a, jax.ShapeDtypeStruct)  # noqa: E731
+    xs = _concrete(xs, rng, 1)
+    params = jax.tree.map(lambda a: _concrete(a, rng, 1), params, is_leaf=is_struct)
+    if h0 is not None:
+        h0 = jax.tree.map(lambda a: _concrete(a, rng, 1), h0, is_leaf=is_struct)
+    if is_struct(lengths):  # every sequence whole: the time a full batch takes
+        lengths = jnp.full(lengths.shape, xs.shape[0], lengths.dtype)
+    limit = None if max_memory is None else budget.parse_memory(max_memory)
+    asked, xs, h0, lengths, _ = vjp.prepare(
+        params, spec, xs, h0, lengths, "bptt", unroll, recurrence, gates, block_size, checkpoint_every
+    )
+    t_len, batch = xs.shape[:2]
+    dtype = jnp.dtype(spec.compute_dtype or xs.dtype)  # as rnn_states' plan
+    rules_unroll, rules_rec, layout = vjp._plan(params, spec, asked, xs, h0, lengths, None, use_cache=False)
+    top = jax.eval_shape(lambda: vjp._plain(spec, rules_unroll, rules_rec, params, xs, h0, lengths)[0])
+    ct = jnp.asarray(0.3 * rng.randn(*top.shape), top.dtype)
+    width = max(plan.block_width(spec), top.shape[-1])
+    store = plan.resolve_gates(layout[0], spec, t_len, batch, layout[2], dtype)
+    default = dataclasses.replace(
+        asked,
+        block_size=vjp._block(layout, t_len, batch, width, rules_rec),
+        gates="store" if store else "recompute",
+        unroll=rules_unroll,
+        recurrence=rules_rec,
+    )
+    unbudgeted = default
+    args = (params, xs, h0, lengths, ct)
+    if limit is not None:  # the plan rnn_states(max_memory=...) runs without a tuned entry: the baseline
+        leaves, structure = jax.tree_util.tree_flatten(args[:4])
+        signature = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
+        gates_b, block_b, every_b = vjp._within_budget(
+            spec, rules_unroll, rules_rec, layout, limit, signature, structure
         )
-        if plancache.record(plan.cache_key(asked, spec, t_len, batch, dtype, limit), entry):
-            gradient._compiled.cache_clear()  # later calls trace again and read the entry
-            gradient._within_budget.cache_clear()
-    return plan.resolve(best, spec, t_len, batch, dtype, use_cache=False)
+        default = dataclasses.replace(default, gates=gates_b, block_size=block_b, checkpoint_every=every_b)
+
+    def options_for(**choices) -> plan.Options:  # the unbudgeted plan with the choices left open changed
+        return dataclasses.replace(unbudgeted, **{k: v for k, v in choices.items() if plan._left_auto(asked, k)})
+
+    candidates = [default]
+    gate_choices = ["recompute"]
+    if cells.get(spec.cell).CACHE > 0 and asked.checkpoint_every is None and not precision.is_half(dtype):
+        gate_choices = ["store", "recompute"]
+    for c in candidate_blocks(t_len, batch, unbudgeted.block_size or t_len):
+        if t_len % c:
+            continue  # rnn_states runs a block that does not divide T as the whole sequence
+        for g in gate_choices:
+            o = options_for(block_size=c, gates=g)
+            if o not in candidates:
+                candidates.append(o)
+    if limit is not None:
+        more = budget.candidates(unbudgeted, spec, t_len, batch, asked.checkpoint_every is None)
+        more = [
+            o for o in more if o.checkpoint_every is None or t_len % plan.segment_levels(o.checkpoint_every)[0] == 0
+        ]
+        candidates += [o for o in more if o not in candidates]
+        candidates = [o for o in candidates if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
+
+    def build(o: plan.Options):
+        rec = kernels.resolve(o.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)
+        lay = (o.gates, o.block_size, o.checkpoint_every)
+        return vjp.states_fwd_bwd(spec, forward.resolve_unroll(o.unroll), rec, lay)
+
+    best, measured = _search(default, candidates, build, args, asked, limit, time_budget, rounds, progress, start)
+    if record:
+        key = plan.cache_key(asked, spec, t_len, batch, dtype, limit, entry="rnn_states")
+        if _record(key, best, default, measured, limit):
+            vjp._within_budget.cache_clear()
+    return plan.Plan(
+        block=best.block_size or t_len,
+        store=best.gates == "store",
+        segment=best.checkpoint_every,
+        unroll=forward.resolve_unroll(best.unroll),
+        recurrence=kernels.resolve(best.recurrence, spec.hidden_sizes, dtype, cell=spec.cell),
+        with_dxs=True,
+    )

@@ -12,6 +12,7 @@ gradient is zero.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,7 +21,16 @@ from jax import lax
 
 from bptt_jax.core import backward, budget, checks, forward, kernels, precision, segments
 from bptt_jax.core.params import RNNParams, RNNSpec
-from bptt_jax.core.plan import Options, Plan, auto_block_size, block_width, resolve_gates, segment_levels
+from bptt_jax.core.plan import (
+    Options,
+    Plan,
+    auto_block_size,
+    block_width,
+    fill_tuned,
+    resolve_gates,
+    segment_levels,
+    tuned_entry,
+)
 
 Array = jax.Array
 
@@ -208,33 +218,81 @@ def rnn_states(
       [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net), or
       (states, h_last) with ``return_last``. Works under jit, vmap and inside lax.scan.
     """
-    check_grad(grad)
-    options = Options(block_size=block_size, gates=gates, checkpoint_every=checkpoint_every)
-    options.check(spec, False)  # names a bad value
     limit = None if max_memory is None else budget.parse_memory(max_memory)
+    asked, xs, h0, lengths, t_len = prepare(
+        params, spec, xs, h0, lengths, grad, unroll, recurrence, gates, block_size, checkpoint_every
+    )
+    if grad == "bptt":
+        unroll, rec, layout = _plan(params, spec, asked, xs, h0, lengths, limit)
+        states, last = _states(spec, unroll, rec, layout, params, xs, h0, lengths)
+        states = states[:t_len]  # without the padding steps (their states are held ones)
+    else:
+        rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
+        states, last, _ = _plain(spec, forward.resolve_unroll(unroll), rec, params, xs, h0, lengths)
+    return (states, spec.public_states(last)) if return_last else states
+
+
+def prepare(params, spec, xs, h0, lengths, grad, unroll, recurrence, gates, block_size, checkpoint_every):
+    """``rnn_states``' arguments checked (a bad value names its option) and, for segments whose
+    outer level does not divide T, the inputs padded: (the ``Options`` asked, with the segment
+    levels for this T; xs, h0, lengths as ``_states`` takes them; T before padding)."""
+    check_grad(grad)
+    asked = Options(
+        unroll=unroll, block_size=block_size, checkpoint_every=checkpoint_every, recurrence=recurrence, gates=gates
+    )
+    asked.check(spec, False)
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)
     t_len = xs.shape[0]
-    checkpoint_every = _levels_within(options.checkpoint_every, t_len)
-    if grad == "bptt" and checkpoint_every is not None:
-        k = segment_levels(checkpoint_every)[0]
+    every = _levels_within(asked.checkpoint_every, t_len)
+    if grad == "bptt" and every is not None:
+        k = segment_levels(every)[0]
         if t_len % k:  # the last segment is filled up with steps no sequence has
             if lengths is None:
                 lengths = jnp.full((xs.shape[1],), t_len, jnp.int32)
             xs = forward.pad_time(xs, -t_len % k)
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
-    unroll = forward.resolve_unroll(unroll)
-    if grad == "bptt":
-        layout = (gates, block_size, checkpoint_every)
-        if limit is not None:
-            args = (params, xs, h0, lengths)
-            leaves, structure = jax.tree_util.tree_flatten(args)
-            signature = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
-            layout = _within_budget(spec, unroll, rec, layout, limit, signature, structure)
-        states, last = _states(spec, unroll, rec, layout, params, xs, h0, lengths)
-        states = states[:t_len]  # without the padding steps (their states are held ones)
-    else:
-        states, last, _ = _plain(spec, unroll, rec, params, xs, h0, lengths)
-    return (states, spec.public_states(last)) if return_last else states
+    return dataclasses.replace(asked, checkpoint_every=every), xs, h0, lengths, t_len
+
+
+def _plan(
+    params, spec: RNNSpec, asked: Options, xs, h0, lengths, limit: int | None, use_cache: bool = True
+) -> tuple[int, str, tuple]:
+    """(unroll, recurrence, layout (gates, block_size, checkpoint_every)) for ``_states``: a plan
+    tuned for this call when the plan cache has one (``bptt_jax.tune_states``), else the options
+    as asked (the rules resolve what they leave open), under a budget the first that fits
+    (``_within_budget``)."""
+    t_len, batch = xs.shape[:2]
+    dtype = jnp.dtype(spec.compute_dtype or xs.dtype)
+    chosen = asked
+    tuned = tuned_entry(asked, spec, t_len, batch, dtype, limit, entry="rnn_states") if use_cache else None
+    if tuned is not None:
+        chosen = fill_tuned(asked, tuned, spec, t_len, batch, dtype)
+        k = tuned.get("checkpoint_every")
+        if limit is not None and asked.checkpoint_every is None and k is not None:
+            levels = tuple(k) if isinstance(k, list) else k
+            if t_len % segment_levels(levels)[0] == 0:
+                chosen = dataclasses.replace(chosen, checkpoint_every=levels)
+            else:  # the entry's segments do not fit this padded T: the budget chooses again
+                chosen, tuned = asked, None
+    rec = kernels.resolve(chosen.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)
+    unroll = forward.resolve_unroll(chosen.unroll)
+    layout = (chosen.gates, chosen.block_size, chosen.checkpoint_every)
+    if limit is not None and tuned is None:
+        args = (params, xs, h0, lengths)
+        leaves, structure = jax.tree_util.tree_flatten(args)
+        signature = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
+        layout = _within_budget(spec, unroll, rec, layout, limit, signature, structure)
+    return unroll, rec, layout
+
+
+def states_fwd_bwd(spec: RNNSpec, unroll: int, rec: str, layout: tuple):
+    """(params, xs, h0, lengths, ct) -> the cotangents of (params, xs, h0): one forward + backward
+    of ``_states`` with this plan (what a budget compiles and ``tune_states`` times)."""
+
+    def fwd_bwd(p, x, h, n, ct):
+        _, pull = jax.vjp(lambda p, x, h: _states(spec, unroll, rec, layout, p, x, h, n)[0], p, x, h)
+        return pull(ct)
+
+    return fwd_bwd
 
 
 def _levels_within(every, t_len: int):
@@ -262,12 +320,7 @@ def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: i
     first = Options(block_size=c, gates="store" if store else "recompute", checkpoint_every=layout[2])
 
     def measure(o: Options) -> int:
-        lay = (o.gates, o.block_size, o.checkpoint_every)
-
-        def fwd_bwd(p, x, h, n, ct):
-            _, pull = jax.vjp(lambda p, x, h: _states(spec, unroll, rec, lay, p, x, h, n)[0], p, x, h)
-            return pull(ct)
-
+        fwd_bwd = states_fwd_bwd(spec, unroll, rec, (o.gates, o.block_size, o.checkpoint_every))
         return budget.temp_bytes(jax.jit(fwd_bwd).lower(params, xs, h0, lengths, top).compile())
 
     def allowed(o: Options) -> bool:  # segments (nested ones too) whose outer level divides T

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from bptt_jax.core import cells, vjp
 from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
+from bptt_jax.core.tune import tune_states
 from bptt_jax.core.vjp import rnn_states
 from bptt_jax.layers import biases as bias_layouts
 
@@ -117,6 +118,52 @@ class RNN(eqx.Module):
         JAX batches the custom VJP's backward rule per sequence (weight gradients per sequence,
         summed afterwards), where one call sums them inside the reverse scan
         (benchmarks/results/eqx_speed.md)."""
+        params, x, h0, lengths, batch = self._arguments(xs, h0, length)
+        n1 = self.spec.hidden_sizes[0]
+        states, last = rnn_states(
+            params,
+            self.spec,
+            x,
+            h0=h0,
+            lengths=lengths,
+            unroll=self.unroll,
+            return_last=True,
+            grad=self.grad,
+            gates=self.gates,
+            max_memory=self.max_memory,
+            checkpoint_every=self.checkpoint_every,
+        )
+        hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
+        if not return_last:
+            return hs
+        unbatch = lambda a: a.reshape(*batch, n1)  # noqa: E731
+        final = tuple(unbatch(a) for a in last[0]) if self.spec.is_lstm else unbatch(last[0])
+        return hs, final
+
+    def tune(self, xs: Array, h0=None, *, length=None, **tune_options):
+        """Measures this layer's explicit BPTT plans for ``xs`` of this shape on this machine and
+        caches the fastest (``bptt_jax.tune_states``; ``tune_options``: its ``time_budget``,
+        ``rounds``, ``progress``, ``record``); later calls of the same shape read it when they are
+        traced. Tune the call that trains: the batch in one call [B, T, N] (under ``jax.vmap`` the
+        layer sees one sequence per call, another problem). Arguments as ``__call__``; returns the plan."""
+        if self.grad != "bptt":
+            raise ValueError("tune: this layer's grad is 'autodiff' (jax.grad of the scan), which has no plan to tune")
+        params, x, h0, lengths, _ = self._arguments(xs, h0, length)
+        return tune_states(
+            params,
+            self.spec,
+            x,
+            h0=h0,
+            lengths=lengths,
+            unroll=self.unroll,
+            gates=self.gates,
+            max_memory=self.max_memory,
+            checkpoint_every=self.checkpoint_every,
+            **tune_options,
+        )
+
+    def _arguments(self, xs, h0, length):
+        """(params, xs [T, B, N], h0, lengths, the batch dimensions () or (B,)): ``rnn_states``' arguments."""
         xs = jnp.asarray(xs)
         n1 = self.spec.hidden_sizes[0]
         if xs.ndim not in (2, 3) or xs.shape[-1] != self.spec.input_size:
@@ -142,26 +189,7 @@ class RNN(eqx.Module):
                 raise ValueError(f"length: expected shape {batch} (one per sequence), got {length.shape}")
             lengths = length.reshape(-1).astype(jnp.int32)
         readout = ReadoutParams(jnp.zeros((n1, 1), x.dtype), jnp.zeros((1,), x.dtype))  # unused: not a field
-        params = RNNParams((self.full_layer(),), (), readout)
-        states, last = rnn_states(
-            params,
-            self.spec,
-            x,
-            h0=h0,
-            lengths=lengths,
-            unroll=self.unroll,
-            return_last=True,
-            grad=self.grad,
-            gates=self.gates,
-            max_memory=self.max_memory,
-            checkpoint_every=self.checkpoint_every,
-        )
-        hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
-        if not return_last:
-            return hs
-        unbatch = lambda a: a.reshape(*batch, n1)  # noqa: E731
-        final = tuple(unbatch(a) for a in last[0]) if self.spec.is_lstm else unbatch(last[0])
-        return hs, final
+        return RNNParams((self.full_layer(),), (), readout), x, h0, lengths, batch
 
     @classmethod
     def from_eqx_cell(cls, cell, **kwargs) -> RNN:

@@ -39,6 +39,7 @@ from flax import nnx
 
 from bptt_jax.core import cells, forward, vjp
 from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
+from bptt_jax.core.tune import tune_states
 from bptt_jax.core.vjp import rnn_states
 from bptt_jax.layers import biases as bias_layouts
 
@@ -167,27 +168,8 @@ class RNN(nnx.Module):
         time_major = self.time_major if time_major is None else time_major
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
-        x, batch_dims, lengths = _time_major(_cast(inputs, self.dtype), self.in_features, time_major, seq_lengths)
-        b = x.shape[1]
-        if reverse:  # as Flax's flip_sequences on the valid steps: the first becomes the last
-            x = forward.reverse_padded(x, lengths)
-        if initial_carry is None:
-            initial_carry = self.initialize_carry((*batch_dims, self.in_features))
-        h0 = self._h0(_cast(initial_carry, self.dtype), batch_dims, b)
-        states, h_last = rnn_states(
-            self._params(x.dtype),
-            self.spec,
-            x,
-            h0=h0,
-            lengths=lengths,
-            unroll=self.unroll,
-            recurrence=self.recurrence,
-            return_last=True,
-            grad=self.grad,
-            gates=self.gates,
-            max_memory=self.max_memory,
-            checkpoint_every=self.checkpoint_every,
-        )
+        params, x, h0, lengths, batch_dims = self._arguments(inputs, initial_carry, seq_lengths, time_major, reverse)
+        states, h_last = rnn_states(params, self.spec, x, h0=h0, lengths=lengths, return_last=True, **self._options())
         if reverse and keep_order:
             states = forward.reverse_padded(states, lengths)
         outputs = _batch_layout(states, batch_dims, time_major)
@@ -198,6 +180,31 @@ class RNN(nnx.Module):
             h, c = last
             return (c.reshape(*batch_dims, -1), h.reshape(*batch_dims, -1)), outputs
         return last.reshape(*batch_dims, -1), outputs
+
+    def _arguments(self, inputs, initial_carry, seq_lengths, time_major: bool, reverse: bool):
+        """(params, xs [T, B, N], h0, lengths, the batch dimensions): ``rnn_states``' arguments."""
+        x, batch_dims, lengths = _time_major(_cast(inputs, self.dtype), self.in_features, time_major, seq_lengths)
+        if reverse:  # as Flax's flip_sequences on the valid steps: the first becomes the last
+            x = forward.reverse_padded(x, lengths)
+        if initial_carry is None:
+            initial_carry = self.initialize_carry((*batch_dims, self.in_features))
+        h0 = self._h0(_cast(initial_carry, self.dtype), batch_dims, x.shape[1])
+        return self._params(x.dtype), x, h0, lengths, batch_dims
+
+    def _options(self) -> dict:
+        return _layer_options(self)
+
+    def tune(
+        self, inputs: Array, *, initial_carry=None, seq_lengths: Array | None = None, time_major=None, **tune_options
+    ):
+        """Measures this layer's explicit BPTT plans for inputs of this shape on this machine and
+        caches the fastest (``bptt_jax.tune_states``; ``tune_options``: its ``time_budget``,
+        ``rounds``, ``progress``, ``record``): later calls with inputs of the same shape and the
+        same layer options run it, once they are traced (a function jitted before keeps its plan
+        until it traces again). Arguments as ``__call__``; returns the plan."""
+        time_major = self.time_major if time_major is None else time_major
+        params, x, h0, lengths, _ = self._arguments(inputs, initial_carry, seq_lengths, time_major, False)
+        return _tune(params, self.spec, x, h0, lengths, self._options(), tune_options)
 
     def _h0(self, carry, batch_dims, b):
         shape = (*batch_dims, self.hidden_features)
@@ -392,6 +399,18 @@ class StackedRNN(nnx.Module):
         (``out_features`` wide) in the same layout, or (carry, outputs) with ``return_carry``."""
         spec = self.spec
         time_major = self.time_major if time_major is None else time_major
+        params, x, h0, lengths, batch_dims = self._arguments(inputs, initial_carry, seq_lengths, time_major)
+        states, last = rnn_states(params, spec, x, h0=h0, lengths=lengths, return_last=True, **self._options())
+        outputs = _batch_layout(states, batch_dims, time_major)
+        if not return_carry:
+            return outputs
+        shape = lambda a: a.reshape(*batch_dims, -1)  # noqa: E731
+        carry = tuple((shape(e[1]), shape(e[0])) if spec.is_lstm else shape(e) for e in last)
+        return carry, outputs
+
+    def _arguments(self, inputs, initial_carry, seq_lengths, time_major: bool):
+        """(params, xs [T, B, N], h0 or None, lengths, the batch dimensions): ``rnn_states``' arguments."""
+        spec = self.spec
         x, batch_dims, lengths = _time_major(_cast(inputs, self.dtype), spec.input_size, time_major, seq_lengths)
         b = x.shape[1]
         h0 = None
@@ -405,27 +424,30 @@ class StackedRNN(nnx.Module):
         params = RNNParams(
             tuple(w.params() for w in self.layers), tuple(w.params() for w in self.reverse_layers), readout
         )
-        params = _cast(params, self.dtype)
-        states, last = rnn_states(
-            params,
-            spec,
-            x,
-            h0=h0,
-            lengths=lengths,
-            unroll=self.unroll,
-            recurrence=self.recurrence,
-            return_last=True,
-            grad=self.grad,
-            gates=self.gates,
-            max_memory=self.max_memory,
-            checkpoint_every=self.checkpoint_every,
-        )
-        outputs = _batch_layout(states, batch_dims, time_major)
-        if not return_carry:
-            return outputs
-        shape = lambda a: a.reshape(*batch_dims, -1)  # noqa: E731
-        carry = tuple((shape(e[1]), shape(e[0])) if spec.is_lstm else shape(e) for e in last)
-        return carry, outputs
+        return _cast(params, self.dtype), x, h0, lengths, batch_dims
+
+    def _options(self) -> dict:
+        return _layer_options(self)
+
+    def tune(self, inputs: Array, *, initial_carry=None, seq_lengths=None, time_major=None, **tune_options):
+        """As ``RNN.tune``: the whole stack's plan for inputs of this shape, measured and cached."""
+        time_major = self.time_major if time_major is None else time_major
+        params, x, h0, lengths, _ = self._arguments(inputs, initial_carry, seq_lengths, time_major)
+        return _tune(params, self.spec, x, h0, lengths, self._options(), tune_options)
+
+
+def _layer_options(layer) -> dict:
+    """A layer's keywords of ``rnn_states``."""
+    names = ("unroll", "recurrence", "grad", "gates", "max_memory", "checkpoint_every")
+    return {name: getattr(layer, name) for name in names}
+
+
+def _tune(params, spec, x, h0, lengths, options: dict, tune_options: dict):
+    """``bptt_jax.tune_states`` for a layer's call (its ``grad`` must be "bptt": autodiff has no plan)."""
+    options = dict(options)
+    if options.pop("grad") != "bptt":
+        raise ValueError("tune: this layer's grad is 'autodiff' (jax.grad of the scans), which has no plan to tune")
+    return tune_states(params, spec, x, h0=h0, lengths=lengths, **options, **tune_options)
 
 
 def _time_major(inputs, n_in: int, time_major: bool, seq_lengths):
