@@ -29,6 +29,7 @@ LEVELS = {
     "core.budget": 4.5,  # max_memory: candidates, lower bounds, the choice
     "core.backward": 5,
     "core.segments": 6,
+    "core.sequence": 6,  # one layer's custom VJP of the recurrence alone (the vmapped layers')
     "core.vjp": 6.5,  # the custom VJP: its segments are segments.py's
     "core.gradient": 7,
     "core.tune": 8,

@@ -209,3 +209,36 @@ def test_a_batch_in_one_call_equals_vmap(cell):
         for want in (eqx.filter_grad(vmapped)(ours).layer, eqx.filter_grad(batched)(oracle).layer):
             for a, b in zip(got, want):
                 np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+        # dX and dh0 too: the vmapped calls (core.sequence: autodiff's matmuls around the reverse
+        # recurrence) against the batch call (rnn_states' custom VJP) and autodiff
+        def inputs_loss(m, vmap):
+            def f(x, h):
+                if vmap:
+                    hs, last = jax.vmap(lambda x, h, n: m(x, h, length=n, return_last=True))(x, h, lengths)
+                else:
+                    hs, last = m(x, h, length=lengths, return_last=True)
+                return _loss_of(hs, last)
+
+            return jax.grad(f, argnums=(0, 1))(xs, h0)
+
+        got = inputs_loss(ours, True)
+        for want in (inputs_loss(ours, False), inputs_loss(oracle, True)):
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got, want)
+
+
+def test_one_sequence_calls_run_the_recurrence_alone_custom_vjp(monkeypatch):
+    """A one-sequence call (so each of a vmapped batch) runs core.sequence.layer_states, whose weight
+    gradients jax.vmap batches; gates='recompute', segments or a budget keep rnn_states."""
+    from bptt_jax.core import sequence
+
+    calls = []
+    real = sequence.layer_states
+    monkeypatch.setattr(sequence, "layer_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    xs = jnp.ones((2, T, N))
+    jax.vmap(beqx.RNN(N, N1, cell="gru", key=jax.random.key(0)))(xs)
+    assert len(calls) == 1
+    for kw in ({"gates": "recompute"}, {"checkpoint_every": 2}, {"max_memory": "1GiB"}, {"grad": "autodiff"}):
+        jax.vmap(beqx.RNN(N, N1, cell="gru", key=jax.random.key(0), **kw))(xs)
+        beqx.RNN(N, N1, cell="gru", key=jax.random.key(0))(xs)  # the batch call: rnn_states
+    assert len(calls) == 1

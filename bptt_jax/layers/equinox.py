@@ -12,9 +12,11 @@ Equinox's conventions: one sequence per call (batch with ``jax.vmap``), the netw
 (``spec``) a static field, the weights an ordinary pytree field (``layer``: the cell's
 ``LayerParams`` / ``GRUParams`` / ``LSTMParams``; a bias the layout ``biases`` does not train is
 None there, and the "equinox" GRU's b_hn is ``bias_n``), so ``eqx.filter_value_and_grad``,
-``eqx.tree_serialise_leaves`` and optax work unchanged. Gradients run
-``bptt_jax.core.vjp.rnn_states``'s custom VJP (the explicit reverse scan); under ``jax.vmap`` it runs
-batched. Equinox ships no vanilla RNN cell: the Elman layer here has no Equinox counterpart.
+``eqx.tree_serialise_leaves`` and optax work unchanged. Gradients run the explicit BPTT: a batch
+call ``bptt_jax.core.vjp.rnn_states``' custom VJP, a one-sequence call (each of a vmapped batch)
+``bptt_jax.core.sequence.layer_states``, whose custom VJP covers the reverse recurrence alone so that
+``jax.vmap`` batches the weight-gradient matmuls around it. Equinox ships no vanilla RNN cell: the
+Elman layer here has no Equinox counterpart.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import cells, vjp
+from bptt_jax.core import cells, checks, forward, sequence, vjp
 from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
 from bptt_jax.core.tune import tune_states
 from bptt_jax.core.vjp import rnn_states
@@ -114,13 +116,45 @@ class RNN(eqx.Module):
         accepted for Equinox's layer signature and not used.
 
         A batch in one call: xs [B, T, N] (``length`` [B], ``h0`` [B, N1]) -> [B, T, N1], the same
-        values as ``jax.vmap`` over the sequences. It is the faster way to train: under ``jax.vmap``
-        JAX batches the custom VJP's backward rule per sequence (weight gradients per sequence,
-        summed afterwards), where one call sums them inside the reverse scan
-        (benchmarks/results/eqx_speed.md)."""
+        values as ``jax.vmap`` over the sequences. It is the faster way to train: one call sums the
+        weight gradients inside its blocked reverse scan, where a vmapped one-sequence call hands
+        dA(t) and dV(t) of the whole sequence to matmuls outside its custom VJP
+        (``core.sequence``; benchmarks/results/eqx_speed.md). A one-sequence call with
+        ``gates="recompute"``, ``checkpoint_every`` or ``max_memory`` runs ``rnn_states`` instead
+        (its weight gradients per sequence under ``jax.vmap``)."""
         params, x, h0, lengths, batch = self._arguments(xs, h0, length)
         n1 = self.spec.hidden_sizes[0]
-        states, last = rnn_states(
+        if not batch and self._per_sequence():  # one sequence (under jax.vmap: each of a batch)
+            x, h0_in, lengths = checks.check_inputs(params, self.spec, x, h0, lengths)
+            valid = forward.valid_mask(lengths, x.shape[0])
+            unroll = forward.resolve_unroll(self.unroll)
+            states, s_last = sequence.layer_states(
+                params.layers[0], self.spec.activation, x, h0_in[0], valid, unroll=unroll
+            )
+            last = self.spec.public_states((s_last,))
+        else:
+            states, last = self._batch_call(params, x, h0, lengths)
+        hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
+        if not return_last:
+            return hs
+        unbatch = lambda a: a.reshape(*batch, n1)  # noqa: E731
+        final = tuple(unbatch(a) for a in last[0]) if self.spec.is_lstm else unbatch(last[0])
+        return hs, final
+
+    def _per_sequence(self) -> bool:
+        """Whether a one-sequence call runs ``core.sequence.layer_states`` (whose weight gradients
+        jax.vmap batches into whole-batch matmuls) rather than ``rnn_states``: the explicit BPTT
+        with the gates kept ("auto" or "store"), no segments, no budget, no compute dtype."""
+        return (
+            self.grad == "bptt"
+            and self.gates != "recompute"
+            and self.checkpoint_every is None
+            and self.max_memory is None
+            and self.spec.compute_dtype is None
+        )
+
+    def _batch_call(self, params, x, h0, lengths):
+        return rnn_states(
             params,
             self.spec,
             x,
@@ -133,12 +167,6 @@ class RNN(eqx.Module):
             max_memory=self.max_memory,
             checkpoint_every=self.checkpoint_every,
         )
-        hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
-        if not return_last:
-            return hs
-        unbatch = lambda a: a.reshape(*batch, n1)  # noqa: E731
-        final = tuple(unbatch(a) for a in last[0]) if self.spec.is_lstm else unbatch(last[0])
-        return hs, final
 
     def tune(self, xs: Array, h0=None, *, length=None, **tune_options):
         """Measures this layer's explicit BPTT plans for ``xs`` of this shape on this machine and

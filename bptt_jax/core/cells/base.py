@@ -63,6 +63,10 @@ class Cell(Protocol):
         """(s(t), the step's gate cache [B, CACHE N1]); the Elman cell's cache is empty."""
         ...
 
+    def recurrent_input(self, p: Any, hs_tm1: Array) -> Array:
+        """V = h(t-1) Wh (+ bh) for many steps at once: what ``reverse``'s dV is the gradient of."""
+        ...
+
     def reverse(
         self,
         p: Any,

@@ -107,6 +107,11 @@ def recur_cache(p: LayerParams, activation: str, h_tm1: Array, u_t: Array) -> tu
     return h_t, jnp.zeros(h_t.shape[:-1] + (0,), h_t.dtype)
 
 
+def recurrent_input(p: LayerParams, hs_tm1: Array) -> Array:
+    """V = h(t-1) W11 for many steps at once (b1 is in A): ``reverse``'s dV is its gradient."""
+    return mm(hs_tm1, p.w11)
+
+
 def reverse_recurrence(
     w11: Array,
     activation: str,

@@ -106,6 +106,11 @@ def recur(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> Array:
     return recur_cache(p, activation, h_tm1, a_t)[0]
 
 
+def recurrent_input(p: GRUParams, hs_tm1: Array) -> Array:
+    """V = h(t-1) Wh + bh for many steps at once: ``reverse``'s dV is its gradient."""
+    return mm(hs_tm1, p.wh) + p.bh
+
+
 def reverse(
     p: GRUParams, activation, xs, hs_tm1, hs, dhs_above, valid, dh_init, *, with_norms=True, unroll=1, cache=None
 ):

@@ -112,6 +112,11 @@ def recur(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> Array:
     return recur_cache(p, activation, s_tm1, a_t)[0]
 
 
+def recurrent_input(p: LSTMParams, hs_tm1: Array) -> Array:
+    """V = h(t-1) Wh + bh for many steps at once: ``reverse``'s dV (= dA) is its gradient."""
+    return mm(hs_tm1, p.wh) + p.bh
+
+
 def reverse(
     p: LSTMParams, activation, xs, s_tm1s, ss, dhs_above, valid, ds_init, *, with_norms=True, unroll=1, cache=None
 ):
