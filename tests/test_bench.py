@@ -140,26 +140,31 @@ def test_train_speed_gated_quick(cell):
 
 
 @pytest.mark.bench
-def test_nnx_speed_quick():
+def test_nnx_speed_quick(tmp_path, monkeypatch):
     pytest.importorskip("flax")
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path / "users-cache"))
     mod = _load("nnx_speed", "benchmarks/nnx_speed.py")
     report = mod.main(["--quick", "--cell", "elman", "--cell", "lstm"])
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| elman", "| lstm"))]
     seg, budget = f"{mod.OURS}, checkpoint_every=2", f"{mod.OURS}, max_memory=64KiB"
+    tuned = f"{mod.OURS}, tuned (0.5 s per layer)"  # --quick: tune gets half a second per layer
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("elman", mod.OURS),
+        ("elman", tuned),
         ("elman", seg),
         ("elman", budget),
         ("elman", mod.FLAX),
         ("lstm", mod.OURS),
+        ("lstm", tuned),
         ("lstm", mod.LEAN),
         ("lstm", seg),
         ("lstm", budget),
         ("lstm", mod.FLAX),
     ]
-    # the same Flax cells, switched by from_flax_cell (gates stored or recomputed, segments, a budget): the same loss
-    for some in (rows[:4], rows[4:]):
+    # the same Flax cells, switched by from_flax_cell (tuned, gates stored or recomputed, segments, a budget): the same loss
+    for some in (rows[:5], rows[5:]):
         assert max(float(r[-2]) for r in some) - min(float(r[-2]) for r in some) < 1e-4
+    assert not (tmp_path / "users-cache").exists()  # tuned in a cache of its own
 
 
 @pytest.mark.bench
