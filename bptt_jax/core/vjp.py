@@ -195,7 +195,9 @@ def rnn_states(
       grad: "bptt" (the custom VJP) or "autodiff": the same forward scans without it, so that
         ``jax.grad`` differentiates them (the oracle; layers expose it as their ``grad`` option).
       gates: the GRU's and LSTM's gates kept from the forward pass for the backward ("store") or
-        recomputed there ("recompute"); "auto" as ``bptt``'s rules. Same gradients either way.
+        recomputed there ("recompute"); "auto": a plan tuned on this machine for this call when the
+        plan cache has one (``bptt_jax.tune_states``), else ``bptt``'s rules (as for ``block_size``
+        and ``unroll``). Same gradients either way.
       block_size: C, the backward's time block (gates recomputed per block); None: as ``bptt``'s
         rules. A C that does not divide T runs the whole sequence as one block.
       checkpoint_every: k, checkpoint segments: for a unidirectional stack the forward pass keeps,
@@ -211,8 +213,10 @@ def rnn_states(
       max_memory: a budget for the temp memory of the layer's forward + backward program, in bytes
         or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
         shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
-        recomputed, then smaller time blocks, then checkpoint segments of
-        divisors of T. Raises ValueError naming the smallest budget that would fit when none does.
+        recomputed, then smaller time blocks, then checkpoint segments (one level, then two
+        nested ones) whose outer level divides T. A plan tuned for this budget
+        (``bptt_jax.tune_states``) is read from the plan cache first. Raises ValueError naming the
+        smallest budget that would fit when none does.
 
     Returns:
       [T, B, N_top] merged top states (N_top = 2*N1 for a concat-merged bidirectional net), or
