@@ -173,3 +173,56 @@ def test_nested_segments_keep_fewer_states():
         temp[every] = budget.temp_bytes(fn.lower(p.params, p.xs).compile())
         assert ref.max_rel_err(fn(p.params, p.xs), bj.bptt(p.params, spec, p.xs, p.targets)[:2]) < 1e-5
     assert temp[(64, 8)] < temp[16] < temp[None], temp
+
+
+class SequenceLayerTest(chex.TestCase):
+    """``core.sequence.layer_states`` (the one-sequence custom VJP of the Equinox layer: the reverse
+    recurrence alone, the weight matmuls left to jax.grad): for drawn one-layer networks of every
+    cell, with lengths (0 and T among them) and h0, the gradients of params, xs and h0 of
+    sum(h(t) * probe) + sum(tanh(final state)) equal ``rnn_states(grad="autodiff")``'s (float64,
+    1e-10), called on the batch and vmapped over its sequences."""
+
+    @chex.variants(with_jit=True)
+    @settings(max_examples=6)
+    @given(problem=ref.problems(max_t=8, max_layers=1, bidirectional=False, cells=CELLS))
+    def test_layer_states_equal_autodiff_float64(self, problem):
+        from bptt_jax.core import checks, forward, sequence
+        from bptt_jax.core.vjp import rnn_states
+
+        with jax.enable_x64(True):
+            p = ref.cast(problem, jnp.float64)
+            t_len, batch = p.xs.shape[:2]
+            h0 = p.h0 if p.h0 is not None else ref.zero_h0(p.spec, batch, jnp.float64)
+            probe = jnp.cos(jnp.arange(t_len * batch * p.spec.hidden_sizes[0], dtype=jnp.float64))
+            probe = probe.reshape(t_len, batch, -1)
+            score = lambda hs, last: jnp.sum(hs * probe) + sum(jnp.sum(jnp.tanh(a)) for a in jax.tree.leaves(last))  # noqa: E731
+
+            def ours(params, xs, h0, vmapped):
+                _, h_in, lengths = checks.check_inputs(params, p.spec, xs, h0, p.lengths)
+                layer = params.layers[0]
+
+                def one(x, h, valid):  # x [T, B', N], h [B', W], valid [T, B'] or None
+                    return sequence.layer_states(layer, p.spec.activation, x, h, valid)
+
+                valid = forward.valid_mask(lengths, t_len)
+                if not vmapped:
+                    hs, last = one(xs, h_in[0], valid)
+                else:  # each sequence alone, as jax.vmap over the Equinox layer runs it
+                    v_ax = None if valid is None else 1
+                    run = jax.vmap(
+                        lambda x, h, v: one(x[:, None], h[None], None if v is None else v[:, None]), (1, 0, v_ax)
+                    )
+                    hs, last = run(xs, h_in[0], valid)
+                    hs, last = jnp.moveaxis(hs[:, :, 0], 0, 1), last[:, 0]
+                return score(hs, p.spec.public_states((last,)))
+
+            def theirs(params, xs, h0):
+                hs, last = rnn_states(params, p.spec, xs, h0=h0, lengths=p.lengths, return_last=True, grad="autodiff")
+                return score(hs, last)
+
+            want = jax.grad(theirs, argnums=(0, 1, 2))(p.params, p.xs, h0)
+            for vmapped in (False, True):
+                got = self.variant(jax.grad(lambda a, b, c, v=vmapped: ours(a, b, c, v), argnums=(0, 1, 2)))(
+                    p.params, p.xs, h0
+                )
+                self.assertLess(ref.max_rel_err(got, want), 1e-10, vmapped)
