@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax.core import budget, gradient, plan, vjp
+from bptt_jax.core import budget, checks, gradient, plan, vjp
 from tests import reference as ref
 
 T, B = 24, 2
@@ -422,3 +422,37 @@ def test_nested_segments_in_budgets_and_cached_plans():
     for bad in ([100, 30], [10, 100], [100, True], "100"):
         assert not plancache.valid_entry({**entry, "checkpoint_every": bad}, spec, 1000)
     assert plan.Options(checkpoint_every=[100, 10]).checkpoint_every == (100, 10)
+
+
+def test_the_candidates_nest_only_levels_that_divide():
+    """For every T from 64 to 400 the budget's candidates are valid plans (a prime outer level
+    such as T = 173's k1 = 31 gives no nested candidate rather than an invalid one), and bptt
+    under a budget runs at such a T with jax.grad's gradients (float64); so does rnn_states under a
+    budget that only segments meet, at a prime T (61: its segments padded)."""
+    spec = bj.RNNSpec(3, (4,), 2)
+    for t_len in range(64, 401):
+        first = plan.explicit(plan.Options(), spec, t_len, 2, jnp.float32)
+        for o in budget.candidates(first, spec, t_len, 2, True):
+            levels = plan.segment_levels(o.checkpoint_every)
+            assert all(a % b == 0 and a > b > 1 for a, b in zip(levels, levels[1:])), (t_len, levels)
+    with jax.enable_x64(True):
+        p = ref.make_problem(spec, 173, 2, seed=1, dtype=jnp.float64)
+        div, grads, _ = bj.bptt(p.params, spec, p.xs, p.targets, max_memory="1GiB")
+        want = jax.grad(lambda a: bj.loss(a, spec, p.xs, p.targets))(p.params)
+        assert ref.max_rel_err(grads, want) < 1e-10
+        wide = bj.RNNSpec(3, (16,), 2)
+        q = ref.make_problem(wide, 61, 4, seed=2, use_lengths=True, dtype=jnp.float64)
+        _, h0, _ = checks.check_inputs(q.params, wide, q.xs, None, q.lengths)
+        args = (q.params, q.xs, h0, q.lengths, jnp.zeros((61, 4, 16)))
+        temp = lambda c: budget.temp_bytes(  # noqa: E731
+            jax.jit(vjp.states_fwd_bwd(wide, 1, "scan", ("recompute", c, None))).lower(*args).compile()
+        )
+        limit = int(0.85 * min(temp(1), temp(61)))  # below every unsegmented plan (61 is prime: C = 1 or 61)
+        f = lambda a, x, **kw: jnp.sum(jnp.sin(vjp.rnn_states(a, wide, x, lengths=q.lengths, **kw)))  # noqa: E731
+        got = jax.grad(f, argnums=(0, 1))(q.params, q.xs, max_memory=limit)
+        want = jax.grad(f, argnums=(0, 1))(q.params, q.xs, grad="autodiff")
+        assert ref.max_rel_err(got, want) < 1e-10
+        leaves, struct = jax.tree_util.tree_flatten((q.params, q.xs, h0, q.lengths))
+        sig = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
+        gates, block, k = vjp._within_budget(wide, 1, "scan", ("auto", None, None), limit, sig, struct)
+        assert k is not None and 61 % plan.segment_levels(k)[0] != 0  # padded segments: 61 is prime

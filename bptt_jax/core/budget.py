@@ -127,7 +127,8 @@ def candidates(first: plan.Options, spec: RNNSpec, t_len: int, batch: int, segme
                 out.append(seg)
         if not spec.bidirectional and t_len >= 64:  # nested segments: ~3 T^(1/3) states, one more forward pass
             k1 = _near_divisor(t_len, round(t_len ** (2 / 3)))
-            k2 = _near_divisor(k1, math.isqrt(k1))
+            root = math.isqrt(k1)  # k2: the divisor of k1 nearest its square root (each level divides the one above)
+            k2 = min((d for d in range(2, k1) if k1 % d == 0), key=lambda d: abs(d - root), default=1)
             if 1 < k2 < k1 < t_len:
                 nested = (k1, k2)
                 out.append(

@@ -214,7 +214,7 @@ def rnn_states(
         or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
         shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
         recomputed, then smaller time blocks, then checkpoint segments (one level, then two
-        nested ones) whose outer level divides T. A plan tuned for this budget
+        nested ones; padded where they do not divide T). A plan tuned for this budget
         (``bptt_jax.tune_states``) is read from the plan cache first. Raises ValueError naming the
         smallest budget that would fit when none does.
 
@@ -228,6 +228,7 @@ def rnn_states(
     )
     if grad == "bptt":
         unroll, rec, layout = _plan(params, spec, asked, xs, h0, lengths, limit)
+        xs, lengths = _pad_for(layout[2], xs, lengths)  # segments a budget or tuned entry chose
         states, last = _states(spec, unroll, rec, layout, params, xs, h0, lengths)
         states = states[:t_len]  # without the padding steps (their states are held ones)
     else:
@@ -272,11 +273,7 @@ def _plan(
         chosen = fill_tuned(asked, tuned, spec, t_len, batch, dtype)
         k = tuned.get("checkpoint_every")
         if limit is not None and asked.checkpoint_every is None and k is not None:
-            levels = tuple(k) if isinstance(k, list) else k
-            if t_len % segment_levels(levels)[0] == 0:
-                chosen = dataclasses.replace(chosen, checkpoint_every=levels)
-            else:  # the entry's segments do not fit this padded T: the budget chooses again
-                chosen, tuned = asked, None
+            chosen = dataclasses.replace(chosen, checkpoint_every=tuple(k) if isinstance(k, list) else k)
     rec = kernels.resolve(chosen.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)
     unroll = forward.resolve_unroll(chosen.unroll)
     layout = (chosen.gates, chosen.block_size, chosen.checkpoint_every)
@@ -312,7 +309,7 @@ def _levels_within(every, t_len: int):
 def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: int, signature: tuple, structure):
     """(gates, block_size) for ``rnn_states`` under ``max_memory=limit`` with arguments of this
     signature: ``budget.choose`` over the custom VJP's forward + backward programs, compiled from
-    the shapes (checkpoint segments whose outer level divides T)."""
+    the shapes (checkpoint segments whose outer level does not divide T run padded: ``_pad_for``)."""
     params, xs, h0, lengths = jax.tree_util.tree_unflatten(
         structure, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in signature]
     )
@@ -323,13 +320,31 @@ def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: i
     c = _block(layout, t_len, batch, max(block_width(spec), top.shape[-1]), rec)
     first = Options(block_size=c, gates="store" if store else "recompute", checkpoint_every=layout[2])
 
-    def measure(o: Options) -> int:
+    def measure(o: Options) -> int:  # on the shapes the plan runs: padded to its outer segment level
         fwd_bwd = states_fwd_bwd(spec, unroll, rec, (o.gates, o.block_size, o.checkpoint_every))
-        return budget.temp_bytes(jax.jit(fwd_bwd).lower(params, xs, h0, lengths, top).compile())
+        x, n, ct = xs, lengths, top
+        pad = _padding(o.checkpoint_every, t_len)
+        if pad:
+            x = jax.ShapeDtypeStruct((t_len + pad,) + xs.shape[1:], xs.dtype)
+            n = lengths if lengths is not None else jax.ShapeDtypeStruct((batch,), jnp.int32)
+            ct = jax.ShapeDtypeStruct((t_len + pad,) + top.shape[1:], top.dtype)
+        return budget.temp_bytes(jax.jit(fwd_bwd).lower(params, x, h0, n, ct).compile())
 
-    def allowed(o: Options) -> bool:  # segments (nested ones too) whose outer level divides T
-        k = o.checkpoint_every
-        return k is None or t_len % segment_levels(k)[0] == 0
-
-    chosen = budget.choose(first, spec, t_len, batch, dtype, limit, True, measure, allowed=allowed)
+    chosen = budget.choose(first, spec, t_len, batch, dtype, limit, True, measure)
     return (chosen.gates, chosen.block_size, chosen.checkpoint_every)
+
+
+def _padding(every, t_len: int) -> int:
+    """The steps to append so that the outer segment level of ``every`` divides T (0: none)."""
+    return -t_len % segment_levels(every)[0] if every is not None else 0
+
+
+def _pad_for(every, xs: Array, lengths: Array | None) -> tuple[Array, Array | None]:
+    """xs padded to a multiple of the outer segment level, and lengths (T where none were given:
+    no sequence has the padded steps, which hold the state)."""
+    pad = _padding(every, xs.shape[0])
+    if not pad:
+        return xs, lengths
+    if lengths is None:
+        lengths = jnp.full((xs.shape[1],), xs.shape[0], jnp.int32)
+    return forward.pad_time(xs, pad), lengths
