@@ -151,6 +151,11 @@ def test_named_errors():
     rnn = beqx.RNN(N, N1, cell="lstm", key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"xs: expected one sequence \[T, 3\] or a batch \[B, T, 3\]"):
         rnn(jnp.zeros((2, 2, T, N)))
+    for empty in (jnp.zeros((0, N)), jnp.zeros((2, 0, N)), jnp.zeros((0, T, N))):  # no steps, or no sequences
+        with pytest.raises(ValueError, match=r"xs: expected T >= 1 steps \(and B >= 1 sequences\)"):
+            rnn(empty)
+    with pytest.raises(ValueError, match=r"xs: expected T >= 1"):
+        jax.vmap(rnn)(jnp.zeros((2, 0, N)))
     with pytest.raises(ValueError, match=r"length: expected shape \(2,\) \(one per sequence\)"):
         rnn(jnp.zeros((2, T, N)), length=3)
     with pytest.raises(ValueError, match=r"h0: the LSTM's state is a pair \(h, c\)"):

@@ -199,6 +199,8 @@ class RNN(eqx.Module):
                 f"xs: expected one sequence [T, {self.spec.input_size}] or a batch [B, T, {self.spec.input_size}], "
                 f"got shape {xs.shape}"
             )
+        if 0 in xs.shape[:-1]:
+            raise ValueError(f"xs: expected T >= 1 steps (and B >= 1 sequences), got shape {xs.shape}")
         batch = xs.shape[:-2]  # () or (B,)
         x = jnp.moveaxis(xs.reshape((-1,) + xs.shape[-2:]), 0, 1)  # [T, B, N]
         if h0 is not None:
