@@ -159,22 +159,7 @@ def tune(
     else:
         unbudgeted = default
 
-    def options_for(**choices) -> plan.Options:  # the unbudgeted plan with the choices left open changed
-        return dataclasses.replace(unbudgeted, **{k: v for k, v in choices.items() if plan._left_auto(asked, k)})
-
-    candidates = [default]
-    gate_choices = ["recompute"]
-    if cells.get(spec.cell).CACHE > 0 and checkpoint_every is None and not precision.is_half(dtype):
-        gate_choices = ["store", "recompute"]
-    for c in candidate_blocks(t_len, batch, rules.block):
-        for g in gate_choices:
-            o = options_for(block_size=c, gates=g)
-            if o not in candidates:
-                candidates.append(o)
-    if limit is not None:
-        more = budget.candidates(unbudgeted, spec, t_len, batch, segments_ok and asked.checkpoint_every is None)
-        candidates += [o for o in more if o not in candidates]
-        candidates = [o for o in candidates if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
+    candidates = _candidates(default, unbudgeted, asked, spec, t_len, batch, dtype, limit, segments_ok, False)
 
     build = lambda o: functools.partial(gradient._bptt, spec=spec, options=o)  # noqa: E731
     best, measured = _search(default, candidates, build, args, asked, limit, time_budget, rounds, progress, start)
@@ -184,6 +169,48 @@ def tune(
             gradient._compiled.cache_clear()  # later calls trace again and read the entry
             gradient._within_budget.cache_clear()
     return plan.resolve(best, spec, t_len, batch, dtype, use_cache=False)
+
+
+def _candidates(
+    default: plan.Options,
+    unbudgeted: plan.Options,
+    asked: plan.Options,
+    spec: RNNSpec,
+    t_len: int,
+    batch: int,
+    dtype,
+    limit: int | None,
+    segments_ok: bool,
+    divisors_only: bool,
+) -> list[plan.Options]:
+    """The plans to time, ``default`` first: ``unbudgeted`` with the time blocks of
+    ``candidate_blocks`` and (a gated cell without segments, not in 16 bits) the gates stored or
+    recomputed, for the choices ``asked`` left open; under a budget also ``budget.candidates``, and
+    only plans whose shape-read lower bound fits. ``divisors_only``: blocks and segments dividing T
+    (the arguments are timed unpadded: ``rnn_states``' case)."""
+    divides = lambda k: not divisors_only or t_len % k == 0  # noqa: E731
+    gate_choices = ["recompute"]
+    if cells.get(spec.cell).CACHE > 0 and asked.checkpoint_every is None and not precision.is_half(dtype):
+        gate_choices = ["store", "recompute"]
+    out = [default]
+    for c in candidate_blocks(t_len, batch, unbudgeted.block_size or t_len):
+        for g in gate_choices if divides(c) else ():
+            o = unbudgeted
+            if plan._left_auto(asked, "block_size"):
+                o = dataclasses.replace(o, block_size=c)
+            if plan._left_auto(asked, "gates"):
+                o = dataclasses.replace(o, gates=g)
+            if o not in out:
+                out.append(o)
+    if limit is not None:
+        more = budget.candidates(unbudgeted, spec, t_len, batch, segments_ok and asked.checkpoint_every is None)
+        out += [
+            o
+            for o in more
+            if o not in out and (o.checkpoint_every is None or divides(plan.segment_levels(o.checkpoint_every)[0]))
+        ]
+        out = [o for o in out if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
+    return out
 
 
 def _search(
@@ -364,27 +391,7 @@ def tune_states(
         )
         default = dataclasses.replace(default, gates=gates_b, block_size=block_b, checkpoint_every=every_b)
 
-    def options_for(**choices) -> plan.Options:  # the unbudgeted plan with the choices left open changed
-        return dataclasses.replace(unbudgeted, **{k: v for k, v in choices.items() if plan._left_auto(asked, k)})
-
-    candidates = [default]
-    gate_choices = ["recompute"]
-    if cells.get(spec.cell).CACHE > 0 and asked.checkpoint_every is None and not precision.is_half(dtype):
-        gate_choices = ["store", "recompute"]
-    for c in candidate_blocks(t_len, batch, unbudgeted.block_size or t_len):
-        if t_len % c:
-            continue  # rnn_states runs a block that does not divide T as the whole sequence
-        for g in gate_choices:
-            o = options_for(block_size=c, gates=g)
-            if o not in candidates:
-                candidates.append(o)
-    if limit is not None:
-        more = budget.candidates(unbudgeted, spec, t_len, batch, asked.checkpoint_every is None)
-        more = [
-            o for o in more if o.checkpoint_every is None or t_len % plan.segment_levels(o.checkpoint_every)[0] == 0
-        ]
-        candidates += [o for o in more if o not in candidates]
-        candidates = [o for o in candidates if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
+    candidates = _candidates(default, unbudgeted, asked, spec, t_len, batch, dtype, limit, True, True)
 
     def build(o: plan.Options):
         rec = kernels.resolve(o.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)

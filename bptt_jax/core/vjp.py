@@ -299,9 +299,9 @@ def states_fwd_bwd(spec: RNNSpec, unroll: int, rec: str, layout: tuple):
 def _levels_within(every, t_len: int):
     """``checkpoint_every`` for a sequence of T steps: a level of T steps or more is no segment (the
     levels below it remain); none left, or an int above T: T."""
-    levels = tuple(k for k in segment_levels(every) if k < t_len)
     if every is None:
         return None
+    levels = tuple(k for k in segment_levels(every) if k < t_len)
     return levels if len(levels) > 1 else (levels[0] if levels else t_len)
 
 
