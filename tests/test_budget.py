@@ -301,8 +301,10 @@ def test_rnn_states_segments_are_checked_by_name():
         jax.grad(f, argnums=(0, 1))(params, p.xs, **kw) for kw in ({"checkpoint_every": 5}, {"grad": "autodiff"})
     )
     assert ref.max_rel_err(got, want) < 1e-5  # a bidirectional stack's segments (float32)
-    with pytest.raises(ValueError, match="nested segments are for unidirectional networks"):
-        vjp.rnn_states(params, bi, p.xs, checkpoint_every=(12, 4))
+    nested = jax.grad(f, argnums=(0, 1))(params, p.xs, checkpoint_every=(12, 4))
+    assert ref.max_rel_err(nested, want) < 1e-5  # and nested ones
+    with pytest.raises(ValueError, match="each dividing the one before"):
+        vjp.rnn_states(params, bi, p.xs, checkpoint_every=(12, 5))
 
 
 def test_the_layers_take_a_budget():
@@ -397,7 +399,7 @@ def test_the_layers_take_checkpoint_segments():
 
 
 def test_nested_segments_in_budgets_and_cached_plans():
-    """The budget's candidates end with two nested levels (unidirectional), whose shape-read lower
+    """The budget's candidates end with two nested levels (bidirectional networks too), whose shape-read lower
     bound counts every level's boundaries; a cached entry's checkpoint_every may be such a list (as
     JSON keeps a tuple), and one that does not nest is refused."""
     from bptt_jax.core import plancache
@@ -414,8 +416,9 @@ def test_nested_segments_in_budgets_and_cached_plans():
     per_step = 2 * 6 * 4
     lean = dataclasses.replace(first, gates="recompute", checkpoint_every=(k1, k2))
     assert budget.stored_bytes(lean, spec, 1000, 2, jnp.float32) == (1000 // k1 + k1 // k2 + k2) * per_step
-    bidir = bj.RNNSpec(3, (6,), 4, cell="gru", bidirectional=True)
-    assert not any(isinstance(o.checkpoint_every, tuple) for o in budget.candidates(first, bidir, 1000, 2, True))
+    bidir = bj.RNNSpec(3, (6,), 4, cell="gru", bidirectional=True)  # nested after every single level
+    levels = [o.checkpoint_every for o in budget.candidates(first, bidir, 1000, 2, True) if o.checkpoint_every]
+    assert levels[-1] == (k1, k2) and all(isinstance(k, int) for k in levels[:-1])
     entry = dict(block_size=10, gates="recompute", unroll=1, recurrence="scan")
     assert plancache.valid_entry({**entry, "checkpoint_every": [100, 10]}, spec, 1000)
     assert plancache.valid_entry({**entry, "checkpoint_every": 100}, spec, 1000)

@@ -46,7 +46,7 @@ class SegmentsTest(chex.TestCase):
 class StatesSegmentsTest(chex.TestCase):
     """``rnn_states(checkpoint_every=k)`` (the layers' custom VJP; unidirectional and bidirectional
     stacks, any k from 1 to T + 1: the last segment padded where k does not divide T; nested levels
-    (k, d) for unidirectional stacks) of every cell,
+    (k, d)) of every cell,
     one or two layers, concat and sum merges,
     lengths (0 and T among them), h0, the final states
     differentiated too: the gradients of params, xs and h0 equal grad="autodiff"'s (jax.grad through
@@ -71,10 +71,10 @@ class StatesSegmentsTest(chex.TestCase):
         return jax.grad(f, argnums=(0, 1, 2))(p.params, p.xs, h0)
 
     def _k(self, problem, k_index):
-        """k in 1 .. T + 1: divisors of T, others (the last segment padded) and one beyond T; for a
-        unidirectional stack and an odd k_index, nested levels (k, d): d the largest proper divisor of k."""
+        """k in 1 .. T + 1: divisors of T, others (the last segment padded) and one beyond T; for an
+        odd k_index, nested levels (k, d): d the largest proper divisor of k."""
         k = 1 + k_index % (problem.xs.shape[0] + 1)
-        if k_index % 2 == 0 or problem.spec.bidirectional or k == 1:
+        if k_index % 2 == 0 or k == 1:
             return k
         return (k, max(d for d in range(1, k) if k % d == 0))
 
@@ -122,11 +122,12 @@ def nested_levels(draw) -> tuple[int, ...]:
     return tuple(levels)
 
 
-NESTED_PROBLEMS = ref.problems(bidirectional=False, max_t=12, max_layers=2, cells=CELLS)
+NESTED_PROBLEMS = ref.problems(max_t=12, max_layers=2, cells=CELLS)
 
 
 class NestedSegmentsTest(chex.TestCase):
-    """checkpoint_every=(k1, k2[, k3]): segments of segments equal the plain BPTT and jax.grad."""
+    """checkpoint_every=(k1, k2[, k3]): segments of segments equal the plain BPTT and jax.grad, for
+    uni- and bidirectional stacks (DIV, gradients, dh0, h_last, dxs and ||dh(t)||)."""
 
     @chex.variants(with_jit=True)  # the levels are Python structure: an outer jit changes nothing else
     @settings(max_examples=6)
@@ -149,8 +150,8 @@ def test_segment_errors():
         bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=2, output_mask=jnp.ones((6, 2, 8)))
     with pytest.raises(ValueError, match=r"checkpoint_every: expected a positive int or None, got 0"):
         bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=0)
-    with pytest.raises(ValueError, match=r"nested segments are for unidirectional networks"):
-        bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=(4, 2))
+    with pytest.raises(ValueError, match=r"checkpoint_every: expected a positive int, None, or a tuple"):
+        bj.bptt(p.params, spec, p.xs, p.targets, checkpoint_every=(4, 3))  # bidirectional: checked alike
     uni = bj.RNNSpec(3, (4,), 5)
     q = ref.make_problem(uni, 6, 2, seed=0)
     for bad in [(4, 3), (2, 4), (4, 4), (), (4, 0), (4, True), [6, 2.0]]:

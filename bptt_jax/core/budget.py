@@ -4,8 +4,8 @@ The plans, fastest first as measured on the benchmark machines (docs/results/ben
 cells: the memory settings"): the plan ``plan.resolve`` gives (the rules', or one tuned on this
 machine), then a gated cell's gates recomputed instead of stored, then smaller time blocks, then
 checkpoint segments (networks without an output mask: about one more forward pass, two or more
-for a bidirectional one; memory ~ T/k + k), then two levels of nested segments (unidirectional:
-memory ~ T/k1 + k1/k2 + k2). Each candidate is first held against a lower bound read from the shapes -- the
+for a bidirectional one; memory ~ T/k + k), then two levels of nested segments (memory ~ T/k1 +
+k1/k2 + k2). Each candidate is first held against a lower bound read from the shapes -- the
 arrays it must keep across the whole sequence (the states h(t), c(t), and the gates where stored;
 only the segments' boundary states with segments) -- and, when that fits, compiled: its memory
 analysis (``temp_size_in_bytes``) decides. So the budget is met by the compiled program, not by a
@@ -125,7 +125,7 @@ def candidates(first: plan.Options, spec: RNNSpec, t_len: int, batch: int, segme
             if 1 < k < t_len:
                 seg = dataclasses.replace(lean, gates="recompute", checkpoint_every=k, block_size=min(block, k))
                 out.append(seg)
-        if not spec.bidirectional and t_len >= 64:  # nested segments: ~3 T^(1/3) states, one more forward pass
+        if t_len >= 64:  # nested segments: ~3 T^(1/3) states, more recomputation
             k1 = _near_divisor(t_len, round(t_len ** (2 / 3)))
             root = math.isqrt(k1)  # k2: the divisor of k1 nearest its square root (each level divides the one above)
             k2 = min((d for d in range(2, k1) if k1 % d == 0), key=lambda d: abs(d - root), default=1)

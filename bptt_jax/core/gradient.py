@@ -243,8 +243,8 @@ def bptt(
       checkpoint_every: store the states only every k steps and recompute each k-step segment in
         the backward pass: memory ~ T/k + k instead of T, same gradients. Bidirectional networks
         too (``segments.bidirectional_segments``: more recomputation); not with output_mask. A
-        tuple (k1, k2, ...), each dividing the one before, nests them (unidirectional networks):
-        memory ~ T/k1 + k1/k2 + ... + k_last, one more forward pass per level.
+        tuple (k1, k2, ...), each dividing the one before, nests them (bidirectional networks
+        too): memory ~ T/k1 + k1/k2 + ... + k_last, more recomputation per level.
       diagnostics: also compute ``aux.dh_norms`` = ||dDIV/dh(t)|| per step and layer (None otherwise).
         Off by default: the norm in every step of the reverse scans costs ~10% at small shapes.
       with_dxs: also compute ``aux.dxs`` = dDIV/dX [T, B, N] (one more matmul per step; None

@@ -94,8 +94,8 @@ class Options:
       unroll: ``lax.scan``'s unroll; None: by backend.
       block_size: C, steps per time block; None: ``auto_block_size``.
       checkpoint_every: k, steps per recomputed segment; a tuple (k1, k2, ...): nested segments,
-        each level's segment cut into segments of the next (each k dividing the one before;
-        unidirectional networks); None: no segments. A one-element tuple is that int.
+        each level's segment cut into segments of the next (each k dividing the one before);
+        None: no segments. A one-element tuple is that int.
       diagnostics: also return ||dDIV/dh(t)|| (``BPTTAux.dh_norms``).
       with_dxs: also return dDIV/dX (``BPTTAux.dxs``).
       recurrence: "scan", "pallas" or "auto".
@@ -125,11 +125,6 @@ class Options:
         """What the options cannot do for this network: raises ValueError naming the option."""
         if self.checkpoint_every is not None and with_output_mask:
             raise ValueError("checkpoint_every: cannot be combined with output_mask")
-        if isinstance(self.checkpoint_every, tuple) and spec.bidirectional:
-            raise ValueError(
-                f"checkpoint_every={self.checkpoint_every}: nested segments are for unidirectional networks; "
-                "a bidirectional network takes one level (an int)"
-            )
         resolve_gates(self.gates, spec, 1, 1, self.checkpoint_every)  # an impossible "store" fails here
 
 

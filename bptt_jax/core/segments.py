@@ -153,6 +153,15 @@ def bidirectional_segments(
     A gated cell keeps the gates of the segment it differentiates (k steps) instead of recomputing
     them per block.
 
+    Nested segments (``plan.segment`` a tuple (k1, k2, ...)): a sweep's work on one k1-step
+    segment is this same computation over that segment alone, with segments of k2 steps: a k1-step
+    segment is a bidirectional problem of its own, whose nets start from their boundary states
+    (the forward nets' from the left, the reverse nets' from the right) and whose sweeps start from
+    the carries that enter it (the forward nets' from the right, the reverse nets' from the left:
+    the outer sweep's own, and those the sweeps above kept). Inside it run the sweep at hand and the
+    sweeps above it, whose carries it needs at every k2-step boundary. Memory ~ T'/k1 + k1/k2 +
+    ... + k_last per layer, for more recomputation per level.
+
     Args:
       run: the padded inputs, targets and weights (``run.hs`` is not read; ``run.h0``: L*2 entries);
         T' a multiple of k; no output mask. Or, instead of targets, ``run.dtop`` [T', B, 2 N1]: the
@@ -166,9 +175,33 @@ def bidirectional_segments(
       (DIV, grads, dh0 (L*2), h_last (L*2), dxs [T', B, N] or None, norms [T', L*2(, 2)] or None),
       in the same form and layout as ``gradient._bidirectional``.
     """
-    k = plan.segment
-    assert isinstance(k, int)  # one level (Options.check)
+    div, g, dh0, h_last, dxs, norms = _bidirectional_sweeps(params, spec, run, plan, ds_last, None)
+    dh_norms = jnp.stack(norms, axis=1) if plan.with_norms else None
+    assert div is not None  # the top layer's forward sweep summed it
+    grads = RNNParams(tuple(g[0]), tuple(g[1]), g[2])
+    return div, grads, tuple(dh0), tuple(h_last), dxs, dh_norms
+
+
+def _bidirectional_sweeps(
+    params: RNNParams,
+    spec: RNNSpec,
+    run: backward.Run,
+    plan: Plan,
+    ds_last: tuple[Array, ...] | None,
+    only: tuple[int, int] | None,
+):
+    """``bidirectional_segments``' work: (DIV or None, [forward nets' grads, reverse nets' grads,
+    readout grads], dh0, h_last, dxs, norms), lists with one entry per layer or net (L*2).
+
+    ``only`` = (l, j): the sweeps of net j of layer l and of both nets of every layer above it (an
+    outer level's segment: nested segments); the other nets' entries are None, and DIV and the
+    readout's gradient too unless the top layer's forward sweep is among them. None: every sweep."""
+    k, *inner = segment_levels(plan.segment)
+    inner_plan = plan._replace(segment=tuple(inner) if len(inner) > 1 else inner[0]) if inner else None
     n_layers, n_seg = spec.num_layers, run.xs.shape[0] // k
+    lowest = 0 if only is None else only[0]
+    sweeps = lambda l: (0, 1) if only is None or l > lowest else (only[1],)  # noqa: E731
+    runs_top = 0 in sweeps(n_layers - 1)  # the top forward sweep: it also runs the top reverse net
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
     seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
@@ -226,7 +259,7 @@ def bidirectional_segments(
         hf_last, fb_l = lax.scan(f_body, run.h0[2 * l], below)
         fwd.append(fb_l)
         h_last.append(hf_last)
-        if l < n_layers - 1:  # the top reverse net runs in the first backward sweep (same direction)
+        if l < n_layers - 1 or not runs_top:  # else the top reverse net runs in the first backward sweep
             hr_last, rb_l = lax.scan(r_body, run.h0[2 * l + 1], below, reverse=True)
             rev.append(rb_l)
             h_last.append(hr_last)
@@ -273,18 +306,43 @@ def bidirectional_segments(
             above = dx_f + dx_r
         return seg_layers, div, g_readout, above
 
+    def segment_backward(l, j, top, want_dx, ds, x, valid, tg, w, dtop, fb, rb, bf_above, br_above):
+        """Net j of layer l over one segment, from the carry ``ds`` entering it: (grads, the carry
+        leaving it, dx, ||dh||, DIV and the readout's gradient (top sweep), the top reverse net's
+        state at the segment's left (top sweep))."""
+        if inner_plan is not None:  # the next level's segments inside this one
+            h0_seg = tuple(h for m in range(n_layers) for h in (fb[m], rb[m]))
+            ds_seg = [zeros_acc(h) for h in h0_seg]  # the nets below and beside are not swept
+            ds_seg[2 * l + j] = ds
+            for i, m in enumerate(range(l + 1, n_layers)):
+                ds_seg[2 * m], ds_seg[2 * m + 1] = bf_above[i], br_above[i]
+            sub = backward.Run(x, (), h0_seg, valid, tg, w, dtop=dtop)
+            div_s, g_s, dh0_s, h_last_s, dx, norms_s = _bidirectional_sweeps(
+                params, spec, sub, inner_plan, tuple(ds_seg), (l, j)
+            )
+            h_left = h_last_s[2 * n_layers - 1] if top else None
+            return g_s[j][l], dh0_s[2 * l + j], dx if want_dx else None, norms_s[2 * l + j], div_s, g_s[2], h_left
+        pad = (None,) * (l + 1)
+        seg_layers, div_s, g_ro_s, above = gradient_at(
+            l, j, x, valid, tg, w, dtop, fb, rb, pad + bf_above, pad + br_above
+        )
+        h_in = (fb if j == 0 else rb)[l]
+        g_s, ds_new, dx, norm = net_backward(l, j, seg_layers[l], above, valid, h_in, ds, want_dx)
+        h_left = seg_layers[l][1][1][-1] if top else None  # its last scan step: the state entering segment s-1
+        return g_s, ds_new, dx, norm, div_s, g_ro_s, h_left
+
     zeros = lambda t: jax.tree_util.tree_map(zeros_acc, t)
     bf: dict[int, Array] = {}  # per layer above: [S, B, W] the forward net's carry entering each segment (right)
     br: dict[int, Array] = {}  # the reverse net's carry entering each segment (left)
-    g = [[None] * n_layers, [None] * n_layers]
+    g: list[Any] = [[None] * n_layers, [None] * n_layers, None]
     dh0: list[Any] = [None] * (2 * n_layers)
     norms: list[Any] = [None] * (2 * n_layers)
     dxs: Array | None = None
-    div, g_readout = None, None
-    for l in reversed(range(n_layers)):
+    div = None
+    for l in reversed(range(lowest, n_layers)):
         kept = tuple(bf[m] for m in range(l + 1, n_layers)), tuple(br[m] for m in range(l + 1, n_layers))
         want_dx = l == 0 and plan.with_dxs
-        for j in (0, 1):
+        for j in sweeps(l):
             top = l == n_layers - 1 and j == 0  # the sweep that sums DIV and the readout's gradient
 
             def body(carry, inp, l=l, j=j, top=top, want_dx=want_dx):
@@ -292,17 +350,14 @@ def bidirectional_segments(
                 x, valid, tg, w, dtop, fb, rb, bf_above, br_above = inp
                 if top:  # the top reverse net's state entering this segment from the right
                     rb = rb + (h_rt,)
-                pad = (None,) * (l + 1)
-                seg_layers, div_s, g_ro_s, above = gradient_at(
-                    l, j, x, valid, tg, w, dtop, fb, rb, pad + bf_above, pad + br_above
+                g_s, ds_new, dx, norm, div_s, g_ro_s, h_left = segment_backward(
+                    l, j, top, want_dx, ds, x, valid, tg, w, dtop, fb, rb, bf_above, br_above
                 )
-                h_in = (fb if j == 0 else rb)[l]
-                g_s, ds_new, dx, norm = net_backward(l, j, seg_layers[l], above, valid, h_in, ds, want_dx)
                 g_net = backward._tree_add(g_net, g_s)
                 h_rt_in = h_rt
                 if top:
                     div_c, g_ro = div_c + div_s, backward._tree_add(g_ro, g_ro_s)
-                    h_rt = seg_layers[l][1][1][-1]  # its last scan step: the state entering segment s-1
+                    h_rt = h_left
                 return (ds_new, g_net, div_c, g_ro, h_rt), (ds, dx, norm, h_rt_in)
 
             init = (
@@ -317,7 +372,7 @@ def bidirectional_segments(
             g[j][l], dh0[2 * l + j] = g_net, ds
             (bf if j == 0 else br)[l] = entering
             if top:
-                div, g_readout = div_c, g_ro
+                div, g[2] = div_c, g_ro
                 assert h_rt is not None  # the top sweep carries the top reverse net's state
                 rev.append(rt)
                 h_last.append(h_rt)
@@ -325,7 +380,4 @@ def bidirectional_segments(
             if dx_in is not None:
                 dxs = dx_in if dxs is None else dxs + dx_in
             norms[2 * l + j] = unseg(norm)
-    dh_norms = jnp.stack(norms, axis=1) if plan.with_norms else None
-    assert div is not None and g_readout is not None  # the top layer's forward sweep summed them
-    grads = RNNParams(tuple(g[0]), tuple(g[1]), g_readout)
-    return div, grads, tuple(dh0), tuple(h_last), dxs, dh_norms
+    return div, g, dh0, h_last, dxs, norms

@@ -207,9 +207,10 @@ def rnn_states(
         (``segments.bidirectional_segments``, the output's gradient in the readout's place). Same
         gradients (``bptt``'s ``checkpoint_every``). A k that does not divide T: the last segment is
         filled up with padding steps (states held, as past a sequence's length; k > T is T). A
-        tuple (k1, k2, ...): nested segments, as ``bptt``'s (unidirectional stacks; the forward pass
+        tuple (k1, k2, ...): nested segments, as ``bptt``'s (a unidirectional stack's forward pass
         keeps the k1-step boundaries, the backward pass recomputes each k1-step segment's k2-step
-        boundaries, and so on; a level of T steps or more is dropped). None: no segments.
+        boundaries, and so on; a bidirectional stack's segments nest as ``bptt``'s; a level of T
+        steps or more is dropped). None: no segments.
       max_memory: a budget for the temp memory of the layer's forward + backward program, in bytes
         or as a string ("512MiB"): the first of these that fits, checked by compiling it once per
         shape (``bptt_jax.core.budget``): ``gates`` and ``block_size`` as given, then the gates
