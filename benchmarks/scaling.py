@@ -18,7 +18,7 @@ the budgeted call's. The report gives seconds per call, microseconds per step an
 contenders at one T (``--sweep-t``) against B and against N1 (``--no-lengths``: those alone).
 ``--bidirectional`` makes the layer bidirectional (its ``jax.grad`` contender: ``jax.grad`` of
 ``bj.loss``); ``--segments`` adds ``bptt`` with checkpoint segments of about sqrt(T) steps,
-``--nested`` (unidirectional) the two nested levels that ``max_memory`` tries (about T^(2/3), T^(1/3)).
+``--nested`` the two nested levels that ``max_memory`` tries (about T^(2/3), T^(1/3)).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def contenders(cell: str, spec, limit: int, t_len: int, segments: bool, nested: 
     if segments:
         k = segment_steps(t_len)
         out[f"bptt checkpoint_every={k}"] = lambda p, x, d: bj.bptt(p, spec, x, d, checkpoint_every=k)[:2]
-    if nested and not spec.bidirectional:
+    if nested:
         levels = nested_steps(t_len)
         out[f"bptt checkpoint_every={levels}"] = lambda p, x, d: bj.bptt(p, spec, x, d, checkpoint_every=levels)[:2]
     out[grad_name] = jax.value_and_grad(grad)

@@ -214,30 +214,57 @@ def _bidirectional_sweeps(
     def scan_time(a, j):  # a segment in input time -> its net's scan time (and back: its own inverse)
         return a if j == 0 else _flip(a)
 
-    def states(l, j, x, h_in, valid, store=False):  # layer l's net j over one segment, in its scan time
-        return forward.unroll_layer(
+    def states(l, j, x, h_in, valid, store=False, block=seg_plan.block):  # layer l's net j over one segment,
+        return forward.unroll_layer(  # in its scan time
             nets[j][l],
             spec.activation,
             scan_time(x, j),
             h_in,
             scan_time(valid, j),
             unroll=plan.unroll,
-            block_size=seg_plan.block,
+            block_size=block,
             recurrence=plan.recurrence,
             store=store,
         )
 
-    def stack_on(x, valid, fwd, rev, upto, keep=lambda l, j: False):
+    def stack_on(x, valid, fwd, rev, upto, keep=lambda l, j: False, block=seg_plan.block):
         """Layers < upto on one segment: ([(input, (hs_f, hs_r), (gates_f, gates_r))], top merged);
         a net's gates are None unless ``keep(l, j)``."""
         out = []
         for l in range(upto):
-            both = [states(l, j, x, (fwd, rev)[j][l], valid, keep(l, j)) for j in (0, 1)]
+            both = [states(l, j, x, (fwd, rev)[j][l], valid, keep(l, j), block) for j in (0, 1)]
             hs = tuple(a[0] if keep(l, j) else a for j, a in enumerate(both))
             kept = tuple(a[1] if keep(l, j) else None for j, a in enumerate(both))
             out.append((x, hs, kept))
             x = forward.merge(spec, hidden(hs[0]), hidden(_flip(hs[1])))
         return out, x
+
+    def final_state(l, j, x, valid, fb, rb, levels):
+        """Net j of layer l after this stretch of steps (its scan's last step: the right end for the
+        forward net, the left end for the reverse net), from ``fb`` / ``rb`` (the forward / reverse
+        nets' states entering it, layers <= l), with at most ``levels[-1]`` steps of states at a time
+        (no levels: all of them): chunk by chunk, the layers below from their own chunk boundaries."""
+        if not levels:
+            block = _largest_divisor_at_most(x.shape[0], plan.block)
+            x_l = stack_on(x, valid, fb, rb, l, block=block)[1]
+            return states(l, j, x_l, (fb, rb)[j][l], valid, block=block)[-1]
+        k, n = levels[0], x.shape[0] // levels[0]
+        chunk = lambda a: None if a is None else a.reshape((n, k) + a.shape[1:])  # noqa: E731
+        f_in: list[Array] = []  # per layer below: [n, B, W] its nets' states entering each chunk
+        r_in: list[Array] = []
+        for m in range(l + 1):
+            below = (chunk(x), chunk(valid), tuple(f_in), tuple(r_in))
+            for i in (0, 1) if m < l else (j,):
+
+                def body(h, inp, m=m, i=i):
+                    x_c, v_c, fb_c, rb_c = inp
+                    return final_state(m, i, x_c, v_c, fb_c + (h,), rb_c + (h,), levels[1:]), h
+
+                h_end, entering = lax.scan(body, (fb, rb)[i][m], below, reverse=(i == 1))
+                if m == l:
+                    return h_end
+                (f_in if i == 0 else r_in).append(entering)
+        raise AssertionError("unreachable: the loop returns at layer l")
 
     xs_s, valid_s = seg(run.xs), seg(run.valid)
     fwd: list[Array] = []  # per layer: [S, B, W] the forward net's state entering each segment
@@ -247,13 +274,11 @@ def _bidirectional_sweeps(
 
         def f_body(h, inp, l=l):
             x, valid, fb, rb = inp
-            x_l = stack_on(x, valid, fb, rb, l)[1]
-            return states(l, 0, x_l, h, valid)[-1], h
+            return final_state(l, 0, x, valid, fb + (h,), rb + (h,), tuple(inner)), h
 
         def r_body(h, inp, l=l):
             x, valid, fb, rb = inp
-            x_l = stack_on(x, valid, fb, rb, l)[1]
-            return states(l, 1, x_l, h, valid)[-1], h
+            return final_state(l, 1, x, valid, fb + (h,), rb + (h,), tuple(inner)), h
 
         below = (xs_s, valid_s, tuple(fwd), tuple(rev))
         hf_last, fb_l = lax.scan(f_body, run.h0[2 * l], below)
