@@ -161,12 +161,15 @@ def test_segment_errors():
     assert ref.max_rel_err(one, bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=3)) == 0
 
 
-def test_nested_segments_keep_fewer_states():
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_nested_segments_keep_fewer_states(bidirectional):
     """At T = 512 the compiled temp memory of (64, 8) (512/64 + 64/8 + 8 = 24 states) is below one
-    level of 16 steps (512/16 + 16 = 48 states) and of the plain BPTT; same gradients."""
+    level of 16 steps (512/16 + 16 = 48 states) and of the plain BPTT; same gradients. Uni- and
+    bidirectional (where each boundary is found chunk by chunk: a whole k1-step segment's states
+    at a time would be 64)."""
     from bptt_jax.core import budget
 
-    spec = bj.RNNSpec(4, (32,), 4, cell="gru")
+    spec = bj.RNNSpec(4, (32,), 4, cell="gru", bidirectional=bidirectional)
     p = ref.make_problem(spec, 512, 4, seed=1)
     temp = {}
     for every in (None, 16, (64, 8)):
