@@ -459,3 +459,19 @@ def test_the_candidates_nest_only_levels_that_divide():
         sig = tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in leaves)
         gates, block, k = vjp._within_budget(wide, 1, "scan", ("auto", None, None), limit, sig, struct)
         assert k is not None and 61 % plan.segment_levels(k)[0] != 0  # padded segments: 61 is prime
+
+
+def test_a_bidirectional_budget_only_nested_segments_meet():
+    """A bidirectional GRU at T = 512 under a budget of exactly the nested candidate's compiled temp
+    memory: no earlier candidate (the single levels among them) fits, the plan chosen is the nested
+    (k1, k2), and bptt under that budget gives jax.grad's gradients (float32)."""
+    spec = bj.RNNSpec(4, (32,), 4, cell="gru", bidirectional=True)
+    p = ref.make_problem(spec, 512, 4, seed=1, use_lengths=True)
+    first = plan.explicit(plan.Options(), spec, 512, 4, jnp.float32)
+    nested = budget.candidates(first, spec, 512, 4, True)[-1]
+    assert isinstance(nested.checkpoint_every, tuple)
+    limit = _temp(p, spec, nested)
+    assert _chosen(p, spec, limit) == nested
+    _, grads, _ = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, max_memory=limit)
+    want = jax.grad(lambda a: bj.loss(a, spec, p.xs, p.targets, lengths=p.lengths))(p.params)
+    assert ref.max_rel_err(grads, want) < 1e-5
