@@ -335,3 +335,16 @@ def test_native_lstm_quick(tmp_path):
     report = mod.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "n.md")])  # raises where they differ
     (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
     assert all(float(v) > 0 for v in row[2:7]), row
+
+
+def test_segment_gates_quick():
+    mod = _load("segment_gates", "benchmarks/segment_gates.py")
+    report = mod.main(["--quick", "--rounds", "1", "--cell", "lstm"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| lstm |")]
+    assert [r[4].strip() for r in rows[:3]] == [
+        "segments, gates kept",
+        "segments, gates recomputed",
+        "default (no segments)",
+    ]
+    assert len(rows) == 6 and all(float(r[-2]) < 1e-5 for r in rows)  # every gradient = the default's
+    assert rows[0][5] != rows[1][5]  # the two segment programs were traced apart (their temp memory differs)

@@ -6,7 +6,10 @@ layer); the backward pass walks the segments from the last to the first, re-runs
 inside the segment from its boundary state and runs the blocked BPTT over those k steps
 (``backward.stack_backward_blocked``), carrying dh and the weight-gradient sums from segment to
 segment. Stored activations grow like T/k + k instead of T, for about one extra forward pass of
-compute. Inside a segment the block size is the largest divisor of k not above the plan's block.
+compute. Inside a segment the block size is the largest divisor of k not above the plan's block,
+and a gated cell's forward scans over the segment keep its gates where the rules would keep them
+for a run of k steps (``plan.resolve_gates("auto", ...)``): the BPTT over the segment reads them
+instead of recomputing them once more (benchmarks/segment_gates.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from jax import lax
 
 from bptt_jax.core import backward, cells, forward, precision
 from bptt_jax.core.params import RNNParams, RNNSpec
-from bptt_jax.core.plan import Plan, segment_levels
+from bptt_jax.core.plan import Plan, resolve_gates, segment_levels
 from bptt_jax.core.precision import zeros_acc
 
 Array = jax.Array
@@ -89,10 +92,16 @@ def stack_backward_segments(
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
     seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
     lens_s = segment_lengths(lengths, n_seg, k)  # [S, B]
+    # A gated cell keeps the gates of the segment it differentiates (k steps) where the rules would
+    # keep them for a run of k steps, instead of recomputing them once more in the blocked BPTT.
+    batch = run.xs.shape[1]
+    store = resolve_gates("auto", spec, k, batch, None, run.xs.dtype)
+    diff_plan = seg_plan._replace(store=store)
 
     def states(x_seg, h_start, lens):  # the forward scans over one segment, from its boundary states
-        traces = backward.run_forward(params, spec, x_seg, h_start, lens, seg_plan)  # no gates kept: k steps
-        return tuple(tr.states[0] for tr in traces)
+        traces = backward.run_forward(params, spec, x_seg, h_start, lens, diff_plan)
+        caches = tuple(tr.caches[0] for tr in traces if tr.caches is not None) if store else None
+        return tuple(tr.states[0] for tr in traces), caches
 
     def seg_forward(h, inp):  # h: L entries [B, W], the state entering the segment
         x_seg, lens = inp
@@ -109,9 +118,9 @@ def stack_backward_segments(
             inner_plan = plan._replace(segment=tuple(inner))  # read through segment_levels
             carry, _, dxs, norms = stack_backward_segments(params, spec, seg_run, lens, inner_plan, carry)
             return carry, (dxs, norms)
-        hs = states(x_seg, h_start, lens)
-        seg_run = backward.Run(x_seg, hs, h_start, valid_seg, tg_seg, w_seg, dtop=dtop_seg)
-        carry, dxs, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, seg_plan)
+        hs, caches = states(x_seg, h_start, lens)
+        seg_run = backward.Run(x_seg, hs, h_start, valid_seg, tg_seg, w_seg, caches=caches, dtop=dtop_seg)
+        carry, dxs, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, diff_plan)
         return carry, (dxs, norms)
 
     init = backward.zero_carry(params, run.h0) if carry is None else carry
