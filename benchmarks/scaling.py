@@ -3,7 +3,7 @@
     python benchmarks/scaling.py [--quick] [--cell elman|gru|lstm ...] [--lengths 100,1000,...]
                                  [--max-memory 256MiB] [--out FILE] [--plot FILE.png]
                                  [--batches 1,4,16,64,256] [--widths 32,64,128,256,512] [--sweep-t T] [--no-lengths]
-                                 [--bidirectional] [--segments] [--nested]
+                                 [--bidirectional] [--segments] [--nested] [--compile-only]
 
 For each cell (one unidirectional layer, B 16, N 64, N1 128, M 64, float32, softmax + cross-entropy)
 and each T (10^2 ... 10^6 by default), side by side in one process: the default ``bptt`` call (the
@@ -18,7 +18,8 @@ the budgeted call's. The report gives seconds per call, microseconds per step an
 contenders at one T (``--sweep-t``) against B and against N1 (``--no-lengths``: those alone).
 ``--bidirectional`` makes the layer bidirectional (its ``jax.grad`` contender: ``jax.grad`` of
 ``bj.loss``); ``--segments`` adds ``bptt`` with checkpoint segments of about sqrt(T) steps,
-``--nested`` the two nested levels that ``max_memory`` tries (about T^(2/3), T^(1/3)).
+``--nested`` the two nested levels that ``max_memory`` tries (about T^(2/3), T^(1/3));
+``--compile-only`` reports the compiled temp memory and runs nothing.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def measure(
     bidirectional=False,
     segments=False,
     nested=False,
+    compile_only=False,
 ) -> list[dict]:
     b, n, n1, m = sizes["B"], sizes["N"], sizes["N1"], sizes["M"]
     spec = bj.RNNSpec(n, (n1,), m, cell=cell, bidirectional=bidirectional)
@@ -119,6 +121,10 @@ def measure(
         row["temp"] = budget.temp_bytes(compiled)
         if row["temp"] + 2 * args_bytes > ram_share * _ram():
             row["note"] = "does not fit this machine's memory"
+            rows.append(row)
+            continue
+        if compile_only:
+            row["note"] = "compiled only"
             rows.append(row)
             continue
         calls = 1 if t_len >= 100_000 else 3
@@ -213,6 +219,7 @@ def main(argv=None) -> str:
         "--segments", action="store_true", help="also bptt with checkpoint_every = the divisor nearest sqrt(T)"
     )
     ap.add_argument("--nested", action="store_true", help="also bptt with the two nested levels max_memory tries")
+    ap.add_argument("--compile-only", action="store_true", help="compile and report temp memory, run nothing")
     args = ap.parse_args(argv)
     sizes = dict(QUICK) if args.quick else dict(B=B, N=N, N1=N1, M=M, lengths=LENGTHS)
     lengths = tuple(int(float(v)) for v in args.lengths.split(",")) if args.lengths else sizes["lengths"]
@@ -229,7 +236,17 @@ def main(argv=None) -> str:
     rows: list[dict] = []
     for cell in args.cell or ["elman", "gru", "lstm"]:
         for t_len in () if args.no_lengths else lengths:
-            for r in measure(cell, t_len, sizes, limit, args.ram_share, args.bidirectional, args.segments, args.nested):
+            for r in measure(
+                cell,
+                t_len,
+                sizes,
+                limit,
+                args.ram_share,
+                args.bidirectional,
+                args.segments,
+                args.nested,
+                args.compile_only,
+            ):
                 rows.append(r)
                 temp = budget.format_bytes(r["temp"]) if "temp" in r else "-"
                 if "seconds" in r:
