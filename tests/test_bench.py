@@ -264,7 +264,9 @@ def test_scaling_quick(tmp_path, monkeypatch):
     assert (tmp_path / "s.png").stat().st_size > 0
     args = ["--quick", "--cell", "gru", "--bidirectional", "--nested", "--compile-only", "--lengths", "200"]
     rows = [line.split("|") for line in mod.main(args).splitlines() if line.startswith("| gru |")]
-    assert [r[3].strip() for r in rows][2] == "bptt checkpoint_every=(40, 5)"  # the nested contender (T^(2/3), its sqrt)
+    assert [r[3].strip() for r in rows][
+        2
+    ] == "bptt checkpoint_every=(40, 5)"  # the nested contender (T^(2/3), its sqrt)
     assert all(r[4].strip() == "compiled only" and "B" in r[6] for r in rows)  # temp memory, nothing run
 
 
