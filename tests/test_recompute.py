@@ -158,6 +158,8 @@ def test_segment_errors():
     for bad in [(4, 3), (2, 4), (4, 4), (), (4, 0), (4, True), [6, 2.0]]:
         with pytest.raises(ValueError, match=r"checkpoint_every: expected a positive int, None, or a tuple"):
             bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=bad)
+    listed = bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=[6, 3])  # a list: the tuple (was a TypeError)
+    assert ref.max_rel_err(listed, bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=(6, 3))) == 0
     one = bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=(3,))  # one level: the int
     assert ref.max_rel_err(one, bj.bptt(q.params, uni, q.xs, q.targets, checkpoint_every=3)) == 0
 

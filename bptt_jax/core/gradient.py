@@ -273,6 +273,8 @@ def bptt(
     lengths, weights = checks.entry_checks(
         spec, xs, targets, weights, lengths, h0, params, check_values=check_values, check_finite=check_finite
     )
+    if isinstance(checkpoint_every, list):  # nested levels as a list (as JSON keeps them): the tuple
+        checkpoint_every = tuple(checkpoint_every)
     options = (generic, unroll, block_size, checkpoint_every, diagnostics, with_dxs, recurrence, gates)
     args = (params, xs, targets, weights, lengths, h0, output_mask)
     try:
