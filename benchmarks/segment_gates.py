@@ -6,9 +6,9 @@ Inside a unidirectional stack's segments (``segments.stack_backward_segments``) 
 over the segment being differentiated keep the gates where the rules would for a run of k steps
 (``plan.resolve_gates("auto", ...)``), so the blocked BPTT over the segment reads them instead of
 recomputing them. This script races that against the segments as they ran before (the gates
-recomputed in the BPTT): the same ``bptt`` call compiled twice in one process, once with the rule
-replaced by "recompute" while it is traced (``jax.clear_caches()`` around it, so the two programs
-are traced apart), beside the default call (no segments). One unidirectional layer, B 16, N 64,
+recomputed in the BPTT): ``bptt``'s body with segments compiled twice in one process (each a jit of
+its own, so each is traced anew), once with the rule replaced by "recompute" while it is traced,
+beside the default call (no segments). One unidirectional layer, B 16, N 64,
 N1 128, M 64, float32; one level of segments and two nested levels. Every gradient is checked
 against the default's first. Reported: temp memory (XLA's ``memory_analysis()``) and median time of
 each, and kept / recomputed.
@@ -16,6 +16,7 @@ each, and kept / recomputed.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import bptt_speed  # noqa: E402
 import gate_blocks  # noqa: E402
 
 import bptt_jax as bj  # noqa: E402
-from bptt_jax.core import budget, segments  # noqa: E402
+from bptt_jax.core import budget, gradient, plan, segments  # noqa: E402
 
 SIZES = dict(B=16, N=64, N1=128, M=64)
 CASES = ((1000, 25), (10000, 100), (10000, (500, 20)))  # (T, checkpoint_every)
@@ -38,16 +39,16 @@ QUICK_CASES = ((12, 4), (12, (6, 3)))
 
 
 def _compiled(spec, params, xs, targets, every, rule):
-    """``bptt(checkpoint_every=every)`` compiled with ``segments.resolve_gates`` = ``rule`` while traced."""
+    """``bptt``'s body with ``checkpoint_every=every``, traced (a new jit: no cache shared) and
+    compiled with ``segments.resolve_gates`` = ``rule``."""
+    body = functools.partial(gradient._bptt, spec=spec, options=plan.Options(checkpoint_every=every))
     original = segments.resolve_gates
     segments.resolve_gates = rule
-    jax.clear_caches()
     try:
-        fn = jax.jit(lambda p, x, d: bj.bptt(p, spec, x, d, checkpoint_every=every)[:2])
+        fn = jax.jit(lambda p, x, d: body(p, x, d, None, None, None, None)[:2])
         return fn.lower(params, xs, targets).compile()
     finally:
         segments.resolve_gates = original
-        jax.clear_caches()
 
 
 def bench(cell: str, t_len: int, every, sizes: dict, rounds: int) -> dict:
