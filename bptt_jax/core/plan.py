@@ -179,7 +179,8 @@ def resolve_gates(
     it recomputing ran faster, the LSTM's 0). Only gated cells without ``checkpoint_every`` can
     store across the sequence (the Elman cell has no gates; with segments the states themselves
     are recomputed, and the segment being differentiated keeps its own gates by this rule for k
-    steps, whatever ``gates`` says): otherwise "auto" recomputes and "store" raises. With a 16-bit compute ``dtype`` the gates are recomputed ("store" raises):
+    steps, whatever ``gates`` says): otherwise "auto" recomputes and "store" raises. With a 16-bit
+    compute ``dtype`` the gates are recomputed ("store" raises):
     kept, they would be kept in 16 bits, where recomputing gives the float32 values the forward pass
     used (measured, tests/test_precision.py: stored in bfloat16, the LSTM's error against float64
     reached 1.75x jax.grad's; recomputed, at most 1.1x).
