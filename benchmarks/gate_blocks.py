@@ -137,10 +137,13 @@ def cpu_model() -> str:
     return f"{name}, {os.cpu_count()} logical cores"
 
 
-def parse_report_args(doc: str, argv, cells, default_rounds: int):
+def parse_report_args(doc: str, argv, cells, default_rounds: int, extra=None):
     """The options of a report script (--rounds, --quick, --out, --cell): (args, rounds), rounds
-    being --rounds, else 1 with --quick, else ``default_rounds``; a non-positive --rounds is refused."""
+    being --rounds, else 1 with --quick, else ``default_rounds``; a non-positive --rounds is refused.
+    ``extra(ap)``, when given, adds the script's own options to the parser."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--rounds", type=int, default=None, help=f"timed rounds (default {default_rounds}; quick 1)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--out", help="also write the markdown report here")

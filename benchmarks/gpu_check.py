@@ -24,6 +24,13 @@ status, seconds, budget) and the tables the parts produced. The parts:
           jax.grad contenders, flax's cells and cuDNN's nn.GRU / nn.LSTM.
   train_gru, train_lstm  ``train_speed.py --cell gru|lstm``: the gated char-LM configs' model, steps per
           second, bptt / autodiff / torch eager (cuDNN).
+  precision  ``benchmarks/precision.py --torch``: every cell at the gated shapes plus (1000, 64, 128,
+          256, 128), the default bptt in float32 and with bfloat16 compute, jax.grad under both
+          policies, PyTorch's layer on cuDNN (issue 33's GPU rows, issue 35's cuDNN table);
+  tests_new  the tests of what came after the last GPU run: reduced precision (compute_dtype), the
+          planner (budgets, tune, its cache), checkpoint segments (nested, bidirectional);
+  tune    ``benchmarks/tune_speed.py --cell lstm``: bptt_jax.tune on the GPU, its plan against the
+          rules' and the jax.grad contenders (issue 34's "tuned where it runs");
   adding  ``experiments/adding.py``: IRNN, LSTM (forget bias 0 and 1) and GRU on the adding problem at
           T = 200 and 400, seeds 0-2, all 24 runs at once on the one GPU (each ADDING_RUN_S seconds at
           most, stopping at test MSE < 0.005); tables, plot and every run's folder under DIR/adding.
@@ -56,6 +63,9 @@ BUDGETS = {
     "bench_cells": 200,
     "train_gru": 45,
     "train_lstm": 45,
+    "precision": 240,
+    "tests_new": 150,
+    "tune": 110,
     "adding": 420,  # ADDING_RUN_S for the runs themselves, the rest for start-up and the tables
 }
 
@@ -63,6 +73,7 @@ BUDGETS = {
 ADDING_RUN_S = 360
 
 GPU_TESTS = ["tests/test_bptt.py", "tests/test_train.py", "tests/test_vjp.py"]
+NEW_TESTS = ["tests/test_precision.py", "tests/test_budget.py", "tests/test_tune.py", "tests/test_recompute.py"]
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -366,6 +377,11 @@ def main(argv=None) -> int:
         "train_lstm": [py, "benchmarks/train_speed.py", "--cell", "lstm", "--no-torch-compile"]
         + (q if args.quick else ["--steps", "100", "--rounds", "2"])
         + ["--out", str(out / "train_lstm.md")],
+        "precision": [py, "benchmarks/precision.py", "--torch", "--out", str(out / "precision.md")]
+        + (["--quick", "--cell", "gru"] if args.quick else ["--rounds", "5"]),
+        "tests_new": pytest + (["tests/test_precision.py", "-k", "fixed_problem"] if args.quick else NEW_TESTS),
+        "tune": [py, "benchmarks/tune_speed.py", "--cell", "lstm", "--out", str(out / "tune.md")]
+        + (["--quick", "--budget", "5"] if args.quick else ["--budget", "8", "--rounds", "5"]),
         "adding": [py, "experiments/adding.py", "--models", "irnn,lstm0,lstm1,gru", "--out", str(out / "adding")]
         + (
             ["--lengths", "6", "--seeds", "0", "--steps", "2", "--jobs", "2", "--set", "model.hidden_sizes=[4]"]
@@ -391,6 +407,8 @@ def main(argv=None) -> int:
         "cells_speed.md",
         "train_gru.md",
         "train_lstm.md",
+        "precision.md",
+        "tune.md",
         "adding/results.md",
     ):
         p = out / name

@@ -10,12 +10,19 @@ order): the default ``bptt`` call in float32 and with ``RNNSpec(compute_dtype="b
 largest relative difference from the float32 explicit BPTT's (the policy's rounding, not an error
 of the BPTT: ``tests/test_precision.py`` holds that to jax.grad's against float64).
 
+``--torch`` adds PyTorch's ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` + ``nn.Linear`` in float32, eager
+(cuDNN on a GPU, oneDNN on the CPU; each library at its own default float32 matmul precision, TF32
+on NVIDIA GPUs), and the bfloat16 explicit BPTT's time over it. On a GPU the shapes add
+(1000, 64, 128, 256, 128) (issue 35's cuDNN table). The report is written after every shape, so a
+run stopped at its time limit keeps what it measured.
+
 Issue 33's target: temp memory of the default call with bfloat16 compute at most 0.6x float32's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -28,15 +35,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bptt_speed  # noqa: E402
 import gate_blocks  # noqa: E402
+import gated  # noqa: E402
 
 import bptt_jax as bj  # noqa: E402
 
 QUICK_SHAPES = [(12, 3, 5, 6, 7)]
+GPU_EXTRA_SHAPES = [(1000, 64, 128, 256, 128)]  # issue 35: cuDNN's speed at every shape with N1 <= 256
 TARGET = 0.6  # issue 33: bfloat16 temp memory at most 0.6x float32's
 
 
-def bench(cell: str, shape, rounds: int) -> dict:
-    """{contender: (temp bytes, median s, largest rel. difference of its gradients from bptt float32's)}."""
+def bench(cell: str, shape, rounds: int, torch_too: bool = False) -> dict:
+    """{contender: (temp bytes, median s, largest rel. difference of its gradients from bptt float32's)};
+    with ``torch_too`` also PyTorch's layer in float32 (temp memory not measured: nan)."""
     t, b, n, n1, m = shape
     spec32 = bj.RNNSpec(n, (n1,), m, cell=cell)
     spec16 = dataclasses.replace(spec32, compute_dtype="bfloat16")
@@ -55,13 +65,23 @@ def bench(cell: str, shape, rounds: int) -> dict:
         outs[name] = compiled(params, xs, targets)
         runners[name] = lambda c=compiled: bptt_speed._block(c(params, xs, targets))
     ref = outs["bptt float32"]
+    diffs = {k: bptt_speed.max_rel_err(outs[k], ref) for k in fns}
+    tc = gated.torch_contender(cell, spec32, params, xs, targets, os.cpu_count()) if torch_too else None
+    if tc is not None:
+        run, grads, _ = tc
+        name = f"torch nn.{gated.TORCH_MODULES[cell]} float32"
+        temps[name], diffs[name], runners[name] = float("nan"), bptt_speed.max_rel_err(grads(), ref[1]), run
     med = bptt_speed.round_robin(runners, rounds)
-    return {k: (temps[k], med[k], bptt_speed.max_rel_err(outs[k], ref)) for k in fns}
+    return {k: (temps[k], med[k], diffs[k]) for k in runners}
 
 
 def main(argv=None) -> str:
-    args, rounds = gate_blocks.parse_report_args(__doc__, argv, bptt_speed.CELLS, 11)
-    shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
+    def extra(ap):
+        ap.add_argument("--torch", action="store_true", help="add PyTorch's layer in float32 (cuDNN on a GPU)")
+
+    args, rounds = gate_blocks.parse_report_args(__doc__, argv, bptt_speed.CELLS, 11, extra)
+    on_gpu = jax.default_backend() == "gpu"
+    shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES + (GPU_EXTRA_SHAPES if on_gpu else [])
     lines = gate_blocks.header("Mixed precision: bfloat16 compute against float32", "precision.py", argv, rounds)
     lines += [
         "Per shape: compiled temp memory and median ms of each contender; bf16 / f32: the bfloat16 "
@@ -78,24 +98,35 @@ def main(argv=None) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for shape in shapes:
-            rows = bench(cell, shape, rounds)
+            try:
+                rows = bench(cell, shape, rounds, args.torch)
+            except Exception as e:  # report it and go on: one run should show every failure
+                lines.append(f"| {shape} | FAILED: {type(e).__name__}: {' '.join(str(e).split())[:300]} | | | | | |")
+                print(lines[-1], file=sys.stderr, flush=True)
+                continue
             for name, (temp, sec, diff) in rows.items():
                 twin = rows[name.replace("bfloat16", "float32")]
                 ratios = f"{temp / twin[0]:.2f} | {sec / twin[1]:.2f}" if "bfloat16" in name else " | "
-                lines.append(
-                    f"| {shape} | {name} | {bptt_speed.fmt_bytes(temp)} | {1e3 * sec:.2f} | {ratios} | {diff:.1e} |"
-                )
+                temp_txt = "n/a" if temp != temp else bptt_speed.fmt_bytes(temp)
+                lines.append(f"| {shape} | {name} | {temp_txt} | {1e3 * sec:.2f} | {ratios} | {diff:.1e} |")
             (t16, s16, _), (t32, s32, _) = rows["bptt bfloat16"], rows["bptt float32"]
-            summary.append(f"| {cell} | {shape} | {t16 / t32:.2f} | {s16 / s32:.2f} |")
-    lines += [
+            torch_s = [v[1] for k, v in rows.items() if k.startswith("torch")]
+            vs_torch = " | ".join(f"{torch_s[0] / s:.2f}" for s in (s32, s16)) if torch_s else "n/a | n/a"
+            summary.append(f"| {cell} | {shape} | {t16 / t32:.2f} | {s16 / s32:.2f} | {vs_torch} |")
+            if args.out:  # what is measured so far survives a run stopped at its time limit
+                Path(args.out).write_text("\n".join(lines + _summary(summary)) + "\n", encoding="utf-8")
+    return bptt_speed._report(lines + _summary(summary), args.out)
+
+
+def _summary(rows) -> list[str]:
+    return [
         "",
-        "## Summary: bptt bfloat16 over bptt float32",
+        "## Summary: bptt bfloat16 over bptt float32, and PyTorch's time over each bptt's (speed-up)",
         "",
-        "| cell | T, B, N, N1, M | temp | time |",
-        "|---|---|---|---|",
-        *summary,
+        "| cell | T, B, N, N1, M | temp bf16 / f32 | time bf16 / f32 | torch / bptt f32 | torch / bptt bf16 |",
+        "|---|---|---|---|---|---|",
+        *rows,
     ]
-    return bptt_speed._report(lines, args.out)
 
 
 if __name__ == "__main__":
