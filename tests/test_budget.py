@@ -142,7 +142,7 @@ def test_tune_under_a_budget_records_a_plan_that_fits(cache):
     with jax.enable_x64(True):
         p, spec = _problem("gru")
         default = _temp(p, spec, plan.explicit(plan.Options(), spec, T, B, jnp.float64))
-        limit = default // 3
+        limit = default // 2  # a third was too little on an H200 (its leanest plan: 0.34x of the default)
         chosen = bj.tune(
             p.params, spec, p.xs, p.targets, lengths=p.lengths, max_memory=limit, time_budget=30, progress=False
         )
