@@ -141,13 +141,15 @@ class Plan(NamedTuple):
     with_dxs: bool = False
 
 
-def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = None) -> int:
+def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = None, half: bool = False) -> int:
     """The block size C used when ``block_size`` is None.
 
     Args:
       t_len, batch: T and B.
       width: the widest per-step feature size (the largest of N1 per direction and M).
       backend: "cpu", "gpu", ...; None: JAX's default backend.
+      half: a 16-bit compute dtype (``half_precision_block``): the block before the divisor
+        search below is halved, and a whole-sequence block becomes a quarter of T.
 
     Returns:
       T when T*B*width <= WHOLE_ELEMENTS (GPU_WHOLE_ELEMENTS on a GPU); otherwise about
@@ -158,10 +160,11 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
     on_gpu = (backend or jax.default_backend()) == "gpu"
     whole, block = (GPU_WHOLE_ELEMENTS, GPU_BLOCK_ELEMENTS) if on_gpu else (WHOLE_ELEMENTS, BLOCK_ELEMENTS)
     if t_len * batch * width <= whole:
-        return t_len
+        return half_precision_block(t_len, t_len) if half else t_len
     c = max(-(-MIN_BLOCK_ROWS // batch), block // (batch * width), 1)
     if c >= t_len:
-        return t_len
+        return half_precision_block(t_len, t_len) if half else t_len
+    c = max(c // 2, 1) if half else c
     for delta in range(c):  # nearest divisor of T in [c/2, 2c]
         for cand in (c - delta, c + delta):
             if c // 2 <= cand <= 2 * c and 1 <= cand <= t_len and t_len % cand == 0:
@@ -220,7 +223,10 @@ def half_precision_block(t_len: int, auto: int) -> int:
     with half of it: GRU 0.18-0.52x and 0.14-0.32x, LSTM 0.25-0.60x and 0.21-0.38x, Elman 0.68-1.61x
     and 0.56-0.95x. Where float32 runs T as one block (the Elman cell at (100, 32, 64, 128, 64)) a
     block's float32 work arrays are as long as the sequence: half of T kept 0.95x, a quarter 0.54x
-    (0.30x at T/10, at 1.14x a quarter's time; 2026-12-04, same machine)."""
+    (0.30x at T/10, at 1.14x a quarter's time; 2026-12-04, same machine). ``auto_block_size(...,
+    half=True)`` halves the float32 block before it is moved to a divisor of T (which can move it
+    up: 8 -> 10 at T = 100), so that at (100, 64, 256, 512, 256) the block is 4, not 5: the Elman
+    cell's temp memory 0.58x float32's instead of 0.63x, at 0.98x the time (2026-12-04)."""
     c = max(min(auto, t_len) // (4 if auto >= t_len else 2), 1)
     return next((d for d in range(c, max(c // 2, 1) - 1, -1) if t_len % d == 0), c)
 
@@ -308,9 +314,7 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
     if block_size is None and recurrence == "pallas":
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
     if block_size is None:
-        block_size = auto_block_size(t_len, batch, block_width(spec))
-        if precision.is_half(dtype):
-            block_size = half_precision_block(t_len, block_size)
+        block_size = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
     return Plan(
         block=min(block_size, t_len),
         store=resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every, dtype),

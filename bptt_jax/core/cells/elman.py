@@ -22,7 +22,7 @@ from jax import lax
 
 from bptt_jax.core import activations
 from bptt_jax.core.cells.base import flat
-from bptt_jax.core.precision import is_half, mm, zeros_acc
+from bptt_jax.core.precision import is_half, mm, rounded, zeros_acc
 
 Array = jax.Array
 
@@ -132,23 +132,30 @@ def reverse_recurrence(
             dh = dhs_above[t] + carry             # dh(t)
             dz1[t] = dh * f1'(hs[t])              # 0 where not valid[t]
             carry = dz1[t] @ w11.T                # dh where not valid[t]: padding passes dh through
+                                                  # (dz1[t] in w11's dtype for this product)
         dh_m1 = carry                             # dDIV/dh(-1)
 
     Returns:
       (dz1s [T, B, N1], dh_m1 [B, N1], dh_norm [T, B] the norm of dh(t) per sequence, or None).
     """
     df = activations.hidden(activation).df_from_h
-    w11_t = w11.T
+
+    def back(dz1_t):
+        """dZ1(t) W11^T, contracted on W11's second axis (no transposed copy of W11), dZ1(t) in
+        W11's dtype as every matmul operand (a 16-bit W11 is not widened into a float32 copy), the
+        product in the carry's dtype (float32 for a 16-bit W11)."""
+        dims = (((1,), (1,)), ((), ()))
+        return lax.dot_general(rounded(dz1_t, w11.dtype), w11, dims, preferred_element_type=dz1_t.dtype)
 
     def body(carry, inp):
         dh_above_t, h_t, valid_t = inp
         dh_t = dh_above_t + carry  # [B, N1]
         dz1_t = dh_t * df(h_t.astype(dh_t.dtype))
         if valid_t is None:
-            carry = mm(dz1_t, w11_t)
+            carry = back(dz1_t)
         else:
             dz1_t = jnp.where(valid_t[:, None], dz1_t, 0.0)
-            carry = jnp.where(valid_t[:, None], mm(dz1_t, w11_t), dh_t)
+            carry = jnp.where(valid_t[:, None], back(dz1_t), dh_t)
         norm = jnp.sqrt(jnp.sum(dh_t * dh_t, axis=-1)) if with_norms else None
         return carry, (dz1_t, norm)
 
