@@ -106,3 +106,25 @@ def test_auto_block_size_by_backend():
     assert auto_block_size(1000, 64, 256, backend="gpu") == 1000  # 2^24 elements
     c = auto_block_size(100000, 64, 256, backend="gpu")
     assert 1 <= c < 100000 and c * 64 * 256 <= 2 * 2**23
+
+
+def test_half_precision_block_is_halved_before_it_moves_to_a_divisor():
+    """A 16-bit compute dtype halves the float32 block, then looks for a divisor of T: at T = 100,
+    B = 64, width 512 float32's 8 moves up to 10, while the 16-bit block is 4 (half of 8), not 5
+    (half of 10); a whole-sequence float32 block becomes a quarter of T; every block divides T here;
+    the plan of a bfloat16 spec takes it."""
+    from bptt_jax.core import plan
+
+    assert plan.auto_block_size(100, 64, 512, backend="cpu") == 10
+    assert plan.auto_block_size(100, 64, 512, backend="cpu", half=True) == 4
+    assert plan.auto_block_size(100, 32, 128, backend="cpu") == 100  # T B width <= WHOLE_ELEMENTS
+    assert plan.auto_block_size(100, 32, 128, backend="cpu", half=True) == 25
+    for t, b, w in [(200, 64, 256), (1000, 16, 384), (1000, 16, 128), (50, 1, 64)]:
+        full, half = (
+            plan.auto_block_size(t, b, w, backend="cpu"),
+            plan.auto_block_size(t, b, w, backend="cpu", half=True),
+        )
+        assert half <= full and t % half == 0, (t, b, w, full, half)
+    spec = bj.RNNSpec(256, (512,), 256, compute_dtype="bfloat16")
+    if jax.default_backend() == "cpu":
+        assert plan.resolve(plan.Options(), spec, 100, 64, jnp.bfloat16, use_cache=False).block == 4
