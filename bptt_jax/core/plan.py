@@ -226,7 +226,7 @@ def half_precision_block(t_len: int, auto: int) -> int:
     (0.30x at T/10, at 1.14x a quarter's time; 2026-12-04, same machine). ``auto_block_size(...,
     half=True)`` halves the float32 block before it is moved to a divisor of T (which can move it
     up: 8 -> 10 at T = 100), so that at (100, 64, 256, 512, 256) the block is 4, not 5: the Elman
-    cell's temp memory 0.58x float32's instead of 0.63x, at 0.98x the time (2026-12-04)."""
+    cell's temp memory 0.57x float32's instead of 0.63x, at 0.98x the time (2026-12-04)."""
     c = max(min(auto, t_len) // (4 if auto >= t_len else 2), 1)
     return next((d for d in range(c, max(c // 2, 1) - 1, -1) if t_len % d == 0), c)
 
