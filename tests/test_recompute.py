@@ -182,6 +182,35 @@ def test_nested_segments_keep_fewer_states(bidirectional):
     assert temp[(64, 8)] < temp[16] < temp[None], temp
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_segments_read_their_inputs_in_place(bidirectional):
+    """rnn_states' forward + backward with segments (the custom VJP: dX always computed), at inputs
+    wider than the states (N 64, N1 8, T 256, B 4): nested segments (64, 4) keep less temp memory
+    than one 64-step slice of X (the forward and backward read each 4-step window where it lies;
+    they used to copy every 64-step segment of X, its projection and its dtop), and a
+    bidirectional layer with segments of 16 less than half of X (its two sweeps add into one dX;
+    it used to hold a second [T, B, N] dX); the gradients equal grad="autodiff"'s."""
+    from bptt_jax.core import budget
+    from bptt_jax.core.vjp import rnn_states
+
+    t_len, batch, n, n1 = 256, 4, 64, 8
+    every = 16 if bidirectional else (64, 4)
+    bound = t_len * batch * n * 4 // 2 if bidirectional else 64 * batch * n * 4
+    for cell in ("elman", "gru", "lstm"):
+        spec = bj.RNNSpec(n, (n1,), 2, cell=cell, bidirectional=bidirectional)
+        p = ref.make_problem(spec, t_len, batch, seed=3, use_lengths=True)
+        ct = jax.random.normal(jax.random.key(4), (t_len, batch, spec.merged_size(0)))
+
+        def grads(params, xs, cts, grad="bptt", spec=spec):
+            f = lambda a, b: rnn_states(a, spec, b, lengths=p.lengths, checkpoint_every=every, grad=grad)  # noqa: E731
+            return jax.vjp(f, params, xs)[1](cts)
+
+        fn = jax.jit(grads)
+        temp = budget.temp_bytes(fn.lower(p.params, p.xs, ct).compile())
+        assert temp < bound, (cell, temp, bound)
+        assert ref.max_rel_err(fn(p.params, p.xs, ct), grads(p.params, p.xs, ct, "autodiff")) < 1e-4
+
+
 class SequenceLayerTest(chex.TestCase):
     """``core.sequence.layer_states`` (the one-sequence custom VJP of the Equinox layer: the reverse
     recurrence alone, the weight matmuls left to jax.grad): for drawn one-layer networks of every

@@ -32,29 +32,46 @@ def _largest_divisor_at_most(n: int, c: int) -> int:
     return max(d for d in range(1, min(n, c) + 1) if n % d == 0)
 
 
-def segment_lengths(lengths: Array | None, n_seg: int, k: int) -> Array | None:
-    """[S, B]: each sequence's valid steps inside each of S segments of k steps (None: all)."""
-    if lengths is None:
-        return None
-    starts = jnp.arange(n_seg) * k
-    return jnp.clip(lengths[None, :] - starts[:, None], 0, k).astype(jnp.int32)
+def _window(a: Array | None, start, k: int) -> Array | None:
+    """Steps start .. start+k-1 of ``a`` (time-major; ``start`` may be traced)."""
+    return None if a is None else lax.dynamic_slice_in_dim(a, start, k, axis=0)
 
 
-def _final_states(params, spec, xs, h0, lengths, plan: Plan, levels: tuple[int, ...]) -> tuple[Array, ...]:
-    """The states after the last of these steps (L entries [B, W]), from ``h0``: the forward scans,
-    run over chunks of ``levels[0]`` steps (recursively) so that at most ``levels[-1]`` steps of
-    states exist at a time (none of the levels: all of them)."""
-    if not levels:
-        block = plan._replace(block=_largest_divisor_at_most(xs.shape[0], plan.block))
-        return tuple(tr.states[0][-1] for tr in backward.run_forward(params, spec, xs, h0, lengths, block))
-    k, n = levels[0], xs.shape[0] // levels[0]
+def _window_lengths(lengths: Array | None, start, k: int) -> Array | None:
+    """[B]: each sequence's valid steps inside the k steps from ``start`` (None: all)."""
+    return None if lengths is None else jnp.clip(lengths - start, 0, k).astype(jnp.int32)
 
-    def chunk(h, inp):
-        x_c, lens = inp
-        return _final_states(params, spec, x_c, h, lens, plan, levels[1:]), None
 
-    h_last, _ = lax.scan(chunk, h0, (xs.reshape((n, k) + xs.shape[1:]), segment_lengths(lengths, n, k)))
-    return h_last
+def chunked_forward(
+    params, spec, xs, h0, lengths, plan: Plan, chunk: int, every: int | None, *, keep_top=False, start=0, span=None
+):
+    """The forward scans over ``span`` steps of ``xs`` from ``start`` (None: all of them), ``chunk``
+    steps at a time: one flat scan over the chunks, each reading its window of ``xs`` where it lies,
+    so that at most one chunk's states, projections and inputs exist at a time (whatever the
+    segments' levels above it).
+
+    Returns (the states after the last step (L entries [B, W]), the states entering every
+    ``every``-step segment (L entries [span/every, B, W]; None when ``every`` is None), the top
+    layer's merged states [span, B, N_top] when ``keep_top``, else None); ``chunk`` divides
+    ``every``, which divides ``span``."""
+    span = xs.shape[0] if span is None else span
+    n, per = span // chunk, (every or span) // chunk
+    chunk_plan = plan._replace(block=_largest_divisor_at_most(chunk, plan.block), store=False)
+
+    def body(carry, i):
+        h, kept = carry
+        if kept is not None:  # the state entering segment i // per, written when chunk i opens it
+            j, opens = i // per, i % per == 0
+            kept = tuple(lax.dynamic_update_index_in_dim(b, jnp.where(opens, s, b[j]), j, 0) for b, s in zip(kept, h))
+        o = start + i * chunk
+        traces = backward.run_forward(
+            params, spec, _window(xs, o, chunk), h, _window_lengths(lengths, o, chunk), chunk_plan
+        )
+        return (forward.last_states(traces), kept), (traces[-1].merged if keep_top else None)
+
+    kept0 = None if every is None else tuple(jnp.zeros((span // every,) + s.shape, s.dtype) for s in h0)
+    (h_last, kept), top = lax.scan(body, (tuple(h0), kept0), jnp.arange(n))
+    return h_last, kept, None if top is None else top.reshape((span,) + top.shape[2:])
 
 
 def stack_backward_segments(
@@ -65,13 +82,20 @@ def stack_backward_segments(
     plan: Plan,
     carry: backward.Carry | None = None,
     boundaries: tuple[Array, ...] | None = None,
+    *,
+    start=0,
+    span: int | None = None,
+    h_start: tuple[Array, ...] | None = None,
+    dxs_out: Array | None = None,
 ) -> tuple[backward.Carry, tuple[Array, ...] | None, Array | None, Array | None]:
     """The explicit BPTT with segments of k = ``plan.segment`` steps.
 
     Nested segments (``plan.segment`` a tuple (k1, k2, ...)): each k1-step segment's backward pass
     is this function again over that segment, with segments of k2 steps (its boundary states
     recomputed from the segment's own), down to the last level, whose segments run the blocked
-    BPTT. Memory ~ T'/k1 + k1/k2 + ... + k_last states, for one more forward pass per level.
+    BPTT. Memory ~ T'/k1 + k1/k2 + ... + k_last states, for one more forward pass per level: every
+    level reads its inputs, targets and dtop where they lie in ``run`` (windows of the last
+    level's k steps), and its forward passes run k_last steps at a time (``chunked_forward``).
 
     Args:
       run: the padded inputs, targets and weights, or ``run.dtop`` (the gradient reaching the top
@@ -82,52 +106,67 @@ def stack_backward_segments(
       carry: what enters from beyond the last step (an outer segment's carry); None: zeros.
       boundaries: L entries [S, B, W], the state entering each segment, when the forward pass
         kept them already (the custom VJP's); None: this function's own forward pass finds them.
+      start, span, h_start, dxs_out: an outer level's segment: its ``span`` steps from ``start``
+        of ``run``'s arrays, the states entering it, and the [T', B, N] dX being filled (None:
+        the whole run from ``run.h0``; a new dX).
 
     Returns:
       (carry at step 0, the final states (L entries [B, W]; None when ``boundaries`` were given),
-      dxs [T', B, N] or None, norms [T', L] or None).
+      dxs [T', B, N] or None, norms [span, L] or None).
     """
     k, *inner = segment_levels(plan.segment)
-    n_seg = run.xs.shape[0] // k
+    span = run.xs.shape[0] if span is None else span
+    h_start = run.h0 if h_start is None else h_start
+    n_seg = span // k
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
-    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
-    lens_s = segment_lengths(lengths, n_seg, k)  # [S, B]
     # A gated cell keeps the gates of the segment it differentiates (k steps) where the rules would
     # keep them for a run of k steps, instead of recomputing them once more in the blocked BPTT.
     batch = run.xs.shape[1]
-    store = resolve_gates("auto", spec, k, batch, None, run.xs.dtype)
-    diff_plan = seg_plan._replace(store=store)
-
-    def states(x_seg, h_start, lens):  # the forward scans over one segment, from its boundary states
-        traces = backward.run_forward(params, spec, x_seg, h_start, lens, diff_plan)
-        caches = tuple(tr.caches[0] for tr in traces if tr.caches is not None) if store else None
-        return tuple(tr.states[0] for tr in traces), caches
-
-    def seg_forward(h, inp):  # h: L entries [B, W], the state entering the segment
-        x_seg, lens = inp
-        return _final_states(params, spec, x_seg, h, lens, seg_plan, tuple(inner)), h
+    last_k = inner[-1] if inner else k
+    store = resolve_gates("auto", spec, last_k, batch, None, run.xs.dtype)
+    diff_plan = plan._replace(block=_largest_divisor_at_most(last_k, plan.block), store=store)
 
     h_last = None
-    if boundaries is None:
-        h_last, boundaries = lax.scan(seg_forward, run.h0, (seg(run.xs), lens_s))  # L entries [S, B, W]
+    if boundaries is None:  # L entries [S, B, W]
+        h_last, boundaries, _ = chunked_forward(
+            params, spec, run.xs, h_start, lengths, seg_plan, last_k, k, start=start, span=span
+        )
+    if dxs_out is None and plan.with_dxs:
+        dxs_out = jnp.zeros(run.xs.shape, precision.accumulation(run.xs.dtype))
 
-    def seg_backward(carry, inp):
-        x_seg, tg_seg, w_seg, valid_seg, lens, h_start, dtop_seg = inp
+    def seg_backward(state, inp):
+        carry, dxs = state
+        s, h_seg = inp
+        o = start + s * k
         if inner:  # the next level's segments inside this one
-            seg_run = backward.Run(x_seg, (), h_start, valid_seg, tg_seg, w_seg, dtop=dtop_seg)
             inner_plan = plan._replace(segment=tuple(inner))  # read through segment_levels
-            carry, _, dxs, norms = stack_backward_segments(params, spec, seg_run, lens, inner_plan, carry)
-            return carry, (dxs, norms)
-        hs, caches = states(x_seg, h_start, lens)
-        seg_run = backward.Run(x_seg, hs, h_start, valid_seg, tg_seg, w_seg, caches=caches, dtop=dtop_seg)
-        carry, dxs, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, diff_plan)
-        return carry, (dxs, norms)
+            carry, _, dxs, norms = stack_backward_segments(
+                params, spec, run, lengths, inner_plan, carry, start=o, span=k, h_start=h_seg, dxs_out=dxs
+            )
+            return (carry, dxs), norms
+        lens = _window_lengths(lengths, o, k)
+        x_seg = _window(run.xs, o, k)
+        traces = backward.run_forward(params, spec, x_seg, h_seg, lens, diff_plan)
+        caches = tuple(tr.caches[0] for tr in traces if tr.caches is not None) if store else None
+        seg_run = backward.Run(
+            x_seg,
+            tuple(tr.states[0] for tr in traces),
+            h_seg,
+            _window(run.valid, o, k),
+            _window(run.targets, o, k),
+            _window(run.w, o, k),
+            caches=caches,
+            dtop=_window(run.dtop, o, k),
+        )
+        carry, dx, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, diff_plan)
+        if dx is not None:
+            dxs = lax.dynamic_update_slice_in_dim(dxs, dx.astype(dxs.dtype), o, axis=0)
+        return (carry, dxs), norms
 
     init = backward.zero_carry(params, run.h0) if carry is None else carry
-    inputs = (seg(run.xs), seg(run.targets), seg(run.w), seg(run.valid), lens_s, boundaries, seg(run.dtop))
-    out, (dxs, norms) = lax.scan(seg_backward, init, inputs, reverse=True)
+    (out, dxs_out), norms = lax.scan(seg_backward, (init, dxs_out), (jnp.arange(n_seg), boundaries), reverse=True)
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
-    return out, h_last, unseg(dxs), unseg(norms)
+    return out, h_last, dxs_out, unseg(norms)
 
 
 def _flip(a: Array | None) -> Array | None:
@@ -173,10 +212,11 @@ def bidirectional_segments(
 
     Args:
       run: the padded inputs, targets and weights (``run.hs`` is not read; ``run.h0``: L*2 entries);
-        T' a multiple of k; no output mask. Or, instead of targets, ``run.dtop`` [T', B, 2 N1]: the
-        gradient reaching the top layer's two nets' states from outside, (forward | reverse) whatever
-        the merge (the custom VJP of ``rnn_states``), in the readout's place (DIV 0, a zero readout
-        gradient). Its padded steps are the states this function holds there.
+        T' a multiple of k; no output mask. Or, instead of targets, ``run.dtop`` [T', B, N_top]: the
+        gradient reaching the top layer's merged states from outside (the custom VJP of
+        ``rnn_states``), in the readout's place (DIV 0, a zero readout gradient). Its reverse part at
+        a padded step (t >= lengths[b]) is not read: there the output holds the reverse net's final
+        state, where this function holds its initial one (the caller adds that part to ``ds_last``).
       ds_last: L*2 entries, the gradient reaching each net's final state (the custom VJP's), entering
         its sweep as the first carry; None: zeros.
 
@@ -298,11 +338,12 @@ def _bidirectional_sweeps(
             rev.append(rb_l)
             h_last.append(hr_last)
 
-    def parts(l, d_merged):  # dDIV/d(layer l's merged states) -> each net's part
+    def parts(l, d_merged, valid):  # dDIV/d(layer l's merged states) -> each net's part
         n1 = spec.hidden_sizes[l]
-        if spec.merge == "concat" or (run.dtop is not None and l == n_layers - 1):  # dtop: the two parts
-            return d_merged[..., :n1], d_merged[..., n1:]
-        return d_merged, d_merged
+        d_f, d_r = (d_merged[..., :n1], d_merged[..., n1:]) if spec.merge == "concat" else (d_merged, d_merged)
+        if run.dtop is not None and l == n_layers - 1 and valid is not None:  # dtop's padded steps: not read
+            d_r = jnp.where(valid[..., None], d_r, 0)
+        return d_f, d_r
 
     def net_backward(l, j, seg_l, above, valid, h_in, carry, want_dx):  # one net's BPTT over one segment
         x, hs, kept = seg_l
@@ -312,7 +353,7 @@ def _bidirectional_sweeps(
             scan_time(x, j),
             hs[j],
             h_in,
-            scan_time(parts(l, above)[j], j),
+            scan_time(parts(l, above, valid)[j], j),
             scan_time(valid, j),
             seg_plan,
             want_dx=want_dx,
@@ -371,7 +412,8 @@ def _bidirectional_sweeps(
     g: list[Any] = [[None] * n_layers, [None] * n_layers, None]
     dh0: list[Any] = [None] * (2 * n_layers)
     norms: list[Any] = [None] * (2 * n_layers)
-    dxs: Array | None = None
+    dx_sum: Array | None = None  # [S, k, B, N] dX of every sweep that computes it, summed
+    dx_dtype = precision.accumulation(run.xs.dtype)
     div = None
     for l in reversed(range(lowest, n_layers)):
         kept = tuple(bf[m] for m in range(l + 1, n_layers)), tuple(br[m] for m in range(l + 1, n_layers))
@@ -380,8 +422,8 @@ def _bidirectional_sweeps(
             top = l == n_layers - 1 and j == 0  # the sweep that sums DIV and the readout's gradient
 
             def body(carry, inp, l=l, j=j, top=top, want_dx=want_dx):
-                ds, g_net, div_c, g_ro, h_rt = carry
-                x, valid, tg, w, dtop, fb, rb, bf_above, br_above = inp
+                ds, g_net, div_c, g_ro, h_rt, dx_sum = carry
+                s, x, valid, tg, w, dtop, fb, rb, bf_above, br_above = inp
                 if top:  # the top reverse net's state entering this segment from the right
                     rb = rb + (h_rt,)
                 g_s, ds_new, dx, norm, div_s, g_ro_s, h_left = segment_backward(
@@ -392,7 +434,9 @@ def _bidirectional_sweeps(
                 if top:
                     div_c, g_ro = div_c + div_s, backward._tree_add(g_ro, g_ro_s)
                     h_rt = h_left
-                return (ds_new, g_net, div_c, g_ro, h_rt), (ds, dx, norm, h_rt_in)
+                if dx is not None:  # both sweeps add into one dX (no second [T', B, N] array)
+                    dx_sum = dx_sum.at[s].add(dx.astype(dx_sum.dtype))
+                return (ds_new, g_net, div_c, g_ro, h_rt, dx_sum), (ds, norm, h_rt_in)
 
             init = (
                 zeros_acc(run.h0[2 * l + j]) if ds_last is None else ds_last[2 * l + j],
@@ -400,9 +444,21 @@ def _bidirectional_sweeps(
                 zeros_acc(params.readout.b2[0]),
                 zeros(params.readout),
                 run.h0[2 * l + 1] if top else None,
+                None if not want_dx else dx_sum if dx_sum is not None else jnp.zeros(xs_s.shape, dx_dtype),
             )
-            inputs = (xs_s, valid_s, seg(run.targets), seg(run.w), seg(run.dtop), tuple(fwd), tuple(rev)) + kept
-            (ds, g_net, div_c, g_ro, h_rt), (entering, dx, norm, rt) = lax.scan(body, init, inputs, reverse=(j == 0))
+            inputs = (
+                jnp.arange(n_seg),
+                xs_s,
+                valid_s,
+                seg(run.targets),
+                seg(run.w),
+                seg(run.dtop),
+                tuple(fwd),
+                tuple(rev),
+            )
+            (ds, g_net, div_c, g_ro, h_rt, dx_sum), (entering, norm, rt) = lax.scan(
+                body, init, inputs + kept, reverse=(j == 0)
+            )
             g[j][l], dh0[2 * l + j] = g_net, ds
             (bf if j == 0 else br)[l] = entering
             if top:
@@ -410,8 +466,5 @@ def _bidirectional_sweeps(
                 assert h_rt is not None  # the top sweep carries the top reverse net's state
                 rev.append(rt)
                 h_last.append(h_rt)
-            dx_in = unseg(dx)
-            if dx_in is not None:
-                dxs = dx_in if dxs is None else dxs + dx_in
             norms[2 * l + j] = unseg(norm)
-    return div, g, dh0, h_last, dxs, norms
+    return div, g, dh0, h_last, unseg(dx_sum), norms

@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from bptt_jax.core import backward, budget, checks, forward, kernels, precision, segments
 from bptt_jax.core.params import RNNParams, RNNSpec
@@ -46,22 +45,18 @@ def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False):
 def _segmented(spec, unroll, recurrence, every, params, xs, h0, lengths):
     """``_plain`` with checkpoint segments of k steps, k dividing T (unidirectional stacks): (merged top states,
     final states in h0's dtype, the state entering each segment: L entries [T/k, B, W]). One scan
-    over the segments runs the stack k steps at a time, so across the sequence it keeps only the top
-    layer's states (the output) and the segments' boundary states. Nested segments (``every`` a
-    tuple): the outermost level's boundaries (the backward pass finds the inner ones)."""
+    runs the stack k steps at a time (nested segments, ``every`` a tuple: k_last steps at a time,
+    ``segments.chunked_forward``), so across the sequence it keeps only the top layer's states (the
+    output) and the outermost level's boundary states (the backward pass finds the inner ones)."""
     cparams, cxs, ch0 = precision.to_compute(spec.compute_dtype, (params, xs, h0))
-    t_len, k = xs.shape[0], segment_levels(every)[0]
-    n = t_len // k
-
-    def segment(h, inp):
-        x_seg, lens = inp
-        traces = forward.run_stack(cparams, spec, x_seg, h, lens, unroll=unroll, recurrence=recurrence)
-        return forward.last_states(traces), (traces[-1].merged, h)
-
-    inputs = (cxs.reshape((n, k) + cxs.shape[1:]), segments.segment_lengths(lengths, n, k))
-    h_last, (top, boundaries) = lax.scan(segment, ch0, inputs)
+    levels = segment_levels(every)
+    plan = Plan(block=levels[-1], store=False, segment=None, unroll=unroll, recurrence=recurrence)
+    h_last, boundaries, top = segments.chunked_forward(
+        cparams, spec, cxs, ch0, lengths, plan, levels[-1], levels[0], keep_top=True
+    )
     last = tuple(s.astype(h.dtype) for s, h in zip(h_last, h0))
-    return top.reshape((t_len,) + top.shape[2:]), last, boundaries
+    assert top is not None and boundaries is not None  # keep_top, and every is a level
+    return top, last, boundaries
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -106,8 +101,8 @@ def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
         # readout's place; the segments' forward pass keeps the boundary states
         cxs = precision.to_compute(spec.compute_dtype, xs_or_dtype)
         valid = forward.valid_mask(lengths, t_len)
-        dtop, ds_last = _bidirectional_top(spec, ct, valid, ds_last)
-        run = backward.Run(cxs, (), ch0, valid, None, None, dtop=dtop)
+        ds_last = _bidirectional_top(spec, ct, valid, ds_last)
+        run = backward.Run(cxs, (), ch0, valid, None, None, dtop=ct)
         _, g, dh0, _, dxs, _ = segments.bidirectional_segments(cparams, spec, run, p, ds_last=ds_last)
         g_layers, g_reverse = g.layers, g.reverse_layers
     elif layout[2] is not None:  # segments: recomputed from the boundary states (``saved``), the top
@@ -126,21 +121,19 @@ def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
     return grads, dxs, dh0, None  # lengths: integer, no cotangent
 
 
-def _bidirectional_top(spec: RNNSpec, ct: Array, valid: Array | None, ds_last: tuple) -> tuple[Array, tuple]:
-    """The cotangent of a bidirectional stack's merged top states as ``segments.bidirectional_segments``
-    takes it: (the forward net's part | the reverse net's) [T, B, 2 N1], and ``ds_last``. At a
-    padded step (t >= lengths[b]) the output holds the reverse net's final state, where the segments
-    hold its initial one: that part of the cotangent is moved to the final state's."""
+def _bidirectional_top(spec: RNNSpec, ct: Array, valid: Array | None, ds_last: tuple) -> tuple:
+    """``ds_last`` as ``segments.bidirectional_segments`` takes it with ``dtop = ct`` (the cotangent
+    of the merged top states): at a padded step (t >= lengths[b]) the output holds the top reverse
+    net's final state, where the segments hold its initial one, so that part of ct is added to the
+    final state's cotangent here (the segments do not read it)."""
+    if valid is None:
+        return ds_last
     n1 = spec.hidden_sizes[-1]
-    d_f, d_r = (ct[..., :n1], ct[..., n1:]) if spec.merge == "concat" else (ct, ct)
-    if valid is not None:
-        held = ~valid[..., None]
-        top = 2 * spec.num_layers - 1  # the top reverse net's entry
-        d = ds_last[top]
-        moved = jnp.sum(jnp.where(held, d_r, 0), axis=0).astype(d.dtype)
-        ds_last = ds_last[:top] + (d.at[:, :n1].add(moved),) + ds_last[top + 1 :]
-        d_r = jnp.where(held, 0, d_r)
-    return jnp.concatenate([d_f, d_r], axis=-1), ds_last
+    d_r = ct[..., n1:] if spec.merge == "concat" else ct
+    top = 2 * spec.num_layers - 1  # the top reverse net's entry
+    d = ds_last[top]
+    moved = jnp.sum(jnp.where(~valid[..., None], d_r, 0), axis=0).astype(d.dtype)
+    return ds_last[:top] + (d.at[:, :n1].add(moved),) + ds_last[top + 1 :]
 
 
 _states.defvjp(_states_fwd, _states_bwd)
