@@ -201,8 +201,8 @@ def test_segments_read_their_inputs_in_place(bidirectional):
         p = ref.make_problem(spec, t_len, batch, seed=3, use_lengths=True)
         ct = jax.random.normal(jax.random.key(4), (t_len, batch, spec.merged_size(0)))
 
-        def grads(params, xs, cts, grad="bptt", spec=spec):
-            f = lambda a, b: rnn_states(a, spec, b, lengths=p.lengths, checkpoint_every=every, grad=grad)  # noqa: E731
+        def grads(params, xs, cts, grad="bptt", spec=spec, lengths=p.lengths):
+            f = lambda a, b: rnn_states(a, spec, b, lengths=lengths, checkpoint_every=every, grad=grad)  # noqa: E731
             return jax.vjp(f, params, xs)[1](cts)
 
         fn = jax.jit(grads)

@@ -34,10 +34,13 @@ from bptt_jax.core.plan import (
 Array = jax.Array
 
 
-def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False):
-    """(merged top states, final states in h0's dtype, traces), computed in ``spec.compute_dtype``."""
+def _plain(spec, unroll, recurrence, params, xs, h0, lengths, store=False, block_size=None):
+    """(merged top states, final states in h0's dtype, traces), computed in ``spec.compute_dtype``;
+    the input projections ``block_size`` steps at a time (None: all at once)."""
     cparams, cxs, ch0 = precision.to_compute(spec.compute_dtype, (params, xs, h0))
-    traces = forward.run_stack(cparams, spec, cxs, ch0, lengths, unroll=unroll, recurrence=recurrence, store=store)
+    traces = forward.run_stack(
+        cparams, spec, cxs, ch0, lengths, unroll=unroll, block_size=block_size, recurrence=recurrence, store=store
+    )
     last = tuple(s.astype(h.dtype) for s, h in zip(forward.last_states(traces), h0))
     return traces[-1].merged, last, traces
 
@@ -75,14 +78,17 @@ def _block(layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -
 
 
 def _states_fwd(spec, unroll, recurrence, layout, params, xs, h0, lengths):
+    # The forward projects X(t) W1 by the backward's time blocks: a whole-sequence projection (and a
+    # gated cell's per-gate slices of it) would be the largest temp buffer of the call.
+    c = _block(layout, xs.shape[0], xs.shape[1], block_width(spec), recurrence)
     if layout[2] is not None and spec.bidirectional:  # segments: the backward finds its boundaries
-        merged, last, _ = _plain(spec, unroll, recurrence, params, xs, h0, lengths)
+        merged, last, _ = _plain(spec, unroll, recurrence, params, xs, h0, lengths, block_size=c)
         return (merged, last), (params, xs, h0, lengths, None)
     if layout[2] is not None:  # checkpoint segments: the boundary states are the residuals
         merged, last, boundaries = _segmented(spec, unroll, recurrence, layout[2], params, xs, h0, lengths)
         return (merged, last), (params, xs, h0, lengths, boundaries)
     store = resolve_gates(layout[0], spec, xs.shape[0], xs.shape[1], None, spec.compute_dtype or xs.dtype)
-    merged, last, traces = _plain(spec, unroll, recurrence, params, xs, h0, lengths, store)
+    merged, last, traces = _plain(spec, unroll, recurrence, params, xs, h0, lengths, store, c)
     xs_dtype = jnp.zeros((), xs.dtype)  # dX's dtype; the inputs themselves are in traces[0] (computed)
     return (merged, last), (params, xs_dtype, h0, lengths, traces)
 
