@@ -224,7 +224,8 @@ def bidirectional_segments(
       (DIV, grads, dh0 (L*2), h_last (L*2), dxs [T', B, N] or None, norms [T', L*2(, 2)] or None),
       in the same form and layout as ``gradient._bidirectional``.
     """
-    div, g, dh0, h_last, dxs, norms = _bidirectional_sweeps(params, spec, run, plan, ds_last, None)
+    dx0 = jnp.zeros(run.xs.shape, precision.accumulation(run.xs.dtype)) if plan.with_dxs else None
+    div, g, dh0, h_last, dxs, norms = _bidirectional_sweeps(params, spec, run, plan, ds_last, None, dx0)
     dh_norms = jnp.stack(norms, axis=1) if plan.with_norms else None
     assert div is not None  # the top layer's forward sweep summed it
     grads = RNNParams(tuple(g[0]), tuple(g[1]), g[2])
@@ -238,21 +239,28 @@ def _bidirectional_sweeps(
     plan: Plan,
     ds_last: tuple[Array, ...] | None,
     only: tuple[int, int] | None,
+    dxs: Array | None,
+    start=0,
+    span: int | None = None,
 ):
     """``bidirectional_segments``' work: (DIV or None, [forward nets' grads, reverse nets' grads,
     readout grads], dh0, h_last, dxs, norms), lists with one entry per layer or net (L*2).
 
     ``only`` = (l, j): the sweeps of net j of layer l and of both nets of every layer above it (an
     outer level's segment: nested segments); the other nets' entries are None, and DIV and the
-    readout's gradient too unless the top layer's forward sweep is among them. None: every sweep."""
+    readout's gradient too unless the top layer's forward sweep is among them. None: every sweep.
+    ``start``, ``span``: the steps of ``run``'s arrays this call covers (an outer level's segment;
+    ``run.h0``: the states entering it); every segment reads its window of the inputs, targets and
+    dtop where it lies. ``dxs``: the [T', B, N] dX that the sweeps computing it add into (None: not
+    asked for), returned filled."""
     k, *inner = segment_levels(plan.segment)
     inner_plan = plan._replace(segment=tuple(inner) if len(inner) > 1 else inner[0]) if inner else None
-    n_layers, n_seg = spec.num_layers, run.xs.shape[0] // k
+    span = run.xs.shape[0] if span is None else span
+    n_layers, n_seg = spec.num_layers, span // k
     lowest = 0 if only is None else only[0]
     sweeps = lambda l: (0, 1) if only is None or l > lowest else (only[1],)  # noqa: E731
     runs_top = 0 in sweeps(n_layers - 1)  # the top forward sweep: it also runs the top reverse net
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
-    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
     nets = (params.layers, params.reverse_layers)
     hidden = cells.get(spec.cell).hidden
@@ -288,26 +296,27 @@ def _bidirectional_sweeps(
             x = forward.merge(spec, hidden(hs[0]), hidden(_flip(hs[1])))
         return out, x
 
-    def final_state(l, j, x, valid, fb, rb, levels):
-        """Net j of layer l after this stretch of steps (its scan's last step: the right end for the
-        forward net, the left end for the reverse net), from ``fb`` / ``rb`` (the forward / reverse
-        nets' states entering it, layers <= l), with at most ``levels[-1]`` steps of states at a time
-        (no levels: all of them): chunk by chunk, the layers below from their own chunk boundaries."""
+    def final_state(l, j, o, n_steps, fb, rb, levels):
+        """Net j of layer l after the ``n_steps`` steps from step ``o`` (its scan's last step: the
+        right end for the forward net, the left end for the reverse net), from ``fb`` / ``rb`` (the
+        forward / reverse nets' states entering them, layers <= l), with at most ``levels[-1]`` steps
+        of states (and inputs) at a time (no levels: all of them): chunk by chunk, the layers below
+        from their own chunk boundaries."""
         if not levels:
-            block = _largest_divisor_at_most(x.shape[0], plan.block)
+            block = _largest_divisor_at_most(n_steps, plan.block)
+            x, valid = _window(run.xs, o, n_steps), _window(run.valid, o, n_steps)
             x_l = stack_on(x, valid, fb, rb, l, block=block)[1]
             return states(l, j, x_l, (fb, rb)[j][l], valid, block=block)[-1]
-        k, n = levels[0], x.shape[0] // levels[0]
-        chunk = lambda a: None if a is None else a.reshape((n, k) + a.shape[1:])  # noqa: E731
+        k, n = levels[0], n_steps // levels[0]
         f_in: list[Array] = []  # per layer below: [n, B, W] its nets' states entering each chunk
         r_in: list[Array] = []
         for m in range(l + 1):
-            below = (chunk(x), chunk(valid), tuple(f_in), tuple(r_in))
+            below = (jnp.arange(n), tuple(f_in), tuple(r_in))
             for i in (0, 1) if m < l else (j,):
 
                 def body(h, inp, m=m, i=i):
-                    x_c, v_c, fb_c, rb_c = inp
-                    return final_state(m, i, x_c, v_c, fb_c + (h,), rb_c + (h,), levels[1:]), h
+                    c, fb_c, rb_c = inp
+                    return final_state(m, i, o + c * k, k, fb_c + (h,), rb_c + (h,), levels[1:]), h
 
                 h_end, entering = lax.scan(body, (fb, rb)[i][m], below, reverse=(i == 1))
                 if m == l:
@@ -315,21 +324,20 @@ def _bidirectional_sweeps(
                 (f_in if i == 0 else r_in).append(entering)
         raise AssertionError("unreachable: the loop returns at layer l")
 
-    xs_s, valid_s = seg(run.xs), seg(run.valid)
     fwd: list[Array] = []  # per layer: [S, B, W] the forward net's state entering each segment
     rev: list[Array] = []  # per layer: [S, B, W] the reverse net's state entering each segment from the right
     h_last: list[Array] = []
     for l in range(n_layers):  # a loop over layers, not time
 
         def f_body(h, inp, l=l):
-            x, valid, fb, rb = inp
-            return final_state(l, 0, x, valid, fb + (h,), rb + (h,), tuple(inner)), h
+            s, fb, rb = inp
+            return final_state(l, 0, start + s * k, k, fb + (h,), rb + (h,), tuple(inner)), h
 
         def r_body(h, inp, l=l):
-            x, valid, fb, rb = inp
-            return final_state(l, 1, x, valid, fb + (h,), rb + (h,), tuple(inner)), h
+            s, fb, rb = inp
+            return final_state(l, 1, start + s * k, k, fb + (h,), rb + (h,), tuple(inner)), h
 
-        below = (xs_s, valid_s, tuple(fwd), tuple(rev))
+        below = (jnp.arange(n_seg), tuple(fwd), tuple(rev))
         hf_last, fb_l = lax.scan(f_body, run.h0[2 * l], below)
         fwd.append(fb_l)
         h_last.append(hf_last)
@@ -381,30 +389,32 @@ def _bidirectional_sweeps(
             above = dx_f + dx_r
         return seg_layers, div, g_readout, above
 
-    def segment_backward(l, j, top, want_dx, ds, x, valid, tg, w, dtop, fb, rb, bf_above, br_above):
-        """Net j of layer l over one segment, from the carry ``ds`` entering it: (grads, the carry
-        leaving it, dx, ||dh||, DIV and the readout's gradient (top sweep), the top reverse net's
-        state at the segment's left (top sweep))."""
+    def segment_backward(l, j, top, want_dx, ds, o, fb, rb, bf_above, br_above, dxs):
+        """Net j of layer l over the segment from step ``o``, from the carry ``ds`` entering it:
+        (grads, the carry leaving it, ``dxs`` with its dx added, ||dh||, DIV and the readout's
+        gradient (top sweep), the top reverse net's state at the segment's left (top sweep))."""
         if inner_plan is not None:  # the next level's segments inside this one
             h0_seg = tuple(h for m in range(n_layers) for h in (fb[m], rb[m]))
             ds_seg = [zeros_acc(h) for h in h0_seg]  # the nets below and beside are not swept
             ds_seg[2 * l + j] = ds
             for i, m in enumerate(range(l + 1, n_layers)):
                 ds_seg[2 * m], ds_seg[2 * m + 1] = bf_above[i], br_above[i]
-            sub = backward.Run(x, (), h0_seg, valid, tg, w, dtop=dtop)
-            div_s, g_s, dh0_s, h_last_s, dx, norms_s = _bidirectional_sweeps(
-                params, spec, sub, inner_plan, tuple(ds_seg), (l, j)
+            div_s, g_s, dh0_s, h_last_s, dxs, norms_s = _bidirectional_sweeps(
+                params, spec, run._replace(h0=h0_seg), inner_plan, tuple(ds_seg), (l, j), dxs, o, k
             )
             h_left = h_last_s[2 * n_layers - 1] if top else None
-            return g_s[j][l], dh0_s[2 * l + j], dx if want_dx else None, norms_s[2 * l + j], div_s, g_s[2], h_left
+            return g_s[j][l], dh0_s[2 * l + j], dxs, norms_s[2 * l + j], div_s, g_s[2], h_left
+        x, valid, tg, w, dtop = (_window(a, o, k) for a in (run.xs, run.valid, run.targets, run.w, run.dtop))
         pad = (None,) * (l + 1)
         seg_layers, div_s, g_ro_s, above = gradient_at(
             l, j, x, valid, tg, w, dtop, fb, rb, pad + bf_above, pad + br_above
         )
         h_in = (fb if j == 0 else rb)[l]
         g_s, ds_new, dx, norm = net_backward(l, j, seg_layers[l], above, valid, h_in, ds, want_dx)
+        if dx is not None:  # both sweeps add into one dX
+            dxs = lax.dynamic_update_slice_in_dim(dxs, _window(dxs, o, k) + dx.astype(dxs.dtype), o, axis=0)
         h_left = seg_layers[l][1][1][-1] if top else None  # its last scan step: the state entering segment s-1
-        return g_s, ds_new, dx, norm, div_s, g_ro_s, h_left
+        return g_s, ds_new, dxs, norm, div_s, g_ro_s, h_left
 
     zeros = lambda t: jax.tree_util.tree_map(zeros_acc, t)
     bf: dict[int, Array] = {}  # per layer above: [S, B, W] the forward net's carry entering each segment (right)
@@ -412,8 +422,6 @@ def _bidirectional_sweeps(
     g: list[Any] = [[None] * n_layers, [None] * n_layers, None]
     dh0: list[Any] = [None] * (2 * n_layers)
     norms: list[Any] = [None] * (2 * n_layers)
-    dx_sum: Array | None = None  # [S, k, B, N] dX of every sweep that computes it, summed
-    dx_dtype = precision.accumulation(run.xs.dtype)
     div = None
     for l in reversed(range(lowest, n_layers)):
         kept = tuple(bf[m] for m in range(l + 1, n_layers)), tuple(br[m] for m in range(l + 1, n_layers))
@@ -423,19 +431,17 @@ def _bidirectional_sweeps(
 
             def body(carry, inp, l=l, j=j, top=top, want_dx=want_dx):
                 ds, g_net, div_c, g_ro, h_rt, dx_sum = carry
-                s, x, valid, tg, w, dtop, fb, rb, bf_above, br_above = inp
+                s, fb, rb, bf_above, br_above = inp
                 if top:  # the top reverse net's state entering this segment from the right
                     rb = rb + (h_rt,)
-                g_s, ds_new, dx, norm, div_s, g_ro_s, h_left = segment_backward(
-                    l, j, top, want_dx, ds, x, valid, tg, w, dtop, fb, rb, bf_above, br_above
+                g_s, ds_new, dx_sum, norm, div_s, g_ro_s, h_left = segment_backward(
+                    l, j, top, want_dx, ds, start + s * k, fb, rb, bf_above, br_above, dx_sum
                 )
                 g_net = backward._tree_add(g_net, g_s)
                 h_rt_in = h_rt
                 if top:
                     div_c, g_ro = div_c + div_s, backward._tree_add(g_ro, g_ro_s)
                     h_rt = h_left
-                if dx is not None:  # both sweeps add into one dX (no second [T', B, N] array)
-                    dx_sum = dx_sum.at[s].add(dx.astype(dx_sum.dtype))
                 return (ds_new, g_net, div_c, g_ro, h_rt, dx_sum), (ds, norm, h_rt_in)
 
             init = (
@@ -444,22 +450,15 @@ def _bidirectional_sweeps(
                 zeros_acc(params.readout.b2[0]),
                 zeros(params.readout),
                 run.h0[2 * l + 1] if top else None,
-                None if not want_dx else dx_sum if dx_sum is not None else jnp.zeros(xs_s.shape, dx_dtype),
+                dxs if want_dx else None,
             )
-            inputs = (
-                jnp.arange(n_seg),
-                xs_s,
-                valid_s,
-                seg(run.targets),
-                seg(run.w),
-                seg(run.dtop),
-                tuple(fwd),
-                tuple(rev),
-            )
-            (ds, g_net, div_c, g_ro, h_rt, dx_sum), (entering, norm, rt) = lax.scan(
+            inputs = (jnp.arange(n_seg), tuple(fwd), tuple(rev))
+            (ds, g_net, div_c, g_ro, h_rt, dx_out), (entering, norm, rt) = lax.scan(
                 body, init, inputs + kept, reverse=(j == 0)
             )
             g[j][l], dh0[2 * l + j] = g_net, ds
+            if want_dx:
+                dxs = dx_out
             (bf if j == 0 else br)[l] = entering
             if top:
                 div, g[2] = div_c, g_ro
@@ -467,4 +466,4 @@ def _bidirectional_sweeps(
                 rev.append(rt)
                 h_last.append(h_rt)
             norms[2 * l + j] = unseg(norm)
-    return div, g, dh0, h_last, unseg(dx_sum), norms
+    return div, g, dh0, h_last, dxs, norms
