@@ -96,6 +96,9 @@ def stack_backward_segments(
     BPTT. Memory ~ T'/k1 + k1/k2 + ... + k_last states, for one more forward pass per level: every
     level reads its inputs, targets and dtop where they lie in ``run`` (windows of the last
     level's k steps), and its forward passes run k_last steps at a time (``chunked_forward``).
+    The valid-step mask and the weights, [T', B] arrays that the caller computes (and XLA may never
+    materialize whole), are sliced by each level's scan instead: ``run.valid`` and ``run.w`` hold
+    this call's ``span`` steps only.
 
     Args:
       run: the padded inputs, targets and weights, or ``run.dtop`` (the gradient reaching the top
@@ -107,8 +110,9 @@ def stack_backward_segments(
       boundaries: L entries [S, B, W], the state entering each segment, when the forward pass
         kept them already (the custom VJP's); None: this function's own forward pass finds them.
       start, span, h_start, dxs_out: an outer level's segment: its ``span`` steps from ``start``
-        of ``run``'s arrays, the states entering it, and the [T', B, N] dX being filled (None:
-        the whole run from ``run.h0``; a new dX).
+        of ``run``'s inputs, targets and dtop (``run.valid`` and ``run.w``: those steps only),
+        the states entering it, and the [T', B, N] dX being filled (None: the whole run from
+        ``run.h0``; a new dX).
 
     Returns:
       (carry at step 0, the final states (L entries [B, W]; None when ``boundaries`` were given),
@@ -136,12 +140,13 @@ def stack_backward_segments(
 
     def seg_backward(state, inp):
         carry, dxs = state
-        s, h_seg = inp
+        s, h_seg, valid_seg, w_seg = inp
         o = start + s * k
         if inner:  # the next level's segments inside this one
             inner_plan = plan._replace(segment=tuple(inner))  # read through segment_levels
+            sub = run._replace(valid=valid_seg, w=w_seg)
             carry, _, dxs, norms = stack_backward_segments(
-                params, spec, run, lengths, inner_plan, carry, start=o, span=k, h_start=h_seg, dxs_out=dxs
+                params, spec, sub, lengths, inner_plan, carry, start=o, span=k, h_start=h_seg, dxs_out=dxs
             )
             return (carry, dxs), norms
         lens = _window_lengths(lengths, o, k)
@@ -152,9 +157,9 @@ def stack_backward_segments(
             x_seg,
             tuple(tr.states[0] for tr in traces),
             h_seg,
-            _window(run.valid, o, k),
+            valid_seg,
             _window(run.targets, o, k),
-            _window(run.w, o, k),
+            w_seg,
             caches=caches,
             dtop=_window(run.dtop, o, k),
         )
@@ -164,7 +169,9 @@ def stack_backward_segments(
         return (carry, dxs), norms
 
     init = backward.zero_carry(params, run.h0) if carry is None else carry
-    (out, dxs_out), norms = lax.scan(seg_backward, (init, dxs_out), (jnp.arange(n_seg), boundaries), reverse=True)
+    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])  # noqa: E731
+    inputs = (jnp.arange(n_seg), boundaries, seg(run.valid), seg(run.w))
+    (out, dxs_out), norms = lax.scan(seg_backward, (init, dxs_out), inputs, reverse=True)
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
     return out, h_last, dxs_out, unseg(norms)
 
@@ -251,7 +258,8 @@ def _bidirectional_sweeps(
     readout's gradient too unless the top layer's forward sweep is among them. None: every sweep.
     ``start``, ``span``: the steps of ``run``'s arrays this call covers (an outer level's segment;
     ``run.h0``: the states entering it); every segment reads its window of the inputs, targets and
-    dtop where it lies. ``dxs``: the [T', B, N] dX that the sweeps computing it add into (None: not
+    dtop where it lies; ``run.valid`` and ``run.w`` hold the ``span`` steps only (sliced by the
+    level above, as ``stack_backward_segments`` says why). ``dxs``: the [T', B, N] dX that the sweeps computing it add into (None: not
     asked for), returned filled."""
     k, *inner = segment_levels(plan.segment)
     inner_plan = plan._replace(segment=tuple(inner) if len(inner) > 1 else inner[0]) if inner else None
@@ -261,6 +269,7 @@ def _bidirectional_sweeps(
     sweeps = lambda l: (0, 1) if only is None or l > lowest else (only[1],)  # noqa: E731
     runs_top = 0 in sweeps(n_layers - 1)  # the top forward sweep: it also runs the top reverse net
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
+    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
     nets = (params.layers, params.reverse_layers)
     hidden = cells.get(spec.cell).hidden
@@ -296,27 +305,28 @@ def _bidirectional_sweeps(
             x = forward.merge(spec, hidden(hs[0]), hidden(_flip(hs[1])))
         return out, x
 
-    def final_state(l, j, o, n_steps, fb, rb, levels):
+    def final_state(l, j, o, n_steps, valid, fb, rb, levels):
         """Net j of layer l after the ``n_steps`` steps from step ``o`` (its scan's last step: the
         right end for the forward net, the left end for the reverse net), from ``fb`` / ``rb`` (the
         forward / reverse nets' states entering them, layers <= l), with at most ``levels[-1]`` steps
         of states (and inputs) at a time (no levels: all of them): chunk by chunk, the layers below
-        from their own chunk boundaries."""
+        from their own chunk boundaries. ``valid``: the mask of these steps, or None."""
         if not levels:
             block = _largest_divisor_at_most(n_steps, plan.block)
-            x, valid = _window(run.xs, o, n_steps), _window(run.valid, o, n_steps)
+            x = _window(run.xs, o, n_steps)
             x_l = stack_on(x, valid, fb, rb, l, block=block)[1]
             return states(l, j, x_l, (fb, rb)[j][l], valid, block=block)[-1]
         k, n = levels[0], n_steps // levels[0]
+        chunks = None if valid is None else valid.reshape((n, k) + valid.shape[1:])
         f_in: list[Array] = []  # per layer below: [n, B, W] its nets' states entering each chunk
         r_in: list[Array] = []
         for m in range(l + 1):
-            below = (jnp.arange(n), tuple(f_in), tuple(r_in))
+            below = (jnp.arange(n), chunks, tuple(f_in), tuple(r_in))
             for i in (0, 1) if m < l else (j,):
 
                 def body(h, inp, m=m, i=i):
-                    c, fb_c, rb_c = inp
-                    return final_state(m, i, o + c * k, k, fb_c + (h,), rb_c + (h,), levels[1:]), h
+                    c, v_c, fb_c, rb_c = inp
+                    return final_state(m, i, o + c * k, k, v_c, fb_c + (h,), rb_c + (h,), levels[1:]), h
 
                 h_end, entering = lax.scan(body, (fb, rb)[i][m], below, reverse=(i == 1))
                 if m == l:
@@ -330,14 +340,14 @@ def _bidirectional_sweeps(
     for l in range(n_layers):  # a loop over layers, not time
 
         def f_body(h, inp, l=l):
-            s, fb, rb = inp
-            return final_state(l, 0, start + s * k, k, fb + (h,), rb + (h,), tuple(inner)), h
+            s, valid, fb, rb = inp
+            return final_state(l, 0, start + s * k, k, valid, fb + (h,), rb + (h,), tuple(inner)), h
 
         def r_body(h, inp, l=l):
-            s, fb, rb = inp
-            return final_state(l, 1, start + s * k, k, fb + (h,), rb + (h,), tuple(inner)), h
+            s, valid, fb, rb = inp
+            return final_state(l, 1, start + s * k, k, valid, fb + (h,), rb + (h,), tuple(inner)), h
 
-        below = (jnp.arange(n_seg), tuple(fwd), tuple(rev))
+        below = (jnp.arange(n_seg), seg(run.valid), tuple(fwd), tuple(rev))
         hf_last, fb_l = lax.scan(f_body, run.h0[2 * l], below)
         fwd.append(fb_l)
         h_last.append(hf_last)
@@ -389,7 +399,7 @@ def _bidirectional_sweeps(
             above = dx_f + dx_r
         return seg_layers, div, g_readout, above
 
-    def segment_backward(l, j, top, want_dx, ds, o, fb, rb, bf_above, br_above, dxs):
+    def segment_backward(l, j, top, want_dx, ds, o, valid, w, fb, rb, bf_above, br_above, dxs):
         """Net j of layer l over the segment from step ``o``, from the carry ``ds`` entering it:
         (grads, the carry leaving it, ``dxs`` with its dx added, ||dh||, DIV and the readout's
         gradient (top sweep), the top reverse net's state at the segment's left (top sweep))."""
@@ -400,11 +410,11 @@ def _bidirectional_sweeps(
             for i, m in enumerate(range(l + 1, n_layers)):
                 ds_seg[2 * m], ds_seg[2 * m + 1] = bf_above[i], br_above[i]
             div_s, g_s, dh0_s, h_last_s, dxs, norms_s = _bidirectional_sweeps(
-                params, spec, run._replace(h0=h0_seg), inner_plan, tuple(ds_seg), (l, j), dxs, o, k
+                params, spec, run._replace(h0=h0_seg, valid=valid, w=w), inner_plan, tuple(ds_seg), (l, j), dxs, o, k
             )
             h_left = h_last_s[2 * n_layers - 1] if top else None
             return g_s[j][l], dh0_s[2 * l + j], dxs, norms_s[2 * l + j], div_s, g_s[2], h_left
-        x, valid, tg, w, dtop = (_window(a, o, k) for a in (run.xs, run.valid, run.targets, run.w, run.dtop))
+        x, tg, dtop = (_window(a, o, k) for a in (run.xs, run.targets, run.dtop))
         pad = (None,) * (l + 1)
         seg_layers, div_s, g_ro_s, above = gradient_at(
             l, j, x, valid, tg, w, dtop, fb, rb, pad + bf_above, pad + br_above
@@ -431,11 +441,11 @@ def _bidirectional_sweeps(
 
             def body(carry, inp, l=l, j=j, top=top, want_dx=want_dx):
                 ds, g_net, div_c, g_ro, h_rt, dx_sum = carry
-                s, fb, rb, bf_above, br_above = inp
+                s, valid, w, fb, rb, bf_above, br_above = inp
                 if top:  # the top reverse net's state entering this segment from the right
                     rb = rb + (h_rt,)
                 g_s, ds_new, dx_sum, norm, div_s, g_ro_s, h_left = segment_backward(
-                    l, j, top, want_dx, ds, start + s * k, fb, rb, bf_above, br_above, dx_sum
+                    l, j, top, want_dx, ds, start + s * k, valid, w, fb, rb, bf_above, br_above, dx_sum
                 )
                 g_net = backward._tree_add(g_net, g_s)
                 h_rt_in = h_rt
@@ -452,7 +462,7 @@ def _bidirectional_sweeps(
                 run.h0[2 * l + 1] if top else None,
                 dxs if want_dx else None,
             )
-            inputs = (jnp.arange(n_seg), tuple(fwd), tuple(rev))
+            inputs = (jnp.arange(n_seg), seg(run.valid), seg(run.w), tuple(fwd), tuple(rev))
             (ds, g_net, div_c, g_ro, h_rt, dx_out), (entering, norm, rt) = lax.scan(
                 body, init, inputs + kept, reverse=(j == 0)
             )
