@@ -135,7 +135,10 @@ def stack_backward_segments(
         h_last, boundaries, _ = chunked_forward(
             params, spec, run.xs, h_start, lengths, seg_plan, last_k, k, start=start, span=span
         )
-    if dxs_out is None and plan.with_dxs:
+    # dX: one [T', B, N] buffer filled through nested levels; one level stacks its segments' dx
+    # (an output of the scan: no zeros to fill)
+    fill = plan.with_dxs and (bool(inner) or dxs_out is not None)
+    if fill and dxs_out is None:
         dxs_out = jnp.zeros(run.xs.shape, precision.accumulation(run.xs.dtype))
 
     def seg_backward(state, inp):
@@ -148,7 +151,7 @@ def stack_backward_segments(
             carry, _, dxs, norms = stack_backward_segments(
                 params, spec, sub, lengths, inner_plan, carry, start=o, span=k, h_start=h_seg, dxs_out=dxs
             )
-            return (carry, dxs), norms
+            return (carry, dxs), (None, norms)
         lens = _window_lengths(lengths, o, k)
         x_seg = _window(run.xs, o, k)
         traces = backward.run_forward(params, spec, x_seg, h_seg, lens, diff_plan)
@@ -164,16 +167,16 @@ def stack_backward_segments(
             dtop=_window(run.dtop, o, k),
         )
         carry, dx, norms = backward.stack_backward_blocked(params, spec, seg_run, carry, diff_plan)
-        if dx is not None:
-            dxs = lax.dynamic_update_slice_in_dim(dxs, dx.astype(dxs.dtype), o, axis=0)
-        return (carry, dxs), norms
+        if dx is not None and fill:
+            dxs, dx = lax.dynamic_update_slice_in_dim(dxs, dx.astype(dxs.dtype), o, axis=0), None
+        return (carry, dxs), (dx, norms)
 
     init = backward.zero_carry(params, run.h0) if carry is None else carry
     seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])  # noqa: E731
     inputs = (jnp.arange(n_seg), boundaries, seg(run.valid), seg(run.w))
-    (out, dxs_out), norms = lax.scan(seg_backward, (init, dxs_out), inputs, reverse=True)
+    (out, dxs_out), (dxs, norms) = lax.scan(seg_backward, (init, dxs_out), inputs, reverse=True)
     unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
-    return out, h_last, dxs_out, unseg(norms)
+    return out, h_last, dxs_out if fill else unseg(dxs), unseg(norms)
 
 
 def _flip(a: Array | None) -> Array | None:
