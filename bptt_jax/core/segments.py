@@ -58,6 +58,8 @@ def chunked_forward(
     n, per = span // chunk, (every or span) // chunk
     chunk_plan = plan._replace(block=_largest_divisor_at_most(chunk, plan.block), store=False)
 
+    emit = every is not None and per == 1  # every chunk opens a segment: its entering state is an output
+
     def body(carry, i):
         h, kept = carry
         if kept is not None:  # the state entering segment i // per, written when chunk i opens it
@@ -67,11 +69,11 @@ def chunked_forward(
         traces = backward.run_forward(
             params, spec, _window(xs, o, chunk), h, _window_lengths(lengths, o, chunk), chunk_plan
         )
-        return (forward.last_states(traces), kept), (traces[-1].merged if keep_top else None)
+        return (forward.last_states(traces), kept), (traces[-1].merged if keep_top else None, h if emit else None)
 
-    kept0 = None if every is None else tuple(jnp.zeros((span // every,) + s.shape, s.dtype) for s in h0)
-    (h_last, kept), top = lax.scan(body, (tuple(h0), kept0), jnp.arange(n))
-    return h_last, kept, None if top is None else top.reshape((span,) + top.shape[2:])
+    kept0 = None if every is None or emit else tuple(jnp.zeros((span // every,) + s.shape, s.dtype) for s in h0)
+    (h_last, kept), (top, entering) = lax.scan(body, (tuple(h0), kept0), jnp.arange(n))
+    return h_last, entering if emit else kept, None if top is None else top.reshape((span,) + top.shape[2:])
 
 
 def stack_backward_segments(
