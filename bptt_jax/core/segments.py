@@ -264,8 +264,8 @@ def _bidirectional_sweeps(
     ``start``, ``span``: the steps of ``run``'s arrays this call covers (an outer level's segment;
     ``run.h0``: the states entering it); every segment reads its window of the inputs, targets and
     dtop where it lies; ``run.valid`` and ``run.w`` hold the ``span`` steps only (sliced by the
-    level above, as ``stack_backward_segments`` says why). ``dxs``: the [T', B, N] dX that the sweeps computing it add into (None: not
-    asked for), returned filled."""
+    level above, as ``stack_backward_segments`` says why). ``dxs``: the [T', B, N] dX that the
+    sweeps computing it add into (None: not asked for), returned filled."""
     k, *inner = segment_levels(plan.segment)
     inner_plan = plan._replace(segment=tuple(inner) if len(inner) > 1 else inner[0]) if inner else None
     span = run.xs.shape[0] if span is None else span

@@ -66,7 +66,8 @@ def _segmented(spec, unroll, recurrence, every, params, xs, h0, lengths):
 def _states(spec, unroll, recurrence, layout, params, xs, h0, lengths):
     if layout[2] is not None and not spec.bidirectional:
         return _segmented(spec, unroll, recurrence, layout[2], params, xs, h0, lengths)[:2]
-    return _plain(spec, unroll, recurrence, params, xs, h0, lengths)[:2]
+    c = _block(layout, xs.shape[0], xs.shape[1], block_width(spec), recurrence)  # as _states_fwd
+    return _plain(spec, unroll, recurrence, params, xs, h0, lengths, block_size=c)[:2]
 
 
 def _block(layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -> int:
