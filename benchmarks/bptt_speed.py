@@ -27,6 +27,7 @@ import numpy as np
 
 import bptt_jax as bj
 from bptt_jax.core import kernels as bj_kernels
+from bptt_jax.core import plancache
 
 SHAPES = [
     (50, 1, 32, 64, 32),
@@ -508,7 +509,7 @@ def main(argv=None):
     lines = [
         f"# bptt_jax benchmark ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
+        f"Machine: {plancache.describe_host()} ({platform.machine()}), {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}; "
         f"command: `python benchmarks/bptt_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
         f"{rounds} timed rounds, a fresh random order each round, medians; float32 matmul precision: "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import random
 import statistics
@@ -127,14 +126,11 @@ def bench_gates(cell_name, shape, rounds):
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), and its logical cores."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical cores"
+    """The CPU as the plan cache keys it (``bptt_jax.core.plancache.describe_host``): its model
+    with family and model numbers, its vector extensions (AVX2 or AVX-512 ...) and logical cores."""
+    from bptt_jax.core import plancache
+
+    return plancache.describe_host()
 
 
 def parse_report_args(doc: str, argv, cells, default_rounds: int, extra=None):

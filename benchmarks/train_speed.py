@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bptt_jax.command import config, runner  # noqa: E402
+from bptt_jax.core import plancache  # noqa: E402
 from bptt_jax.layers.torch import to_torch_state_dict  # noqa: E402
 from bptt_jax.training import train  # noqa: E402
 
@@ -216,7 +217,7 @@ def main(argv=None):
     lines = [
         f"# Training speed, the model of {Path(args.config).name} ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} "
+        f"Machine: {plancache.describe_host()} ({platform.machine()}), {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), jax {jax.__version__}, python {platform.python_version()}"
         + (f", torch {__import__('torch').__version__}" if any("PyTorch" in n for n in names) else "")
         + f"; command: `python benchmarks/train_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`.",

@@ -246,7 +246,8 @@ def test_tune_speed_quick(tmp_path, monkeypatch):
     assert all(float(r[-2]) < 1e-4 for r in rows)  # every plan's gradient = jax.grad's
     assert not (tmp_path / "users-cache").exists()  # tuned in a cache of its own
     assert "| gru | " in report.split("geometric mean")[1]
-    assert len([line for line in budgeted.splitlines() if line.startswith("| gru | (")]) == 2
+    budget_rows = [line.split("|") for line in budgeted.splitlines() if line.startswith("| gru | (")]
+    assert len(budget_rows) == 2 and all(len(r) == 13 for r in budget_rows)  # untuned, then tuned under it
     layers = mod.main(["--quick", "--layers", "--cell", "lstm", "--budget", "2"])  # rnn_states' plans
     rows = [line.split("|") for line in layers.splitlines() if line.startswith("| lstm | (")]
     assert len(rows) == 1 and float(rows[0][-2]) < 1e-4  # = grad="autodiff"'s gradient

@@ -135,6 +135,25 @@ def test_another_versions_key_does_not_match(cache, traced):
         assert traced[-1] == plan.resolve(plan.Options(), spec, T, B, p.xs.dtype, use_cache=False)
 
 
+def test_another_processors_key_does_not_match(cache, traced, monkeypatch):
+    """JAX calls every CPU "cpu": a cache shared by machines with other processors (a home
+    directory on a cluster) must not hand one machine's plan to another. The key holds the host."""
+    here = plancache.host()
+    assert here["cores"] >= 1 and here["cpu"]
+    with jax.enable_x64(True):
+        p, spec = _problem("elman")
+        other = {**here, "isa": [*here["isa"], "an-extension-this-machine-lacks"]}
+        monkeypatch.setattr(plancache, "host", lambda: other)
+        entry = {"block_size": 3, "gates": "recompute", "unroll": 1, "recurrence": "scan"}
+        assert plancache.record(_key(spec, p), entry)  # tuned "there"
+        assert json.loads(_key(spec, p))["host"] == other
+        monkeypatch.setattr(plancache, "host", lambda: here)  # read "here"
+        assert _key(spec, p) not in json.loads((cache / plancache.FILE).read_text())["entries"]
+        _check_against_autodiff(p, spec)
+        assert traced[-1] == plan.resolve(plan.Options(), spec, T, B, p.xs.dtype, use_cache=False)
+        assert traced[-1].block != 3  # the rules' block: the other machine's entry was not read
+
+
 def test_concurrent_writers_lose_nothing(cache):
     def write(i):
         for j in range(5):

@@ -3,8 +3,10 @@
 One JSON file, ``plans.json``, in ``cache_dir()``: ``$BPTT_JAX_CACHE_DIR`` when set, else
 ``$XDG_CACHE_HOME/bptt_jax``, else ``~/.cache/bptt_jax``. ``BPTT_JAX_PLAN_CACHE=off`` stops every
 read and write (the rules of ``plan.resolve`` then decide alone). The file maps a key (``key``: the
-jax and jaxlib versions, the backend and device kind, the network, T, B, the dtype and the options
-that change the work but not the plan) to an entry: the plan's choices (``block_size``, ``gates``,
+jax and jaxlib versions, the backend and device kind -- on the CPU backend also the processor
+(``host``: its model, family, vector extensions and the cores this process may use, since JAX
+calls every CPU "cpu") --, the network, T, B, the dtype and the options that change the work but
+not the plan) to an entry: the plan's choices (``block_size``, ``gates``,
 ``unroll``, ``recurrence``) and what was measured.
 
 Safe by construction: a plan never changes the gradient's value (every plan gives the same
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import platform
 import tempfile
 import warnings
 from pathlib import Path
@@ -55,6 +59,56 @@ def cache_dir() -> Path:
     return Path(base) / "bptt_jax"
 
 
+# The vector and matrix extensions that change which kernels XLA:CPU runs (the widths of its dots).
+_ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
+
+
+@functools.lru_cache(maxsize=1)
+def _processor() -> tuple[str, tuple[str, ...]]:
+    """(the processor's name with its family / model where Linux tells them, its extensions among
+    ``_ISA``). Read once per process: the processor does not change under a running process."""
+    name, family, model, flags = platform.processor() or platform.machine(), "", "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                field, _, value = line.partition(":")
+                field, value = field.strip(), value.strip()
+                if field == "model name":
+                    name = value
+                elif field == "cpu family":
+                    family = value
+                elif field == "model" and not model:
+                    model = value
+                elif field in ("flags", "Features"):
+                    flags = set(value.split())
+                if field == "" and flags:  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    if family or model:
+        name = f"{name} (family {family or '?'}, model {model or '?'})"
+    return name, tuple(f for f in _ISA if f in flags)
+
+
+def host() -> dict:
+    """What identifies this machine's CPU for timing: its name (with family and model on Linux), its
+    vector extensions (AVX2, AVX-512, AMX, NEON / SVE ...) and the logical cores this process may
+    run on. Part of a CPU plan's key; benchmarks print it beside their tables."""
+    name, isa = _processor()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return {"cpu": name, "isa": list(isa), "cores": cores}
+
+
+def describe_host() -> str:
+    """``host()`` in words, for the header of a benchmark's table."""
+    h = host()
+    isa = ", ".join(h["isa"]) or "no listed vector extensions"
+    return f"{h['cpu']}, {isa}; {h['cores']} logical cores"
+
+
 def key(spec: RNNSpec, t_len: int, batch: int, dtype, work: dict, backend: str | None = None) -> str:
     """The cache key of one problem: a canonical JSON string.
 
@@ -64,7 +118,9 @@ def key(spec: RNNSpec, t_len: int, batch: int, dtype, work: dict, backend: str |
       dtype: the dtype the recurrence computes in.
       work: the caller's options that change the work but are not the plan's to choose (for
         ``bptt``: generic, diagnostics, with_dxs, checkpoint_every, an output mask, the budget).
-      backend: "cpu", "gpu", ...; None: JAX's default backend.
+      backend: "cpu", "gpu", ...; None: JAX's default backend. On "cpu" the key holds ``host()``
+        too: a cache shared by machines with other processors (a home directory on a cluster)
+        never hands one machine's plan to another.
     """
     backend = backend or jax.default_backend()
     device = jax.devices(backend)[0]
@@ -80,6 +136,8 @@ def key(spec: RNNSpec, t_len: int, batch: int, dtype, work: dict, backend: str |
         "dtype": str(jax.numpy.dtype(dtype)),
         "work": work,
     }
+    if backend == "cpu":
+        fields["host"] = host()
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
 
 
