@@ -154,6 +154,19 @@ def test_another_processors_key_does_not_match(cache, traced, monkeypatch):
         assert traced[-1].block != 3  # the rules' block: the other machine's entry was not read
 
 
+def test_a_candidate_must_win_the_head_to_head_round_by_round():
+    from bptt_jax.core import tune
+
+    rules = [10.0, 10.0, 10.0, 10.0, 10.0, 10.0]
+    assert tune.wins_head_to_head([9.0] * 6, rules)  # 10% faster in every round
+    assert not tune.wins_head_to_head([9.7] * 6, rules)  # 3%: inside the margin
+    # one slow round (the machine's load) in both: the paired ratios still say 10% faster
+    assert tune.wins_head_to_head([9.0, 9.0, 18.0, 9.0, 9.0, 9.0], [10.0, 10.0, 20.0, 10.0, 10.0, 10.0])
+    # the medians of the two lists alone would say 10% faster; round by round it lost two of six
+    assert not tune.wins_head_to_head([9.0, 9.0, 9.0, 9.0, 11.0, 11.0], [10.0, 10.0, 10.0, 10.0, 8.0, 8.0])
+    assert not tune.wins_head_to_head([], [])
+
+
 def test_concurrent_writers_lose_nothing(cache):
     def write(i):
         for j in range(5):

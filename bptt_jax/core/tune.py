@@ -10,8 +10,9 @@ or recomputed, then the scan's unroll for the best of those -- times them side b
 rounds, medians) within a time budget, and records the fastest in the plan cache
 (``bptt_jax.core.plancache``), which every later ``bptt`` call of the same problem reads when it is
 traced. Every plan gives the same gradient to rounding, so tuning changes the time, never the value.
-A plan replaces the rules' plan only when it is at least ``MARGIN`` faster in a head-to-head of twice
-the rounds after the search (a tie in the noise keeps the rules' plan).
+A plan replaces the rules' plan only when it wins a head-to-head of twice the rounds after the search
+(``wins_head_to_head``: at least ``MARGIN`` faster by the median of the rounds' paired time ratios,
+and faster in at least ``WIN_SHARE`` of the rounds; a tie in the noise keeps the rules' plan).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bptt_jax.core import budget, cells, checks, forward, gradient, kernels, pla
 from bptt_jax.core.params import RNNSpec
 
 MARGIN = 0.05  # a candidate must beat the rules' plan by 5% to replace it (this CPU's noise: +-4%)
+WIN_SHARE = 0.75  # ... and be the faster of the two in at least this share of the head-to-head's rounds
 UNROLLS = (2, 4)  # tried for the best plan at the default unroll (1 on a CPU)
 COMPILE_SHARE = 0.5  # no candidate is compiled after this share of the time budget
 UNROLL_SHARE = 0.7  # the unroll stage starts only before this share
@@ -63,6 +65,19 @@ def candidate_blocks(t_len: int, batch: int, rules_block: int) -> list[int]:
         if c * batch >= MIN_BLOCK_ROWS:
             blocks.add(c)
     return sorted(blocks, reverse=True)
+
+
+def wins_head_to_head(candidate_times, rules_times) -> bool:
+    """Whether a candidate replaces the rules' plan, from a head-to-head's times: the k-th time of
+    each was taken in the same round (the two run back to back), so their ratio cancels what the
+    machine's load did to that round. The median ratio must be at most 1 - ``MARGIN`` and the
+    candidate faster in at least ``WIN_SHARE`` of the rounds. (A median of each plan's times alone
+    let a plan through that a later side-by-side run measured 0.89x of the rules' plan, and one
+    as fast at 3.3x its memory: benchmarks/results/tune_speed_avx512.md, 2026-12-04.)"""
+    ratios = np.asarray(candidate_times, dtype=float) / np.asarray(rules_times, dtype=float)
+    if ratios.size == 0:
+        return False
+    return bool(np.median(ratios) <= 1 - MARGIN and np.mean(ratios < 1) >= WIN_SHARE)
 
 
 def _label(opts: plan.Options) -> str:
@@ -291,9 +306,9 @@ def _search(
         for o in measured:
             measured[o]["times"] = []
         for _ in range(2):
-            time_rounds([default, best], 0.5)
-    if median(best) > (1 - MARGIN) * median(default):
-        best = default
+            time_rounds([default, best], 0.5)  # each round times both: their times pair up
+        if not wins_head_to_head(measured[best]["times"], measured[default]["times"]):
+            best = default
     say(
         f"{_label(best)}: {1e3 * median(best):.2f} ms, {median(default) / median(best):.2f}x the rules' plan "
         f"({_label(default)}: {1e3 * median(default):.2f} ms); {len(measured)} plans in {time.perf_counter() - start:.0f} s"
