@@ -174,11 +174,19 @@ def stack_backward_segments(
         return (carry, dxs), (dx, norms)
 
     init = backward.zero_carry(params, run.h0) if carry is None else carry
-    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])  # noqa: E731
-    inputs = (jnp.arange(n_seg), boundaries, seg(run.valid), seg(run.w))
+    inputs = (jnp.arange(n_seg), boundaries, _by_segment(run.valid, n_seg), _by_segment(run.w, n_seg))
     (out, dxs_out), (dxs, norms) = lax.scan(seg_backward, (init, dxs_out), inputs, reverse=True)
-    unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
-    return out, h_last, dxs_out if fill else unseg(dxs), unseg(norms)
+    return out, h_last, dxs_out if fill else _joined(dxs), _joined(norms)
+
+
+def _by_segment(a: Array | None, n_seg: int) -> Array | None:
+    """[n_seg * k, ...] -> [n_seg, k, ...]: a per-step array as a scan over segments reads it."""
+    return None if a is None else a.reshape((n_seg, a.shape[0] // n_seg) + a.shape[1:])
+
+
+def _joined(a: Array | None) -> Array | None:
+    """[n_seg, k, ...] -> [n_seg * k, ...]: what a scan over segments stacked, back in steps."""
+    return None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
 
 
 def _flip(a: Array | None) -> Array | None:
@@ -274,8 +282,6 @@ def _bidirectional_sweeps(
     sweeps = lambda l: (0, 1) if only is None or l > lowest else (only[1],)  # noqa: E731
     runs_top = 0 in sweeps(n_layers - 1)  # the top forward sweep: it also runs the top reverse net
     seg_plan = plan._replace(block=_largest_divisor_at_most(k, plan.block))
-    seg = lambda a: None if a is None else a.reshape((n_seg, k) + a.shape[1:])
-    unseg = lambda a: None if a is None else a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
     nets = (params.layers, params.reverse_layers)
     hidden = cells.get(spec.cell).hidden
     # A gated cell keeps the gates of the segment it differentiates (k steps; 16-bit compute
@@ -352,7 +358,7 @@ def _bidirectional_sweeps(
             s, valid, fb, rb = inp
             return final_state(l, 1, start + s * k, k, valid, fb + (h,), rb + (h,), tuple(inner)), h
 
-        below = (jnp.arange(n_seg), seg(run.valid), tuple(fwd), tuple(rev))
+        below = (jnp.arange(n_seg), _by_segment(run.valid, n_seg), tuple(fwd), tuple(rev))
         hf_last, fb_l = lax.scan(f_body, run.h0[2 * l], below)
         fwd.append(fb_l)
         h_last.append(hf_last)
@@ -467,7 +473,13 @@ def _bidirectional_sweeps(
                 run.h0[2 * l + 1] if top else None,
                 dxs if want_dx else None,
             )
-            inputs = (jnp.arange(n_seg), seg(run.valid), seg(run.w), tuple(fwd), tuple(rev))
+            inputs = (
+                jnp.arange(n_seg),
+                _by_segment(run.valid, n_seg),
+                _by_segment(run.w, n_seg),
+                tuple(fwd),
+                tuple(rev),
+            )
             (ds, g_net, div_c, g_ro, h_rt, dx_out), (entering, norm, rt) = lax.scan(
                 body, init, inputs + kept, reverse=(j == 0)
             )
@@ -480,5 +492,5 @@ def _bidirectional_sweeps(
                 assert h_rt is not None  # the top sweep carries the top reverse net's state
                 rev.append(rt)
                 h_last.append(h_rt)
-            norms[2 * l + j] = unseg(norm)
+            norms[2 * l + j] = _joined(norm)
     return div, g, dh0, h_last, dxs, norms
