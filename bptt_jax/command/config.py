@@ -163,7 +163,8 @@ HELP = {
     (
         "train",
         "recurrence",
-    ): "auto (lax.scan; the Pallas kernels on a GPU for float32 layers of N1 <= 64), scan or pallas",
+    ): "auto (lax.scan; the Pallas kernels on a GPU for float32 layers of N1 <= 64), scan, pallas, or native "
+    "(the compiled LSTM kernel on a CPU, float32; needs a C++ compiler and scipy-openblas32)",
     ("train", "devices"): '"1", a count, or "all": data-parallel over devices (batch split along B)',
     ("train", "max_memory"): 'a budget for the gradient program\'s temp memory per device ("512MiB", "2GiB"; '
     '"" = none): the fastest plan that fits (bptt\'s max_memory)',
@@ -208,7 +209,7 @@ CHOICES = {
     ("optim", "schedule"): ("constant", "cosine", "warmup_cosine", "warmup_constant"),
     ("optim", "clip"): ("none", "global_norm", "value"),
     ("train", "grad"): ("bptt", "autodiff"),
-    ("train", "recurrence"): ("auto", "scan", "pallas"),
+    ("train", "recurrence"): ("auto", "scan", "pallas", "native"),
 }
 POSITIVE = {
     ("data", "seq_len"),

@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax.core import activations, cells, forward, kernels, losses, precision
+from bptt_jax.core import activations, cells, forward, kernels, losses, native, precision
+from bptt_jax.core.cells import lstm
 from bptt_jax.core.cells.base import flat
 from bptt_jax.core.params import LayerParams, ReadoutParams, RNNParams, RNNSpec
 from bptt_jax.core.plan import Plan
@@ -137,6 +138,11 @@ def cell_backward(
     if plan.recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         das, ds_m1, norms = kernels.reverse_recurrence(layer.w11, activation, ss, dhs_above, valid, ds_init)
         dvs, norms = das, norms if plan.with_norms else None
+    elif plan.recurrence == "native":  # the LSTM in float32 on the CPU (kernels.resolve; no norms: Options.check)
+        if cache is None:  # gates="recompute": the gates from A(t) and s(t-1), two block matmuls
+            cache = lstm.gate_cache(layer, xs, s_tm1s)
+        das, ds_m1 = native.lstm_reverse(layer.wh, dhs_above, cache, s_tm1s, ss, valid, ds_init)
+        dvs, norms = das, None
     else:
         das, dvs, ds_m1, norms = cell.reverse(
             layer,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax.core import cells, checks, kernels, precision
+from bptt_jax.core import cells, checks, kernels, native, precision
 from bptt_jax.core.params import RNNParams, RNNSpec
 
 Array = jax.Array
@@ -79,6 +79,8 @@ def _unroll_whole(
     us = cell.project(layer, precision.rounded(xs, h0.dtype))  # [T, B, G N1], one matmul for all t
     if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
+    if recurrence == "native":  # the LSTM in float32 on the CPU (kernels.resolve): one call per block
+        return native.lstm_forward(layer.wh, layer.bh, us, h0, valid, store)
 
     # Without the gate cache, a gated cell's A(t) enters the loop one gate block per array and is
     # joined again inside the step (XLA folds each slice of the join back to its own block): measured
@@ -303,7 +305,7 @@ def _forward(params, spec, xs, h0, lengths, unroll, recurrence="auto"):
     xs, h0, lengths = checks.check_inputs(params, spec, xs, h0, lengths)  # shapes: once per signature
     outer = xs.dtype
     params, xs, h0 = precision.to_compute(spec.compute_dtype, (params, xs, h0))
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell, differentiable=True)
     traces = run_stack(params, spec, xs, h0, lengths, unroll=resolve_unroll(unroll), recurrence=rec)
     top = traces[-1].merged
     z2s = precision.mm(top, params.readout.w2) + params.readout.b2  # [T, B, M]

@@ -47,7 +47,7 @@ def _loss(params, spec, xs, targets, weights, lengths, h0, output_mask, unroll, 
     a = checks.traced_checks(params, spec, xs, targets, weights, lengths, h0, output_mask)
     outer = a.xs.dtype
     params, xs, h0 = precision.to_compute(spec.compute_dtype, (params, a.xs, a.h0))
-    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell)
+    rec = kernels.resolve(recurrence, spec.hidden_sizes, xs.dtype, cell=spec.cell, differentiable=True)
     unroll = forward.resolve_unroll(unroll)
     traces = forward.run_stack(params, spec, xs, h0, a.lengths, unroll=unroll, recurrence=rec)
     top = traces[-1].merged
@@ -173,6 +173,9 @@ def loss(
       recurrence: "scan" (``lax.scan``), "pallas" (the fused kernels of ``bptt_jax.core.kernels``, one launch
         per layer and direction for all T; interpret mode on a CPU) or "auto" (the kernels on a GPU
         where they apply, the scans elsewhere). An explicit "pallas" that cannot apply raises.
+        "native" (the LSTM's loops as a compiled CPU kernel, ``bptt_jax.core.native``) serves
+        ``bptt``'s explicit BPTT; ``loss`` and ``forward`` run the scans with it (jax cannot
+        differentiate the kernel), so that ``jax.grad`` of them still works.
       check_values: how class indices and lengths are range-checked (``bptt_jax.core.checks``): None reads
         host arrays only, True also reads device arrays back (a host sync), False never; out-of-range
         values always make the result NaN in the graph.
@@ -249,7 +252,10 @@ def bptt(
         Off by default: the norm in every step of the reverse scans costs ~10% at small shapes.
       with_dxs: also compute ``aux.dxs`` = dDIV/dX [T, B, N] (one more matmul per step; None
         otherwise). ``aux.dh0`` and ``aux.h_last`` are always returned.
-      recurrence: as ``loss``; with the kernels and no block_size the whole sequence is one block.
+      recurrence: as ``loss``; with the Pallas kernels and no block_size the whole sequence is one
+        block. "native": the LSTM's forward step loop and reverse recursion run as a compiled CPU
+        kernel (``bptt_jax.core.native``; float32, not with ``diagnostics``), one call per block;
+        the rules never choose it, ``bptt_jax.tune`` times it and keeps it where it ran faster.
       gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
         step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))
         only and recomputes the gates per block with two block matmuls; "auto" stores while that

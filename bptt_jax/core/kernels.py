@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax.core import activations, precision
+from bptt_jax.core import activations, native, precision
 
 Array = jax.Array
 
-RECURRENCES = ("scan", "pallas", "auto")
+RECURRENCES = ("scan", "pallas", "native", "auto")
 # On-chip memory a program may give to W11 on a GPU. An H100 SM has 228 KiB of shared memory;
 # W11 in float32 must leave room for the streamed tiles, so N1 <= 128 (64 KiB) qualifies.
 MAX_ONCHIP_BYTES = 64 * 1024
@@ -88,18 +88,47 @@ def unsupported_reason(hidden_sizes, dtype, backend: str | None = None) -> str |
     return None
 
 
-def resolve(recurrence: str, hidden_sizes, dtype, backend: str | None = None, cell: str = "elman") -> str:
-    """ "scan" or "pallas" for a requested ``recurrence``.
+def native_reason(cell: str, dtype, backend: str | None = None) -> str | None:
+    """Why ``recurrence="native"`` (the compiled LSTM kernel, ``bptt_jax.core.native``) cannot run
+    here, or None: it holds the LSTM in float32 on the CPU, where it could be built."""
+    if cell != "lstm":
+        return f"the compiled kernel is the LSTM's, got cell={cell!r}"
+    if (backend or jax.default_backend()) != "cpu":
+        return f"the compiled kernel runs on the CPU, not {backend or jax.default_backend()!r}"
+    if jnp.dtype(dtype).name != "float32":
+        return f"the compiled kernel computes in float32, not {jnp.dtype(dtype).name}"
+    return native.unavailable()
 
-    "auto" picks the kernels on a GPU where they apply and were measured faster (float32, every
-    N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``) and the scans everywhere else; "pallas" on a CPU
-    runs them in interpret mode; an explicit "pallas" that cannot apply raises ValueError.
+
+def resolve(
+    recurrence: str,
+    hidden_sizes,
+    dtype,
+    backend: str | None = None,
+    cell: str = "elman",
+    differentiable: bool = False,
+) -> str:
+    """ "scan", "pallas" or "native" for a requested ``recurrence``.
+
+    "auto" picks the Pallas kernels on a GPU where they apply and were measured faster (float32,
+    every N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``) and the scans everywhere else; "pallas" on a
+    CPU runs them in interpret mode; "native" is the compiled LSTM kernel (``native_reason``), which
+    "auto" never picks (``bptt_jax.tune`` times it); an explicit choice that cannot apply raises
+    ValueError. ``differentiable``: a path that ``jax.grad`` differentiates (``loss``, ``forward``,
+    grad="autodiff"), where "native" runs the scans (jax cannot differentiate the FFI call).
     """
     if recurrence not in RECURRENCES:
         raise ValueError(f"recurrence: expected one of {list(RECURRENCES)}, got {recurrence!r}")
     backend = backend or jax.default_backend()
     if recurrence == "scan":
         return "scan"
+    if recurrence == "native":
+        if differentiable:
+            return "scan"
+        why = native_reason(cell, dtype, backend)
+        if why is not None:
+            raise ValueError(f"recurrence='native': {why}; use recurrence='scan' (or 'auto', which falls back)")
+        return "native"
     if cell != "elman":  # the kernels hold the Elman recurrence; gated cells run their scans
         if recurrence == "pallas":
             raise ValueError(

@@ -98,7 +98,7 @@ class Options:
         None: no segments. A one-element tuple is that int.
       diagnostics: also return ||dDIV/dh(t)|| (``BPTTAux.dh_norms``).
       with_dxs: also return dDIV/dX (``BPTTAux.dxs``).
-      recurrence: "scan", "pallas" or "auto".
+      recurrence: "scan", "pallas", "native" (the compiled LSTM kernel, ``bptt_jax.core.native``) or "auto".
       gates: "store", "recompute" or "auto" (gated cells).
     """
 
@@ -120,6 +120,11 @@ class Options:
             raise ValueError(f"recurrence: expected one of {list(kernels.RECURRENCES)}, got {self.recurrence!r}")
         if self.gates not in GATES:
             raise ValueError(f"gates: expected one of {list(GATES)}, got {self.gates!r}")
+        if self.recurrence == "native" and self.diagnostics:
+            raise ValueError(
+                "recurrence='native': the compiled kernel does not return ||dDIV/dh(t)|| (diagnostics=True); "
+                "use recurrence='scan'"
+            )
 
     def check(self, spec: RNNSpec, with_output_mask: bool) -> None:
         """What the options cannot do for this network: raises ValueError naming the option."""
@@ -135,7 +140,7 @@ class Plan(NamedTuple):
     store: bool  # a gated cell's forward keeps its gates for the backward pass
     segment: int | tuple[int, ...] | None  # k, steps per checkpoint segment (a tuple: nested), or None
     unroll: int  # lax.scan's unroll
-    recurrence: str  # "scan" or "pallas"
+    recurrence: str  # "scan", "pallas" or "native"
     generic: bool = False
     with_norms: bool = False  # Options.diagnostics
     with_dxs: bool = False
@@ -282,9 +287,10 @@ def fill_tuned(options: Options, tuned: dict, spec: RNNSpec, t_len: int, batch: 
             resolve_gates("store", spec, t_len, batch, options.checkpoint_every, dtype)
         except ValueError:
             fill.pop("gates")  # cannot store here (the rules then choose)
-    if fill.get("recurrence") == "pallas":
+    if fill.get("recurrence") in ("pallas", "native"):
         try:
-            kernels.resolve("pallas", spec.hidden_sizes, dtype, cell=spec.cell)
+            dataclasses.replace(options, recurrence=fill["recurrence"])  # "native" with diagnostics raises
+            kernels.resolve(fill["recurrence"], spec.hidden_sizes, dtype, cell=spec.cell)
         except ValueError:
             fill.pop("recurrence")
     return dataclasses.replace(options, **fill)

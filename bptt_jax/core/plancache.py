@@ -172,7 +172,7 @@ def valid_entry(entry, spec: RNNSpec, t_len: int) -> bool:
         return False
     if gates not in ("store", "recompute") or (gates == "store" and cells.get(spec.cell).CACHE == 0):
         return False
-    if rec not in ("scan", "pallas"):
+    if rec not in ("scan", "pallas", "native"):
         return False
     try:
         forward.resolve_unroll(unroll)

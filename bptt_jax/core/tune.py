@@ -201,7 +201,8 @@ def _candidates(
     """The plans to time, ``default`` first: ``unbudgeted`` with the time blocks of
     ``candidate_blocks`` and (a gated cell without segments, not in 16 bits) the gates stored or
     recomputed, for the choices ``asked`` left open; under a budget also ``budget.candidates``, and
-    only plans whose shape-read lower bound fits. ``divisors_only``: blocks and segments dividing T
+    only plans whose shape-read lower bound fits; each also with ``recurrence="native"`` where the
+    compiled LSTM kernel can run (``kernels.native_reason``) and ``asked`` leaves recurrence open. ``divisors_only``: blocks and segments dividing T
     (the arguments are timed unpadded: ``rnn_states``' case)."""
     divides = lambda k: not divisors_only or t_len % k == 0  # noqa: E731
     gate_choices = ["recompute"]
@@ -225,6 +226,13 @@ def _candidates(
             if o not in out and (o.checkpoint_every is None or divides(plan.segment_levels(o.checkpoint_every)[0]))
         ]
         out = [o for o in out if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
+    if (
+        plan._left_auto(asked, "recurrence")
+        and not asked.diagnostics
+        and kernels.native_reason(spec.cell, dtype) is None
+    ):
+        # the compiled LSTM kernel beside each plan (the same buffers: the same memory bound)
+        out = [v for o in out for v in (o, dataclasses.replace(o, recurrence="native"))]
     return out
 
 

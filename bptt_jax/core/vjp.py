@@ -233,7 +233,9 @@ def rnn_states(
         states, last = _states(spec, unroll, rec, layout, params, xs, h0, lengths)
         states = states[:t_len]  # without the padding steps (their states are held ones)
     else:
-        rec = kernels.resolve(recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell)
+        rec = kernels.resolve(
+            recurrence, spec.hidden_sizes, spec.compute_dtype or xs.dtype, cell=spec.cell, differentiable=True
+        )
         states, last, _ = _plain(spec, forward.resolve_unroll(unroll), rec, params, xs, h0, lengths)
     return (states, spec.public_states(last)) if return_last else states
 

@@ -58,7 +58,7 @@ class RNN(nnx.Module):
       activation: the Elman cell's f1 ("tanh", "relu", ... as ``RNNSpec``); gated cells use tanh.
       time_major, return_carry, reverse, keep_order: ``nnx.RNN``'s defaults, overridable per call.
       unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU).
-      recurrence: "auto", "scan" or "pallas", as ``bptt_jax.bptt``.
+      recurrence: "auto", "scan", "pallas" or "native", as ``bptt_jax.bptt``.
       grad: "bptt" (the explicit BPTT, the default) or "autodiff" (``jax.grad`` differentiates the
         forward scan itself: the same layer as an oracle, as the config key ``train.grad``).
       init, init_scale, forget_bias: the initialisation, as ``bptt_jax.init_params``.

@@ -112,6 +112,13 @@ def recur(p: LSTMParams, activation: str, s_tm1: Array, a_t: Array) -> Array:
     return recur_cache(p, activation, s_tm1, a_t)[0]
 
 
+def gate_cache(p: LSTMParams, xs: Array, s_tm1s: Array) -> Array:
+    """The gates [i | f | g | o] of C steps at once [C, B, 4 N1], from X(t) and [h(t-1) | c(t-1)]:
+    ``recur_cache``'s cache, recomputed with two block matmuls (the compiled kernel's reverse reads it)."""
+    n1 = s_tm1s.shape[-1] // 2
+    return jnp.concatenate(_gates(project(p, xs) + mm(s_tm1s[..., :n1], p.wh) + p.bh), axis=-1)
+
+
 def recurrent_input(p: LSTMParams, hs_tm1: Array) -> Array:
     """V = h(t-1) Wh + bh for many steps at once: ``reverse``'s dV (= dA) is its gradient."""
     return mm(hs_tm1, p.wh) + p.bh

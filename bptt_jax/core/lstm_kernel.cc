@@ -11,8 +11,9 @@
 //     dG(t) = [dc_total g i(1-i), dc_total c(t-1) f(1-f), dc_total i(1-g^2), dh tanh(c) o(1-o)]
 //     dh_carry = dG(t) Wh^T;  dc = dc_total f        (dG = 0 and the carry passed on where not valid)
 //
-// The sgemm is the CBLAS one of the BLAS library the Python side loaded (its address arrives as the
-// attribute "sgemm"); this file needs only the XLA FFI headers that ship with jaxlib.
+// The sgemm is the CBLAS routine of the scipy-openblas32 wheel's library, linked when
+// bptt_jax.core.native compiles this file on the machine it runs on; besides that library the file
+// needs only the XLA FFI headers that ship with jaxlib.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,11 +24,13 @@
 
 namespace ffi = xla::ffi;
 
+// CBLAS's sgemm as scipy-openblas32 names it (its enumerations passed as ints).
+extern "C" void scipy_cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                                  const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+
 namespace {
 
-using Sgemm = void (*)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
-                       int lda, const float* b, int ldb, float beta, float* c, int ldc);
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS's enumerations
 
 // exp(x) = 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, p the Taylor polynomial of degree 6 (relative
 // error below 2e-7). Written without branches or calls so that the compiler vectorizes the row loops.
@@ -101,7 +104,7 @@ ffi::Error check_dims(bool ok, const char* what) {
 //   -> ss [C, B, 2N] the states [h(t) | c(t)], gates [C or 1, B, 4N] (i | f | g | o; one step's
 //      scratch when the caller does not keep them).
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bh,
-                           ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::PRED> valid, int64_t sgemm_address,
+                           ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::PRED> valid,
                            ffi::ResultBuffer<ffi::F32> ss, ffi::ResultBuffer<ffi::F32> gates) {
   const auto d = a.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm forward: a must be [C, B, 4 N]");
@@ -117,7 +120,6 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
                           "lstm forward: inconsistent shapes");
       e.failure())
     return e;
-  const Sgemm sgemm = reinterpret_cast<Sgemm>(sgemm_address);
   const float* A = a.typed_data();
   const float* W = wh.typed_data();
   const float* bias = bh.typed_data();
@@ -132,7 +134,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
     const float* at = A + t * batch * width;
     for (long b = 0; b < batch; ++b)
       for (long j = 0; j < width; ++j) q[b * width + j] = at[b * width + j] + bias[j];
-    sgemm(kRowMajor, kNoTrans, kNoTrans, batch, width, n, 1.0f, prev, sw, W, width, 1.0f, q, width);
+    scipy_cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, batch, width, n, 1.0f, prev, sw, W, width, 1.0f, q, width);
     for (long b = 0; b < batch; ++b) {
       float* qb = q + b * width;
       float* sb = s + b * sw;
@@ -152,7 +154,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
 //   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)).
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s_prev,
                            ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
-                           ffi::Buffer<ffi::F32> ds_init, int64_t sgemm_address, ffi::ResultBuffer<ffi::F32> dgs,
+                           ffi::Buffer<ffi::F32> ds_init, ffi::ResultBuffer<ffi::F32> dgs,
                            ffi::ResultBuffer<ffi::F32> ds_m1) {
   const auto d = gates.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm reverse: gates must be [C, B, 4 N]");
@@ -166,7 +168,6 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
                           "lstm reverse: inconsistent shapes");
       e.failure())
     return e;
-  const Sgemm sgemm = reinterpret_cast<Sgemm>(sgemm_address);
   const float* DH = dhs.typed_data();
   const float* G = gates.typed_data();
   const float* SP = s_prev.typed_data();
@@ -197,7 +198,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
       }
     }
     // dh_carry = dG(t) Wh^T, [B, 4N] x [N, 4N]^T, into the carry's h half (leading dimension 2N).
-    sgemm(kRowMajor, kNoTrans, kTrans, batch, n, width, 1.0f, dg, width, W, width, 0.0f, carry, sw);
+    scipy_cblas_sgemm(kRowMajor, kNoTrans, kTrans, batch, n, width, 1.0f, dg, width, W, width, 0.0f, carry, sw);
     for (long b = 0; b < batch; ++b)
       if (!V[row0 + b]) std::memcpy(carry + b * sw, dh_keep.data() + b * n, sizeof(float) * n);
   }
@@ -213,7 +214,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Attr<int64_t>("sgemm")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -226,6 +226,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sgemm")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,182 @@
+"""recurrence="native": the LSTM's loops as a compiled CPU kernel (bptt_jax.core.native) equal jax.grad
+wherever it runs, and where it cannot be built every entry point says why or keeps the scans."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bptt_jax as bj
+from bptt_jax.core import forward, kernels, native, plan, tune
+from bptt_jax.core.vjp import rnn_states
+from tests import reference as ref
+from tests.test_cells import UNROLLS, _check
+
+WHY = native.unavailable()  # builds the kernel (once per test process) where it can be
+needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the native kernel cannot run here: {WHY}")
+SEGMENTS = st.sampled_from((None, 2, 3))
+
+
+@needs_kernel
+class NativeBPTTEqualsAutodiffTest(chex.TestCase):
+    """LSTM stacks (1-2 layers, uni/bidirectional, lengths incl. 0 and T, weights, h0 pairs, every
+    block-size kind, gates stored or recomputed, checkpoint segments) in float32, with and without an
+    outer jit: the kernel's gradients, dh0 and dX against jax.grad (judged against float64 where the
+    two float32 paths differ by more than 1e-5)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=4)
+    @given(
+        problem=ref.problems(cells=("lstm",), max_layers=2),
+        block=ref.BLOCKS,
+        unroll=UNROLLS,
+        gates=st.sampled_from(("store", "recompute")),
+        segment=SEGMENTS,
+    )
+    def test_float32(self, problem, block, unroll, gates, segment):
+        _check(
+            problem, jnp.float32, block, segment, variant=self.variant, unroll=unroll, gates=gates, recurrence="native"
+        )
+
+
+@needs_kernel
+def test_the_kernels_loops_equal_the_scans_step_for_step():
+    """The forward loop's states and gates and the reverse loop's dG and ds(-1), with lengths 0 .. T,
+    an h0 and an entering carry, against forward.unroll_layer and cells.lstm.reverse."""
+    from bptt_jax.core.cells import lstm
+
+    t, b, n, n1 = 7, 4, 3, 5
+    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, cell="lstm")).layers[0]
+    k = jax.random.split(jax.random.key(4), 4)
+    xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
+    s0 = jax.random.normal(k[1], (b, 2 * n1), jnp.float32)
+    above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
+    ds_init = jax.random.normal(k[3], (b, 2 * n1), jnp.float32)
+    valid = forward.valid_mask(jnp.array([0, 3, 7, 1]), t)
+    ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
+    prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
+    das, _, ds_m1, _ = lstm.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates)
+    kss, kgates = native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=True)
+    kss_only = native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=False)
+    kdas, kds_m1 = native.lstm_reverse(layer.wh, above, kgates, prev, kss, valid, ds_init)
+    np.testing.assert_allclose(kss, ss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kss_only, ss, rtol=1e-5, atol=1e-6)
+    valid_gates = np.asarray(valid)[..., None]  # a padded step's gates are never read
+    np.testing.assert_allclose(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        lstm.gate_cache(layer, xs, prev) * valid_gates, gates * valid_gates, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(kdas, das, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(kds_m1, ds_m1, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_rnn_states_and_vmap_with_the_kernel():
+    """rnn_states' custom VJP with the kernel = jax.grad of the scans (bidirectional stack, lengths,
+    h0 pairs), also under vmap (the kernel runs once per example there)."""
+    spec = bj.RNNSpec(3, (4, 3), 2, cell="lstm", bidirectional=True)
+    p = ref.make_problem(spec, 5, 2, seed=8, use_lengths=True, use_h0=True)
+    ct = jnp.asarray(np.random.RandomState(0).randn(5, 2, 6), jnp.float32)
+
+    def states(recurrence):
+        return lambda params, xs, h0: jnp.sum(
+            rnn_states(params, spec, xs, h0=h0, lengths=p.lengths, recurrence=recurrence) * ct
+        )
+
+    got = jax.grad(states("native"), argnums=(0, 1, 2))(p.params, p.xs, p.h0)
+    want = jax.grad(states("scan"), argnums=(0, 1, 2))(p.params, p.xs, p.h0)
+    assert ref.max_rel_err(got, want) < 1e-5
+
+    def one(xs):  # [T, N] -> the loss of one example, through the kernel
+        return jnp.sum(rnn_states(p.params, spec, xs[:, None], recurrence="native") ** 2)
+
+    per_example = jax.vmap(jax.grad(one), in_axes=1, out_axes=1)(p.xs)
+    plain = jnp.stack([jax.grad(one)(p.xs[:, i]) for i in range(p.xs.shape[1])], axis=1)
+    np.testing.assert_allclose(per_example, plain, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_loss_and_forward_keep_the_scans_and_stay_differentiable():
+    """jax cannot differentiate the FFI call: loss and forward with recurrence="native" run the scans
+    (jax.grad of loss works and equals bptt's explicit gradient through the kernel)."""
+    spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
+    p = ref.make_problem(spec, 6, 3, seed=1, use_lengths=True)
+    g = jax.grad(bj.loss)(p.params, spec, p.xs, p.targets, lengths=p.lengths, recurrence="native")
+    _, g_native, _ = bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, recurrence="native")
+    assert ref.max_rel_err(g_native, g) < 1e-5
+    out = bj.forward(p.params, spec, p.xs, lengths=p.lengths, recurrence="native")
+    chex.assert_trees_all_close(out.hs, bj.forward(p.params, spec, p.xs, lengths=p.lengths).hs)
+
+
+@needs_kernel
+def test_tune_times_the_kernel_beside_the_scans():
+    """An LSTM in float32 on the CPU: every scan candidate also runs with the kernel; the Elman cell,
+    float64, a fixed recurrence and diagnostics get none."""
+    spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
+    asked = plan.Options()
+    default = plan.explicit(asked, spec, 40, 4, jnp.float32)
+    args = (spec, 40, 4)
+
+    def candidates(asked, spec=spec, dtype=jnp.float32):
+        return tune._candidates(default, default, asked, spec, *args[1:], dtype, None, True, False)
+
+    cands = candidates(asked)
+    scans = [o for o in cands if o.recurrence != "native"]
+    assert [o.recurrence for o in cands] == ["scan", "native"] * len(scans)
+    assert not any(o.recurrence == "native" for o in candidates(plan.Options(recurrence="scan")))
+    assert not any(o.recurrence == "native" for o in candidates(plan.Options(diagnostics=True)))
+    assert not any(o.recurrence == "native" for o in candidates(asked, dtype=jnp.float64))
+    elman = bj.RNNSpec(3, (4,), 2)
+    assert not any(o.recurrence == "native" for o in candidates(asked, spec=elman))
+
+
+def test_without_the_kernel_an_explicit_choice_says_why_and_auto_keeps_the_scans(monkeypatch):
+    """The fallback: where the kernel cannot be built, recurrence="native" raises with the reason,
+    "auto" and tune keep the scans, and a cached "native" plan is not taken (the rules choose)."""
+    monkeypatch.setattr(native, "unavailable", lambda: "no C++ compiler (g++, or $CXX) on PATH")
+    spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
+    p = ref.make_problem(spec, 5, 2, seed=3)
+    with pytest.raises(ValueError, match=r"recurrence='native': no C\+\+ compiler .* use recurrence='scan'"):
+        bj.bptt(p.params, spec, p.xs, p.targets, recurrence="native")
+    assert kernels.resolve("auto", (4,), jnp.float32, cell="lstm") == "scan"
+    tuned = {"block_size": 5, "gates": "store", "unroll": 1, "recurrence": "native"}
+    filled = plan.fill_tuned(plan.Options(), tuned, spec, 5, 2, jnp.float32)
+    assert filled.recurrence == "auto" and filled.block_size == 5
+    default = plan.explicit(plan.Options(), spec, 5, 2, jnp.float32)
+    cands = tune._candidates(default, default, plan.Options(), spec, 5, 2, jnp.float32, None, True, False)
+    assert all(o.recurrence == "scan" for o in cands)
+
+
+@pytest.mark.parametrize(
+    ("cxx", "message"),
+    [("no-such-compiler-here", r"no C\+\+ compiler"), ("false", r"compiling lstm_kernel.cc failed")],
+)
+def test_a_build_that_cannot_run_or_fails_gives_its_reason(monkeypatch, tmp_path, cxx, message):
+    """native._compile with no compiler, and with one that fails: the reason, no library left behind."""
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path))
+    blas = native._blas()
+    if isinstance(blas, str):
+        pytest.skip(blas)
+    why = native._compile(*blas)
+    assert isinstance(why, str), why
+    assert __import__("re").search(message, why), why
+    assert not list(tmp_path.rglob("*.so*"))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: kernels.resolve("native", (4,), jnp.float32, cell="elman"), "the compiled kernel is the LSTM's"),
+        (lambda: kernels.resolve("native", (4,), jnp.float32, cell="gru"), "the compiled kernel is the LSTM's"),
+        (lambda: kernels.resolve("native", (4,), jnp.float64, cell="lstm"), "computes in float32, not float64"),
+        (lambda: kernels.resolve("native", (4,), jnp.float32, cell="lstm", backend="gpu"), "runs on the CPU"),
+        (lambda: plan.Options(recurrence="native", diagnostics=True), r"does not return \|\|dDIV/dh\(t\)\|\|"),
+    ],
+)
+def test_what_the_kernel_cannot_do_is_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
