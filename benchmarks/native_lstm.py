@@ -1,14 +1,14 @@
-"""The LSTM's two loops as a compiled CPU kernel (jax.ffi + a BLAS sgemm), against the library's scans.
+"""The LSTM's two loops as a compiled CPU kernel (recurrence="native"), against the library's scans.
 
     python benchmarks/native_lstm.py [--quick] [--rounds R] [--out FILE]
 
-Issue 35's third lever, measured before it is built into the package: one LSTM layer's forward step
-loop and reverse recursion written in C++ (``benchmarks/native/lstm_kernel.cc``: per step one CBLAS
-sgemm for h(t-1) Wh, or dG(t) Wh^T in reverse, and one fused, vectorized pass over the batch rows for
-the gate arithmetic; the loop the module docstring of ``bptt_jax.core.cells.lstm`` writes out),
-compiled here with the system's C++ compiler (``-O3 -march=native``) against jaxlib's XLA FFI
-headers, its sgemm the CBLAS routine of the ``scipy-openblas32`` wheel, and registered with
-``jax.ffi``. Three comparisons per benchmark shape (float32, every sequence full length, one block):
+Issue 35's third lever: one LSTM layer's forward step loop and reverse recursion written in C++
+(``bptt_jax/core/lstm_kernel.cc``: per step one CBLAS sgemm for h(t-1) Wh, or dG(t) Wh^T in
+reverse, and one fused, vectorized pass over the batch rows for the gate arithmetic; the loop the
+module docstring of ``bptt_jax.core.cells.lstm`` writes out), compiled by ``bptt_jax.core.native``
+on this machine (``-O3 -march=native``, jaxlib's XLA FFI headers, the sgemm of the
+``scipy-openblas32`` wheel) and called through ``jax.ffi``. Per benchmark shape (float32, every
+sequence full length):
 
   forward loop   the library's ``forward.unroll_layer(..., store=True)`` (input projection + scan
                  keeping the gates) against the projection + the kernel's forward;
@@ -16,7 +16,9 @@ headers, its sgemm the CBLAS routine of the ``scipy-openblas32`` wheel, and regi
   layer          forward + explicit BPTT of the layer (``backward.cell_backward``: the reverse loop
                  and the weight-gradient and dX matmuls) against the same with both kernel loops;
   torch          PyTorch's ``nn.LSTM`` forward + ``backward`` of the same cotangent (oneDNN's fused
-                 layer, eager; where torch imports), beside the layer rows.
+                 layer, eager; where torch imports), beside the layer rows;
+  whole call     ``bptt`` (LSTM + softmax readout) with the rules' plan, the same plan with
+                 recurrence="native", and PyTorch's nn.LSTM + nn.Linear eager.
 
 Every pair is checked equal (1e-4 relative) before timing; compiled programs timed side by side
 (round robin, random order, medians). Reported: scan time over kernel time (above 1: the kernel is
@@ -25,18 +27,12 @@ faster) and the kernel layer's time over PyTorch's.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,63 +40,32 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bptt_speed  # noqa: E402
 import gate_blocks  # noqa: E402
+import gated  # noqa: E402
 import step_profile  # noqa: E402
 
 import bptt_jax as bj  # noqa: E402
-from bptt_jax.core import backward, forward, plan  # noqa: E402
+from bptt_jax.core import backward, forward, native, plan  # noqa: E402
 from bptt_jax.core.cells import lstm  # noqa: E402
 
-SOURCE = ROOT / "benchmarks" / "native" / "lstm_kernel.cc"
-FLAGS = ["-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
 QUICK_SHAPES = [(12, 3, 5, 6, 7)]
-TARGETS = {"forward": ("bench_lstm_forward", "BpttLstmForward"), "reverse": ("bench_lstm_reverse", "BpttLstmReverse")}
 
 
 def unavailable() -> str | None:
-    """Why the kernel cannot be built here, or None."""
-    if shutil.which("g++") is None:
-        return "no C++ compiler (g++) on PATH"
-    if importlib.util.find_spec("scipy_openblas32") is None:
-        return "scipy-openblas32 is not installed (pip install scipy-openblas32)"
-    return None
+    """Why the library's kernel cannot run here (building it on first call), or None."""
+    return native.unavailable()
 
 
-def build(workdir: Path) -> int:
-    """Compiles the kernel, registers its two handlers with XLA; returns the sgemm's address."""
-    import jaxlib
-    import scipy_openblas32
-
-    lib_path = workdir / "lstm_kernel.so"
-    include = Path(jaxlib.__file__).parent / "include"
-    subprocess.run(["g++", *FLAGS, f"-I{include}", str(SOURCE), "-o", str(lib_path)], check=True, capture_output=True)
-    blas = ctypes.CDLL(f"{scipy_openblas32.get_lib_dir()}/lib{scipy_openblas32.get_library()}.so")
-    lib = ctypes.CDLL(str(lib_path))
-    for target, symbol in TARGETS.values():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    return int(ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p).value or 0)
-
-
-def kernel_forward(sgemm: int, layer, xs, s0, valid=None):
+def kernel_forward(layer, xs, s0, valid=None):
     """([h | c] states [T, B, 2 N1], gates [T, B, 4 N1]) by the kernel, after the input projection."""
-    a = lstm.project(layer, xs)
-    t, b, g = a.shape
-    out = (jax.ShapeDtypeStruct((t, b, g // 2), jnp.float32), jax.ShapeDtypeStruct((t, b, g), jnp.float32))
-    mask = jnp.ones((t, b), bool) if valid is None else valid
-    return jax.ffi.ffi_call(TARGETS["forward"][0], out)(a, layer.wh, layer.bh, s0, mask, sgemm=np.int64(sgemm))
+    return native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=True)
 
 
-def kernel_reverse(sgemm: int, layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
+def kernel_reverse(layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
     """(dG [T, B, 4 N1], ds(-1) [B, 2 N1]) by the kernel."""
-    t, b, g = gates.shape
-    out = (jax.ShapeDtypeStruct(gates.shape, jnp.float32), jax.ShapeDtypeStruct((b, g // 2), jnp.float32))
-    mask = jnp.ones((t, b), bool) if valid is None else valid
-    ds0 = jnp.zeros((b, g // 2), jnp.float32) if ds_init is None else ds_init
-    return jax.ffi.ffi_call(TARGETS["reverse"][0], out)(
-        dhs_above, gates, s_tm1s, ss, layer.wh, mask, ds0, sgemm=np.int64(sgemm)
-    )
+    return native.lstm_reverse(layer.wh, dhs_above, gates, s_tm1s, ss, valid, ds_init)
 
 
-def check_lengths(sgemm: int) -> float:
+def check_lengths() -> float:
     """The kernel's padding and entering carries against the library's scans (lengths 0 .. T, h0, an
     entering (dh, dc)): the largest relative difference; raises above 1e-4."""
     t, b, n, n1 = 9, 5, 4, 6
@@ -118,8 +83,8 @@ def check_lengths(sgemm: int) -> float:
         das, _, ds_m1, _ = lstm.reverse(
             layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates
         )
-        kss, kgates = kernel_forward(sgemm, layer, xs, s0, valid)
-        kdas, kds_m1 = kernel_reverse(sgemm, layer, above, kgates, prev, kss, valid, ds_init)
+        kss, kgates = kernel_forward(layer, xs, s0, valid)
+        kdas, kds_m1 = kernel_reverse(layer, above, kgates, prev, kss, valid, ds_init)
         return (ss, das, ds_m1), (kss, kdas, kds_m1)
 
     scan, kernel = jax.jit(both)(layer, xs, s0, above, ds_init)
@@ -129,7 +94,7 @@ def check_lengths(sgemm: int) -> float:
     return err
 
 
-def contenders(sgemm: int, shape):
+def contenders(shape):
     """{comparison: {way: (function, args)}} at one shape, and the layer's inputs for torch."""
     t, b, n, n1, m = shape
     spec = bj.RNNSpec(n, (n1,), m, cell="lstm")
@@ -150,7 +115,7 @@ def contenders(sgemm: int, shape):
         return lstm.reverse(layer, "tanh", xs, prev(ss), ss, above, None, None, with_norms=False, cache=gates)[::2]
 
     def native_reverse(layer, xs, ss, gates, above):
-        return kernel_reverse(sgemm, layer, above, gates, prev(ss), ss)
+        return kernel_reverse(layer, above, gates, prev(ss), ss)
 
     def scan_layer(layer, xs, above):
         ss, gates = scan_forward(layer, xs)
@@ -160,8 +125,8 @@ def contenders(sgemm: int, shape):
         return ss, grads, ds0, lstm.input_grad(layer, das)
 
     def native_layer(layer, xs, above):
-        ss, gates = kernel_forward(sgemm, layer, xs, s0)
-        das, ds0 = kernel_reverse(sgemm, layer, above, gates, prev(ss), ss)
+        ss, gates = kernel_forward(layer, xs, s0)
+        das, ds0 = kernel_reverse(layer, above, gates, prev(ss), ss)
         return ss, lstm.weight_grads(layer, xs, prev(ss), das, das), ds0, lstm.input_grad(layer, das)
 
     ss, gates = jax.jit(scan_forward)(layer, xs)
@@ -169,11 +134,41 @@ def contenders(sgemm: int, shape):
     return {
         "forward loop": {
             "scan": (scan_forward, (layer, xs)),
-            "kernel": (lambda l, x: kernel_forward(sgemm, l, x, s0), (layer, xs)),
+            "kernel": (lambda l, x: kernel_forward(l, x, s0), (layer, xs)),
         },
         "reverse loop": {"scan": (scan_reverse, rev_args), "kernel": (native_reverse, rev_args)},
         "layer": {"scan": (scan_layer, (layer, xs, above)), "kernel": (native_layer, (layer, xs, above))},
     }, (spec, params, xs, above)
+
+
+def whole_call(shape, rounds: int, threads: int):
+    """The whole ``bptt`` call (LSTM + softmax readout, bptt_speed.py's gated problem) with the rules'
+    plan and with recurrence="native" (otherwise the same plan), and PyTorch's nn.LSTM + nn.Linear
+    eager: {contender: median s}, after checking the kernel's gradients against the scans'."""
+    t, b, n, n1, m = shape
+    spec = bj.RNNSpec(n, (n1,), m, cell="lstm")
+    params = bj.init_params(jax.random.key(0), spec)
+    xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
+    targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
+    rules = plan.explicit(plan.Options(), spec, t, b, jnp.float32)
+    fns = {
+        "bptt": lambda p, x, d: bj.bptt(p, spec, x, d)[:2],
+        "bptt native": lambda p, x, d: bj.bptt(
+            p, spec, x, d, block_size=rules.block_size, gates=rules.gates, recurrence="native"
+        )[:2],
+    }
+    runners, outs = {}, {}
+    for name, fn in fns.items():
+        compiled = bptt_speed.compile_jax(fn, params, xs, targets)[0]
+        outs[name] = compiled(params, xs, targets)
+        runners[name] = lambda c=compiled: bptt_speed._block(c(params, xs, targets))
+    err = bptt_speed.max_rel_err(outs["bptt native"], outs["bptt"])
+    if err > 1e-4:
+        raise AssertionError(f"{shape}: bptt with the kernel differs from the scans ({err:.2e})")
+    tc = gated.torch_contender("lstm", spec, params, xs, targets, threads)
+    if tc is not None:
+        runners["torch"] = tc[0]
+    return bptt_speed.round_robin(runners, rounds), err
 
 
 def main(argv=None) -> str:
@@ -186,6 +181,8 @@ def main(argv=None) -> str:
         return bptt_speed._report(lines, args.out)
     threads = os.cpu_count() or 1  # PyTorch's threads, as step_profile.py
     lines += [
+        f"Checked first: with lengths (0 to T), h0 and an entering carry, kernel = scans to {check_lengths():.1e}.",
+        "",
         "One LSTM layer, float32, full lengths, one block; us per step (median). scan / kernel above 1: the",
         "kernel is faster. kernel / torch below 1: the kernel layer is faster than PyTorch's fused layer.",
         "",
@@ -193,38 +190,50 @@ def main(argv=None) -> str:
         " | layer scan / kernel | torch | kernel / torch |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        sgemm = build(Path(tmp))
-        lines.insert(
-            -5,
-            f"Checked first: with lengths (0 to T), h0 and an entering carry, kernel = scans to {check_lengths(sgemm):.1e}.",
+    whole = []
+    for shape in shapes:
+        t = shape[0]
+        ways, (spec, params, xs, above) = contenders(shape)
+        runners, ratios = {}, {}
+        for name, pair in ways.items():
+            compiled = {w: jax.jit(f).lower(*a).compile() for w, (f, a) in pair.items()}
+            outs = {w: compiled[w](*pair[w][1]) for w in pair}
+            err = bptt_speed.max_rel_err(outs["kernel"], outs["scan"])
+            if err > 1e-4:
+                raise AssertionError(f"{shape} {name}: the kernel differs from the scan ({err:.2e})")
+            for w in pair:
+                runners[f"{name} {w}"] = lambda f=compiled[w], a=pair[w][1]: bptt_speed._block(f(*a))
+        torch_run = step_profile._torch_layer("lstm", spec, params, xs, above, threads)
+        if torch_run is not None:
+            runners["torch"] = torch_run[0]
+        med = bptt_speed.round_robin(runners, rounds)
+        for name in ways:
+            ratios[name] = med[f"{name} scan"] / med[f"{name} kernel"]
+        per_step = {k: 1e6 * v / t for k, v in med.items()}
+        torch_us = per_step.get("torch", float("nan"))
+        lines.append(
+            f"| {shape[:4]} | {ratios['forward loop']:.2f} | {ratios['reverse loop']:.2f} "
+            f"| {per_step['layer scan']:.1f} | {per_step['layer kernel']:.1f} | {ratios['layer']:.2f} "
+            f"| {torch_us:.1f} | {per_step['layer kernel'] / torch_us:.2f} |"
         )
-        lines.insert(-5, "")
-        for shape in shapes:
-            t = shape[0]
-            ways, (spec, params, xs, above) = contenders(sgemm, shape)
-            runners, ratios, per_step = {}, {}, {}
-            for name, pair in ways.items():
-                compiled = {w: jax.jit(f).lower(*a).compile() for w, (f, a) in pair.items()}
-                outs = {w: compiled[w](*pair[w][1]) for w in pair}
-                err = bptt_speed.max_rel_err(outs["kernel"], outs["scan"])
-                if err > 1e-4:
-                    raise AssertionError(f"{shape} {name}: the kernel differs from the scan ({err:.2e})")
-                for w in pair:
-                    runners[f"{name} {w}"] = lambda f=compiled[w], a=pair[w][1]: bptt_speed._block(f(*a))
-            torch_run = step_profile._torch_layer("lstm", spec, params, xs, above, threads)
-            if torch_run is not None:
-                runners["torch"] = torch_run[0]
-            med = bptt_speed.round_robin(runners, rounds)
-            for name in ways:
-                ratios[name] = med[f"{name} scan"] / med[f"{name} kernel"]
-            per_step = {k: 1e6 * v / t for k, v in med.items()}
-            torch_us = per_step.get("torch", float("nan"))
-            lines.append(
-                f"| {shape[:4]} | {ratios['forward loop']:.2f} | {ratios['reverse loop']:.2f} "
-                f"| {per_step['layer scan']:.1f} | {per_step['layer kernel']:.1f} | {ratios['layer']:.2f} "
-                f"| {torch_us:.1f} | {per_step['layer kernel'] / torch_us:.2f} |"
-            )
+        call, err = whole_call(shape, rounds, threads)
+        torch_s = call.get("torch", float("nan"))
+        whole.append(
+            f"| {shape} | {1e3 * call['bptt']:.2f} | {1e3 * call['bptt native']:.2f} | {1e3 * torch_s:.2f} "
+            f"| {call['bptt'] / call['bptt native']:.2f} | {torch_s / call['bptt']:.2f} "
+            f"| {torch_s / call['bptt native']:.2f} | {err:.1e} |"
+        )
+    lines += [
+        "",
+        "The whole `bptt` call (LSTM + softmax readout, float32): the rules' plan with the scans and with",
+        'recurrence="native" (the same blocks and gates), against PyTorch\'s nn.LSTM + nn.Linear eager',
+        "(oneDNN); medians in ms, speed ratios above 1: the second is slower.",
+        "",
+        "| T, B, N, N1, M | bptt (scans) | bptt native | torch | scans / native | torch / scans"
+        " | torch / native | gradient difference |",
+        "|---|---|---|---|---|---|---|---|",
+        *whole,
+    ]
     return bptt_speed._report(lines, args.out)
 
 

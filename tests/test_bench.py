@@ -342,6 +342,8 @@ def test_native_lstm_quick(tmp_path):
     report = mod.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "n.md")])  # raises where they differ
     (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
     assert all(float(v) > 0 for v in row[2:7]), row
+    (call,) = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
+    assert all(float(v) > 0 for v in call[2:4]) and float(call[-2]) < 1e-4, call  # timed; gradients equal
 
 
 def test_segment_gates_quick():
