@@ -1,6 +1,8 @@
 """recurrence="native": the LSTM's loops as a compiled CPU kernel (bptt_jax.core.native) equal jax.grad
 wherever it runs, and where it cannot be built every entry point says why or keeps the scans."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from tests.test_cells import UNROLLS, _check
 WHY = native.unavailable()  # builds the kernel (once per test process) where it can be
 needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the native kernel cannot run here: {WHY}")
 SEGMENTS = st.sampled_from((None, 2, 3))
+T_LONG = 2000
 
 
 @needs_kernel
@@ -117,15 +120,18 @@ def test_tune_times_the_kernel_beside_the_scans():
     float64, a fixed recurrence and diagnostics get none."""
     spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
     asked = plan.Options()
-    default = plan.explicit(asked, spec, 40, 4, jnp.float32)
-    args = (spec, 40, 4)
+    default = plan.explicit(asked, spec, T_LONG, 64, jnp.float32)  # the rules cut it into time blocks
+    args = (spec, T_LONG, 64)
 
     def candidates(asked, spec=spec, dtype=jnp.float32):
         return tune._candidates(default, default, asked, spec, *args[1:], dtype, None, True, False)
 
     cands = candidates(asked)
-    scans = [o for o in cands if o.recurrence != "native"]
-    assert [o.recurrence for o in cands] == ["scan", "native"] * len(scans)
+    natives = [o for o in cands if o.recurrence == "native"]
+    assert cands[0] == default and natives == cands[1:3], cands  # measured second and third
+    assert natives[0] == dataclasses.replace(default, recurrence="native") and default.block_size < T_LONG
+    assert (natives[1].block_size, natives[1].gates) == (T_LONG, "store")
+    assert all(dataclasses.replace(o, recurrence="scan") in cands for o in natives)
     assert not any(o.recurrence == "native" for o in candidates(plan.Options(recurrence="scan")))
     assert not any(o.recurrence == "native" for o in candidates(plan.Options(diagnostics=True)))
     assert not any(o.recurrence == "native" for o in candidates(asked, dtype=jnp.float64))
