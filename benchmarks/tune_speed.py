@@ -53,7 +53,8 @@ def _explicit(p: plan.Plan) -> dict:
 
 
 def _label(p: plan.Plan) -> str:
-    return f"C={p.block} {'store' if p.store else 'recompute'} u={p.unroll}"
+    kernel = "" if p.recurrence == "scan" else f" {p.recurrence}"  # "native": the compiled LSTM kernel
+    return f"C={p.block} {'store' if p.store else 'recompute'} u={p.unroll}{kernel}"
 
 
 def bench(cell: str, shape, rounds: int, budget: float, budget_fraction: float) -> dict:

@@ -47,9 +47,7 @@ def _check(
     recurrence="auto",
 ):
     """bptt (through ``variant``: chex's with/without an outer jit, or called as is) against autodiff.
-    ``gates="store"`` falls back to "auto" where it cannot apply (checkpoint_every). The norms are
-    asked for except with the compiled kernel (recurrence="native"), which returns none."""
-    diagnostics = recurrence != "native"
+    ``gates="store"`` falls back to "auto" where it cannot apply (checkpoint_every)."""
     p = ref.cast(p, dtype)
     if gates == "store" and checkpoint_every is not None:
         gates = "auto"
@@ -69,7 +67,7 @@ def _check(
             unroll=unroll,
             gates=gates,
             with_dxs=True,
-            diagnostics=diagnostics,
+            diagnostics=True,
             recurrence=recurrence,
         )
     )
@@ -84,8 +82,7 @@ def _check(
             truth = _autodiff(ref.cast(p, jnp.float64), output_mask)
         err = ref.float32_error(got, want, truth)
     assert err < TOL[dtype], f"spec={p.spec} T,B={p.xs.shape[:2]} lengths={p.lengths} C={c} err={err}"
-    if diagnostics:
-        assert aux.dh_norms.shape == (p.xs.shape[0], p.spec.num_layers * p.spec.num_directions)
+    assert aux.dh_norms.shape == (p.xs.shape[0], p.spec.num_layers * p.spec.num_directions)
     return err
 
 

@@ -61,10 +61,10 @@ def test_the_kernels_loops_equal_the_scans_step_for_step():
     valid = forward.valid_mask(jnp.array([0, 3, 7, 1]), t)
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
-    das, _, ds_m1, _ = lstm.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates)
+    das, _, ds_m1, norms = lstm.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
     kss, kgates = native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=True)
     kss_only = native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=False)
-    kdas, kds_m1 = native.lstm_reverse(layer.wh, above, kgates, prev, kss, valid, ds_init)
+    kdas, kds_m1, knorms = native.lstm_reverse(layer.wh, above, kgates, prev, kss, valid, ds_init)
     np.testing.assert_allclose(kss, ss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(kss_only, ss, rtol=1e-5, atol=1e-6)
     valid_gates = np.asarray(valid)[..., None]  # a padded step's gates are never read
@@ -74,6 +74,7 @@ def test_the_kernels_loops_equal_the_scans_step_for_step():
     )
     np.testing.assert_allclose(kdas, das, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(kds_m1, ds_m1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(knorms, norms, rtol=1e-5, atol=1e-6)  # ||dh(t)||, ||dc(t)||, padding too
 
 
 @needs_kernel
@@ -115,9 +116,25 @@ def test_loss_and_forward_keep_the_scans_and_stay_differentiable():
 
 
 @needs_kernel
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_kernels_norms_equal_the_scans(bidirectional):
+    """diagnostics=True: ||dDIV/dh(t)|| and ||dDIV/dc(t)|| from the kernel's reverse loop equal the
+    scans' (lengths with 0 and T: the padded steps' norms of the carry too), two layers."""
+    spec = bj.RNNSpec(3, (4, 5), 2, cell="lstm", bidirectional=bidirectional)
+    p = ref.make_problem(spec, 7, 4, seed=5, use_lengths=True, use_h0=True)
+    p = dataclasses.replace(p, lengths=jnp.array([7, 0, 3, 1]))
+    runs = [
+        bj.bptt(p.params, spec, p.xs, p.targets, lengths=p.lengths, h0=p.h0, diagnostics=True, recurrence=r)[2]
+        for r in ("native", "scan")
+    ]
+    chex.assert_trees_all_close(runs[0].dh_norms, runs[1].dh_norms, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(runs[0].dc_norms, runs[1].dc_norms, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
 def test_tune_times_the_kernel_beside_the_scans():
-    """An LSTM in float32 on the CPU: every scan candidate also runs with the kernel; the Elman cell,
-    float64, a fixed recurrence and diagnostics get none."""
+    """An LSTM in float32 on the CPU: the rules' plan and the whole-sequence block also run with the
+    kernel, measured second and third; the Elman cell, float64 and a fixed recurrence get none."""
     spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
     asked = plan.Options()
     default = plan.explicit(asked, spec, T_LONG, 64, jnp.float32)  # the rules cut it into time blocks
@@ -133,7 +150,6 @@ def test_tune_times_the_kernel_beside_the_scans():
     assert (natives[1].block_size, natives[1].gates) == (T_LONG, "store")
     assert all(dataclasses.replace(o, recurrence="scan") in cands for o in natives)
     assert not any(o.recurrence == "native" for o in candidates(plan.Options(recurrence="scan")))
-    assert not any(o.recurrence == "native" for o in candidates(plan.Options(diagnostics=True)))
     assert not any(o.recurrence == "native" for o in candidates(asked, dtype=jnp.float64))
     elman = bj.RNNSpec(3, (4,), 2)
     assert not any(o.recurrence == "native" for o in candidates(asked, spec=elman))
@@ -180,7 +196,6 @@ def test_a_build_that_cannot_run_or_fails_gives_its_reason(monkeypatch, tmp_path
         (lambda: kernels.resolve("native", (4,), jnp.float32, cell="gru"), "the compiled kernel is the LSTM's"),
         (lambda: kernels.resolve("native", (4,), jnp.float64, cell="lstm"), "computes in float32, not float64"),
         (lambda: kernels.resolve("native", (4,), jnp.float32, cell="lstm", backend="gpu"), "runs on the CPU"),
-        (lambda: plan.Options(recurrence="native", diagnostics=True), r"does not return \|\|dDIV/dh\(t\)\|\|"),
     ],
 )
 def test_what_the_kernel_cannot_do_is_named(make, message):

@@ -138,11 +138,11 @@ def cell_backward(
     if plan.recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         das, ds_m1, norms = kernels.reverse_recurrence(layer.w11, activation, ss, dhs_above, valid, ds_init)
         dvs, norms = das, norms if plan.with_norms else None
-    elif plan.recurrence == "native":  # the LSTM in float32 on the CPU (kernels.resolve; no norms: Options.check)
+    elif plan.recurrence == "native":  # the LSTM in float32 on the CPU (kernels.resolve)
         if cache is None:  # gates="recompute": the gates from A(t) and s(t-1), two block matmuls
             cache = lstm.gate_cache(layer, xs, s_tm1s)
-        das, ds_m1 = native.lstm_reverse(layer.wh, dhs_above, cache, s_tm1s, ss, valid, ds_init)
-        dvs, norms = das, None
+        das, ds_m1, norms = native.lstm_reverse(layer.wh, dhs_above, cache, s_tm1s, ss, valid, ds_init)
+        dvs, norms = das, norms if plan.with_norms else None
     else:
         das, dvs, ds_m1, norms = cell.reverse(
             layer,

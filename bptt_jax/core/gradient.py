@@ -254,7 +254,7 @@ def bptt(
         otherwise). ``aux.dh0`` and ``aux.h_last`` are always returned.
       recurrence: as ``loss``; with the Pallas kernels and no block_size the whole sequence is one
         block. "native": the LSTM's forward step loop and reverse recursion run as a compiled CPU
-        kernel (``bptt_jax.core.native``; float32, not with ``diagnostics``), one call per block;
+        kernel (``bptt_jax.core.native``; float32), one call per block;
         the rules never choose it, ``bptt_jax.tune`` times it and keeps it where it ran faster.
       gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
         step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))

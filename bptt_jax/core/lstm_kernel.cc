@@ -76,12 +76,15 @@ void forward_row(float* __restrict qi, float* __restrict qf, float* __restrict q
   }
 }
 
-// One row of the reverse step: dh = above + dh_carry; writes dG(t) and the new dc carry in place.
+// One row of the reverse step: dh = above + dh_carry; writes dG(t) and the new dc carry in place,
+// and (||dh(t)||, ||dc_total(t)||) -- the norms cells.lstm.reverse returns -- into norm[0], norm[1].
 void reverse_row(const float* __restrict gi, const float* __restrict gf, const float* __restrict gg,
                  const float* __restrict go, const float* __restrict c, const float* __restrict c_prev,
                  const float* __restrict above, const float* __restrict dh_carry, float* __restrict dc,
                  float* __restrict di, float* __restrict df, float* __restrict dgg, float* __restrict dout,
-                 float* __restrict dh_keep, long n) {
+                 float* __restrict dh_keep, float* __restrict norm, long n) {
+  float sh = 0.0f, sc = 0.0f;
+#pragma omp simd reduction(+ : sh, sc)
   for (long j = 0; j < n; ++j) {
     const float i = gi[j], f = gf[j], g = gg[j], o = go[j];
     const float tc = fast_tanh(c[j]);
@@ -93,7 +96,11 @@ void reverse_row(const float* __restrict gi, const float* __restrict gf, const f
     dout[j] = dh * tc * o * (1.0f - o);
     dc[j] = dct * f;
     dh_keep[j] = dh;
+    sh += dh * dh;
+    sc += dct * dct;
   }
+  norm[0] = std::sqrt(sh);
+  norm[1] = std::sqrt(sc);
 }
 
 ffi::Error check_dims(bool ok, const char* what) {
@@ -151,11 +158,12 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
 
 // dhs [C, B, N] (the gradient reaching h(t) from outside), gates [C, B, 4N], s_prev [C, B, 2N]
 // (s(t-1)), ss [C, B, 2N] (s(t)), wh [N, 4N], valid [C, B], ds_init [B, 2N]
-//   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)).
+//   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)), norms [C, B, 2]
+//      (||dDIV/dh(t)||, ||dDIV/dc(t)||: c(t)'s total gradient, the carry's where a step is padding).
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s_prev,
                            ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
                            ffi::Buffer<ffi::F32> ds_init, ffi::ResultBuffer<ffi::F32> dgs,
-                           ffi::ResultBuffer<ffi::F32> ds_m1) {
+                           ffi::ResultBuffer<ffi::F32> ds_m1, ffi::ResultBuffer<ffi::F32> norms) {
   const auto d = gates.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm reverse: gates must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], width = d[2], n = width / 4, sw = 2 * n;
@@ -164,7 +172,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
                               s_prev.element_count() == states && ss.element_count() == states &&
                               wh.element_count() == static_cast<size_t>(n * width) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
-                              ds_init.element_count() == static_cast<size_t>(batch * sw),
+                              ds_init.element_count() == static_cast<size_t>(batch * sw) &&
+                              norms->element_count() == static_cast<size_t>(steps * batch * 2),
                           "lstm reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -175,6 +184,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   const float* W = wh.typed_data();
   const bool* V = valid.typed_data();
   float* DG = dgs->typed_data();
+  float* NRM = norms->typed_data();
   float* carry = ds_m1->typed_data();  // [dh_carry | dc] per row, updated step by step
   std::memcpy(carry, ds_init.typed_data(), sizeof(float) * batch * sw);
   std::vector<float> dh_keep(batch * n);
@@ -190,10 +200,17 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
       float* keep = dh_keep.data() + b * n;
       if (V[row0 + b]) {
         reverse_row(gb, gb + n, gb + 2 * n, gb + 3 * n, sb + n, pb + n, DH + (row0 + b) * n, cb, cb + n, db, db + n,
-                    db + 2 * n, db + 3 * n, keep, n);
+                    db + 2 * n, db + 3 * n, keep, NRM + (row0 + b) * 2, n);
       } else {  // padding: dG = 0, the carry passes on with dH_above added to dh
         const float* above = DH + (row0 + b) * n;
-        for (long j = 0; j < n; ++j) keep[j] = above[j] + cb[j];
+        float sh = 0.0f, sc = 0.0f;
+        for (long j = 0; j < n; ++j) {
+          keep[j] = above[j] + cb[j];
+          sh += keep[j] * keep[j];
+          sc += cb[n + j] * cb[n + j];
+        }
+        NRM[(row0 + b) * 2] = std::sqrt(sh);
+        NRM[(row0 + b) * 2 + 1] = std::sqrt(sc);
         std::memset(db, 0, sizeof(float) * width);
       }
     }
@@ -226,5 +243,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -41,7 +41,16 @@ from bptt_jax.core import plancache
 Array = jax.Array
 
 SOURCE = Path(__file__).with_name("lstm_kernel.cc")
-FLAGS = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+FLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",  # the norms' sums vectorized (OpenMP's simd pragmas only, no runtime)
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-shared",
+    "-fPIC",
+)
 TARGETS = {
     "forward": ("bptt_jax_lstm_forward", "BpttLstmForward"),
     "reverse": ("bptt_jax_lstm_reverse", "BpttLstmReverse"),
@@ -158,11 +167,15 @@ def lstm_forward(wh: Array, bh: Array, a: Array, s0: Array, valid: Array | None,
 def lstm_reverse(
     wh: Array, dhs_above: Array, gates: Array, s_tm1s: Array, ss: Array, valid: Array | None, ds_init: Array | None
 ):
-    """The reverse recursion of one LSTM layer over C steps (``cells.lstm.reverse`` without the
-    norms): (dG [C, B, 4 N1], ds(-1) [B, 2 N1])."""
+    """The reverse recursion of one LSTM layer over C steps (``cells.lstm.reverse``): (dG [C, B, 4 N1],
+    ds(-1) [B, 2 N1], norms [C, B, 2]: ||dDIV/dh(t)|| and ||dDIV/dc(t)||, as ``cells.lstm.reverse``'s)."""
     t_len, batch, width = gates.shape
     f32 = jnp.float32
-    out = (jax.ShapeDtypeStruct(gates.shape, f32), jax.ShapeDtypeStruct((batch, width // 2), f32))
+    out = (
+        jax.ShapeDtypeStruct(gates.shape, f32),
+        jax.ShapeDtypeStruct((batch, width // 2), f32),
+        jax.ShapeDtypeStruct((t_len, batch, 2), f32),
+    )
     ds0 = jnp.zeros((batch, width // 2), f32) if ds_init is None else ds_init
     call = jax.ffi.ffi_call(TARGETS["reverse"][0], out, vmap_method="sequential")
     return call(dhs_above, gates, s_tm1s, ss, wh, _mask(valid, t_len, batch), ds0)

@@ -120,11 +120,6 @@ class Options:
             raise ValueError(f"recurrence: expected one of {list(kernels.RECURRENCES)}, got {self.recurrence!r}")
         if self.gates not in GATES:
             raise ValueError(f"gates: expected one of {list(GATES)}, got {self.gates!r}")
-        if self.recurrence == "native" and self.diagnostics:
-            raise ValueError(
-                "recurrence='native': the compiled kernel does not return ||dDIV/dh(t)|| (diagnostics=True); "
-                "use recurrence='scan'"
-            )
 
     def check(self, spec: RNNSpec, with_output_mask: bool) -> None:
         """What the options cannot do for this network: raises ValueError naming the option."""
@@ -289,7 +284,6 @@ def fill_tuned(options: Options, tuned: dict, spec: RNNSpec, t_len: int, batch: 
             fill.pop("gates")  # cannot store here (the rules then choose)
     if fill.get("recurrence") in ("pallas", "native"):
         try:
-            dataclasses.replace(options, recurrence=fill["recurrence"])  # "native" with diagnostics raises
             kernels.resolve(fill["recurrence"], spec.hidden_sizes, dtype, cell=spec.cell)
         except ValueError:
             fill.pop("recurrence")

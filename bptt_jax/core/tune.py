@@ -228,11 +228,7 @@ def _candidates(
             if o not in out and (o.checkpoint_every is None or divides(plan.segment_levels(o.checkpoint_every)[0]))
         ]
         out = [o for o in out if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
-    if (
-        plan._left_auto(asked, "recurrence")
-        and not asked.diagnostics
-        and kernels.native_reason(spec.cell, dtype) is None
-    ):
+    if plan._left_auto(asked, "recurrence") and kernels.native_reason(spec.cell, dtype) is None:
         # the compiled LSTM kernel in the plans it ran fastest in (benchmarks/native_lstm.py: the rules'
         # blocks and the whole sequence as one block with the gates stored; the scans' buffers, the same
         # memory bound), timed second and third so that a short time budget still measures them
@@ -256,7 +252,8 @@ def _search(
 ) -> tuple[plan.Options, dict]:
     """Compile ``build(o)`` for each candidate (``default`` first: the plan the call runs without an
     entry), time them in interleaved rounds within the time budget, try the unrolls for the best
-    (when ``asked`` leaves unroll open), and confirm a winner other than ``default`` head-to-head.
+    (a scan plan, when ``asked`` leaves unroll open), and confirm a winner other than ``default``
+    head-to-head.
     Returns (the plan to record, the measurements by plan)."""
     measured: dict[plan.Options, dict] = {}
 
@@ -307,7 +304,8 @@ def _search(
     time_rounds(list(measured), 0.5)
     median = lambda o: float(np.median(measured[o]["times"]))  # noqa: E731
     best = min(measured, key=median)
-    if plan._left_auto(asked, "unroll") and time.perf_counter() - start <= UNROLL_SHARE * time_budget:
+    unrolled = best.recurrence == "scan"  # the kernels have no unroll: other unrolls are the same program
+    if plan._left_auto(asked, "unroll") and unrolled and time.perf_counter() - start <= UNROLL_SHARE * time_budget:
         more = [dataclasses.replace(best, unroll=u) for u in UNROLLS if u != best.unroll]
         for i, o in enumerate(more, 1):
             compile_one(o, i, len(more))

@@ -163,7 +163,7 @@ def make_train_step(
       output_dropout: the same for the top layer's merged states before the readout (the BPTT
         takes the mask as ``output_mask``).
       unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU), as ``bptt``.
-      recurrence: "scan", "pallas" or "auto" (the fused kernels on a GPU where they apply), as ``bptt``.
+      recurrence: "scan", "pallas", "native" or "auto" (the fused kernels on a GPU where they apply), as ``bptt``.
       max_memory: a budget for the gradient program's temp memory (per shard), as ``bptt``'s; None: none.
       axis_name: when the step runs per shard (``parallel.make_sharded_train_step``), the mesh
         axis over which loss, gradients and dh_norms are averaged (``lax.pmean``) before the
