@@ -62,7 +62,7 @@ def kernel_forward(layer, xs, s0, valid=None):
 
 def kernel_reverse(layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
     """(dG [T, B, 4 N1], ds(-1) [B, 2 N1]) by the kernel."""
-    return native.lstm_reverse(layer.wh, dhs_above, gates, s_tm1s, ss, valid, ds_init)
+    return native.lstm_reverse(layer.wh, dhs_above, gates, s_tm1s, ss, valid, ds_init)[:2]
 
 
 def check_lengths() -> float:

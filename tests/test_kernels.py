@@ -170,7 +170,10 @@ def test_resolve(monkeypatch):
             r"recurrence='pallas': dtype float64 is not supported by the GPU kernels \(only float32\)",
         ),
         (("pallas", (64,), jnp.float32, "tpu"), r"recurrence='pallas': no Pallas kernel for backend 'tpu'"),
-        (("fast", (64,), jnp.float32, "cpu"), r"recurrence: expected one of \['scan', 'pallas', 'auto'\], got 'fast'"),
+        (
+            ("fast", (64,), jnp.float32, "cpu"),
+            r"recurrence: expected one of \['scan', 'pallas', 'native', 'auto'\], got 'fast'",
+        ),
     ],
 )
 def test_resolve_errors(args, message):

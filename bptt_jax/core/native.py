@@ -36,7 +36,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import plancache
+from bptt_jax.core import host
 
 Array = jax.Array
 
@@ -72,7 +72,7 @@ def _blas() -> tuple[Path, str] | str:
 
 def _build_dir() -> Path:
     """``cache_dir()/native``, or a fresh temporary directory where that cannot be written."""
-    d = plancache.cache_dir() / "native"
+    d = host.cache_dir() / "native"
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=d, delete=True)
@@ -100,7 +100,7 @@ def _compile(lib_dir: Path, name: str) -> Path | str:
         SOURCE.read_bytes(),
         " ".join(command).encode(),
         jaxlib.__version__.encode(),
-        plancache.describe_host().encode(),
+        host.describe_host().encode(),
     ):
         digest.update(part)
     out_dir = _build_dir()

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
-import platform
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,6 +32,8 @@ import jax
 import jaxlib
 
 from bptt_jax.core import cells, forward
+from bptt_jax.core.host import cache_dir, host
+from bptt_jax.core.host import describe_host as describe_host  # re-exported: the benchmarks print it
 from bptt_jax.core.params import RNNSpec
 
 FILE = "plans.json"
@@ -48,65 +48,6 @@ class PlanCacheWarning(UserWarning):
 def enabled() -> bool:
     """False when ``BPTT_JAX_PLAN_CACHE`` is "off" (or "0", "false")."""
     return os.environ.get("BPTT_JAX_PLAN_CACHE", "on").strip().lower() not in ("off", "0", "false", "no")
-
-
-def cache_dir() -> Path:
-    """Where ``plans.json`` lives (see the module's docstring)."""
-    explicit = os.environ.get("BPTT_JAX_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bptt_jax"
-
-
-# The vector and matrix extensions that change which kernels XLA:CPU runs (the widths of its dots).
-_ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "asimd", "sve", "sve2")
-
-
-@functools.lru_cache(maxsize=1)
-def _processor() -> tuple[str, tuple[str, ...]]:
-    """(the processor's name with its family / model where Linux tells them, its extensions among
-    ``_ISA``). Read once per process: the processor does not change under a running process."""
-    name, family, model, flags = platform.processor() or platform.machine(), "", "", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                field, _, value = line.partition(":")
-                field, value = field.strip(), value.strip()
-                if field == "model name":
-                    name = value
-                elif field == "cpu family":
-                    family = value
-                elif field == "model" and not model:
-                    model = value
-                elif field in ("flags", "Features"):
-                    flags = set(value.split())
-                if field == "" and flags:  # the first processor's block is enough
-                    break
-    except OSError:
-        pass
-    if family or model:
-        name = f"{name} (family {family or '?'}, model {model or '?'})"
-    return name, tuple(f for f in _ISA if f in flags)
-
-
-def host() -> dict:
-    """What identifies this machine's CPU for timing: its name (with family and model on Linux), its
-    vector extensions (AVX2, AVX-512, AMX, NEON / SVE ...) and the logical cores this process may
-    run on. Part of a CPU plan's key; benchmarks print it beside their tables."""
-    name, isa = _processor()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    return {"cpu": name, "isa": list(isa), "cores": cores}
-
-
-def describe_host() -> str:
-    """``host()`` in words, for the header of a benchmark's table."""
-    h = host()
-    isa = ", ".join(h["isa"]) or "no listed vector extensions"
-    return f"{h['cpu']}, {isa}; {h['cores']} logical cores"
 
 
 def key(spec: RNNSpec, t_len: int, batch: int, dtype, work: dict, backend: str | None = None) -> str:
