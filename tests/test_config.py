@@ -59,6 +59,10 @@ def _write(tmp_path, text):
             "[train]\nmax_memory = '1GiB'\ngrad = 'autodiff'\n",
             r"c.toml: train.max_memory applies to train.grad = 'bptt'",
         ),
+        (
+            "[train]\nrecurrence = 'native'\n",
+            r"c.toml: train.recurrence = 'native' \(the compiled kernel\) is the LSTM's, got model.cell = 'elman'",
+        ),
     ],
 )
 def test_config_errors(tmp_path, text, message):

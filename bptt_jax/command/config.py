@@ -352,6 +352,11 @@ def _check_combination(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.max_memory applies to train.grad = 'bptt' (the explicit BPTT's plans)")
     if cfg.model.forget_bias != 0.0 and cfg.model.cell != "lstm":
         raise ConfigError(f"{source}: model.forget_bias applies to model.cell = 'lstm' only, got {cfg.model.cell!r}")
+    if cfg.train.recurrence == "native" and cfg.model.cell != "lstm":
+        raise ConfigError(
+            f"{source}: train.recurrence = 'native' (the compiled kernel) is the LSTM's, got model.cell = "
+            f"{cfg.model.cell!r}; use 'auto' or 'scan'"
+        )
     if cfg.model.cell != "elman" and cfg.model.init == "identity":
         raise ConfigError(f"{source}: model.init = 'identity' (the IRNN) is for the Elman cell, got {cfg.model.cell!r}")
     if cfg.data.task == "text" and cfg.model.bidirectional:
