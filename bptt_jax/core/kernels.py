@@ -93,8 +93,9 @@ def native_reason(cell: str, dtype, backend: str | None = None) -> str | None:
     here, or None: it holds the LSTM in float32 on the CPU, where it could be built."""
     if cell != "lstm":
         return f"the compiled kernel is the LSTM's, got cell={cell!r}"
-    if (backend or jax.default_backend()) != "cpu":
-        return f"the compiled kernel runs on the CPU, not {backend or jax.default_backend()!r}"
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return f"the compiled kernel runs on the CPU, not {backend!r}"
     if jnp.dtype(dtype).name != "float32":
         return f"the compiled kernel computes in float32, not {jnp.dtype(dtype).name}"
     return native.unavailable()
