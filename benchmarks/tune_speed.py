@@ -53,7 +53,7 @@ def _explicit(p: plan.Plan) -> dict:
 
 
 def _label(p: plan.Plan) -> str:
-    kernel = "" if p.recurrence == "scan" else f" {p.recurrence}"  # "native": the compiled LSTM kernel
+    kernel = "" if p.recurrence == "scan" else f" {p.recurrence}"  # "native": the compiled kernel
     return f"C={p.block} {'store' if p.store else 'recompute'} u={p.unroll}{kernel}"
 
 

@@ -334,16 +334,17 @@ def test_states_memory_quick():
 
 
 @pytest.mark.bench
-def test_native_lstm_quick(tmp_path):
-    mod = _load("native_lstm", "benchmarks/native_lstm.py")
+def test_native_kernel_quick(tmp_path):
+    mod = _load("native_kernel", "benchmarks/native_kernel.py")
     why = mod.unavailable()
     if why is not None:  # the test extra installs scipy-openblas32; a machine without g++ skips
         pytest.skip(why)
     report = mod.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "n.md")])  # raises where they differ
-    (row,) = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
-    assert all(float(v) > 0 for v in row[2:7]), row
-    (call,) = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
-    assert all(float(v) > 0 for v in call[2:4]) and float(call[-2]) < 1e-4, call  # timed; gradients equal
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
+    assert len(rows) == 2 and all(float(v) > 0 for row in rows for v in row[2:7]), rows  # LSTM and GRU
+    calls = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
+    assert len(calls) == 2, calls
+    assert all(float(v) > 0 for c in calls for v in c[2:4]) and all(float(c[-2]) < 1e-4 for c in calls), calls
 
 
 def test_segment_gates_quick():

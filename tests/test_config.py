@@ -61,7 +61,8 @@ def _write(tmp_path, text):
         ),
         (
             "[train]\nrecurrence = 'native'\n",
-            r"c.toml: train.recurrence = 'native' \(the compiled kernel\) is the LSTM's, got model.cell = 'elman'",
+            r"c.toml: train.recurrence = 'native' \(the compiled kernel\) holds the gated cells \(lstm, gru\), "
+            r"got model.cell = 'elman'",
         ),
     ],
 )

@@ -1,7 +1,8 @@
-"""recurrence="native": the LSTM's loops as a compiled CPU kernel (bptt_jax.core.native) equal jax.grad
-wherever it runs, and where it cannot be built every entry point says why or keeps the scans."""
+"""recurrence="native": the gated cells' loops as a compiled CPU kernel (bptt_jax.core.native) equal
+jax.grad wherever it runs, and where it cannot be built every entry point says why or keeps the scans."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax.core import forward, kernels, native, plan, tune
+from bptt_jax.core import cells, forward, kernels, native, plan, tune
 from bptt_jax.core.vjp import rnn_states
 from tests import reference as ref
 from tests.test_cells import UNROLLS, _check
@@ -25,7 +26,7 @@ T_LONG = 2000
 
 @needs_kernel
 class NativeBPTTEqualsAutodiffTest(chex.TestCase):
-    """LSTM stacks (1-2 layers, uni/bidirectional, lengths incl. 0 and T, weights, h0 pairs, every
+    """LSTM and GRU stacks (1-2 layers, uni/bidirectional, lengths incl. 0 and T, weights, h0 pairs, every
     block-size kind, gates stored or recomputed, checkpoint segments) in float32, with and without an
     outer jit: the kernel's gradients, dh0 and dX against jax.grad (judged against float64 where the
     two float32 paths differ by more than 1e-5)."""
@@ -33,7 +34,7 @@ class NativeBPTTEqualsAutodiffTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @settings(max_examples=4)
     @given(
-        problem=ref.problems(cells=("lstm",), max_layers=2),
+        problem=ref.problems(cells=native.CELLS, max_layers=2),
         block=ref.BLOCKS,
         unroll=UNROLLS,
         gates=st.sampled_from(("store", "recompute")),
@@ -46,42 +47,45 @@ class NativeBPTTEqualsAutodiffTest(chex.TestCase):
 
 
 @needs_kernel
-def test_the_kernels_loops_equal_the_scans_step_for_step():
-    """The forward loop's states and gates and the reverse loop's dG and ds(-1), with lengths 0 .. T,
-    an h0 and an entering carry, against forward.unroll_layer and cells.lstm.reverse."""
-    from bptt_jax.core.cells import lstm
-
+@pytest.mark.parametrize("name", native.CELLS)
+def test_the_kernels_loops_equal_the_scans_step_for_step(name):
+    """The forward loop's states and gate cache and the reverse loop's dA, dV, ds(-1) and norms, with
+    lengths 0 .. T, an h0 and an entering carry, against forward.unroll_layer and the cell's reverse."""
+    cell = cells.get(name)
     t, b, n, n1 = 7, 4, 3, 5
-    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, cell="lstm")).layers[0]
+    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, cell=name)).layers[0]
+    w = cell.state_width(n1)
     k = jax.random.split(jax.random.key(4), 4)
     xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
-    s0 = jax.random.normal(k[1], (b, 2 * n1), jnp.float32)
+    s0 = jax.random.normal(k[1], (b, w), jnp.float32)
     above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
-    ds_init = jax.random.normal(k[3], (b, 2 * n1), jnp.float32)
+    ds_init = jax.random.normal(k[3], (b, w), jnp.float32)
     valid = forward.valid_mask(jnp.array([0, 3, 7, 1]), t)
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
-    das, _, ds_m1, norms = lstm.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
-    kss, kgates = native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=True)
-    kss_only = native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=False)
-    kdas, kds_m1, knorms = native.lstm_reverse(layer.wh, above, kgates, prev, kss, valid, ds_init)
-    np.testing.assert_allclose(kss, ss, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(kss_only, ss, rtol=1e-5, atol=1e-6)
+    das, dvs, ds_m1, norms = cell.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
+    a = cell.project(layer, xs)
+    kss, kgates = native.forward(name, layer.wh, layer.bh, a, s0, valid, store=True)
+    kss_only = native.forward(name, layer.wh, layer.bh, a, s0, valid, store=False)
+    kdas, kdvs, kds_m1, knorms = native.reverse(name, layer.wh, above, kgates, prev, kss, valid, ds_init)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    close(kss, ss)
+    close(kss_only, ss)
     valid_gates = np.asarray(valid)[..., None]  # a padded step's gates are never read
-    np.testing.assert_allclose(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        lstm.gate_cache(layer, xs, prev) * valid_gates, gates * valid_gates, rtol=1e-5, atol=1e-6
-    )
-    np.testing.assert_allclose(kdas, das, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(kds_m1, ds_m1, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(knorms, norms, rtol=1e-5, atol=1e-6)  # ||dh(t)||, ||dc(t)||, padding too
+    close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0))
+    close(cell.gate_cache(layer, xs, prev) * valid_gates, gates * valid_gates)
+    close(kdas, das)
+    close(kdvs, dvs)
+    close(kds_m1, ds_m1)
+    close(knorms, norms)  # ||dh(t)|| (the LSTM's also ||dc(t)||), padding too
 
 
 @needs_kernel
-def test_rnn_states_and_vmap_with_the_kernel():
+@pytest.mark.parametrize("name", native.CELLS)
+def test_rnn_states_and_vmap_with_the_kernel(name):
     """rnn_states' custom VJP with the kernel = jax.grad of the scans (bidirectional stack, lengths,
-    h0 pairs), also under vmap (the kernel runs once per example there)."""
-    spec = bj.RNNSpec(3, (4, 3), 2, cell="lstm", bidirectional=True)
+    h0 (the LSTM's pairs)), also under vmap (the kernel runs once per example there)."""
+    spec = bj.RNNSpec(3, (4, 3), 2, cell=name, bidirectional=True)
     p = ref.make_problem(spec, 5, 2, seed=8, use_lengths=True, use_h0=True)
     ct = jnp.asarray(np.random.RandomState(0).randn(5, 2, 6), jnp.float32)
 
@@ -116,11 +120,11 @@ def test_loss_and_forward_keep_the_scans_and_stay_differentiable():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_the_kernels_norms_equal_the_scans(bidirectional):
-    """diagnostics=True: ||dDIV/dh(t)|| and ||dDIV/dc(t)|| from the kernel's reverse loop equal the
-    scans' (lengths with 0 and T: the padded steps' norms of the carry too), two layers."""
-    spec = bj.RNNSpec(3, (4, 5), 2, cell="lstm", bidirectional=bidirectional)
+@pytest.mark.parametrize(("name", "bidirectional"), [("lstm", False), ("lstm", True), ("gru", True)])
+def test_the_kernels_norms_equal_the_scans(name, bidirectional):
+    """diagnostics=True: ||dDIV/dh(t)|| (and the LSTM's ||dDIV/dc(t)||) from the kernel's reverse loop
+    equal the scans' (lengths with 0 and T: the padded steps' norms of the carry too), two layers."""
+    spec = bj.RNNSpec(3, (4, 5), 2, cell=name, bidirectional=bidirectional)
     p = ref.make_problem(spec, 7, 4, seed=5, use_lengths=True, use_h0=True)
     p = dataclasses.replace(p, lengths=jnp.array([7, 0, 3, 1]))
     runs = [
@@ -153,6 +157,8 @@ def test_tune_times_the_kernel_beside_the_scans():
     assert not any(o.recurrence == "native" for o in candidates(asked, dtype=jnp.float64))
     elman = bj.RNNSpec(3, (4,), 2)
     assert not any(o.recurrence == "native" for o in candidates(asked, spec=elman))
+    gru = bj.RNNSpec(3, (4,), 2, cell="gru")
+    assert any(o.recurrence == "native" for o in candidates(asked, spec=gru))
 
 
 def test_without_the_kernel_an_explicit_choice_says_why_and_auto_keeps_the_scans(monkeypatch):
@@ -174,7 +180,7 @@ def test_without_the_kernel_an_explicit_choice_says_why_and_auto_keeps_the_scans
 
 @pytest.mark.parametrize(
     ("cxx", "message"),
-    [("no-such-compiler-here", r"no C\+\+ compiler"), ("false", r"compiling lstm_kernel.cc failed")],
+    [("no-such-compiler-here", r"no C\+\+ compiler"), ("false", r"compiling cell_kernels.cc failed")],
 )
 def test_a_build_that_cannot_run_or_fails_gives_its_reason(monkeypatch, tmp_path, cxx, message):
     """native._compile with no compiler, and with one that fails: the reason, no library left behind."""
@@ -192,8 +198,8 @@ def test_a_build_that_cannot_run_or_fails_gives_its_reason(monkeypatch, tmp_path
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: kernels.resolve("native", (4,), jnp.float32, cell="elman"), "the compiled kernel is the LSTM's"),
-        (lambda: kernels.resolve("native", (4,), jnp.float32, cell="gru"), "the compiled kernel is the LSTM's"),
+        (lambda: kernels.resolve("native", (4,), jnp.float32, cell="elman"), "holds the gated cells"),
+        (lambda: kernels.resolve("native", (4,), jnp.float16, cell="gru"), "computes in float32, not float16"),
         (lambda: kernels.resolve("native", (4,), jnp.float64, cell="lstm"), "computes in float32, not float64"),
         (lambda: kernels.resolve("native", (4,), jnp.float32, cell="lstm", backend="gpu"), "runs on the CPU"),
     ],
@@ -201,3 +207,13 @@ def test_a_build_that_cannot_run_or_fails_gives_its_reason(monkeypatch, tmp_path
 def test_what_the_kernel_cannot_do_is_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@needs_kernel
+def test_the_kernels_blas_runs_the_threads_it_was_set_to():
+    """The kernel's sgemm runs in BLAS_THREADS threads (beside XLA's pool; native.BLAS_THREADS)."""
+    import ctypes
+
+    lib_dir, name = native._blas()
+    blas = ctypes.CDLL(str(lib_dir / f"lib{name}.so"))
+    assert blas.scipy_openblas_get_num_threads() == native.BLAS_THREADS

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bptt_jax.core import activations, cells, forward, kernels, losses, native, precision
-from bptt_jax.core.cells import lstm
+from bptt_jax.core.cells import gru, lstm
 from bptt_jax.core.cells.base import flat
 from bptt_jax.core.params import LayerParams, ReadoutParams, RNNParams, RNNSpec
 from bptt_jax.core.plan import Plan
@@ -138,11 +138,12 @@ def cell_backward(
     if plan.recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         das, ds_m1, norms = kernels.reverse_recurrence(layer.w11, activation, ss, dhs_above, valid, ds_init)
         dvs, norms = das, norms if plan.with_norms else None
-    elif plan.recurrence == "native":  # the LSTM in float32 on the CPU (kernels.resolve)
-        if cache is None:  # gates="recompute": the gates from A(t) and s(t-1), two block matmuls
-            cache = lstm.gate_cache(layer, xs, s_tm1s)
-        das, ds_m1, norms = native.lstm_reverse(layer.wh, dhs_above, cache, s_tm1s, ss, valid, ds_init)
-        dvs, norms = das, norms if plan.with_norms else None
+    elif plan.recurrence == "native":  # a gated cell in float32 on the CPU (kernels.resolve)
+        name = cells.name_of(layer)
+        if cache is None:  # gates="recompute": the gate cache from A(t) and s(t-1), two block matmuls
+            cache = (lstm.gate_cache if name == "lstm" else gru.gate_cache)(layer, xs, s_tm1s)
+        das, dvs, ds_m1, norms = native.reverse(name, layer.wh, dhs_above, cache, s_tm1s, ss, valid, ds_init)
+        norms = norms if plan.with_norms else None
     else:
         das, dvs, ds_m1, norms = cell.reverse(
             layer,

@@ -79,8 +79,8 @@ def _unroll_whole(
     us = cell.project(layer, precision.rounded(xs, h0.dtype))  # [T, B, G N1], one matmul for all t
     if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
-    if recurrence == "native":  # the LSTM in float32 on the CPU (kernels.resolve): one call per block
-        return native.lstm_forward(layer.wh, layer.bh, us, h0, valid, store)
+    if recurrence == "native":  # a gated cell in float32 on the CPU (kernels.resolve): one call per block
+        return native.forward(cells.name_of(layer), layer.wh, layer.bh, us, h0, valid, store)
 
     # Without the gate cache, a gated cell's A(t) enters the loop one gate block per array and is
     # joined again inside the step (XLA folds each slice of the join back to its own block): measured

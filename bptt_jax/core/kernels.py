@@ -89,10 +89,10 @@ def unsupported_reason(hidden_sizes, dtype, backend: str | None = None) -> str |
 
 
 def native_reason(cell: str, dtype, backend: str | None = None) -> str | None:
-    """Why ``recurrence="native"`` (the compiled LSTM kernel, ``bptt_jax.core.native``) cannot run
-    here, or None: it holds the LSTM in float32 on the CPU, where it could be built."""
-    if cell != "lstm":
-        return f"the compiled kernel is the LSTM's, got cell={cell!r}"
+    """Why ``recurrence="native"`` (the gated cells' compiled kernel, ``bptt_jax.core.native``) cannot
+    run here, or None: it holds the LSTM and the GRU in float32 on the CPU, where it could be built."""
+    if cell not in native.CELLS:
+        return f"the compiled kernel holds the gated cells {list(native.CELLS)}, got cell={cell!r}"
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return f"the compiled kernel runs on the CPU, not {backend!r}"
@@ -113,8 +113,8 @@ def resolve(
 
     "auto" picks the Pallas kernels on a GPU where they apply and were measured faster (float32,
     every N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``) and the scans everywhere else; "pallas" on a
-    CPU runs them in interpret mode; "native" is the compiled LSTM kernel (``native_reason``), which
-    "auto" never picks (``bptt_jax.tune`` times it); an explicit choice that cannot apply raises
+    CPU runs them in interpret mode; "native" is the gated cells' compiled kernel (``native_reason``),
+    which "auto" never picks (``bptt_jax.tune`` times it); an explicit choice that cannot apply raises
     ValueError. ``differentiable``: a path that ``jax.grad`` differentiates (``loss``, ``forward``,
     grad="autodiff"), where "native" runs the scans (jax cannot differentiate the FFI call).
     """

@@ -1,10 +1,10 @@
-"""The LSTM's two loops as a compiled CPU kernel: ``recurrence="native"``.
+"""The gated cells' two loops as a compiled CPU kernel: ``recurrence="native"``.
 
-``lstm_kernel.cc`` (beside this file) writes the LSTM's forward step loop and its reverse recursion
-(the loop ``cells.lstm.reverse`` states, the notes' BPTT of this cell) as two XLA FFI handlers: one
-call runs all C steps of a time block, per step one CBLAS sgemm (h(t-1) Wh forward, dG(t) Wh^T in
-reverse) and one fused pass over the batch rows for the gate arithmetic, where XLA:CPU runs a
-dozen separate operations per step. The input projection A = X Wx + bx, the gates' recomputation
+``cell_kernels.cc`` (beside this file) writes the LSTM's and the GRU's forward step loops and reverse
+recursions (the loops ``cells.lstm.reverse`` and ``cells.gru.reverse`` state, the notes' BPTT of
+these cells) as XLA FFI handlers: one call runs all C steps of a time block, per step one CBLAS
+sgemm (h(t-1) Wh forward, dV(t) Wh^T in reverse) and one fused pass over the batch rows for the
+gate arithmetic, where XLA:CPU runs a dozen separate operations per step. The input projection A = X Wx + bx, the gates' recomputation
 with gates="recompute", the weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
@@ -14,7 +14,7 @@ depends on, and registered with ``jax.ffi`` once per process. Where it cannot be
 compiler, no scipy-openblas32, a failed build) ``unavailable`` says why: an explicit
 ``recurrence="native"`` raises ValueError with that reason, and ``auto`` and ``bptt_jax.tune``
 keep the scans. The rules never choose it; ``bptt_jax.tune`` times it beside the scans where it
-applies (an LSTM in float32 on the CPU) and keeps it only where it measured faster.
+applies (an LSTM or a GRU in float32 on the CPU) and keeps it only where it measured faster.
 
 jax cannot differentiate an FFI call: the kernel serves the explicit BPTT (``bptt``, ``rnn_states``
 with grad="bptt"); ``loss``, ``forward`` and grad="autodiff" run the scans (``kernels.resolve``).
@@ -40,7 +40,7 @@ from bptt_jax.core import host
 
 Array = jax.Array
 
-SOURCE = Path(__file__).with_name("lstm_kernel.cc")
+SOURCE = Path(__file__).with_name("cell_kernels.cc")
 FLAGS = (
     "-std=c++17",
     "-O3",
@@ -51,11 +51,20 @@ FLAGS = (
     "-shared",
     "-fPIC",
 )
-TARGETS = {
-    "forward": ("bptt_jax_lstm_forward", "BpttLstmForward"),
-    "reverse": ("bptt_jax_lstm_reverse", "BpttLstmReverse"),
+CELLS = ("lstm", "gru")
+TARGETS = {  # (cell, loop) -> (the name registered with jax.ffi, the handler's symbol)
+    ("lstm", "forward"): ("bptt_jax_lstm_forward", "BpttLstmForward"),
+    ("lstm", "reverse"): ("bptt_jax_lstm_reverse", "BpttLstmReverse"),
+    ("gru", "forward"): ("bptt_jax_gru_forward", "BpttGruForward"),
+    ("gru", "reverse"): ("bptt_jax_gru_reverse", "BpttGruReverse"),
 }
 COMPILE_TIMEOUT_S = 300
+# OpenBLAS's threads for the kernel's per-step sgemm. The kernel runs inside XLA's program, beside
+# XLA's own thread pool: with OpenBLAS's default (a thread per core) the two pools' spinning threads
+# took the GRU's reverse loop to 0.12-0.61x of the scan's speed on a 2-core CPU, one thread 0.87-2.07x
+# (benchmarks/native_kernel.py, docs/results/benchmarks.md). The library is the scipy-openblas32
+# wheel's, which only this module loads; the setting is made once, when the kernel is loaded.
+BLAS_THREADS = 1
 
 
 def _blas() -> tuple[Path, str] | str:
@@ -104,7 +113,7 @@ def _compile(lib_dir: Path, name: str) -> Path | str:
     ):
         digest.update(part)
     out_dir = _build_dir()
-    target = out_dir / f"lstm_kernel-{digest.hexdigest()[:16]}.so"
+    target = out_dir / f"cell_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.part")
@@ -133,6 +142,7 @@ def _load() -> str | None:
         return lib_path
     try:
         lib = ctypes.CDLL(str(lib_path))
+        lib.scipy_openblas_set_num_threads(BLAS_THREADS)  # the linked BLAS's symbol, found through lib
         for target, symbol in TARGETS.values():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError, ValueError) as e:
@@ -149,33 +159,57 @@ def _mask(valid: Array | None, t_len: int, batch: int) -> Array:
     return jnp.ones((t_len, batch), bool) if valid is None else valid
 
 
-def lstm_forward(wh: Array, bh: Array, a: Array, s0: Array, valid: Array | None, store: bool):
-    """The forward step loop of one LSTM layer over C steps, given A = X Wx + bx [C, B, 4 N1] and the
-    entering state s0 = [h | c] [B, 2 N1]: the states [h(t) | c(t)] [C, B, 2 N1], and with
-    ``store`` also the gates [i | f | g | o] [C, B, 4 N1] (``cells.lstm.recur_cache``'s)."""
+def forward(cell: str, wh: Array, bh: Array, a: Array, s0: Array, valid: Array | None, store: bool):
+    """The forward step loop of one layer of ``cell`` ("lstm" or "gru") over C steps, given A = X Wx
+    + bx [C, B, G N1] and the entering state s0 [B, W]: the states [C, B, W], and with ``store``
+    also the gate cache [C, B, 4 N1] (the cell's ``recur_cache``'s: the LSTM's [i | f | g | o], the
+    GRU's [r | z | n | V_n])."""
     t_len, batch, width = a.shape
+    n1 = width // (4 if cell == "lstm" else 3)
     f32 = jnp.float32
     out = (
-        jax.ShapeDtypeStruct((t_len, batch, width // 2), f32),
-        jax.ShapeDtypeStruct((t_len if store else 1, batch, width), f32),  # one step's scratch otherwise
+        jax.ShapeDtypeStruct((t_len, batch, s0.shape[-1]), f32),
+        jax.ShapeDtypeStruct((t_len if store else 1, batch, 4 * n1), f32),  # one step's scratch otherwise
     )
-    call = jax.ffi.ffi_call(TARGETS["forward"][0], out, vmap_method="sequential")
-    ss, gates = call(a, wh, bh, s0, _mask(valid, t_len, batch))
-    return (ss, gates) if store else ss
+    call = jax.ffi.ffi_call(TARGETS[cell, "forward"][0], out, vmap_method="sequential")
+    ss, cache = call(a, wh, bh, s0, _mask(valid, t_len, batch))
+    return (ss, cache) if store else ss
 
 
-def lstm_reverse(
-    wh: Array, dhs_above: Array, gates: Array, s_tm1s: Array, ss: Array, valid: Array | None, ds_init: Array | None
+def reverse(
+    cell: str,
+    wh: Array,
+    dhs_above: Array,
+    cache: Array,
+    s_tm1s: Array,
+    ss: Array,
+    valid: Array | None,
+    ds_init: Array | None,
 ):
-    """The reverse recursion of one LSTM layer over C steps (``cells.lstm.reverse``): (dG [C, B, 4 N1],
-    ds(-1) [B, 2 N1], norms [C, B, 2]: ||dDIV/dh(t)|| and ||dDIV/dc(t)||, as ``cells.lstm.reverse``'s)."""
-    t_len, batch, width = gates.shape
+    """The reverse recursion of one layer of ``cell`` over C steps, as the cell's ``reverse`` (the
+    notes' BPTT of the cell) with the gate cache given: (dA [C, B, G N1], dV [C, B, G N1] (the
+    LSTM's is dA itself), ds(-1) [B, W], norms: the LSTM's [C, B, 2] ||dDIV/dh(t)|| and
+    ||dDIV/dc(t)||, the GRU's [C, B] ||dDIV/dh(t)||)."""
+    t_len, batch, _ = cache.shape
+    width = s_tm1s.shape[-1]
     f32 = jnp.float32
-    out = (
-        jax.ShapeDtypeStruct(gates.shape, f32),
-        jax.ShapeDtypeStruct((batch, width // 2), f32),
-        jax.ShapeDtypeStruct((t_len, batch, 2), f32),
+    ds0 = jnp.zeros((batch, width), f32) if ds_init is None else ds_init
+    valid = _mask(valid, t_len, batch)
+    if cell == "lstm":
+        out = (
+            jax.ShapeDtypeStruct(cache.shape, f32),
+            jax.ShapeDtypeStruct((batch, width), f32),
+            jax.ShapeDtypeStruct((t_len, batch, 2), f32),
+        )
+        call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out, vmap_method="sequential")
+        das, ds_m1, norms = call(dhs_above, cache, s_tm1s, ss, wh, valid, ds0)
+        return das, das, ds_m1, norms
+    g_shape = (t_len, batch, 3 * width)
+    out_gru = (
+        jax.ShapeDtypeStruct(g_shape, f32),
+        jax.ShapeDtypeStruct(g_shape, f32),
+        jax.ShapeDtypeStruct((batch, width), f32),
+        jax.ShapeDtypeStruct((t_len, batch), f32),
     )
-    ds0 = jnp.zeros((batch, width // 2), f32) if ds_init is None else ds_init
-    call = jax.ffi.ffi_call(TARGETS["reverse"][0], out, vmap_method="sequential")
-    return call(dhs_above, gates, s_tm1s, ss, wh, _mask(valid, t_len, batch), ds0)
+    call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
+    return tuple(call(dhs_above, cache, s_tm1s, wh, valid, ds0))

@@ -201,7 +201,7 @@ def _candidates(
     """The plans to time, ``default`` first: ``unbudgeted`` with the time blocks of
     ``candidate_blocks`` and (a gated cell without segments, not in 16 bits) the gates stored or
     recomputed, for the choices ``asked`` left open; under a budget also ``budget.candidates``, and
-    only plans whose shape-read lower bound fits. Where the compiled LSTM kernel can run
+    only plans whose shape-read lower bound fits. Where the gated cells' compiled kernel can run
     (``kernels.native_reason``) and ``asked`` leaves recurrence open, also ``default`` and the
     whole-sequence block with the gates stored (where those are candidates) with recurrence="native".
     ``divisors_only``: blocks and segments dividing T (the arguments are timed unpadded:
@@ -229,7 +229,7 @@ def _candidates(
         ]
         out = [o for o in out if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
     if plan._left_auto(asked, "recurrence") and kernels.native_reason(spec.cell, dtype) is None:
-        # the compiled LSTM kernel in the plans it ran fastest in (benchmarks/native_lstm.py: the rules'
+        # the compiled kernel in the plans it ran fastest in (benchmarks/native_lstm.py: the rules'
         # blocks and the whole sequence as one block with the gates stored; the scans' buffers, the same
         # memory bound), timed second and third so that a short time budget still measures them
         whole = dataclasses.replace(out[0], block_size=t_len, gates="store")

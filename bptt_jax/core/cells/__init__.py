@@ -30,6 +30,12 @@ def get(name: str) -> Cell:
         raise ValueError(f"cell: unknown value {name!r}; allowed: {list(NAMES)}") from None
 
 
+def name_of(p) -> str:
+    """The name (a key of ``CELLS``) of the cell whose parameters ``p`` are."""
+    mod = of(p)
+    return next(name for name, m in CELLS.items() if m is mod)
+
+
 def of(p) -> Cell:
     """The cell module whose parameters ``p`` are (by their NamedTuple type)."""
     for mod in CELLS.values():

@@ -106,6 +106,14 @@ def recur(p: GRUParams, activation: str, h_tm1: Array, a_t: Array) -> Array:
     return recur_cache(p, activation, h_tm1, a_t)[0]
 
 
+def gate_cache(p: GRUParams, xs: Array, hs_tm1: Array) -> Array:
+    """The gate cache [r | z | n | V_n] of C steps at once [C, B, 4 N1], from X(t) and h(t-1):
+    ``recur_cache``'s, recomputed with two block matmuls (the compiled kernel's reverse reads it)."""
+    v = recurrent_input(p, hs_tm1)
+    r, z, n = _gates(project(p, xs), v)
+    return jnp.concatenate([r, z, n, v[..., 2 * hs_tm1.shape[-1] :]], axis=-1)
+
+
 def recurrent_input(p: GRUParams, hs_tm1: Array) -> Array:
     """V = h(t-1) Wh + bh for many steps at once: ``reverse``'s dV is its gradient."""
     return mm(hs_tm1, p.wh) + p.bh

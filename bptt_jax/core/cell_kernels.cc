@@ -1,15 +1,23 @@
-// The LSTM's forward step loop and reverse recursion (bptt_jax/core/cells/lstm.py) as two XLA FFI
-// handlers for the CPU: one call runs all C steps of one layer, with a BLAS sgemm for the recurrent
-// matmul of each step and the gate arithmetic fused into one pass over the batch rows.
+// The gated cells' forward step loops and reverse recursions (bptt_jax/core/cells/lstm.py, gru.py) as
+// XLA FFI handlers for the CPU: one call runs all C steps of one layer, with a BLAS sgemm for the
+// recurrent matmul of each step and the gate arithmetic fused into one pass over the batch rows.
 //
-// Forward, per step t (row vectors, gates i | f | g | o):
+// LSTM forward, per step t (row vectors, gates i | f | g | o):
 //     Q(t) = A(t) + bh + h(t-1) Wh                   A(t) = X(t) Wx + bx, formed outside
 //     i, f, o = sigmoid(Q_i, Q_f, Q_o);  g = tanh(Q_g)
 //     c(t) = f c(t-1) + i g;  h(t) = o tanh(c(t))    held at s(t-1) where valid[t] is false
-// Reverse, for t = C-1 .. 0 (the notes' BPTT of this cell; lstm.reverse states the same loop):
+// LSTM reverse, for t = C-1 .. 0 (the notes' BPTT of this cell; lstm.reverse states the same loop):
 //     dh = dH_above(t) + dh_carry;  dc_total = dc + dh o (1 - tanh(c)^2)
 //     dG(t) = [dc_total g i(1-i), dc_total c(t-1) f(1-f), dc_total i(1-g^2), dh tanh(c) o(1-o)]
 //     dh_carry = dG(t) Wh^T;  dc = dc_total f        (dG = 0 and the carry passed on where not valid)
+//
+// GRU forward, per step t (gates r | z | n):
+//     V(t) = h(t-1) Wh + bh;  r = sigmoid(A_r + V_r);  z = sigmoid(A_z + V_z);  n = tanh(A_n + r V_n)
+//     h(t) = (1 - z) n + z h(t-1)                    held at h(t-1) where valid[t] is false
+// GRU reverse (gru.reverse's loop):
+//     dh = dH_above(t) + dh_carry;  dA_n = dh (1 - z)(1 - n^2);  dA_r = dA_n V_n r(1 - r)
+//     dA_z = dh (h(t-1) - n) z(1 - z);  dV = [dA_r, dA_z, dA_n r]
+//     dh_carry = dh z + dV(t) Wh^T                   (dA = dV = 0, dh_carry = dh where not valid)
 //
 // The sgemm is the CBLAS routine of the scipy-openblas32 wheel's library, linked when
 // bptt_jax.core.native compiles this file on the machine it runs on; besides that library the file
@@ -222,6 +230,142 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   return ffi::Error::Success();
 }
 
+
+// One row of the GRU's forward step: from A(t), V(t) and h(t-1) -> h(t) and the
+// gate cache [r | z | n | V_n] (gru.recur_cache's).
+void gru_forward_row(const float* __restrict a, const float* __restrict v, const float* __restrict h_prev,
+                     float* __restrict h, float* __restrict cache, long n) {
+  for (long j = 0; j < n; ++j) {
+    const float r = sigmoid(a[j] + v[j]), z = sigmoid(a[n + j] + v[n + j]);
+    const float nn = fast_tanh(a[2 * n + j] + r * v[2 * n + j]);
+    h[j] = (1.0f - z) * nn + z * h_prev[j];
+    cache[j] = r;
+    cache[n + j] = z;
+    cache[2 * n + j] = nn;
+    cache[3 * n + j] = v[2 * n + j];
+  }
+}
+
+// One row of the GRU's reverse step: dh = above + carry; writes dA(t), dV(t), carry = dh z (the
+// recurrent matmul's part is added after the row loop) and returns ||dh(t)||.
+float gru_reverse_row(const float* __restrict cache, const float* __restrict h_prev, const float* __restrict above,
+                      float* __restrict carry, float* __restrict da, float* __restrict dv, long n) {
+  float sh = 0.0f;
+#pragma omp simd reduction(+ : sh)
+  for (long j = 0; j < n; ++j) {
+    const float r = cache[j], z = cache[n + j], nn = cache[2 * n + j], vn = cache[3 * n + j];
+    const float dh = above[j] + carry[j];
+    const float dan = dh * (1.0f - z) * (1.0f - nn * nn);
+    const float dar = dan * vn * r * (1.0f - r);
+    const float daz = dh * (h_prev[j] - nn) * z * (1.0f - z);
+    da[j] = dar;
+    da[n + j] = daz;
+    da[2 * n + j] = dan;
+    dv[j] = dar;
+    dv[n + j] = daz;
+    dv[2 * n + j] = dan * r;
+    carry[j] = dh * z;
+    sh += dh * dh;
+  }
+  return std::sqrt(sh);
+}
+
+// a [C, B, 3N] (X Wx + bx), wh [N, 3N], bh [3N], h0 [B, N], valid [C, B]
+//   -> hs [C, B, N], cache [C or 1, B, 4N] ([r | z | n | V_n]; one step's scratch when not kept).
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bh,
+                          ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> hs,
+                          ffi::ResultBuffer<ffi::F32> cache) {
+  const auto d = a.dimensions();
+  if (d.size() != 3 || d[2] % 3 != 0) return check_dims(false, "gru forward: a must be [C, B, 3 N]");
+  const long steps = d[0], batch = d[1], width = d[2], n = width / 3;
+  const bool keep = cache->dimensions()[0] == steps;
+  if (auto e = check_dims(wh.dimensions().size() == 2 && wh.dimensions()[0] == n && wh.dimensions()[1] == width &&
+                              bh.element_count() == static_cast<size_t>(width) &&
+                              h0.element_count() == static_cast<size_t>(batch * n) &&
+                              valid.element_count() == static_cast<size_t>(steps * batch) &&
+                              hs->element_count() == static_cast<size_t>(steps * batch * n) &&
+                              cache->element_count() == static_cast<size_t>((keep ? steps : 1) * batch * 4 * n),
+                          "gru forward: inconsistent shapes");
+      e.failure())
+    return e;
+  const float* A = a.typed_data();
+  const float* W = wh.typed_data();
+  const float* bias = bh.typed_data();
+  const bool* V = valid.typed_data();
+  float* H = hs->typed_data();
+  float* K = cache->typed_data();
+  std::vector<float> v(batch * width);  // V(t) = h(t-1) Wh + bh
+  for (long t = 0; t < steps; ++t) {
+    const float* prev = t == 0 ? h0.typed_data() : H + (t - 1) * batch * n;
+    float* h = H + t * batch * n;
+    float* k = K + (keep ? t : 0) * batch * 4 * n;
+    const float* at = A + t * batch * width;
+    for (long b = 0; b < batch; ++b) std::memcpy(v.data() + b * width, bias, sizeof(float) * width);
+    scipy_cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, batch, width, n, 1.0f, prev, n, W, width, 1.0f, v.data(), width);
+    for (long b = 0; b < batch; ++b) {
+      gru_forward_row(at + b * width, v.data() + b * width, prev + b * n, h + b * n, k + b * 4 * n, n);
+      if (!V[t * batch + b]) std::memcpy(h + b * n, prev + b * n, sizeof(float) * n);  // padding holds h
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// dhs [C, B, N], cache [C, B, 4N], hs_prev [C, B, N] (h(t-1)), wh [N, 3N], valid [C, B], dh_init [B, N]
+//   -> das [C, B, 3N] (dA(t)), dvs [C, B, 3N] (dV(t)), dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
+ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> hs_prev,
+                          ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dh_init,
+                          ffi::ResultBuffer<ffi::F32> das, ffi::ResultBuffer<ffi::F32> dvs,
+                          ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms) {
+  const auto d = cache.dimensions();
+  if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "gru reverse: cache must be [C, B, 4 N]");
+  const long steps = d[0], batch = d[1], n = d[2] / 4, width = 3 * n;
+  const size_t rows = static_cast<size_t>(steps * batch);
+  if (auto e = check_dims(dhs.element_count() == rows * n && hs_prev.element_count() == rows * n &&
+                              wh.element_count() == static_cast<size_t>(n * width) &&
+                              valid.element_count() == rows &&
+                              dh_init.element_count() == static_cast<size_t>(batch * n) &&
+                              das->element_count() == rows * width && dvs->element_count() == rows * width &&
+                              norms->element_count() == rows,
+                          "gru reverse: inconsistent shapes");
+      e.failure())
+    return e;
+  const float* DH = dhs.typed_data();
+  const float* K = cache.typed_data();
+  const float* HP = hs_prev.typed_data();
+  const float* W = wh.typed_data();
+  const bool* V = valid.typed_data();
+  float* DA = das->typed_data();
+  float* DV = dvs->typed_data();
+  float* NRM = norms->typed_data();
+  float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
+  std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
+  for (long t = steps - 1; t >= 0; --t) {
+    const long row0 = t * batch;
+    for (long b = 0; b < batch; ++b) {
+      const long row = row0 + b;
+      float* cb = carry + b * n;
+      if (V[row]) {
+        NRM[row] = gru_reverse_row(K + row * 4 * n, HP + row * n, DH + row * n, cb, DA + row * width,
+                                   DV + row * width, n);
+      } else {  // padding: dA = dV = 0, the carry passes on with dH_above added
+        const float* above = DH + row * n;
+        float sh = 0.0f;
+        for (long j = 0; j < n; ++j) {
+          cb[j] += above[j];
+          sh += cb[j] * cb[j];
+        }
+        NRM[row] = std::sqrt(sh);
+        std::memset(DA + row * width, 0, sizeof(float) * width);
+        std::memset(DV + row * width, 0, sizeof(float) * width);
+      }
+    }
+    // dh_carry += dV(t) Wh^T, [B, 3N] x [N, 3N]^T (zero rows where a step is padding)
+    scipy_cblas_sgemm(kRowMajor, kNoTrans, kTrans, batch, n, width, 1.0f, DV + row0 * width, width, W, width, 1.0f,
+                      carry, n);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmForward, LstmForwardImpl,
@@ -243,6 +387,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruForward, GruForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruReverse, GruReverseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

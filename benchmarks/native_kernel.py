@@ -1,24 +1,24 @@
-"""The LSTM's two loops as a compiled CPU kernel (recurrence="native"), against the library's scans.
+"""The gated cells' two loops as a compiled CPU kernel (recurrence="native"), against the scans.
 
-    python benchmarks/native_lstm.py [--quick] [--rounds R] [--out FILE]
+    python benchmarks/native_kernel.py [--cell lstm|gru] [--quick] [--rounds R] [--out FILE]
 
-Issue 35's third lever: one LSTM layer's forward step loop and reverse recursion written in C++
-(``bptt_jax/core/lstm_kernel.cc``: per step one CBLAS sgemm for h(t-1) Wh, or dG(t) Wh^T in
-reverse, and one fused, vectorized pass over the batch rows for the gate arithmetic; the loop the
-module docstring of ``bptt_jax.core.cells.lstm`` writes out), compiled by ``bptt_jax.core.native``
-on this machine (``-O3 -march=native``, jaxlib's XLA FFI headers, the sgemm of the
-``scipy-openblas32`` wheel) and called through ``jax.ffi``. Per benchmark shape (float32, every
-sequence full length):
+Issue 35's third lever: one LSTM or GRU layer's forward step loop and reverse recursion written in
+C++ (``bptt_jax/core/cell_kernels.cc``: per step one CBLAS sgemm for h(t-1) Wh, or dV(t) Wh^T in
+reverse, and one fused, vectorized pass over the batch rows for the gate arithmetic; the loops the
+module docstrings of ``bptt_jax.core.cells.lstm`` and ``gru`` write out), compiled by
+``bptt_jax.core.native`` on this machine (``-O3 -march=native``, jaxlib's XLA FFI headers, the
+sgemm of the ``scipy-openblas32`` wheel) and called through ``jax.ffi``. Per cell and benchmark
+shape (float32, every sequence full length):
 
   forward loop   the library's ``forward.unroll_layer(..., store=True)`` (input projection + scan
-                 keeping the gates) against the projection + the kernel's forward;
-  reverse loop   ``cells.lstm.reverse`` given the stored gates against the kernel's reverse;
+                 keeping the gate cache) against the projection + the kernel's forward;
+  reverse loop   the cell's ``reverse`` given the stored gate cache against the kernel's reverse;
   layer          forward + explicit BPTT of the layer (``backward.cell_backward``: the reverse loop
                  and the weight-gradient and dX matmuls) against the same with both kernel loops;
-  torch          PyTorch's ``nn.LSTM`` forward + ``backward`` of the same cotangent (oneDNN's fused
-                 layer, eager; where torch imports), beside the layer rows;
-  whole call     ``bptt`` (LSTM + softmax readout) with the rules' plan, the same plan with
-                 recurrence="native", and PyTorch's nn.LSTM + nn.Linear eager.
+  torch          PyTorch's ``nn.LSTM`` / ``nn.GRU`` forward + ``backward`` of the same cotangent
+                 (oneDNN's fused layer, eager; where torch imports), beside the layer rows;
+  whole call     ``bptt`` (the cell + softmax readout) with the rules' plan, the same plan with
+                 recurrence="native", and PyTorch's layer + nn.Linear eager.
 
 Every pair is checked equal (1e-4 relative) before timing; compiled programs timed side by side
 (round robin, random order, medians). Reported: scan time over kernel time (above 1: the kernel is
@@ -44,8 +44,7 @@ import gated  # noqa: E402
 import step_profile  # noqa: E402
 
 import bptt_jax as bj  # noqa: E402
-from bptt_jax.core import backward, forward, native, plan  # noqa: E402
-from bptt_jax.core.cells import lstm  # noqa: E402
+from bptt_jax.core import backward, cells, forward, native, plan  # noqa: E402
 
 QUICK_SHAPES = [(12, 3, 5, 6, 7)]
 
@@ -55,54 +54,54 @@ def unavailable() -> str | None:
     return native.unavailable()
 
 
-def kernel_forward(layer, xs, s0, valid=None):
-    """([h | c] states [T, B, 2 N1], gates [T, B, 4 N1]) by the kernel, after the input projection."""
-    return native.lstm_forward(layer.wh, layer.bh, lstm.project(layer, xs), s0, valid, store=True)
+def kernel_forward(cell, layer, xs, s0, valid=None):
+    """(states [T, B, W], gate cache [T, B, 4 N1]) by the kernel, after the input projection."""
+    return native.forward(cell, layer.wh, layer.bh, cells.get(cell).project(layer, xs), s0, valid, store=True)
 
 
-def kernel_reverse(layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
-    """(dG [T, B, 4 N1], ds(-1) [B, 2 N1]) by the kernel."""
-    return native.lstm_reverse(layer.wh, dhs_above, gates, s_tm1s, ss, valid, ds_init)[:2]
+def kernel_reverse(cell, layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
+    """(dA [T, B, G N1], dV [T, B, G N1], ds(-1) [B, W]) by the kernel."""
+    return native.reverse(cell, layer.wh, dhs_above, gates, s_tm1s, ss, valid, ds_init)[:3]
 
 
-def check_lengths() -> float:
+def check_lengths(cell: str) -> float:
     """The kernel's padding and entering carries against the library's scans (lengths 0 .. T, h0, an
-    entering (dh, dc)): the largest relative difference; raises above 1e-4."""
+    entering carry): the largest relative difference; raises above 1e-4."""
+    mod = cells.get(cell)
     t, b, n, n1 = 9, 5, 4, 6
-    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, cell="lstm")).layers[0]
+    w = mod.state_width(n1)
+    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, cell=cell)).layers[0]
     k = jax.random.split(jax.random.key(4), 4)
     xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
-    s0 = jax.random.normal(k[1], (b, 2 * n1), jnp.float32)
+    s0 = jax.random.normal(k[1], (b, w), jnp.float32)
     above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
-    ds_init = jax.random.normal(k[3], (b, 2 * n1), jnp.float32)
+    ds_init = jax.random.normal(k[3], (b, w), jnp.float32)
     valid = forward.valid_mask(jnp.array([0, 3, 9, 1, 6]), t)
 
     def both(layer, xs, s0, above, ds_init):
         ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
         prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
-        das, _, ds_m1, _ = lstm.reverse(
-            layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates
-        )
-        kss, kgates = kernel_forward(layer, xs, s0, valid)
-        kdas, kds_m1 = kernel_reverse(layer, above, kgates, prev, kss, valid, ds_init)
-        return (ss, das, ds_m1), (kss, kdas, kds_m1)
+        scan = mod.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates)[:3]
+        kss, kgates = kernel_forward(cell, layer, xs, s0, valid)
+        return (ss, *scan), (kss, *kernel_reverse(cell, layer, above, kgates, prev, kss, valid, ds_init))
 
     scan, kernel = jax.jit(both)(layer, xs, s0, above, ds_init)
     err = bptt_speed.max_rel_err(kernel, scan)
     if err > 1e-4:
-        raise AssertionError(f"with lengths, h0 and an entering carry the kernel differs from the scan ({err:.2e})")
+        raise AssertionError(f"{cell}: with lengths, h0 and a carry the kernel differs from the scan ({err:.2e})")
     return err
 
 
-def contenders(shape):
+def contenders(cell, shape):
     """{comparison: {way: (function, args)}} at one shape, and the layer's inputs for torch."""
+    mod = cells.get(cell)
     t, b, n, n1, m = shape
-    spec = bj.RNNSpec(n, (n1,), m, cell="lstm")
+    spec = bj.RNNSpec(n, (n1,), m, cell=cell)
     params = bj.init_params(jax.random.key(0), spec)
     layer = params.layers[0]
     xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
     above = jax.random.normal(jax.random.key(2), (t, b, n1), jnp.float32)
-    s0 = jnp.zeros((b, 2 * n1), jnp.float32)
+    s0 = jnp.zeros((b, mod.state_width(n1)), jnp.float32)
     p = plan.Plan(block=t, store=True, segment=None, unroll=1, recurrence="scan", with_dxs=True)
 
     def scan_forward(layer, xs):
@@ -112,41 +111,41 @@ def contenders(shape):
         return jnp.concatenate([s0[None], ss[:-1]], axis=0)
 
     def scan_reverse(layer, xs, ss, gates, above):
-        return lstm.reverse(layer, "tanh", xs, prev(ss), ss, above, None, None, with_norms=False, cache=gates)[::2]
+        return mod.reverse(layer, "tanh", xs, prev(ss), ss, above, None, None, with_norms=False, cache=gates)[:3]
 
     def native_reverse(layer, xs, ss, gates, above):
-        return kernel_reverse(layer, above, gates, prev(ss), ss)
+        return kernel_reverse(cell, layer, above, gates, prev(ss), ss)
 
     def scan_layer(layer, xs, above):
         ss, gates = scan_forward(layer, xs)
         grads, ds0, das, _ = backward.cell_backward(
             layer, "tanh", xs, s0, ss, above, None, p, ds_init=None, cache=gates
         )
-        return ss, grads, ds0, lstm.input_grad(layer, das)
+        return ss, grads, ds0, mod.input_grad(layer, das)
 
     def native_layer(layer, xs, above):
-        ss, gates = kernel_forward(layer, xs, s0)
-        das, ds0 = kernel_reverse(layer, above, gates, prev(ss), ss)
-        return ss, lstm.weight_grads(layer, xs, prev(ss), das, das), ds0, lstm.input_grad(layer, das)
+        ss, gates = kernel_forward(cell, layer, xs, s0)
+        das, dvs, ds0 = kernel_reverse(cell, layer, above, gates, prev(ss), ss)
+        return ss, mod.weight_grads(layer, xs, prev(ss), das, dvs), ds0, mod.input_grad(layer, das)
 
     ss, gates = jax.jit(scan_forward)(layer, xs)
     rev_args = (layer, xs, ss, gates, above)
     return {
         "forward loop": {
             "scan": (scan_forward, (layer, xs)),
-            "kernel": (lambda l, x: kernel_forward(l, x, s0), (layer, xs)),
+            "kernel": (lambda l, x: kernel_forward(cell, l, x, s0), (layer, xs)),
         },
         "reverse loop": {"scan": (scan_reverse, rev_args), "kernel": (native_reverse, rev_args)},
         "layer": {"scan": (scan_layer, (layer, xs, above)), "kernel": (native_layer, (layer, xs, above))},
     }, (spec, params, xs, above)
 
 
-def whole_call(shape, rounds: int, threads: int):
-    """The whole ``bptt`` call (LSTM + softmax readout, bptt_speed.py's gated problem) with the rules'
-    plan and with recurrence="native" (otherwise the same plan), and PyTorch's nn.LSTM + nn.Linear
-    eager: {contender: median s}, after checking the kernel's gradients against the scans'."""
+def whole_call(cell, shape, rounds: int, threads: int):
+    """The whole ``bptt`` call (the cell + softmax readout, bptt_speed.py's gated problem) with the
+    rules' plan and with recurrence="native" (otherwise the same plan), and PyTorch's layer +
+    nn.Linear eager: {contender: median s}, after checking the kernel's gradients against the scans'."""
     t, b, n, n1, m = shape
-    spec = bj.RNNSpec(n, (n1,), m, cell="lstm")
+    spec = bj.RNNSpec(n, (n1,), m, cell=cell)
     params = bj.init_params(jax.random.key(0), spec)
     xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
     targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
@@ -165,26 +164,35 @@ def whole_call(shape, rounds: int, threads: int):
     err = bptt_speed.max_rel_err(outs["bptt native"], outs["bptt"])
     if err > 1e-4:
         raise AssertionError(f"{shape}: bptt with the kernel differs from the scans ({err:.2e})")
-    tc = gated.torch_contender("lstm", spec, params, xs, targets, threads)
+    tc = gated.torch_contender(cell, spec, params, xs, targets, threads)
     if tc is not None:
         runners["torch"] = tc[0]
     return bptt_speed.round_robin(runners, rounds), err
 
 
 def main(argv=None) -> str:
-    args, rounds = gate_blocks.parse_report_args(__doc__, argv, ("lstm",), 11)
+    args, rounds = gate_blocks.parse_report_args(__doc__, argv, native.CELLS, 11)
     shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
-    lines = gate_blocks.header("The LSTM's loops as a compiled CPU kernel", "native_lstm.py", argv, rounds)
+    lines = gate_blocks.header("The gated cells' loops as a compiled CPU kernel", "native_kernel.py", argv, rounds)
     why = unavailable()
     if why is not None:
         lines.append(f"Not run: {why}.")
         return bptt_speed._report(lines, args.out)
     threads = os.cpu_count() or 1  # PyTorch's threads, as step_profile.py
-    lines += [
-        f"Checked first: with lengths (0 to T), h0 and an entering carry, kernel = scans to {check_lengths():.1e}.",
+    for cell in args.cell or native.CELLS:
+        lines += cell_tables(cell, shapes, rounds, threads)
+    return bptt_speed._report(lines, args.out)
+
+
+def cell_tables(cell: str, shapes, rounds: int, threads: int) -> list[str]:
+    """One cell's two tables: the layer's loops, and the whole call."""
+    lines = [
+        f"## {cell.upper()}",
         "",
-        "One LSTM layer, float32, full lengths, one block; us per step (median). scan / kernel above 1: the",
-        "kernel is faster. kernel / torch below 1: the kernel layer is faster than PyTorch's fused layer.",
+        f"Checked first: with lengths (0 to T), h0 and an entering carry, kernel = scans to {check_lengths(cell):.1e}.",
+        "",
+        f"One {cell.upper()} layer, float32, full lengths, one block; us per step (median). scan / kernel above",
+        "1: the kernel is faster. kernel / torch below 1: the kernel layer is faster than PyTorch's fused layer.",
         "",
         "| T, B, N, N1 | forward loop scan / kernel | reverse loop scan / kernel | layer scan | layer kernel"
         " | layer scan / kernel | torch | kernel / torch |",
@@ -193,17 +201,17 @@ def main(argv=None) -> str:
     whole = []
     for shape in shapes:
         t = shape[0]
-        ways, (spec, params, xs, above) = contenders(shape)
+        ways, (spec, params, xs, above) = contenders(cell, shape)
         runners, ratios = {}, {}
         for name, pair in ways.items():
             compiled = {w: jax.jit(f).lower(*a).compile() for w, (f, a) in pair.items()}
             outs = {w: compiled[w](*pair[w][1]) for w in pair}
             err = bptt_speed.max_rel_err(outs["kernel"], outs["scan"])
             if err > 1e-4:
-                raise AssertionError(f"{shape} {name}: the kernel differs from the scan ({err:.2e})")
+                raise AssertionError(f"{cell} {shape} {name}: the kernel differs from the scan ({err:.2e})")
             for w in pair:
                 runners[f"{name} {w}"] = lambda f=compiled[w], a=pair[w][1]: bptt_speed._block(f(*a))
-        torch_run = step_profile._torch_layer("lstm", spec, params, xs, above, threads)
+        torch_run = step_profile._torch_layer(cell, spec, params, xs, above, threads)
         if torch_run is not None:
             runners["torch"] = torch_run[0]
         med = bptt_speed.round_robin(runners, rounds)
@@ -216,25 +224,25 @@ def main(argv=None) -> str:
             f"| {per_step['layer scan']:.1f} | {per_step['layer kernel']:.1f} | {ratios['layer']:.2f} "
             f"| {torch_us:.1f} | {per_step['layer kernel'] / torch_us:.2f} |"
         )
-        call, err = whole_call(shape, rounds, threads)
+        call, err = whole_call(cell, shape, rounds, threads)
         torch_s = call.get("torch", float("nan"))
         whole.append(
             f"| {shape} | {1e3 * call['bptt']:.2f} | {1e3 * call['bptt native']:.2f} | {1e3 * torch_s:.2f} "
             f"| {call['bptt'] / call['bptt native']:.2f} | {torch_s / call['bptt']:.2f} "
             f"| {torch_s / call['bptt native']:.2f} | {err:.1e} |"
         )
-    lines += [
+    return lines + [
         "",
-        "The whole `bptt` call (LSTM + softmax readout, float32): the rules' plan with the scans and with",
-        'recurrence="native" (the same blocks and gates), against PyTorch\'s nn.LSTM + nn.Linear eager',
+        f"The whole `bptt` call ({cell.upper()} + softmax readout, float32): the rules' plan with the scans and",
+        'with recurrence="native" (the same blocks and gates), against PyTorch\'s layer + nn.Linear eager',
         "(oneDNN); medians in ms, speed ratios above 1: the second is slower.",
         "",
         "| T, B, N, N1, M | bptt (scans) | bptt native | torch | scans / native | torch / scans"
         " | torch / native | gradient difference |",
         "|---|---|---|---|---|---|---|---|",
         *whole,
+        "",
     ]
-    return bptt_speed._report(lines, args.out)
 
 
 if __name__ == "__main__":
