@@ -1,6 +1,6 @@
 """The gated cells' two loops as a compiled CPU kernel (recurrence="native"), against the scans.
 
-    python benchmarks/native_kernel.py [--cell lstm|gru] [--quick] [--rounds R] [--out FILE]
+    python benchmarks/native_kernel.py [--cell lstm|gru] [--no-torch] [--quick] [--rounds R] [--out FILE]
 
 Issue 35's third lever: one LSTM or GRU layer's forward step loop and reverse recursion written in
 C++ (``bptt_jax/core/cell_kernels.cc``: per step one CBLAS sgemm for h(t-1) Wh, or dV(t) Wh^T in
@@ -164,21 +164,29 @@ def whole_call(cell, shape, rounds: int, threads: int):
     err = bptt_speed.max_rel_err(outs["bptt native"], outs["bptt"])
     if err > 1e-4:
         raise AssertionError(f"{shape}: bptt with the kernel differs from the scans ({err:.2e})")
-    tc = gated.torch_contender(cell, spec, params, xs, targets, threads)
+    tc = gated.torch_contender(cell, spec, params, xs, targets, threads) if threads else None
     if tc is not None:
         runners["torch"] = tc[0]
     return bptt_speed.round_robin(runners, rounds), err
 
 
+def _no_torch(ap) -> None:
+    ap.add_argument(
+        "--no-torch",
+        action="store_true",
+        help="leave PyTorch out (its OpenMP threads, spinning between calls, slow the JAX contenders timed after them)",
+    )
+
+
 def main(argv=None) -> str:
-    args, rounds = gate_blocks.parse_report_args(__doc__, argv, native.CELLS, 11)
+    args, rounds = gate_blocks.parse_report_args(__doc__, argv, native.CELLS, 11, extra=_no_torch)
     shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
     lines = gate_blocks.header("The gated cells' loops as a compiled CPU kernel", "native_kernel.py", argv, rounds)
     why = unavailable()
     if why is not None:
         lines.append(f"Not run: {why}.")
         return bptt_speed._report(lines, args.out)
-    threads = os.cpu_count() or 1  # PyTorch's threads, as step_profile.py
+    threads = 0 if args.no_torch else os.cpu_count() or 1  # PyTorch's threads, as step_profile.py
     for cell in args.cell or native.CELLS:
         lines += cell_tables(cell, shapes, rounds, threads)
     return bptt_speed._report(lines, args.out)
@@ -211,7 +219,7 @@ def cell_tables(cell: str, shapes, rounds: int, threads: int) -> list[str]:
                 raise AssertionError(f"{cell} {shape} {name}: the kernel differs from the scan ({err:.2e})")
             for w in pair:
                 runners[f"{name} {w}"] = lambda f=compiled[w], a=pair[w][1]: bptt_speed._block(f(*a))
-        torch_run = step_profile._torch_layer(cell, spec, params, xs, above, threads)
+        torch_run = step_profile._torch_layer(cell, spec, params, xs, above, threads) if threads else None
         if torch_run is not None:
             runners["torch"] = torch_run[0]
         med = bptt_speed.round_robin(runners, rounds)
