@@ -1,6 +1,6 @@
 // The gated cells' forward step loops and reverse recursions (bptt_jax/core/cells/lstm.py, gru.py) as
-// XLA FFI handlers for the CPU: one call runs all C steps of one layer, with a BLAS sgemm for the
-// recurrent matmul of each step and the gate arithmetic fused into one pass over the batch rows.
+// XLA FFI handlers for the CPU: one call runs all C steps of one layer, with a register-tiled matmul
+// for the recurrent matmul of each step and the gate arithmetic fused into one pass over the batch rows.
 //
 // LSTM forward, per step t (row vectors, gates i | f | g | o):
 //     Q(t) = A(t) + bh + h(t-1) Wh                   A(t) = X(t) Wx + bx, formed outside
@@ -19,9 +19,10 @@
 //     dA_z = dh (h(t-1) - n) z(1 - z);  dV = [dA_r, dA_z, dA_n r]
 //     dh_carry = dh z + dV(t) Wh^T                   (dA = dV = 0, dh_carry = dh where not valid)
 //
-// The sgemm is the CBLAS routine of the scipy-openblas32 wheel's library, linked when
-// bptt_jax.core.native compiles this file on the machine it runs on; besides that library the file
-// needs only the XLA FFI headers that ship with jaxlib.
+// The recurrent matmul of each step is this file's own (gemm below: the recurrent weights packed once
+// per call for all C steps, register-tiled, vectorized by the compiler for the machine it is compiled
+// on). bptt_jax.core.native compiles the file there with g++; it needs only the XLA FFI headers that
+// ship with jaxlib.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,13 +33,110 @@
 
 namespace ffi = xla::ffi;
 
-// CBLAS's sgemm as scipy-openblas32 names it (its enumerations passed as ints).
-extern "C" void scipy_cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                                  const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
 
 namespace {
 
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // CBLAS's enumerations
+// The recurrent matmul of every step, C (+)= A op(W), with op(W) packed once per call: W is the same
+// for all C steps, so its columns are laid out once in panels of kPanel columns (each panel K rows of
+// kPanel contiguous floats, zero-padded) and every step's matmul streams them without repacking, as
+// the vendors' RNN primitives keep their weights. A tile of R rows x kPanel columns holds its sums
+// in 2R vector registers (the compiler's vector extension: AVX-512 where -march=native has it).
+#if defined(__AVX512F__)
+constexpr long kLanes = 16;
+#else
+constexpr long kLanes = 8;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+constexpr long kPanel = 2 * kLanes;
+constexpr int kRows = 8;  // rows per tile: 16 accumulators (AVX-512 has 32 registers)
+
+struct Packed {
+  long k = 0, n = 0, panels = 0;
+  std::vector<float> data;  // [panels][k][kPanel]
+};
+
+// op(W) for W [rows, cols] row-major: W itself (K = rows, N = cols) or, with trans, W^T.
+Packed pack(const float* w, long rows, long cols, bool trans) {
+  Packed p;
+  p.k = trans ? cols : rows;
+  p.n = trans ? rows : cols;
+  p.panels = (p.n + kPanel - 1) / kPanel;
+  p.data.assign(static_cast<size_t>(p.panels * p.k * kPanel), 0.0f);
+  for (long q = 0; q < p.panels; ++q)
+    for (long kk = 0; kk < p.k; ++kk) {
+      float* dst = p.data.data() + (q * p.k + kk) * kPanel;
+      for (long j = 0; j < kPanel && q * kPanel + j < p.n; ++j) {
+        const long col = q * kPanel + j;
+        dst[j] = trans ? w[col * cols + kk] : w[kk * cols + col];
+      }
+    }
+  return p;
+}
+
+inline Vec load(const float* x) {
+  Vec v;
+  std::memcpy(&v, x, sizeof(Vec));
+  return v;
+}
+
+// R rows x NP panels (2 NP vectors of sums): NP = 1 for row blocks, more for a few rows (B = 1), where
+// one panel's two sums would leave the FMA units waiting on their latency.
+template <int R, int NP>
+void tile(const float* a, long lda, const float* panel, long k, float* c, long ldc, long cols, bool accumulate) {
+  constexpr int V = 2 * NP;
+  Vec s[R][V] = {};
+  const long stride = k * kPanel;  // from one panel to the next
+  for (long kk = 0; kk < k; ++kk) {
+    Vec b[V];
+    for (int v = 0; v < V; ++v) b[v] = load(panel + (v / 2) * stride + kk * kPanel + (v % 2) * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[r * lda + kk];
+      for (int v = 0; v < V; ++v) s[r][v] += x * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+    for (int v = 0; v < V; ++v) {
+      const long left = cols - v * kLanes;  // valid columns from this vector's first on
+      if (left >= kLanes) {
+        Vec out = s[r][v];
+        if (accumulate) out += load(cr + v * kLanes);
+        std::memcpy(cr + v * kLanes, &out, sizeof(Vec));
+      } else if (left > 0) {  // the last panel's valid columns
+        float sum[kLanes];
+        std::memcpy(sum, &s[r][v], sizeof(Vec));
+        for (long j = 0; j < left; ++j) cr[v * kLanes + j] = (accumulate ? cr[v * kLanes + j] : 0.0f) + sum[j];
+      }
+    }
+  }
+}
+
+template <int R, int NP>
+void rows_tile(const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
+  long q = 0;
+  for (; q + NP <= b.panels; q += NP)
+    tile<R, NP>(a, lda, b.data.data() + q * b.k * kPanel, b.k, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
+  for (; q < b.panels; ++q)
+    tile<R, 1>(a, lda, b.data.data() + q * b.k * kPanel, b.k, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
+}
+
+// C [m, N] (+)= A [m, K] op(W) with op(W) packed; accumulate: add to C, else overwrite.
+void gemm(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
+  long r = 0;
+  for (; r + kRows <= m; r += kRows) rows_tile<kRows, 1>(a + r * lda, lda, b, c + r * ldc, ldc, accumulate);
+  const float* ar = a + r * lda;
+  float* cr = c + r * ldc;
+  switch (m - r) {
+    case 7: rows_tile<7, 1>(ar, lda, b, cr, ldc, accumulate); break;
+    case 6: rows_tile<6, 1>(ar, lda, b, cr, ldc, accumulate); break;
+    case 5: rows_tile<5, 1>(ar, lda, b, cr, ldc, accumulate); break;
+    case 4: rows_tile<4, 1>(ar, lda, b, cr, ldc, accumulate); break;
+    case 3: rows_tile<3, 2>(ar, lda, b, cr, ldc, accumulate); break;
+    case 2: rows_tile<2, 2>(ar, lda, b, cr, ldc, accumulate); break;
+    case 1: rows_tile<1, 4>(ar, lda, b, cr, ldc, accumulate); break;
+    default: break;
+  }
+}
 
 // exp(x) = 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, p the Taylor polynomial of degree 6 (relative
 // error below 2e-7). Written without branches or calls so that the compiler vectorizes the row loops.
@@ -142,6 +240,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
   float* S = ss->typed_data();
   float* Q = gates->typed_data();
   const long sw = 2 * n;
+  const Packed wp = pack(W, n, width, false);  // Wh [N, 4N]
   for (long t = 0; t < steps; ++t) {
     const float* prev = t == 0 ? s0.typed_data() : S + (t - 1) * batch * sw;
     float* q = Q + (keep ? t : 0) * batch * width;
@@ -149,7 +248,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
     const float* at = A + t * batch * width;
     for (long b = 0; b < batch; ++b)
       for (long j = 0; j < width; ++j) q[b * width + j] = at[b * width + j] + bias[j];
-    scipy_cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, batch, width, n, 1.0f, prev, sw, W, width, 1.0f, q, width);
+    gemm(batch, prev, sw, wp, q, width, true);  // Q += h(t-1) Wh
     for (long b = 0; b < batch; ++b) {
       float* qb = q + b * width;
       float* sb = s + b * sw;
@@ -196,6 +295,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   float* carry = ds_m1->typed_data();  // [dh_carry | dc] per row, updated step by step
   std::memcpy(carry, ds_init.typed_data(), sizeof(float) * batch * sw);
   std::vector<float> dh_keep(batch * n);
+  const Packed wt = pack(W, n, width, true);  // Wh^T [4N, N]
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     float* dg = DG + row0 * width;
@@ -223,7 +323,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
       }
     }
     // dh_carry = dG(t) Wh^T, [B, 4N] x [N, 4N]^T, into the carry's h half (leading dimension 2N).
-    scipy_cblas_sgemm(kRowMajor, kNoTrans, kTrans, batch, n, width, 1.0f, dg, width, W, width, 0.0f, carry, sw);
+    gemm(batch, dg, width, wt, carry, sw, false);
     for (long b = 0; b < batch; ++b)
       if (!V[row0 + b]) std::memcpy(carry + b * sw, dh_keep.data() + b * n, sizeof(float) * n);
   }
@@ -295,13 +395,14 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi
   float* H = hs->typed_data();
   float* K = cache->typed_data();
   std::vector<float> v(batch * width);  // V(t) = h(t-1) Wh + bh
+  const Packed wp = pack(W, n, width, false);  // Wh [N, 3N]
   for (long t = 0; t < steps; ++t) {
     const float* prev = t == 0 ? h0.typed_data() : H + (t - 1) * batch * n;
     float* h = H + t * batch * n;
     float* k = K + (keep ? t : 0) * batch * 4 * n;
     const float* at = A + t * batch * width;
     for (long b = 0; b < batch; ++b) std::memcpy(v.data() + b * width, bias, sizeof(float) * width);
-    scipy_cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, batch, width, n, 1.0f, prev, n, W, width, 1.0f, v.data(), width);
+    gemm(batch, prev, n, wp, v.data(), width, true);
     for (long b = 0; b < batch; ++b) {
       gru_forward_row(at + b * width, v.data() + b * width, prev + b * n, h + b * n, k + b * 4 * n, n);
       if (!V[t * batch + b]) std::memcpy(h + b * n, prev + b * n, sizeof(float) * n);  // padding holds h
@@ -339,6 +440,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   float* NRM = norms->typed_data();
   float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
+  const Packed wt = pack(W, n, width, true);  // Wh^T [3N, N]
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     for (long b = 0; b < batch; ++b) {
@@ -360,8 +462,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
       }
     }
     // dh_carry += dV(t) Wh^T, [B, 3N] x [N, 3N]^T (zero rows where a step is padding)
-    scipy_cblas_sgemm(kRowMajor, kNoTrans, kTrans, batch, n, width, 1.0f, DV + row0 * width, width, W, width, 1.0f,
-                      carry, n);
+    gemm(batch, DV + row0 * width, width, wt, carry, n, true);
   }
   return ffi::Error::Success();
 }

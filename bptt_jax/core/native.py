@@ -2,16 +2,16 @@
 
 ``cell_kernels.cc`` (beside this file) writes the LSTM's and the GRU's forward step loops and reverse
 recursions (the loops ``cells.lstm.reverse`` and ``cells.gru.reverse`` state, the notes' BPTT of
-these cells) as XLA FFI handlers: one call runs all C steps of a time block, per step one CBLAS
-sgemm (h(t-1) Wh forward, dV(t) Wh^T in reverse) and one fused pass over the batch rows for the
-gate arithmetic, where XLA:CPU runs a dozen separate operations per step. The input projection A = X Wx + bx, the gates' recomputation
+these cells) as XLA FFI handlers: one call runs all C steps of a time block, per step one
+matmul (h(t-1) Wh forward, dV(t) Wh^T in reverse; the file's own, with Wh packed once per call for
+all C steps) and one fused pass over the batch rows for the gate arithmetic, where XLA:CPU runs a
+dozen separate operations per step. The input projection A = X Wx + bx, the gates' recomputation
 with gates="recompute", the weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
-own FFI headers, linked with the sgemm of the ``scipy-openblas32`` wheel, ``pip install
-'bptt-jax[native]'``), into ``cache_dir()/native`` under a name that holds everything the build
-depends on, and registered with ``jax.ffi`` once per process. Where it cannot be built (no C++
-compiler, no scipy-openblas32, a failed build) ``unavailable`` says why: an explicit
+own FFI headers; nothing else), into ``cache_dir()/native`` under a name that holds everything the
+build depends on, and registered with ``jax.ffi`` once per process. Where it cannot be built (no
+C++ compiler, a failed build) ``unavailable`` says why: an explicit
 ``recurrence="native"`` raises ValueError with that reason, and ``auto`` and ``bptt_jax.tune``
 keep the scans. The rules never choose it; ``bptt_jax.tune`` times it beside the scans where it
 applies (an LSTM or a GRU in float32 on the CPU) and keeps it only where it measured faster.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -59,24 +58,6 @@ TARGETS = {  # (cell, loop) -> (the name registered with jax.ffi, the handler's 
     ("gru", "reverse"): ("bptt_jax_gru_reverse", "BpttGruReverse"),
 }
 COMPILE_TIMEOUT_S = 300
-# OpenBLAS's threads for the kernel's per-step sgemm. The kernel runs inside XLA's program, beside
-# XLA's own thread pool: with OpenBLAS's default (a thread per core) the two pools' spinning threads
-# took the GRU's reverse loop to 0.12-0.61x of the scan's speed on a 2-core CPU, one thread 0.87-2.07x
-# (benchmarks/native_kernel.py, docs/results/benchmarks.md). The library is the scipy-openblas32
-# wheel's, which only this module loads; the setting is made once, when the kernel is loaded.
-BLAS_THREADS = 1
-
-
-def _blas() -> tuple[Path, str] | str:
-    """(the directory of scipy-openblas32's library, its name for -l), or why it cannot be used."""
-    if importlib.util.find_spec("scipy_openblas32") is None:
-        return "scipy-openblas32 is not installed (pip install 'bptt-jax[native]')"
-    import scipy_openblas32
-
-    lib_dir, name = Path(scipy_openblas32.get_lib_dir()), scipy_openblas32.get_library()
-    if not (lib_dir / f"lib{name}.so").exists():
-        return f"scipy-openblas32's library lib{name}.so is not in {lib_dir}"
-    return lib_dir, name
 
 
 def _build_dir() -> Path:
@@ -91,8 +72,8 @@ def _build_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="bptt_jax_native_"))
 
 
-def _compile(lib_dir: Path, name: str) -> Path | str:
-    """The kernel's shared library, compiled if no build of this source, compiler, headers, BLAS and
+def _compile() -> Path | str:
+    """The kernel's shared library, compiled if no build of this source, compiler, headers and
     processor is cached yet (written to a temporary name, then renamed: safe for concurrent
     processes); or why it could not be built."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
@@ -103,7 +84,7 @@ def _compile(lib_dir: Path, name: str) -> Path | str:
     include = Path(jaxlib.__file__).parent / "include"
     if not (include / "xla" / "ffi" / "api" / "ffi.h").exists():
         return f"jaxlib's XLA FFI headers are not in {include}"
-    command = [compiler, *FLAGS, f"-I{include}", str(SOURCE), f"-L{lib_dir}", f"-l{name}", f"-Wl,-rpath,{lib_dir}"]
+    command = [compiler, *FLAGS, f"-I{include}", str(SOURCE)]
     digest = hashlib.sha256()
     for part in (
         SOURCE.read_bytes(),
@@ -134,15 +115,11 @@ def _compile(lib_dir: Path, name: str) -> Path | str:
 @functools.cache
 def _load() -> str | None:
     """Builds (or finds) and registers the kernel once per process: None, or why it cannot run."""
-    blas = _blas()
-    if isinstance(blas, str):
-        return blas
-    lib_path = _compile(*blas)
+    lib_path = _compile()
     if isinstance(lib_path, str):
         return lib_path
     try:
         lib = ctypes.CDLL(str(lib_path))
-        lib.scipy_openblas_set_num_threads(BLAS_THREADS)  # the linked BLAS's symbol, found through lib
         for target, symbol in TARGETS.values():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError, ValueError) as e:
