@@ -358,3 +358,14 @@ def test_segment_gates_quick():
     ]
     assert len(rows) == 6 and all(float(r[-2]) < 1e-5 for r in rows)  # every gradient = the default's
     assert rows[0][5] != rows[1][5]  # the two segment programs were traced apart (their temp memory differs)
+
+
+@pytest.mark.bench
+def test_matmul_rates_quick(tmp_path):
+    mod = _load("matmul_rates", "benchmarks/matmul_rates.py")
+    report = mod.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "m.md")])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
+    assert [r[2].strip() for r in rows] == ["step forward", "step reverse", "projection", "weight grad"], rows
+    assert all(float(r[4]) > 0 for r in rows)  # XLA's rate, every kind
+    if "not measured" not in report:  # the harness compiled (g++ at hand): the kernel's per-step rates
+        assert all(float(r[7]) > 0 for r in rows[:2]), rows
