@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
-from bptt_jax.core import cells, forward, kernels, native, plan, tune
+from bptt_jax.core import budget, cells, forward, gradient, kernels, native, plan, tune
 from bptt_jax.core.vjp import rnn_states
 from tests import reference as ref
 from tests.test_cells import UNROLLS, _check
@@ -207,3 +207,30 @@ def test_a_build_that_cannot_run_or_fails_gives_its_reason(monkeypatch, tmp_path
 def test_what_the_kernel_cannot_do_is_named(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@needs_kernel
+def test_tune_under_a_budget_only_the_kernels_plans_meet(tmp_path, monkeypatch):
+    """Under a budget that no scan plan meets but a kernel plan does, tune returns a kernel plan
+    (not "no plan fits"), bptt(max_memory=...) then runs it, and its gradient equals the scans'."""
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path))
+    spec = bj.RNNSpec(4, (8,), 4, cell="gru")
+    p = ref.make_problem(spec, 8, 2, seed=2)
+    args = (p.params, p.xs, p.targets, None, None, None, None)
+
+    def temp(o):
+        fn = jax.jit(functools.partial(gradient._bptt, spec=spec, options=o))
+        return budget.temp_bytes(fn.lower(*args).compile())
+
+    rules = plan.explicit(plan.Options(), spec, 8, 2, jnp.float32)
+    plans = budget.candidates(rules, spec, 8, 2, True)
+    lean = min(temp(dataclasses.replace(o, recurrence="native")) for o in plans)
+    assert lean < min(temp(o) for o in plans)  # the kernel's loops keep no scan buffers
+    with pytest.raises(ValueError, match="no plan of this gradient fits"):
+        bj.bptt(p.params, spec, p.xs, p.targets, max_memory=lean)  # the rules' candidates: scans only
+    chosen = bj.tune(p.params, spec, p.xs, p.targets, max_memory=lean, time_budget=5, progress=False)
+    assert chosen.recurrence == "native", chosen
+    gradient._within_budget.cache_clear()
+    got = bj.bptt(p.params, spec, p.xs, p.targets, max_memory=lean)
+    want = bj.bptt(p.params, spec, p.xs, p.targets, recurrence="scan")
+    assert ref.max_rel_err(got[:2], want[:2]) < 1e-5

@@ -16,6 +16,11 @@ C++ compiler, a failed build) ``unavailable`` says why: an explicit
 keep the scans. The rules never choose it; ``bptt_jax.tune`` times it beside the scans where it
 applies (an LSTM or a GRU in float32 on the CPU) and keeps it only where it measured faster.
 
+Memory: the kernel's loops keep no scan buffers, so its plans compile to less temp memory than the
+scans' (``max_memory`` and ``tune`` count XLA's memory analysis); its own scratch, the packed Wh
+(N1 x G N1 floats) and one step's [B, G N1], lives on the heap outside that analysis, independent
+of T.
+
 jax cannot differentiate an FFI call: the kernel serves the explicit BPTT (``bptt``, ``rnn_states``
 with grad="bptt"); ``loss``, ``forward`` and grad="autodiff" run the scans (``kernels.resolve``).
 Under ``jax.vmap`` the kernel runs once per batched element (``vmap_method="sequential"``).

@@ -170,7 +170,15 @@ def tune(
             return budget.temp_bytes(fn.lower(*args).compile())
 
         unbudgeted = default
-        default = budget.choose(default, spec, t_len, batch, dtype, limit, segments_ok, temp_of)
+        try:
+            default = budget.choose(default, spec, t_len, batch, dtype, limit, segments_ok, temp_of)
+        except ValueError:
+            # no scan plan fits; the compiled kernel's plans need less (its loops keep no scan
+            # buffers), and bptt(max_memory=...) runs one where a tuned entry names it: try them
+            if not (plan._left_auto(asked, "recurrence") and kernels.native_reason(spec.cell, dtype) is None):
+                raise
+            native = dataclasses.replace(default, recurrence="native")
+            default = budget.choose(native, spec, t_len, batch, dtype, limit, segments_ok, temp_of)
     else:
         unbudgeted = default
 
