@@ -1,12 +1,13 @@
 """Training steps per second of a char-LM config's model: bptt-jax's train step against PyTorch.
 
     python benchmarks/train_speed.py [--steps S] [--rounds R] [--quick] [--out FILE] [--threads K]
-                                     [--cell elman|gru|lstm | --config FILE]
+                                     [--cell elman|gru|lstm | --config FILE] [--native]
 
 The model of ``configs/char_lm.toml`` (2 x 256 tanh, T = 64, B = 32, Adam, global-norm clipping 1,
 state carried across chunks) is trained by
   (a) bptt-jax's jitted train step with grad = "bptt" (the explicit BPTT),
   (b) the same step with grad = "autodiff" (jax.value_and_grad of the loss),
+  (b') with ``--native``, the step of (a) with recurrence = "native" (the gated cells' compiled kernel),
   (c) an equivalent PyTorch loop: nn.RNN (nn.GRU, nn.LSTM for ``--cell gru|lstm``, which take
       configs/char_lm_gru.toml, char_lm_lstm.toml) + Linear + torch.optim.Adam + clip_grad_norm_,
       threads = cores, eager and under torch.compile (skipped with a note where compilation fails).
@@ -42,9 +43,9 @@ from bptt_jax.layers.torch import to_torch_state_dict  # noqa: E402
 from bptt_jax.training import train  # noqa: E402
 
 
-def jax_contender(cfg, grad):
+def jax_contender(cfg, grad, recurrence="auto"):
     task, spec, optimizer = runner.build(cfg)
-    step = train.make_train_step(spec, optimizer, grad=grad, stateful=True, seed=cfg.train.seed)
+    step = train.make_train_step(spec, optimizer, grad=grad, stateful=True, seed=cfg.train.seed, recurrence=recurrence)
     state = runner.initial_state(cfg, spec, optimizer)
     box = {"state": state, "loss": float("nan")}
 
@@ -149,6 +150,11 @@ def main(argv=None):
     ap.add_argument("--config", help="the model's config (default: the main job's, or --cell's)")
     ap.add_argument("--no-torch-compile", action="store_true", help="PyTorch eager only (no torch.compile)")
     ap.add_argument(
+        "--native",
+        action="store_true",
+        help='also the bptt step with recurrence="native" (the gated cells\' compiled kernel; GRU and LSTM)',
+    )
+    ap.add_argument(
         "--precision",
         choices=("default", "highest"),
         default="default",
@@ -189,6 +195,10 @@ def main(argv=None):
     runners['bptt-jax, grad = "bptt"'], losses['bptt-jax, grad = "bptt"'] = run, loss
     run, loss, _, _ = jax_contender(cfg, "autodiff")
     runners['bptt-jax, grad = "autodiff"'], losses['bptt-jax, grad = "autodiff"'] = run, loss
+    if args.native:
+        run, loss, _, _ = jax_contender(cfg, "bptt", recurrence="native")
+        runners['bptt-jax, grad = "bptt", recurrence = "native"'] = run
+        losses['bptt-jax, grad = "bptt", recurrence = "native"'] = loss
     notes = []
     if not args.no_torch:
         modes = ((False, "PyTorch eager"),) + (() if args.no_torch_compile else ((True, "PyTorch torch.compile"),))

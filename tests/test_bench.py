@@ -368,4 +368,4 @@ def test_matmul_rates_quick(tmp_path):
     assert [r[2].strip() for r in rows] == ["step forward", "step reverse", "projection", "weight grad"], rows
     assert all(float(r[4]) > 0 for r in rows)  # XLA's rate, every kind
     if "not measured" not in report:  # the harness compiled (g++ at hand): the kernel's per-step rates
-        assert all(float(r[7]) > 0 for r in rows[:2]), rows
+        assert all(float(r[7]) > 0 and float(r[8]) > 0 for r in rows[:2]), rows

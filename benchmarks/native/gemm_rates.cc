@@ -1,7 +1,8 @@
 // The compiled kernel's own per-step matmul (bptt_jax/core/cell_kernels.cc: Wh packed once, register
 // tiles) against OpenBLAS's sgemm on one thread (where built with -DWITH_OPENBLAS), at the shapes
-// given on the command line as m k n triples: C [m, n] += A [m, k] W [k, n]. Prints one line per
-// shape: m k n, the kernel's GFLOP/s, OpenBLAS's (0 without it), and their largest difference.
+// given on the command line as m k n triples: C [m, n] = A [m, k] W [k, n]. Prints one line per
+// shape: m k n, the kernel's GFLOP/s on one thread and on two (its Team; the two results are checked
+// equal bit for bit), OpenBLAS's (0 without it), and the largest difference from OpenBLAS's.
 // benchmarks/matmul_rates.py compiles and runs it.
 #include <chrono>
 #include <cstdio>
@@ -42,14 +43,19 @@ int main(int argc, char** argv) {
     for (float& x : a) x = normal(gen);
     for (float& x : w) x = normal(gen);
     const Packed wp = pack(w.data(), k, n, false);
-    const double ours = rate([&] { gemm(m, a.data(), k, wp, c1.data(), n, false); }, m, k, n);
+    const double ours = rate([&] { gemm(m, a.data(), k, wp, c1.data(), n, false, 0, wp.panels); }, m, k, n);
+    Team team;  // the kernel's second thread
+    std::vector<float> c3(m * n, 0.0f);
+    const double two = rate([&] { team.gemm2(m, a.data(), k, wp, c3.data(), n, false); }, m, k, n);
+    for (long j = 0; j < m * n; ++j)
+      if (c3[j] != c1[j]) return std::printf("two threads differ from one at %ld\n", j), 1;
     double blas = 0, diff = 0;
 #ifdef WITH_OPENBLAS
     blas = rate([&] { scipy_cblas_sgemm(101, 111, 111, m, n, k, 1.0f, a.data(), k, w.data(), n, 0.0f, c2.data(), n); },
                 m, k, n);
     for (long j = 0; j < m * n; ++j) diff = std::max(diff, static_cast<double>(std::fabs(c1[j] - c2[j])));
 #endif
-    std::printf("%ld %ld %ld %.1f %.1f %.2e\n", m, k, n, ours, blas, diff);
+    std::printf("%ld %ld %ld %.1f %.1f %.1f %.2e\n", m, k, n, ours, two, blas, diff);
   }
   return 0;
 }

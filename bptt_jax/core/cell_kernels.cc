@@ -23,10 +23,15 @@
 // per call for all C steps, register-tiled, vectorized by the compiler for the machine it is compiled
 // on). bptt_jax.core.native compiles the file there with g++; it needs only the XLA FFI headers that
 // ship with jaxlib.
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -112,30 +117,126 @@ void tile(const float* a, long lda, const float* panel, long k, float* c, long l
 }
 
 template <int R, int NP>
-void rows_tile(const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
-  long q = 0;
-  for (; q + NP <= b.panels; q += NP)
+void rows_tile(const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate, long q0, long q1) {
+  long q = q0;
+  for (; q + NP <= q1; q += NP)
     tile<R, NP>(a, lda, b.data.data() + q * b.k * kPanel, b.k, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
-  for (; q < b.panels; ++q)
+  for (; q < q1; ++q)
     tile<R, 1>(a, lda, b.data.data() + q * b.k * kPanel, b.k, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
 }
 
-// C [m, N] (+)= A [m, K] op(W) with op(W) packed; accumulate: add to C, else overwrite.
-void gemm(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
+// C [m, N] (+)= A [m, K] op(W) with op(W) packed, the columns of panels q0 .. q1-1 only; accumulate:
+// add to C, else overwrite.
+void gemm(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate, long q0, long q1) {
   long r = 0;
-  for (; r + kRows <= m; r += kRows) rows_tile<kRows, 1>(a + r * lda, lda, b, c + r * ldc, ldc, accumulate);
+  for (; r + kRows <= m; r += kRows) rows_tile<kRows, 1>(a + r * lda, lda, b, c + r * ldc, ldc, accumulate, q0, q1);
   const float* ar = a + r * lda;
   float* cr = c + r * ldc;
   switch (m - r) {
-    case 7: rows_tile<7, 1>(ar, lda, b, cr, ldc, accumulate); break;
-    case 6: rows_tile<6, 1>(ar, lda, b, cr, ldc, accumulate); break;
-    case 5: rows_tile<5, 1>(ar, lda, b, cr, ldc, accumulate); break;
-    case 4: rows_tile<4, 1>(ar, lda, b, cr, ldc, accumulate); break;
-    case 3: rows_tile<3, 2>(ar, lda, b, cr, ldc, accumulate); break;
-    case 2: rows_tile<2, 2>(ar, lda, b, cr, ldc, accumulate); break;
-    case 1: rows_tile<1, 4>(ar, lda, b, cr, ldc, accumulate); break;
+    case 7: rows_tile<7, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+    case 6: rows_tile<6, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+    case 5: rows_tile<5, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+    case 4: rows_tile<4, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+    case 3: rows_tile<3, 2>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+    case 2: rows_tile<2, 2>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+    case 1: rows_tile<1, 4>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
     default: break;
   }
+}
+
+// A second thread for the matmuls of one call: the panels split in two halves, one per thread,
+// each column computed by the same code as on one thread (the results do not depend on it). The
+// helper waits for each step's matmul spinning briefly, then yielding the core; made per call
+// where the per-step matmul has at least kParallelMacs multiply-adds and the process may use two
+// cores (at B = 1 the hand-over costs more than half the matmul).
+constexpr long kParallelMacs = 1L << 18;
+
+inline void relax() {  // a spinning thread's hint to the core
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class Team {
+ public:
+  Team() : helper_([this] { loop(); }) {}
+  ~Team() {
+    quit_.store(true, std::memory_order_release);
+    go_.fetch_add(1, std::memory_order_acq_rel);
+    helper_.join();
+  }
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
+
+  void gemm2(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
+    const long half = (b.panels + 1) / 2;
+    job_ = {m, a, lda, &b, c, ldc, accumulate, half};
+    const long ticket = go_.fetch_add(1, std::memory_order_acq_rel) + 1;
+    gemm(m, a, lda, b, c, ldc, accumulate, 0, half);
+    wait([&] { return done_.load(std::memory_order_acquire) == ticket; });
+  }
+
+ private:
+  struct Job {
+    long m;
+    const float* a;
+    long lda;
+    const Packed* b;
+    float* c;
+    long ldc;
+    bool accumulate;
+    long half;
+  };
+
+  template <typename Ready>
+  static void wait(Ready ready) {
+    for (long spins = 0; !ready(); ++spins) {
+      if (spins < 4000) {
+        relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  void loop() {
+    long seen = 0;
+    for (;;) {
+      wait([&] { return go_.load(std::memory_order_acquire) != seen; });
+      seen = go_.load(std::memory_order_acquire);
+      if (quit_.load(std::memory_order_acquire)) return;
+      const Job j = job_;
+      gemm(j.m, j.a, j.lda, *j.b, j.c, j.ldc, j.accumulate, j.half, j.b->panels);
+      done_.store(seen, std::memory_order_release);
+    }
+  }
+
+  Job job_{};
+  std::atomic<long> go_{0}, done_{0};
+  std::atomic<bool> quit_{false};
+  std::thread helper_;
+};
+
+bool two_cores() {
+  cpu_set_t set;
+  return sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) >= 2;
+}
+
+// The per-step matmul C (+)= A op(W), on two threads where ``team`` is given.
+void step_gemm(Team* team, long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
+  if (team != nullptr) {
+    team->gemm2(m, a, lda, b, c, ldc, accumulate);
+  } else {
+    gemm(m, a, lda, b, c, ldc, accumulate, 0, b.panels);
+  }
+}
+
+// A Team for a call whose per-step matmul is m x k x n, or none.
+std::unique_ptr<Team> team_for(long m, long k, long n) {
+  static const bool can = two_cores();
+  return can && m * k * n >= kParallelMacs ? std::make_unique<Team>() : nullptr;
 }
 
 // exp(x) = 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, p the Taylor polynomial of degree 6 (relative
@@ -241,6 +342,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
   float* Q = gates->typed_data();
   const long sw = 2 * n;
   const Packed wp = pack(W, n, width, false);  // Wh [N, 4N]
+  const auto team = team_for(batch, n, width);
   for (long t = 0; t < steps; ++t) {
     const float* prev = t == 0 ? s0.typed_data() : S + (t - 1) * batch * sw;
     float* q = Q + (keep ? t : 0) * batch * width;
@@ -248,7 +350,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
     const float* at = A + t * batch * width;
     for (long b = 0; b < batch; ++b)
       for (long j = 0; j < width; ++j) q[b * width + j] = at[b * width + j] + bias[j];
-    gemm(batch, prev, sw, wp, q, width, true);  // Q += h(t-1) Wh
+    step_gemm(team.get(), batch, prev, sw, wp, q, width, true);  // Q += h(t-1) Wh
     for (long b = 0; b < batch; ++b) {
       float* qb = q + b * width;
       float* sb = s + b * sw;
@@ -296,6 +398,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   std::memcpy(carry, ds_init.typed_data(), sizeof(float) * batch * sw);
   std::vector<float> dh_keep(batch * n);
   const Packed wt = pack(W, n, width, true);  // Wh^T [4N, N]
+  const auto team = team_for(batch, width, n);
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     float* dg = DG + row0 * width;
@@ -323,7 +426,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
       }
     }
     // dh_carry = dG(t) Wh^T, [B, 4N] x [N, 4N]^T, into the carry's h half (leading dimension 2N).
-    gemm(batch, dg, width, wt, carry, sw, false);
+    step_gemm(team.get(), batch, dg, width, wt, carry, sw, false);
     for (long b = 0; b < batch; ++b)
       if (!V[row0 + b]) std::memcpy(carry + b * sw, dh_keep.data() + b * n, sizeof(float) * n);
   }
@@ -396,13 +499,14 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi
   float* K = cache->typed_data();
   std::vector<float> v(batch * width);  // V(t) = h(t-1) Wh + bh
   const Packed wp = pack(W, n, width, false);  // Wh [N, 3N]
+  const auto team = team_for(batch, n, width);
   for (long t = 0; t < steps; ++t) {
     const float* prev = t == 0 ? h0.typed_data() : H + (t - 1) * batch * n;
     float* h = H + t * batch * n;
     float* k = K + (keep ? t : 0) * batch * 4 * n;
     const float* at = A + t * batch * width;
     for (long b = 0; b < batch; ++b) std::memcpy(v.data() + b * width, bias, sizeof(float) * width);
-    gemm(batch, prev, n, wp, v.data(), width, true);
+    step_gemm(team.get(), batch, prev, n, wp, v.data(), width, true);
     for (long b = 0; b < batch; ++b) {
       gru_forward_row(at + b * width, v.data() + b * width, prev + b * n, h + b * n, k + b * 4 * n, n);
       if (!V[t * batch + b]) std::memcpy(h + b * n, prev + b * n, sizeof(float) * n);  // padding holds h
@@ -441,6 +545,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
   const Packed wt = pack(W, n, width, true);  // Wh^T [3N, N]
+  const auto team = team_for(batch, width, n);
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     for (long b = 0; b < batch; ++b) {
@@ -462,7 +567,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
       }
     }
     // dh_carry += dV(t) Wh^T, [B, 3N] x [N, 3N]^T (zero rows where a step is padding)
-    gemm(batch, DV + row0 * width, width, wt, carry, n, true);
+    step_gemm(team.get(), batch, DV + row0 * width, width, wt, carry, n, true);
   }
   return ffi::Error::Success();
 }
