@@ -130,7 +130,7 @@ def main(argv=None) -> str:
         native = {}
     lines += [
         "GFLOP/s (higher is faster). kernel: the compiled kernel's own per-step matmul, on one thread and",
-        "split over two (as the kernel runs it from 2^18 multiply-adds on); OpenBLAS: its sgemm on one thread",
+        "split over two (as the kernel runs it from 2^23 multiply-adds on); OpenBLAS: its sgemm on one thread",
         "(0: scipy-openblas32 not installed); these only for the per-step kinds. XLA and torch: single calls",
         "(at the per-step sizes their dispatch cost dominates).",
         "",

@@ -48,13 +48,13 @@ class NativeBPTTEqualsAutodiffTest(chex.TestCase):
 
 @needs_kernel
 @pytest.mark.parametrize("name", native.CELLS)
-@pytest.mark.parametrize(("b", "n1"), [(4, 5), (1, 37), (11, 40), (16, 80)])
+@pytest.mark.parametrize(("b", "n1"), [(4, 5), (1, 37), (11, 40), (32, 300)])
 def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     """The forward loop's states and gate cache and the reverse loop's dA, dV, ds(-1) and norms, with
     lengths 0 .. T, an h0 and an entering carry, against forward.unroll_layer and the cell's reverse.
     The shapes reach every part of the kernel's matmul: B = 1 (its wide tiles), 11 (a full block of
     rows and a remainder), N1 = 5, 37, 40 (whole column panels and a part panel, forward and reverse),
-    and (16, 80): B N1 G N1 >= 2^18 multiply-adds per step, the matmul split over two threads where
+    and (32, 300): B N1 G N1 >= 2^23 multiply-adds per step, the matmul split over two threads where
     the process may use two cores."""
     cell = cells.get(name)
     t, n = 7, 3
@@ -65,7 +65,7 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     s0 = jax.random.normal(k[1], (b, w), jnp.float32)
     above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
     ds_init = jax.random.normal(k[3], (b, w), jnp.float32)
-    valid = forward.valid_mask(jnp.array([7, 3, 0, 1] * 4)[:b], t)
+    valid = forward.valid_mask(jnp.array([7, 3, 0, 1] * 8)[:b], t)
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
     das, dvs, ds_m1, norms = cell.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
@@ -73,7 +73,8 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     kss, kgates = native.forward(name, layer.wh, layer.bh, a, s0, valid, store=True)
     kss_only = native.forward(name, layer.wh, layer.bh, a, s0, valid, store=False)
     kdas, kdvs, kds_m1, knorms = native.reverse(name, layer.wh, above, kgates, prev, kss, valid, ds_init)
-    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    wide = n1 > 100  # sums of up to 4 N1 float32 products, in another order than XLA's
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-4 if wide else 1e-5, atol=1e-5 if wide else 1e-6)
     close(kss, ss)
     close(kss_only, ss)
     valid_gates = np.asarray(valid)[..., None]  # a padded step's gates are never read

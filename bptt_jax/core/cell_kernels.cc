@@ -148,8 +148,10 @@ void gemm(long m, const float* a, long lda, const Packed& b, float* c, long ldc,
 // each column computed by the same code as on one thread (the results do not depend on it). The
 // helper waits for each step's matmul spinning briefly, then yielding the core; made per call
 // where the per-step matmul has at least kParallelMacs multiply-adds and the process may use two
-// cores (at B = 1 the hand-over costs more than half the matmul).
-constexpr long kParallelMacs = 1L << 18;
+// cores. Measured on a 2-core Xeon (benchmarks/native_kernel.py): from 2^24 multiply-adds the split
+// made the whole bptt call 1.1-1.5x faster; at 2^20-2^21 it made it 2x slower, the helper competing
+// with XLA's own thread for the second core (XLA runs independent work beside the kernel's call).
+constexpr long kParallelMacs = 1L << 23;
 
 inline void relax() {  // a spinning thread's hint to the core
 #if defined(__x86_64__) || defined(__i386__)

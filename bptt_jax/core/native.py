@@ -4,8 +4,9 @@
 recursions (the loops ``cells.lstm.reverse`` and ``cells.gru.reverse`` state, the notes' BPTT of
 these cells) as XLA FFI handlers: one call runs all C steps of a time block, per step one
 matmul (h(t-1) Wh forward, dV(t) Wh^T in reverse; the file's own, with Wh packed once per call for
-all C steps) and one fused pass over the batch rows for the gate arithmetic, where XLA:CPU runs a
-dozen separate operations per step. The input projection A = X Wx + bx, the gates' recomputation
+all C steps, split over two threads from 2^23 multiply-adds per step where the process may use two
+cores) and one fused pass over the batch rows for the gate arithmetic, where XLA:CPU runs a dozen
+separate operations per step. The input projection A = X Wx + bx, the gates' recomputation
 with gates="recompute", the weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
