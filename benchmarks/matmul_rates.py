@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -41,6 +42,7 @@ import bptt_speed  # noqa: E402
 import gate_blocks  # noqa: E402
 
 QUICK_SHAPES = [(12, 3, 5, 6, 7)]
+nan = math.nan
 
 
 def matmuls(shape) -> dict[str, tuple[int, int, int]]:
@@ -113,6 +115,11 @@ def jax_torch(mkns, rounds: int) -> dict[tuple[int, int, int], dict[str, float]]
     return out
 
 
+def _rate(v: float) -> str:
+    """GFLOP/s to one decimal; below 1 (a tiny matmul's dispatch-bound rate) two significant digits."""
+    return f"{v:.1f}" if not v < 1 else f"{v:.2g}"
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -141,11 +148,9 @@ def main(argv=None) -> str:
     for shape in shapes:
         for kind, mkn in matmuls(shape).items():
             r = rates[mkn]
-            ours, two, blas = native.get(mkn, (float("nan"),) * 3)
-            lines.append(
-                f"| {shape} | {kind} | {mkn} | {r['xla']:.1f} | {r.get('torch 2 threads', float('nan')):.1f} "
-                f"| {r.get('torch 1 thread', float('nan')):.1f} | {ours:.1f} | {two:.1f} | {blas:.1f} |"
-            )
+            ours, two, blas = native.get(mkn, (nan,) * 3)
+            cells = (r["xla"], r.get("torch 2 threads", nan), r.get("torch 1 thread", nan), ours, two, blas)
+            lines.append(f"| {shape} | {kind} | {mkn} | " + " | ".join(map(_rate, cells)) + " |")
     return bptt_speed._report(lines, args.out)
 
 
