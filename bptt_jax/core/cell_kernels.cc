@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -235,10 +236,16 @@ void step_gemm(Team* team, long m, const float* a, long lda, const Packed& b, fl
   }
 }
 
-// A Team for a call whose per-step matmul is m x k x n, or none.
+// A Team for a call whose per-step matmul is m x k x n, or none (also where no thread can be made:
+// the call then runs on one thread, never fails for it).
 std::unique_ptr<Team> team_for(long m, long k, long n) {
   static const bool can = two_cores();
-  return can && m * k * n >= kParallelMacs ? std::make_unique<Team>() : nullptr;
+  if (!can || m * k * n < kParallelMacs) return nullptr;
+  try {
+    return std::make_unique<Team>();
+  } catch (const std::exception&) {
+    return nullptr;
+  }
 }
 
 // exp(x) = 2^n p(r), x = n ln2 + r, |r| <= ln2 / 2, p the Taylor polynomial of degree 6 (relative
