@@ -12,6 +12,7 @@ Both steps are one ``jax.jit``-ed pure function of (parameters, optimizer state,
 compiles to one XLA program whose temp memory is read from ``memory_analysis()``; timing and the
 report as ``nnx_speed.py`` (same batches, a fresh random order per round, medians; the loss after
 the same steps beside it, equal to float32 rounding when the switch trains as the cell does).
+Where the gated cells' compiled kernel builds, the one call also runs with ``recurrence="native"``.
 Equinox has no vanilla RNN cell, so there is no Elman row.
 """
 
@@ -37,6 +38,7 @@ import bptt_speed  # noqa: E402
 import gate_blocks  # noqa: E402
 import nnx_speed  # noqa: E402
 
+from bptt_jax.core.kernels import native_reason  # noqa: E402
 from bptt_jax.layers import equinox as beqx  # noqa: E402
 
 OURS, BATCH, LEAN, EQX = (
@@ -146,8 +148,15 @@ def main(argv=None):
             BATCH: contender(cell, sizes, True, batch_call=True),
             LEAN: contender(cell, sizes, True, batch_call=True, gates="recompute"),
             f"{BATCH}, checkpoint_every={k}": contender(cell, sizes, True, batch_call=True, checkpoint_every=k),
-            EQX: contender(cell, sizes, False),
         }
+        if native_reason(cell, jnp.float32) is None:  # the compiled kernel, where it builds
+            contenders[f"{BATCH}, recurrence='native'"] = contender(
+                cell, sizes, True, batch_call=True, recurrence="native"
+            )
+            contenders[f"{LEAN}, recurrence='native'"] = contender(
+                cell, sizes, True, batch_call=True, recurrence="native", gates="recompute"
+            )
+        contenders[EQX] = contender(cell, sizes, False)
         results = nnx_speed.race(contenders, batches, rounds, steps)
         base_sps, base_temp = results[EQX][0], results[EQX][2]
         lines += [

@@ -13,7 +13,8 @@ batches in one process, a fresh random order each round; steps/s is the median o
 loss after the same steps is reported beside it: a switched model trains as Flax's, so the two
 agree to float32 rounding. Our layer runs with its defaults, with the gated cells' gates
 recomputed, with checkpoint segments, under a memory budget (``max_memory`` of each layer's own
-forward + backward program: the plan the layer picks to fit it), and tuned (each layer's ``tune``
+forward + backward program: the plan the layer picks to fit it), with the gated cells' compiled
+kernel (``recurrence="native"``, where it builds), and tuned (each layer's ``tune``
 on its own input first, in a plan cache of its own: a temporary ``BPTT_JAX_CACHE_DIR``).
 """
 
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gate_blocks  # noqa: E402
 
+from bptt_jax.core.kernels import native_reason  # noqa: E402
 from bptt_jax.layers import nnx as bnnx  # noqa: E402
 
 SHAPE = dict(T=128, B=32, V=64, N=64, N1=256)  # T * B * N1 = 2^20
@@ -86,6 +88,7 @@ def contender(cell, sizes, flax_cells, prepare=None, **layer_options):
 
 OURS, FLAX = "bptt_jax.layers.nnx.RNN", "nnx.RNN + Flax cell"
 LEAN = "bptt_jax.layers.nnx.RNN, gates='recompute'"  # the gated cells' lean layout (rnn_states' gates)
+NATIVE = "bptt_jax.layers.nnx.RNN, recurrence='native'"
 
 
 def tune_layers(ids, seconds: float):
@@ -202,6 +205,11 @@ def _run(args, cells, sizes, batches, rounds, steps, lines) -> str:
         contenders[f"{OURS}, tuned ({args.tune_budget:g} s per layer)"] = tuned
         if cell != "elman":  # the Elman cell has no gates to recompute
             contenders[LEAN] = contender(cell, sizes, False, gates="recompute")
+            if native_reason(cell, jnp.float32) is None:  # the gated cells' compiled kernel, where it builds
+                contenders[NATIVE] = contender(cell, sizes, False, recurrence="native")
+                contenders[f"{NATIVE}, gates='recompute'"] = contender(
+                    cell, sizes, False, recurrence="native", gates="recompute"
+                )
         k = segment_length(sizes["T"])
         contenders[f"{OURS}, checkpoint_every={k}"] = contender(cell, sizes, False, checkpoint_every=k)
         budget = "8MiB" if not args.quick else "64KiB"  # each layer's forward + backward program

@@ -237,3 +237,48 @@ def test_tune_under_a_budget_only_the_kernels_plans_meet(tmp_path, monkeypatch):
     got = bj.bptt(p.params, spec, p.xs, p.targets, max_memory=lean)
     want = bj.bptt(p.params, spec, p.xs, p.targets, recurrence="scan")
     assert ref.max_rel_err(got[:2], want[:2]) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", native.CELLS)
+def test_the_layers_with_the_kernel_equal_their_scans(name):
+    """The Equinox layer (a batch in one call and jax.vmap over one-sequence calls, lengths) and the
+    NNX layer (from Flax's cell) with recurrence="native": the gradients of their scans' layers."""
+    import equinox as eqx
+    from flax import nnx
+
+    from bptt_jax.layers import equinox as beqx
+    from bptt_jax.layers import nnx as bnnx
+
+    xs = jax.random.normal(jax.random.key(2), (3, 6, 4))
+    length = jnp.array([6, 2, 0])
+    make = {"gru": eqx.nn.GRUCell, "lstm": eqx.nn.LSTMCell}[name]
+    cell = make(4, 5, key=jax.random.key(1))
+    layers = {r: beqx.RNN.from_eqx_cell(cell, recurrence=r) for r in ("scan", "native")}
+    batch = lambda m: jnp.sum(jnp.sin(m(xs, length=length)))  # noqa: E731
+    mapped = lambda m: jnp.sum(jnp.sin(jax.vmap(lambda x, n: m(x, length=n))(xs, length)))  # noqa: E731
+    for loss in (batch, mapped):
+        got, want = (eqx.filter_grad(loss)(layers[r]) for r in ("native", "scan"))
+        assert ref.max_rel_err(got.layer, want.layer) < 1e-5
+    flax_cell = {"gru": nnx.GRUCell, "lstm": nnx.OptimizedLSTMCell}[name](4, 5, rngs=nnx.Rngs(0))
+    grads = {}
+    for r in ("scan", "native"):
+        layer = bnnx.RNN.from_flax_cell(flax_cell, recurrence=r)
+        grads[r] = nnx.grad(lambda m: jnp.sum(jnp.sin(m(xs, seq_lengths=length))))(layer)
+    assert ref.max_rel_err(dict(grads["native"]), dict(grads["scan"])) < 1e-5
+
+
+def test_the_layers_name_a_recurrence_they_do_not_know():
+    import equinox as eqx
+    from flax import nnx
+
+    from bptt_jax.layers import equinox as beqx
+    from bptt_jax.layers import nnx as bnnx
+
+    with pytest.raises(ValueError, match="recurrence: expected one of"):
+        beqx.RNN(3, 4, cell="gru", recurrence="nativ", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="recurrence: expected one of"):
+        bnnx.RNN(3, 4, cell="lstm", recurrence="kernel", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="recurrence: expected one of"):
+        bnnx.StackedRNN(3, (4, 4), cell="lstm", recurrence="kernel", rngs=nnx.Rngs(0))
+    del eqx

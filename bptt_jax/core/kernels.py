@@ -101,6 +101,13 @@ def native_reason(cell: str, dtype, backend: str | None = None) -> str | None:
     return native.unavailable()
 
 
+def check_recurrence(recurrence: str) -> str:
+    """``recurrence`` itself when it names one of ``RECURRENCES``; ValueError otherwise."""
+    if recurrence not in RECURRENCES:
+        raise ValueError(f"recurrence: expected one of {list(RECURRENCES)}, got {recurrence!r}")
+    return recurrence
+
+
 def resolve(
     recurrence: str,
     hidden_sizes,
@@ -118,8 +125,7 @@ def resolve(
     ValueError. ``differentiable``: a path that ``jax.grad`` differentiates (``loss``, ``forward``,
     grad="autodiff"), where "native" runs the scans (jax cannot differentiate the FFI call).
     """
-    if recurrence not in RECURRENCES:
-        raise ValueError(f"recurrence: expected one of {list(RECURRENCES)}, got {recurrence!r}")
+    check_recurrence(recurrence)
     backend = backend or jax.default_backend()
     if recurrence == "scan":
         return "scan"

@@ -25,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import cells, checks, forward, sequence, vjp
+from bptt_jax.core import cells, checks, forward, kernels, sequence, vjp
 from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
 from bptt_jax.core.tune import tune_states
 from bptt_jax.core.vjp import rnn_states
@@ -43,6 +43,9 @@ class RNN(eqx.Module):
       cell: "elman", "gru" or "lstm".
       activation: the Elman cell's f1 (as ``RNNSpec``); gated cells use tanh.
       unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU).
+      recurrence: "auto", "scan", "pallas" or "native", as ``bptt_jax.bptt`` ("native": the gated
+        cells' compiled CPU kernel, float32; a one-sequence call then runs ``rnn_states``, which
+        ``jax.vmap`` runs once per sequence: call the layer on the batch [B, T, N]).
       grad: "bptt" (the explicit BPTT) or "autodiff" (``jax.grad`` differentiates the forward scan:
         the same layer as an oracle).
       init, init_scale, forget_bias, dtype: the initialisation, as ``bptt_jax.init_params``.
@@ -67,6 +70,7 @@ class RNN(eqx.Module):
     spec: RNNSpec = eqx.field(static=True)
     biases: str = eqx.field(static=True)
     unroll: int | None = eqx.field(static=True)
+    recurrence: str = eqx.field(static=True)
     grad: str = eqx.field(static=True)
     gates: str = eqx.field(static=True)
     max_memory: int | str | None = eqx.field(static=True)
@@ -80,6 +84,7 @@ class RNN(eqx.Module):
         cell: str = "elman",
         activation: str = "tanh",
         unroll: int | None = None,
+        recurrence: str = "auto",
         grad: str = "bptt",
         init: str = "uniform",
         init_scale: float = 1.0,
@@ -99,6 +104,7 @@ class RNN(eqx.Module):
             gates, max_memory, checkpoint_every
         )
         self.unroll, self.grad, self.biases = unroll, grad, biases
+        self.recurrence = kernels.check_recurrence(recurrence)
         full = init_params(key, self.spec, scheme=init, scale=init_scale, dtype=dtype, forget_bias=forget_bias)
         self.layer, self.bias_n = _stored(cell, biases, full.layers[0])
 
@@ -120,7 +126,7 @@ class RNN(eqx.Module):
         weight gradients inside its blocked reverse scan, where a vmapped one-sequence call hands
         dA(t) and dV(t) of the whole sequence to matmuls outside its custom VJP
         (``core.sequence``; benchmarks/results/eqx_speed.md). A one-sequence call with
-        ``gates="recompute"``, ``checkpoint_every`` or ``max_memory`` runs ``rnn_states`` instead
+        ``gates="recompute"``, ``checkpoint_every``, ``max_memory`` or the kernels runs ``rnn_states`` instead
         (its weight gradients per sequence under ``jax.vmap``)."""
         params, x, h0, lengths, batch = self._arguments(xs, h0, length)
         n1 = self.spec.hidden_sizes[0]
@@ -144,9 +150,10 @@ class RNN(eqx.Module):
     def _per_sequence(self) -> bool:
         """Whether a one-sequence call runs ``core.sequence.layer_states`` (whose weight gradients
         jax.vmap batches into whole-batch matmuls) rather than ``rnn_states``: the explicit BPTT
-        with the gates kept ("auto" or "store"), no segments, no budget, no compute dtype."""
+        with the gates kept ("auto" or "store"), the scans, no segments, no budget, no compute dtype."""
         return (
             self.grad == "bptt"
+            and self.recurrence in ("auto", "scan")
             and self.gates != "recompute"
             and self.checkpoint_every is None
             and self.max_memory is None
@@ -161,6 +168,7 @@ class RNN(eqx.Module):
             h0=h0,
             lengths=lengths,
             unroll=self.unroll,
+            recurrence=self.recurrence,
             return_last=True,
             grad=self.grad,
             gates=self.gates,
@@ -184,6 +192,7 @@ class RNN(eqx.Module):
             h0=h0,
             lengths=lengths,
             unroll=self.unroll,
+            recurrence=self.recurrence,
             gates=self.gates,
             max_memory=self.max_memory,
             checkpoint_every=self.checkpoint_every,

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bptt_jax.core import cells, forward, vjp
+from bptt_jax.core import cells, forward, kernels, vjp
 from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
 from bptt_jax.core.tune import tune_states
 from bptt_jax.core.vjp import rnn_states
@@ -119,7 +119,7 @@ class RNN(nnx.Module):
         self.in_features, self.hidden_features, self.cell = in_features, hidden_features, cell
         self.time_major, self.return_carry = time_major, return_carry
         self.reverse, self.keep_order = reverse, keep_order
-        self.unroll, self.recurrence = unroll, recurrence
+        self.unroll, self.recurrence = unroll, kernels.check_recurrence(recurrence)
         vjp.check_grad(grad)
         self.grad, self.biases = grad, biases
         params = init_params(
@@ -381,7 +381,8 @@ class StackedRNN(nnx.Module):
         self.gates, self.max_memory, self.checkpoint_every = vjp.check_memory_options(
             gates, max_memory, checkpoint_every
         )
-        self.time_major, self.unroll, self.recurrence, self.grad = time_major, unroll, recurrence, grad
+        self.time_major, self.unroll, self.grad = time_major, unroll, grad
+        self.recurrence = kernels.check_recurrence(recurrence)
         params = init_params(
             rngs.params(), self.spec, scheme=init, scale=init_scale, dtype=param_dtype, forget_bias=forget_bias
         )
