@@ -1,6 +1,6 @@
 """Where the gated cells' time goes on a CPU: the matmul rates each contender reaches at the LSTM's shapes.
 
-    python benchmarks/matmul_rates.py [--quick] [--rounds R] [--out FILE]
+    python benchmarks/matmul_rates.py [--quick] [--rounds R] [--march ARCH] [--out FILE]
 
 For each of ``bptt_speed.GATED_SHAPES`` (T, B, N, N1, M), the LSTM's four kinds of matmul, C [m, n]
 = A [m, k] W [k, n], in GFLOP/s (2 m k n flops over the median time):
@@ -14,7 +14,8 @@ measured for XLA's dot (jitted, float32, this jax's default CPU options), PyTorc
 and 1; oneDNN / MKL, where torch imports), and, for the two per-step kinds, the compiled kernel's own
 matmul (``bptt_jax/core/cell_kernels.cc``: Wh packed once; one thread, and two) and OpenBLAS's sgemm on one
 thread (the ``scipy-openblas32`` wheel, where installed), by the C++ harness
-``benchmarks/native/gemm_rates.cc`` (compiled here with ``g++ -O3 -march=native``). JAX and torch
+``benchmarks/native/gemm_rates.cc`` (compiled here with ``g++ -O3 -march=native``; ``--march
+haswell`` builds what an AVX2 machine builds, for a processor that can run it). JAX and torch
 contenders run round-robin in this process; the harness runs alone after them.
 """
 
@@ -55,7 +56,9 @@ def matmuls(shape) -> dict[str, tuple[int, int, int]]:
     }
 
 
-def harness(mkns: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], tuple[float, float, float]] | str:
+def harness(
+    mkns: list[tuple[int, int, int]], march: str = "native"
+) -> dict[tuple[int, int, int], tuple[float, float, float]] | str:
     """{(m, k, n): (kernel GFLOP/s on one thread, on two, OpenBLAS GFLOP/s or 0)} from gemm_rates.cc,
     or why it did not run."""
     import jaxlib
@@ -64,7 +67,7 @@ def harness(mkns: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], tupl
     if cxx is None:
         return "no C++ compiler"
     include = Path(jaxlib.__file__).parent / "include"
-    cmd = [cxx, "-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-pthread", f"-I{include}"]
+    cmd = [cxx, "-std=c++17", "-O3", f"-march={march}", "-fopenmp-simd", "-pthread", f"-I{include}"]
     cmd.append(f"-I{ROOT / 'bptt_jax/core'}")
     cmd.append(str(ROOT / "benchmarks/native/gemm_rates.cc"))
     if importlib.util.find_spec("scipy_openblas32") is not None:
@@ -124,19 +127,21 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 21; quick 3)")
+    ap.add_argument("--march", default="native", help="g++ -march for the kernel's harness (default native)")
     ap.add_argument("--out", help="also write the markdown report here")
     args = ap.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 21)
     shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
     mkns = list(dict.fromkeys(mkn for s in shapes for mkn in matmuls(s).values()))
     rates = jax_torch(mkns, rounds)
-    native = harness([mkn for s in shapes for kind, mkn in matmuls(s).items() if kind.startswith("step")])
+    steps = [mkn for s in shapes for kind, mkn in matmuls(s).items() if kind.startswith("step")]
+    native = harness(steps, args.march)
     lines = gate_blocks.header("Matmul rates at the LSTM's shapes", "matmul_rates.py", argv, rounds)
     if isinstance(native, str):
         lines += [f"The kernel's matmul: not measured ({native}).", ""]
         native = {}
     lines += [
-        "GFLOP/s (higher is faster). kernel: the compiled kernel's own per-step matmul, on one thread and",
+        f"GFLOP/s (higher is faster). kernel: the compiled kernel's own per-step matmul (-march={args.march}), on one thread and",
         "split over two (as the kernel runs it from 2^23 multiply-adds on); OpenBLAS: its sgemm on one thread",
         "(0: scipy-openblas32 not installed); these only for the per-step kinds. XLA and torch: single calls",
         "(at the per-step sizes their dispatch cost dominates).",

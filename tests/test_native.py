@@ -3,6 +3,10 @@ jax.grad wherever it runs, and where it cannot be built every entry point says w
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -21,6 +25,7 @@ from tests.test_cells import UNROLLS, _check
 WHY = native.unavailable()  # builds the kernel (once per test process) where it can be
 needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the native kernel cannot run here: {WHY}")
 SEGMENTS = st.sampled_from((None, 2, 3))
+ROOT = Path(__file__).resolve().parents[1]
 T_LONG = 2000
 
 
@@ -282,3 +287,39 @@ def test_the_layers_name_a_recurrence_they_do_not_know():
     with pytest.raises(ValueError, match="recurrence: expected one of"):
         bnnx.StackedRNN(3, (4, 4), cell="lstm", recurrence="kernel", rngs=nnx.Rngs(0))
     del eqx
+
+
+def _objdump() -> bool:
+    import shutil
+
+    return shutil.which("objdump") is not None
+
+
+def _has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@needs_kernel
+@pytest.mark.skipif(not _has_avx2_fma(), reason="the processor has no AVX2 and FMA to run an AVX2 build")
+def test_the_kernel_built_for_avx2_equals_the_scans(tmp_path):
+    """The kernel compiled for AVX2 (-march=haswell: 8-float vectors, 6-row tiles, the build an AVX2
+    machine makes) where this processor can run it: the step-for-step tests in a process of its own
+    (a process registers one build of the kernel), its build in a cache of its own."""
+    script = (
+        "import sys, pytest\n"
+        "from bptt_jax.core import native\n"
+        "native.FLAGS = tuple('-march=haswell' if f == '-march=native' else f for f in native.FLAGS)\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:xdist', 'tests/test_native.py', "
+        "'-k', 'step_for_step']))\n"
+    )
+    env = {**os.environ, "BPTT_JAX_CACHE_DIR": str(tmp_path), "BPTT_JAX_TEST_PLAN_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "8 passed" in done.stdout, done.stdout[-3000:]
+    (built,) = (tmp_path / "native").glob("cell_kernels-*.so")
+    listing = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True).stdout if _objdump() else ""
+    assert "%zmm" not in listing  # no AVX-512 register in the AVX2 build

@@ -47,14 +47,20 @@ namespace {
 // kPanel contiguous floats, zero-padded) and every step's matmul streams them without repacking, as
 // the vendors' RNN primitives keep their weights. A tile of R rows x kPanel columns holds its sums
 // in 2R vector registers (the compiler's vector extension: AVX-512 where -march=native has it).
+// Rows per tile: 2 kRows accumulators, two panel vectors and a broadcast must fit the vector
+// registers, 32 with AVX-512 (8 rows), 16 with AVX2 (6 rows). Built for AVX2 (-march=haswell) on a
+// Xeon, 8-row tiles spilled and ran 0.85-0.90x of 6 rows' GFLOP/s at the per-step shapes with B >= 16
+// up to [64, 256] x [256, 1024], 1.03-1.07x at [64, 512] x [512, 2048]
+// (benchmarks/matmul_rates.py --march haswell; results/matmul_rates_avx2_build*_spr.md).
 #if defined(__AVX512F__)
 constexpr long kLanes = 16;
+constexpr int kRows = 8;
 #else
 constexpr long kLanes = 8;
+constexpr int kRows = 6;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr long kPanel = 2 * kLanes;
-constexpr int kRows = 8;  // rows per tile: 16 accumulators (AVX-512 has 32 registers)
 
 struct Packed {
   long k = 0, n = 0, panels = 0;
@@ -133,9 +139,11 @@ void gemm(long m, const float* a, long lda, const Packed& b, float* c, long ldc,
   for (; r + kRows <= m; r += kRows) rows_tile<kRows, 1>(a + r * lda, lda, b, c + r * ldc, ldc, accumulate, q0, q1);
   const float* ar = a + r * lda;
   float* cr = c + r * ldc;
-  switch (m - r) {
+  switch (m - r) {  // fewer than kRows rows left
+#if defined(__AVX512F__)
     case 7: rows_tile<7, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
     case 6: rows_tile<6, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+#endif
     case 5: rows_tile<5, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
     case 4: rows_tile<4, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
     case 3: rows_tile<3, 2>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
