@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import random
 import statistics
@@ -150,9 +151,14 @@ def parse_report_args(doc: str, argv, cells, default_rounds: int, extra=None):
     return args, args.rounds or (1 if args.quick else default_rounds)
 
 
+ENV_SHOWN = ("MALLOC_", "XLA_FLAGS", "OMP_")  # settings that change the timings, printed in the command
+
+
 def header(title: str, script: str, argv, rounds: int, unit: str = "") -> list[str]:
     """A report's first lines: title and date, then machine (CPU model), jax, the command line and the rounds."""
     cmd = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(ENV_SHOWN))
+    cmd = f"{env} {cmd}" if env else cmd
     return [
         f"# {title} ({datetime.date.today()})",
         "",

@@ -1,14 +1,14 @@
-"""The gated cells' two loops as a compiled CPU kernel (recurrence="native"), against the scans.
+"""The cells' two loops as a compiled CPU kernel (recurrence="native"), against the scans.
 
-    python benchmarks/native_kernel.py [--cell lstm|gru] [--no-torch] [--quick] [--rounds R] [--out FILE]
+    python benchmarks/native_kernel.py [--cell elman|lstm|gru] [--no-torch] [--quick] [--rounds R] [--out FILE]
 
-Issue 35's third lever: one LSTM or GRU layer's forward step loop and reverse recursion written in
-C++ (``bptt_jax/core/cell_kernels.cc``: per step one CBLAS sgemm for h(t-1) Wh, or dV(t) Wh^T in
-reverse, and one fused, vectorized pass over the batch rows for the gate arithmetic; the loops the
-module docstrings of ``bptt_jax.core.cells.lstm`` and ``gru`` write out), compiled by
-``bptt_jax.core.native`` on this machine (``-O3 -march=native``, jaxlib's XLA FFI headers, the
-sgemm of the ``scipy-openblas32`` wheel) and called through ``jax.ffi``. Per cell and benchmark
-shape (float32, every sequence full length):
+Issue 35's third lever: one layer's forward step loop and reverse recursion written in C++
+(``bptt_jax/core/cell_kernels.cc``: per step one matmul, the file's own, for h(t-1) Wh (W11), or
+dV(t) Wh^T (dZ1(t) W11^T) in reverse, and one fused, vectorized pass over the batch rows for f1 or
+the gate arithmetic; the loops the module docstrings of ``bptt_jax.core.cells`` write out),
+compiled by ``bptt_jax.core.native`` on this machine (``-O3 -march=native``, jaxlib's XLA FFI
+headers) and called through ``jax.ffi``. Per cell and benchmark shape (float32, every sequence
+full length; the Elman cell with tanh at ``bptt_speed.SHAPES``, the gated cells at ``GATED_SHAPES``):
 
   forward loop   the library's ``forward.unroll_layer(..., store=True)`` (input projection + scan
                  keeping the gate cache) against the projection + the kernel's forward;
@@ -55,12 +55,20 @@ def unavailable() -> str | None:
 
 
 def kernel_forward(cell, layer, xs, s0, valid=None):
-    """(states [T, B, W], gate cache [T, B, 4 N1]) by the kernel, after the input projection."""
-    return native.forward(cell, layer.wh, layer.bh, cells.get(cell).project(layer, xs), s0, valid, store=True)
+    """(states [T, B, W], gate cache [T, B, 4 N1]; the Elman cell's empty [T, B, 0]) by the kernel,
+    after the input projection."""
+    us = cells.get(cell).project(layer, xs)
+    if cell == "elman":
+        hs = native.elman_forward(layer.w11, "tanh", us, s0, valid)
+        return hs, jnp.zeros(hs.shape[:-1] + (0,), hs.dtype)
+    return native.forward(cell, layer.wh, layer.bh, us, s0, valid, store=True)
 
 
 def kernel_reverse(cell, layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
-    """(dA [T, B, G N1], dV [T, B, G N1], ds(-1) [B, W]) by the kernel."""
+    """(dA [T, B, G N1], dV [T, B, G N1], ds(-1) [B, W]) by the kernel (the Elman cell's dA = dV = dZ1)."""
+    if cell == "elman":
+        dz, dh_m1, _ = native.elman_reverse(layer.w11, "tanh", ss, dhs_above, valid, ds_init)
+        return dz, dz, dh_m1
     return native.reverse(cell, layer.wh, dhs_above, gates, s_tm1s, ss, valid, ds_init)[:3]
 
 
@@ -180,14 +188,14 @@ def _no_torch(ap) -> None:
 
 def main(argv=None) -> str:
     args, rounds = gate_blocks.parse_report_args(__doc__, argv, native.CELLS, 11, extra=_no_torch)
-    shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
-    lines = gate_blocks.header("The gated cells' loops as a compiled CPU kernel", "native_kernel.py", argv, rounds)
+    lines = gate_blocks.header("The cells' loops as a compiled CPU kernel", "native_kernel.py", argv, rounds)
     why = unavailable()
     if why is not None:
         lines.append(f"Not run: {why}.")
         return bptt_speed._report(lines, args.out)
     threads = 0 if args.no_torch else os.cpu_count() or 1  # PyTorch's threads, as step_profile.py
     for cell in args.cell or native.CELLS:
+        shapes = QUICK_SHAPES if args.quick else bptt_speed.SHAPES if cell == "elman" else bptt_speed.GATED_SHAPES
         lines += cell_tables(cell, shapes, rounds, threads)
     return bptt_speed._report(lines, args.out)
 

@@ -148,6 +148,7 @@ def test_nnx_speed_quick(tmp_path, monkeypatch):
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| elman", "| lstm"))]
     seg, budget = f"{mod.OURS}, checkpoint_every=2", f"{mod.OURS}, max_memory=64KiB"
     tuned = f"{mod.OURS}, tuned (0.5 s per layer)"  # --quick: tune gets half a second per layer
+    kernel = [mod.NATIVE, f"{mod.NATIVE}, gates='recompute'"] if mod.native_reason("lstm", "float32") is None else []
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("elman", mod.OURS),
         ("elman", tuned),
@@ -157,6 +158,7 @@ def test_nnx_speed_quick(tmp_path, monkeypatch):
         ("lstm", mod.OURS),
         ("lstm", tuned),
         ("lstm", mod.LEAN),
+        *(("lstm", name) for name in kernel),
         ("lstm", seg),
         ("lstm", budget),
         ("lstm", mod.FLAX),
@@ -175,11 +177,16 @@ def test_eqx_speed_quick():
     mod = _load("eqx_speed", "benchmarks/eqx_speed.py")
     report = mod.main(["--quick"])
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| gru", "| lstm"))]
-    names = (mod.OURS, mod.BATCH, mod.LEAN, f"{mod.BATCH}, checkpoint_every=2", mod.EQX)
+    kernel = (
+        [f"{mod.BATCH}, recurrence='native'", f"{mod.LEAN}, recurrence='native'"]
+        if mod.native_reason("gru", "float32") is None
+        else []
+    )
+    names = (mod.OURS, mod.BATCH, mod.LEAN, f"{mod.BATCH}, checkpoint_every=2", *kernel, mod.EQX)
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [(cell, name) for cell in ("gru", "lstm") for name in names]
-    # the same Equinox cells, switched by from_eqx_cell (vmapped, called once, segments): the same loss
-    for i in (0, 5):
-        losses = [float(rows[j][-2]) for j in range(i, i + 5)]
+    # the same Equinox cells, switched by from_eqx_cell (vmapped, called once, segments, the kernel): the same loss
+    for i in (0, len(names)):
+        losses = [float(rows[j][-2]) for j in range(i, i + len(names))]
         assert max(losses) - min(losses) < 1e-4, losses
 
 
@@ -337,13 +344,13 @@ def test_states_memory_quick():
 def test_native_kernel_quick(tmp_path):
     mod = _load("native_kernel", "benchmarks/native_kernel.py")
     why = mod.unavailable()
-    if why is not None:  # the test extra installs scipy-openblas32; a machine without g++ skips
+    if why is not None:  # a machine without g++ skips
         pytest.skip(why)
     report = mod.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "n.md")])  # raises where they differ
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
-    assert len(rows) == 2 and all(float(v) > 0 for row in rows for v in row[2:7]), rows  # LSTM and GRU
+    assert len(rows) == 3 and all(float(v) > 0 for row in rows for v in row[2:7]), rows  # Elman, LSTM, GRU
     calls = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
-    assert len(calls) == 2, calls
+    assert len(calls) == 3, calls
     assert all(float(v) > 0 for c in calls for v in c[2:4]) and all(float(c[-2]) < 1e-4 for c in calls), calls
 
 

@@ -60,9 +60,8 @@ def _write(tmp_path, text):
             r"c.toml: train.max_memory applies to train.grad = 'bptt'",
         ),
         (
-            "[train]\nrecurrence = 'native'\n",
-            r"c.toml: train.recurrence = 'native' \(the compiled kernel\) holds the gated cells \(lstm, gru\), "
-            r"got model.cell = 'elman'",
+            "[train]\nrecurrence = 'nativ'\n",
+            r"c.toml: train.recurrence: got 'nativ'; allowed: \['auto', 'scan', 'pallas', 'native'\]",
         ),
     ],
 )

@@ -19,7 +19,7 @@ LEVELS = {
     "core.activations": 0,
     "core.precision": 0,  # the computation dtype: imports jax only
     "core.host": 0,  # the cache directory and the processor: the standard library only
-    "core.native": 1.5,  # the gated cells' compiled kernel: built, registered, called (kernels.resolve picks it)
+    "core.native": 1.5,  # the cells' compiled kernel: built, registered, called (kernels.resolve picks it)
     "core.cells": 0.5,  # one module per cell, importing activations only
     "core.params": 1,
     "core.checks": 2,

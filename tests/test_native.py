@@ -20,7 +20,7 @@ import bptt_jax as bj
 from bptt_jax.core import budget, cells, forward, gradient, kernels, native, plan, tune
 from bptt_jax.core.vjp import rnn_states
 from tests import reference as ref
-from tests.test_cells import UNROLLS, _check
+from tests.test_cells import GATED, UNROLLS, _check
 
 WHY = native.unavailable()  # builds the kernel (once per test process) where it can be
 needs_kernel = pytest.mark.skipif(WHY is not None, reason=f"the native kernel cannot run here: {WHY}")
@@ -31,7 +31,7 @@ T_LONG = 2000
 
 @needs_kernel
 class NativeBPTTEqualsAutodiffTest(chex.TestCase):
-    """LSTM and GRU stacks (1-2 layers, uni/bidirectional, lengths incl. 0 and T, weights, h0 pairs, every
+    """LSTM and GRU stacks (and Elman stacks, below) (1-2 layers, uni/bidirectional, lengths incl. 0 and T, weights, h0 pairs, every
     block-size kind, gates stored or recomputed, checkpoint segments) in float32, with and without an
     outer jit: the kernel's gradients, dh0 and dX against jax.grad (judged against float64 where the
     two float32 paths differ by more than 1e-5)."""
@@ -39,7 +39,7 @@ class NativeBPTTEqualsAutodiffTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @settings(max_examples=4)
     @given(
-        problem=ref.problems(cells=native.CELLS, max_layers=2),
+        problem=ref.problems(cells=GATED, max_layers=2),
         block=ref.BLOCKS,
         unroll=UNROLLS,
         gates=st.sampled_from(("store", "recompute")),
@@ -50,9 +50,16 @@ class NativeBPTTEqualsAutodiffTest(chex.TestCase):
             problem, jnp.float32, block, segment, variant=self.variant, unroll=unroll, gates=gates, recurrence="native"
         )
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=4)
+    @given(problem=ref.problems(cells=("elman",), max_layers=2), block=ref.BLOCKS, segment=SEGMENTS)
+    def test_float32_elman(self, problem, block, segment):
+        """The same for Elman stacks (every f1 the problems draw)."""
+        _check(problem, jnp.float32, block, segment, variant=self.variant, recurrence="native")
+
 
 @needs_kernel
-@pytest.mark.parametrize("name", native.CELLS)
+@pytest.mark.parametrize("name", GATED)
 @pytest.mark.parametrize(("b", "n1"), [(4, 5), (1, 37), (11, 40), (32, 300)])
 def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     """The forward loop's states and gate cache and the reverse loop's dA, dV, ds(-1) and norms, with
@@ -89,6 +96,35 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(kdvs, dvs)
     close(kds_m1, ds_m1)
     close(knorms, norms)  # ||dh(t)|| (the LSTM's also ||dc(t)||), padding too
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", sorted(native.ACTIVATIONS))
+@pytest.mark.parametrize(("b", "n1"), [(4, 5), (1, 37), (11, 40), (32, 520)])
+def test_the_elman_kernels_loops_equal_the_scans_step_for_step(activation, b, n1):
+    """The Elman cell's forward loop (states) and reverse loop (dZ1(t), dDIV/dh(-1), ||dh(t)||), with
+    lengths 0 .. T, an h0 and an entering carry, against forward.unroll_layer and
+    cells.elman.reverse_recurrence, for every f1; (32, 520): B N1^2 >= 2^23, the two-thread split."""
+    if n1 == 520 and activation != "tanh":
+        pytest.skip("the split's shape once (tanh) is enough")
+    t, n = 7, 3
+    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, activation=activation)).layers[0]
+    k = jax.random.split(jax.random.key(4), 4)
+    xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
+    h0 = jax.random.normal(k[1], (b, n1), jnp.float32)
+    above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
+    dh_init = jax.random.normal(k[3], (b, n1), jnp.float32)
+    valid = forward.valid_mask(jnp.array([7, 3, 0, 1] * 8)[:b], t)
+    hs = forward.unroll_layer(layer, activation, xs, h0, valid)
+    dz, dh_m1, norms = cells.elman.reverse_recurrence(layer.w11, activation, hs, above, valid, dh_init)
+    khs = native.elman_forward(layer.w11, activation, cells.elman.project(layer, xs), h0, valid)
+    kdz, kdh_m1, knorms = native.elman_reverse(layer.w11, activation, khs, above, valid, dh_init)
+    wide = n1 > 100
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-4 if wide else 1e-5, atol=1e-5 if wide else 1e-6)
+    close(khs, hs)
+    close(kdz, dz)
+    close(kdh_m1, dh_m1)
+    close(knorms, norms)
 
 
 @needs_kernel
@@ -149,7 +185,7 @@ def test_the_kernels_norms_equal_the_scans(name, bidirectional):
 @needs_kernel
 def test_tune_times_the_kernel_beside_the_scans():
     """An LSTM in float32 on the CPU: the rules' plan and the whole-sequence block also run with the
-    kernel, measured second and third; the Elman cell, float64 and a fixed recurrence get none."""
+    kernel, measured second and third (the Elman cell's too); float64 and a fixed recurrence get none."""
     spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
     asked = plan.Options()
     default = plan.explicit(asked, spec, T_LONG, 64, jnp.float32)  # the rules cut it into time blocks
@@ -167,7 +203,13 @@ def test_tune_times_the_kernel_beside_the_scans():
     assert not any(o.recurrence == "native" for o in candidates(plan.Options(recurrence="scan")))
     assert not any(o.recurrence == "native" for o in candidates(asked, dtype=jnp.float64))
     elman = bj.RNNSpec(3, (4,), 2)
-    assert not any(o.recurrence == "native" for o in candidates(asked, spec=elman))
+    elman_default = plan.explicit(asked, elman, T_LONG, 64, jnp.float32)
+    elman_cands = tune._candidates(
+        elman_default, elman_default, asked, elman, T_LONG, 64, jnp.float32, None, True, False
+    )
+    elman_natives = [o for o in elman_cands if o.recurrence == "native"]
+    assert elman_natives == elman_cands[1 : 1 + len(elman_natives)] and len(elman_natives) >= 1, elman_cands
+    assert elman_natives[0] == dataclasses.replace(elman_default, recurrence="native")
     gru = bj.RNNSpec(3, (4,), 2, cell="gru")
     assert any(o.recurrence == "native" for o in candidates(asked, spec=gru))
 
@@ -206,7 +248,7 @@ def test_a_build_that_cannot_run_or_fails_gives_its_reason(monkeypatch, tmp_path
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: kernels.resolve("native", (4,), jnp.float32, cell="elman"), "holds the gated cells"),
+        (lambda: native.elman_forward(jnp.eye(2), "softplus", jnp.ones((1, 1, 2)), jnp.ones((1, 2)), None), "knows"),
         (lambda: kernels.resolve("native", (4,), jnp.float16, cell="gru"), "computes in float32, not float16"),
         (lambda: kernels.resolve("native", (4,), jnp.float64, cell="lstm"), "computes in float32, not float64"),
         (lambda: kernels.resolve("native", (4,), jnp.float32, cell="lstm", backend="gpu"), "runs on the CPU"),
@@ -245,7 +287,7 @@ def test_tune_under_a_budget_only_the_kernels_plans_meet(tmp_path, monkeypatch):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", native.CELLS)
+@pytest.mark.parametrize("name", GATED)
 def test_the_layers_with_the_kernel_equal_their_scans(name):
     """The Equinox layer (a batch in one call and jax.vmap over one-sequence calls, lengths) and the
     NNX layer (from Flax's cell) with recurrence="native": the gradients of their scans' layers."""
@@ -317,9 +359,11 @@ def test_the_kernel_built_for_avx2_equals_the_scans(tmp_path):
         "'-k', 'step_for_step']))\n"
     )
     env = {**os.environ, "BPTT_JAX_CACHE_DIR": str(tmp_path), "BPTT_JAX_TEST_PLAN_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "8 passed" in done.stdout, done.stdout[-3000:]
+    assert "21 passed" in done.stdout, done.stdout[-3000:]
     (built,) = (tmp_path / "native").glob("cell_kernels-*.so")
     listing = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True).stdout if _objdump() else ""
     assert "%zmm" not in listing  # no AVX-512 register in the AVX2 build

@@ -164,7 +164,7 @@ HELP = {
         "train",
         "recurrence",
     ): "auto (lax.scan; the Pallas kernels on a GPU for float32 layers of N1 <= 64), scan, pallas, or native "
-    "(the gated cells' compiled kernel on a CPU, float32; needs a C++ compiler and scipy-openblas32)",
+    "(the cells' compiled kernel on a CPU, float32; needs a C++ compiler)",
     ("train", "devices"): '"1", a count, or "all": data-parallel over devices (batch split along B)',
     ("train", "max_memory"): 'a budget for the gradient program\'s temp memory per device ("512MiB", "2GiB"; '
     '"" = none): the fastest plan that fits (bptt\'s max_memory)',
@@ -352,11 +352,6 @@ def _check_combination(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: train.max_memory applies to train.grad = 'bptt' (the explicit BPTT's plans)")
     if cfg.model.forget_bias != 0.0 and cfg.model.cell != "lstm":
         raise ConfigError(f"{source}: model.forget_bias applies to model.cell = 'lstm' only, got {cfg.model.cell!r}")
-    if cfg.train.recurrence == "native" and cfg.model.cell not in ("lstm", "gru"):
-        raise ConfigError(
-            f"{source}: train.recurrence = 'native' (the compiled kernel) holds the gated cells (lstm, gru), "
-            f"got model.cell = {cfg.model.cell!r}; use 'auto' or 'scan'"
-        )
     if cfg.model.cell != "elman" and cfg.model.init == "identity":
         raise ConfigError(f"{source}: model.init = 'identity' (the IRNN) is for the Elman cell, got {cfg.model.cell!r}")
     if cfg.data.task == "text" and cfg.model.bidirectional:

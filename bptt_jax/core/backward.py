@@ -138,6 +138,9 @@ def cell_backward(
     if plan.recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         das, ds_m1, norms = kernels.reverse_recurrence(layer.w11, activation, ss, dhs_above, valid, ds_init)
         dvs, norms = das, norms if plan.with_norms else None
+    elif plan.recurrence == "native" and cells.name_of(layer) == "elman":  # float32 on the CPU
+        das, ds_m1, norms = native.elman_reverse(layer.w11, activation, ss, dhs_above, valid, ds_init)
+        dvs, norms = das, norms if plan.with_norms else None
     elif plan.recurrence == "native":  # a gated cell in float32 on the CPU (kernels.resolve)
         name = cells.name_of(layer)
         if cache is None:  # gates="recompute": the gate cache from A(t) and s(t-1), two block matmuls

@@ -1,4 +1,4 @@
-// The gated cells' forward step loops and reverse recursions (bptt_jax/core/cells/lstm.py, gru.py) as
+// The cells' forward step loops and reverse recursions (bptt_jax/core/cells/elman.py, lstm.py, gru.py) as
 // XLA FFI handlers for the CPU: one call runs all C steps of one layer, with a register-tiled matmul
 // for the recurrent matmul of each step and the gate arithmetic fused into one pass over the batch rows.
 //
@@ -10,6 +10,11 @@
 //     dh = dH_above(t) + dh_carry;  dc_total = dc + dh o (1 - tanh(c)^2)
 //     dG(t) = [dc_total g i(1-i), dc_total c(t-1) f(1-f), dc_total i(1-g^2), dh tanh(c) o(1-o)]
 //     dh_carry = dG(t) Wh^T;  dc = dc_total f        (dG = 0 and the carry passed on where not valid)
+//
+// Elman forward, per step t (the notes' Z1(t) = X(t) W1 + h(t-1) W11 + b1, h(t) = f1(Z1(t))):
+//     h(t) = f1(u(t) + h(t-1) W11)                    u(t) = X(t) W1 + b1, formed outside; held where not valid
+// Elman reverse (cells.elman.reverse_recurrence's loop, f1' from h as activations.py writes it):
+//     dh = dH_above(t) + carry;  dZ1(t) = dh f1'(h(t));  carry = dZ1(t) W11^T   (dZ1 = 0, carry = dh where not valid)
 //
 // GRU forward, per step t (gates r | z | n):
 //     V(t) = h(t-1) Wh + bh;  r = sigmoid(A_r + V_r);  z = sigmoid(A_z + V_z);  n = tanh(A_n + r V_n)
@@ -589,7 +594,150 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   return ffi::Error::Success();
 }
 
+// f1 and f1' from h = f1(z), as bptt_jax/core/activations.py (the codes native.ACTIVATIONS gives).
+enum Activation : int32_t { kTanh = 0, kRelu = 1, kSigmoid = 2, kIdentity = 3 };
+
+void activate_row(float* __restrict h, long n, int32_t f) {
+  switch (f) {
+    case kTanh:
+      for (long j = 0; j < n; ++j) h[j] = fast_tanh(h[j]);
+      break;
+    case kRelu:
+      for (long j = 0; j < n; ++j) h[j] = std::max(h[j], 0.0f);
+      break;
+    case kSigmoid:
+      for (long j = 0; j < n; ++j) h[j] = sigmoid(h[j]);
+      break;
+    default:
+      break;
+  }
+}
+
+// dz = dh f1'(h) for one row; returns ||dh||.
+float elman_reverse_row(const float* __restrict h, const float* __restrict above, const float* __restrict carry,
+                        float* __restrict dz, long n, int32_t f) {
+  float sh = 0.0f;
+#pragma omp simd reduction(+ : sh)
+  for (long j = 0; j < n; ++j) {
+    const float dh = above[j] + carry[j];
+    const float hj = h[j];
+    const float df = f == kTanh ? 1.0f - hj * hj
+                     : f == kRelu ? (hj > 0.0f ? 1.0f : 0.0f)
+                     : f == kSigmoid ? hj * (1.0f - hj)
+                                     : 1.0f;
+    dz[j] = dh * df;
+    sh += dh * dh;
+  }
+  return std::sqrt(sh);
+}
+
+ffi::Error check_activation(int32_t f) {
+  return check_dims(f >= kTanh && f <= kIdentity, "elman: unknown activation code");
+}
+
+// us [C, B, N] (X W1 + b1), w11 [N, N], h0 [B, N], valid [C, B] -> hs [C, B, N].
+ffi::Error ElmanForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w11, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> hs, int32_t f) {
+  const auto d = us.dimensions();
+  if (d.size() != 3) return check_dims(false, "elman forward: us must be [C, B, N]");
+  const long steps = d[0], batch = d[1], n = d[2];
+  if (auto e = check_dims(w11.dimensions().size() == 2 && w11.dimensions()[0] == n && w11.dimensions()[1] == n &&
+                              h0.element_count() == static_cast<size_t>(batch * n) &&
+                              valid.element_count() == static_cast<size_t>(steps * batch) &&
+                              hs->element_count() == static_cast<size_t>(steps * batch * n),
+                          "elman forward: inconsistent shapes");
+      e.failure())
+    return e;
+  if (auto e = check_activation(f); e.failure()) return e;
+  const float* U = us.typed_data();
+  const bool* V = valid.typed_data();
+  float* H = hs->typed_data();
+  const Packed wp = pack(w11.typed_data(), n, n, false);  // W11 [N, N]
+  const auto team = team_for(batch, n, n);
+  for (long t = 0; t < steps; ++t) {
+    const float* prev = t == 0 ? h0.typed_data() : H + (t - 1) * batch * n;
+    float* h = H + t * batch * n;
+    std::memcpy(h, U + t * batch * n, sizeof(float) * batch * n);
+    step_gemm(team.get(), batch, prev, n, wp, h, n, true);  // Z1(t) = u(t) + h(t-1) W11
+    for (long b = 0; b < batch; ++b) {
+      if (V[t * batch + b]) {
+        activate_row(h + b * n, n, f);
+      } else {
+        std::memcpy(h + b * n, prev + b * n, sizeof(float) * n);  // padding holds h
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// hs [C, B, N], dhs [C, B, N] (dH_above), w11 [N, N], valid [C, B], dh_init [B, N]
+//   -> dzs [C, B, N] (dZ1(t)), dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
+ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w11,
+                            ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dh_init,
+                            ffi::ResultBuffer<ffi::F32> dzs, ffi::ResultBuffer<ffi::F32> dh_m1,
+                            ffi::ResultBuffer<ffi::F32> norms, int32_t f) {
+  const auto d = hs.dimensions();
+  if (d.size() != 3) return check_dims(false, "elman reverse: hs must be [C, B, N]");
+  const long steps = d[0], batch = d[1], n = d[2];
+  const size_t rows = static_cast<size_t>(steps * batch);
+  if (auto e = check_dims(dhs.element_count() == rows * n && w11.element_count() == static_cast<size_t>(n * n) &&
+                              valid.element_count() == rows &&
+                              dh_init.element_count() == static_cast<size_t>(batch * n) &&
+                              dzs->element_count() == rows * n && norms->element_count() == rows,
+                          "elman reverse: inconsistent shapes");
+      e.failure())
+    return e;
+  if (auto e = check_activation(f); e.failure()) return e;
+  const float* H = hs.typed_data();
+  const float* DH = dhs.typed_data();
+  const bool* V = valid.typed_data();
+  float* DZ = dzs->typed_data();
+  float* NRM = norms->typed_data();
+  float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
+  std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
+  std::vector<float> dh_keep(batch * n);  // dh(t) of the padded rows, their carry on
+  const Packed wt = pack(w11.typed_data(), n, n, true);  // W11^T
+  const auto team = team_for(batch, n, n);
+  for (long t = steps - 1; t >= 0; --t) {
+    const long row0 = t * batch;
+    for (long b = 0; b < batch; ++b) {
+      const long row = row0 + b;
+      float* cb = carry + b * n;
+      NRM[row] = elman_reverse_row(H + row * n, DH + row * n, cb, DZ + row * n, n, f);
+      if (!V[row]) {  // padding: dZ1 = 0, the carry passes on with dH_above added
+        for (long j = 0; j < n; ++j) dh_keep[b * n + j] = DH[row * n + j] + cb[j];
+        std::memset(DZ + row * n, 0, sizeof(float) * n);
+      }
+    }
+    step_gemm(team.get(), batch, DZ + row0 * n, n, wt, carry, n, false);  // carry = dZ1(t) W11^T
+    for (long b = 0; b < batch; ++b)
+      if (!V[row0 + b]) std::memcpy(carry + b * n, dh_keep.data() + b * n, sizeof(float) * n);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttElmanForward, ElmanForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttElmanReverse, ElmanReverseImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("activation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()

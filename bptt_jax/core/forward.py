@@ -79,7 +79,9 @@ def _unroll_whole(
     us = cell.project(layer, precision.rounded(xs, h0.dtype))  # [T, B, G N1], one matmul for all t
     if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
-    if recurrence == "native":  # a gated cell in float32 on the CPU (kernels.resolve): one call per block
+    if recurrence == "native":  # float32 on the CPU (kernels.resolve): one call per block
+        if cells.name_of(layer) == "elman":
+            return native.elman_forward(layer.w11, activation, us, h0, valid)
         return native.forward(cells.name_of(layer), layer.wh, layer.bh, us, h0, valid, store)
 
     # Without the gate cache, a gated cell's A(t) enters the loop one gate block per array and is

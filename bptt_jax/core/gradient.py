@@ -173,7 +173,7 @@ def loss(
       recurrence: "scan" (``lax.scan``), "pallas" (the fused kernels of ``bptt_jax.core.kernels``, one launch
         per layer and direction for all T; interpret mode on a CPU) or "auto" (the kernels on a GPU
         where they apply, the scans elsewhere). An explicit "pallas" that cannot apply raises.
-        "native" (the LSTM's loops as a compiled CPU kernel, ``bptt_jax.core.native``) serves
+        "native" (the cells' loops as a compiled CPU kernel, ``bptt_jax.core.native``) serves
         ``bptt``'s explicit BPTT; ``loss`` and ``forward`` run the scans with it (jax cannot
         differentiate the kernel), so that ``jax.grad`` of them still works.
       check_values: how class indices and lengths are range-checked (``bptt_jax.core.checks``): None reads
@@ -253,7 +253,7 @@ def bptt(
       with_dxs: also compute ``aux.dxs`` = dDIV/dX [T, B, N] (one more matmul per step; None
         otherwise). ``aux.dh0`` and ``aux.h_last`` are always returned.
       recurrence: as ``loss``; with the Pallas kernels and no block_size the whole sequence is one
-        block. "native": the LSTM's forward step loop and reverse recursion run as a compiled CPU
+        block. "native": the layer's forward step loop and reverse recursion run as a compiled CPU
         kernel (``bptt_jax.core.native``; float32), one call per block;
         the rules never choose it, ``bptt_jax.tune`` times it and keeps it where it ran faster.
       gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per

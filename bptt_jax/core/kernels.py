@@ -89,10 +89,11 @@ def unsupported_reason(hidden_sizes, dtype, backend: str | None = None) -> str |
 
 
 def native_reason(cell: str, dtype, backend: str | None = None) -> str | None:
-    """Why ``recurrence="native"`` (the gated cells' compiled kernel, ``bptt_jax.core.native``) cannot
-    run here, or None: it holds the LSTM and the GRU in float32 on the CPU, where it could be built."""
+    """Why ``recurrence="native"`` (the cells' compiled kernel, ``bptt_jax.core.native``) cannot
+    run here, or None: it holds the Elman cell, the LSTM and the GRU in float32 on the CPU, where it
+    could be built."""
     if cell not in native.CELLS:
-        return f"the compiled kernel holds the gated cells {list(native.CELLS)}, got cell={cell!r}"
+        return f"the compiled kernel holds the cells {list(native.CELLS)}, got cell={cell!r}"
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return f"the compiled kernel runs on the CPU, not {backend!r}"
@@ -120,7 +121,7 @@ def resolve(
 
     "auto" picks the Pallas kernels on a GPU where they apply and were measured faster (float32,
     every N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``) and the scans everywhere else; "pallas" on a
-    CPU runs them in interpret mode; "native" is the gated cells' compiled kernel (``native_reason``),
+    CPU runs them in interpret mode; "native" is the cells' compiled kernel (``native_reason``),
     which "auto" never picks (``bptt_jax.tune`` times it); an explicit choice that cannot apply raises
     ValueError. ``differentiable``: a path that ``jax.grad`` differentiates (``loss``, ``forward``,
     grad="autodiff"), where "native" runs the scans (jax cannot differentiate the FFI call).

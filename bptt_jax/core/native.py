@@ -1,13 +1,15 @@
-"""The gated cells' two loops as a compiled CPU kernel: ``recurrence="native"``.
+"""The cells' two loops as a compiled CPU kernel: ``recurrence="native"``.
 
-``cell_kernels.cc`` (beside this file) writes the LSTM's and the GRU's forward step loops and reverse
-recursions (the loops ``cells.lstm.reverse`` and ``cells.gru.reverse`` state, the notes' BPTT of
-these cells) as XLA FFI handlers: one call runs all C steps of a time block, per step one
-matmul (h(t-1) Wh forward, dV(t) Wh^T in reverse; the file's own, with Wh packed once per call for
-all C steps, split over two threads from 2^23 multiply-adds per step where the process may use two
-cores) and one fused pass over the batch rows for the gate arithmetic, where XLA:CPU runs a dozen
-separate operations per step. The input projection A = X Wx + bx, the gates' recomputation
-with gates="recompute", the weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
+``cell_kernels.cc`` (beside this file) writes the Elman cell's, the LSTM's and the GRU's forward
+step loops and reverse recursions (the loops ``cells.elman.reverse_recurrence``,
+``cells.lstm.reverse`` and ``cells.gru.reverse`` state, the notes' BPTT of these cells) as XLA FFI
+handlers: one call runs all C steps of a time block, per step one matmul (h(t-1) W11 or h(t-1) Wh
+forward, dZ1(t) W11^T or dV(t) Wh^T in reverse; the file's own, with the recurrent weights packed
+once per call for all C steps, split over two threads from 2^23 multiply-adds per step where the
+process may use two cores) and one fused pass over the batch rows for f1 or the gate arithmetic,
+where XLA:CPU runs several separate operations per step. The input projection (X W1 + b1, A = X Wx
++ bx), the gates' recomputation with gates="recompute", the weight-gradient sums and dX stay block
+matmuls in JAX, as in the scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
 own FFI headers; nothing else), into ``cache_dir()/native`` under a name that holds everything the
@@ -15,12 +17,12 @@ build depends on, and registered with ``jax.ffi`` once per process. Where it can
 C++ compiler, a failed build) ``unavailable`` says why: an explicit
 ``recurrence="native"`` raises ValueError with that reason, and ``auto`` and ``bptt_jax.tune``
 keep the scans. The rules never choose it; ``bptt_jax.tune`` times it beside the scans where it
-applies (an LSTM or a GRU in float32 on the CPU) and keeps it only where it measured faster.
+applies (float32 on the CPU) and keeps it only where it measured faster.
 
 Memory: the kernel's loops keep no scan buffers, so its plans compile to less temp memory than the
-scans' (``max_memory`` and ``tune`` count XLA's memory analysis); its own scratch, the packed Wh
-(N1 x G N1 floats) and one step's [B, G N1], lives on the heap outside that analysis, independent
-of T.
+scans' (``max_memory`` and ``tune`` count XLA's memory analysis); its own scratch, the packed
+recurrent weights (N1 x G N1 floats) and one step's [B, G N1], lives on the heap outside that
+analysis, independent of T.
 
 jax cannot differentiate an FFI call: the kernel serves the explicit BPTT (``bptt``, ``rnn_states``
 with grad="bptt"); ``loss``, ``forward`` and grad="autodiff" run the scans (``kernels.resolve``).
@@ -40,6 +42,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bptt_jax.core import host
 
@@ -56,8 +59,11 @@ FLAGS = (
     "-shared",
     "-fPIC",
 )
-CELLS = ("lstm", "gru")
+CELLS = ("elman", "lstm", "gru")
+ACTIVATIONS = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}  # f1's codes in cell_kernels.cc
 TARGETS = {  # (cell, loop) -> (the name registered with jax.ffi, the handler's symbol)
+    ("elman", "forward"): ("bptt_jax_elman_forward", "BpttElmanForward"),
+    ("elman", "reverse"): ("bptt_jax_elman_reverse", "BpttElmanReverse"),
     ("lstm", "forward"): ("bptt_jax_lstm_forward", "BpttLstmForward"),
     ("lstm", "reverse"): ("bptt_jax_lstm_reverse", "BpttLstmReverse"),
     ("gru", "forward"): ("bptt_jax_gru_forward", "BpttGruForward"),
@@ -140,6 +146,37 @@ def unavailable() -> str | None:
 
 def _mask(valid: Array | None, t_len: int, batch: int) -> Array:
     return jnp.ones((t_len, batch), bool) if valid is None else valid
+
+
+def _activation_code(activation: str):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: the kernel knows {sorted(ACTIVATIONS)}, got {activation!r}")
+    return np.int32(ACTIVATIONS[activation])
+
+
+def elman_forward(w11: Array, activation: str, us: Array, h0: Array, valid: Array | None) -> Array:
+    """The Elman cell's forward step loop over C steps, given u(t) = X(t) W1 + b1 [C, B, N1] and
+    h0 [B, N1]: the states h(t) = f1(u(t) + h(t-1) W11) [C, B, N1] (held where not valid), as
+    ``kernels.forward_recurrence``."""
+    t_len, batch, _ = us.shape
+    out = jax.ShapeDtypeStruct(us.shape, jnp.float32)
+    call = jax.ffi.ffi_call(TARGETS["elman", "forward"][0], out, vmap_method="sequential")
+    return call(us, w11, h0, _mask(valid, t_len, batch), activation=_activation_code(activation))
+
+
+def elman_reverse(w11: Array, activation: str, hs: Array, dhs_above: Array, valid: Array | None, dh_init: Array | None):
+    """The Elman cell's reverse recursion over C steps (``cells.elman.reverse_recurrence``'s loop):
+    (dZ1 [C, B, N1], dDIV/dh(-1) [B, N1], ||dh(t)|| [C, B])."""
+    t_len, batch, n1 = hs.shape
+    f32 = jnp.float32
+    dh0 = jnp.zeros((batch, n1), f32) if dh_init is None else dh_init
+    out = (
+        jax.ShapeDtypeStruct(hs.shape, f32),
+        jax.ShapeDtypeStruct((batch, n1), f32),
+        jax.ShapeDtypeStruct((t_len, batch), f32),
+    )
+    call = jax.ffi.ffi_call(TARGETS["elman", "reverse"][0], out, vmap_method="sequential")
+    return tuple(call(hs, dhs_above, w11, _mask(valid, t_len, batch), dh0, activation=_activation_code(activation)))
 
 
 def forward(cell: str, wh: Array, bh: Array, a: Array, s0: Array, valid: Array | None, store: bool):

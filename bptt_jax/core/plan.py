@@ -98,7 +98,7 @@ class Options:
         None: no segments. A one-element tuple is that int.
       diagnostics: also return ||dDIV/dh(t)|| (``BPTTAux.dh_norms``).
       with_dxs: also return dDIV/dX (``BPTTAux.dxs``).
-      recurrence: "scan", "pallas", "native" (the gated cells' compiled kernel, ``bptt_jax.core.native``)
+      recurrence: "scan", "pallas", "native" (the cells' compiled CPU kernel, ``bptt_jax.core.native``)
         or "auto".
       gates: "store", "recompute" or "auto" (gated cells).
     """

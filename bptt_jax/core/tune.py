@@ -209,9 +209,10 @@ def _candidates(
     """The plans to time, ``default`` first: ``unbudgeted`` with the time blocks of
     ``candidate_blocks`` and (a gated cell without segments, not in 16 bits) the gates stored or
     recomputed, for the choices ``asked`` left open; under a budget also ``budget.candidates``, and
-    only plans whose shape-read lower bound fits. Where the gated cells' compiled kernel can run
+    only plans whose shape-read lower bound fits. Where the cells' compiled kernel can run
     (``kernels.native_reason``) and ``asked`` leaves recurrence open, also ``default`` and the
-    whole-sequence block with the gates stored (where those are candidates) with recurrence="native".
+    whole-sequence block (a gated cell's with the gates stored) with recurrence="native", where those
+    are candidates.
     ``divisors_only``: blocks and segments dividing T (the arguments are timed unpadded:
     ``rnn_states``' case)."""
     divides = lambda k: not divisors_only or t_len % k == 0  # noqa: E731
@@ -240,7 +241,7 @@ def _candidates(
         # the compiled kernel in the plans it ran fastest in (benchmarks/native_lstm.py: the rules'
         # blocks and the whole sequence as one block with the gates stored; the scans' buffers, the same
         # memory bound), timed second and third so that a short time budget still measures them
-        whole = dataclasses.replace(out[0], block_size=t_len, gates="store")
+        whole = dataclasses.replace(out[0], block_size=t_len, gates=gate_choices[0])  # gated: stored
         native = [dataclasses.replace(o, recurrence="native") for o in (out[0], whole) if o in out]
         out = out[:1] + list(dict.fromkeys(native)) + out[1:]
     return out
