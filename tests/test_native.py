@@ -58,6 +58,20 @@ class NativeBPTTEqualsAutodiffTest(chex.TestCase):
         _check(problem, jnp.float32, block, segment, variant=self.variant, recurrence="native")
 
 
+def _loop_problem(spec: bj.RNNSpec, b: int, t: int = 7):
+    """One layer of ``spec`` and, for B = b sequences of T = t steps, its inputs [T, B, N], an entering
+    state s0 [B, W], dH_above [T, B, N1], an entering carry [B, W] and valid [T, B] (lengths 7, 3, 0, 1, ...)."""
+    layer = bj.init_params(jax.random.key(3), spec).layers[0]
+    n1 = spec.hidden_sizes[0]
+    w = cells.get(spec.cell).state_width(n1)
+    k = jax.random.split(jax.random.key(4), 4)
+    xs = jax.random.normal(k[0], (t, b, spec.input_size), jnp.float32)
+    s0 = jax.random.normal(k[1], (b, w), jnp.float32)
+    above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
+    ds_init = jax.random.normal(k[3], (b, w), jnp.float32)
+    return layer, xs, s0, above, ds_init, forward.valid_mask(jnp.array([7, 3, 0, 1] * 8)[:b], t)
+
+
 @needs_kernel
 @pytest.mark.parametrize("name", GATED)
 @pytest.mark.parametrize(("b", "n1"), [(4, 5), (1, 37), (11, 40), (32, 300)])
@@ -69,15 +83,7 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     and (32, 300): B N1 G N1 >= 2^23 multiply-adds per step, the matmul split over two threads where
     the process may use two cores."""
     cell = cells.get(name)
-    t, n = 7, 3
-    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, cell=name)).layers[0]
-    w = cell.state_width(n1)
-    k = jax.random.split(jax.random.key(4), 4)
-    xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
-    s0 = jax.random.normal(k[1], (b, w), jnp.float32)
-    above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
-    ds_init = jax.random.normal(k[3], (b, w), jnp.float32)
-    valid = forward.valid_mask(jnp.array([7, 3, 0, 1] * 8)[:b], t)
+    layer, xs, s0, above, ds_init, valid = _loop_problem(bj.RNNSpec(3, (n1,), 2, cell=name), b)
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
     das, dvs, ds_m1, norms = cell.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
@@ -107,14 +113,7 @@ def test_the_elman_kernels_loops_equal_the_scans_step_for_step(activation, b, n1
     cells.elman.reverse_recurrence, for every f1; (32, 520): B N1^2 >= 2^23, the two-thread split."""
     if n1 == 520 and activation != "tanh":
         pytest.skip("the split's shape once (tanh) is enough")
-    t, n = 7, 3
-    layer = bj.init_params(jax.random.key(3), bj.RNNSpec(n, (n1,), 2, activation=activation)).layers[0]
-    k = jax.random.split(jax.random.key(4), 4)
-    xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
-    h0 = jax.random.normal(k[1], (b, n1), jnp.float32)
-    above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
-    dh_init = jax.random.normal(k[3], (b, n1), jnp.float32)
-    valid = forward.valid_mask(jnp.array([7, 3, 0, 1] * 8)[:b], t)
+    layer, xs, h0, above, dh_init, valid = _loop_problem(bj.RNNSpec(3, (n1,), 2, activation=activation), b)
     hs = forward.unroll_layer(layer, activation, xs, h0, valid)
     dz, dh_m1, norms = cells.elman.reverse_recurrence(layer.w11, activation, hs, above, valid, dh_init)
     khs = native.elman_forward(layer.w11, activation, cells.elman.project(layer, xs), h0, valid)
