@@ -354,6 +354,15 @@ def test_native_kernel_quick(tmp_path):
     assert all(float(v) > 0 for c in calls for v in c[2:4]) and all(float(c[-2]) < 1e-4 for c in calls), calls
 
 
+def test_native_parts_quick():
+    mod = _load("native_parts", "benchmarks/native_parts.py")
+    if mod.native.unavailable() is not None:  # a machine without g++ skips
+        pytest.skip(mod.native.unavailable())
+    report = mod.main(["--quick", "--no-torch", "--cell", "gru"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
+    assert len(rows) == 1 and len(rows[0]) == 10 and all(float(v) > 0 for v in rows[0][2:9]), rows
+
+
 def test_segment_gates_quick():
     mod = _load("segment_gates", "benchmarks/segment_gates.py")
     report = mod.main(["--quick", "--rounds", "1", "--cell", "lstm"])

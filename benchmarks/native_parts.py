@@ -1,0 +1,134 @@
+"""Where one gated layer's time goes with the compiled kernel, beside PyTorch's fused layer.
+
+    python benchmarks/native_parts.py [--cell lstm|gru] [--no-torch] [--quick] [--rounds R] [--out FILE]
+
+For each gated cell at ``bptt_speed.GATED_SHAPES`` (one layer, float32, full lengths), side by side
+in one process (round robin, a fresh random order each round, medians), in ms:
+
+  layer scans      ``jax.vjp`` of ``rnn_states`` (the custom VJP: one forward + explicit BPTT, dX
+                   included) with the scans, for a random cotangent of the states;
+  layer kernel     the same with recurrence="native";
+  kernel forward   the kernel's forward loop alone (``native.forward``), keeping the gate cache, and
+  ... no cache     keeping one step's scratch only (what the fresh pages of a [T, B, 4 N1] cache cost);
+  kernel reverse   the kernel's reverse loop alone (``native.reverse``);
+  projection       X Wx + bx over the whole sequence (XLA's dot);
+  weight grads, dX the backward's bulk matmuls: dWx = X^T dA, dWh = h^T dV, dX = dA Wx^T (XLA's dots);
+  torch            PyTorch's ``nn.LSTM`` / ``nn.GRU`` forward + ``backward`` of the same cotangent
+                   (oneDNN, eager, two threads; where torch imports and without --no-torch).
+
+The parts do not add up to the layer exactly (the layer also shifts and joins states, and XLA may
+run independent parts side by side), but they show which part a faster layer must shrink. The
+environment variables that change where memory comes from (``MALLOC_*``) are printed with the
+command: fresh pages of large buffers cost page faults on every call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bptt_speed  # noqa: E402
+import gate_blocks  # noqa: E402
+
+import bptt_jax as bj  # noqa: E402
+from bptt_jax.core import cells, native  # noqa: E402
+from bptt_jax.core.vjp import rnn_states  # noqa: E402
+
+QUICK_SHAPES = [(12, 3, 5, 6, 7)]
+GATED = ("lstm", "gru")
+
+
+def runners(cell: str, shape, threads: int) -> dict:
+    """{part: a function that runs it once and blocks}."""
+    t, b, n, n1, _ = shape
+    mod = cells.get(cell)
+    spec = bj.RNNSpec(n, (n1,), n1, cell=cell)
+    params = bj.init_params(jax.random.key(0), spec)
+    layer = params.layers[0]
+    k = jax.random.split(jax.random.key(1), 3)
+    xs = jax.random.normal(k[0], (t, b, n), jnp.float32)
+    ct = jax.random.normal(k[1], (t, b, n1), jnp.float32)
+    s0 = jnp.zeros((b, mod.state_width(n1)), jnp.float32)
+
+    def layer_vjp(recurrence):
+        def run(p, x):
+            _, back = jax.vjp(lambda p, x: rnn_states(p, spec, x, recurrence=recurrence), p, x)
+            return back(ct)
+
+        return jax.jit(run)
+
+    project = jax.jit(lambda x: mod.project(layer, x))
+    a = project(xs)
+    fwd = {
+        keep: jax.jit(lambda a, keep=keep: native.forward(cell, layer.wh, layer.bh, a, s0, None, keep))
+        for keep in (True, False)
+    }
+    ss, cache = fwd[True](a)
+    prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
+    rev = jax.jit(lambda c, g, pv, s: native.reverse(cell, layer.wh, c, g, pv, s, None, None))
+    das, dvs, _, _ = rev(ct, cache, prev, ss)
+    bulk = jax.jit(lambda x, pv, da, dv: (mod.weight_grads(layer, x, pv, da, dv), mod.input_grad(layer, da)))
+    scans, kernel = layer_vjp("scan"), layer_vjp("native")
+    out = {
+        "layer scans": lambda: jax.block_until_ready(scans(params, xs)),
+        "layer kernel": lambda: jax.block_until_ready(kernel(params, xs)),
+        "kernel forward": lambda: jax.block_until_ready(fwd[True](a)),
+        "... no cache": lambda: jax.block_until_ready(fwd[False](a)),
+        "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, prev, ss)),
+        "projection": lambda: jax.block_until_ready(project(xs)),
+        "weight grads, dX": lambda: jax.block_until_ready(bulk(xs, prev, das, dvs)),
+    }
+    if threads:
+        try:
+            import torch
+        except Exception:
+            return out
+        torch.set_num_threads(threads)
+        rnn = getattr(torch.nn, {"lstm": "LSTM", "gru": "GRU"}[cell])(n, n1)
+        tx = torch.randn(t, b, n, requires_grad=True)
+        tct = torch.randn(t, b, n1)
+
+        def torch_run():
+            y, _ = rnn(tx)
+            y.backward(tct)
+
+        out["torch"] = torch_run
+    return out
+
+
+def _no_torch(ap) -> None:
+    ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+
+
+def main(argv=None) -> str:
+    args, rounds = gate_blocks.parse_report_args(__doc__, argv, GATED, 9, extra=_no_torch)
+    lines = gate_blocks.header("Where a gated layer's time goes with the kernel", "native_parts.py", argv, rounds)
+    why = native.unavailable()
+    if why is not None:
+        lines.append(f"Not run: {why}.")
+        return bptt_speed._report(lines, args.out)
+    threads = 0 if args.no_torch else os.cpu_count() or 1
+    shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
+    for cell in args.cell or GATED:
+        table = None
+        for shape in shapes:
+            med = bptt_speed.round_robin(runners(cell, shape, threads), rounds)
+            if table is None:
+                names = list(med)
+                table = [f"## {cell.upper()} (ms, medians)", "", "| (T, B, N, N1) | " + " | ".join(names) + " |"]
+                table.append("|---" * (len(names) + 1) + "|")
+            table.append(f"| {shape[:4]} | " + " | ".join(f"{med[k] * 1e3:.2f}" for k in names) + " |")
+        lines += [*(table or []), ""]
+    return bptt_speed._report(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
