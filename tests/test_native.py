@@ -4,6 +4,7 @@ jax.grad wherever it runs, and where it cannot be built every entry point says w
 import dataclasses
 import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -315,7 +316,6 @@ def test_the_layers_with_the_kernel_equal_their_scans(name):
 
 
 def test_the_layers_name_a_recurrence_they_do_not_know():
-    import equinox as eqx
     from flax import nnx
 
     from bptt_jax.layers import equinox as beqx
@@ -327,13 +327,6 @@ def test_the_layers_name_a_recurrence_they_do_not_know():
         bnnx.RNN(3, 4, cell="lstm", recurrence="kernel", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="recurrence: expected one of"):
         bnnx.StackedRNN(3, (4, 4), cell="lstm", recurrence="kernel", rngs=nnx.Rngs(0))
-    del eqx
-
-
-def _objdump() -> bool:
-    import shutil
-
-    return shutil.which("objdump") is not None
 
 
 def _has_avx2_fma() -> bool:
@@ -364,5 +357,6 @@ def test_the_kernel_built_for_avx2_equals_the_scans(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "21 passed" in done.stdout, done.stdout[-3000:]
     (built,) = (tmp_path / "native").glob("cell_kernels-*.so")
-    listing = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True).stdout if _objdump() else ""
-    assert "%zmm" not in listing  # no AVX-512 register in the AVX2 build
+    if shutil.which("objdump") is not None:  # no AVX-512 register in the AVX2 build
+        listing = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True).stdout
+        assert "%zmm" not in listing
