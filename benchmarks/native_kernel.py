@@ -56,12 +56,11 @@ def unavailable() -> str | None:
 
 def kernel_forward(cell, layer, xs, s0, valid=None):
     """(states [T, B, W], gate cache [T, B, 4 N1]; the Elman cell's empty [T, B, 0]) by the kernel,
-    after the input projection."""
-    us = cells.get(cell).project(layer, xs)
+    the input projection included (the gated cells' kernel forms it; the Elman cell's is XLA's)."""
     if cell == "elman":
-        hs = native.elman_forward(layer.w11, "tanh", us, s0, valid)
+        hs = native.elman_forward(layer.w11, "tanh", cells.elman.project(layer, xs), s0, valid)
         return hs, jnp.zeros(hs.shape[:-1] + (0,), hs.dtype)
-    return native.forward(cell, layer.wh, layer.bh, us, s0, valid, store=True)
+    return native.forward(cell, layer, xs, s0, valid, store=True)  # it forms X Wx + bx itself
 
 
 def kernel_reverse(cell, layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):

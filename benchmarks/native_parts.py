@@ -8,10 +8,13 @@ in one process (round robin, a fresh random order each round, medians), in ms:
   layer scans      ``jax.vjp`` of ``rnn_states`` (the custom VJP: one forward + explicit BPTT, dX
                    included) with the scans, for a random cotangent of the states;
   layer kernel     the same with recurrence="native";
-  kernel forward   the kernel's forward loop alone (``native.forward``), keeping the gate cache, and
-  ... no cache     keeping one step's scratch only (what the fresh pages of a [T, B, 4 N1] cache cost);
+  kernel forward   the kernel's forward loop alone (``native.forward``: it forms X Wx + bx itself, for
+                   all T in one matmul), keeping the gate cache, and
+  ... no cache     keeping one step's scratch only (X(t) Wx step by step; with the kept run, what the
+                   fresh pages of a [T, B, 4 N1] cache cost);
   kernel reverse   the kernel's reverse loop alone (``native.reverse``);
-  projection       X Wx + bx over the whole sequence (XLA's dot);
+  projection       X Wx + bx over the whole sequence by XLA's dot (for comparison: the kernel's forward
+                   forms it itself);
   weight grads, dX the backward's bulk matmuls: dWx = X^T dA, dWh = h^T dV, dX = dA Wx^T (XLA's dots);
   torch            PyTorch's ``nn.LSTM`` / ``nn.GRU`` forward + ``backward`` of the same cotangent
                    (oneDNN, eager, two threads; where torch imports and without --no-torch).
@@ -66,12 +69,10 @@ def runners(cell: str, shape, threads: int) -> dict:
         return jax.jit(run)
 
     project = jax.jit(lambda x: mod.project(layer, x))
-    a = project(xs)
     fwd = {
-        keep: jax.jit(lambda a, keep=keep: native.forward(cell, layer.wh, layer.bh, a, s0, None, keep))
-        for keep in (True, False)
+        keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)
     }
-    ss, cache = fwd[True](a)
+    ss, cache = fwd[True](xs)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
     rev = jax.jit(lambda c, g, pv, s: native.reverse(cell, layer.wh, c, g, pv, s, None, None))
     das, dvs, _, _ = rev(ct, cache, prev, ss)
@@ -80,8 +81,8 @@ def runners(cell: str, shape, threads: int) -> dict:
     out = {
         "layer scans": lambda: jax.block_until_ready(scans(params, xs)),
         "layer kernel": lambda: jax.block_until_ready(kernel(params, xs)),
-        "kernel forward": lambda: jax.block_until_ready(fwd[True](a)),
-        "... no cache": lambda: jax.block_until_ready(fwd[False](a)),
+        "kernel forward": lambda: jax.block_until_ready(fwd[True](xs)),
+        "... no cache": lambda: jax.block_until_ready(fwd[False](xs)),
         "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, prev, ss)),
         "projection": lambda: jax.block_until_ready(project(xs)),
         "weight grads, dX": lambda: jax.block_until_ready(bulk(xs, prev, das, dvs)),

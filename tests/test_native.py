@@ -88,9 +88,8 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
     das, dvs, ds_m1, norms = cell.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
-    a = cell.project(layer, xs)
-    kss, kgates = native.forward(name, layer.wh, layer.bh, a, s0, valid, store=True)
-    kss_only = native.forward(name, layer.wh, layer.bh, a, s0, valid, store=False)
+    kss, kgates = native.forward(name, layer, xs, s0, valid, store=True)
+    kss_only = native.forward(name, layer, xs, s0, valid, store=False)
     kdas, kdvs, kds_m1, knorms = native.reverse(name, layer.wh, above, kgates, prev, kss, valid, ds_init)
     wide = n1 > 100  # sums of up to 4 N1 float32 products, in another order than XLA's
     close = functools.partial(np.testing.assert_allclose, rtol=1e-4 if wide else 1e-5, atol=1e-5 if wide else 1e-6)

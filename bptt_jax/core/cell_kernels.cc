@@ -307,11 +307,12 @@ void forward_row(float* __restrict qi, float* __restrict qf, float* __restrict q
 
 // One row of the reverse step: dh = above + dh_carry; writes dG(t) and the new dc carry in place,
 // and (||dh(t)||, ||dc_total(t)||) -- the norms cells.lstm.reverse returns -- into norm[0], norm[1].
-void reverse_row(const float* __restrict gi, const float* __restrict gf, const float* __restrict gg,
-                 const float* __restrict go, const float* __restrict c, const float* __restrict c_prev,
-                 const float* __restrict above, const float* __restrict dh_carry, float* __restrict dc,
-                 float* __restrict di, float* __restrict df, float* __restrict dgg, float* __restrict dout,
-                 float* __restrict dh_keep, float* __restrict norm, long n) {
+// di .. dout may be gi .. go themselves (the caller's gates buffer overwritten by dG(t): element j of
+// each is read before it is written, and the simd loop has no dependence across j).
+void reverse_row(const float* gi, const float* gf, const float* gg, const float* go, const float* __restrict c,
+                 const float* __restrict c_prev, const float* __restrict above, const float* __restrict dh_carry,
+                 float* __restrict dc, float* di, float* df, float* dgg, float* dout, float* __restrict dh_keep,
+                 float* __restrict norm, long n) {
   float sh = 0.0f, sc = 0.0f;
 #pragma omp simd reduction(+ : sh, sc)
   for (long j = 0; j < n; ++j) {
@@ -336,18 +337,31 @@ ffi::Error check_dims(bool ok, const char* what) {
   return ok ? ffi::Error::Success() : ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
 
-// a [C, B, 4N] (X Wx + bx), wh [N, 4N], bh [4N], s0 [B, 2N] = [h | c], valid [C, B]
+// X(t) Wx for every step of the call, [C B, N_in] x [N_in, G N] in one matmul into c (row stride
+// ldc), on two threads where the per-step matmul already has a team or this one is large enough.
+void project_all(Team* team, long rows, const float* x, long n_in, const Packed& wx, float* c, long ldc) {
+  std::unique_ptr<Team> own;
+  if (team == nullptr) own = team_for(rows, n_in, wx.n);
+  step_gemm(team != nullptr ? team : own.get(), rows, x, n_in, wx, c, ldc, false);
+}
+
+// xs [C, B, N_in] (the layer's input), wx [N_in, 4N], wh [N, 4N], bias [4N] (bx + bh), s0 [B, 2N] =
+// [h | c], valid [C, B]
 //   -> ss [C, B, 2N] the states [h(t) | c(t)], gates [C or 1, B, 4N] (i | f | g | o; one step's
-//      scratch when the caller does not keep them).
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bh,
-                           ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::PRED> valid,
+//      scratch when the caller does not keep them). Q(t) = X(t) Wx + bias + h(t-1) Wh, overwritten
+//      by the gates: kept, X Wx is formed for all C steps first, in one matmul into the gates' own
+//      buffer (no [C, B, 4N] array of pre-activations beside them); otherwise step by step.
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ffi::Buffer<ffi::F32> wh,
+                           ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::PRED> valid,
                            ffi::ResultBuffer<ffi::F32> ss, ffi::ResultBuffer<ffi::F32> gates) {
-  const auto d = a.dimensions();
-  if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm forward: a must be [C, B, 4 N]");
-  const long steps = d[0], batch = d[1], width = d[2], n = width / 4;
+  const auto d = xs.dimensions();
+  const auto wd = wh.dimensions();
+  if (d.size() != 3 || wd.size() != 2 || wd[1] != 4 * wd[0])
+    return check_dims(false, "lstm forward: xs must be [C, B, N_in], wh [N, 4 N]");
+  const long steps = d[0], batch = d[1], n_in = d[2], n = wd[0], width = 4 * n;
   const auto gd = gates->dimensions();
   const bool keep = gd[0] == steps;
-  if (auto e = check_dims(wh.dimensions().size() == 2 && wh.dimensions()[0] == n && wh.dimensions()[1] == width &&
+  if (auto e = check_dims(wx.dimensions().size() == 2 && wx.dimensions()[0] == n_in && wx.dimensions()[1] == width &&
                               bh.element_count() == static_cast<size_t>(width) &&
                               s0.element_count() == static_cast<size_t>(batch * 2 * n) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
@@ -356,22 +370,23 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
                           "lstm forward: inconsistent shapes");
       e.failure())
     return e;
-  const float* A = a.typed_data();
-  const float* W = wh.typed_data();
+  const float* X = xs.typed_data();
   const float* bias = bh.typed_data();
   const bool* V = valid.typed_data();
   float* S = ss->typed_data();
   float* Q = gates->typed_data();
   const long sw = 2 * n;
-  const Packed wp = pack(W, n, width, false);  // Wh [N, 4N]
+  const Packed xp = pack(wx.typed_data(), n_in, width, false);  // Wx [N_in, 4N]
+  const Packed wp = pack(wh.typed_data(), n, width, false);     // Wh [N, 4N]
   const auto team = team_for(batch, n, width);
+  if (keep) project_all(team.get(), steps * batch, X, n_in, xp, Q, width);
   for (long t = 0; t < steps; ++t) {
     const float* prev = t == 0 ? s0.typed_data() : S + (t - 1) * batch * sw;
     float* q = Q + (keep ? t : 0) * batch * width;
     float* s = S + t * batch * sw;
-    const float* at = A + t * batch * width;
+    if (!keep) step_gemm(team.get(), batch, X + t * batch * n_in, n_in, xp, q, width, false);  // Q = X(t) Wx
     for (long b = 0; b < batch; ++b)
-      for (long j = 0; j < width; ++j) q[b * width + j] = at[b * width + j] + bias[j];
+      for (long j = 0; j < width; ++j) q[b * width + j] += bias[j];
     step_gemm(team.get(), batch, prev, sw, wp, q, width, true);  // Q += h(t-1) Wh
     for (long b = 0; b < batch; ++b) {
       float* qb = q + b * width;
@@ -391,6 +406,8 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ff
 // (s(t-1)), ss [C, B, 2N] (s(t)), wh [N, 4N], valid [C, B], ds_init [B, 2N]
 //   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)), norms [C, B, 2]
 //      (||dDIV/dh(t)||, ||dDIV/dc(t)||: c(t)'s total gradient, the carry's where a step is padding).
+//      dgs may be the gates' own buffer (native.py aliases them): a row's gates are read before its
+//      dG is written, and no later step reads them.
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s_prev,
                            ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
                            ffi::Buffer<ffi::F32> ds_init, ffi::ResultBuffer<ffi::F32> dgs,
@@ -456,13 +473,16 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
 }
 
 
-// One row of the GRU's forward step: from A(t), V(t) and h(t-1) -> h(t) and the
-// gate cache [r | z | n | V_n] (gru.recur_cache's).
-void gru_forward_row(const float* __restrict a, const float* __restrict v, const float* __restrict h_prev,
-                     float* __restrict h, float* __restrict cache, long n) {
+// One row of the GRU's forward step: from X(t) Wx, bx, V(t) and h(t-1) -> h(t) and the gate cache
+// [r | z | n | V_n] (gru.recur_cache's). xw may be the cache row itself (X(t) Wx formed in its first
+// 3N columns): element j of each part is read before it is written, and no j reads another's.
+void gru_forward_row(const float* xw, const float* __restrict bx, const float* __restrict v,
+                     const float* __restrict h_prev, float* __restrict h, float* cache, long n) {
+#pragma omp simd
   for (long j = 0; j < n; ++j) {
-    const float r = sigmoid(a[j] + v[j]), z = sigmoid(a[n + j] + v[n + j]);
-    const float nn = fast_tanh(a[2 * n + j] + r * v[2 * n + j]);
+    const float ar = xw[j] + bx[j], az = xw[n + j] + bx[n + j], an = xw[2 * n + j] + bx[2 * n + j];
+    const float r = sigmoid(ar + v[j]), z = sigmoid(az + v[n + j]);
+    const float nn = fast_tanh(an + r * v[2 * n + j]);
     h[j] = (1.0f - z) * nn + z * h_prev[j];
     cache[j] = r;
     cache[n + j] = z;
@@ -495,16 +515,22 @@ float gru_reverse_row(const float* __restrict cache, const float* __restrict h_p
   return std::sqrt(sh);
 }
 
-// a [C, B, 3N] (X Wx + bx), wh [N, 3N], bh [3N], h0 [B, N], valid [C, B]
+// xs [C, B, N_in] (the layer's input), wx [N_in, 3N], bx [3N], wh [N, 3N], bh [3N], h0 [B, N], valid [C, B]
 //   -> hs [C, B, N], cache [C or 1, B, 4N] ([r | z | n | V_n]; one step's scratch when not kept).
-ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bh,
-                          ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> hs,
+//      A(t) = X(t) Wx + bx: kept, X Wx is formed for all C steps first, in one matmul into the first
+//      3N columns of each cache row (no [C, B, 3N] array beside the cache); otherwise step by step.
+ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ffi::Buffer<ffi::F32> bx,
+                          ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> hs,
                           ffi::ResultBuffer<ffi::F32> cache) {
-  const auto d = a.dimensions();
-  if (d.size() != 3 || d[2] % 3 != 0) return check_dims(false, "gru forward: a must be [C, B, 3 N]");
-  const long steps = d[0], batch = d[1], width = d[2], n = width / 3;
+  const auto d = xs.dimensions();
+  const auto wd = wh.dimensions();
+  if (d.size() != 3 || wd.size() != 2 || wd[1] != 3 * wd[0])
+    return check_dims(false, "gru forward: xs must be [C, B, N_in], wh [N, 3 N]");
+  const long steps = d[0], batch = d[1], n_in = d[2], n = wd[0], width = 3 * n;
   const bool keep = cache->dimensions()[0] == steps;
-  if (auto e = check_dims(wh.dimensions().size() == 2 && wh.dimensions()[0] == n && wh.dimensions()[1] == width &&
+  if (auto e = check_dims(wx.dimensions().size() == 2 && wx.dimensions()[0] == n_in && wx.dimensions()[1] == width &&
+                              bx.element_count() == static_cast<size_t>(width) &&
                               bh.element_count() == static_cast<size_t>(width) &&
                               h0.element_count() == static_cast<size_t>(batch * n) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
@@ -513,24 +539,28 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> wh, ffi
                           "gru forward: inconsistent shapes");
       e.failure())
     return e;
-  const float* A = a.typed_data();
-  const float* W = wh.typed_data();
+  const float* X = xs.typed_data();
+  const float* bias_x = bx.typed_data();
   const float* bias = bh.typed_data();
   const bool* V = valid.typed_data();
   float* H = hs->typed_data();
   float* K = cache->typed_data();
-  std::vector<float> v(batch * width);  // V(t) = h(t-1) Wh + bh
-  const Packed wp = pack(W, n, width, false);  // Wh [N, 3N]
+  std::vector<float> v(batch * width);                          // V(t) = h(t-1) Wh + bh
+  std::vector<float> xw(keep ? 0 : batch * width);              // X(t) Wx, step by step when not kept
+  const Packed xp = pack(wx.typed_data(), n_in, width, false);  // Wx [N_in, 3N]
+  const Packed wp = pack(wh.typed_data(), n, width, false);     // Wh [N, 3N]
   const auto team = team_for(batch, n, width);
+  if (keep) project_all(team.get(), steps * batch, X, n_in, xp, K, 4 * n);
   for (long t = 0; t < steps; ++t) {
     const float* prev = t == 0 ? h0.typed_data() : H + (t - 1) * batch * n;
     float* h = H + t * batch * n;
     float* k = K + (keep ? t : 0) * batch * 4 * n;
-    const float* at = A + t * batch * width;
+    if (!keep) step_gemm(team.get(), batch, X + t * batch * n_in, n_in, xp, xw.data(), width, false);
     for (long b = 0; b < batch; ++b) std::memcpy(v.data() + b * width, bias, sizeof(float) * width);
     step_gemm(team.get(), batch, prev, n, wp, v.data(), width, true);
     for (long b = 0; b < batch; ++b) {
-      gru_forward_row(at + b * width, v.data() + b * width, prev + b * n, h + b * n, k + b * 4 * n, n);
+      const float* xwb = keep ? k + b * 4 * n : xw.data() + b * width;
+      gru_forward_row(xwb, bias_x, v.data() + b * width, prev + b * n, h + b * n, k + b * 4 * n, n);
       if (!V[t * batch + b]) std::memcpy(h + b * n, prev + b * n, sizeof(float) * n);  // padding holds h
     }
   }
@@ -745,6 +775,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
@@ -764,6 +795,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruForward, GruForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -76,13 +76,14 @@ def _unroll_whole(
 ):
     """[T, B, W] states, or with ``store`` (a gated cell) the pair (states, gate caches [T, B, CACHE N1])."""
     cell = cells.of(layer)
-    us = cell.project(layer, precision.rounded(xs, h0.dtype))  # [T, B, G N1], one matmul for all t
+    xs = precision.rounded(xs, h0.dtype)
+    if recurrence == "native" and cells.name_of(layer) != "elman":  # float32 on the CPU (kernels.resolve)
+        return native.forward(cells.name_of(layer), layer, xs, h0, valid, store)  # it forms X Wx + bx itself
+    us = cell.project(layer, xs)  # [T, B, G N1], one matmul for all t
     if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
-    if recurrence == "native":  # float32 on the CPU (kernels.resolve): one call per block
-        if cells.name_of(layer) == "elman":
-            return native.elman_forward(layer.w11, activation, us, h0, valid)
-        return native.forward(cells.name_of(layer), layer.wh, layer.bh, us, h0, valid, store)
+    if recurrence == "native":  # the Elman cell in float32 on the CPU: one call per block
+        return native.elman_forward(layer.w11, activation, us, h0, valid)
 
     # Without the gate cache, a gated cell's A(t) enters the loop one gate block per array and is
     # joined again inside the step (XLA folds each slice of the join back to its own block): measured

@@ -7,9 +7,12 @@ handlers: one call runs all C steps of a time block, per step one matmul (h(t-1)
 forward, dZ1(t) W11^T or dV(t) Wh^T in reverse; the file's own, with the recurrent weights packed
 once per call for all C steps, split over two threads from 2^23 multiply-adds per step where the
 process may use two cores) and one fused pass over the batch rows for f1 or the gate arithmetic,
-where XLA:CPU runs several separate operations per step. The input projection (X W1 + b1, A = X Wx
-+ bx), the gates' recomputation with gates="recompute", the weight-gradient sums and dX stay block
-matmuls in JAX, as in the scans.
+where XLA:CPU runs several separate operations per step. The gated cells' forward call also forms
+A = X Wx + bx itself: with the gates kept, for all C steps in one matmul into the gate cache's own
+buffer (no [C, B, G N1] array of pre-activations beside the cache), else step by step; the
+reverse call writes the LSTM's dA(t) over its gate cache (``input_output_aliases``). The Elman
+cell's projection (X W1 + b1), the gates' recomputation with gates="recompute", the
+weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
 own FFI headers; nothing else), into ``cache_dir()/native`` under a name that holds everything the
@@ -179,20 +182,26 @@ def elman_reverse(w11: Array, activation: str, hs: Array, dhs_above: Array, vali
     return tuple(call(hs, dhs_above, w11, _mask(valid, t_len, batch), dh0, activation=_activation_code(activation)))
 
 
-def forward(cell: str, wh: Array, bh: Array, a: Array, s0: Array, valid: Array | None, store: bool):
-    """The forward step loop of one layer of ``cell`` ("lstm" or "gru") over C steps, given A = X Wx
-    + bx [C, B, G N1] and the entering state s0 [B, W]: the states [C, B, W], and with ``store``
-    also the gate cache [C, B, 4 N1] (the cell's ``recur_cache``'s: the LSTM's [i | f | g | o], the
-    GRU's [r | z | n | V_n])."""
-    t_len, batch, width = a.shape
-    n1 = width // (4 if cell == "lstm" else 3)
+def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool):
+    """The forward step loop of one layer of ``cell`` ("lstm" or "gru") over C steps, given its
+    parameters ``layer`` (wx, wh, bx, bh), its input X [C, B, N_in] and the entering state s0 [B, W]:
+    the states [C, B, W], and with ``store`` also the gate cache [C, B, 4 N1] (the cell's
+    ``recur_cache``'s: the LSTM's [i | f | g | o], the GRU's [r | z | n | V_n]). The kernel forms
+    A(t) = X(t) Wx + bx itself (kept gates: for all C steps in one matmul, into the cache's own
+    buffer), so no [C, B, G N1] array of pre-activations sits beside the cache."""
+    t_len, batch, _ = xs.shape
+    n1 = layer.wh.shape[0]
     f32 = jnp.float32
     out = (
         jax.ShapeDtypeStruct((t_len, batch, s0.shape[-1]), f32),
         jax.ShapeDtypeStruct((t_len if store else 1, batch, 4 * n1), f32),  # one step's scratch otherwise
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "forward"][0], out, vmap_method="sequential")
-    ss, cache = call(a, wh, bh, s0, _mask(valid, t_len, batch))
+    mask = _mask(valid, t_len, batch)
+    if cell == "lstm":  # bx and bh add up: the kernel adds them once
+        ss, cache = call(xs, layer.wx, layer.wh, layer.bx + layer.bh, s0, mask)
+    else:
+        ss, cache = call(xs, layer.wx, layer.bx, layer.wh, layer.bh, s0, mask)
     return (ss, cache) if store else ss
 
 
@@ -221,7 +230,9 @@ def reverse(
             jax.ShapeDtypeStruct((batch, width), f32),
             jax.ShapeDtypeStruct((t_len, batch, 2), f32),
         )
-        call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out, vmap_method="sequential")
+        call = jax.ffi.ffi_call(
+            TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 0}
+        )  # dA overwrites the gates in place
         das, ds_m1, norms = call(dhs_above, cache, s_tm1s, ss, wh, valid, ds0)
         return das, das, ds_m1, norms
     g_shape = (t_len, batch, 3 * width)
