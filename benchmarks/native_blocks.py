@@ -95,7 +95,12 @@ def main(argv=None) -> str:
         "",
     ]
     for cell in args.cell or ["gru", "lstm"]:
-        lines += [f"## {cell}", "", "| (T, B, N, N1, M) | plan | ms | speed-up | temp MiB | max rel err |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"## {cell}",
+            "",
+            "| (T, B, N, N1, M) | plan | ms | speed-up | temp MiB | max rel err |",
+            "|---|---|---|---|---|---|",
+        ]
         geo: dict[str, list[float]] = {}
         for shape in shapes:
             r = bench(cell, shape, rounds, args.mid_elements)

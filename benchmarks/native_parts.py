@@ -69,9 +69,7 @@ def runners(cell: str, shape, threads: int) -> dict:
         return jax.jit(run)
 
     project = jax.jit(lambda x: mod.project(layer, x))
-    fwd = {
-        keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)
-    }
+    fwd = {keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)}
     ss, cache = fwd[True](xs)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
     rev = jax.jit(lambda c, g, pv, s: native.reverse(cell, layer.wh, c, g, pv, s, None, None))
