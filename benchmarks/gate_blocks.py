@@ -117,7 +117,10 @@ def bench_gates(cell_name, shape, rounds):
     params = bj.init_params(jax.random.key(0), spec)
     xs = jax.random.normal(jax.random.key(1), (t, b, n))
     targets = jax.random.randint(jax.random.key(2), (t, b), 0, n)
-    runs = {g: jax.jit(lambda p, x, d, g=g: bj.bptt(p, spec, x, d, gates=g)[:2]) for g in ("store", "recompute")}
+    runs = {
+        g: jax.jit(lambda p, x, d, g=g: bj.bptt(p, spec, x, d, gates=g, recurrence="scan")[:2])
+        for g in ("store", "recompute")
+    }
     out = {g: f(params, xs, targets) for g, f in runs.items()}
     err = _max_diff(out["store"], out["recompute"])
     if err > 1e-3:

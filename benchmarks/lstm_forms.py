@@ -144,7 +144,7 @@ def bench(shape, rounds: int) -> dict:
     for gates in ("store", "recompute"):
 
         def f(p, x, d, gates=gates):
-            return bj.bptt(p, spec, x, d, gates=gates)[:2]
+            return bj.bptt(p, spec, x, d, gates=gates, recurrence="scan")[:2]
 
         for name, functions in FORMS.items():
             with xla_options.rules_only(), swapped(functions):

@@ -156,9 +156,9 @@ def whole_call(cell, shape, rounds: int, threads: int):
     params = bj.init_params(jax.random.key(0), spec)
     xs = jax.random.normal(jax.random.key(1), (t, b, n), jnp.float32)
     targets = jax.random.randint(jax.random.key(2), (t, b), 0, m)
-    rules = plan.explicit(plan.Options(), spec, t, b, jnp.float32)
+    rules = plan.explicit(plan.Options(recurrence="scan"), spec, t, b, jnp.float32)  # the scans' rules
     fns = {
-        "bptt": lambda p, x, d: bj.bptt(p, spec, x, d)[:2],
+        "bptt": lambda p, x, d: bj.bptt(p, spec, x, d, recurrence="scan")[:2],
         "bptt native": lambda p, x, d: bj.bptt(
             p, spec, x, d, block_size=rules.block_size, gates=rules.gates, recurrence="native"
         )[:2],

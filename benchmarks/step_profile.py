@@ -132,7 +132,7 @@ def bench(cell: str, shape, rounds: int, threads: int) -> dict:
     s0 = jnp.zeros((b, w), jnp.float32)
 
     def layer_vjp(p, xs, ct):
-        states, pull = jax.vjp(lambda p, xs: rnn_states(p, spec, xs), p, xs)
+        states, pull = jax.vjp(lambda p, xs: rnn_states(p, spec, xs, recurrence="scan"), p, xs)
         return states, pull(ct)
 
     def fwd_loop(layer, xs, s0):

@@ -171,7 +171,7 @@ def _states_rules(params, spec, xs) -> plan.Plan:
     width = max(plan.block_width(spec), spec.hidden_sizes[-1])
     t, b = x.shape[:2]
     store = plan.resolve_gates(gates, spec, t, b, None, x.dtype)
-    c = vjp._block((gates, block, None), t, b, width, rec)
+    c = vjp._block(spec, (gates, block, None), t, b, width, rec)
     return plan.Plan(block=c, store=store, segment=None, unroll=unroll, recurrence=rec, with_dxs=True)
 
 

@@ -70,7 +70,7 @@ def bench(cell: str, shape, rounds: int, names: list[str]) -> dict:
     args = (params, xs, targets)
 
     def f(p, xs, d):
-        div, grads, _ = bj.bptt(p, spec, xs, d)
+        div, grads, _ = bj.bptt(p, spec, xs, d, recurrence="scan")
         return div, grads
 
     lowered = jax.jit(f).lower(*args)

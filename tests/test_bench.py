@@ -363,6 +363,18 @@ def test_native_parts_quick():
     assert len(rows) == 1 and len(rows[0]) == 10 and all(float(v) > 0 for v in rows[0][2:9]), rows
 
 
+def test_native_blocks_quick():
+    from bptt_jax.core import native
+
+    if native.unavailable() is not None:  # a machine without g++ skips
+        pytest.skip(native.unavailable())
+    mod = _load("native_blocks", "benchmarks/native_blocks.py")
+    report = mod.main(["--quick", "--rounds", "1", "--cell", "lstm"])  # raises where gradients differ
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6, 7)")]
+    assert [r[2].strip() for r in rows][:2] == ["scans, rules", "native, scan blocks"], rows
+    assert all(float(r[3]) > 0 for r in rows), rows
+
+
 def test_segment_gates_quick():
     mod = _load("segment_gates", "benchmarks/segment_gates.py")
     report = mod.main(["--quick", "--rounds", "1", "--cell", "lstm"])

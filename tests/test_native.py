@@ -183,50 +183,55 @@ def test_the_kernels_norms_equal_the_scans(name, bidirectional):
 
 @needs_kernel
 def test_tune_times_the_kernel_beside_the_scans():
-    """An LSTM in float32 on the CPU: the rules' plan and the whole-sequence block also run with the
-    kernel, measured second and third (the Elman cell's too); float64 and a fixed recurrence get none."""
+    """An LSTM in float32 on the CPU: the rules choose the kernel with the whole sequence as one
+    block (``plan.NATIVE_WHOLE_ELEMENTS``); tune times it first, the kernel in the scans' time blocks
+    next, and the scans' own plans (their rules' blocks among them) after; float64 and a fixed
+    recurrence get no kernel plan. The Elman cell's rules keep the scans, its kernel plans follow."""
     spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
     asked = plan.Options()
-    default = plan.explicit(asked, spec, T_LONG, 64, jnp.float32)  # the rules cut it into time blocks
-    args = (spec, T_LONG, 64)
 
     def candidates(asked, spec=spec, dtype=jnp.float32):
-        return tune._candidates(default, default, asked, spec, *args[1:], dtype, None, True, False)
+        default = plan.explicit(asked, spec, T_LONG, 64, dtype)
+        scans = tune._scans_plan(asked, default, spec, T_LONG, 64, dtype)
+        return tune._candidates(default, default, asked, spec, T_LONG, 64, dtype, None, True, False, scans=scans)
 
     cands = candidates(asked)
+    default = cands[0]
+    assert (default.recurrence, default.block_size, default.gates) == ("native", T_LONG, "store")
+    scans = plan.explicit(plan.Options(recurrence="scan"), spec, T_LONG, 64, jnp.float32)
+    assert scans.block_size < T_LONG and scans in cands  # the rules cut the scans' sequence into blocks
+    assert cands[1] == dataclasses.replace(scans, recurrence="native"), cands  # measured second
     natives = [o for o in cands if o.recurrence == "native"]
-    assert cands[0] == default and natives == cands[1:3], cands  # measured second and third
-    assert natives[0] == dataclasses.replace(default, recurrence="native") and default.block_size < T_LONG
-    assert (natives[1].block_size, natives[1].gates) == (T_LONG, "store")
-    assert all(dataclasses.replace(o, recurrence="scan") in cands for o in natives)
+    assert natives == cands[:2] and all(dataclasses.replace(o, recurrence="scan") in cands for o in natives)
     assert not any(o.recurrence == "native" for o in candidates(plan.Options(recurrence="scan")))
     assert not any(o.recurrence == "native" for o in candidates(asked, dtype=jnp.float64))
     elman = bj.RNNSpec(3, (4,), 2)
-    elman_default = plan.explicit(asked, elman, T_LONG, 64, jnp.float32)
-    elman_cands = tune._candidates(
-        elman_default, elman_default, asked, elman, T_LONG, 64, jnp.float32, None, True, False
-    )
+    elman_cands = candidates(asked, spec=elman)
     elman_natives = [o for o in elman_cands if o.recurrence == "native"]
-    assert elman_natives == elman_cands[1 : 1 + len(elman_natives)] and len(elman_natives) >= 1, elman_cands
-    assert elman_natives[0] == dataclasses.replace(elman_default, recurrence="native")
+    assert elman_cands[0].recurrence == "scan" and len(elman_natives) >= 1, elman_cands
+    assert elman_natives == elman_cands[1 : 1 + len(elman_natives)]
+    assert elman_natives[0] == dataclasses.replace(elman_cands[0], recurrence="native")
     gru = bj.RNNSpec(3, (4,), 2, cell="gru")
-    assert any(o.recurrence == "native" for o in candidates(asked, spec=gru))
+    assert candidates(asked, spec=gru)[0].recurrence == "native"
 
 
 def test_without_the_kernel_an_explicit_choice_says_why_and_auto_keeps_the_scans(monkeypatch):
     """The fallback: where the kernel cannot be built, recurrence="native" raises with the reason,
-    "auto" and tune keep the scans, and a cached "native" plan is not taken (the rules choose)."""
+    "auto" keeps the scans with a warning that says why, tune keeps the scans, and a cached
+    "native" plan is not taken (the rules choose)."""
     monkeypatch.setattr(native, "unavailable", lambda: "no C++ compiler (g++, or $CXX) on PATH")
     spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
     p = ref.make_problem(spec, 5, 2, seed=3)
     with pytest.raises(ValueError, match=r"recurrence='native': no C\+\+ compiler .* use recurrence='scan'"):
         bj.bptt(p.params, spec, p.xs, p.targets, recurrence="native")
-    assert kernels.resolve("auto", (4,), jnp.float32, cell="lstm") == "scan"
+    with pytest.warns(UserWarning, match=r"kernel cannot run \(no C\+\+ compiler .*\); the lstm runs its scans"):
+        assert kernels.resolve("auto", (4,), jnp.float32, cell="lstm") == "scan"
     tuned = {"block_size": 5, "gates": "store", "unroll": 1, "recurrence": "native"}
     filled = plan.fill_tuned(plan.Options(), tuned, spec, 5, 2, jnp.float32)
     assert filled.recurrence == "auto" and filled.block_size == 5
-    default = plan.explicit(plan.Options(), spec, 5, 2, jnp.float32)
-    cands = tune._candidates(default, default, plan.Options(), spec, 5, 2, jnp.float32, None, True, False)
+    with pytest.warns(UserWarning, match="runs its scans"):
+        default = plan.explicit(plan.Options(), spec, 5, 2, jnp.float32)
+        cands = tune._candidates(default, default, plan.Options(), spec, 5, 2, jnp.float32, None, True, False)
     assert all(o.recurrence == "scan" for o in cands)
 
 
@@ -261,9 +266,10 @@ def test_what_the_kernel_cannot_do_is_named(make, message):
 @needs_kernel
 def test_tune_under_a_budget_only_the_kernels_plans_meet(tmp_path, monkeypatch):
     """Under a budget that no scan plan meets but a kernel plan does, tune returns a kernel plan
-    (not "no plan fits"), bptt(max_memory=...) then runs it, and its gradient equals the scans'."""
+    (not "no plan fits"), bptt(max_memory=...) then runs it, and its gradient equals the scans'.
+    The Elman cell: its rules keep the scans (the gated cells' rules choose the kernel themselves)."""
     monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path))
-    spec = bj.RNNSpec(4, (8,), 4, cell="gru")
+    spec = bj.RNNSpec(4, (8,), 4)
     p = ref.make_problem(spec, 8, 2, seed=2)
     args = (p.params, p.xs, p.targets, None, None, None, None)
 

@@ -172,7 +172,8 @@ def loss(
         ``forward.GPU_UNROLL`` (8) on a GPU, as measured (docs/results/benchmarks.md).
       recurrence: "scan" (``lax.scan``), "pallas" (the fused kernels of ``bptt_jax.core.kernels``, one launch
         per layer and direction for all T; interpret mode on a CPU) or "auto" (the kernels on a GPU
-        where they apply, the scans elsewhere). An explicit "pallas" that cannot apply raises.
+        where they apply, the scans elsewhere: ``loss`` is differentiated by jax). An explicit
+        "pallas" that cannot apply raises.
         "native" (the cells' loops as a compiled CPU kernel, ``bptt_jax.core.native``) serves
         ``bptt``'s explicit BPTT; ``loss`` and ``forward`` run the scans with it (jax cannot
         differentiate the kernel), so that ``jax.grad`` of them still works.
@@ -254,8 +255,10 @@ def bptt(
         otherwise). ``aux.dh0`` and ``aux.h_last`` are always returned.
       recurrence: as ``loss``; with the Pallas kernels and no block_size the whole sequence is one
         block. "native": the layer's forward step loop and reverse recursion run as a compiled CPU
-        kernel (``bptt_jax.core.native``; float32), one call per block;
-        the rules never choose it, ``bptt_jax.tune`` times it and keeps it where it ran faster.
+        kernel (``bptt_jax.core.native``; float32), one call per block. "auto" runs it for the
+        GRU and the LSTM in float32 on the CPU where it can be built (``kernels.NATIVE_AUTO_CELLS``),
+        with the whole sequence as one block up to ``plan.NATIVE_WHOLE_ELEMENTS``; the Elman cell
+        keeps the scans (``bptt_jax.tune`` times its kernel and keeps it where it ran faster).
       gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
         step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))
         only and recomputes the gates per block with two block matmuls; "auto" stores while that

@@ -31,6 +31,7 @@ need); padded rows and columns carry zeros and are cut off again.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,13 @@ BATCH_TILE = 16  # rows of the batch per program
 # recurrence="pallas" selects them up to the on-chip budget regardless.
 GPU_AUTO = True
 AUTO_MAX_HIDDEN_GPU = 64
+# The cells whose explicit BPTT "auto" runs with the cells' compiled CPU kernel (``native``) where it
+# can run (float32 on the CPU, built): measured on a 2-core Xeon with AVX-512 (2026-12-05,
+# benchmarks/results/native_blocks_spr.md), the whole bptt call with the kernel and the whole
+# sequence as one block (``plan.NATIVE_WHOLE_ELEMENTS``) ran 1.14-1.35x the scans' default plan
+# at the gated benchmark shapes (LSTM; GRU 1.19-1.48x) and 1.0-1.2x at the one-example shape. The
+# Elman cell keeps its scans: its kernel ran 0.83-1.10x of them (XLA runs its step as a few operations).
+NATIVE_AUTO_CELLS = ("gru", "lstm")
 KERNEL_DTYPES_GPU = ("float32",)
 
 
@@ -120,11 +128,12 @@ def resolve(
     """ "scan", "pallas" or "native" for a requested ``recurrence``.
 
     "auto" picks the Pallas kernels on a GPU where they apply and were measured faster (float32,
-    every N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``) and the scans everywhere else; "pallas" on a
-    CPU runs them in interpret mode; "native" is the cells' compiled kernel (``native_reason``),
-    which "auto" never picks (``bptt_jax.tune`` times it); an explicit choice that cannot apply raises
+    every N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``), the cells' compiled kernel for the cells of
+    ``NATIVE_AUTO_CELLS`` where it can run (``native_reason``: float32 on the CPU, built; the first
+    such call builds it), and the scans everywhere else; "pallas" on a CPU runs the Pallas kernels
+    in interpret mode; "native" is the compiled kernel; an explicit choice that cannot apply raises
     ValueError. ``differentiable``: a path that ``jax.grad`` differentiates (``loss``, ``forward``,
-    grad="autodiff"), where "native" runs the scans (jax cannot differentiate the FFI call).
+    grad="autodiff"), where "native" and "auto" run the scans (jax cannot differentiate the FFI call).
     """
     check_recurrence(recurrence)
     backend = backend or jax.default_backend()
@@ -137,7 +146,13 @@ def resolve(
         if why is not None:
             raise ValueError(f"recurrence='native': {why}; use recurrence='scan' (or 'auto', which falls back)")
         return "native"
-    if cell != "elman":  # the kernels hold the Elman recurrence; gated cells run their scans
+    if recurrence == "auto" and cell in NATIVE_AUTO_CELLS and not differentiable and backend == "cpu":
+        why = native_reason(cell, dtype, backend)
+        if why is None:
+            return "native"
+        if jnp.dtype(dtype).name == "float32":  # it would have run: say once why it does not
+            warnings.warn(f"bptt_jax: the compiled kernel cannot run ({why}); the {cell} runs its scans", stacklevel=2)
+    if cell != "elman":  # the Pallas kernels hold the Elman recurrence; gated cells run their scans
         if recurrence == "pallas":
             raise ValueError(
                 f"recurrence='pallas': the kernels are the Elman cell's, got cell={cell!r}; use 'scan' or 'auto'"

@@ -51,6 +51,15 @@ GPU_BLOCK_ELEMENTS = 2**23
 # run"): storing ran up to 1.22x faster than recomputing at the larger benchmark shapes (0.97-1.22x),
 # for about 2-4x the temp memory (still about half of jax.grad's); above the cap memory comes first.
 STORE_ELEMENTS = 2**24
+# With the cells' compiled kernel (recurrence "native") the automatic block is the whole sequence
+# while a gated cell's [T, B, G N1] pre-activations hold at most NATIVE_WHOLE_ELEMENTS elements
+# (T * B * G * N1, the widest layer): measured on a 2-core Xeon with AVX-512 (2026-12-05,
+# benchmarks/results/native_blocks_spr.md), the whole sequence as one block ran 1.14-1.48x the
+# scans' default plan at the gated benchmark shapes (up to 2^23.6 such elements), the kernel in the
+# scans' cache-sized blocks 0.94-1.15x: each block's call repacks Wh and its blocks' stored gates
+# are copied into the sequence's; one call keeps them in place. Its temp memory is the larger:
+# 0.8-0.9x jax.grad's instead of 0.5x (the gates are kept for all T at once).
+NATIVE_WHOLE_ELEMENTS = 2**24
 GATES = ("auto", "store", "recompute")
 
 
@@ -209,6 +218,12 @@ def resolve_gates(
     return gates == "store"
 
 
+def native_whole(spec: RNNSpec, t_len: int, batch: int) -> bool:
+    """Whether the compiled kernel's automatic block is the whole sequence (``NATIVE_WHOLE_ELEMENTS``)."""
+    cell = cells.get(spec.cell)
+    return cell.CACHE > 0 and t_len * batch * cell.GATES * max(spec.hidden_sizes) <= NATIVE_WHOLE_ELEMENTS
+
+
 def block_width(spec: RNNSpec) -> int:
     """The widest per-step buffer of a block: G*N1 (a cell's gates; N1 for the Elman cell) or M."""
     return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
@@ -314,6 +329,13 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
     block_size = options.block_size
     if block_size is None and recurrence == "pallas":
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
+    if (
+        block_size is None
+        and recurrence == "native"
+        and not options.checkpoint_every
+        and native_whole(spec, t_len, batch)
+    ):
+        block_size = t_len
     if block_size is None:
         block_size = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
     return Plan(

@@ -152,14 +152,7 @@ def tune(
     t_len, batch = xs.shape[0], xs.shape[1]
     layers = jax.tree.leaves((params.layers, params.reverse_layers))
     dtype = jnp.dtype(spec.compute_dtype or jnp.result_type(xs.dtype, *(a.dtype for a in layers)))  # as _bptt
-    rules = plan.resolve(asked, spec, t_len, batch, dtype, use_cache=False)
-    default = dataclasses.replace(
-        asked,
-        block_size=rules.block,
-        gates="store" if rules.store else "recompute",
-        unroll=rules.unroll,
-        recurrence=rules.recurrence,
-    )
+    default = _explicit(asked, plan.resolve(asked, spec, t_len, batch, dtype, use_cache=False))
     args = (params, xs, targets, weights, lengths, h0, output_mask)
     limit = None if max_memory is None else budget.parse_memory(max_memory)
     segments_ok = output_mask is None
@@ -175,14 +168,18 @@ def tune(
         except ValueError:
             # no scan plan fits; the compiled kernel's plans need less (its loops keep no scan
             # buffers), and bptt(max_memory=...) runs one where a tuned entry names it: try them
-            if not (plan._left_auto(asked, "recurrence") and kernels.native_reason(spec.cell, dtype) is None):
+            auto = plan._left_auto(asked, "recurrence")
+            if default.recurrence == "native" or not (auto and kernels.native_reason(spec.cell, dtype) is None):
                 raise
             native = dataclasses.replace(default, recurrence="native")
             default = budget.choose(native, spec, t_len, batch, dtype, limit, segments_ok, temp_of)
     else:
         unbudgeted = default
 
-    candidates = _candidates(default, unbudgeted, asked, spec, t_len, batch, dtype, limit, segments_ok, False)
+    scans = _scans_plan(asked, unbudgeted, spec, t_len, batch, dtype)
+    candidates = _candidates(
+        default, unbudgeted, asked, spec, t_len, batch, dtype, limit, segments_ok, False, scans=scans
+    )
 
     build = lambda o: functools.partial(gradient._bptt, spec=spec, options=o)  # noqa: E731
     best, measured = _search(default, candidates, build, args, asked, limit, time_budget, rounds, progress, start)
@@ -192,6 +189,21 @@ def tune(
             gradient._compiled.cache_clear()  # later calls trace again and read the entry
             gradient._within_budget.cache_clear()
     return plan.resolve(best, spec, t_len, batch, dtype, use_cache=False)
+
+
+def _explicit(asked: plan.Options, p: plan.Plan) -> plan.Options:
+    """``asked`` with the choices of the resolved plan ``p`` written out."""
+    gates = "store" if p.store else "recompute"
+    return dataclasses.replace(asked, block_size=p.block, gates=gates, unroll=p.unroll, recurrence=p.recurrence)
+
+
+def _scans_plan(asked: plan.Options, rules: plan.Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> plan.Options:
+    """The scans' own rules plan where the rules chose the compiled kernel for a recurrence left to
+    "auto" (the scan plans ``tune`` times beside the kernel's are found around it); else ``rules``."""
+    if rules.recurrence != "native" or not plan._left_auto(asked, "recurrence"):
+        return rules
+    scan = dataclasses.replace(asked, recurrence="scan")
+    return _explicit(asked, plan.resolve(scan, spec, t_len, batch, dtype, use_cache=False))
 
 
 def _candidates(
@@ -205,24 +217,27 @@ def _candidates(
     limit: int | None,
     segments_ok: bool,
     divisors_only: bool,
+    scans: plan.Options | None = None,
 ) -> list[plan.Options]:
-    """The plans to time, ``default`` first: ``unbudgeted`` with the time blocks of
-    ``candidate_blocks`` and (a gated cell without segments, not in 16 bits) the gates stored or
-    recomputed, for the choices ``asked`` left open; under a budget also ``budget.candidates``, and
-    only plans whose shape-read lower bound fits. Where the cells' compiled kernel can run
-    (``kernels.native_reason``) and ``asked`` leaves recurrence open, also ``default`` and the
-    whole-sequence block (a gated cell's with the gates stored) with recurrence="native", where those
-    are candidates.
+    """The plans to time, ``default`` first: ``scans`` (the scans' rules plan where the rules chose
+    the compiled kernel; otherwise ``unbudgeted``) with the time blocks of ``candidate_blocks`` and (a
+    gated cell without segments, not in 16 bits) the gates stored or recomputed, for the choices
+    ``asked`` left open; under a budget also ``budget.candidates`` of ``unbudgeted`` (and of
+    ``scans``), and only plans whose shape-read lower bound fits. Where the cells' compiled kernel
+    can run (``kernels.native_reason``) and ``asked`` leaves recurrence open, also the scans' first
+    plan and the whole-sequence block (a gated cell's with the gates stored) with
+    recurrence="native", where those are candidates, timed right after ``default``.
     ``divisors_only``: blocks and segments dividing T (the arguments are timed unpadded:
     ``rnn_states``' case)."""
     divides = lambda k: not divisors_only or t_len % k == 0  # noqa: E731
+    scans = unbudgeted if scans is None else scans
     gate_choices = ["recompute"]
     if cells.get(spec.cell).CACHE > 0 and asked.checkpoint_every is None and not precision.is_half(dtype):
         gate_choices = ["store", "recompute"]
     out = [default]
-    for c in candidate_blocks(t_len, batch, unbudgeted.block_size or t_len):
+    for c in candidate_blocks(t_len, batch, scans.block_size or t_len):
         for g in gate_choices if divides(c) else ():
-            o = unbudgeted
+            o = scans
             if plan._left_auto(asked, "block_size"):
                 o = dataclasses.replace(o, block_size=c)
             if plan._left_auto(asked, "gates"):
@@ -230,20 +245,24 @@ def _candidates(
             if o not in out:
                 out.append(o)
     if limit is not None:
-        more = budget.candidates(unbudgeted, spec, t_len, batch, segments_ok and asked.checkpoint_every is None)
+        ok = segments_ok and asked.checkpoint_every is None
+        more = budget.candidates(unbudgeted, spec, t_len, batch, ok)
+        more += budget.candidates(scans, spec, t_len, batch, ok) if scans != unbudgeted else []
         out += [
             o
-            for o in more
+            for o in dict.fromkeys(more)
             if o not in out and (o.checkpoint_every is None or divides(plan.segment_levels(o.checkpoint_every)[0]))
         ]
         out = [o for o in out if budget.stored_bytes(o, spec, t_len, batch, dtype) <= limit]
     if plan._left_auto(asked, "recurrence") and kernels.native_reason(spec.cell, dtype) is None:
-        # the compiled kernel in the plans it ran fastest in (benchmarks/native_lstm.py: the rules'
-        # blocks and the whole sequence as one block with the gates stored; the scans' buffers, the same
-        # memory bound), timed second and third so that a short time budget still measures them
-        whole = dataclasses.replace(out[0], block_size=t_len, gates=gate_choices[0])  # gated: stored
-        native = [dataclasses.replace(o, recurrence="native") for o in (out[0], whole) if o in out]
-        out = out[:1] + list(dict.fromkeys(native)) + out[1:]
+        # the compiled kernel in the plans it ran fastest in (benchmarks/native_blocks.py: the whole
+        # sequence as one block with the gates stored, and the scans' blocks), timed right after the
+        # default so that a short time budget still measures them
+        first = scans if scans in out else out[0]  # the scans' rules plan (default where it fits a budget)
+        whole = dataclasses.replace(first, block_size=t_len, gates=gate_choices[0])  # gated: stored
+        native = [dataclasses.replace(o, recurrence="native") for o in (first, whole) if o in out]
+        out = out[:1] + [o for o in dict.fromkeys(native) if o != out[0]] + out[1:]
+        out = list(dict.fromkeys(out))
     return out
 
 
@@ -412,7 +431,7 @@ def tune_states(
     store = plan.resolve_gates(layout[0], spec, t_len, batch, layout[2], dtype)
     default = dataclasses.replace(
         asked,
-        block_size=vjp._block(layout, t_len, batch, width, rules_rec),
+        block_size=vjp._block(spec, layout, t_len, batch, width, rules_rec),
         gates="store" if store else "recompute",
         unroll=rules_unroll,
         recurrence=rules_rec,
@@ -427,7 +446,16 @@ def tune_states(
         )
         default = dataclasses.replace(default, gates=gates_b, block_size=block_b, checkpoint_every=every_b)
 
-    candidates = _candidates(default, unbudgeted, asked, spec, t_len, batch, dtype, limit, True, True)
+    scans = unbudgeted
+    if rules_rec == "native" and plan._left_auto(asked, "recurrence"):  # the rules chose the kernel
+        scan_gates = "store" if plan.resolve_gates(layout[0], spec, t_len, batch, layout[2], dtype) else "recompute"
+        scans = dataclasses.replace(
+            unbudgeted,
+            block_size=vjp._block(spec, layout, t_len, batch, width, "scan"),
+            gates=scan_gates,
+            recurrence="scan",
+        )
+    candidates = _candidates(default, unbudgeted, asked, spec, t_len, batch, dtype, limit, True, True, scans=scans)
 
     def build(o: plan.Options):
         rec = kernels.resolve(o.recurrence, spec.hidden_sizes, dtype, cell=spec.cell)

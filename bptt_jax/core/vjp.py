@@ -26,6 +26,7 @@ from bptt_jax.core.plan import (
     auto_block_size,
     block_width,
     fill_tuned,
+    native_whole,
     resolve_gates,
     segment_levels,
     tuned_entry,
@@ -66,14 +67,18 @@ def _segmented(spec, unroll, recurrence, every, params, xs, h0, lengths):
 def _states(spec, unroll, recurrence, layout, params, xs, h0, lengths):
     if layout[2] is not None and not spec.bidirectional:
         return _segmented(spec, unroll, recurrence, layout[2], params, xs, h0, lengths)[:2]
-    c = _block(layout, xs.shape[0], xs.shape[1], block_width(spec), recurrence)  # as _states_fwd
+    c = _block(spec, layout, xs.shape[0], xs.shape[1], block_width(spec), recurrence)  # as _states_fwd
     return _plain(spec, unroll, recurrence, params, xs, h0, lengths, block_size=c)[:2]
 
 
-def _block(layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -> int:
-    """The backward's time block C for ``layout`` = (gates, block_size) as asked: None resolves by
-    ``auto_block_size`` (``width``: the widest per-step buffer); C must divide T (the residual
-    states are not padded), so a C that does not becomes the whole sequence, as with the kernels."""
+def _block(spec: RNNSpec, layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -> int:
+    """The backward's time block C for ``layout`` = (gates, block_size, segments) as asked: None
+    resolves by ``auto_block_size`` (``width``: the widest per-step buffer), or with the compiled
+    kernel and no segments to the whole sequence where ``plan.native_whole`` says so (as ``bptt``'s
+    plan); C must divide T (the residual states are not padded), so a C that does not becomes the
+    whole sequence, as with the kernels."""
+    if layout[1] is None and recurrence == "native" and layout[2] is None and native_whole(spec, t_len, batch):
+        return t_len
     c = layout[1] or auto_block_size(t_len, batch, width)
     return t_len if recurrence == "pallas" or t_len % c else c
 
@@ -81,7 +86,7 @@ def _block(layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -
 def _states_fwd(spec, unroll, recurrence, layout, params, xs, h0, lengths):
     # The forward projects X(t) W1 by the backward's time blocks: a whole-sequence projection (and a
     # gated cell's per-gate slices of it) would be the largest temp buffer of the call.
-    c = _block(layout, xs.shape[0], xs.shape[1], block_width(spec), recurrence)
+    c = _block(spec, layout, xs.shape[0], xs.shape[1], block_width(spec), recurrence)
     if layout[2] is not None and spec.bidirectional:  # segments: the backward finds its boundaries
         merged, last, _ = _plain(spec, unroll, recurrence, params, xs, h0, lengths, block_size=c)
         return (merged, last), (params, xs, h0, lengths, None)
@@ -101,7 +106,7 @@ def _states_bwd(spec, unroll, recurrence, layout, residuals, cts):
     cparams, ch0 = precision.to_compute(spec.compute_dtype, (params, h0))
     ct, ct_last = cts  # ct_last: symbolic zeros arrive as zero arrays
     t_len, batch = ct.shape[:2]
-    c = _block(layout, t_len, batch, max(block_width(spec), ct.shape[-1]), recurrence)
+    c = _block(spec, layout, t_len, batch, max(block_width(spec), ct.shape[-1]), recurrence)
     p = Plan(block=c, store=False, segment=layout[2], unroll=unroll, recurrence=recurrence, with_dxs=True)
     ds_last = tuple(a.astype(precision.accumulation(a.dtype)) for a in ct_last)
     if layout[2] is not None and spec.bidirectional:  # the top's gradient from outside (ct) in the
@@ -320,7 +325,7 @@ def _within_budget(spec: RNNSpec, unroll: int, rec: str, layout: tuple, limit: i
     dtype = jnp.dtype(spec.compute_dtype or xs.dtype)
     top = jax.eval_shape(lambda p, x, h, n: _plain(spec, unroll, rec, p, x, h, n)[0], params, xs, h0, lengths)
     store = resolve_gates(layout[0], spec, t_len, batch, layout[2], dtype)
-    c = _block(layout, t_len, batch, max(block_width(spec), top.shape[-1]), rec)
+    c = _block(spec, layout, t_len, batch, max(block_width(spec), top.shape[-1]), rec)
     first = Options(block_size=c, gates="store" if store else "recompute", checkpoint_every=layout[2])
 
     def measure(o: Options) -> int:  # on the shapes the plan runs: padded to its outer segment level
