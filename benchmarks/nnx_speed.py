@@ -13,8 +13,9 @@ batches in one process, a fresh random order each round; steps/s is the median o
 loss after the same steps is reported beside it: a switched model trains as Flax's, so the two
 agree to float32 rounding. Our layer runs with its defaults, with the gated cells' gates
 recomputed, with checkpoint segments, under a memory budget (``max_memory`` of each layer's own
-forward + backward program: the plan the layer picks to fit it), with the gated cells' compiled
-kernel (``recurrence="native"``, where it builds), and tuned (each layer's ``tune``
+forward + backward program: the plan the layer picks to fit it), with the scans where the defaults
+run the gated cells' compiled kernel (``recurrence="scan"``, with and without the gates
+recomputed: the defaults before the kernel was the rule), and tuned (each layer's ``tune``
 on its own input first, in a plan cache of its own: a temporary ``BPTT_JAX_CACHE_DIR``).
 """
 
@@ -88,7 +89,7 @@ def contender(cell, sizes, flax_cells, prepare=None, **layer_options):
 
 OURS, FLAX = "bptt_jax.layers.nnx.RNN", "nnx.RNN + Flax cell"
 LEAN = "bptt_jax.layers.nnx.RNN, gates='recompute'"  # the gated cells' lean layout (rnn_states' gates)
-NATIVE = "bptt_jax.layers.nnx.RNN, recurrence='native'"
+SCANS = "bptt_jax.layers.nnx.RNN, recurrence='scan'"
 
 
 def tune_layers(ids, seconds: float):
@@ -205,10 +206,10 @@ def _run(args, cells, sizes, batches, rounds, steps, lines) -> str:
         contenders[f"{OURS}, tuned ({args.tune_budget:g} s per layer)"] = tuned
         if cell != "elman":  # the Elman cell has no gates to recompute
             contenders[LEAN] = contender(cell, sizes, False, gates="recompute")
-            if native_reason(cell, jnp.float32) is None:  # the gated cells' compiled kernel, where it builds
-                contenders[NATIVE] = contender(cell, sizes, False, recurrence="native")
-                contenders[f"{NATIVE}, gates='recompute'"] = contender(
-                    cell, sizes, False, recurrence="native", gates="recompute"
+            if native_reason(cell, jnp.float32) is None:  # the defaults run the compiled kernel: the scans beside it
+                contenders[SCANS] = contender(cell, sizes, False, recurrence="scan")
+                contenders[f"{SCANS}, gates='recompute'"] = contender(
+                    cell, sizes, False, recurrence="scan", gates="recompute"
                 )
         k = segment_length(sizes["T"])
         contenders[f"{OURS}, checkpoint_every={k}"] = contender(cell, sizes, False, checkpoint_every=k)

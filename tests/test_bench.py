@@ -148,7 +148,7 @@ def test_nnx_speed_quick(tmp_path, monkeypatch):
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| elman", "| lstm"))]
     seg, budget = f"{mod.OURS}, checkpoint_every=2", f"{mod.OURS}, max_memory=64KiB"
     tuned = f"{mod.OURS}, tuned (0.5 s per layer)"  # --quick: tune gets half a second per layer
-    kernel = [mod.NATIVE, f"{mod.NATIVE}, gates='recompute'"] if mod.native_reason("lstm", "float32") is None else []
+    kernel = [mod.SCANS, f"{mod.SCANS}, gates='recompute'"] if mod.native_reason("lstm", "float32") is None else []
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("elman", mod.OURS),
         ("elman", tuned),
@@ -178,13 +178,13 @@ def test_eqx_speed_quick():
     report = mod.main(["--quick"])
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| gru", "| lstm"))]
     kernel = (
-        [f"{mod.BATCH}, recurrence='native'", f"{mod.LEAN}, recurrence='native'"]
+        [f"{mod.BATCH}, recurrence='scan'", f"{mod.LEAN}, recurrence='scan'"]
         if mod.native_reason("gru", "float32") is None
         else []
     )
     names = (mod.OURS, mod.BATCH, mod.LEAN, f"{mod.BATCH}, checkpoint_every=2", *kernel, mod.EQX)
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [(cell, name) for cell in ("gru", "lstm") for name in names]
-    # the same Equinox cells, switched by from_eqx_cell (vmapped, called once, segments, the kernel): the same loss
+    # the same Equinox cells, switched by from_eqx_cell (vmapped, called once, segments, the scans): the same loss
     for i in (0, len(names)):
         losses = [float(rows[j][-2]) for j in range(i, i + len(names))]
         assert max(losses) - min(losses) < 1e-4, losses
