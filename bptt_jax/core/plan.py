@@ -54,11 +54,13 @@ STORE_ELEMENTS = 2**24
 # With the cells' compiled kernel (recurrence "native") the automatic block is the whole sequence
 # while a gated cell's [T, B, G N1] pre-activations hold at most NATIVE_WHOLE_ELEMENTS elements
 # (T * B * G * N1, the widest layer): measured on a 2-core Xeon with AVX-512 (2026-12-05,
-# benchmarks/results/native_blocks_spr.md), the whole sequence as one block ran 1.14-1.48x the
-# scans' default plan at the gated benchmark shapes (up to 2^23.6 such elements), the kernel in the
-# scans' cache-sized blocks 0.94-1.15x: each block's call repacks Wh and its blocks' stored gates
-# are copied into the sequence's; one call keeps them in place. Its temp memory is the larger:
-# 0.8-0.9x jax.grad's instead of 0.5x (the gates are kept for all T at once).
+# benchmarks/results/native_blocks_spr.md), the whole sequence as one block, the gates kept, ran
+# 1.10-1.43x the scans' default plan at the gated benchmark shapes (up to 2^23.6 such elements;
+# geometric means GRU 1.24x, LSTM 1.26x), the kernel in the scans' cache-sized blocks 0.95-1.31x:
+# each block's call repacks Wh and the blocks' stored gates are copied into the sequence's; one
+# call keeps them in place. Its temp memory is the larger: 1.3-2.4x the scans' (the gates' gradients
+# are kept for all T at once: the LSTM's 0.84x jax.grad's, the GRU's up to 1.22x). With the gates
+# recomputed the scans' blocks stay (one block would recompute every gate at once).
 NATIVE_WHOLE_ELEMENTS = 2**24
 GATES = ("auto", "store", "recompute")
 
@@ -218,10 +220,13 @@ def resolve_gates(
     return gates == "store"
 
 
-def native_whole(spec: RNNSpec, t_len: int, batch: int) -> bool:
-    """Whether the compiled kernel's automatic block is the whole sequence (``NATIVE_WHOLE_ELEMENTS``)."""
+def native_whole(spec: RNNSpec, t_len: int, batch: int, store: bool) -> bool:
+    """Whether the compiled kernel's automatic block is the whole sequence: a gated cell whose gates
+    are kept (``store``; recomputed, they are recomputed block by block, and one block would hold
+    them all at once), up to ``NATIVE_WHOLE_ELEMENTS``."""
     cell = cells.get(spec.cell)
-    return cell.CACHE > 0 and t_len * batch * cell.GATES * max(spec.hidden_sizes) <= NATIVE_WHOLE_ELEMENTS
+    fits = t_len * batch * cell.GATES * max(spec.hidden_sizes) <= NATIVE_WHOLE_ELEMENTS
+    return store and cell.CACHE > 0 and fits
 
 
 def block_width(spec: RNNSpec) -> int:
@@ -329,18 +334,14 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
     block_size = options.block_size
     if block_size is None and recurrence == "pallas":
         block_size = t_len  # the kernels run all T steps in one launch; blocks are for CPU caches
-    if (
-        block_size is None
-        and recurrence == "native"
-        and not options.checkpoint_every
-        and native_whole(spec, t_len, batch)
-    ):
-        block_size = t_len
+    store = resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every, dtype)
+    if block_size is None and recurrence == "native" and native_whole(spec, t_len, batch, store):
+        block_size = t_len  # (store: no checkpoint segments)
     if block_size is None:
         block_size = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
     return Plan(
         block=min(block_size, t_len),
-        store=resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every, dtype),
+        store=store,
         segment=options.checkpoint_every,
         unroll=forward.resolve_unroll(options.unroll),
         recurrence=recurrence,

@@ -74,11 +74,13 @@ def _states(spec, unroll, recurrence, layout, params, xs, h0, lengths):
 def _block(spec: RNNSpec, layout: tuple, t_len: int, batch: int, width: int, recurrence: str) -> int:
     """The backward's time block C for ``layout`` = (gates, block_size, segments) as asked: None
     resolves by ``auto_block_size`` (``width``: the widest per-step buffer), or with the compiled
-    kernel and no segments to the whole sequence where ``plan.native_whole`` says so (as ``bptt``'s
-    plan); C must divide T (the residual states are not padded), so a C that does not becomes the
-    whole sequence, as with the kernels."""
-    if layout[1] is None and recurrence == "native" and layout[2] is None and native_whole(spec, t_len, batch):
-        return t_len
+    kernel and the gates kept to the whole sequence where ``plan.native_whole`` says so (as
+    ``bptt``'s plan); C must divide T (the residual states are not padded), so a C that does not
+    becomes the whole sequence, as with the kernels."""
+    if layout[1] is None and recurrence == "native":  # float32 (kernels.resolve)
+        store = resolve_gates(layout[0], spec, t_len, batch, layout[2], jnp.float32)
+        if native_whole(spec, t_len, batch, store):
+            return t_len
     c = layout[1] or auto_block_size(t_len, batch, width)
     return t_len if recurrence == "pallas" or t_len % c else c
 
