@@ -320,6 +320,27 @@ def test_the_layers_with_the_kernel_equal_their_scans(name):
     assert ref.max_rel_err(dict(grads["native"]), dict(grads["scan"])) < 1e-5
 
 
+@needs_kernel
+def test_auto_runs_the_kernel_on_a_batch_and_the_scans_per_sequence():
+    """The Equinox layer's defaults: its batch call runs the compiled kernel (the gated cells'
+    rule), a one-sequence call under jax.vmap (gates recomputed: rnn_states) runs the scans, since
+    jax.vmap would run the kernel once per sequence; both give the scans' gradient."""
+    import equinox as eqx
+
+    from bptt_jax.layers import equinox as beqx
+
+    xs = jax.random.normal(jax.random.key(2), (3, 6, 4))
+    auto = beqx.RNN(4, 5, cell="lstm", gates="recompute", key=jax.random.key(1))
+    scans = beqx.RNN(4, 5, cell="lstm", gates="recompute", recurrence="scan", key=jax.random.key(1))
+    batch = lambda m: jnp.sum(jnp.sin(m(xs)))  # noqa: E731
+    mapped = lambda m: jnp.sum(jnp.sin(jax.vmap(m)(xs)))  # noqa: E731
+    for loss, kernel in ((batch, True), (mapped, False)):
+        program = str(jax.make_jaxpr(eqx.filter_grad(loss))(auto))
+        assert ("bptt_jax_lstm_forward" in program) == kernel, (loss, kernel)
+        got, want = (eqx.filter_grad(loss)(m) for m in (auto, scans))
+        assert ref.max_rel_err(got.layer, want.layer) < 1e-5
+
+
 def test_the_layers_name_a_recurrence_they_do_not_know():
     from flax import nnx
 

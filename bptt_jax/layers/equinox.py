@@ -127,7 +127,9 @@ class RNN(eqx.Module):
         dA(t) and dV(t) of the whole sequence to matmuls outside its custom VJP
         (``core.sequence``; benchmarks/results/eqx_speed.md). A one-sequence call with
         ``gates="recompute"``, ``checkpoint_every``, ``max_memory`` or the kernels runs ``rnn_states`` instead
-        (its weight gradients per sequence under ``jax.vmap``)."""
+        (its weight gradients per sequence under ``jax.vmap``), with the scans where ``recurrence``
+        is "auto" (the batch call's rules run the compiled kernel, which ``jax.vmap`` would run once
+        per sequence)."""
         params, x, h0, lengths, batch = self._arguments(xs, h0, length)
         n1 = self.spec.hidden_sizes[0]
         if not batch and self._per_sequence():  # one sequence (under jax.vmap: each of a batch)
@@ -138,8 +140,9 @@ class RNN(eqx.Module):
                 params.layers[0], self.spec.activation, x, h0_in[0], valid, unroll=unroll
             )
             last = self.spec.public_states((s_last,))
-        else:
-            states, last = self._batch_call(params, x, h0, lengths)
+        else:  # "auto" on one sequence: the scans (under jax.vmap the kernel would run once per sequence)
+            recurrence = "scan" if not batch and self.recurrence == "auto" else self.recurrence
+            states, last = self._batch_call(params, x, h0, lengths, recurrence)
         hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
         if not return_last:
             return hs
@@ -160,7 +163,7 @@ class RNN(eqx.Module):
             and self.spec.compute_dtype is None
         )
 
-    def _batch_call(self, params, x, h0, lengths):
+    def _batch_call(self, params, x, h0, lengths, recurrence):
         return rnn_states(
             params,
             self.spec,
@@ -168,7 +171,7 @@ class RNN(eqx.Module):
             h0=h0,
             lengths=lengths,
             unroll=self.unroll,
-            recurrence=self.recurrence,
+            recurrence=recurrence,
             return_last=True,
             grad=self.grad,
             gates=self.gates,
