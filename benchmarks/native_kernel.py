@@ -63,12 +63,12 @@ def kernel_forward(cell, layer, xs, s0, valid=None):
     return native.forward(cell, layer, xs, s0, valid, store=True)  # it forms X Wx + bx itself
 
 
-def kernel_reverse(cell, layer, dhs_above, gates, s_tm1s, ss, valid=None, ds_init=None):
+def kernel_reverse(cell, layer, dhs_above, gates, s_in, ss, valid=None, ds_init=None):
     """(dA [T, B, G N1], dV [T, B, G N1], ds(-1) [B, W]) by the kernel (the Elman cell's dA = dV = dZ1)."""
     if cell == "elman":
         dz, dh_m1, _ = native.elman_reverse(layer.w11, "tanh", ss, dhs_above, valid, ds_init)
         return dz, dz, dh_m1
-    return native.reverse(cell, layer.wh, dhs_above, gates, s_tm1s, ss, valid, ds_init)[:3]
+    return native.reverse(cell, layer.wh, dhs_above, gates, s_in, ss, valid, ds_init)[:3]
 
 
 def check_lengths(cell: str) -> float:
@@ -90,7 +90,7 @@ def check_lengths(cell: str) -> float:
         prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
         scan = mod.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates)[:3]
         kss, kgates = kernel_forward(cell, layer, xs, s0, valid)
-        return (ss, *scan), (kss, *kernel_reverse(cell, layer, above, kgates, prev, kss, valid, ds_init))
+        return (ss, *scan), (kss, *kernel_reverse(cell, layer, above, kgates, s0, kss, valid, ds_init))
 
     scan, kernel = jax.jit(both)(layer, xs, s0, above, ds_init)
     err = bptt_speed.max_rel_err(kernel, scan)
@@ -121,7 +121,7 @@ def contenders(cell, shape):
         return mod.reverse(layer, "tanh", xs, prev(ss), ss, above, None, None, with_norms=False, cache=gates)[:3]
 
     def native_reverse(layer, xs, ss, gates, above):
-        return kernel_reverse(cell, layer, above, gates, prev(ss), ss)
+        return kernel_reverse(cell, layer, above, gates, s0, ss)
 
     def scan_layer(layer, xs, above):
         ss, gates = scan_forward(layer, xs)
@@ -132,7 +132,7 @@ def contenders(cell, shape):
 
     def native_layer(layer, xs, above):
         ss, gates = kernel_forward(cell, layer, xs, s0)
-        das, dvs, ds0 = kernel_reverse(cell, layer, above, gates, prev(ss), ss)
+        das, dvs, ds0 = kernel_reverse(cell, layer, above, gates, s0, ss)
         return ss, mod.weight_grads(layer, xs, prev(ss), das, dvs), ds0, mod.input_grad(layer, das)
 
     ss, gates = jax.jit(scan_forward)(layer, xs)

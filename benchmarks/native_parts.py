@@ -72,8 +72,8 @@ def runners(cell: str, shape, threads: int) -> dict:
     fwd = {keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)}
     ss, cache = fwd[True](xs)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
-    rev = jax.jit(lambda c, g, pv, s: native.reverse(cell, layer.wh, c, g, pv, s, None, None))
-    das, dvs, _, _ = rev(ct, cache, prev, ss)
+    rev = jax.jit(lambda c, g, s: native.reverse(cell, layer.wh, c, g, s0, s, None, None))
+    das, dvs, _, _ = rev(ct, cache, ss)
     bulk = jax.jit(lambda x, pv, da, dv: (mod.weight_grads(layer, x, pv, da, dv), mod.input_grad(layer, da)))
     scans, kernel = layer_vjp("scan"), layer_vjp("native")
     out = {
@@ -81,7 +81,7 @@ def runners(cell: str, shape, threads: int) -> dict:
         "layer kernel": lambda: jax.block_until_ready(kernel(params, xs)),
         "kernel forward": lambda: jax.block_until_ready(fwd[True](xs)),
         "... no cache": lambda: jax.block_until_ready(fwd[False](xs)),
-        "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, prev, ss)),
+        "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, ss)),
         "projection": lambda: jax.block_until_ready(project(xs)),
         "weight grads, dX": lambda: jax.block_until_ready(bulk(xs, prev, das, dvs)),
     }

@@ -90,7 +90,7 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     das, dvs, ds_m1, norms = cell.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
     kss, kgates = native.forward(name, layer, xs, s0, valid, store=True)
     kss_only = native.forward(name, layer, xs, s0, valid, store=False)
-    kdas, kdvs, kds_m1, knorms = native.reverse(name, layer.wh, above, kgates, prev, kss, valid, ds_init)
+    kdas, kdvs, kds_m1, knorms = native.reverse(name, layer.wh, above, kgates, s0, kss, valid, ds_init)
     wide = n1 > 100  # sums of up to 4 N1 float32 products, in another order than XLA's
     close = functools.partial(np.testing.assert_allclose, rtol=1e-4 if wide else 1e-5, atol=1e-5 if wide else 1e-6)
     close(kss, ss)

@@ -145,7 +145,7 @@ def cell_backward(
         name = cells.name_of(layer)
         if cache is None:  # gates="recompute": the gate cache from A(t) and s(t-1), two block matmuls
             cache = (lstm.gate_cache if name == "lstm" else gru.gate_cache)(layer, xs, s_tm1s)
-        das, dvs, ds_m1, norms = native.reverse(name, layer.wh, dhs_above, cache, s_tm1s, ss, valid, ds_init)
+        das, dvs, ds_m1, norms = native.reverse(name, layer.wh, dhs_above, cache, s_in, ss, valid, ds_init)
         norms = norms if plan.with_norms else None
     else:
         das, dvs, ds_m1, norms = cell.reverse(

@@ -402,13 +402,14 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
   return ffi::Error::Success();
 }
 
-// dhs [C, B, N] (the gradient reaching h(t) from outside), gates [C, B, 4N], s_prev [C, B, 2N]
-// (s(t-1)), ss [C, B, 2N] (s(t)), wh [N, 4N], valid [C, B], ds_init [B, 2N]
+// dhs [C, B, N] (the gradient reaching h(t) from outside), gates [C, B, 4N], s0 [B, 2N] (the state
+// entering the first step; s(t-1) is read from ss for t > 0), ss [C, B, 2N] (s(t)), wh [N, 4N],
+// valid [C, B], ds_init [B, 2N]
 //   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)), norms [C, B, 2]
 //      (||dDIV/dh(t)||, ||dDIV/dc(t)||: c(t)'s total gradient, the carry's where a step is padding).
 //      dgs may be the gates' own buffer (native.py aliases them): a row's gates are read before its
 //      dG is written, and no later step reads them.
-ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s_prev,
+ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s0,
                            ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
                            ffi::Buffer<ffi::F32> ds_init, ffi::ResultBuffer<ffi::F32> dgs,
                            ffi::ResultBuffer<ffi::F32> ds_m1, ffi::ResultBuffer<ffi::F32> norms) {
@@ -417,7 +418,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   const long steps = d[0], batch = d[1], width = d[2], n = width / 4, sw = 2 * n;
   const size_t states = static_cast<size_t>(steps * batch * sw);
   if (auto e = check_dims(dhs.element_count() == static_cast<size_t>(steps * batch * n) &&
-                              s_prev.element_count() == states && ss.element_count() == states &&
+                              s0.element_count() == static_cast<size_t>(batch * sw) && ss.element_count() == states &&
                               wh.element_count() == static_cast<size_t>(n * width) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
                               ds_init.element_count() == static_cast<size_t>(batch * sw) &&
@@ -427,7 +428,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
     return e;
   const float* DH = dhs.typed_data();
   const float* G = gates.typed_data();
-  const float* SP = s_prev.typed_data();
+  const float* S0 = s0.typed_data();
   const float* S = ss.typed_data();
   const float* W = wh.typed_data();
   const bool* V = valid.typed_data();
@@ -444,7 +445,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
     for (long b = 0; b < batch; ++b) {
       const float* gb = G + (row0 + b) * width;
       const float* sb = S + (row0 + b) * sw;
-      const float* pb = SP + (row0 + b) * sw;
+      const float* pb = t == 0 ? S0 + b * sw : S + (row0 - batch + b) * sw;  // s(t-1)
       float* cb = carry + b * sw;
       float* db = dg + b * width;
       float* keep = dh_keep.data() + b * n;

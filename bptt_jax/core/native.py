@@ -212,17 +212,19 @@ def reverse(
     wh: Array,
     dhs_above: Array,
     cache: Array,
-    s_tm1s: Array,
+    s_in: Array,
     ss: Array,
     valid: Array | None,
     ds_init: Array | None,
 ):
     """The reverse recursion of one layer of ``cell`` over C steps, as the cell's ``reverse`` (the
-    notes' BPTT of the cell) with the gate cache given: (dA [C, B, G N1], dV [C, B, G N1] (the
-    LSTM's is dA itself), ds(-1) [B, W], norms: the LSTM's [C, B, 2] ||dDIV/dh(t)|| and
-    ||dDIV/dc(t)||, the GRU's [C, B] ||dDIV/dh(t)||)."""
+    notes' BPTT of the cell) with the gate cache given, the states ss [C, B, W] and the state
+    entering the first step s_in [B, W]: (dA [C, B, G N1], dV [C, B, G N1] (the LSTM's is dA
+    itself), ds(-1) [B, W], norms: the LSTM's [C, B, 2] ||dDIV/dh(t)|| and ||dDIV/dc(t)||, the
+    GRU's [C, B] ||dDIV/dh(t)||). The LSTM's call reads s(t-1) from ss and s_in itself (no shifted
+    copy of the states) and writes dA over its gate cache."""
     t_len, batch, _ = cache.shape
-    width = s_tm1s.shape[-1]
+    width = ss.shape[-1]
     f32 = jnp.float32
     ds0 = jnp.zeros((batch, width), f32) if ds_init is None else ds_init
     valid = _mask(valid, t_len, batch)
@@ -235,7 +237,7 @@ def reverse(
         call = jax.ffi.ffi_call(
             TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 0}
         )  # dA overwrites the gates in place
-        das, ds_m1, norms = call(dhs_above, cache, s_tm1s, ss, wh, valid, ds0)
+        das, ds_m1, norms = call(dhs_above, cache, s_in, ss, wh, valid, ds0)
         return das, das, ds_m1, norms
     g_shape = (t_len, batch, 3 * width)
     out_gru = (
@@ -245,4 +247,5 @@ def reverse(
         jax.ShapeDtypeStruct((t_len, batch), f32),
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
-    return tuple(call(dhs_above, cache, s_tm1s, wh, valid, ds0))
+    hs_tm1 = jnp.concatenate([s_in[None], ss[:-1]], axis=0)  # h(t-1): dWh needs this array anyway
+    return tuple(call(dhs_above, cache, hs_tm1, wh, valid, ds0))
