@@ -57,8 +57,8 @@ AUTO_MAX_HIDDEN_GPU = 64
 # The cells whose explicit BPTT "auto" runs with the cells' compiled CPU kernel (``native``) where it
 # can run (float32 on the CPU, built): measured on a 2-core Xeon with AVX-512 (2026-12-05,
 # benchmarks/results/native_blocks_spr.md), the whole bptt call with the kernel and the whole
-# sequence as one block (``plan.NATIVE_WHOLE_ELEMENTS``) ran 1.14-1.35x the scans' default plan
-# at the gated benchmark shapes (LSTM; GRU 1.19-1.48x) and 1.0-1.2x at the one-example shape. The
+# sequence as one block (``plan.NATIVE_WHOLE_ELEMENTS``) ran 1.13-1.44x the scans' default plan
+# at the gated benchmark shapes (LSTM; GRU 1.00-1.36x, 1.10-1.43x in a first run). The
 # Elman cell keeps its scans: its kernel ran 0.83-1.10x of them (XLA runs its step as a few operations).
 NATIVE_AUTO_CELLS = ("gru", "lstm")
 KERNEL_DTYPES_GPU = ("float32",)

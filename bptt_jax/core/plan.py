@@ -55,12 +55,13 @@ STORE_ELEMENTS = 2**24
 # while a gated cell's [T, B, G N1] pre-activations hold at most NATIVE_WHOLE_ELEMENTS elements
 # (T * B * G * N1, the widest layer): measured on a 2-core Xeon with AVX-512 (2026-12-05,
 # benchmarks/results/native_blocks_spr.md), the whole sequence as one block, the gates kept, ran
-# 1.10-1.43x the scans' default plan at the gated benchmark shapes (up to 2^23.6 such elements;
-# geometric means GRU 1.24x, LSTM 1.26x), the kernel in the scans' cache-sized blocks 0.95-1.31x:
-# each block's call repacks Wh and the blocks' stored gates are copied into the sequence's; one
-# call keeps them in place. Its temp memory is the larger: 1.3-2.4x the scans' (the gates' gradients
-# are kept for all T at once: the LSTM's 0.84x jax.grad's, the GRU's up to 1.22x). With the gates
-# recomputed the scans' blocks stay (one block would recompute every gate at once).
+# 1.00-1.44x the scans' default plan at the gated benchmark shapes (up to 2^23.6 such elements;
+# geometric means GRU 1.18x (1.24x in a first run), LSTM 1.30x), the kernel in the scans'
+# cache-sized blocks 0.93-1.30x: each block's call repacks Wh and the blocks' stored gates are
+# copied into the sequence's; one call keeps them in place. Its temp memory is the larger: up to
+# 2.4x the scans' (the gates' gradients are kept for all T at once: the LSTM's 0.70x jax.grad's,
+# the GRU's up to 1.23x). With the gates recomputed the scans' blocks stay (one block would
+# recompute every gate at once).
 NATIVE_WHOLE_ELEMENTS = 2**24
 GATES = ("auto", "store", "recompute")
 
