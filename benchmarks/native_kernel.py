@@ -12,7 +12,8 @@ full length; the Elman cell with tanh at ``bptt_speed.SHAPES``, the gated cells 
 
   forward loop   the library's ``forward.unroll_layer(..., store=True)`` (input projection + scan
                  keeping the gate cache) against the projection + the kernel's forward;
-  reverse loop   the cell's ``reverse`` given the stored gate cache against the kernel's reverse;
+  reverse loop   the cell's ``reverse`` given the stored gate cache, and the layer's weight
+                 gradients, against the kernel's reverse call (the gated cells' sums dWh itself);
   layer          forward + explicit BPTT of the layer (``backward.cell_backward``: the reverse loop
                  and the weight-gradient and dX matmuls) against the same with both kernel loops;
   torch          PyTorch's ``nn.LSTM`` / ``nn.GRU`` forward + ``backward`` of the same cotangent
@@ -63,12 +64,15 @@ def kernel_forward(cell, layer, xs, s0, valid=None):
     return native.forward(cell, layer, xs, s0, valid, store=True)  # it forms X Wx + bx itself
 
 
-def kernel_reverse(cell, layer, dhs_above, gates, s_in, ss, valid=None, ds_init=None):
-    """(dA [T, B, G N1], dV [T, B, G N1], ds(-1) [B, W]) by the kernel (the Elman cell's dA = dV = dZ1)."""
+def kernel_reverse(cell, layer, xs, dhs_above, gates, s_in, ss, valid=None, ds_init=None):
+    """(dA [T, B, G N1], the layer's weight gradients, ds(-1) [B, W]) by the kernel's reverse call (the
+    gated cells' sums dWh itself; the Elman cell's dA = dZ1, its weight gradients XLA's matmuls)."""
     if cell == "elman":
         dz, dh_m1, _ = native.elman_reverse(layer.w11, "tanh", ss, dhs_above, valid, ds_init)
-        return dz, dz, dh_m1
-    return native.reverse(cell, layer.wh, dhs_above, gates, s_in, ss, valid, ds_init)[:3]
+        prev = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
+        return dz, cells.elman.weight_grads(layer, xs, prev, dz, dz), dh_m1
+    grads, ds_m1, das, _ = native.reverse(cell, layer, xs, dhs_above, gates, s_in, ss, valid, ds_init)
+    return das, grads, ds_m1
 
 
 def check_lengths(cell: str) -> float:
@@ -88,9 +92,12 @@ def check_lengths(cell: str) -> float:
     def both(layer, xs, s0, above, ds_init):
         ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
         prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
-        scan = mod.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates)[:3]
+        das, dvs, ds_m1, _ = mod.reverse(
+            layer, "tanh", xs, prev, ss, above, valid, ds_init, with_norms=False, cache=gates
+        )
+        scan = (das, mod.weight_grads(layer, xs, prev, das, dvs), ds_m1)
         kss, kgates = kernel_forward(cell, layer, xs, s0, valid)
-        return (ss, *scan), (kss, *kernel_reverse(cell, layer, above, kgates, s0, kss, valid, ds_init))
+        return (ss, *scan), (kss, *kernel_reverse(cell, layer, xs, above, kgates, s0, kss, valid, ds_init))
 
     scan, kernel = jax.jit(both)(layer, xs, s0, above, ds_init)
     err = bptt_speed.max_rel_err(kernel, scan)
@@ -118,10 +125,13 @@ def contenders(cell, shape):
         return jnp.concatenate([s0[None], ss[:-1]], axis=0)
 
     def scan_reverse(layer, xs, ss, gates, above):
-        return mod.reverse(layer, "tanh", xs, prev(ss), ss, above, None, None, with_norms=False, cache=gates)[:3]
+        das, dvs, ds_m1, _ = mod.reverse(
+            layer, "tanh", xs, prev(ss), ss, above, None, None, with_norms=False, cache=gates
+        )
+        return das, mod.weight_grads(layer, xs, prev(ss), das, dvs), ds_m1
 
     def native_reverse(layer, xs, ss, gates, above):
-        return kernel_reverse(cell, layer, above, gates, s0, ss)
+        return kernel_reverse(cell, layer, xs, above, gates, s0, ss)
 
     def scan_layer(layer, xs, above):
         ss, gates = scan_forward(layer, xs)
@@ -132,8 +142,8 @@ def contenders(cell, shape):
 
     def native_layer(layer, xs, above):
         ss, gates = kernel_forward(cell, layer, xs, s0)
-        das, dvs, ds0 = kernel_reverse(cell, layer, above, gates, s0, ss)
-        return ss, mod.weight_grads(layer, xs, prev(ss), das, dvs), ds0, mod.input_grad(layer, das)
+        das, grads, ds0 = kernel_reverse(cell, layer, xs, above, gates, s0, ss)
+        return ss, grads, ds0, mod.input_grad(layer, das)
 
     ss, gates = jax.jit(scan_forward)(layer, xs)
     rev_args = (layer, xs, ss, gates, above)

@@ -12,10 +12,12 @@ in one process (round robin, a fresh random order each round, medians), in ms:
                    all T in one matmul), keeping the gate cache, and
   ... no cache     keeping one step's scratch only (X(t) Wx step by step; with the kept run, what the
                    fresh pages of a [T, B, 4 N1] cache cost);
-  kernel reverse   the kernel's reverse loop alone (``native.reverse``);
+  kernel reverse   the kernel's reverse call (``native.reverse``: the recursion, with dWh summed in
+                   the kernel as it walks the steps, and XLA's dWx = X^T dA);
   projection       X Wx + bx over the whole sequence by XLA's dot (for comparison: the kernel's forward
                    forms it itself);
-  weight grads, dX the backward's bulk matmuls: dWx = X^T dA, dWh = h^T dV, dX = dA Wx^T (XLA's dots);
+  weight grads, dX the backward's bulk matmuls as XLA's dots, for comparison: dWx = X^T dA, dWh =
+                   h^T dV (dV taken as dA for the GRU: the same shapes), dX = dA Wx^T;
   torch            PyTorch's ``nn.LSTM`` / ``nn.GRU`` forward + ``backward`` of the same cotangent
                    (oneDNN, eager, two threads; where torch imports and without --no-torch).
 
@@ -72,9 +74,9 @@ def runners(cell: str, shape, threads: int) -> dict:
     fwd = {keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)}
     ss, cache = fwd[True](xs)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
-    rev = jax.jit(lambda c, g, s: native.reverse(cell, layer.wh, c, g, s0, s, None, None))
-    das, dvs, _, _ = rev(ct, cache, ss)
-    bulk = jax.jit(lambda x, pv, da, dv: (mod.weight_grads(layer, x, pv, da, dv), mod.input_grad(layer, da)))
+    rev = jax.jit(lambda c, g, s: native.reverse(cell, layer, xs, c, g, s0, s, None, None))
+    _, _, das, _ = rev(ct, cache, ss)
+    bulk = jax.jit(lambda x, pv, da: (mod.weight_grads(layer, x, pv, da, da), mod.input_grad(layer, da)))
     scans, kernel = layer_vjp("scan"), layer_vjp("native")
     out = {
         "layer scans": lambda: jax.block_until_ready(scans(params, xs)),
@@ -83,7 +85,7 @@ def runners(cell: str, shape, threads: int) -> dict:
         "... no cache": lambda: jax.block_until_ready(fwd[False](xs)),
         "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, ss)),
         "projection": lambda: jax.block_until_ready(project(xs)),
-        "weight grads, dX": lambda: jax.block_until_ready(bulk(xs, prev, das, dvs)),
+        "weight grads, dX": lambda: jax.block_until_ready(bulk(xs, prev, das)),
     }
     if threads:
         try:

@@ -70,19 +70,20 @@ def _loop_problem(spec: bj.RNNSpec, b: int, t: int = 7):
     s0 = jax.random.normal(k[1], (b, w), jnp.float32)
     above = jax.random.normal(k[2], (t, b, n1), jnp.float32)
     ds_init = jax.random.normal(k[3], (b, w), jnp.float32)
-    return layer, xs, s0, above, ds_init, forward.valid_mask(jnp.array([7, 3, 0, 1] * 8)[:b], t)
+    return layer, xs, s0, above, ds_init, forward.valid_mask(jnp.array([7, 3, 0, 1] * 16)[:b], t)
 
 
 @needs_kernel
 @pytest.mark.parametrize("name", GATED)
-@pytest.mark.parametrize(("b", "n1"), [(4, 5), (1, 37), (11, 40), (32, 300)])
+@pytest.mark.parametrize(("b", "n1"), [(4, 5), (1, 37), (11, 40), (48, 9), (32, 300)])
 def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
-    """The forward loop's states and gate cache and the reverse loop's dA, dV, ds(-1) and norms, with
-    lengths 0 .. T, an h0 and an entering carry, against forward.unroll_layer and the cell's reverse.
-    The shapes reach every part of the kernel's matmul: B = 1 (its wide tiles), 11 (a full block of
-    rows and a remainder), N1 = 5, 37, 40 (whole column panels and a part panel, forward and reverse),
-    and (32, 300): B N1 G N1 >= 2^23 multiply-adds per step, the matmul split over two threads where
-    the process may use two cores."""
+    """The forward loop's states and gate cache and the reverse call's dA, weight gradients (dWh, and
+    the GRU's dbh, summed in the kernel), ds(-1) and norms, with lengths 0 .. T, an h0 and an entering
+    carry, against forward.unroll_layer, the cell's reverse and weight_grads. The shapes reach every
+    part of the kernel's matmul: B = 1 (its wide tiles), 11 (a full block of rows and a remainder),
+    N1 = 5, 37, 40 (whole column panels and a part panel, forward and reverse), B = 48 (dWh's chunks
+    of 240 rows: a full one, then a part), and (32, 300): B N1 G N1 >= 2^23 multiply-adds per step,
+    the matmul split over two threads where the process may use two cores."""
     cell = cells.get(name)
     layer, xs, s0, above, ds_init, valid = _loop_problem(bj.RNNSpec(3, (n1,), 2, cell=name), b)
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
@@ -90,7 +91,7 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     das, dvs, ds_m1, norms = cell.reverse(layer, "tanh", xs, prev, ss, above, valid, ds_init, cache=gates)
     kss, kgates = native.forward(name, layer, xs, s0, valid, store=True)
     kss_only = native.forward(name, layer, xs, s0, valid, store=False)
-    kdas, kdvs, kds_m1, knorms = native.reverse(name, layer.wh, above, kgates, s0, kss, valid, ds_init)
+    kgrads, kds_m1, kdas, knorms = native.reverse(name, layer, xs, above, kgates, s0, kss, valid, ds_init)
     wide = n1 > 100  # sums of up to 4 N1 float32 products, in another order than XLA's
     close = functools.partial(np.testing.assert_allclose, rtol=1e-4 if wide else 1e-5, atol=1e-5 if wide else 1e-6)
     close(kss, ss)
@@ -99,7 +100,8 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0))
     close(cell.gate_cache(layer, xs, prev) * valid_gates, gates * valid_gates)
     close(kdas, das)
-    close(kdvs, dvs)
+    for k, g in zip(kgrads, cell.weight_grads(layer, xs, prev, das, dvs), strict=True):
+        close(k, g, rtol=1e-4, atol=1e-5)  # dWh summed in the kernel's chunks, another order than XLA's dot
     close(kds_m1, ds_m1)
     close(knorms, norms)  # ||dh(t)|| (the LSTM's also ||dc(t)||), padding too
 
@@ -381,7 +383,7 @@ def test_the_kernel_built_for_avx2_equals_the_scans(tmp_path):
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "21 passed" in done.stdout, done.stdout[-3000:]
+    assert "23 passed" in done.stdout, done.stdout[-3000:]
     (built,) = (tmp_path / "native").glob("cell_kernels-*.so")
     if shutil.which("objdump") is not None:  # no AVX-512 register in the AVX2 build
         listing = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True).stdout

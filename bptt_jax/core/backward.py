@@ -145,8 +145,8 @@ def cell_backward(
         name = cells.name_of(layer)
         if cache is None:  # gates="recompute": the gate cache from A(t) and s(t-1), two block matmuls
             cache = (lstm.gate_cache if name == "lstm" else gru.gate_cache)(layer, xs, s_tm1s)
-        das, dvs, ds_m1, norms = native.reverse(name, layer.wh, dhs_above, cache, s_in, ss, valid, ds_init)
-        norms = norms if plan.with_norms else None
+        grads, ds_m1, das, norms = native.reverse(name, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init)
+        return grads, ds_m1, das, norms if plan.with_norms else None
     else:
         das, dvs, ds_m1, norms = cell.reverse(
             layer,

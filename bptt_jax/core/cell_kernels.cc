@@ -23,6 +23,7 @@
 //     dh = dH_above(t) + dh_carry;  dA_n = dh (1 - z)(1 - n^2);  dA_r = dA_n V_n r(1 - r)
 //     dA_z = dh (h(t-1) - n) z(1 - z);  dV = [dA_r, dA_z, dA_n r]
 //     dh_carry = dh z + dV(t) Wh^T                   (dA = dV = 0, dh_carry = dh where not valid)
+//     dWh += h(t-1)^T dV(t);  dbh += dV(t)           (the gru.weight_grads sums, here as dV(t) is made)
 //
 // The recurrent matmul of each step is this file's own (gemm below: the recurrent weights packed once
 // per call for all C steps, register-tiled, vectorized by the compiler for the machine it is compiled
@@ -66,6 +67,7 @@ constexpr int kRows = 6;
 #endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 constexpr long kPanel = 2 * kLanes;
+constexpr long kDepth = 256;  // gemm's block of the reduction: 256 x kPanel floats (32 KiB with AVX-512)
 
 struct Packed {
   long k = 0, n = 0, panels = 0;
@@ -99,10 +101,10 @@ inline Vec load(const float* x) {
 // R rows x NP panels (2 NP vectors of sums): NP = 1 for row blocks, more for a few rows (B = 1), where
 // one panel's two sums would leave the FMA units waiting on their latency.
 template <int R, int NP>
-void tile(const float* a, long lda, const float* panel, long k, float* c, long ldc, long cols, bool accumulate) {
+void tile(const float* a, long lda, const float* panel, long k, long stride, float* c, long ldc, long cols,
+          bool accumulate) {
   constexpr int V = 2 * NP;
-  Vec s[R][V] = {};
-  const long stride = k * kPanel;  // from one panel to the next
+  Vec s[R][V] = {};  // stride: from one panel to the next
   for (long kk = 0; kk < k; ++kk) {
     Vec b[V];
     for (int v = 0; v < V; ++v) b[v] = load(panel + (v / 2) * stride + kk * kPanel + (v % 2) * kLanes);
@@ -129,31 +131,55 @@ void tile(const float* a, long lda, const float* panel, long k, float* c, long l
 }
 
 template <int R, int NP>
-void rows_tile(const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate, long q0, long q1) {
+void rows_tile(const float* a, long lda, const Packed& b, long k, float* c, long ldc, bool accumulate, long q0,
+               long q1) {
+  const long stride = b.k * kPanel;
   long q = q0;
   for (; q + NP <= q1; q += NP)
-    tile<R, NP>(a, lda, b.data.data() + q * b.k * kPanel, b.k, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
+    tile<R, NP>(a, lda, b.data.data() + q * stride, k, stride, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
   for (; q < q1; ++q)
-    tile<R, 1>(a, lda, b.data.data() + q * b.k * kPanel, b.k, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
+    tile<R, 1>(a, lda, b.data.data() + q * stride, k, stride, c + q * kPanel, ldc, b.n - q * kPanel, accumulate);
 }
 
-// C [m, N] (+)= A [m, K] op(W) with op(W) packed, the columns of panels q0 .. q1-1 only; accumulate:
-// add to C, else overwrite.
-void gemm(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate, long q0, long q1) {
-  long r = 0;
-  for (; r + kRows <= m; r += kRows) rows_tile<kRows, 1>(a + r * lda, lda, b, c + r * ldc, ldc, accumulate, q0, q1);
-  const float* ar = a + r * lda;
-  float* cr = c + r * ldc;
-  switch (m - r) {  // fewer than kRows rows left
+// C [m, N] (+)= A [m, k] op(W)[:k] with op(W) packed (k <= its K rows; -1: all), the columns of panels
+// q0 .. q1-1 only; accumulate: add to C, else overwrite. Panels outside, row blocks inside: each
+// panel (k x kPanel floats) comes from memory once per call and from cache for every further block
+// of rows, where rows outside would stream all of op(W) once per block of kRows rows (at
+// [64, 2048] x [2048, 512], 8 passes over 4 MiB a step). A remainder of 1-3 rows goes last, over
+// several panels at once (its own, wider tiles).
+void gemm(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate, long q0, long q1,
+          long k = -1) {
+  if (k < 0) k = b.k;
+  const long stride = b.k * kPanel;
+  const long rem = m % kRows, full = m - rem;
+  const float* ar = a + full * lda;
+  float* cr = c + full * ldc;
+  if (full > 0 || rem >= 4) {
+    for (long k0 = 0; k0 < k; k0 += kDepth) {  // depth blocks: a panel's block stays in L1 for all rows
+      const long kb = std::min(kDepth, k - k0);
+      const bool acc = accumulate || k0 > 0;
+      for (long q = q0; q < q1; ++q) {
+        const float* panel = b.data.data() + q * stride + k0 * kPanel;
+        const long cols = b.n - q * kPanel;
+        float* cq = c + q * kPanel;
+        for (long r = 0; r < full; r += kRows)
+          tile<kRows, 1>(a + r * lda + k0, lda, panel, kb, stride, cq + r * ldc, ldc, cols, acc);
+        switch (rem) {  // 4 .. kRows - 1 rows left: with the row blocks
 #if defined(__AVX512F__)
-    case 7: rows_tile<7, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
-    case 6: rows_tile<6, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+          case 7: tile<7, 1>(ar + k0, lda, panel, kb, stride, cr + q * kPanel, ldc, cols, acc); break;
+          case 6: tile<6, 1>(ar + k0, lda, panel, kb, stride, cr + q * kPanel, ldc, cols, acc); break;
 #endif
-    case 5: rows_tile<5, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
-    case 4: rows_tile<4, 1>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
-    case 3: rows_tile<3, 2>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
-    case 2: rows_tile<2, 2>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
-    case 1: rows_tile<1, 4>(ar, lda, b, cr, ldc, accumulate, q0, q1); break;
+          case 5: tile<5, 1>(ar + k0, lda, panel, kb, stride, cr + q * kPanel, ldc, cols, acc); break;
+          case 4: tile<4, 1>(ar + k0, lda, panel, kb, stride, cr + q * kPanel, ldc, cols, acc); break;
+          default: break;
+        }
+      }
+    }
+  }
+  switch (rem) {  // 1 .. 3 rows left: several panels per tile
+    case 3: rows_tile<3, 2>(ar, lda, b, k, cr, ldc, accumulate, q0, q1); break;
+    case 2: rows_tile<2, 2>(ar, lda, b, k, cr, ldc, accumulate, q0, q1); break;
+    case 1: rows_tile<1, 4>(ar, lda, b, k, cr, ldc, accumulate, q0, q1); break;
     default: break;
   }
 }
@@ -186,11 +212,11 @@ class Team {
   Team(const Team&) = delete;
   Team& operator=(const Team&) = delete;
 
-  void gemm2(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
+  void gemm2(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate, long k = -1) {
     const long half = (b.panels + 1) / 2;
-    job_ = {m, a, lda, &b, c, ldc, accumulate, half};
+    job_ = {m, a, lda, &b, c, ldc, accumulate, half, k};
     const long ticket = go_.fetch_add(1, std::memory_order_acq_rel) + 1;
-    gemm(m, a, lda, b, c, ldc, accumulate, 0, half);
+    gemm(m, a, lda, b, c, ldc, accumulate, 0, half, k);
     wait([&] { return done_.load(std::memory_order_acquire) == ticket; });
   }
 
@@ -204,6 +230,7 @@ class Team {
     long ldc;
     bool accumulate;
     long half;
+    long k;
   };
 
   template <typename Ready>
@@ -224,7 +251,7 @@ class Team {
       seen = go_.load(std::memory_order_acquire);
       if (quit_.load(std::memory_order_acquire)) return;
       const Job j = job_;
-      gemm(j.m, j.a, j.lda, *j.b, j.c, j.ldc, j.accumulate, j.half, j.b->panels);
+      gemm(j.m, j.a, j.lda, *j.b, j.c, j.ldc, j.accumulate, j.half, j.b->panels, j.k);
       done_.store(seen, std::memory_order_release);
     }
   }
@@ -241,11 +268,12 @@ bool two_cores() {
 }
 
 // The per-step matmul C (+)= A op(W), on two threads where ``team`` is given.
-void step_gemm(Team* team, long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate) {
+void step_gemm(Team* team, long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate,
+               long k = -1) {
   if (team != nullptr) {
-    team->gemm2(m, a, lda, b, c, ldc, accumulate);
+    team->gemm2(m, a, lda, b, c, ldc, accumulate, k);
   } else {
-    gemm(m, a, lda, b, c, ldc, accumulate, 0, b.panels);
+    gemm(m, a, lda, b, c, ldc, accumulate, 0, b.panels, k);
   }
 }
 
@@ -336,6 +364,54 @@ void reverse_row(const float* gi, const float* gf, const float* gg, const float*
 ffi::Error check_dims(bool ok, const char* what) {
   return ok ? ffi::Error::Success() : ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
+
+// The reverse call's dWh = sum_t h(t-1)^T dV(t) [N, G N], summed as the steps are walked: each step's
+// rows are gathered into a chunk of about kChunkRows rows (h(t-1) transposed, dV(t) packed in
+// panels as the per-step matmul's weights), and each full chunk is one matmul dWh += h^T dV with
+// the per-step matmul's tiles and team. The rows come while they are in cache, and neither a
+// shifted copy of the states nor the [C, B, G N] dV array is made for XLA's dot.
+constexpr long kChunkRows = 256;
+
+class OuterSums {
+ public:
+  OuterSums(long n, long width, long batch, float* dw)
+      : n_(n), width_(width), cap_(std::max(1L, kChunkRows / batch) * batch), dw_(dw) {
+    packed_.k = cap_;
+    packed_.n = width;
+    packed_.panels = (width + kPanel - 1) / kPanel;
+    packed_.data.assign(static_cast<size_t>(packed_.panels * cap_ * kPanel), 0.0f);
+    ht_.assign(static_cast<size_t>(n * cap_), 0.0f);
+    std::fill(dw, dw + n * width, 0.0f);
+  }
+
+  // Adds one step's rows: h(t-1) [rows, N] (row stride ldh) and dV(t) [rows, G N] (row stride ldv).
+  void add(Team* team, long rows, const float* h, long ldh, const float* dv, long ldv) {
+    for (long b = 0; b < rows; ++b) {
+      const long kk = filled_ + b;
+      for (long r = 0; r < n_; ++r) ht_[r * cap_ + kk] = h[b * ldh + r];
+      const float* src = dv + b * ldv;
+      for (long q = 0; q < packed_.panels; ++q) {
+        const long cols = std::min(kPanel, width_ - q * kPanel);
+        std::memcpy(packed_.data.data() + (q * cap_ + kk) * kPanel, src + q * kPanel, sizeof(float) * cols);
+      }
+    }
+    filled_ += rows;
+    if (filled_ + rows > cap_) flush(team);
+  }
+
+  // Adds the rows gathered so far to dWh (call once after the last step).
+  void flush(Team* team) {
+    if (filled_ == 0) return;
+    step_gemm(team, n_, ht_.data(), cap_, packed_, dw_, width_, true, filled_);
+    filled_ = 0;
+  }
+
+ private:
+  long n_, width_, cap_, filled_ = 0;
+  float* dw_;
+  Packed packed_;          // dV rows of the chunk, [panels][cap][kPanel]
+  std::vector<float> ht_;  // h(t-1) of the chunk, transposed: [N, cap]
+};
 
 // X(t) Wx for every step of the call, [C B, N_in] x [N_in, G N] in one matmul into c (row stride
 // ldc), on two threads where the per-step matmul already has a team or this one is large enough.
@@ -568,45 +644,56 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
   return ffi::Error::Success();
 }
 
-// dhs [C, B, N], cache [C, B, 4N], hs_prev [C, B, N] (h(t-1)), wh [N, 3N], valid [C, B], dh_init [B, N]
-//   -> das [C, B, 3N] (dA(t)), dvs [C, B, 3N] (dV(t)), dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
-ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> hs_prev,
-                          ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dh_init,
-                          ffi::ResultBuffer<ffi::F32> das, ffi::ResultBuffer<ffi::F32> dvs,
+// dhs [C, B, N], cache [C, B, 4N], h0 [B, N] (the state entering the first step; h(t-1) is read from
+// hs for t > 0), hs [C, B, N] (h(t)), wh [N, 3N], valid [C, B], dh_init [B, N]
+//   -> das [C, B, 3N] (dA(t)), dwh [N, 3N] (sum_t h(t-1)^T dV(t)), dbh [3N] (sum_t dV(t)), dh_m1 [B, N]
+//      (dDIV/dh(-1)), norms [C, B] (||dh(t)||). dV(t) lives one step in a scratch: no [C, B, 3N] array.
+ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> h0,
+                          ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
+                          ffi::Buffer<ffi::F32> dh_init, ffi::ResultBuffer<ffi::F32> das,
+                          ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> dbh,
                           ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms) {
   const auto d = cache.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "gru reverse: cache must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], n = d[2] / 4, width = 3 * n;
   const size_t rows = static_cast<size_t>(steps * batch);
-  if (auto e = check_dims(dhs.element_count() == rows * n && hs_prev.element_count() == rows * n &&
+  if (auto e = check_dims(dhs.element_count() == rows * n && hs.element_count() == rows * n &&
+                              h0.element_count() == static_cast<size_t>(batch * n) &&
                               wh.element_count() == static_cast<size_t>(n * width) &&
                               valid.element_count() == rows &&
                               dh_init.element_count() == static_cast<size_t>(batch * n) &&
-                              das->element_count() == rows * width && dvs->element_count() == rows * width &&
-                              norms->element_count() == rows,
+                              das->element_count() == rows * width &&
+                              dwh->element_count() == static_cast<size_t>(n * width) &&
+                              dbh->element_count() == static_cast<size_t>(width) && norms->element_count() == rows,
                           "gru reverse: inconsistent shapes");
       e.failure())
     return e;
   const float* DH = dhs.typed_data();
   const float* K = cache.typed_data();
-  const float* HP = hs_prev.typed_data();
+  const float* H0 = h0.typed_data();
+  const float* H = hs.typed_data();
   const float* W = wh.typed_data();
   const bool* V = valid.typed_data();
   float* DA = das->typed_data();
-  float* DV = dvs->typed_data();
+  float* DB = dbh->typed_data();
   float* NRM = norms->typed_data();
   float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
+  std::fill(DB, DB + width, 0.0f);
+  std::vector<float> dv(batch * width);       // dV(t), one step
   const Packed wt = pack(W, n, width, true);  // Wh^T [3N, N]
   const auto team = team_for(batch, width, n);
+  OuterSums sums(n, width, batch, dwh->typed_data());  // dWh = sum_t h(t-1)^T dV(t)
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
+    const float* prev = t == 0 ? H0 : H + (row0 - batch) * n;  // h(t-1)
     for (long b = 0; b < batch; ++b) {
       const long row = row0 + b;
       float* cb = carry + b * n;
+      float* dvb = dv.data() + b * width;
       if (V[row]) {
-        NRM[row] = gru_reverse_row(K + row * 4 * n, HP + row * n, DH + row * n, cb, DA + row * width,
-                                   DV + row * width, n);
+        NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, DA + row * width, dvb, n);
+        for (long j = 0; j < width; ++j) DB[j] += dvb[j];
       } else {  // padding: dA = dV = 0, the carry passes on with dH_above added
         const float* above = DH + row * n;
         float sh = 0.0f;
@@ -616,12 +703,14 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
         }
         NRM[row] = std::sqrt(sh);
         std::memset(DA + row * width, 0, sizeof(float) * width);
-        std::memset(DV + row * width, 0, sizeof(float) * width);
+        std::memset(dvb, 0, sizeof(float) * width);
       }
     }
     // dh_carry += dV(t) Wh^T, [B, 3N] x [N, 3N]^T (zero rows where a step is padding)
-    step_gemm(team.get(), batch, DV + row0 * width, width, wt, carry, n, true);
+    step_gemm(team.get(), batch, dv.data(), width, wt, carry, n, true);
+    sums.add(team.get(), batch, prev, n, dv.data(), width);
   }
+  sums.flush(team.get());
   return ffi::Error::Success();
 }
 
@@ -812,8 +901,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -50,6 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax.core import host
+from bptt_jax.core.cells import lstm
+from bptt_jax.core.cells.base import flat
+from bptt_jax.core.precision import mm
 
 Array = jax.Array
 
@@ -209,7 +212,8 @@ def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: 
 
 def reverse(
     cell: str,
-    wh: Array,
+    layer,
+    xs: Array,
     dhs_above: Array,
     cache: Array,
     s_in: Array,
@@ -217,14 +221,22 @@ def reverse(
     valid: Array | None,
     ds_init: Array | None,
 ):
-    """The reverse recursion of one layer of ``cell`` over C steps, as the cell's ``reverse`` (the
-    notes' BPTT of the cell) with the gate cache given, the states ss [C, B, W] and the state
-    entering the first step s_in [B, W]: (dA [C, B, G N1], dV [C, B, G N1] (the LSTM's is dA
-    itself), ds(-1) [B, W], norms: the LSTM's [C, B, 2] ||dDIV/dh(t)|| and ||dDIV/dc(t)||, the
-    GRU's [C, B] ||dDIV/dh(t)||). The LSTM's call reads s(t-1) from ss and s_in itself (no shifted
-    copy of the states) and writes dA over its gate cache."""
+    """One layer's BPTT over C steps with the gate cache given (the notes' BPTT of the cell, as the
+    cell's ``reverse`` and ``weight_grads``): its input X [C, B, N_in], the states ss [C, B, W] and
+    the state entering the first step s_in [B, W]. Returns (the gradients of ``layer`` (the cell's
+    NamedTuple), ds(-1) [B, W], dA [C, B, G N1], norms: the LSTM's [C, B, 2] ||dDIV/dh(t)|| and
+    ||dDIV/dc(t)||, the GRU's [C, B] ||dDIV/dh(t)||).
+
+    The kernel's reverse call reads h(t-1) from ss and s_in (no shifted copy of the states). The
+    GRU's sums dWh = sum_t h(t-1)^T dV(t) and dbh = sum_t dV(t) as it walks the steps (in chunks of
+    rows, with its own matmul), so its dV [C, B, 3 N1] never becomes an array; dWx = X^T dA and dbx
+    are XLA's. The LSTM's writes dA over its gate cache, and its weight gradients are XLA's block
+    matmuls (summed in the kernel, dWh made the LSTM's bptt call 1.04-1.15x slower at the five
+    gated benchmark shapes: XLA's dot runs on both cores, the kernel's chunks on one where the
+    per-step matmul does)."""
     t_len, batch, _ = cache.shape
     width = ss.shape[-1]
+    n1 = layer.wh.shape[0]
     f32 = jnp.float32
     ds0 = jnp.zeros((batch, width), f32) if ds_init is None else ds_init
     valid = _mask(valid, t_len, batch)
@@ -237,15 +249,18 @@ def reverse(
         call = jax.ffi.ffi_call(
             TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 0}
         )  # dA overwrites the gates in place
-        das, ds_m1, norms = call(dhs_above, cache, s_in, ss, wh, valid, ds0)
-        return das, das, ds_m1, norms
-    g_shape = (t_len, batch, 3 * width)
+        das, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
+        s_tm1s = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
+        return lstm.weight_grads(layer, xs, s_tm1s, das, das), ds_m1, das, norms
     out_gru = (
-        jax.ShapeDtypeStruct(g_shape, f32),
-        jax.ShapeDtypeStruct(g_shape, f32),
+        jax.ShapeDtypeStruct((t_len, batch, 3 * n1), f32),
+        jax.ShapeDtypeStruct(layer.wh.shape, f32),
+        jax.ShapeDtypeStruct((3 * n1,), f32),
         jax.ShapeDtypeStruct((batch, width), f32),
         jax.ShapeDtypeStruct((t_len, batch), f32),
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
-    hs_tm1 = jnp.concatenate([s_in[None], ss[:-1]], axis=0)  # h(t-1): dWh needs this array anyway
-    return tuple(call(dhs_above, cache, hs_tm1, wh, valid, ds0))
+    das, dwh, dbh, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
+    da = flat(das)
+    grads = type(layer)(mm(flat(xs).T, da), dwh, jnp.sum(da, axis=0), dbh)
+    return grads, ds_m1, das, norms
