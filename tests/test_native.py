@@ -100,8 +100,16 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0))
     close(cell.gate_cache(layer, xs, prev) * valid_gates, gates * valid_gates)
     close(kdas, das)
-    for k, g in zip(kgrads, cell.weight_grads(layer, xs, prev, das, dvs), strict=True):
+    grads = cell.weight_grads(layer, xs, prev, das, dvs)
+    for k, g in zip(kgrads, grads, strict=True):
         close(k, g, rtol=1e-4, atol=1e-5)  # dWh summed in the kernel's chunks, another order than XLA's dot
+    xgrads, xds_m1, xdas, _ = native.reverse(
+        name, layer, xs, above, kgates, s0, kss, valid, ds_init, sum_in_kernel=False
+    )
+    for k, g in zip(xgrads, grads, strict=True):  # the GRU's dV returned, summed by XLA
+        close(k, g, rtol=1e-4, atol=1e-5)
+    close(xds_m1, ds_m1)
+    close(xdas, das)
     close(kds_m1, ds_m1)
     close(knorms, norms)  # ||dh(t)|| (the LSTM's also ||dc(t)||), padding too
 
@@ -152,6 +160,22 @@ def test_rnn_states_and_vmap_with_the_kernel(name):
     per_example = jax.vmap(jax.grad(one), in_axes=1, out_axes=1)(p.xs)
     plain = jnp.stack([jax.grad(one)(p.xs[:, i]) for i in range(p.xs.shape[1])], axis=1)
     np.testing.assert_allclose(per_example, plain, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_the_grus_weight_gradients_summed_in_the_kernel_equal_jax_grad():
+    """A GRU stack whose whole-sequence block has C B >= native.KERNEL_SUM_ROWS rows (the reverse
+    call sums dWh and dbh itself), bidirectional, with lengths and h0: bptt = jax.grad of the loss
+    through the scans; and the same call with short blocks (XLA sums dV) agrees."""
+    t, b = 128, native.KERNEL_SUM_ROWS // 128
+    spec = bj.RNNSpec(3, (5, 4), 2, cell="gru", bidirectional=True)
+    p = ref.make_problem(spec, t, b, seed=5, use_lengths=True, use_h0=True)
+    kw = dict(lengths=p.lengths, h0=p.h0)
+    want = jax.grad(bj.loss)(p.params, spec, p.xs, p.targets, **kw)
+    _, got, _ = bj.bptt(p.params, spec, p.xs, p.targets, recurrence="native", gates="store", **kw)
+    _, blocks, _ = bj.bptt(p.params, spec, p.xs, p.targets, recurrence="native", block_size=16, **kw)
+    assert ref.max_rel_err(got, want) < 1e-4
+    assert ref.max_rel_err(blocks, want) < 1e-4
 
 
 @needs_kernel

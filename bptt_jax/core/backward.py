@@ -143,9 +143,14 @@ def cell_backward(
         dvs, norms = das, norms if plan.with_norms else None
     elif plan.recurrence == "native":  # a gated cell in float32 on the CPU (kernels.resolve)
         name = cells.name_of(layer)
+        # the GRU's dWh summed in the kernel where the gates are kept (the rules' one block) and a
+        # block's dV would be large; XLA's dots sum short blocks' dV faster
+        in_kernel = cache is not None and xs.shape[0] * xs.shape[1] >= native.KERNEL_SUM_ROWS
         if cache is None:  # gates="recompute": the gate cache from A(t) and s(t-1), two block matmuls
             cache = (lstm.gate_cache if name == "lstm" else gru.gate_cache)(layer, xs, s_tm1s)
-        grads, ds_m1, das, norms = native.reverse(name, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init)
+        grads, ds_m1, das, norms = native.reverse(
+            name, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in_kernel=in_kernel
+        )
         return grads, ds_m1, das, norms if plan.with_norms else None
     else:
         das, dvs, ds_m1, norms = cell.reverse(

@@ -33,11 +33,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -203,10 +205,13 @@ inline void relax() {  // a spinning thread's hint to the core
 
 class Team {
  public:
-  Team() : helper_([this] { loop(); }) {}
+  // sleepy: between jobs the helper sleeps on a condition variable after its brief spin (for jobs
+  // far apart, as the reverse call's weight-gradient chunks), where the per-step team keeps
+  // yielding the core to stay quick to wake.
+  explicit Team(bool sleepy = false) : sleepy_(sleepy), helper_([this] { loop(); }) {}
   ~Team() {
     quit_.store(true, std::memory_order_release);
-    go_.fetch_add(1, std::memory_order_acq_rel);
+    post();
     helper_.join();
   }
   Team(const Team&) = delete;
@@ -215,7 +220,7 @@ class Team {
   void gemm2(long m, const float* a, long lda, const Packed& b, float* c, long ldc, bool accumulate, long k = -1) {
     const long half = (b.panels + 1) / 2;
     job_ = {m, a, lda, &b, c, ldc, accumulate, half, k};
-    const long ticket = go_.fetch_add(1, std::memory_order_acq_rel) + 1;
+    const long ticket = post();
     gemm(m, a, lda, b, c, ldc, accumulate, 0, half, k);
     wait([&] { return done_.load(std::memory_order_acquire) == ticket; });
   }
@@ -233,6 +238,18 @@ class Team {
     long k;
   };
 
+  // A new job (or quitting) for the helper: its ticket.
+  long post() {
+    if (!sleepy_) return go_.fetch_add(1, std::memory_order_acq_rel) + 1;
+    long ticket;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ticket = go_.fetch_add(1, std::memory_order_acq_rel) + 1;
+    }
+    wake_.notify_one();
+    return ticket;
+  }
+
   template <typename Ready>
   static void wait(Ready ready) {
     for (long spins = 0; !ready(); ++spins) {
@@ -244,10 +261,21 @@ class Team {
     }
   }
 
+  void idle(long seen) {
+    auto posted = [&] { return go_.load(std::memory_order_acquire) != seen; };
+    if (!sleepy_) return wait(posted);
+    for (long spins = 0; spins < 4000; ++spins) {
+      if (posted()) return;
+      relax();
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    wake_.wait(lock, posted);
+  }
+
   void loop() {
     long seen = 0;
     for (;;) {
-      wait([&] { return go_.load(std::memory_order_acquire) != seen; });
+      idle(seen);
       seen = go_.load(std::memory_order_acquire);
       if (quit_.load(std::memory_order_acquire)) return;
       const Job j = job_;
@@ -259,7 +287,10 @@ class Team {
   Job job_{};
   std::atomic<long> go_{0}, done_{0};
   std::atomic<bool> quit_{false};
-  std::thread helper_;
+  const bool sleepy_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::thread helper_;  // last: started once the members above are made
 };
 
 bool two_cores() {
@@ -279,11 +310,11 @@ void step_gemm(Team* team, long m, const float* a, long lda, const Packed& b, fl
 
 // A Team for a call whose per-step matmul is m x k x n, or none (also where no thread can be made:
 // the call then runs on one thread, never fails for it).
-std::unique_ptr<Team> team_for(long m, long k, long n) {
+std::unique_ptr<Team> team_for(long m, long k, long n, bool sleepy = false) {
   static const bool can = two_cores();
   if (!can || m * k * n < kParallelMacs) return nullptr;
   try {
-    return std::make_unique<Team>();
+    return std::make_unique<Team>(sleepy);
   } catch (const std::exception&) {
     return nullptr;
   }
@@ -646,25 +677,31 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
 
 // dhs [C, B, N], cache [C, B, 4N], h0 [B, N] (the state entering the first step; h(t-1) is read from
 // hs for t > 0), hs [C, B, N] (h(t)), wh [N, 3N], valid [C, B], dh_init [B, N]
-//   -> das [C, B, 3N] (dA(t)), dwh [N, 3N] (sum_t h(t-1)^T dV(t)), dbh [3N] (sum_t dV(t)), dh_m1 [B, N]
-//      (dDIV/dh(-1)), norms [C, B] (||dh(t)||). dV(t) lives one step in a scratch: no [C, B, 3N] array.
+//   -> das [C, B, 3N] (dA(t)), and either dvs [C, B, 3N] (dV(t); dwh, dbh empty) or, with dvs
+//      empty, dwh [N, 3N] (sum_t h(t-1)^T dV(t)) and dbh [3N] (sum_t dV(t)): dV(t) then lives one
+//      step in a scratch, no [C, B, 3N] array; dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
                           ffi::Buffer<ffi::F32> dh_init, ffi::ResultBuffer<ffi::F32> das,
-                          ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> dbh,
-                          ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms) {
+                          ffi::ResultBuffer<ffi::F32> dvs, ffi::ResultBuffer<ffi::F32> dwh,
+                          ffi::ResultBuffer<ffi::F32> dbh, ffi::ResultBuffer<ffi::F32> dh_m1,
+                          ffi::ResultBuffer<ffi::F32> norms) {
   const auto d = cache.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "gru reverse: cache must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], n = d[2] / 4, width = 3 * n;
   const size_t rows = static_cast<size_t>(steps * batch);
+  const bool sum_here = dvs->element_count() == 0;
+  const size_t w_size = sum_here ? static_cast<size_t>(n * width) : 0;
   if (auto e = check_dims(dhs.element_count() == rows * n && hs.element_count() == rows * n &&
                               h0.element_count() == static_cast<size_t>(batch * n) &&
                               wh.element_count() == static_cast<size_t>(n * width) &&
                               valid.element_count() == rows &&
                               dh_init.element_count() == static_cast<size_t>(batch * n) &&
                               das->element_count() == rows * width &&
-                              dwh->element_count() == static_cast<size_t>(n * width) &&
-                              dbh->element_count() == static_cast<size_t>(width) && norms->element_count() == rows,
+                              (sum_here || dvs->element_count() == rows * width) &&
+                              dwh->element_count() == w_size &&
+                              dbh->element_count() == (sum_here ? static_cast<size_t>(width) : 0) &&
+                              norms->element_count() == rows,
                           "gru reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -679,21 +716,30 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   float* NRM = norms->typed_data();
   float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
-  std::fill(DB, DB + width, 0.0f);
-  std::vector<float> dv(batch * width);       // dV(t), one step
-  const Packed wt = pack(W, n, width, true);  // Wh^T [3N, N]
+  std::vector<float> scratch(sum_here ? batch * width : 0);  // dV(t), one step, where it is summed here
+  const Packed wt = pack(W, n, width, true);                 // Wh^T [3N, N]
   const auto team = team_for(batch, width, n);
-  OuterSums sums(n, width, batch, dwh->typed_data());  // dWh = sum_t h(t-1)^T dV(t)
+  // dWh = sum_t h(t-1)^T dV(t), in chunks: on the per-step team, else on a team of its own where a
+  // chunk's matmul is large enough (its helper sleeps between chunks)
+  const auto own = team || !sum_here ? nullptr : team_for(n, kChunkRows, width, true);
+  Team* const sums_team = team ? team.get() : own.get();
+  std::unique_ptr<OuterSums> sums;
+  if (sum_here) {
+    std::fill(DB, DB + width, 0.0f);
+    sums = std::make_unique<OuterSums>(n, width, batch, dwh->typed_data());
+  }
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     const float* prev = t == 0 ? H0 : H + (row0 - batch) * n;  // h(t-1)
+    float* dv = sum_here ? scratch.data() : dvs->typed_data() + row0 * width;
     for (long b = 0; b < batch; ++b) {
       const long row = row0 + b;
       float* cb = carry + b * n;
-      float* dvb = dv.data() + b * width;
+      float* dvb = dv + b * width;
       if (V[row]) {
         NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, DA + row * width, dvb, n);
-        for (long j = 0; j < width; ++j) DB[j] += dvb[j];
+        if (sum_here)
+          for (long j = 0; j < width; ++j) DB[j] += dvb[j];
       } else {  // padding: dA = dV = 0, the carry passes on with dH_above added
         const float* above = DH + row * n;
         float sh = 0.0f;
@@ -707,10 +753,10 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
       }
     }
     // dh_carry += dV(t) Wh^T, [B, 3N] x [N, 3N]^T (zero rows where a step is padding)
-    step_gemm(team.get(), batch, dv.data(), width, wt, carry, n, true);
-    sums.add(team.get(), batch, prev, n, dv.data(), width);
+    step_gemm(team.get(), batch, dv, width, wt, carry, n, true);
+    if (sum_here) sums->add(sums_team, batch, prev, n, dv, width);
   }
-  sums.flush(team.get());
+  if (sum_here) sums->flush(sums_team);
   return ffi::Error::Success();
 }
 
@@ -904,6 +950,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

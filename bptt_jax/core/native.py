@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax.core import host
-from bptt_jax.core.cells import lstm
+from bptt_jax.core.cells import gru, lstm
 from bptt_jax.core.cells.base import flat
 from bptt_jax.core.precision import mm
 
@@ -78,6 +78,12 @@ TARGETS = {  # (cell, loop) -> (the name registered with jax.ffi, the handler's 
     ("gru", "reverse"): ("bptt_jax_gru_reverse", "BpttGruReverse"),
 }
 COMPILE_TIMEOUT_S = 300
+# The GRU's reverse call sums dWh and dbh itself (``reverse(..., sum_in_kernel=True)``) for blocks of
+# at least this many rows C B where the gates are kept (backward.cell_backward): there it saves the
+# [C, B, 3 N1] dV array at the speed of XLA's dots; for short blocks (segments of a few steps,
+# gates recomputed per block) the calls' own chunks on one core ran slower (a Flax GRU model's
+# step with checkpoint_every=8: 0.92x against 1.02x of Flax's speed; benchmarks/nnx_speed.py).
+KERNEL_SUM_ROWS = 1024
 
 
 def _build_dir() -> Path:
@@ -220,6 +226,8 @@ def reverse(
     ss: Array,
     valid: Array | None,
     ds_init: Array | None,
+    *,
+    sum_in_kernel: bool = True,
 ):
     """One layer's BPTT over C steps with the gate cache given (the notes' BPTT of the cell, as the
     cell's ``reverse`` and ``weight_grads``): its input X [C, B, N_in], the states ss [C, B, W] and
@@ -227,10 +235,12 @@ def reverse(
     NamedTuple), ds(-1) [B, W], dA [C, B, G N1], norms: the LSTM's [C, B, 2] ||dDIV/dh(t)|| and
     ||dDIV/dc(t)||, the GRU's [C, B] ||dDIV/dh(t)||).
 
-    The kernel's reverse call reads h(t-1) from ss and s_in (no shifted copy of the states). The
-    GRU's sums dWh = sum_t h(t-1)^T dV(t) and dbh = sum_t dV(t) as it walks the steps (in chunks of
-    rows, with its own matmul), so its dV [C, B, 3 N1] never becomes an array; dWx = X^T dA and dbx
-    are XLA's. The LSTM's writes dA over its gate cache, and its weight gradients are XLA's block
+    The kernel's reverse call reads h(t-1) from ss and s_in (no shifted copy of the states). With
+    ``sum_in_kernel`` the GRU's sums dWh = sum_t h(t-1)^T dV(t) and dbh = sum_t dV(t) as it walks the
+    steps (in chunks of rows, with its own matmul), so its dV [C, B, 3 N1] never becomes an array;
+    without, it returns dV and XLA's dots sum them (the faster for short blocks: in the scans' blocks
+    with the gates recomputed the in-kernel sums made a Flax GRU model's training step 1.12x slower,
+    each call summing a few rows on one core); dWx = X^T dA and dbx are XLA's. The LSTM's writes dA over its gate cache, and its weight gradients are XLA's block
     matmuls (summed in the kernel, dWh made the LSTM's bptt call 1.04-1.15x slower at the five
     gated benchmark shapes: XLA's dot runs on both cores, the kernel's chunks on one where the
     per-step matmul does)."""
@@ -252,15 +262,20 @@ def reverse(
         das, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
         s_tm1s = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
         return lstm.weight_grads(layer, xs, s_tm1s, das, das), ds_m1, das, norms
+    g_shape = (t_len, batch, 3 * n1)
     out_gru = (
-        jax.ShapeDtypeStruct((t_len, batch, 3 * n1), f32),
-        jax.ShapeDtypeStruct(layer.wh.shape, f32),
-        jax.ShapeDtypeStruct((3 * n1,), f32),
+        jax.ShapeDtypeStruct(g_shape, f32),
+        jax.ShapeDtypeStruct((0,) if sum_in_kernel else g_shape, f32),  # dV, where XLA sums it
+        jax.ShapeDtypeStruct(layer.wh.shape if sum_in_kernel else (0,), f32),
+        jax.ShapeDtypeStruct((3 * n1,) if sum_in_kernel else (0,), f32),
         jax.ShapeDtypeStruct((batch, width), f32),
         jax.ShapeDtypeStruct((t_len, batch), f32),
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
-    das, dwh, dbh, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
+    das, dvs, dwh, dbh, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
+    if not sum_in_kernel:
+        s_tm1s = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
+        return gru.weight_grads(layer, xs, s_tm1s, das, dvs), ds_m1, das, norms
     da = flat(das)
     grads = type(layer)(mm(flat(xs).T, da), dwh, jnp.sum(da, axis=0), dbh)
     return grads, ds_m1, das, norms
