@@ -10,9 +10,11 @@ process may use two cores) and one fused pass over the batch rows for f1 or the 
 where XLA:CPU runs several separate operations per step. The gated cells' forward call also forms
 A = X Wx + bx itself: with the gates kept, for all C steps in one matmul into the gate cache's own
 buffer (no [C, B, G N1] array of pre-activations beside the cache), else step by step; the
-reverse call writes the LSTM's dA(t) over its gate cache (``input_output_aliases``). The Elman
-cell's projection (X W1 + b1), the gates' recomputation with gates="recompute", the
-weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
+reverse call writes the LSTM's dA(t) over its gate cache (``input_output_aliases``), and the
+GRU's sums dWh and dbh itself for long blocks with kept gates (``KERNEL_SUM_ROWS``; its dV then
+never becomes an array). The Elman cell's projection (X W1 + b1), the gates' recomputation with
+gates="recompute", the other weight-gradient sums and dX stay block matmuls in JAX, as in the
+scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
 own FFI headers; nothing else), into ``cache_dir()/native`` under a name that holds everything the
