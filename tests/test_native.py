@@ -163,19 +163,35 @@ def test_rnn_states_and_vmap_with_the_kernel(name):
 
 
 @needs_kernel
-def test_the_grus_weight_gradients_summed_in_the_kernel_equal_jax_grad():
-    """A GRU stack whose whole-sequence block has C B >= native.KERNEL_SUM_ROWS rows (the reverse
-    call sums dWh and dbh itself), bidirectional, with lengths and h0: bptt = jax.grad of the loss
-    through the scans; and the same call with short blocks (XLA sums dV) agrees."""
-    t, b = 128, native.KERNEL_SUM_ROWS // 128
-    spec = bj.RNNSpec(3, (5, 4), 2, cell="gru", bidirectional=True)
-    p = ref.make_problem(spec, t, b, seed=5, use_lengths=True, use_h0=True)
-    kw = dict(lengths=p.lengths, h0=p.h0)
-    want = jax.grad(bj.loss)(p.params, spec, p.xs, p.targets, **kw)
-    _, got, _ = bj.bptt(p.params, spec, p.xs, p.targets, recurrence="native", gates="store", **kw)
-    _, blocks, _ = bj.bptt(p.params, spec, p.xs, p.targets, recurrence="native", block_size=16, **kw)
-    assert ref.max_rel_err(got, want) < 1e-4
-    assert ref.max_rel_err(blocks, want) < 1e-4
+class GruSumsInTheKernelTest(chex.TestCase):
+    """GRU stacks whose whole-sequence block has C B = native.KERNEL_SUM_ROWS rows, where the reverse
+    call sums dWh and dbh itself (gates kept, the rules' one block): bptt's gradients and dDIV/dh(-1)
+    against jax.grad of the loss through the scans, in float32 (the kernel is float32 only), with
+    lengths (0 .. T) and h0, uni- and bidirectional, 1-2 layers, with and without an outer jit;
+    and the same call in blocks of 16 steps (XLA sums dV) agrees."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=3)
+    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
+    def test_float32(self, seed, bidirectional, two_layers):
+        t, b = 128, native.KERNEL_SUM_ROWS // 128
+        spec = bj.RNNSpec(3, (5, 4) if two_layers else (5,), 2, cell="gru", bidirectional=bidirectional)
+        p = ref.make_problem(spec, t, b, seed=seed, use_lengths=True, use_h0=True)
+
+        def loss(params, h0):
+            return bj.loss(params, spec, p.xs, p.targets, lengths=p.lengths, h0=h0, recurrence="scan")
+
+        want = jax.grad(loss, argnums=(0, 1))(p.params, p.h0)
+
+        def run(params, h0, **kw):
+            _, grads, aux = bj.bptt(params, spec, p.xs, p.targets, lengths=p.lengths, h0=h0, recurrence="native", **kw)
+            return grads, aux.dh0
+
+        got = self.variant(functools.partial(run, gates="store"))(p.params, p.h0)
+        blocks = self.variant(functools.partial(run, block_size=16))(p.params, p.h0)
+        chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+        assert ref.max_rel_err(got, want) < 1e-4
+        assert ref.max_rel_err(blocks, want) < 1e-4
 
 
 @needs_kernel

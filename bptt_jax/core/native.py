@@ -84,7 +84,8 @@ COMPILE_TIMEOUT_S = 300
 # at least this many rows C B where the gates are kept (backward.cell_backward): there it saves the
 # [C, B, 3 N1] dV array at the speed of XLA's dots; for short blocks (segments of a few steps,
 # gates recomputed per block) the calls' own chunks on one core ran slower (a Flax GRU model's
-# step with checkpoint_every=8: 0.92x against 1.02x of Flax's speed; benchmarks/nnx_speed.py).
+# step with checkpoint_every=8: 0.92x of Flax's speed against 1.03x, gates="recompute" 1.15-1.18x
+# against 1.32x; benchmarks/nnx_speed.py). A constant measured on one Xeon, not at run time.
 KERNEL_SUM_ROWS = 1024
 
 
@@ -238,14 +239,13 @@ def reverse(
     ||dDIV/dc(t)||, the GRU's [C, B] ||dDIV/dh(t)||).
 
     The kernel's reverse call reads h(t-1) from ss and s_in (no shifted copy of the states). With
-    ``sum_in_kernel`` the GRU's sums dWh = sum_t h(t-1)^T dV(t) and dbh = sum_t dV(t) as it walks the
-    steps (in chunks of rows, with its own matmul), so its dV [C, B, 3 N1] never becomes an array;
-    without, it returns dV and XLA's dots sum them (the faster for short blocks: in the scans' blocks
-    with the gates recomputed the in-kernel sums made a Flax GRU model's training step 1.12x slower,
-    each call summing a few rows on one core); dWx = X^T dA and dbx are XLA's. The LSTM's writes dA over its gate cache, and its weight gradients are XLA's block
-    matmuls (summed in the kernel, dWh made the LSTM's bptt call 1.04-1.15x slower at the five
-    gated benchmark shapes: XLA's dot runs on both cores, the kernel's chunks on one where the
-    per-step matmul does)."""
+    ``sum_in_kernel`` the GRU's sums dWh = sum_t h(t-1)^T dV(t) and dbh = sum_t dV(t) itself as it
+    walks the steps (chunks of rows, its own matmul), so its dV [C, B, 3 N1] never becomes an
+    array; without, it returns dV for XLA's dots (faster for short blocks: ``KERNEL_SUM_ROWS``).
+    dWx = X^T dA and dbx are XLA's. The LSTM's call writes dA over its gate cache, and its weight
+    gradients are XLA's block matmuls (summed in the kernel, dWh made its bptt call 1.04-1.15x
+    slower at the five gated benchmark shapes: XLA's dot uses both cores, the kernel's chunks ran
+    on one)."""
     t_len, batch, _ = cache.shape
     width = ss.shape[-1]
     n1 = layer.wh.shape[0]
@@ -262,8 +262,7 @@ def reverse(
             TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 0}
         )  # dA overwrites the gates in place
         das, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
-        s_tm1s = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
-        return lstm.weight_grads(layer, xs, s_tm1s, das, das), ds_m1, das, norms
+        return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms
     g_shape = (t_len, batch, 3 * n1)
     out_gru = (
         jax.ShapeDtypeStruct(g_shape, f32),
@@ -276,8 +275,12 @@ def reverse(
     call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
     das, dvs, dwh, dbh, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
     if not sum_in_kernel:
-        s_tm1s = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
-        return gru.weight_grads(layer, xs, s_tm1s, das, dvs), ds_m1, das, norms
+        return gru.weight_grads(layer, xs, _shifted(s_in, ss), das, dvs), ds_m1, das, norms
     da = flat(das)
     grads = type(layer)(mm(flat(xs).T, da), dwh, jnp.sum(da, axis=0), dbh)
     return grads, ds_m1, das, norms
+
+
+def _shifted(s_in: Array, ss: Array) -> Array:
+    """s(t-1) [C, B, W] for XLA's weight-gradient dots: s_in, then ss without its last step."""
+    return jnp.concatenate([s_in[None], ss[:-1]], axis=0)

@@ -59,9 +59,10 @@ STORE_ELEMENTS = 2**24
 # geometric means GRU 1.18x (1.24x in a first run), LSTM 1.30x), the kernel in the scans'
 # cache-sized blocks 0.93-1.30x: each block's call repacks Wh and the blocks' stored gates are
 # copied into the sequence's; one call keeps them in place. Its temp memory is the larger: up to
-# 2.4x the scans' (the gates' gradients are kept for all T at once: the LSTM's 0.70x jax.grad's,
-# the GRU's up to 1.23x). With the gates recomputed the scans' blocks stay (one block would
-# recompute every gate at once).
+# 1.7x the scans' (the gates' gradients are kept for all T at once: the LSTM's 0.68-0.70x the
+# smallest jax.grad contender's, the GRU's 0.82-0.85x since its reverse call sums dWh itself,
+# benchmarks/results/bptt_speed_gated_s17_huge_spr.md). With the gates recomputed the scans'
+# blocks stay (one block would recompute every gate at once).
 NATIVE_WHOLE_ELEMENTS = 2**24
 GATES = ("auto", "store", "recompute")
 
