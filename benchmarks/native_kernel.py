@@ -66,12 +66,17 @@ def kernel_forward(cell, layer, xs, s0, valid=None):
 
 def kernel_reverse(cell, layer, xs, dhs_above, gates, s_in, ss, valid=None, ds_init=None):
     """(dA [T, B, G N1], the layer's weight gradients, ds(-1) [B, W]) by the kernel's reverse call (the
-    gated cells' sums dWh itself; the Elman cell's dA = dZ1, its weight gradients XLA's matmuls)."""
+    gated cells' sums where native.sums_in_kernel says; the Elman cell's dA = dZ1, its weight
+    gradients XLA's matmuls)."""
     if cell == "elman":
         dz, dh_m1, _ = native.elman_reverse(layer.w11, "tanh", ss, dhs_above, valid, ds_init)
         prev = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
         return dz, cells.elman.weight_grads(layer, xs, prev, dz, dz), dh_m1
-    grads, ds_m1, das, _ = native.reverse(cell, layer, xs, dhs_above, gates, s_in, ss, valid, ds_init)
+    t, b, _ = xs.shape
+    inside = native.sums_in_kernel(cell, t * b, b, layer.wh.shape[0], True)  # as backward.cell_backward
+    grads, ds_m1, das, _ = native.reverse(
+        cell, layer, xs, dhs_above, gates, s_in, ss, valid, ds_init, sum_in_kernel=inside
+    )
     return das, grads, ds_m1
 
 

@@ -12,8 +12,10 @@ in one process (round robin, a fresh random order each round, medians), in ms:
                    all T in one matmul), keeping the gate cache, and
   ... no cache     keeping one step's scratch only (X(t) Wx step by step; with the kept run, what the
                    fresh pages of a [T, B, 4 N1] cache cost);
-  kernel reverse   the kernel's reverse call (``native.reverse``: the recursion, with dWh summed in
-                   the kernel as it walks the steps, and XLA's dWx = X^T dA);
+  kernel reverse   the kernel's reverse call (``native.reverse``: the recursion, with the weight
+                   gradients the kernel sums where ``native.sums_in_kernel`` says, as the library
+                   calls it (the GRU's dWh as it walks the steps, the LSTM's dWx and dWh on a
+                   helper thread), and XLA's dots for the rest);
   projection       X Wx + bx over the whole sequence by XLA's dot (for comparison: the kernel's forward
                    forms it itself);
   weight grads, dX the backward's bulk matmuls as XLA's dots, for comparison: dWx = X^T dA, dWh =
@@ -74,7 +76,8 @@ def runners(cell: str, shape, threads: int) -> dict:
     fwd = {keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)}
     ss, cache = fwd[True](xs)
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
-    rev = jax.jit(lambda c, g, s: native.reverse(cell, layer, xs, c, g, s0, s, None, None))
+    inside = native.sums_in_kernel(cell, t * b, b, n1, True)  # as backward.cell_backward decides
+    rev = jax.jit(lambda c, g, s: native.reverse(cell, layer, xs, c, g, s0, s, None, None, sum_in_kernel=inside))
     _, _, das, _ = rev(ct, cache, ss)
     bulk = jax.jit(lambda x, pv, da: (mod.weight_grads(layer, x, pv, da, da), mod.input_grad(layer, da)))
     scans, kernel = layer_vjp("scan"), layer_vjp("native")

@@ -81,9 +81,10 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     the GRU's dbh, summed in the kernel), ds(-1) and norms, with lengths 0 .. T, an h0 and an entering
     carry, against forward.unroll_layer, the cell's reverse and weight_grads. The shapes reach every
     part of the kernel's matmul: B = 1 (its wide tiles), 11 (a full block of rows and a remainder),
-    N1 = 5, 37, 40 (whole column panels and a part panel, forward and reverse), B = 48 (dWh's chunks
-    of 240 rows: a full one, then a part), and (32, 300): B N1 G N1 >= 2^23 multiply-adds per step,
-    the matmul split over two threads where the process may use two cores."""
+    N1 = 5, 37, 40 (whole column panels and a part panel, forward and reverse), B = 48 (the sums'
+    chunks: the GRU's of 240 rows, the LSTM's of 5 steps; a full one, then a part), and (32, 300):
+    B N1 G N1 >= 2^23 multiply-adds per step, the matmul split over two threads where the process
+    may use two cores (the LSTM's sums then after the steps)."""
     cell = cells.get(name)
     layer, xs, s0, above, ds_init, valid = _loop_problem(bj.RNNSpec(3, (n1,), 2, cell=name), b)
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
@@ -102,11 +103,11 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(kdas, das)
     grads = cell.weight_grads(layer, xs, prev, das, dvs)
     for k, g in zip(kgrads, grads, strict=True):
-        close(k, g, rtol=1e-4, atol=1e-5)  # dWh summed in the kernel's chunks, another order than XLA's dot
+        close(k, g, rtol=1e-4, atol=1e-5)  # summed in the kernel's chunks, another order than XLA's dot
     xgrads, xds_m1, xdas, _ = native.reverse(
         name, layer, xs, above, kgates, s0, kss, valid, ds_init, sum_in_kernel=False
     )
-    for k, g in zip(xgrads, grads, strict=True):  # the GRU's dV returned, summed by XLA
+    for k, g in zip(xgrads, grads, strict=True):  # dA (the GRU's dV) returned, summed by XLA
         close(k, g, rtol=1e-4, atol=1e-5)
     close(xds_m1, ds_m1)
     close(xdas, das)
@@ -163,19 +164,19 @@ def test_rnn_states_and_vmap_with_the_kernel(name):
 
 
 @needs_kernel
-class GruSumsInTheKernelTest(chex.TestCase):
-    """GRU stacks whose whole-sequence block has C B = native.KERNEL_SUM_ROWS rows, where the reverse
-    call sums dWh and dbh itself (gates kept, the rules' one block): bptt's gradients and dDIV/dh(-1)
-    against jax.grad of the loss through the scans, in float32 (the kernel is float32 only), with
-    lengths (0 .. T) and h0, uni- and bidirectional, 1-2 layers, with and without an outer jit;
-    and the same call in blocks of 16 steps (XLA sums dV) agrees."""
+class SumsInTheKernelTest(chex.TestCase):
+    """Gated stacks whose whole-sequence block has C B = native.KERNEL_SUM_ROWS rows, where the reverse
+    call makes weight-gradient sums itself (native.sums_in_kernel: the GRU's dWh and dbh with the
+    gates kept; the LSTM's dWx, dWh and db on a helper thread, in chunks of 32 steps here, whichever
+    thread takes them): bptt's gradients and dDIV/dh(-1) against jax.grad of the loss through the
+    scans, in float32 (the kernel is float32 only), with lengths (0 .. T) and h0, uni- and
+    bidirectional, 1-2 layers, with and without an outer jit; and the same call in blocks of 16
+    steps (XLA sums dA and dV) agrees."""
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @settings(max_examples=3)
-    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
-    def test_float32(self, seed, bidirectional, two_layers):
+    def _check(self, cell, seed, bidirectional, two_layers):
         t, b = 128, native.KERNEL_SUM_ROWS // 128
-        spec = bj.RNNSpec(3, (5, 4) if two_layers else (5,), 2, cell="gru", bidirectional=bidirectional)
+        spec = bj.RNNSpec(3, (5, 4) if two_layers else (5,), 2, cell=cell, bidirectional=bidirectional)
+        assert native.sums_in_kernel(cell, t * b, b, 5, True)
         p = ref.make_problem(spec, t, b, seed=seed, use_lengths=True, use_h0=True)
 
         def loss(params, h0):
@@ -192,6 +193,18 @@ class GruSumsInTheKernelTest(chex.TestCase):
         chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
         assert ref.max_rel_err(got, want) < 1e-4
         assert ref.max_rel_err(blocks, want) < 1e-4
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=3)
+    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
+    def test_gru(self, seed, bidirectional, two_layers):
+        self._check("gru", seed, bidirectional, two_layers)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=3)
+    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
+    def test_lstm(self, seed, bidirectional, two_layers):
+        self._check("lstm", seed, bidirectional, two_layers)
 
 
 @needs_kernel

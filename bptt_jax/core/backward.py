@@ -143,9 +143,9 @@ def cell_backward(
         dvs, norms = das, norms if plan.with_norms else None
     elif plan.recurrence == "native":  # a gated cell in float32 on the CPU (kernels.resolve)
         name = cells.name_of(layer)
-        # the GRU's dWh summed in the kernel where the gates are kept (the rules' one block) and a
-        # block's dV would be large; XLA's dots sum short blocks' dV faster
-        in_kernel = cache is not None and xs.shape[0] * xs.shape[1] >= native.KERNEL_SUM_ROWS
+        # weight gradients summed in the kernel for long blocks (native.sums_in_kernel)
+        c_len, batch = xs.shape[0], xs.shape[1]
+        in_kernel = native.sums_in_kernel(name, c_len * batch, batch, layer.wh.shape[0], cache is not None)
         if cache is None:  # gates="recompute": the gate cache from A(t) and s(t-1), two block matmuls
             cache = (lstm.gate_cache if name == "lstm" else gru.gate_cache)(layer, xs, s_tm1s)
         grads, ds_m1, das, norms = native.reverse(

@@ -458,6 +458,154 @@ class OuterSums {
   std::vector<float> ht_;  // h(t-1) of the chunk, transposed: [N, cap]
 };
 
+// C [R, cols] += A^T B over k rows, A [k, R] with row stride lda (A^T's rows are A's columns: the
+// weight-gradient sums X^T dA of a chunk of rows) and B [k, kPanel] with row stride ldb, neither
+// packed (a chunk is read once per sum, while it is still in cache); only C's first cols columns.
+template <int R>
+void tile_tn(const float* a, long lda, const float* b, long ldb, long k, float* c, long ldc, long cols) {
+  Vec s[R][2] = {};
+  for (long kk = 0; kk < k; ++kk) {
+    const Vec b0 = load(b + kk * ldb), b1 = load(b + kk * ldb + kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float x = a[kk * lda + r];
+      s[r][0] += x * b0;
+      s[r][1] += x * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float sum[kPanel];
+    std::memcpy(sum, &s[r][0], sizeof(Vec));
+    std::memcpy(sum + kLanes, &s[r][1], sizeof(Vec));
+    float* cr = c + r * ldc;
+    for (long j = 0; j < cols; ++j) cr[j] += sum[j];
+  }
+}
+
+// C [m, n] += A^T B, A [k, m] (row stride lda), B [k, n] (row stride ldb): panels of kPanel columns
+// outside, blocks of kRows rows of C inside, the k rows in blocks of kDepth (a panel's block of B
+// stays in L1 for every block of rows). A last, partial panel is copied into a zero-padded block
+// first (no reads past B's rows).
+void gemm_tn(long m, long n, long k, const float* a, long lda, const float* b, long ldb, float* c, long ldc) {
+  std::vector<float> pad;
+  for (long k0 = 0; k0 < k; k0 += kDepth) {
+    const long kb = std::min(kDepth, k - k0);
+    const float* ak = a + k0 * lda;
+    for (long q = 0; q < n; q += kPanel) {
+      const long cols = std::min(kPanel, n - q);
+      const float* bq = b + k0 * ldb + q;
+      long ldq = ldb;
+      if (cols < kPanel) {
+        pad.assign(static_cast<size_t>(kb * kPanel), 0.0f);
+        for (long kk = 0; kk < kb; ++kk) std::memcpy(pad.data() + kk * kPanel, bq + kk * ldb, sizeof(float) * cols);
+        bq = pad.data();
+        ldq = kPanel;
+      }
+      for (long r = 0; r < m; r += kRows) {
+        const float* ar = ak + r;
+        float* cr = c + r * ldc + q;
+        switch (std::min<long>(kRows, m - r)) {
+          case 8: tile_tn<8>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+          case 7: tile_tn<7>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+          case 6: tile_tn<6>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+          case 5: tile_tn<5>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+          case 4: tile_tn<4>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+          case 3: tile_tn<3>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+          case 2: tile_tn<2>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+          default: tile_tn<1>(ar, lda, bq, ldq, kb, cr, ldc, cols); break;
+        }
+      }
+    }
+  }
+}
+
+// Sums made beside a reverse call's step loop: the loop hands its rows over in chunks of steps, in
+// the order it finishes them (ready), and each sum (a chain: dWx, dWh) takes its chunks strictly in
+// that order, each chunk as one job run by whichever thread claims it. A helper thread works the
+// chains as the chunks come, on the second core, while the loop's thread walks the steps; that
+// thread joins in once its steps are done (finish). Each chain is one serial sequence of the same
+// jobs, so the sums do not depend on which thread ran which chunk, nor on whether a helper ran.
+class Behind {
+ public:
+  static constexpr int kMaxChains = 4;
+  using Job = void (*)(void* context, int chain, long chunk);
+
+  Behind(int chains, long chunks, Job job, void* context) : chains_(chains), chunks_(chunks), job_(job), context_(context) {}
+  ~Behind() { finish(); }
+
+  // Starts the helper where the process may use two cores (once; no thread: the loop's thread does
+  // every job in finish).
+  void start() {
+    static const bool can = two_cores();
+    if (!can || helper_.joinable()) return;
+    try {
+      helper_ = std::thread([this] { help(); });
+    } catch (const std::exception&) {
+    }
+  }
+  Behind(const Behind&) = delete;
+  Behind& operator=(const Behind&) = delete;
+
+  void ready(long chunks) { ready_.store(chunks, std::memory_order_release); }
+
+  // Runs the jobs left (all chunks ready), then waits for the helper's last job.
+  void finish() {
+    ready(chunks_);
+    for (Got got; (got = work()) != kDone;)
+      if (got == kNone) relax();
+    if (helper_.joinable()) helper_.join();
+  }
+
+ private:
+  enum Got { kDid, kNone, kDone };
+
+  // Claims and runs the next ready chunk of one chain: kDid, kNone (nothing to claim now), kDone.
+  Got work() {
+    bool left = false;
+    const long ready = ready_.load(std::memory_order_acquire);
+    int pick = -1;
+    long pick_s = 0;
+    for (int i = 0; i < chains_; ++i) {  // the free chain furthest behind
+      const long s = state_[i].load(std::memory_order_acquire);  // 2 next + (a job running)
+      const long next = s >> 1;
+      if (next >= chunks_) continue;
+      left = true;
+      if ((s & 1) == 0 && next < ready && (pick < 0 || s < pick_s)) {
+        pick = i;
+        pick_s = s;
+      }
+    }
+    if (pick >= 0 && state_[pick].compare_exchange_strong(pick_s, pick_s | 1, std::memory_order_acq_rel)) {
+      const int i = pick;
+      const long next = pick_s >> 1;
+      job_(context_, i, next);
+      state_[i].store((next + 1) << 1, std::memory_order_release);
+      return kDid;
+    }
+    return left ? kNone : kDone;
+  }
+
+  void help() {
+    long idle = 0;
+    for (Got got; (got = work()) != kDone;) {
+      if (got == kDid) {
+        idle = 0;
+      } else if (++idle < 4000) {
+        relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+  const int chains_;
+  const long chunks_;
+  const Job job_;
+  void* const context_;
+  std::atomic<long> ready_{0};
+  std::atomic<long> state_[kMaxChains] = {};
+  std::thread helper_;  // last: started once the members above are made
+};
+
 // X(t) Wx for every step of the call, [C B, N_in] x [N_in, G N] in one matmul into c (row stride
 // ldc), on two threads where the per-step matmul already has a team or this one is large enough.
 void project_all(Team* team, long rows, const float* x, long n_in, const Packed& wx, float* c, long ldc) {
@@ -465,6 +613,43 @@ void project_all(Team* team, long rows, const float* x, long n_in, const Packed&
   if (team == nullptr) own = team_for(rows, n_in, wx.n);
   step_gemm(team != nullptr ? team : own.get(), rows, x, n_in, wx, c, ldc, false);
 }
+
+// The LSTM reverse call's weight gradients, summed chunk by chunk beside its steps (Behind): chunk k
+// holds steps [C - (k + 1) per, C - k per) (the last chunk fewer), the loop's order. Four chains,
+// each a half of the columns (so that two threads share what is left when the steps are done) of
+// dWx += X^T dG with dbx = dbh += the column sums of dG (chains 0, 1) and of dWh += h(t-1)^T dG
+// (chains 2, 3), with h(t-1) read from the states (s0 for step 0; h is the first N of each [h | c]).
+struct LstmSums {
+  static constexpr int kChains = 4;
+  const float *x, *s0, *ss, *dg;
+  long batch, n_in, n, steps, per;
+  float *dwx = nullptr, *dwh = nullptr, *db = nullptr;
+
+  static void run(void* self, int chain, long chunk) {
+    const auto& m = *static_cast<const LstmSums*>(self);
+    const long t1 = m.steps - chunk * m.per, t0 = std::max(0L, t1 - m.per);
+    const long width = 4 * m.n, sw = 2 * m.n, rows = (t1 - t0) * m.batch;
+    const long half = std::min(width, (width / 2 + kPanel - 1) / kPanel * kPanel);  // whole panels
+    const long q0 = chain % 2 == 0 ? 0 : half, q1 = chain % 2 == 0 ? half : width;  // this chain's columns
+    if (q1 <= q0) return;
+    const float* dg = m.dg + t0 * m.batch * width + q0;
+    if (chain < 2) {
+      gemm_tn(m.n_in, q1 - q0, rows, m.x + t0 * m.batch * m.n_in, m.n_in, dg, width, m.dwx + q0, width);
+      float* db = m.db + q0;
+      for (long r = 0; r < rows; ++r)
+        for (long j = 0; j < q1 - q0; ++j) db[j] += dg[r * width + j];
+      return;
+    }
+    long skip = 0;  // rows of step 0, whose h(t-1) is s0
+    if (t0 == 0) {
+      skip = m.batch;
+      gemm_tn(m.n, q1 - q0, m.batch, m.s0, sw, dg, width, m.dwh + q0, width);
+    }
+    if (rows > skip)
+      gemm_tn(m.n, q1 - q0, rows - skip, m.ss + ((t0 > 0 ? t0 - 1 : 0) * m.batch) * sw, sw, dg + skip * width,
+              width, m.dwh + q0, width);
+  }
+};
 
 // xs [C, B, N_in] (the layer's input), wx [N_in, 4N], wh [N, 4N], bias [4N] (bx + bh), s0 [B, 2N] =
 // [h | c], valid [C, B]
@@ -534,18 +719,28 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
 //      dG is written, and no later step reads them.
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s0,
                            ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
-                           ffi::Buffer<ffi::F32> ds_init, ffi::ResultBuffer<ffi::F32> dgs,
-                           ffi::ResultBuffer<ffi::F32> ds_m1, ffi::ResultBuffer<ffi::F32> norms) {
+                           ffi::Buffer<ffi::F32> ds_init, ffi::Buffer<ffi::F32> xs, ffi::ResultBuffer<ffi::F32> dgs,
+                           ffi::ResultBuffer<ffi::F32> ds_m1, ffi::ResultBuffer<ffi::F32> norms,
+                           ffi::ResultBuffer<ffi::F32> dwx, ffi::ResultBuffer<ffi::F32> dwh,
+                           ffi::ResultBuffer<ffi::F32> db) {
   const auto d = gates.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm reverse: gates must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], width = d[2], n = width / 4, sw = 2 * n;
+  const long n_in = xs.dimensions().size() == 3 ? xs.dimensions()[2] : 0;
+  const bool sum_here = dwh->element_count() != 0;
   const size_t states = static_cast<size_t>(steps * batch * sw);
   if (auto e = check_dims(dhs.element_count() == static_cast<size_t>(steps * batch * n) &&
                               s0.element_count() == static_cast<size_t>(batch * sw) && ss.element_count() == states &&
                               wh.element_count() == static_cast<size_t>(n * width) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
                               ds_init.element_count() == static_cast<size_t>(batch * sw) &&
-                              norms->element_count() == static_cast<size_t>(steps * batch * 2),
+                              norms->element_count() == static_cast<size_t>(steps * batch * 2) &&
+                              xs.dimensions().size() == 3 && xs.dimensions()[0] == steps &&
+                              xs.dimensions()[1] == batch &&
+                              (sum_here ? dwx->element_count() == static_cast<size_t>(n_in * width) &&
+                                              dwh->element_count() == static_cast<size_t>(n * width) &&
+                                              db->element_count() == static_cast<size_t>(width)
+                                        : dwx->element_count() == 0 && db->element_count() == 0),
                           "lstm reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -561,7 +756,20 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   std::memcpy(carry, ds_init.typed_data(), sizeof(float) * batch * sw);
   std::vector<float> dh_keep(batch * n);
   const Packed wt = pack(W, n, width, true);  // Wh^T [4N, N]
-  const auto team = team_for(batch, width, n);
+  auto team = team_for(batch, width, n);
+  // The weight-gradient sums, beside the steps: chunks of about kChunkRows rows, in the loop's order
+  LstmSums sums{xs.typed_data(), S0, S, DG, batch, n_in, n, steps, std::max(1L, kChunkRows / batch)};
+  std::unique_ptr<Behind> behind;
+  if (sum_here) {
+    sums.dwx = dwx->typed_data();
+    sums.dwh = dwh->typed_data();
+    sums.db = db->typed_data();
+    std::fill(sums.dwx, sums.dwx + n_in * width, 0.0f);
+    std::fill(sums.dwh, sums.dwh + n * width, 0.0f);
+    std::fill(sums.db, sums.db + width, 0.0f);
+    behind = std::make_unique<Behind>(LstmSums::kChains, (steps + sums.per - 1) / sums.per, &LstmSums::run, &sums);
+    if (!team) behind->start();  // else the per-step matmul's team has the second core until the end
+  }
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     float* dg = DG + row0 * width;
@@ -592,6 +800,12 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
     step_gemm(team.get(), batch, dg, width, wt, carry, sw, false);
     for (long b = 0; b < batch; ++b)
       if (!V[row0 + b]) std::memcpy(carry + b * sw, dh_keep.data() + b * n, sizeof(float) * n);
+    if (behind && (steps - t) % sums.per == 0) behind->ready((steps - t) / sums.per);
+  }
+  if (behind) {
+    team.reset();
+    behind->start();
+    behind->finish();
   }
   return ffi::Error::Success();
 }
@@ -947,6 +1161,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

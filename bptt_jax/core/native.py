@@ -10,11 +10,12 @@ process may use two cores) and one fused pass over the batch rows for f1 or the 
 where XLA:CPU runs several separate operations per step. The gated cells' forward call also forms
 A = X Wx + bx itself: with the gates kept, for all C steps in one matmul into the gate cache's own
 buffer (no [C, B, G N1] array of pre-activations beside the cache), else step by step; the
-reverse call writes the LSTM's dA(t) over its gate cache (``input_output_aliases``), and the
-GRU's sums dWh and dbh itself for long blocks with kept gates (``KERNEL_SUM_ROWS``; its dV then
-never becomes an array). The Elman cell's projection (X W1 + b1), the gates' recomputation with
-gates="recompute", the other weight-gradient sums and dX stay block matmuls in JAX, as in the
-scans.
+reverse call writes the LSTM's dA(t) over its gate cache (``input_output_aliases``). For long
+blocks (``sums_in_kernel``) the reverse call also makes weight-gradient sums: the GRU's dWh and dbh
+(its dV then never becomes an array), the LSTM's dWx, dWh and the biases' (on a helper thread,
+chunk by chunk as the steps finish them: beside the recursion, on the second core). The Elman
+cell's projection (X W1 + b1), the gates' recomputation with gates="recompute", the other
+weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
 own FFI headers; nothing else), into ``cache_dir()/native`` under a name that holds everything the
@@ -87,6 +88,24 @@ COMPILE_TIMEOUT_S = 300
 # step with checkpoint_every=8: 0.92x of Flax's speed against 1.03x, gates="recompute" 1.15-1.18x
 # against 1.32x; benchmarks/nnx_speed.py). A constant measured on one Xeon, not at run time.
 KERNEL_SUM_ROWS = 1024
+# The LSTM's reverse call sums dWx, dWh and db itself beside its steps (``reverse(...,
+# sum_in_kernel=True)``) for blocks of at least KERNEL_SUM_ROWS rows whose per-step matmul stays on
+# one thread (B 4 N1 N1 multiply-adds below cell_kernels.cc's kParallelMacs, 2^23): a helper thread
+# takes the sums chunk by chunk as the steps finish them. Measured on a 2-core Xeon, the reverse
+# call alone with its sums against XLA's dots after it (benchmarks/native_parts.py): 1.1x at
+# (100, 32, 64, 128), 1.7x at (1000, 16, 64, 128); where the per-step matmul has two threads the
+# sums wait for the steps' end and ran 0.83-0.94x, so XLA's dots keep them there.
+PARALLEL_MACS = 1 << 23
+
+
+def sums_in_kernel(cell: str, rows: int, batch: int, n1: int, cache_kept: bool) -> bool:
+    """Whether ``reverse`` sums the weight gradients itself for a block of ``rows`` = C B rows of a
+    layer of ``n1`` units (``cache_kept``: the forward pass stored the gates)."""
+    if rows < KERNEL_SUM_ROWS:
+        return False
+    if cell == "lstm":
+        return batch * 4 * n1 * n1 < PARALLEL_MACS
+    return cache_kept
 
 
 def _build_dir() -> Path:
@@ -239,13 +258,14 @@ def reverse(
     ||dDIV/dc(t)||, the GRU's [C, B] ||dDIV/dh(t)||).
 
     The kernel's reverse call reads h(t-1) from ss and s_in (no shifted copy of the states). With
-    ``sum_in_kernel`` the GRU's sums dWh = sum_t h(t-1)^T dV(t) and dbh = sum_t dV(t) itself as it
-    walks the steps (chunks of rows, its own matmul), so its dV [C, B, 3 N1] never becomes an
-    array; without, it returns dV for XLA's dots (faster for short blocks: ``KERNEL_SUM_ROWS``).
-    dWx = X^T dA and dbx are XLA's. The LSTM's call writes dA over its gate cache, and its weight
-    gradients are XLA's block matmuls (summed in the kernel, dWh made its bptt call 1.04-1.15x
-    slower at the five gated benchmark shapes: XLA's dot uses both cores, the kernel's chunks ran
-    on one)."""
+    ``sum_in_kernel`` (``sums_in_kernel`` says where) the GRU's call sums dWh = sum_t h(t-1)^T dV(t)
+    and dbh = sum_t dV(t) itself as it walks the steps (chunks of rows, its own matmul), so its dV
+    [C, B, 3 N1] never becomes an array, and dWx = X^T dA and dbx are XLA's; the LSTM's sums dWx =
+    sum_t X(t)^T dA(t), dWh = sum_t h(t-1)^T dA(t) and dbx = dbh = sum_t dA(t) on a helper thread,
+    chunk by chunk as the steps finish (its steps' thread takes the chunks left when they are
+    done; each sum runs its chunks in one order, so the sums do not depend on the threads).
+    Without, the call returns dA (and the GRU's dV) for XLA's dots. The LSTM's call writes dA over
+    its gate cache."""
     t_len, batch, _ = cache.shape
     width = ss.shape[-1]
     n1 = layer.wh.shape[0]
@@ -257,12 +277,17 @@ def reverse(
             jax.ShapeDtypeStruct(cache.shape, f32),
             jax.ShapeDtypeStruct((batch, width), f32),
             jax.ShapeDtypeStruct((t_len, batch, 2), f32),
+            jax.ShapeDtypeStruct(layer.wx.shape if sum_in_kernel else (0,), f32),  # dWx
+            jax.ShapeDtypeStruct(layer.wh.shape if sum_in_kernel else (0,), f32),  # dWh
+            jax.ShapeDtypeStruct(layer.bh.shape if sum_in_kernel else (0,), f32),  # dbx = dbh
         )
         call = jax.ffi.ffi_call(
             TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 0}
         )  # dA overwrites the gates in place
-        das, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
-        return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms
+        das, ds_m1, norms, dwx, dwh, db = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs)
+        if not sum_in_kernel:
+            return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms
+        return type(layer)(dwx, dwh, db, db), ds_m1, das, norms
     g_shape = (t_len, batch, 3 * n1)
     out_gru = (
         jax.ShapeDtypeStruct(g_shape, f32),
