@@ -116,6 +116,26 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
 
 
 @needs_kernel
+@pytest.mark.parametrize("name", GATED)
+def test_the_forward_calls_projection_beside_the_steps(name):
+    """Kept gates, a per-step matmul on one thread and a projection of >= 2^22 multiply-adds in
+    several chunks (T = 37, B = 16: chunks of 16 steps, the last a part; lengths 0 .. T): the forward call forms X Wx
+    chunk by chunk beside its steps (a helper thread where two cores are free, else itself). Its
+    states and gates equal forward.unroll_layer's, and the call without kept gates (X Wx step by step)."""
+    spec = bj.RNNSpec(64, (64,), 2, cell=name)
+    layer, xs, s0, _, _, _ = _loop_problem(spec, 16, t=37)
+    valid = forward.valid_mask(jnp.array([37, 30, 0, 1, 17, 36, 37, 5] * 2), 37)
+    assert 37 * 16 * 64 * cells.get(name).GATES * 64 >= 2**22
+    ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
+    kss, kgates = native.forward(name, layer, xs, s0, valid, store=True)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    close(kss, ss)
+    close(native.forward(name, layer, xs, s0, valid, store=False), ss)
+    valid_gates = np.asarray(valid)[..., None]
+    close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0))
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     ("activation", "b", "n1"),
     [(f, b, n1) for f in sorted(native.ACTIVATIONS) for b, n1 in ((4, 5), (1, 37), (11, 40))] + [("tanh", 32, 520)],
