@@ -185,16 +185,16 @@ def test_rnn_states_and_vmap_with_the_kernel(name):
 
 @needs_kernel
 class SumsInTheKernelTest(chex.TestCase):
-    """Gated stacks whose whole-sequence block has C B = native.KERNEL_SUM_ROWS rows, where the reverse
-    call makes weight-gradient sums itself (native.sums_in_kernel: the GRU's dWh and dbh with the
-    gates kept; the LSTM's dWx, dWh and db on a helper thread, in chunks of 32 steps here, whichever
-    thread takes them): bptt's gradients and dDIV/dh(-1) against jax.grad of the loss through the
+    """Gated stacks whose whole-sequence block has C B >= native.KERNEL_SUM_ROWS rows, where the reverse
+    call makes the weight-gradient sums itself (native.sums_in_kernel; here on a helper thread beside
+    the steps, in chunks of 32 steps, whichever thread takes them; the GRU's dV in a ring of 4
+    chunks): bptt's gradients and dDIV/dh(-1) against jax.grad of the loss through the
     scans, in float32 (the kernel is float32 only), with lengths (0 .. T) and h0, uni- and
     bidirectional, 1-2 layers, with and without an outer jit; and the same call in blocks of 16
     steps (XLA sums dA and dV) agrees."""
 
     def _check(self, cell, seed, bidirectional, two_layers):
-        t, b = 128, native.KERNEL_SUM_ROWS // 128
+        t, b = 160, 8  # C B = 1280 >= native.KERNEL_SUM_ROWS; chunks of 32 steps: 5 (the GRU's ring of 4 wraps)
         spec = bj.RNNSpec(3, (5, 4) if two_layers else (5,), 2, cell=cell, bidirectional=bidirectional)
         assert native.sums_in_kernel(cell, t * b, b, 5, True)
         p = ref.make_problem(spec, t, b, seed=seed, use_lengths=True, use_h0=True)

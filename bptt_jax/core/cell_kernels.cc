@@ -963,22 +963,72 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
   return ffi::Error::Success();
 }
 
+// The GRU reverse call's weight gradients, summed chunk by chunk beside its steps (Beside), chunks
+// as LstmSums's. Chains 0, 1 (column halves): dWx += X^T dA and dbx += the column sums of dA;
+// chains 2, 3: dWh += h(t-1)^T dV and dbh += the column sums of dV, with dV read from a ring of
+// kRing chunk slots (the loop writes chunk k's dV into slot k mod kRing once chunk k - kRing's
+// chains 2 and 3 are done): no [C, B, 3N] dV array.
+struct GruSums {
+  static constexpr int kChains = 4;
+  static constexpr long kRing = 4;
+  const float *x, *h0, *hs, *da;
+  float* ring;  // [kRing][per B][3N]
+  long batch, n_in, n, steps, per;
+  float *dwx, *dbx, *dwh, *dbh;
+
+  float* slot(long chunk) const { return ring + (chunk % kRing) * per * batch * 3 * n; }
+
+  static void run(void* self, int chain, long chunk) {
+    const auto& m = *static_cast<const GruSums*>(self);
+    const long t1 = m.steps - chunk * m.per, t0 = std::max(0L, t1 - m.per);
+    const long width = 3 * m.n, rows = (t1 - t0) * m.batch;
+    const long half = std::min(width, (width / 2 + kPanel - 1) / kPanel * kPanel);  // whole panels
+    const long q0 = chain % 2 == 0 ? 0 : half, q1 = chain % 2 == 0 ? half : width;  // this chain's columns
+    if (q1 <= q0) return;
+    const float* src;
+    float* db;
+    if (chain < 2) {
+      src = m.da + t0 * m.batch * width + q0;
+      db = m.dbx + q0;
+      gemm_tn(m.n_in, q1 - q0, rows, m.x + t0 * m.batch * m.n_in, m.n_in, src, width, m.dwx + q0, width);
+    } else {
+      src = m.slot(chunk) + q0;  // rows of steps t0 .. t1 - 1, in time order
+      db = m.dbh + q0;
+      long skip = 0;  // rows of step 0, whose h(t-1) is h0
+      if (t0 == 0) {
+        skip = m.batch;
+        gemm_tn(m.n, q1 - q0, m.batch, m.h0, m.n, src, width, m.dwh + q0, width);
+      }
+      if (rows > skip)
+        gemm_tn(m.n, q1 - q0, rows - skip, m.hs + (t0 > 0 ? t0 - 1 : 0) * m.batch * m.n, m.n, src + skip * width,
+                width, m.dwh + q0, width);
+    }
+    for (long r = 0; r < rows; ++r)
+      for (long j = 0; j < q1 - q0; ++j) db[j] += src[r * width + j];
+  }
+};
+
 // dhs [C, B, N], cache [C, B, 4N], h0 [B, N] (the state entering the first step; h(t-1) is read from
 // hs for t > 0), hs [C, B, N] (h(t)), wh [N, 3N], valid [C, B], dh_init [B, N]
-//   -> das [C, B, 3N] (dA(t)), and either dvs [C, B, 3N] (dV(t); dwh, dbh empty) or, with dvs
-//      empty, dwh [N, 3N] (sum_t h(t-1)^T dV(t)) and dbh [3N] (sum_t dV(t)): dV(t) then lives one
-//      step in a scratch, no [C, B, 3N] array; dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
+//   -> das [C, B, 3N] (dA(t)), and either dvs [C, B, 3N] (dV(t); dwh, dbh, dwx, dbx empty) or, with
+//      dvs empty, dwh [N, 3N] (sum_t h(t-1)^T dV(t)) and dbh [3N] (sum_t dV(t)): dV(t) then lives
+//      one step in a scratch (or a chunk in GruSums's ring), no [C, B, 3N] array; with dwx [N_in,
+//      3N] and dbx [3N] not empty also those sums (X^T dA), all four beside the steps (GruSums, xs
+//      [C, B, N_in] read; no per-step team); dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
-                          ffi::Buffer<ffi::F32> dh_init, ffi::ResultBuffer<ffi::F32> das,
+                          ffi::Buffer<ffi::F32> dh_init, ffi::Buffer<ffi::F32> xs, ffi::ResultBuffer<ffi::F32> das,
                           ffi::ResultBuffer<ffi::F32> dvs, ffi::ResultBuffer<ffi::F32> dwh,
                           ffi::ResultBuffer<ffi::F32> dbh, ffi::ResultBuffer<ffi::F32> dh_m1,
-                          ffi::ResultBuffer<ffi::F32> norms) {
+                          ffi::ResultBuffer<ffi::F32> norms, ffi::ResultBuffer<ffi::F32> dwx,
+                          ffi::ResultBuffer<ffi::F32> dbx) {
   const auto d = cache.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "gru reverse: cache must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], n = d[2] / 4, width = 3 * n;
   const size_t rows = static_cast<size_t>(steps * batch);
   const bool sum_here = dvs->element_count() == 0;
+  const bool beside = sum_here && dwx->element_count() != 0;  // all four sums, beside the steps
+  const long n_in = xs.dimensions().size() == 3 ? xs.dimensions()[2] : 0;
   const size_t w_size = sum_here ? static_cast<size_t>(n * width) : 0;
   if (auto e = check_dims(dhs.element_count() == rows * n && hs.element_count() == rows * n &&
                               h0.element_count() == static_cast<size_t>(batch * n) &&
@@ -989,7 +1039,10 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
                               (sum_here || dvs->element_count() == rows * width) &&
                               dwh->element_count() == w_size &&
                               dbh->element_count() == (sum_here ? static_cast<size_t>(width) : 0) &&
-                              norms->element_count() == rows,
+                              norms->element_count() == rows && xs.dimensions().size() == 3 &&
+                              xs.dimensions()[0] == steps && xs.dimensions()[1] == batch &&
+                              dwx->element_count() == (beside ? static_cast<size_t>(n_in * width) : 0) &&
+                              dbx->element_count() == (beside ? static_cast<size_t>(width) : 0),
                           "gru reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -1006,29 +1059,46 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   float* NRM = norms->typed_data();
   float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
-  std::vector<float> scratch(sum_here ? batch * width : 0);  // dV(t), one step, where it is summed here
-  const Packed wt = pack(W, n, width, true);                 // Wh^T [3N, N]
-  const auto team = team_for(batch, width, n);
-  // dWh = sum_t h(t-1)^T dV(t), in chunks: on the per-step team, else on a team of its own where a
-  // chunk's matmul is large enough (its helper sleeps between chunks)
-  const auto own = team || !sum_here ? nullptr : team_for(n, kChunkRows, width, true);
+  const long per = std::max(1L, kChunkRows / batch);
+  std::vector<float> scratch(sum_here ? (beside ? GruSums::kRing * per : 1) * batch * width : 0);  // dV
+  const Packed wt = pack(W, n, width, true);  // Wh^T [3N, N]
+  const auto team = beside ? nullptr : team_for(batch, width, n);
+  // dWh = sum_t h(t-1)^T dV(t), in chunks: beside the steps (GruSums), or on the per-step team, else
+  // on a team of its own where a chunk's matmul is large enough (its helper sleeps between chunks)
+  const auto own = team || !sum_here || beside ? nullptr : team_for(n, kChunkRows, width, true);
   Team* const sums_team = team ? team.get() : own.get();
   std::unique_ptr<OuterSums> sums;
-  if (sum_here) {
-    std::fill(DB, DB + width, 0.0f);
+  GruSums gsums{xs.typed_data(), H0, H, DA, scratch.data(), batch, n_in, n, steps, per,
+                dwx->typed_data(), dbx->typed_data(), dwh->typed_data(), DB};
+  std::unique_ptr<Beside> aside;
+  if (sum_here) std::fill(DB, DB + width, 0.0f);
+  if (beside) {
+    std::fill(gsums.dwx, gsums.dwx + n_in * width, 0.0f);
+    std::fill(gsums.dbx, gsums.dbx + width, 0.0f);
+    std::fill(gsums.dwh, gsums.dwh + n * width, 0.0f);
+    aside = std::make_unique<Beside>(GruSums::kChains, (steps + per - 1) / per, &GruSums::run, &gsums);
+    aside->start();
+  } else if (sum_here) {
     sums = std::make_unique<OuterSums>(n, width, batch, dwh->typed_data());
   }
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     const float* prev = t == 0 ? H0 : H + (row0 - batch) * n;  // h(t-1)
-    float* dv = sum_here ? scratch.data() : dvs->typed_data() + row0 * width;
+    const long chunk = (steps - 1 - t) / per, t0 = std::max(0L, steps - (chunk + 1) * per);
+    if (beside && t == steps - 1 - chunk * per && chunk >= GruSums::kRing) {  // the slot's last sums done
+      aside->await(2, chunk - GruSums::kRing);
+      aside->await(3, chunk - GruSums::kRing);
+    }
+    float* dv = beside     ? gsums.slot(chunk) + (t - t0) * batch * width
+                : sum_here ? scratch.data()
+                           : dvs->typed_data() + row0 * width;
     for (long b = 0; b < batch; ++b) {
       const long row = row0 + b;
       float* cb = carry + b * n;
       float* dvb = dv + b * width;
       if (V[row]) {
         NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, DA + row * width, dvb, n);
-        if (sum_here)
+        if (sum_here && !beside)
           for (long j = 0; j < width; ++j) DB[j] += dvb[j];
       } else {  // padding: dA = dV = 0, the carry passes on with dH_above added
         const float* above = DH + row * n;
@@ -1044,9 +1114,11 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
     }
     // dh_carry += dV(t) Wh^T, [B, 3N] x [N, 3N]^T (zero rows where a step is padding)
     step_gemm(team.get(), batch, dv, width, wt, carry, n, true);
-    if (sum_here) sums->add(sums_team, batch, prev, n, dv, width);
+    if (sums) sums->add(sums_team, batch, prev, n, dv, width);
+    if (beside && t == t0) aside->ready(chunk + 1);
   }
-  if (sum_here) sums->flush(sums_team);
+  if (sums) sums->flush(sums_team);
+  if (aside) aside->finish();
   return ffi::Error::Success();
 }
 
@@ -1246,6 +1318,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

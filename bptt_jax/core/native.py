@@ -289,6 +289,7 @@ def reverse(
             return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms
         return type(layer)(dwx, dwh, db, db), ds_m1, das, norms
     g_shape = (t_len, batch, 3 * n1)
+    beside = sum_in_kernel and batch * 3 * n1 * n1 < PARALLEL_MACS  # dWx and dbx too, on the helper
     out_gru = (
         jax.ShapeDtypeStruct(g_shape, f32),
         jax.ShapeDtypeStruct((0,) if sum_in_kernel else g_shape, f32),  # dV, where XLA sums it
@@ -296,11 +297,15 @@ def reverse(
         jax.ShapeDtypeStruct((3 * n1,) if sum_in_kernel else (0,), f32),
         jax.ShapeDtypeStruct((batch, width), f32),
         jax.ShapeDtypeStruct((t_len, batch), f32),
+        jax.ShapeDtypeStruct(layer.wx.shape if beside else (0,), f32),
+        jax.ShapeDtypeStruct((3 * n1,) if beside else (0,), f32),
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
-    das, dvs, dwh, dbh, ds_m1, norms = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0)
+    das, dvs, dwh, dbh, ds_m1, norms, dwx, dbx = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs)
     if not sum_in_kernel:
         return gru.weight_grads(layer, xs, _shifted(s_in, ss), das, dvs), ds_m1, das, norms
+    if beside:
+        return type(layer)(dwx, dwh, dbx, dbh), ds_m1, das, norms
     da = flat(das)
     grads = type(layer)(mm(flat(xs).T, da), dwh, jnp.sum(da, axis=0), dbh)
     return grads, ds_m1, das, norms
