@@ -8,12 +8,14 @@ forward, dZ1(t) W11^T or dV(t) Wh^T in reverse; the file's own, with the recurre
 once per call for all C steps, split over two threads from 2^23 multiply-adds per step where the
 process may use two cores) and one fused pass over the batch rows for f1 or the gate arithmetic,
 where XLA:CPU runs several separate operations per step. The gated cells' forward call also forms
-A = X Wx + bx itself: with the gates kept, for all C steps in one matmul into the gate cache's own
-buffer (no [C, B, G N1] array of pre-activations beside the cache), else step by step; the
-reverse call writes the LSTM's dA(t) over its gate cache (``input_output_aliases``). For long
-blocks (``sums_in_kernel``) the reverse call also makes weight-gradient sums: the GRU's dWh and dbh
-(its dV then never becomes an array), the LSTM's dWx, dWh and the biases' (on a helper thread,
-chunk by chunk as the steps finish them: beside the recursion, on the second core). The Elman
+A = X Wx + bx itself: with the gates kept, for all C steps into the gate cache's own buffer (no
+[C, B, G N1] array of pre-activations beside the cache; where the per-step matmul has one thread,
+chunk by chunk on a helper thread ahead of the steps), else step by step; the reverse call writes
+the LSTM's dA(t) over its gate cache (``input_output_aliases``). For long blocks
+(``sums_in_kernel``) the reverse call also makes weight-gradient sums: the GRU's dWh and dbh (its
+dV then never becomes an array), and where the per-step matmul has one thread the LSTM's dWx, dWh
+and the biases', the GRU's dWx and dbx too (on a helper thread, chunk by chunk as the steps finish
+them: beside the recursion, on the second core). The Elman
 cell's projection (X W1 + b1), the gates' recomputation with gates="recompute", the other
 weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
 
@@ -92,9 +94,11 @@ KERNEL_SUM_ROWS = 1024
 # sum_in_kernel=True)``) for blocks of at least KERNEL_SUM_ROWS rows whose per-step matmul stays on
 # one thread (B 4 N1 N1 multiply-adds below cell_kernels.cc's kParallelMacs, 2^23): a helper thread
 # takes the sums chunk by chunk as the steps finish them. Measured on a 2-core Xeon, the reverse
-# call alone with its sums against XLA's dots after it (benchmarks/native_parts.py): 1.1x at
-# (100, 32, 64, 128), 1.7x at (1000, 16, 64, 128); where the per-step matmul has two threads the
-# sums wait for the steps' end and ran 0.83-0.94x, so XLA's dots keep them there.
+# call alone with its sums against XLA's dots after it: 1.1x at (100, 32, 64, 128), 1.7x at
+# (1000, 16, 64, 128); where the per-step matmul has two threads the sums waited for the steps'
+# end and ran 0.83-0.94x, so XLA's dots keep them there. The GRU's call, where it sums (gates
+# kept), does the same for all four sums below that size (B 3 N1 N1), and sums dWh on the steps'
+# team above it.
 PARALLEL_MACS = 1 << 23
 
 
@@ -259,8 +263,10 @@ def reverse(
 
     The kernel's reverse call reads h(t-1) from ss and s_in (no shifted copy of the states). With
     ``sum_in_kernel`` (``sums_in_kernel`` says where) the GRU's call sums dWh = sum_t h(t-1)^T dV(t)
-    and dbh = sum_t dV(t) itself as it walks the steps (chunks of rows, its own matmul), so its dV
-    [C, B, 3 N1] never becomes an array, and dWx = X^T dA and dbx are XLA's; the LSTM's sums dWx =
+    and dbh = sum_t dV(t) itself (chunks of rows, its own matmul), so its dV [C, B, 3 N1] never
+    becomes an array: where its per-step matmul has one thread, with dWx = X^T dA and dbx, all on
+    a helper thread beside the steps (dV in a ring of four chunks), else as it walks the steps,
+    dWx and dbx then XLA's; the LSTM's sums dWx =
     sum_t X(t)^T dA(t), dWh = sum_t h(t-1)^T dA(t) and dbx = dbh = sum_t dA(t) on a helper thread,
     chunk by chunk as the steps finish (its steps' thread takes the chunks left when they are
     done; each sum runs its chunks in one order, so the sums do not depend on the threads).
