@@ -118,9 +118,11 @@ def cell_backward(
     *,
     ds_init: Array | None,
     cache: Array | None = None,
+    want_dx: bool = True,
 ):
     """One layer's BPTT over a run of C steps (scan time), for any cell: its reverse recurrence
-    (``cell.reverse``, or the Elman kernel) and its "+=" weight-gradient sums over the C steps.
+    (``cell.reverse``, or the Elman kernel), its "+=" weight-gradient sums over the C steps and,
+    with ``want_dx``, dX = dA Wx^T (the gradient handed to the layer below).
 
     Args:
       layer: the cell's parameters (their type names the cell).
@@ -131,7 +133,7 @@ def cell_backward(
       cache: [C, B, CACHE N1] a gated cell's stored gates (None: the cell recomputes them).
 
     Returns:
-      (grads (the cell's NamedTuple), ds(-1) [B, W], dA [C, B, G N1], ||dh(t)|| [C, B] or None).
+      (grads (the cell's NamedTuple), ds(-1) [B, W], dX [C, B, N_in] or None, ||dh(t)|| [C, B] or None).
     """
     cell = cells.of(layer)
     s_tm1s = jnp.concatenate([s_in[None], ss[:-1]], axis=0)  # [C, B, W] s(t-1)
@@ -145,13 +147,17 @@ def cell_backward(
         name = cells.name_of(layer)
         # weight gradients summed in the kernel for long blocks (native.sums_in_kernel)
         c_len, batch = xs.shape[0], xs.shape[1]
-        in_kernel = native.sums_in_kernel(name, c_len * batch, batch, layer.wh.shape[0], cache is not None)
+        rule = (name, c_len * batch, batch, layer.wh.shape[0], cache is not None)
+        in_kernel, dx_here = native.sums_in_kernel(*rule), want_dx and native.dx_in_kernel(*rule)
         if cache is None:  # gates="recompute": the gate cache from A(t) and s(t-1), two block matmuls
             cache = (lstm.gate_cache if name == "lstm" else gru.gate_cache)(layer, xs, s_tm1s)
+        if dx_here:  # dX made on the kernel's helper thread beside the steps too
+            grads, ds_m1, dx, norms = native.reverse_dx(name, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init)
+            return grads, ds_m1, dx, norms if plan.with_norms else None
         grads, ds_m1, das, norms = native.reverse(
             name, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in_kernel=in_kernel
         )
-        return grads, ds_m1, das, norms if plan.with_norms else None
+        return grads, ds_m1, cell.input_grad(layer, das) if want_dx else None, norms if plan.with_norms else None
     else:
         das, dvs, ds_m1, norms = cell.reverse(
             layer,
@@ -166,7 +172,12 @@ def cell_backward(
             unroll=plan.unroll,
             cache=cache,
         )
-    return cell.weight_grads(layer, xs, s_tm1s, das, dvs), ds_m1, das, norms
+    return (
+        cell.weight_grads(layer, xs, s_tm1s, das, dvs),
+        ds_m1,
+        cell.input_grad(layer, das) if want_dx else None,
+        norms,
+    )
 
 
 def layer_backward_blocked(
@@ -202,16 +213,24 @@ def layer_backward_blocked(
     c = plan.block
     hs_b = _blocks(hs, c)
     zero = jax.tree_util.tree_map(zeros_acc, layer)
-    cell = cells.of(layer)
 
     def body(carry, blk):
         dh, g = carry
         x_blk, h_blk, i, above_blk, valid_blk, cache_blk = precision.per_block(blk, blk_in)
         h_in = _entering_state(h0, hs_hidden, i)
-        g_blk, dh, das, dh_norm = cell_backward(
-            layer, activation, x_blk, h_in, h_blk, above_blk, valid_blk, plan, ds_init=dh, cache=cache_blk
-        )
-        dx = cell.input_grad(layer, das) if want_dx else None  # [C, B, N_in]
+        g_blk, dh, dx, dh_norm = cell_backward(
+            layer,
+            activation,
+            x_blk,
+            h_in,
+            h_blk,
+            above_blk,
+            valid_blk,
+            plan,
+            ds_init=dh,
+            cache=cache_blk,
+            want_dx=want_dx,
+        )  # dx: [C, B, N_in] or None
         return (dh, _tree_add(g, g_blk)), (dx, dh_norm)
 
     hs_hidden = precision.hide(hs_b)
@@ -406,13 +425,23 @@ def stack_backward_blocked(params: RNNParams, spec: RNNSpec, run: Run, carry: Ca
             layer = params.layers[k]
             x_k = precision.rounded(x_blk, h_ins[0].dtype) if k == 0 else cell.hidden(h_blks[k - 1])
             cache = None if cache_blks is None else cache_blks[k]
-            g_k, dh[k], das, dh_norm = cell_backward(
-                layer, spec.activation, x_k, h_ins[k], h_blks[k], above_k, valid_blk, plan, ds_init=dh[k], cache=cache
+            g_k, dh[k], dx, dh_norm = cell_backward(
+                layer,
+                spec.activation,
+                x_k,
+                h_ins[k],
+                h_blks[k],
+                above_k,
+                valid_blk,
+                plan,
+                ds_init=dh[k],
+                cache=cache,
+                want_dx=want_dx,
             )
             g_layers[k] = _tree_add(g_layers[k], g_k)
             if dh_norm is not None:  # with_norms
                 norms[k] = jnp.mean(dh_norm, axis=1)  # [C]
-            return cell.input_grad(layer, das) if want_dx else None  # [C, B, N_in]: to layer k-1 (or dX)
+            return dx  # [C, B, N_in] or None: to layer k-1 (or dX)
 
         dxs = _down_the_stack(spec, above, layer_step, plan.with_dxs)
         g_ro = carry.readout if g_readout is None else _tree_add(carry.readout, g_readout)

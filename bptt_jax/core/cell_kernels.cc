@@ -528,7 +528,7 @@ void gemm_tn(long m, long n, long k, const float* a, long lda, const float* b, l
 // on which thread ran which chunk, nor on whether a helper ran at all.
 class Beside {
  public:
-  static constexpr int kMaxChains = 4;
+  static constexpr int kMaxChains = 5;
   using Job = void (*)(void* context, int chain, long chunk);
 
   Beside(int chains, long chunks, Job job, void* context) : chains_(chains), chunks_(chunks), job_(job), context_(context) {}
@@ -656,17 +656,25 @@ void project_all(Team* team, long rows, const float* x, long n_in, const Packed&
 // holds steps [C - (k + 1) per, C - k per) (the last chunk fewer), the loop's order. Four chains,
 // each a half of the columns (so that two threads share what is left when the steps are done) of
 // dWx += X^T dG with dbx = dbh += the column sums of dG (chains 0, 1) and of dWh += h(t-1)^T dG
-// (chains 2, 3), with h(t-1) read from the states (s0 for step 0; h is the first N of each [h | c]).
+// (chains 2, 3), with h(t-1) read from the states (s0 for step 0; h is the first N of each [h | c]);
+// where dX is asked for, chain 4: dX(t) = dG(t) Wx^T, the chunk's rows.
 struct LstmSums {
   static constexpr int kChains = 4;
   const float *x, *s0, *ss, *dg;
   long batch, n_in, n, steps, per;
   float *dwx = nullptr, *dwh = nullptr, *db = nullptr;
+  const Packed* wxt = nullptr;  // Wx^T [4N, N_in], where dX is made here
+  float* dx = nullptr;
 
   static void run(void* self, int chain, long chunk) {
     const auto& m = *static_cast<const LstmSums*>(self);
     const long t1 = m.steps - chunk * m.per, t0 = std::max(0L, t1 - m.per);
     const long width = 4 * m.n, sw = 2 * m.n, rows = (t1 - t0) * m.batch;
+    if (chain == kChains) {
+      gemm(rows, m.dg + t0 * m.batch * width, width, *m.wxt, m.dx + t0 * m.batch * m.n_in, m.n_in, false, 0,
+           m.wxt->panels);
+      return;
+    }
     const long half = std::min(width, (width / 2 + kPanel - 1) / kPanel * kPanel);  // whole panels
     const long q0 = chain % 2 == 0 ? 0 : half, q1 = chain % 2 == 0 ? half : width;  // this chain's columns
     if (q1 <= q0) return;
@@ -766,10 +774,11 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
 //      dG is written, and no later step reads them.
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s0,
                            ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
-                           ffi::Buffer<ffi::F32> ds_init, ffi::Buffer<ffi::F32> xs, ffi::ResultBuffer<ffi::F32> dgs,
-                           ffi::ResultBuffer<ffi::F32> ds_m1, ffi::ResultBuffer<ffi::F32> norms,
-                           ffi::ResultBuffer<ffi::F32> dwx, ffi::ResultBuffer<ffi::F32> dwh,
-                           ffi::ResultBuffer<ffi::F32> db) {
+                           ffi::Buffer<ffi::F32> ds_init, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
+                           ffi::ResultBuffer<ffi::F32> dgs, ffi::ResultBuffer<ffi::F32> ds_m1,
+                           ffi::ResultBuffer<ffi::F32> norms, ffi::ResultBuffer<ffi::F32> dwx,
+                           ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> db,
+                           ffi::ResultBuffer<ffi::F32> dxs) {
   const auto d = gates.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm reverse: gates must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], width = d[2], n = width / 4, sw = 2 * n;
@@ -787,7 +796,10 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
                               (sum_here ? dwx->element_count() == static_cast<size_t>(n_in * width) &&
                                               dwh->element_count() == static_cast<size_t>(n * width) &&
                                               db->element_count() == static_cast<size_t>(width)
-                                        : dwx->element_count() == 0 && db->element_count() == 0),
+                                        : dwx->element_count() == 0 && db->element_count() == 0) &&
+                              (dxs->element_count() == 0 ||
+                               (sum_here && dxs->element_count() == static_cast<size_t>(steps * batch * n_in) &&
+                                wx.element_count() == static_cast<size_t>(n_in * width))),
                           "lstm reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -806,6 +818,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   auto team = team_for(batch, width, n);
   // The weight-gradient sums, beside the steps: chunks of about kChunkRows rows, in the loop's order
   LstmSums sums{xs.typed_data(), S0, S, DG, batch, n_in, n, steps, std::max(1L, kChunkRows / batch)};
+  Packed wxt;  // Wx^T, where dX is made here
   std::unique_ptr<Beside> beside;
   if (sum_here) {
     sums.dwx = dwx->typed_data();
@@ -814,7 +827,14 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
     std::fill(sums.dwx, sums.dwx + n_in * width, 0.0f);
     std::fill(sums.dwh, sums.dwh + n * width, 0.0f);
     std::fill(sums.db, sums.db + width, 0.0f);
-    beside = std::make_unique<Beside>(LstmSums::kChains, (steps + sums.per - 1) / sums.per, &LstmSums::run, &sums);
+    if (dxs->element_count() != 0) {  // dX = dG Wx^T too, a fifth chain
+      wxt = pack(wx.typed_data(), n_in, width, true);
+      sums.wxt = &wxt;
+      sums.dx = dxs->typed_data();
+      advise_huge(sums.dx, dxs->size_bytes());
+    }
+    const int chains = LstmSums::kChains + (sums.dx != nullptr ? 1 : 0);
+    beside = std::make_unique<Beside>(chains, (steps + sums.per - 1) / sums.per, &LstmSums::run, &sums);
     if (!team) beside->start();  // else the per-step matmul's team has the second core until the end
   }
   for (long t = steps - 1; t >= 0; --t) {
@@ -971,24 +991,35 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
 struct GruSums {
   static constexpr int kChains = 4;
   static constexpr long kRing = 4;
-  const float *x, *h0, *hs, *da;
-  float* ring;  // [kRing][per B][3N]
+  const float *x, *h0, *hs;
+  float* da;    // dA [C, B, 3N], or (where dX is made here) a ring as dV's
+  float* ring;  // dV: [kRing][per B][3N]
   long batch, n_in, n, steps, per;
   float *dwx, *dbx, *dwh, *dbh;
+  const Packed* wxt = nullptr;  // Wx^T [3N, N_in], where dX is made here (chain 4)
+  float* dx = nullptr;
 
   float* slot(long chunk) const { return ring + (chunk % kRing) * per * batch * 3 * n; }
+  // chunk k's dA rows (steps t0 .. in time order)
+  float* da_rows(long chunk, long t0) const {
+    return dx != nullptr ? da + (chunk % kRing) * per * batch * 3 * n : da + t0 * batch * 3 * n;
+  }
 
   static void run(void* self, int chain, long chunk) {
     const auto& m = *static_cast<const GruSums*>(self);
     const long t1 = m.steps - chunk * m.per, t0 = std::max(0L, t1 - m.per);
     const long width = 3 * m.n, rows = (t1 - t0) * m.batch;
+    if (chain == kChains) {
+      gemm(rows, m.da_rows(chunk, t0), width, *m.wxt, m.dx + t0 * m.batch * m.n_in, m.n_in, false, 0, m.wxt->panels);
+      return;
+    }
     const long half = std::min(width, (width / 2 + kPanel - 1) / kPanel * kPanel);  // whole panels
     const long q0 = chain % 2 == 0 ? 0 : half, q1 = chain % 2 == 0 ? half : width;  // this chain's columns
     if (q1 <= q0) return;
     const float* src;
     float* db;
     if (chain < 2) {
-      src = m.da + t0 * m.batch * width + q0;
+      src = m.da_rows(chunk, t0) + q0;
       db = m.dbx + q0;
       gemm_tn(m.n_in, q1 - q0, rows, m.x + t0 * m.batch * m.n_in, m.n_in, src, width, m.dwx + q0, width);
     } else {
@@ -1017,17 +1048,19 @@ struct GruSums {
 //      [C, B, N_in] read; no per-step team); dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
-                          ffi::Buffer<ffi::F32> dh_init, ffi::Buffer<ffi::F32> xs, ffi::ResultBuffer<ffi::F32> das,
-                          ffi::ResultBuffer<ffi::F32> dvs, ffi::ResultBuffer<ffi::F32> dwh,
-                          ffi::ResultBuffer<ffi::F32> dbh, ffi::ResultBuffer<ffi::F32> dh_m1,
-                          ffi::ResultBuffer<ffi::F32> norms, ffi::ResultBuffer<ffi::F32> dwx,
-                          ffi::ResultBuffer<ffi::F32> dbx) {
+                          ffi::Buffer<ffi::F32> dh_init, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
+                          ffi::ResultBuffer<ffi::F32> das, ffi::ResultBuffer<ffi::F32> dvs,
+                          ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> dbh,
+                          ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms,
+                          ffi::ResultBuffer<ffi::F32> dwx, ffi::ResultBuffer<ffi::F32> dbx,
+                          ffi::ResultBuffer<ffi::F32> dxs) {
   const auto d = cache.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "gru reverse: cache must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], n = d[2] / 4, width = 3 * n;
   const size_t rows = static_cast<size_t>(steps * batch);
   const bool sum_here = dvs->element_count() == 0;
   const bool beside = sum_here && dwx->element_count() != 0;  // all four sums, beside the steps
+  const bool make_dx = beside && dxs->element_count() != 0;    // dX too: dA then in a ring, no array
   const long n_in = xs.dimensions().size() == 3 ? xs.dimensions()[2] : 0;
   const size_t w_size = sum_here ? static_cast<size_t>(n * width) : 0;
   if (auto e = check_dims(dhs.element_count() == rows * n && hs.element_count() == rows * n &&
@@ -1035,7 +1068,10 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
                               wh.element_count() == static_cast<size_t>(n * width) &&
                               valid.element_count() == rows &&
                               dh_init.element_count() == static_cast<size_t>(batch * n) &&
-                              das->element_count() == rows * width &&
+                              das->element_count() == (make_dx ? 0 : rows * width) &&
+                              (dxs->element_count() == 0 ||
+                               (make_dx && dxs->element_count() == rows * static_cast<size_t>(n_in) &&
+                                wx.element_count() == static_cast<size_t>(n_in * width))) &&
                               (sum_here || dvs->element_count() == rows * width) &&
                               dwh->element_count() == w_size &&
                               dbh->element_count() == (sum_here ? static_cast<size_t>(width) : 0) &&
@@ -1061,22 +1097,30 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
   const long per = std::max(1L, kChunkRows / batch);
   std::vector<float> scratch(sum_here ? (beside ? GruSums::kRing * per : 1) * batch * width : 0);  // dV
+  std::vector<float> da_ring(make_dx ? GruSums::kRing * per * batch * width : 0);              // dA
   const Packed wt = pack(W, n, width, true);  // Wh^T [3N, N]
+  const Packed wxt = make_dx ? pack(wx.typed_data(), n_in, width, true) : Packed{};  // Wx^T [3N, N_in]
   const auto team = beside ? nullptr : team_for(batch, width, n);
   // dWh = sum_t h(t-1)^T dV(t), in chunks: beside the steps (GruSums), or on the per-step team, else
   // on a team of its own where a chunk's matmul is large enough (its helper sleeps between chunks)
   const auto own = team || !sum_here || beside ? nullptr : team_for(n, kChunkRows, width, true);
   Team* const sums_team = team ? team.get() : own.get();
   std::unique_ptr<OuterSums> sums;
-  GruSums gsums{xs.typed_data(), H0, H, DA, scratch.data(), batch, n_in, n, steps, per,
+  GruSums gsums{xs.typed_data(), H0, H, make_dx ? da_ring.data() : DA, scratch.data(), batch, n_in, n, steps, per,
                 dwx->typed_data(), dbx->typed_data(), dwh->typed_data(), DB};
   std::unique_ptr<Beside> aside;
   if (sum_here) std::fill(DB, DB + width, 0.0f);
+  const int chains = GruSums::kChains + (make_dx ? 1 : 0);
+  if (make_dx) {
+    gsums.wxt = &wxt;
+    gsums.dx = dxs->typed_data();
+    advise_huge(gsums.dx, dxs->size_bytes());
+  }
   if (beside) {
     std::fill(gsums.dwx, gsums.dwx + n_in * width, 0.0f);
     std::fill(gsums.dbx, gsums.dbx + width, 0.0f);
     std::fill(gsums.dwh, gsums.dwh + n * width, 0.0f);
-    aside = std::make_unique<Beside>(GruSums::kChains, (steps + per - 1) / per, &GruSums::run, &gsums);
+    aside = std::make_unique<Beside>(chains, (steps + per - 1) / per, &GruSums::run, &gsums);
     aside->start();
   } else if (sum_here) {
     sums = std::make_unique<OuterSums>(n, width, batch, dwh->typed_data());
@@ -1085,19 +1129,18 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
     const long row0 = t * batch;
     const float* prev = t == 0 ? H0 : H + (row0 - batch) * n;  // h(t-1)
     const long chunk = (steps - 1 - t) / per, t0 = std::max(0L, steps - (chunk + 1) * per);
-    if (beside && t == steps - 1 - chunk * per && chunk >= GruSums::kRing) {  // the slot's last sums done
-      aside->await(2, chunk - GruSums::kRing);
-      aside->await(3, chunk - GruSums::kRing);
-    }
+    if (beside && t == steps - 1 - chunk * per && chunk >= GruSums::kRing)  // the slots' last readers done
+      for (int c = 0; c < chains; ++c) aside->await(c, chunk - GruSums::kRing);
     float* dv = beside     ? gsums.slot(chunk) + (t - t0) * batch * width
                 : sum_here ? scratch.data()
                            : dvs->typed_data() + row0 * width;
+    float* da = make_dx ? gsums.da_rows(chunk, t0) + (t - t0) * batch * width : DA + row0 * width;  // dA(t)
     for (long b = 0; b < batch; ++b) {
       const long row = row0 + b;
       float* cb = carry + b * n;
       float* dvb = dv + b * width;
       if (V[row]) {
-        NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, DA + row * width, dvb, n);
+        NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, da + b * width, dvb, n);
         if (sum_here && !beside)
           for (long j = 0; j < width; ++j) DB[j] += dvb[j];
       } else {  // padding: dA = dV = 0, the carry passes on with dH_above added
@@ -1108,7 +1151,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
           sh += cb[j] * cb[j];
         }
         NRM[row] = std::sqrt(sh);
-        std::memset(DA + row * width, 0, sizeof(float) * width);
+        std::memset(da + b * width, 0, sizeof(float) * width);
         std::memset(dvb, 0, sizeof(float) * width);
       }
     }
@@ -1290,6 +1333,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -1319,6 +1364,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruReverse, GruReverseImpl,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

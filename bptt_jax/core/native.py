@@ -272,12 +272,35 @@ def reverse(
     done; each sum runs its chunks in one order, so the sums do not depend on the threads).
     Without, the call returns dA (and the GRU's dV) for XLA's dots. The LSTM's call writes dA over
     its gate cache."""
+    grads, ds_m1, das, norms, _ = _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in_kernel)
+    return grads, ds_m1, das, norms
+
+
+def dx_in_kernel(cell: str, rows: int, batch: int, n1: int, cache_kept: bool) -> bool:
+    """Whether ``reverse_dx`` applies: the block's weight-gradient sums run on the helper thread
+    (``sums_in_kernel`` with the per-step matmul on one thread), which then also makes dX."""
+    return sums_in_kernel(cell, rows, batch, n1, cache_kept) and batch * (4 if cell == "lstm" else 3) * n1 * n1 < (
+        PARALLEL_MACS
+    )
+
+
+def reverse_dx(cell: str, layer, xs: Array, dhs_above: Array, cache: Array, s_in: Array, ss: Array, valid, ds_init):
+    """``reverse`` where ``dx_in_kernel`` holds, with dX = dA Wx^T [C, B, N_in] (the gradient handed to
+    the layer below) made on the helper thread beside the steps too, in place of dA: (grads, ds(-1),
+    dX, norms). The GRU's dA then lives in a ring of chunks, as its dV: no [C, B, 3 N1] array."""
+    grads, ds_m1, _, norms, dxs = _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, True, dx=True)
+    return grads, ds_m1, dxs, norms
+
+
+def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in_kernel, *, dx=False):
+    """(grads, ds(-1), dA or None, norms, dX or None): ``reverse`` and ``reverse_dx``."""
     t_len, batch, _ = cache.shape
     width = ss.shape[-1]
     n1 = layer.wh.shape[0]
     f32 = jnp.float32
     ds0 = jnp.zeros((batch, width), f32) if ds_init is None else ds_init
     valid = _mask(valid, t_len, batch)
+    dx_shape = xs.shape if dx else (0,)
     if cell == "lstm":
         out = (
             jax.ShapeDtypeStruct(cache.shape, f32),
@@ -286,18 +309,19 @@ def reverse(
             jax.ShapeDtypeStruct(layer.wx.shape if sum_in_kernel else (0,), f32),  # dWx
             jax.ShapeDtypeStruct(layer.wh.shape if sum_in_kernel else (0,), f32),  # dWh
             jax.ShapeDtypeStruct(layer.bh.shape if sum_in_kernel else (0,), f32),  # dbx = dbh
+            jax.ShapeDtypeStruct(dx_shape, f32),  # dX, where asked
         )
         call = jax.ffi.ffi_call(
             TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 0}
         )  # dA overwrites the gates in place
-        das, ds_m1, norms, dwx, dwh, db = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs)
+        das, ds_m1, norms, dwx, dwh, db, dxs = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx)
         if not sum_in_kernel:
-            return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms
-        return type(layer)(dwx, dwh, db, db), ds_m1, das, norms
+            return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms, None
+        return type(layer)(dwx, dwh, db, db), ds_m1, das, norms, dxs if dx else None
     g_shape = (t_len, batch, 3 * n1)
     beside = sum_in_kernel and batch * 3 * n1 * n1 < PARALLEL_MACS  # dWx and dbx too, on the helper
     out_gru = (
-        jax.ShapeDtypeStruct(g_shape, f32),
+        jax.ShapeDtypeStruct((0,) if dx else g_shape, f32),  # dA (in a ring where dX is made)
         jax.ShapeDtypeStruct((0,) if sum_in_kernel else g_shape, f32),  # dV, where XLA sums it
         jax.ShapeDtypeStruct(layer.wh.shape if sum_in_kernel else (0,), f32),
         jax.ShapeDtypeStruct((3 * n1,) if sum_in_kernel else (0,), f32),
@@ -305,16 +329,19 @@ def reverse(
         jax.ShapeDtypeStruct((t_len, batch), f32),
         jax.ShapeDtypeStruct(layer.wx.shape if beside else (0,), f32),
         jax.ShapeDtypeStruct((3 * n1,) if beside else (0,), f32),
+        jax.ShapeDtypeStruct(dx_shape, f32),
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
-    das, dvs, dwh, dbh, ds_m1, norms, dwx, dbx = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs)
+    das, dvs, dwh, dbh, ds_m1, norms, dwx, dbx, dxs = call(
+        dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx
+    )
     if not sum_in_kernel:
-        return gru.weight_grads(layer, xs, _shifted(s_in, ss), das, dvs), ds_m1, das, norms
+        return gru.weight_grads(layer, xs, _shifted(s_in, ss), das, dvs), ds_m1, das, norms, None
     if beside:
-        return type(layer)(dwx, dwh, dbx, dbh), ds_m1, das, norms
+        return type(layer)(dwx, dwh, dbx, dbh), ds_m1, None if dx else das, norms, dxs if dx else None
     da = flat(das)
     grads = type(layer)(mm(flat(xs).T, da), dwh, jnp.sum(da, axis=0), dbh)
-    return grads, ds_m1, das, norms
+    return grads, ds_m1, das, norms, None
 
 
 def _shifted(s_in: Array, ss: Array) -> Array:
