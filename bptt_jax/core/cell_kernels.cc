@@ -767,9 +767,11 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
 
 // dhs [C, B, N] (the gradient reaching h(t) from outside), gates [C, B, 4N], s0 [B, 2N] (the state
 // entering the first step; s(t-1) is read from ss for t > 0), ss [C, B, 2N] (s(t)), wh [N, 4N],
-// valid [C, B], ds_init [B, 2N]
+// valid [C, B], ds_init [B, 2N], xs [C, B, N_in], wx [N_in, 4N]
 //   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)), norms [C, B, 2]
-//      (||dDIV/dh(t)||, ||dDIV/dc(t)||: c(t)'s total gradient, the carry's where a step is padding).
+//      (||dDIV/dh(t)||, ||dDIV/dc(t)||: c(t)'s total gradient, the carry's where a step is padding),
+//      and where dwx, dwh, db are not empty the weight gradients (LstmSums, beside the steps), with
+//      dxs [C, B, N_in] not empty also dX = dG Wx^T.
 //      dgs may be the gates' own buffer (native.py aliases them): a row's gates are read before its
 //      dG is written, and no later step reads them.
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s0,
@@ -1045,7 +1047,9 @@ struct GruSums {
 //      dvs empty, dwh [N, 3N] (sum_t h(t-1)^T dV(t)) and dbh [3N] (sum_t dV(t)): dV(t) then lives
 //      one step in a scratch (or a chunk in GruSums's ring), no [C, B, 3N] array; with dwx [N_in,
 //      3N] and dbx [3N] not empty also those sums (X^T dA), all four beside the steps (GruSums, xs
-//      [C, B, N_in] read; no per-step team); dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
+//      [C, B, N_in] read; no per-step team), and with dxs [C, B, N_in] not empty dX = dA Wx^T (wx
+//      [N_in, 3N] read), das then empty (dA in a ring as dV); dh_m1 [B, N] (dDIV/dh(-1)), norms
+//      [C, B] (||dh(t)||).
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
                           ffi::Buffer<ffi::F32> dh_init, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,

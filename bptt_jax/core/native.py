@@ -14,8 +14,9 @@ chunk by chunk on a helper thread ahead of the steps), else step by step; the re
 the LSTM's dA(t) over its gate cache (``input_output_aliases``). For long blocks
 (``sums_in_kernel``) the reverse call also makes weight-gradient sums: the GRU's dWh and dbh (its
 dV then never becomes an array), and where the per-step matmul has one thread the LSTM's dWx, dWh
-and the biases', the GRU's dWx and dbx too (on a helper thread, chunk by chunk as the steps finish
-them: beside the recursion, on the second core). The Elman
+and the biases', the GRU's dWx and dbx too, and dX = dA Wx^T for the layer below (``reverse_dx``;
+the GRU's dA then never an array either), on a helper thread, chunk by chunk as the steps finish
+them: beside the recursion, on the second core. The Elman
 cell's projection (X W1 + b1), the gates' recomputation with gates="recompute", the other
 weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
 
