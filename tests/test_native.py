@@ -113,7 +113,7 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(xdas, das)
     close(kds_m1, ds_m1)
     close(knorms, norms)  # ||dh(t)|| (the LSTM's also ||dc(t)||), padding too
-    if b * cell.GATES * n1 * n1 < native.PARALLEL_MACS:  # dX on the helper thread too, dA never returned
+    if native.one_thread(name, b, n1):  # dX on the helper thread too, dA never returned
         dgrads, dds_m1, dxs, dnorms = native.reverse_dx(name, layer, xs, above, kgates, s0, kss, valid, ds_init)
         for k, g in zip(dgrads, grads, strict=True):
             close(k, g, rtol=1e-4, atol=1e-5)

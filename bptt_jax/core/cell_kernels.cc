@@ -310,10 +310,14 @@ void step_gemm(Team* team, long m, const float* a, long lda, const Packed& b, fl
 }
 
 // A Team for a call whose per-step matmul is m x k x n, or none (also where no thread can be made:
-// the call then runs on one thread, never fails for it).
-std::unique_ptr<Team> team_for(long m, long k, long n, bool sleepy = false) {
+// the call then runs on one thread, never fails for it). ``beside``: the call has work for a helper
+// beside its steps (Beside, below), which keeps the second core from kParallelMacs itself: a
+// Flax LSTM model of two layers of 256, B 32 (B 4 N1 N1 = 2^23), trained 1.71x Flax's steps/s at
+// 0.53x its temp memory that way against 1.54x at 0.64x with the team (benchmarks/nnx_speed.py,
+// one run each); its short blocks (gates="recompute") ran faster with the team.
+std::unique_ptr<Team> team_for(long m, long k, long n, bool sleepy = false, bool beside = false) {
   static const bool can = two_cores();
-  if (!can || m * k * n < kParallelMacs) return nullptr;
+  if (!can || m * k * n < kParallelMacs + (beside ? 1 : 0)) return nullptr;
   try {
     return std::make_unique<Team>(sleepy);
   } catch (const std::exception&) {
@@ -732,8 +736,8 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
   advise_huge(Q, gates->size_bytes());
   const Packed xp = pack(wx.typed_data(), n_in, width, false);  // Wx [N_in, 4N]
   const Packed wp = pack(wh.typed_data(), n, width, false);     // Wh [N, 4N]
-  const auto team = team_for(batch, n, width);
   Projection proj{X, n_in, &xp, Q, width, batch, steps, std::max(1L, kChunkRows / batch)};
+  const auto team = team_for(batch, n, width, false, keep && projection_beside(nullptr, proj));
   std::unique_ptr<Beside> ahead;  // X Wx chunk by chunk beside the steps (projection_beside)
   const bool beside = keep && projection_beside(team.get(), proj);
   if (keep && !beside) project_all(team.get(), steps * batch, X, n_in, xp, Q, width);
@@ -817,7 +821,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   std::memcpy(carry, ds_init.typed_data(), sizeof(float) * batch * sw);
   std::vector<float> dh_keep(batch * n);
   const Packed wt = pack(W, n, width, true);  // Wh^T [4N, N]
-  auto team = team_for(batch, width, n);
+  auto team = team_for(batch, width, n, false, sum_here);
   // The weight-gradient sums, beside the steps: chunks of about kChunkRows rows, in the loop's order
   LstmSums sums{xs.typed_data(), S0, S, DG, batch, n_in, n, steps, std::max(1L, kChunkRows / batch)};
   Packed wxt;  // Wx^T, where dX is made here
@@ -958,8 +962,8 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
   std::vector<float> xw(keep ? 0 : batch * width);              // X(t) Wx, step by step when not kept
   const Packed xp = pack(wx.typed_data(), n_in, width, false);  // Wx [N_in, 3N]
   const Packed wp = pack(wh.typed_data(), n, width, false);     // Wh [N, 3N]
-  const auto team = team_for(batch, n, width);
   Projection proj{X, n_in, &xp, K, 4 * n, batch, steps, std::max(1L, kChunkRows / batch)};
+  const auto team = team_for(batch, n, width, false, keep && projection_beside(nullptr, proj));
   std::unique_ptr<Beside> ahead;  // X Wx chunk by chunk beside the steps (projection_beside)
   const bool beside = keep && projection_beside(team.get(), proj);
   if (keep && !beside) project_all(team.get(), steps * batch, X, n_in, xp, K, 4 * n);

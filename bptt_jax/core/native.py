@@ -92,13 +92,14 @@ COMPILE_TIMEOUT_S = 300
 # against 1.32x; benchmarks/nnx_speed.py). A constant measured on one Xeon, not at run time.
 KERNEL_SUM_ROWS = 1024
 # The LSTM's reverse call sums dWx, dWh and db itself beside its steps (``reverse(...,
-# sum_in_kernel=True)``) for blocks of at least KERNEL_SUM_ROWS rows whose per-step matmul stays on
-# one thread (B 4 N1 N1 multiply-adds below cell_kernels.cc's kParallelMacs, 2^23): a helper thread
-# takes the sums chunk by chunk as the steps finish them. Measured on a 2-core Xeon, the reverse
+# sum_in_kernel=True)``) for blocks of at least KERNEL_SUM_ROWS rows with the gates kept whose
+# per-step matmul stays on one thread (B 4 N1 N1 multiply-adds up to cell_kernels.cc's
+# kParallelMacs, 2^23: ``one_thread``): a helper thread takes the sums chunk by chunk as the steps
+# finish them. Measured on a 2-core Xeon, the reverse
 # call alone with its sums against XLA's dots after it: 1.1x at (100, 32, 64, 128), 1.7x at
 # (1000, 16, 64, 128); where the per-step matmul has two threads the sums waited for the steps'
 # end and ran 0.83-0.94x, so XLA's dots keep them there. The GRU's call, where it sums (gates
-# kept), does the same for all four sums below that size (B 3 N1 N1), and sums dWh on the steps'
+# kept), does the same for all four sums up to that size (B 3 N1 N1), and sums dWh on the steps'
 # team above it.
 PARALLEL_MACS = 1 << 23
 
@@ -106,11 +107,9 @@ PARALLEL_MACS = 1 << 23
 def sums_in_kernel(cell: str, rows: int, batch: int, n1: int, cache_kept: bool) -> bool:
     """Whether ``reverse`` sums the weight gradients itself for a block of ``rows`` = C B rows of a
     layer of ``n1`` units (``cache_kept``: the forward pass stored the gates)."""
-    if rows < KERNEL_SUM_ROWS:
+    if rows < KERNEL_SUM_ROWS or not cache_kept:  # gates recomputed: blocks, XLA's dots faster
         return False
-    if cell == "lstm":
-        return batch * 4 * n1 * n1 < PARALLEL_MACS
-    return cache_kept
+    return cell == "gru" or one_thread(cell, batch, n1)
 
 
 def _build_dir() -> Path:
@@ -280,9 +279,14 @@ def reverse(
 def dx_in_kernel(cell: str, rows: int, batch: int, n1: int, cache_kept: bool) -> bool:
     """Whether ``reverse_dx`` applies: the block's weight-gradient sums run on the helper thread
     (``sums_in_kernel`` with the per-step matmul on one thread), which then also makes dX."""
-    return sums_in_kernel(cell, rows, batch, n1, cache_kept) and batch * (4 if cell == "lstm" else 3) * n1 * n1 < (
-        PARALLEL_MACS
-    )
+    return sums_in_kernel(cell, rows, batch, n1, cache_kept) and one_thread(cell, batch, n1)
+
+
+def one_thread(cell: str, batch: int, n1: int) -> bool:
+    """Whether the kernel's per-step matmul (B G N1 N1 multiply-adds) runs on one thread in a call
+    with work for its helper (cell_kernels.cc's team_for: up to kParallelMacs itself; without such
+    work a call splits the matmul from kParallelMacs), leaving the second core to the helper."""
+    return batch * (4 if cell == "lstm" else 3) * n1 * n1 <= PARALLEL_MACS
 
 
 def reverse_dx(cell: str, layer, xs: Array, dhs_above: Array, cache: Array, s_in: Array, ss: Array, valid, ds_init):
@@ -320,7 +324,7 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
             return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms, None
         return type(layer)(dwx, dwh, db, db), ds_m1, das, norms, dxs if dx else None
     g_shape = (t_len, batch, 3 * n1)
-    beside = sum_in_kernel and batch * 3 * n1 * n1 < PARALLEL_MACS  # dWx and dbx too, on the helper
+    beside = sum_in_kernel and one_thread(cell, batch, n1)  # dWx and dbx too, on the helper
     out_gru = (
         jax.ShapeDtypeStruct((0,) if dx else g_shape, f32),  # dA (in a ring where dX is made)
         jax.ShapeDtypeStruct((0,) if sum_in_kernel else g_shape, f32),  # dV, where XLA sums it
