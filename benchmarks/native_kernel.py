@@ -13,7 +13,7 @@ full length; the Elman cell with tanh at ``bptt_speed.SHAPES``, the gated cells 
   forward loop   the library's ``forward.unroll_layer(..., store=True)`` (input projection + scan
                  keeping the gate cache) against the projection + the kernel's forward;
   reverse loop   the cell's ``reverse`` given the stored gate cache, and the layer's weight
-                 gradients, against the kernel's reverse call (the gated cells' sums dWh itself);
+                 gradients, against the kernel's reverse call (sums where native.sums_in_kernel says);
   layer          forward + explicit BPTT of the layer (``backward.cell_backward``: the reverse loop
                  and the weight-gradient and dX matmuls) against the same with both kernel loops;
   torch          PyTorch's ``nn.LSTM`` / ``nn.GRU`` forward + ``backward`` of the same cotangent
@@ -140,10 +140,8 @@ def contenders(cell, shape):
 
     def scan_layer(layer, xs, above):
         ss, gates = scan_forward(layer, xs)
-        grads, ds0, das, _ = backward.cell_backward(
-            layer, "tanh", xs, s0, ss, above, None, p, ds_init=None, cache=gates
-        )
-        return ss, grads, ds0, mod.input_grad(layer, das)
+        grads, ds0, dx, _ = backward.cell_backward(layer, "tanh", xs, s0, ss, above, None, p, ds_init=None, cache=gates)
+        return ss, grads, ds0, dx  # dX = dA Wx^T, made by cell_backward
 
     def native_layer(layer, xs, above):
         ss, gates = kernel_forward(cell, layer, xs, s0)
