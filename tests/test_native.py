@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import bptt_jax as bj
@@ -224,12 +224,16 @@ class SumsInTheKernelTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @settings(max_examples=3)
     @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
+    @example(seed=1, bidirectional=True, two_layers=True)  # dX made in the kernel for the layer below
+    @example(seed=2, bidirectional=False, two_layers=True)
     def test_gru(self, seed, bidirectional, two_layers):
         self._check("gru", seed, bidirectional, two_layers)
 
     @chex.variants(with_jit=True, without_jit=True)
     @settings(max_examples=3)
     @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
+    @example(seed=1, bidirectional=True, two_layers=True)  # dX made in the kernel for the layer below
+    @example(seed=2, bidirectional=False, two_layers=True)
     def test_lstm(self, seed, bidirectional, two_layers):
         self._check("lstm", seed, bidirectional, two_layers)
 
