@@ -197,12 +197,14 @@ class SumsInTheKernelTest(chex.TestCase):
     the steps, in chunks of 32 steps, whichever thread takes them; the GRU's dV in a ring of 4
     chunks): bptt's gradients and dDIV/dh(-1) against jax.grad of the loss through the
     scans, in float32 (the kernel is float32 only), with lengths (0 .. T) and h0, uni- and
-    bidirectional, 1-2 layers, with and without an outer jit; and the same call in blocks of 16
-    steps (XLA sums dA and dV) agrees."""
+    bidirectional, 1-2 layers (the upper one's dX written over dH_above, native.reverse_dx), with and
+    without an outer jit; and the same call in blocks of 16 steps (XLA sums dA and dV) agrees."""
 
     def _check(self, cell, seed, bidirectional, two_layers):
         t, b = 160, 8  # C B = 1280 >= native.KERNEL_SUM_ROWS; chunks of 32 steps: 5 (the GRU's ring of 4 wraps)
-        spec = bj.RNNSpec(3, (5, 4) if two_layers else (5,), 2, cell=cell, bidirectional=bidirectional)
+        # two layers: the upper one's input as wide as its states, so its dX takes dH_above's buffer
+        sizes = ((4, 8) if bidirectional else (5, 5)) if two_layers else (5,)
+        spec = bj.RNNSpec(3, sizes, 2, cell=cell, bidirectional=bidirectional)
         assert native.sums_in_kernel(cell, t * b, b, 5, True)
         p = ref.make_problem(spec, t, b, seed=seed, use_lengths=True, use_h0=True)
 

@@ -306,6 +306,9 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
     ds0 = jnp.zeros((batch, width), f32) if ds_init is None else ds_init
     valid = _mask(valid, t_len, batch)
     dx_shape = xs.shape if dx else (0,)
+    # dX may take dH_above's buffer: a chunk of dX is written after the steps that read its rows of
+    # dH_above (the layer above's gradient, dead after this call; XLA copies it where it is not)
+    reuse = dx and xs.shape == dhs_above.shape and dhs_above.dtype == f32
     if cell == "lstm":
         out = (
             jax.ShapeDtypeStruct(cache.shape, f32),
@@ -316,9 +319,8 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
             jax.ShapeDtypeStruct(layer.bh.shape if sum_in_kernel else (0,), f32),  # dbx = dbh
             jax.ShapeDtypeStruct(dx_shape, f32),  # dX, where asked
         )
-        call = jax.ffi.ffi_call(
-            TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 0}
-        )  # dA overwrites the gates in place
+        aliases = {1: 0, 0: 6} if reuse else {1: 0}  # dA overwrites the gates in place
+        call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases=aliases)
         das, ds_m1, norms, dwx, dwh, db, dxs = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx)
         if not sum_in_kernel:
             return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms, None
@@ -336,7 +338,8 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
         jax.ShapeDtypeStruct((3 * n1,) if beside else (0,), f32),
         jax.ShapeDtypeStruct(dx_shape, f32),
     )
-    call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
+    aliases = {0: 8} if reuse else None
+    call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential", input_output_aliases=aliases)
     das, dvs, dwh, dbh, ds_m1, norms, dwx, dbx, dxs = call(
         dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx
     )
