@@ -320,7 +320,9 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
             jax.ShapeDtypeStruct(dx_shape, f32),  # dX, where asked
         )
         aliases = {1: 0, 0: 6} if reuse else {1: 0}  # dA overwrites the gates in place
-        call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases=aliases)
+        call = jax.ffi.ffi_call(
+            TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases=aliases
+        )
         das, ds_m1, norms, dwx, dwh, db, dxs = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx)
         if not sum_in_kernel:
             return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms, None
@@ -339,7 +341,9 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
         jax.ShapeDtypeStruct(dx_shape, f32),
     )
     aliases = {0: 8} if reuse else None
-    call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential", input_output_aliases=aliases)
+    call = jax.ffi.ffi_call(
+        TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential", input_output_aliases=aliases
+    )
     das, dvs, dwh, dbh, ds_m1, norms, dwx, dbx, dxs = call(
         dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx
     )
