@@ -363,6 +363,16 @@ def test_native_parts_quick():
     assert len(rows) == 1 and len(rows[0]) == 10 and all(float(v) > 0 for v in rows[0][2:9]), rows
 
 
+def test_sums_beside_quick():
+    mod = _load("sums_beside", "benchmarks/sums_beside.py")
+    if mod.native.unavailable() is not None:  # a machine without g++ skips
+        pytest.skip(mod.native.unavailable())
+    report = mod.main(["--quick", "--rounds", "1", "--cell", "elman", "--cell", "lstm"])  # raises where grads differ
+    rows = [line.split("|") for line in report.splitlines() if line.startswith(("| elman |", "| lstm |"))]
+    assert len(rows) == 2 and all(r[-2].strip() == "yes" for r in rows), rows
+    assert all(float(v) > 0 for r in rows for v in r[3:7]), rows
+
+
 def test_native_blocks_quick():
     from bptt_jax.core import native
 

@@ -150,7 +150,9 @@ def test_the_forward_calls_projection_beside_the_steps(name):
 def test_the_elman_kernels_loops_equal_the_scans_step_for_step(activation, b, n1):
     """The Elman cell's forward loop (states) and reverse loop (dZ1(t), dDIV/dh(-1), ||dh(t)||), with
     lengths 0 .. T, an h0 and an entering carry, against forward.unroll_layer and
-    cells.elman.reverse_recurrence, for every f1; (32, 520): B N1^2 >= 2^23, the two-thread split."""
+    cells.elman.reverse_recurrence, for every f1; and the reverse call that also sums dW1, dW11, db1
+    and makes dX (native.elman_reverse_sums) against cells.elman.weight_grads and input_grad;
+    (32, 520): B N1^2 >= 2^23, the two-thread split (the sums after the steps)."""
     layer, xs, h0, above, dh_init, valid = _loop_problem(bj.RNNSpec(3, (n1,), 2, activation=activation), b)
     hs = forward.unroll_layer(layer, activation, xs, h0, valid)
     dz, dh_m1, norms = cells.elman.reverse_recurrence(layer.w11, activation, hs, above, valid, dh_init)
@@ -162,6 +164,16 @@ def test_the_elman_kernels_loops_equal_the_scans_step_for_step(activation, b, n1
     close(kdz, dz)
     close(kdh_m1, dh_m1)
     close(knorms, norms)
+    # the same call with the weight-gradient sums and dX on its helper thread
+    sums, sdh_m1, sdx, snorms = native.elman_reverse_sums(
+        layer, activation, xs, h0, khs, above, valid, dh_init, dx=True
+    )
+    want = cells.elman.weight_grads(layer, xs, jnp.concatenate([h0[None], hs[:-1]]), dz, dz)
+    for got, ref_ in zip(sums, want, strict=True):  # sums over all rows, in another order: atol by their size
+        np.testing.assert_allclose(got, ref_, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(ref_))))
+    close(sdx, cells.elman.input_grad(layer, dz))
+    close(sdh_m1, dh_m1)
+    close(snorms, norms)
 
 
 @needs_kernel
@@ -192,12 +204,12 @@ def test_rnn_states_and_vmap_with_the_kernel(name):
 
 @needs_kernel
 class SumsInTheKernelTest(chex.TestCase):
-    """Gated stacks whose whole-sequence block has C B >= native.KERNEL_SUM_ROWS rows, where the reverse
-    call makes the weight-gradient sums itself (native.sums_in_kernel; here on a helper thread beside
-    the steps, in chunks of 32 steps, whichever thread takes them; the GRU's dV in a ring of 4
-    chunks): bptt's gradients and dDIV/dh(-1) against jax.grad of the loss through the
+    """Stacks of each cell (the gated ones with their gates kept) whose whole-sequence block has C B >=
+    native.KERNEL_SUM_ROWS rows, where the reverse call makes the weight-gradient sums itself
+    (native.sums_in_kernel; here on a helper thread beside the steps, in chunks of 32 steps,
+    whichever thread takes them; the GRU's dV in a ring of 4 chunks): bptt's gradients and dDIV/dh(-1) against jax.grad of the loss through the
     scans, in float32 (the kernel is float32 only), with lengths (0 .. T) and h0, uni- and
-    bidirectional, 1-2 layers (the upper one's dX written over dH_above, native.reverse_dx), with and
+    bidirectional, 1-2 layers (the upper one's dX made in the kernel, over dH_above), with and
     without an outer jit; and the same call in blocks of 16 steps (XLA sums dA and dV) agrees."""
 
     def _check(self, cell, seed, bidirectional, two_layers):
@@ -217,7 +229,7 @@ class SumsInTheKernelTest(chex.TestCase):
             _, grads, aux = bj.bptt(params, spec, p.xs, p.targets, lengths=p.lengths, h0=h0, recurrence="native", **kw)
             return grads, aux.dh0
 
-        got = self.variant(functools.partial(run, gates="store"))(p.params, p.h0)
+        got = self.variant(functools.partial(run, **({} if cell == "elman" else {"gates": "store"})))(p.params, p.h0)
         blocks = self.variant(functools.partial(run, block_size=16))(p.params, p.h0)
         chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
         assert ref.max_rel_err(got, want) < 1e-4
@@ -238,6 +250,14 @@ class SumsInTheKernelTest(chex.TestCase):
     @example(seed=2, bidirectional=False, two_layers=True)
     def test_lstm(self, seed, bidirectional, two_layers):
         self._check("lstm", seed, bidirectional, two_layers)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=3)
+    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
+    @example(seed=1, bidirectional=True, two_layers=True)  # dX made in the kernel for the layer below
+    @example(seed=2, bidirectional=False, two_layers=True)
+    def test_elman(self, seed, bidirectional, two_layers):
+        self._check("elman", seed, bidirectional, two_layers)
 
 
 @needs_kernel

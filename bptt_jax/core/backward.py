@@ -141,6 +141,11 @@ def cell_backward(
         das, ds_m1, norms = kernels.reverse_recurrence(layer.w11, activation, ss, dhs_above, valid, ds_init)
         dvs, norms = das, norms if plan.with_norms else None
     elif plan.recurrence == "native" and cells.name_of(layer) == "elman":  # float32 on the CPU
+        if native.sums_in_kernel("elman", xs.shape[0] * xs.shape[1], xs.shape[1], layer.w11.shape[0], True):
+            grads, ds_m1, dzx, norms = native.elman_reverse_sums(
+                layer, activation, xs, s_in, ss, dhs_above, valid, ds_init, dx=want_dx
+            )  # the sums and dX on the kernel's helper thread, beside the steps
+            return grads, ds_m1, dzx if want_dx else None, norms if plan.with_norms else None
         das, ds_m1, norms = native.elman_reverse(layer.w11, activation, ss, dhs_above, valid, ds_init)
         dvs, norms = das, norms if plan.with_norms else None
     elif plan.recurrence == "native":  # a gated cell in float32 on the CPU (kernels.resolve)

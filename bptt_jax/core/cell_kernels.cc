@@ -656,24 +656,26 @@ void project_all(Team* team, long rows, const float* x, long n_in, const Packed&
   step_gemm(team != nullptr ? team : own.get(), rows, x, n_in, wx, c, ldc, false);
 }
 
-// The LSTM reverse call's weight gradients, summed chunk by chunk beside its steps (Beside): chunk k
-// holds steps [C - (k + 1) per, C - k per) (the last chunk fewer), the loop's order. Four chains,
-// each a half of the columns (so that two threads share what is left when the steps are done) of
-// dWx += X^T dG with dbx = dbh += the column sums of dG (chains 0, 1) and of dWh += h(t-1)^T dG
-// (chains 2, 3), with h(t-1) read from the states (s0 for step 0; h is the first N of each [h | c]);
-// where dX is asked for, chain 4: dX(t) = dG(t) Wx^T, the chunk's rows.
-struct LstmSums {
+// The weight gradients of a reverse call whose dA(t) rows are all kept (the LSTM's dG over its gate
+// cache, the Elman cell's dZ1), summed chunk by chunk beside its steps (Beside): chunk k holds steps
+// [C - (k + 1) per, C - k per) (the last chunk fewer), the loop's order. Four chains, each a half of
+// the columns (so that two threads share what is left when the steps are done) of dWx += X^T dA with
+// dbx (= dbh) += the column sums of dA (chains 0, 1) and of dWh += h(t-1)^T dA (chains 2, 3), with
+// h(t-1) read from the states (s0 for step 0; h is the first N of each state row, sw floats apart:
+// the LSTM's [h | c], the Elman cell's h); where dX is asked for, chain 4: dX(t) = dA(t) Wx^T, the
+// chunk's rows. The LSTM's width is 4 N, the Elman cell's N.
+struct RowSums {
   static constexpr int kChains = 4;
   const float *x, *s0, *ss, *dg;
-  long batch, n_in, n, steps, per;
+  long batch, n_in, n, width, sw, steps, per;
   float *dwx = nullptr, *dwh = nullptr, *db = nullptr;
   const Packed* wxt = nullptr;  // Wx^T [4N, N_in], where dX is made here
   float* dx = nullptr;
 
   static void run(void* self, int chain, long chunk) {
-    const auto& m = *static_cast<const LstmSums*>(self);
+    const auto& m = *static_cast<const RowSums*>(self);
     const long t1 = m.steps - chunk * m.per, t0 = std::max(0L, t1 - m.per);
-    const long width = 4 * m.n, sw = 2 * m.n, rows = (t1 - t0) * m.batch;
+    const long width = m.width, sw = m.sw, rows = (t1 - t0) * m.batch;
     if (chain == kChains) {
       gemm(rows, m.dg + t0 * m.batch * width, width, *m.wxt, m.dx + t0 * m.batch * m.n_in, m.n_in, false, 0,
            m.wxt->panels);
@@ -774,7 +776,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
 // valid [C, B], ds_init [B, 2N], xs [C, B, N_in], wx [N_in, 4N]
 //   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)), norms [C, B, 2]
 //      (||dDIV/dh(t)||, ||dDIV/dc(t)||: c(t)'s total gradient, the carry's where a step is padding),
-//      and where dwx, dwh, db are not empty the weight gradients (LstmSums, beside the steps), with
+//      and where dwx, dwh, db are not empty the weight gradients (RowSums, beside the steps), with
 //      dxs [C, B, N_in] not empty also dX = dG Wx^T.
 //      dgs may be the gates' own buffer (native.py aliases them): a row's gates are read before its
 //      dG is written, and no later step reads them.
@@ -823,7 +825,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   const Packed wt = pack(W, n, width, true);  // Wh^T [4N, N]
   auto team = team_for(batch, width, n, false, sum_here);
   // The weight-gradient sums, beside the steps: chunks of about kChunkRows rows, in the loop's order
-  LstmSums sums{xs.typed_data(), S0, S, DG, batch, n_in, n, steps, std::max(1L, kChunkRows / batch)};
+  RowSums sums{xs.typed_data(), S0, S, DG, batch, n_in, n, width, sw, steps, std::max(1L, kChunkRows / batch)};
   Packed wxt;  // Wx^T, where dX is made here
   std::unique_ptr<Beside> beside;
   if (sum_here) {
@@ -839,8 +841,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
       sums.dx = dxs->typed_data();
       advise_huge(sums.dx, dxs->size_bytes());
     }
-    const int chains = LstmSums::kChains + (sums.dx != nullptr ? 1 : 0);
-    beside = std::make_unique<Beside>(chains, (steps + sums.per - 1) / sums.per, &LstmSums::run, &sums);
+    const int chains = RowSums::kChains + (sums.dx != nullptr ? 1 : 0);
+    beside = std::make_unique<Beside>(chains, (steps + sums.per - 1) / sums.per, &RowSums::run, &sums);
     if (!team) beside->start();  // else the per-step matmul's team has the second core until the end
   }
   for (long t = steps - 1; t >= 0; --t) {
@@ -990,7 +992,7 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
 }
 
 // The GRU reverse call's weight gradients, summed chunk by chunk beside its steps (Beside), chunks
-// as LstmSums's. Chains 0, 1 (column halves): dWx += X^T dA and dbx += the column sums of dA;
+// as RowSums's. Chains 0, 1 (column halves): dWx += X^T dA and dbx += the column sums of dA;
 // chains 2, 3: dWh += h(t-1)^T dV and dbh += the column sums of dV, with dV read from a ring of
 // kRing chunk slots (the loop writes chunk k's dV into slot k mod kRing once chunk k - kRing's
 // chains 2 and 3 are done): no [C, B, 3N] dV array.
@@ -1250,20 +1252,40 @@ ffi::Error ElmanForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w11,
   return ffi::Error::Success();
 }
 
-// hs [C, B, N], dhs [C, B, N] (dH_above), w11 [N, N], valid [C, B], dh_init [B, N]
-//   -> dzs [C, B, N] (dZ1(t)), dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||).
+// hs [C, B, N], dhs [C, B, N] (dH_above), w11 [N, N], valid [C, B], dh_init [B, N], h0 [B, N] (the
+// state entering the first step), xs [C, B, N_in], w1 [N_in, N]
+//   -> dzs [C, B, N] (dZ1(t)), dh_m1 [B, N] (dDIV/dh(-1)), norms [C, B] (||dh(t)||), and where dw1,
+//      dw11, db are not empty the weight gradients dW1 = sum_t X(t)^T dZ1(t), dW11 = sum_t
+//      h(t-1)^T dZ1(t), db1 = sum_t dZ1(t) (RowSums, on a helper thread beside the steps; h0, xs
+//      and w1 are read only then, else they may be empty), with dxs [C, B, N_in] not empty also
+//      dX = dZ1 W1^T. dxs may be dhs's buffer (native.py aliases them): a chunk of dX is written
+//      after the steps that read its rows of dhs.
 ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> w11,
-                            ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dh_init,
-                            ffi::ResultBuffer<ffi::F32> dzs, ffi::ResultBuffer<ffi::F32> dh_m1,
-                            ffi::ResultBuffer<ffi::F32> norms, int32_t f) {
+                            ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> dh_init, ffi::Buffer<ffi::F32> h0,
+                            ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w1, ffi::ResultBuffer<ffi::F32> dzs,
+                            ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms,
+                            ffi::ResultBuffer<ffi::F32> dw1, ffi::ResultBuffer<ffi::F32> dw11,
+                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dxs, int32_t f) {
   const auto d = hs.dimensions();
   if (d.size() != 3) return check_dims(false, "elman reverse: hs must be [C, B, N]");
   const long steps = d[0], batch = d[1], n = d[2];
   const size_t rows = static_cast<size_t>(steps * batch);
+  const bool sum_here = dw11->element_count() != 0;
+  const long n_in = sum_here && xs.dimensions().size() == 3 ? xs.dimensions()[2] : 0;
   if (auto e = check_dims(dhs.element_count() == rows * n && w11.element_count() == static_cast<size_t>(n * n) &&
                               valid.element_count() == rows &&
                               dh_init.element_count() == static_cast<size_t>(batch * n) &&
-                              dzs->element_count() == rows * n && norms->element_count() == rows,
+                              dzs->element_count() == rows * n && norms->element_count() == rows &&
+                              (sum_here ? xs.dimensions().size() == 3 && xs.dimensions()[0] == steps &&
+                                              xs.dimensions()[1] == batch &&
+                                              h0.element_count() == static_cast<size_t>(batch * n) &&
+                                              dw1->element_count() == static_cast<size_t>(n_in * n) &&
+                                              dw11->element_count() == static_cast<size_t>(n * n) &&
+                                              db->element_count() == static_cast<size_t>(n)
+                                        : dw1->element_count() == 0 && db->element_count() == 0) &&
+                              (dxs->element_count() == 0 ||
+                               (sum_here && dxs->element_count() == rows * n_in &&
+                                w1.element_count() == static_cast<size_t>(n_in * n))),
                           "elman reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -1278,7 +1300,28 @@ ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs,
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
   std::vector<float> dh_keep(batch * n);  // dh(t) of the padded rows, their carry on
   const Packed wt = pack(w11.typed_data(), n, n, true);  // W11^T
-  const auto team = team_for(batch, n, n);
+  auto team = team_for(batch, n, n, false, sum_here);
+  // The weight-gradient sums (and dX), beside the steps: chunks of about kChunkRows rows
+  RowSums sums{xs.typed_data(), h0.typed_data(), H, DZ, batch, n_in, n, n, n, steps, std::max(1L, kChunkRows / batch)};
+  Packed w1t;  // W1^T, where dX is made here
+  std::unique_ptr<Beside> beside;
+  if (sum_here) {
+    sums.dwx = dw1->typed_data();
+    sums.dwh = dw11->typed_data();
+    sums.db = db->typed_data();
+    std::fill(sums.dwx, sums.dwx + n_in * n, 0.0f);
+    std::fill(sums.dwh, sums.dwh + n * n, 0.0f);
+    std::fill(sums.db, sums.db + n, 0.0f);
+    if (dxs->element_count() != 0) {
+      w1t = pack(w1.typed_data(), n_in, n, true);
+      sums.wxt = &w1t;
+      sums.dx = dxs->typed_data();
+      advise_huge(sums.dx, dxs->size_bytes());
+    }
+    const int chains = RowSums::kChains + (sums.dx != nullptr ? 1 : 0);
+    beside = std::make_unique<Beside>(chains, (steps + sums.per - 1) / sums.per, &RowSums::run, &sums);
+    if (!team) beside->start();  // else the per-step matmul's team has the second core until the end
+  }
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     for (long b = 0; b < batch; ++b) {
@@ -1293,6 +1336,12 @@ ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs,
     step_gemm(team.get(), batch, DZ + row0 * n, n, wt, carry, n, false);  // carry = dZ1(t) W11^T
     for (long b = 0; b < batch; ++b)
       if (!V[row0 + b]) std::memcpy(carry + b * n, dh_keep.data() + b * n, sizeof(float) * n);
+    if (beside && (steps - t) % sums.per == 0) beside->ready((steps - t) / sums.per);
+  }
+  if (beside) {
+    team.reset();
+    beside->start();
+    beside->finish();
   }
   return ffi::Error::Success();
 }
@@ -1330,6 +1379,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttElmanReverse, ElmanReverseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -16,9 +16,11 @@ the LSTM's dA(t) over its gate cache (``input_output_aliases``). For long blocks
 dV then never becomes an array), and where the per-step matmul has one thread the LSTM's dWx, dWh
 and the biases', the GRU's dWx and dbx too, and dX = dA Wx^T for the layer below (``reverse_dx``;
 the GRU's dA then never an array either), on a helper thread, chunk by chunk as the steps finish
-them: beside the recursion, on the second core. The Elman
-cell's projection (X W1 + b1), the gates' recomputation with gates="recompute", the other
-weight-gradient sums and dX stay block matmuls in JAX, as in the scans.
+them: beside the recursion, on the second core; the Elman cell's reverse call does the same for
+dW1, dW11, db1 and dX where its per-step matmul has one thread (``elman_reverse_sums``; dX is
+written over dH_above's buffer wherever the two have one shape, for every cell). The Elman cell's
+projection (X W1 + b1), the gates' recomputation with gates="recompute", the other weight-gradient
+sums and dX stay block matmuls in JAX, as in the scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
 own FFI headers; nothing else), into ``cache_dir()/native`` under a name that holds everything the
@@ -100,14 +102,20 @@ KERNEL_SUM_ROWS = 1024
 # (1000, 16, 64, 128); where the per-step matmul has two threads the sums waited for the steps'
 # end and ran 0.83-0.94x, so XLA's dots keep them there. The GRU's call, where it sums (gates
 # kept), does the same for all four sums up to that size (B 3 N1 N1), and sums dWh on the steps'
-# team above it.
+# team above it. The Elman cell's call sums dW1, dW11 and db1 (and makes dX) beside its steps up to
+# B N1 N1 = 2^23: bptt with the kernel, sums beside against XLA's dots after, 1.12x at (1000, 16,
+# 64, 128, 64), 1.20x at (200, 64, 128, 256, 128), 0.98x at (100, 32, 64, 128, 64) (noise).
 PARALLEL_MACS = 1 << 23
 
 
 def sums_in_kernel(cell: str, rows: int, batch: int, n1: int, cache_kept: bool) -> bool:
     """Whether ``reverse`` sums the weight gradients itself for a block of ``rows`` = C B rows of a
     layer of ``n1`` units (``cache_kept``: the forward pass stored the gates)."""
-    if rows < KERNEL_SUM_ROWS or not cache_kept:  # gates recomputed: blocks, XLA's dots faster
+    if rows < KERNEL_SUM_ROWS:
+        return False
+    if cell == "elman":  # no gates to keep; its sums beside the steps, where they have one thread
+        return one_thread(cell, batch, n1)
+    if not cache_kept:  # gates recomputed: blocks, XLA's dots faster
         return False
     return cell == "gru" or one_thread(cell, batch, n1)
 
@@ -207,16 +215,58 @@ def elman_forward(w11: Array, activation: str, us: Array, h0: Array, valid: Arra
 def elman_reverse(w11: Array, activation: str, hs: Array, dhs_above: Array, valid: Array | None, dh_init: Array | None):
     """The Elman cell's reverse recursion over C steps (``cells.elman.reverse_recurrence``'s loop):
     (dZ1 [C, B, N1], dDIV/dh(-1) [B, N1], ||dh(t)|| [C, B])."""
+    dzs, dh_m1, norms, _, _ = _elman_reverse(w11, activation, hs, dhs_above, valid, dh_init)
+    return dzs, dh_m1, norms
+
+
+def elman_reverse_sums(
+    layer, activation: str, xs: Array, h0: Array, hs: Array, dhs_above: Array, valid, dh_init, *, dx: bool
+):
+    """``elman_reverse`` where ``sums_in_kernel("elman", ...)`` holds: the call also sums dW1 =
+    sum_t X(t)^T dZ1(t), dW11 = sum_t h(t-1)^T dZ1(t) (h(-1) = h0) and db1 = sum_t dZ1(t), and with
+    ``dx`` makes dX = dZ1 W1^T [C, B, N_in] for the layer below, on a helper thread beside the
+    steps, chunk by chunk as they finish (as the LSTM's call). Returns (the layer's gradients,
+    dDIV/dh(-1), dX (with ``dx``) or dZ1, ||dh(t)||)."""
+    dzs, dh_m1, norms, grads, dxs = _elman_reverse(
+        layer.w11, activation, hs, dhs_above, valid, dh_init, xs=xs, h0=h0, w1=layer.w1, dx=dx
+    )
+    return type(layer)(*grads), dh_m1, dxs if dx else dzs, norms
+
+
+def _elman_reverse(w11, activation, hs, dhs_above, valid, dh_init, *, xs=None, h0=None, w1=None, dx=False):
+    """(dZ1, dh(-1), norms, (dW1, dW11, db1) or None, dX or None): one reverse call, with the sums
+    (and dX) where ``xs`` is given."""
     t_len, batch, n1 = hs.shape
     f32 = jnp.float32
     dh0 = jnp.zeros((batch, n1), f32) if dh_init is None else dh_init
+    sums = xs is not None
+    none = jnp.zeros((0,), f32)
+    dx_shape = xs.shape if sums and dx else (0,)
     out = (
         jax.ShapeDtypeStruct(hs.shape, f32),
         jax.ShapeDtypeStruct((batch, n1), f32),
         jax.ShapeDtypeStruct((t_len, batch), f32),
+        jax.ShapeDtypeStruct(w1.shape if sums else (0,), f32),  # dW1
+        jax.ShapeDtypeStruct((n1, n1) if sums else (0,), f32),  # dW11
+        jax.ShapeDtypeStruct((n1,) if sums else (0,), f32),  # db1
+        jax.ShapeDtypeStruct(dx_shape, f32),  # dX, where asked
     )
-    call = jax.ffi.ffi_call(TARGETS["elman", "reverse"][0], out, vmap_method="sequential")
-    return tuple(call(hs, dhs_above, w11, _mask(valid, t_len, batch), dh0, activation=_activation_code(activation)))
+    reuse = dx_shape == dhs_above.shape and dhs_above.dtype == f32  # dX over dH_above (see _reverse)
+    call = jax.ffi.ffi_call(
+        TARGETS["elman", "reverse"][0], out, vmap_method="sequential", input_output_aliases={1: 6} if reuse else None
+    )
+    dzs, dh_m1, norms, dw1, dw11, db1, dxs = call(
+        hs,
+        dhs_above,
+        w11,
+        _mask(valid, t_len, batch),
+        dh0,
+        h0 if sums else none,
+        xs if sums else none,
+        w1 if sums else none,
+        activation=_activation_code(activation),
+    )
+    return dzs, dh_m1, norms, (dw1, dw11, db1) if sums else None, dxs if sums and dx else None
 
 
 def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool):
@@ -286,7 +336,7 @@ def one_thread(cell: str, batch: int, n1: int) -> bool:
     """Whether the kernel's per-step matmul (B G N1 N1 multiply-adds) runs on one thread in a call
     with work for its helper (cell_kernels.cc's team_for: up to kParallelMacs itself; without such
     work a call splits the matmul from kParallelMacs), leaving the second core to the helper."""
-    return batch * (4 if cell == "lstm" else 3) * n1 * n1 <= PARALLEL_MACS
+    return batch * {"lstm": 4, "gru": 3}.get(cell, 1) * n1 * n1 <= PARALLEL_MACS
 
 
 def reverse_dx(cell: str, layer, xs: Array, dhs_above: Array, cache: Array, s_in: Array, ss: Array, valid, ds_init):
