@@ -373,6 +373,15 @@ def test_sums_beside_quick():
     assert all(float(v) > 0 for r in rows for v in r[3:7]), rows
 
 
+def test_gemm_tn_rates_quick():
+    mod = _load("gemm_tn_rates", "benchmarks/gemm_tn_rates.py")
+    if mod.native.unavailable() is not None:  # a machine without g++ skips
+        pytest.skip(mod.native.unavailable())
+    report = mod.main([])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith(("| gemm_tn |", "| packed gemm |"))]
+    assert len(rows) == 9 and all(float(r[3]) > 0 for r in rows), rows
+
+
 def test_native_blocks_quick():
     from bptt_jax.core import native
 
