@@ -380,6 +380,8 @@ def test_gemm_tn_rates_quick():
     report = mod.main([])
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| gemm_tn |", "| packed gemm |"))]
     assert len(rows) == 9 and all(float(r[3]) > 0 for r in rows), rows
+    parts = [line.split("|") for line in report.splitlines() if line.startswith("| lstm ")]
+    assert len(parts) == 2 and all(float(r[3]) > 0 for r in parts), parts
 
 
 def test_native_blocks_quick():

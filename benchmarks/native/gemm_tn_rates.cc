@@ -1,7 +1,8 @@
-// The kernel's two matmuls of the weight-gradient sums, timed alone: gemm_tn (C += A^T B, what the
-// helper thread sums dWx = X^T dA and dWh = h^T dA with) at the cells' shapes, beside the packed
-// per-step gemm. Built and run by benchmarks/gemm_tn_rates.py (cell_kernels.cc included whole, or
-// the file CELL_KERNELS names: another revision's).
+// The kernel's matmul of the weight-gradient sums, timed alone: gemm_tn (C += A^T B, what the helper
+// thread sums dWx = X^T dA and dWh = h^T dA with) at the cells' shapes, beside the packed per-step
+// gemm (gemm_rates.cc beside this file times that one against OpenBLAS). Built and run by
+// benchmarks/gemm_tn_rates.py (cell_kernels.cc included whole, or the file CELL_KERNELS names:
+// another revision's).
 #include <chrono>
 #include <cstdio>
 
@@ -36,6 +37,32 @@ int main() {
     std::vector<float> a(k * m, 0.01f), b(k * 2 * n, 0.02f), c(m * 2 * n, 0.0f);
     const double t = best_seconds([&] { gemm_tn(m, n, k, a.data(), m, b.data(), 2 * n, c.data(), 2 * n); }, 30);
     std::printf("| gemm_tn | %ld, %ld, %ld | %.1f | %.1f |\n", m, n, k, t * 1e6, 2.0 * m * n * k / t / 1e9);
+  }
+  {  // the LSTM's gate arithmetic per step, B 32 rows of N 256: forward_row and reverse_row
+    const long B = 32, n = 256;
+    std::vector<float> q(B * 4 * n), cp(B * n, 0.1f), h(B * n), c(B * n, 0.2f), dh(B * n, 0.1f);
+    std::vector<float> carry(B * 2 * n, 0.05f), keep(B * n), nrm(B * 2);
+    const double tf = best_seconds(
+        [&] {
+          for (long b = 0; b < B; ++b) {
+            float* qb = q.data() + b * 4 * n;
+            for (long j = 0; j < 4 * n; ++j) qb[j] = 0.001f * static_cast<float>(j) - 0.5f;
+            forward_row(qb, qb + n, qb + 2 * n, qb + 3 * n, cp.data() + b * n, h.data() + b * n, c.data() + b * n, n);
+          }
+        },
+        200);
+    const double tr = best_seconds(
+        [&] {
+          for (long b = 0; b < B; ++b) {
+            float* g = q.data() + b * 4 * n;
+            float* cb = carry.data() + b * 2 * n;
+            reverse_row(g, g + n, g + 2 * n, g + 3 * n, c.data() + b * n, cp.data() + b * n, dh.data() + b * n, cb,
+                        cb + n, g, g + n, g + 2 * n, g + 3 * n, keep.data() + b * n, nrm.data() + 2 * b, n);
+          }
+        },
+        200);
+    std::printf("| lstm forward_row, B rows (us) | 32, 256 | %.2f | - |\n", tf * 1e6);
+    std::printf("| lstm reverse_row, B rows (us) | 32, 256 | %.2f | - |\n", tr * 1e6);
   }
   const long rows[] = {32, 256};
   for (long r : rows) {  // the packed gemm: [r, 256] x [256, 1024]
