@@ -494,11 +494,11 @@ void tile_tn(const float* a, long lda, const float* b, long ldb, long k, float* 
 // committed: 256 x 1024 x 256, 104 GFLOP/s against 175; with the copies 150). A last, partial
 // panel is always copied, zero-padded (no reads past B's rows).
 void gemm_tn(long m, long n, long k, const float* a, long lda, const float* b, long ldb, float* c, long ldc) {
-  std::vector<float> pad(static_cast<size_t>(std::min(kDepth, k) * kPanel));
   const long tiles = (m + kRows - 1) / kRows;
   // The copies where they paid in that microbenchmark (m >= 96 rows of C, n >= 4 panels: 1.1-1.35x);
   // for fewer rows they cost more than they save (m = 64: 0.7-0.85x).
   const bool copy_a = m >= 96 && n >= 4 * kPanel, copy_b = copy_a;
+  std::vector<float> pad(copy_b || n % kPanel != 0 ? static_cast<size_t>(std::min(kDepth, k) * kPanel) : 0);
   std::vector<float> at(copy_a ? static_cast<size_t>(tiles * std::min(kDepth, k) * kRows) : 0);
   for (long k0 = 0; k0 < k; k0 += kDepth) {
     const long kb = std::min(kDepth, k - k0);
