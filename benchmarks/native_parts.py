@@ -1,8 +1,10 @@
 """Where one gated layer's time goes with the compiled kernel, beside PyTorch's fused layer.
 
     python benchmarks/native_parts.py [--cell lstm|gru] [--no-torch] [--quick] [--rounds R] [--out FILE]
+                                      [--shape T,B,N,N1 ...]
 
-For each gated cell at ``bptt_speed.GATED_SHAPES`` (one layer, float32, full lengths), side by side
+For each gated cell at ``bptt_speed.GATED_SHAPES`` (or the ``--shape`` given: the training configs'
+two layers are 64,32,103,256 and 64,32,256,256) (one layer, float32, full lengths), side by side
 in one process (round robin, a fresh random order each round, medians), in ms:
 
   layer scans      ``jax.vjp`` of ``rnn_states`` (the custom VJP: one forward + explicit BPTT, dX
@@ -110,6 +112,7 @@ def runners(cell: str, shape, threads: int) -> dict:
 
 def _no_torch(ap) -> None:
     ap.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    ap.add_argument("--shape", action="append", help="T,B,N,N1 (repeatable): these shapes instead")
 
 
 def main(argv=None) -> str:
@@ -121,6 +124,8 @@ def main(argv=None) -> str:
         return bptt_speed._report(lines, args.out)
     threads = 0 if args.no_torch else os.cpu_count() or 1
     shapes = QUICK_SHAPES if args.quick else bptt_speed.GATED_SHAPES
+    if args.shape:
+        shapes = [(*(int(v) for v in s.split(",")), 1) for s in args.shape]
     for cell in args.cell or GATED:
         table = None
         for shape in shapes:
