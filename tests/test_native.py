@@ -202,6 +202,16 @@ def test_rnn_states_and_vmap_with_the_kernel(name):
     np.testing.assert_allclose(per_example, plain, rtol=1e-5, atol=1e-6)
 
 
+def _sums_cases(test):
+    """SumsInTheKernelTest's cases for one cell: with and without jit, three drawn (seed, uni- or
+    bidirectional, 1-2 layers) and two explicit two-layer stacks (dX made in the kernel for the layer
+    below)."""
+    test = example(seed=2, bidirectional=False, two_layers=True)(test)
+    test = example(seed=1, bidirectional=True, two_layers=True)(test)
+    test = given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())(test)
+    return chex.variants(with_jit=True, without_jit=True)(settings(max_examples=3)(test))
+
+
 @needs_kernel
 class SumsInTheKernelTest(chex.TestCase):
     """Stacks of each cell (the gated ones with their gates kept) whose whole-sequence block has C B >=
@@ -235,27 +245,15 @@ class SumsInTheKernelTest(chex.TestCase):
         assert ref.max_rel_err(got, want) < 1e-4
         assert ref.max_rel_err(blocks, want) < 1e-4
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @settings(max_examples=3)
-    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
-    @example(seed=1, bidirectional=True, two_layers=True)  # dX made in the kernel for the layer below
-    @example(seed=2, bidirectional=False, two_layers=True)
+    @_sums_cases
     def test_gru(self, seed, bidirectional, two_layers):
         self._check("gru", seed, bidirectional, two_layers)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @settings(max_examples=3)
-    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
-    @example(seed=1, bidirectional=True, two_layers=True)  # dX made in the kernel for the layer below
-    @example(seed=2, bidirectional=False, two_layers=True)
+    @_sums_cases
     def test_lstm(self, seed, bidirectional, two_layers):
         self._check("lstm", seed, bidirectional, two_layers)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @settings(max_examples=3)
-    @given(seed=st.integers(0, 2**16), bidirectional=st.booleans(), two_layers=st.booleans())
-    @example(seed=1, bidirectional=True, two_layers=True)  # dX made in the kernel for the layer below
-    @example(seed=2, bidirectional=False, two_layers=True)
+    @_sums_cases
     def test_elman(self, seed, bidirectional, two_layers):
         self._check("elman", seed, bidirectional, two_layers)
 

@@ -725,6 +725,29 @@ struct RowSums {
   }
 };
 
+// A reverse call's sums beside its steps: zeroes dWx, dWh and db, packs Wx^T where dX is asked for
+// (dx not null; into *wxt), and makes the helper's chains, started now unless the per-step matmul's
+// team has the second core (then at the end, when the team is gone).
+std::unique_ptr<Beside> begin_sums(RowSums& sums, float* dwx, float* dwh, float* db, const float* wx, float* dx,
+                                   size_t dx_bytes, Packed* wxt, bool team) {
+  sums.dwx = dwx;
+  sums.dwh = dwh;
+  sums.db = db;
+  std::fill(dwx, dwx + sums.n_in * sums.width, 0.0f);
+  std::fill(dwh, dwh + sums.n * sums.width, 0.0f);
+  std::fill(db, db + sums.width, 0.0f);
+  if (dx != nullptr) {  // dX = dA Wx^T too, a fifth chain
+    *wxt = pack(wx, sums.n_in, sums.width, true);
+    sums.wxt = wxt;
+    sums.dx = dx;
+    advise_huge(dx, dx_bytes);
+  }
+  const int chains = RowSums::kChains + (dx != nullptr ? 1 : 0);
+  auto beside = std::make_unique<Beside>(chains, (sums.steps + sums.per - 1) / sums.per, &RowSums::run, &sums);
+  if (!team) beside->start();
+  return beside;
+}
+
 // xs [C, B, N_in] (the layer's input), wx [N_in, 4N], wh [N, 4N], bias [4N] (bx + bh), s0 [B, 2N] =
 // [h | c], valid [C, B]
 //   -> ss [C, B, 2N] the states [h(t) | c(t)], gates [C or 1, B, 4N] (i | f | g | o; one step's
@@ -850,23 +873,10 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   RowSums sums{xs.typed_data(), S0, S, DG, batch, n_in, n, width, sw, steps, std::max(1L, kChunkRows / batch)};
   Packed wxt;  // Wx^T, where dX is made here
   std::unique_ptr<Beside> beside;
-  if (sum_here) {
-    sums.dwx = dwx->typed_data();
-    sums.dwh = dwh->typed_data();
-    sums.db = db->typed_data();
-    std::fill(sums.dwx, sums.dwx + n_in * width, 0.0f);
-    std::fill(sums.dwh, sums.dwh + n * width, 0.0f);
-    std::fill(sums.db, sums.db + width, 0.0f);
-    if (dxs->element_count() != 0) {  // dX = dG Wx^T too, a fifth chain
-      wxt = pack(wx.typed_data(), n_in, width, true);
-      sums.wxt = &wxt;
-      sums.dx = dxs->typed_data();
-      advise_huge(sums.dx, dxs->size_bytes());
-    }
-    const int chains = RowSums::kChains + (sums.dx != nullptr ? 1 : 0);
-    beside = std::make_unique<Beside>(chains, (steps + sums.per - 1) / sums.per, &RowSums::run, &sums);
-    if (!team) beside->start();  // else the per-step matmul's team has the second core until the end
-  }
+  if (sum_here)
+    beside = begin_sums(sums, dwx->typed_data(), dwh->typed_data(), db->typed_data(), wx.typed_data(),
+                        dxs->element_count() != 0 ? dxs->typed_data() : nullptr, dxs->size_bytes(), &wxt,
+                        team != nullptr);
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     float* dg = DG + row0 * width;
@@ -1327,23 +1337,10 @@ ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs,
   RowSums sums{xs.typed_data(), h0.typed_data(), H, DZ, batch, n_in, n, n, n, steps, std::max(1L, kChunkRows / batch)};
   Packed w1t;  // W1^T, where dX is made here
   std::unique_ptr<Beside> beside;
-  if (sum_here) {
-    sums.dwx = dw1->typed_data();
-    sums.dwh = dw11->typed_data();
-    sums.db = db->typed_data();
-    std::fill(sums.dwx, sums.dwx + n_in * n, 0.0f);
-    std::fill(sums.dwh, sums.dwh + n * n, 0.0f);
-    std::fill(sums.db, sums.db + n, 0.0f);
-    if (dxs->element_count() != 0) {
-      w1t = pack(w1.typed_data(), n_in, n, true);
-      sums.wxt = &w1t;
-      sums.dx = dxs->typed_data();
-      advise_huge(sums.dx, dxs->size_bytes());
-    }
-    const int chains = RowSums::kChains + (sums.dx != nullptr ? 1 : 0);
-    beside = std::make_unique<Beside>(chains, (steps + sums.per - 1) / sums.per, &RowSums::run, &sums);
-    if (!team) beside->start();  // else the per-step matmul's team has the second core until the end
-  }
+  if (sum_here)
+    beside = begin_sums(sums, dw1->typed_data(), dw11->typed_data(), db->typed_data(), w1.typed_data(),
+                        dxs->element_count() != 0 ? dxs->typed_data() : nullptr, dxs->size_bytes(), &w1t,
+                        team != nullptr);
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     for (long b = 0; b < batch; ++b) {
