@@ -11,7 +11,9 @@ headers) and called through ``jax.ffi``. Per cell and benchmark shape (float32, 
 full length; the Elman cell with tanh at ``bptt_speed.SHAPES``, the gated cells at ``GATED_SHAPES``):
 
   forward loop   the library's ``forward.unroll_layer(..., store=True)`` (input projection + scan
-                 keeping the gate cache) against the projection + the kernel's forward;
+                 keeping the gate cache) against the kernel's forward (which forms the projection;
+                 for the Elman cell also the same call given u(t) = X(t) W1 + b1 from XLA's matmul,
+                 the column "from u(t) / from X");
   reverse loop   the cell's ``reverse`` given the stored gate cache, and the layer's weight
                  gradients, against the kernel's reverse call (sums where native.sums_in_kernel says);
   layer          forward + explicit BPTT of the layer (``backward.cell_backward``: the reverse loop
@@ -57,22 +59,26 @@ def unavailable() -> str | None:
 
 def kernel_forward(cell, layer, xs, s0, valid=None):
     """(states [T, B, W], gate cache [T, B, 4 N1]; the Elman cell's empty [T, B, 0]) by the kernel,
-    the input projection included (the gated cells' kernel forms it; the Elman cell's is XLA's)."""
-    if cell == "elman":
-        hs = native.elman_forward(layer.w11, "tanh", cells.elman.project(layer, xs), s0, valid)
+    the input projection included (every cell's kernel forms it)."""
+    if cell == "elman":  # as the library calls it: the kernel forms X W1 + b1 too
+        hs = native.elman_forward_x(layer, "tanh", xs, s0, valid)
         return hs, jnp.zeros(hs.shape[:-1] + (0,), hs.dtype)
     return native.forward(cell, layer, xs, s0, valid, store=True)  # it forms X Wx + bx itself
 
 
 def kernel_reverse(cell, layer, xs, dhs_above, gates, s_in, ss, valid=None, ds_init=None):
-    """(dA [T, B, G N1], the layer's weight gradients, ds(-1) [B, W]) by the kernel's reverse call (the
-    gated cells' sums where native.sums_in_kernel says; the Elman cell's dA = dZ1, its weight
-    gradients XLA's matmuls)."""
+    """(dA [T, B, G N1], the layer's weight gradients, ds(-1) [B, W]) by the kernel's reverse call (its
+    sums where native.sums_in_kernel says, else XLA's matmuls; the Elman cell's dA = dZ1)."""
+    t, b, _ = xs.shape
     if cell == "elman":
+        if native.sums_in_kernel("elman", t * b, b, layer.w11.shape[0], True):  # as backward.cell_backward
+            grads, dh_m1, dz, _ = native.elman_reverse_sums(
+                layer, "tanh", xs, s_in, ss, dhs_above, valid, ds_init, dx=False
+            )
+            return dz, grads, dh_m1
         dz, dh_m1, _ = native.elman_reverse(layer.w11, "tanh", ss, dhs_above, valid, ds_init)
         prev = jnp.concatenate([s_in[None], ss[:-1]], axis=0)
         return dz, cells.elman.weight_grads(layer, xs, prev, dz, dz), dh_m1
-    t, b, _ = xs.shape
     inside = native.sums_in_kernel(cell, t * b, b, layer.wh.shape[0], True)  # as backward.cell_backward
     grads, ds_m1, das, _ = native.reverse(
         cell, layer, xs, dhs_above, gates, s_in, ss, valid, ds_init, sum_in_kernel=inside
@@ -150,7 +156,17 @@ def contenders(cell, shape):
 
     ss, gates = jax.jit(scan_forward)(layer, xs)
     rev_args = (layer, xs, ss, gates, above)
+    extra = {}
+    if cell == "elman":  # the Elman forward call given u(t) (XLA's projection first) against from X
+        extra["forward from X"] = {
+            "scan": (
+                lambda l, x: native.elman_forward(l.w11, "tanh", cells.elman.project(l, x), s0, None),
+                (layer, xs),
+            ),
+            "kernel": (lambda l, x: native.elman_forward_x(l, "tanh", x, s0, None), (layer, xs)),
+        }
     return {
+        **extra,
         "forward loop": {
             "scan": (scan_forward, (layer, xs)),
             "kernel": (lambda l, x: kernel_forward(cell, l, x, s0), (layer, xs)),
@@ -223,8 +239,9 @@ def cell_tables(cell: str, shapes, rounds: int, threads: int) -> list[str]:
         "1: the kernel is faster. kernel / torch below 1: the kernel layer is faster than PyTorch's fused layer.",
         "",
         "| T, B, N, N1 | forward loop scan / kernel | reverse loop scan / kernel | layer scan | layer kernel"
-        " | layer scan / kernel | torch | kernel / torch |",
-        "|---|---|---|---|---|---|---|---|",
+        " | layer scan / kernel | torch | kernel / torch |"
+        + (" kernel forward: from u(t) / from X |" if cell == "elman" else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if cell == "elman" else ""),
     ]
     whole = []
     for shape in shapes:
@@ -251,6 +268,7 @@ def cell_tables(cell: str, shapes, rounds: int, threads: int) -> list[str]:
             f"| {shape[:4]} | {ratios['forward loop']:.2f} | {ratios['reverse loop']:.2f} "
             f"| {per_step['layer scan']:.1f} | {per_step['layer kernel']:.1f} | {ratios['layer']:.2f} "
             f"| {torch_us:.1f} | {per_step['layer kernel'] / torch_us:.2f} |"
+            + (f" {ratios['forward from X']:.2f} |" if "forward from X" in ratios else "")
         )
         call, err = whole_call(cell, shape, rounds, threads)
         torch_s = call.get("torch", float("nan"))

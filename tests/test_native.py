@@ -143,6 +143,23 @@ def test_the_forward_calls_projection_beside_the_steps(name):
 
 
 @needs_kernel
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_the_elman_forward_call_projects_beside_its_steps(activation):
+    """The Elman cell's forward call from X (native.elman_forward_x) with a projection of >= 2^22
+    multiply-adds in several chunks (T = 37, B = 16, N = N1 = 128; lengths 0 .. T): X W1 + b1 formed
+    chunk by chunk beside the steps, into the states' rows. Equals forward.unroll_layer's states and
+    the call given u(t) = X(t) W1 + b1."""
+    spec = bj.RNNSpec(128, (128,), 2, activation=activation)
+    layer, xs, h0, _, _, _ = _loop_problem(spec, 16, t=37)
+    valid = forward.valid_mask(jnp.array([37, 30, 0, 1, 17, 36, 37, 5] * 2), 37)
+    assert 37 * 16 * 128 * 128 >= 2**22
+    hs = forward.unroll_layer(layer, activation, xs, h0, valid)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    close(native.elman_forward_x(layer, activation, xs, h0, valid), hs)
+    close(native.elman_forward(layer.w11, activation, cells.elman.project(layer, xs), h0, valid), hs)
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     ("activation", "b", "n1"),
     [(f, b, n1) for f in sorted(native.ACTIVATIONS) for b, n1 in ((4, 5), (1, 37), (11, 40))] + [("tanh", 32, 520)],
@@ -157,10 +174,12 @@ def test_the_elman_kernels_loops_equal_the_scans_step_for_step(activation, b, n1
     hs = forward.unroll_layer(layer, activation, xs, h0, valid)
     dz, dh_m1, norms = cells.elman.reverse_recurrence(layer.w11, activation, hs, above, valid, dh_init)
     khs = native.elman_forward(layer.w11, activation, cells.elman.project(layer, xs), h0, valid)
+    xhs = native.elman_forward_x(layer, activation, xs, h0, valid)  # X W1 + b1 formed in the call
     kdz, kdh_m1, knorms = native.elman_reverse(layer.w11, activation, khs, above, valid, dh_init)
     wide = n1 > 100
     close = functools.partial(np.testing.assert_allclose, rtol=1e-4 if wide else 1e-5, atol=1e-5 if wide else 1e-6)
     close(khs, hs)
+    close(xhs, hs)
     close(kdz, dz)
     close(kdh_m1, dh_m1)
     close(knorms, norms)

@@ -1248,13 +1248,22 @@ ffi::Error check_activation(int32_t f) {
   return check_dims(f >= kTanh && f <= kIdentity, "elman: unknown activation code");
 }
 
-// us [C, B, N] (X W1 + b1), w11 [N, N], h0 [B, N], valid [C, B] -> hs [C, B, N].
+// us [C, B, N] (u(t) = X(t) W1 + b1), w11 [N, N], h0 [B, N], valid [C, B]; or, where w1 [N_in, N] is
+// not empty, us is X [C, B, N_in] and the call forms X(t) W1 + b1 itself, into hs's own rows ahead
+// of the steps (on a helper thread where the per-step matmul has one thread: projection_beside, as
+// the gated cells' forward calls; else all C steps first) -> hs [C, B, N] (h(t); held where not valid).
 ffi::Error ElmanForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w11, ffi::Buffer<ffi::F32> h0,
-                            ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> hs, int32_t f) {
+                            ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> b1,
+                            ffi::ResultBuffer<ffi::F32> hs, int32_t f) {
   const auto d = us.dimensions();
-  if (d.size() != 3) return check_dims(false, "elman forward: us must be [C, B, N]");
-  const long steps = d[0], batch = d[1], n = d[2];
-  if (auto e = check_dims(w11.dimensions().size() == 2 && w11.dimensions()[0] == n && w11.dimensions()[1] == n &&
+  if (d.size() != 3) return check_dims(false, "elman forward: us (or xs) must be [C, B, N]");
+  const bool project = w1.element_count() != 0;
+  const long steps = d[0], batch = d[1], n = w11.dimensions().size() == 2 ? w11.dimensions()[0] : 0;
+  const long n_in = d[2];
+  if (auto e = check_dims(w11.dimensions().size() == 2 && w11.dimensions()[1] == n &&
+                              (project ? w1.dimensions().size() == 2 && w1.dimensions()[0] == n_in &&
+                                             w1.dimensions()[1] == n && b1.element_count() == static_cast<size_t>(n)
+                                       : n_in == n) &&
                               h0.element_count() == static_cast<size_t>(batch * n) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
                               hs->element_count() == static_cast<size_t>(steps * batch * n),
@@ -1267,11 +1276,29 @@ ffi::Error ElmanForwardImpl(ffi::Buffer<ffi::F32> us, ffi::Buffer<ffi::F32> w11,
   float* H = hs->typed_data();
   advise_huge(H, hs->size_bytes());
   const Packed wp = pack(w11.typed_data(), n, n, false);  // W11 [N, N]
-  const auto team = team_for(batch, n, n);
+  const Packed xp = project ? pack(w1.typed_data(), n_in, n, false) : Packed{};  // W1 [N_in, N]
+  Projection proj{U, n_in, &xp, H, n, batch, steps, std::max(1L, kChunkRows / batch)};
+  const bool ahead_ok = project && projection_beside(nullptr, proj);
+  const auto team = team_for(batch, n, n, false, ahead_ok);
+  std::unique_ptr<Beside> ahead;  // X W1 chunk by chunk beside the steps
+  if (project && projection_beside(team.get(), proj)) {
+    ahead = std::make_unique<Beside>(1, proj.chunks(), &Projection::run, &proj);
+    ahead->ready(proj.chunks());
+    ahead->start();
+  } else if (project) {
+    project_all(team.get(), steps * batch, U, n_in, xp, H, n);
+  }
+  const float* bias = project ? b1.typed_data() : nullptr;
   for (long t = 0; t < steps; ++t) {
+    if (ahead && t % proj.per == 0) ahead->await(0, t / proj.per);
     const float* prev = t == 0 ? h0.typed_data() : H + (t - 1) * batch * n;
     float* h = H + t * batch * n;
-    std::memcpy(h, U + t * batch * n, sizeof(float) * batch * n);
+    if (project) {  // h holds X(t) W1: + b1
+      for (long b = 0; b < batch; ++b)
+        for (long j = 0; j < n; ++j) h[b * n + j] += bias[j];
+    } else {
+      std::memcpy(h, U + t * batch * n, sizeof(float) * batch * n);
+    }
     step_gemm(team.get(), batch, prev, n, wp, h, n, true);  // Z1(t) = u(t) + h(t-1) W11
     for (long b = 0; b < batch; ++b) {
       if (V[t * batch + b]) {
@@ -1388,6 +1415,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttElmanForward, ElmanForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("activation"));
 

@@ -79,11 +79,11 @@ def _unroll_whole(
     xs = precision.rounded(xs, h0.dtype)
     if recurrence == "native" and cells.name_of(layer) != "elman":  # float32 on the CPU (kernels.resolve)
         return native.forward(cells.name_of(layer), layer, xs, h0, valid, store)  # it forms X Wx + bx itself
+    if recurrence == "native":  # the Elman cell in float32 on the CPU: one call per block
+        return native.elman_forward_x(layer, activation, xs, h0, valid)  # it forms X W1 + b1 itself
     us = cell.project(layer, xs)  # [T, B, G N1], one matmul for all t
     if recurrence == "pallas":  # the Elman cell only (kernels.resolve)
         return kernels.forward_recurrence(layer.w11, activation, us, h0, valid)  # one kernel launch
-    if recurrence == "native":  # the Elman cell in float32 on the CPU: one call per block
-        return native.elman_forward(layer.w11, activation, us, h0, valid)
 
     # Without the gate cache, a gated cell's A(t) enters the loop one gate block per array and is
     # joined again inside the step (XLA folds each slice of the join back to its own block): measured

@@ -206,10 +206,22 @@ def elman_forward(w11: Array, activation: str, us: Array, h0: Array, valid: Arra
     """The Elman cell's forward step loop over C steps, given u(t) = X(t) W1 + b1 [C, B, N1] and
     h0 [B, N1]: the states h(t) = f1(u(t) + h(t-1) W11) [C, B, N1] (held where not valid), as
     ``kernels.forward_recurrence``."""
-    t_len, batch, _ = us.shape
-    out = jax.ShapeDtypeStruct(us.shape, jnp.float32)
+    none = jnp.zeros((0,), jnp.float32)
+    return _elman_forward(w11, activation, us, h0, valid, none, none)
+
+
+def elman_forward_x(layer, activation: str, xs: Array, h0: Array, valid: Array | None) -> Array:
+    """``elman_forward`` from the layer's input X [C, B, N_in]: the call forms u(t) = X(t) W1 + b1
+    itself, into the states' own rows ahead of the steps (on its helper thread where the per-step
+    matmul has one thread, as the gated cells' forward calls), so no [C, B, N1] array of u(t)."""
+    return _elman_forward(layer.w11, activation, xs, h0, valid, layer.w1, layer.b1)
+
+
+def _elman_forward(w11, activation, us_or_xs, h0, valid, w1, b1):
+    t_len, batch, _ = us_or_xs.shape
+    out = jax.ShapeDtypeStruct((t_len, batch, w11.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(TARGETS["elman", "forward"][0], out, vmap_method="sequential")
-    return call(us, w11, h0, _mask(valid, t_len, batch), activation=_activation_code(activation))
+    return call(us_or_xs, w11, h0, _mask(valid, t_len, batch), w1, b1, activation=_activation_code(activation))
 
 
 def elman_reverse(w11: Array, activation: str, hs: Array, dhs_above: Array, valid: Array | None, dh_init: Array | None):
