@@ -18,9 +18,10 @@ and the biases', the GRU's dWx and dbx too, and dX = dA Wx^T for the layer below
 the GRU's dA then never an array either), on a helper thread, chunk by chunk as the steps finish
 them: beside the recursion, on the second core; the Elman cell's reverse call does the same for
 dW1, dW11, db1 and dX where its per-step matmul has one thread (``elman_reverse_sums``; dX is
-written over dH_above's buffer wherever the two have one shape, for every cell). The Elman cell's
-projection (X W1 + b1), the gates' recomputation with gates="recompute", the other weight-gradient
-sums and dX stay block matmuls in JAX, as in the scans.
+written over dH_above's buffer wherever the two have one shape, for every cell), and its forward
+call forms X W1 + b1 itself into the states' rows (``elman_forward_x``). The gates' recomputation
+with gates="recompute", the other weight-gradient sums and dX stay block matmuls in JAX, as in the
+scans.
 
 It is compiled on first use, on the machine it runs on (``g++ -O3 -march=native`` against jaxlib's
 own FFI headers; nothing else), into ``cache_dir()/native`` under a name that holds everything the
