@@ -167,6 +167,33 @@ def test_a_candidate_must_win_the_head_to_head_round_by_round():
     assert not tune.wins_head_to_head([], [])
 
 
+def test_a_fast_plans_sample_is_the_mean_of_several_calls(cache, monkeypatch):
+    """Each timing sample of a plan whose call is shorter than tune.SAMPLE_S is the mean of several
+    calls (as many as its second call says would last about SAMPLE_S, at most MAX_REPS): at this
+    tiny problem the plans take several calls per sample, and their samples are per-call times
+    (a sample's sum of calls would be reps times as long)."""
+    from bptt_jax.core import tune
+
+    seen = {}
+    search = tune._search
+
+    def spy(*args, **kwargs):
+        best, measured = search(*args, **kwargs)
+        seen.update(measured)
+        return best, measured
+
+    monkeypatch.setattr(tune, "_search", spy)
+    p, spec = _problem()
+    bj.tune(p.params, spec, p.xs, p.targets, lengths=p.lengths, time_budget=10, progress=False, record=False)
+    timed = [m for m in seen.values() if m["times"]]
+    for m in timed:
+        assert m["reps"] == min(tune.MAX_REPS, max(1, int(tune.SAMPLE_S // m["call_s"])))
+    several = [m for m in timed if m["reps"] >= 3]
+    assert several  # calls of well under a millisecond
+    for m in several:  # per call, about the second call's time or less; not reps (>= 3 here) times it
+        assert all(t > 0 for t in m["times"]) and np.median(m["times"]) < 3 * m["call_s"]
+
+
 def test_concurrent_writers_lose_nothing(cache):
     def write(i):
         for j in range(5):

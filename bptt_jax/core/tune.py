@@ -37,6 +37,14 @@ UNROLLS = (2, 4)  # tried for the best plan at the default unroll (1 on a CPU)
 COMPILE_SHARE = 0.5  # no candidate is compiled after this share of the time budget
 UNROLL_SHARE = 0.7  # the unroll stage starts only before this share
 MIN_ROUNDS = 3  # timing rounds per stage at least, whatever the time budget
+# A timing sample is the mean of as many calls, each waited for, as the plan's second call says would
+# last about SAMPLE_S (at most MAX_REPS; later calls are often faster, so a sample often lasts less):
+# one call of a small problem (0.1-0.2 ms) is mostly dispatch and scheduling noise,
+# which decided the Elman cell's (50, 1, 32, 64, 32) plan by chance (benchmarks/results/
+# tune_speed_elman_*_s19_spr.md: 0.76x and 0.93x the best jax.grad contender in two runs, the same
+# plans 1.1-1.4x in loops of many calls).
+SAMPLE_S = 0.004
+MAX_REPS = 64
 MIN_BLOCK_ROWS = 128  # no candidate block with fewer rows C*B (the block matmuls would crawl)
 BLOCK_DIVISIONS = (2, 4, 8, 16, 32)  # candidate C near T / d
 
@@ -125,7 +133,8 @@ def tune(
       time_budget: seconds for compiling and timing the candidates (about; the rules' plan is
         always measured, and the timing rounds run after the last compile).
       rounds: interleaved timing rounds per stage (fewer, at least 3, where they would overrun the
-        time budget); a plan's time is its median round.
+        time budget); a plan's time is its median round, each round's sample the mean of as many
+        back-to-back calls as last about ``SAMPLE_S`` (a fast plan's single call is mostly noise).
       progress: print a line per candidate and the result to stderr.
       record: write the winner to the plan cache (``plancache``; a directory that cannot be
         written warns, and the plan is still returned).
@@ -295,9 +304,15 @@ def _search(
         mem = compiled.memory_analysis()
         t1 = time.perf_counter()
         jax.block_until_ready(compiled(*args))  # warm-up
+        call_s = time.perf_counter() - t1
+        if call_s < 10 * SAMPLE_S:  # a first call costs more: the second says how many make a sample
+            t1 = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            call_s = time.perf_counter() - t1
         measured[o] = {
             "fn": compiled,
-            "call_s": time.perf_counter() - t1,
+            "call_s": call_s,
+            "reps": int(min(MAX_REPS, max(1, SAMPLE_S // max(call_s, 1e-9)))),
             "temp_bytes": int(getattr(mem, "temp_size_in_bytes", -1)),
             "times": [],
         }
@@ -313,15 +328,16 @@ def _search(
         """``rounds`` interleaved rounds, fewer (at least MIN_ROUNDS) where they would take more than
         ``share`` of what is left of the time budget."""
         left = max(time_budget - (time.perf_counter() - start), 0.0)
-        per_round = sum(measured[o]["call_s"] for o in opts)
+        per_round = sum(measured[o]["call_s"] * measured[o]["reps"] for o in opts)
         n = max(min(MIN_ROUNDS, rounds), min(rounds, int(share * left / max(per_round, 1e-9))))
         for r in range(n):
             order = opts[r % len(opts) :] + opts[: r % len(opts)]  # a rotating order per round
             for o in order:
-                fn = measured[o]["fn"]
+                fn, reps = measured[o]["fn"], measured[o]["reps"]
                 t0 = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                measured[o]["times"].append(time.perf_counter() - t0)
+                for _ in range(reps):  # each call waited for, as one call was (its latency)
+                    jax.block_until_ready(fn(*args))
+                measured[o]["times"].append((time.perf_counter() - t0) / reps)
 
     n = len(candidates)
     for i, o in enumerate(candidates, 1):  # compiling gets half the time budget, timing the rest
