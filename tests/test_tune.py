@@ -183,7 +183,7 @@ def test_a_fast_plans_sample_is_the_mean_of_several_calls(cache, monkeypatch):
         return best, measured
 
     monkeypatch.setattr(tune, "_search", spy)
-    p, spec = _problem()
+    p, spec = _problem(dtype=jnp.float32)
     bj.tune(p.params, spec, p.xs, p.targets, lengths=p.lengths, time_budget=10, progress=False, record=False)
     timed = [m for m in seen.values() if m["times"]]
     for m in timed:
