@@ -389,6 +389,18 @@ def test_what_the_kernel_cannot_do_is_named(make, message):
 
 
 @needs_kernel
+def test_the_elman_calls_with_the_projection_and_sums_refuse_inconsistent_shapes():
+    """The kernel's own checks behind the library's (which never pass such arrays): an X whose width
+    is not W1's, and an X of another length than the states, fail with the call's name, not a crash."""
+    layer, xs, h0, above, dh_init, valid = _loop_problem(bj.RNNSpec(3, (5,), 2), 4)
+    hs = native.elman_forward_x(layer, "tanh", xs, h0, valid)
+    with pytest.raises(Exception, match="elman forward: inconsistent shapes"):
+        native.elman_forward_x(layer, "tanh", xs[..., :2], h0, valid)
+    with pytest.raises(Exception, match="elman reverse: inconsistent shapes"):
+        native.elman_reverse_sums(layer, "tanh", xs[:-1], h0, hs, above, valid, dh_init, dx=True)
+
+
+@needs_kernel
 def test_tune_under_a_budget_only_the_kernels_plans_meet(tmp_path, monkeypatch):
     """Under a budget that no scan plan meets but a kernel plan does, tune returns a kernel plan
     (not "no plan fits"), bptt(max_memory=...) then runs it, and its gradient equals the scans'.
