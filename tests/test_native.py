@@ -111,6 +111,14 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
         close(k, g, rtol=1e-4, atol=1e-5)
     close(xds_m1, ds_m1)
     close(xdas, das)
+    for batch_major in (False, True):  # the recursion alone (core.sequence), rows time- or batch-major
+        rdas, rdvs, rds_m1 = native.reverse_d(
+            name, layer.wh, above, kgates, s0, kss, valid, ds_init, batch_major=batch_major
+        )
+        order = (lambda a: jnp.swapaxes(a, 0, 1)) if batch_major else (lambda a: a)
+        close(order(rdas), das)
+        close(order(rdvs), dvs)
+        close(rds_m1, ds_m1)
     close(kds_m1, ds_m1)
     close(knorms, norms)  # ||dh(t)|| (the LSTM's also ||dc(t)||), padding too
     if native.one_thread(name, b, n1):  # dX on the helper thread too, dA never returned
@@ -176,6 +184,7 @@ def test_the_elman_kernels_loops_equal_the_scans_step_for_step(activation, b, n1
     khs = native.elman_forward(layer.w11, activation, cells.elman.project(layer, xs), h0, valid)
     xhs = native.elman_forward_x(layer, activation, xs, h0, valid)  # X W1 + b1 formed in the call
     kdz, kdh_m1, knorms = native.elman_reverse(layer.w11, activation, khs, above, valid, dh_init)
+    bdz, bdh_m1, bnorms = native.elman_reverse(layer.w11, activation, khs, above, valid, dh_init, batch_major=True)
     wide = n1 > 100
     close = functools.partial(np.testing.assert_allclose, rtol=1e-4 if wide else 1e-5, atol=1e-5 if wide else 1e-6)
     close(khs, hs)
@@ -183,6 +192,9 @@ def test_the_elman_kernels_loops_equal_the_scans_step_for_step(activation, b, n1
     close(kdz, dz)
     close(kdh_m1, dh_m1)
     close(knorms, norms)
+    close(jnp.swapaxes(bdz, 0, 1), dz)  # dZ1's rows written batch-major [B, C, N1]
+    close(bdh_m1, dh_m1)
+    close(bnorms, norms)
     # the same call with the weight-gradient sums and dX on its helper thread
     sums, sdh_m1, sdx, snorms = native.elman_reverse_sums(
         layer, activation, xs, h0, khs, above, valid, dh_init, dx=True
@@ -476,6 +488,57 @@ def test_auto_runs_the_kernel_on_a_batch_and_the_scans_per_sequence():
         assert ("bptt_jax_lstm_forward" in program) == kernel, (loss, kernel)
         got, want = (eqx.filter_grad(loss)(m) for m in (auto, scans))
         assert ref.max_rel_err(got.layer, want.layer) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", native.CELLS)
+def test_the_equinox_layer_vmapped_runs_one_kernel_call_for_the_batch(name):
+    """The Equinox layer called on one sequence under jax.vmap (gates kept: core.sequence with the
+    kernel) runs ONE forward and ONE reverse call for the whole vmapped batch (custom_vmap), with
+    the scans' gradients: jax.grad of the vmapped loss (lengths, h0, the final state), per-example
+    gradients (jax.vmap of jax.grad), an ensemble (weights vmapped too), jax.checkpoint, a nested
+    vmap, and a vjp taken outside the vmap and vmapped over cotangents."""
+    import equinox as eqx
+
+    from bptt_jax.layers import equinox as beqx
+
+    t_len, b, n, n1 = 6, 3, 4, 5
+    xs = jax.random.normal(jax.random.key(2), (b, t_len, n))
+    length = jnp.array([6, 2, 0])
+    h0 = 0.5 * jax.random.normal(jax.random.key(3), (b, n1))
+    h0 = (h0, -h0) if name == "lstm" else h0
+    layers = {r: beqx.RNN(n, n1, cell=name, recurrence=r, key=jax.random.key(1)) for r in ("native", "scan")}
+    last_h = (lambda s: s[0]) if name == "lstm" else (lambda s: s)
+
+    def loss(m, xs, h0):
+        hs, last = jax.vmap(lambda x, h, k: m(x, h, length=k, return_last=True))(xs, h0, length)
+        return jnp.sum(jnp.sin(hs)) + jnp.sum(last_h(last) ** 2)
+
+    program = str(jax.make_jaxpr(eqx.filter_grad(loss))(layers["native"], xs, h0))
+    assert program.count(f"bptt_jax_{name}_forward") == 1 and program.count(f"bptt_jax_{name}_reverse") == 1
+    assert f"f32[{t_len},{b},{n1}]" in program  # the calls' rows: all B sequences, time-major
+
+    def same(f, tol=1e-5):
+        got, want = f(layers["native"]), f(layers["scan"])
+        assert ref.max_rel_err(got, want) < tol
+
+    same(lambda m: eqx.filter_grad(loss)(m, xs, h0).layer)
+    same(lambda m: jax.grad(loss, argnums=(1, 2))(m, xs, h0))
+    same(lambda m: jax.vmap(lambda x: eqx.filter_grad(lambda m: jnp.sum(jnp.sin(m(x))))(m).layer)(xs))
+    same(lambda m: eqx.filter_grad(lambda m: jnp.sum(jnp.cos(jax.vmap(jax.checkpoint(lambda x: m(x)))(xs))))(m).layer)
+    same(lambda m: eqx.filter_grad(lambda m: jnp.sum(jnp.cos(jax.vmap(jax.vmap(m))(jnp.stack([xs, -xs])))))(m).layer)
+    out, vjp = jax.vjp(layers["native"], xs[0])
+    want = jax.vjp(layers["scan"], xs[0])[1]
+    cts = jax.random.normal(jax.random.key(4), (2, *out.shape))
+    assert ref.max_rel_err(jax.vmap(vjp)(cts), jax.vmap(want)(cts)) < 1e-5
+    keys = jax.random.split(jax.random.key(5), 2)
+    ensembles = {
+        r: eqx.filter_vmap(lambda k, r=r: beqx.RNN(n, n1, cell=name, recurrence=r, key=k))(keys)
+        for r in ("native", "scan")
+    }
+    ens_loss = lambda e: jnp.sum(jnp.sin(eqx.filter_vmap(lambda m, x: m(x))(e, xs[:2])))  # noqa: E731
+    got, want = (eqx.filter_grad(ens_loss)(ensembles[r]).layer for r in ("native", "scan"))
+    assert ref.max_rel_err(got, want) < 1e-5
 
 
 def test_the_layers_name_a_recurrence_they_do_not_know():

@@ -831,7 +831,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
                            ffi::ResultBuffer<ffi::F32> dgs, ffi::ResultBuffer<ffi::F32> ds_m1,
                            ffi::ResultBuffer<ffi::F32> norms, ffi::ResultBuffer<ffi::F32> dwx,
                            ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> db,
-                           ffi::ResultBuffer<ffi::F32> dxs) {
+                           ffi::ResultBuffer<ffi::F32> dxs, int32_t batch_major) {
   const auto d = gates.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "lstm reverse: gates must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], width = d[2], n = width / 4, sw = 2 * n;
@@ -852,7 +852,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
                                         : dwx->element_count() == 0 && db->element_count() == 0) &&
                               (dxs->element_count() == 0 ||
                                (sum_here && dxs->element_count() == static_cast<size_t>(steps * batch * n_in) &&
-                                wx.element_count() == static_cast<size_t>(n_in * width))),
+                                wx.element_count() == static_cast<size_t>(n_in * width))) &&
+                              (!batch_major || (!sum_here && dgs->element_count() == states * 2)),
                           "lstm reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -877,9 +878,12 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
     beside = begin_sums(sums, dwx->typed_data(), dwh->typed_data(), db->typed_data(), wx.typed_data(),
                         dxs->element_count() != 0 ? dxs->typed_data() : nullptr, dxs->size_bytes(), &wxt,
                         team != nullptr);
+  // batch_major: dG written row by row to [B, C, 4N] (not over the gates), the step's rows first
+  // into a contiguous scratch for the matmul
+  std::vector<float> dg_step(batch_major ? batch * width : 0);
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
-    float* dg = DG + row0 * width;
+    float* dg = batch_major ? dg_step.data() : DG + row0 * width;
     for (long b = 0; b < batch; ++b) {
       const float* gb = G + (row0 + b) * width;
       const float* sb = S + (row0 + b) * sw;
@@ -903,6 +907,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
         std::memset(db, 0, sizeof(float) * width);
       }
     }
+    if (batch_major)
+      for (long b = 0; b < batch; ++b) std::memcpy(DG + (b * steps + t) * width, dg + b * width, sizeof(float) * width);
     // dh_carry = dG(t) Wh^T, [B, 4N] x [N, 4N]^T, into the carry's h half (leading dimension 2N).
     step_gemm(team.get(), batch, dg, width, wt, carry, sw, false);
     for (long b = 0; b < batch; ++b)
@@ -1095,7 +1101,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
                           ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> dbh,
                           ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms,
                           ffi::ResultBuffer<ffi::F32> dwx, ffi::ResultBuffer<ffi::F32> dbx,
-                          ffi::ResultBuffer<ffi::F32> dxs) {
+                          ffi::ResultBuffer<ffi::F32> dxs, int32_t batch_major) {
   const auto d = cache.dimensions();
   if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "gru reverse: cache must be [C, B, 4 N]");
   const long steps = d[0], batch = d[1], n = d[2] / 4, width = 3 * n;
@@ -1120,7 +1126,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
                               norms->element_count() == rows && xs.dimensions().size() == 3 &&
                               xs.dimensions()[0] == steps && xs.dimensions()[1] == batch &&
                               dwx->element_count() == (beside ? static_cast<size_t>(n_in * width) : 0) &&
-                              dbx->element_count() == (beside ? static_cast<size_t>(width) : 0),
+                              dbx->element_count() == (beside ? static_cast<size_t>(width) : 0) &&
+                              (!batch_major || !sum_here),
                           "gru reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -1138,7 +1145,9 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   float* carry = dh_m1->typed_data();  // dh(t-1), updated step by step
   std::memcpy(carry, dh_init.typed_data(), sizeof(float) * batch * n);
   const long per = std::max(1L, kChunkRows / batch);
-  std::vector<float> scratch(sum_here ? (beside ? GruSums::kRing * per : 1) * batch * width : 0);  // dV
+  // dV's scratch: the ring (beside), one step's rows (summed here, or batch_major: dA and dV written
+  // row by row to [B, C, 3N], dV through this contiguous step for the matmul)
+  std::vector<float> scratch(sum_here || batch_major ? (beside ? GruSums::kRing * per : 1) * batch * width : 0);
   std::vector<float> da_ring(make_dx ? GruSums::kRing * per * batch * width : 0);              // dA
   const Packed wt = pack(W, n, width, true);  // Wh^T [3N, N]
   const Packed wxt = make_dx ? pack(wx.typed_data(), n_in, width, true) : Packed{};  // Wx^T [3N, N_in]
@@ -1173,16 +1182,17 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
     const long chunk = (steps - 1 - t) / per, t0 = std::max(0L, steps - (chunk + 1) * per);
     if (beside && t == steps - 1 - chunk * per && chunk >= GruSums::kRing)  // the slots' last readers done
       for (int c = 0; c < chains; ++c) aside->await(c, chunk - GruSums::kRing);
-    float* dv = beside     ? gsums.slot(chunk) + (t - t0) * batch * width
-                : sum_here ? scratch.data()
-                           : dvs->typed_data() + row0 * width;
+    float* dv = beside                  ? gsums.slot(chunk) + (t - t0) * batch * width
+                : sum_here || batch_major ? scratch.data()
+                                          : dvs->typed_data() + row0 * width;
     float* da = make_dx ? gsums.da_rows(chunk, t0) + (t - t0) * batch * width : DA + row0 * width;  // dA(t)
     for (long b = 0; b < batch; ++b) {
       const long row = row0 + b;
       float* cb = carry + b * n;
       float* dvb = dv + b * width;
+      float* dab = batch_major ? DA + (b * steps + t) * width : da + b * width;
       if (V[row]) {
-        NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, da + b * width, dvb, n);
+        NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, dab, dvb, n);
         if (sum_here && !beside)
           for (long j = 0; j < width; ++j) DB[j] += dvb[j];
       } else {  // padding: dA = dV = 0, the carry passes on with dH_above added
@@ -1193,9 +1203,10 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
           sh += cb[j] * cb[j];
         }
         NRM[row] = std::sqrt(sh);
-        std::memset(da + b * width, 0, sizeof(float) * width);
+        std::memset(dab, 0, sizeof(float) * width);
         std::memset(dvb, 0, sizeof(float) * width);
       }
+      if (batch_major) std::memcpy(dvs->typed_data() + (b * steps + t) * width, dvb, sizeof(float) * width);
     }
     // dh_carry += dV(t) Wh^T, [B, 3N] x [N, 3N]^T (zero rows where a step is padding)
     step_gemm(team.get(), batch, dv, width, wt, carry, n, true);
@@ -1324,7 +1335,8 @@ ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs,
                             ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w1, ffi::ResultBuffer<ffi::F32> dzs,
                             ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms,
                             ffi::ResultBuffer<ffi::F32> dw1, ffi::ResultBuffer<ffi::F32> dw11,
-                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dxs, int32_t f) {
+                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dxs, int32_t f,
+                            int32_t batch_major) {
   const auto d = hs.dimensions();
   if (d.size() != 3) return check_dims(false, "elman reverse: hs must be [C, B, N]");
   const long steps = d[0], batch = d[1], n = d[2];
@@ -1344,7 +1356,8 @@ ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs,
                                         : dw1->element_count() == 0 && db->element_count() == 0) &&
                               (dxs->element_count() == 0 ||
                                (sum_here && dxs->element_count() == rows * n_in &&
-                                w1.element_count() == static_cast<size_t>(n_in * n))),
+                                w1.element_count() == static_cast<size_t>(n_in * n))) &&
+                              (!batch_major || !sum_here),
                           "elman reverse: inconsistent shapes");
       e.failure())
     return e;
@@ -1368,18 +1381,23 @@ ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs,
     beside = begin_sums(sums, dw1->typed_data(), dw11->typed_data(), db->typed_data(), w1.typed_data(),
                         dxs->element_count() != 0 ? dxs->typed_data() : nullptr, dxs->size_bytes(), &w1t,
                         team != nullptr);
+  // batch_major: dZ1 written row by row to [B, C, N], the step's rows first into a contiguous
+  // scratch for the matmul
+  std::vector<float> dz_step(batch_major ? batch * n : 0);
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
+    float* dz = batch_major ? dz_step.data() : DZ + row0 * n;  // dZ1(t) [B, N]
     for (long b = 0; b < batch; ++b) {
       const long row = row0 + b;
       float* cb = carry + b * n;
-      NRM[row] = elman_reverse_row(H + row * n, DH + row * n, cb, DZ + row * n, n, f);
+      NRM[row] = elman_reverse_row(H + row * n, DH + row * n, cb, dz + b * n, n, f);
       if (!V[row]) {  // padding: dZ1 = 0, the carry passes on with dH_above added
         for (long j = 0; j < n; ++j) dh_keep[b * n + j] = DH[row * n + j] + cb[j];
-        std::memset(DZ + row * n, 0, sizeof(float) * n);
+        std::memset(dz + b * n, 0, sizeof(float) * n);
       }
+      if (batch_major) std::memcpy(DZ + (b * steps + t) * n, dz + b * n, sizeof(float) * n);
     }
-    step_gemm(team.get(), batch, DZ + row0 * n, n, wt, carry, n, false);  // carry = dZ1(t) W11^T
+    step_gemm(team.get(), batch, dz, n, wt, carry, n, false);  // carry = dZ1(t) W11^T
     for (long b = 0; b < batch; ++b)
       if (!V[row0 + b]) std::memcpy(carry + b * n, dh_keep.data() + b * n, sizeof(float) * n);
     if (beside && (steps - t) % sums.per == 0) beside->ready((steps - t) / sums.per);
@@ -1437,7 +1455,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttElmanReverse, ElmanReverseImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("activation"));
+                                  .Attr<int32_t>("activation")
+                                  .Attr<int32_t>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
@@ -1458,7 +1477,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("batch_major"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruForward, GruForwardImpl,
                               ffi::Ffi::Bind()
@@ -1482,4 +1502,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruReverse, GruReverseImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("batch_major"));

@@ -40,7 +40,10 @@ analysis, independent of T.
 
 jax cannot differentiate an FFI call: the kernel serves the explicit BPTT (``bptt``, ``rnn_states``
 with grad="bptt"); ``loss``, ``forward`` and grad="autodiff" run the scans (``kernels.resolve``).
-Under ``jax.vmap`` the kernel runs once per batched element (``vmap_method="sequential"``).
+Under ``jax.vmap`` the kernel runs once per batched element (``vmap_method="sequential"``), except
+in ``core.sequence.layer_states`` (the Equinox layer's one-sequence call), whose batching rules run
+one call for the whole vmapped batch (``reverse_d``, ``elman_reverse(..., batch_major=True)``: the
+reverse call then writes dA and dV batch-major, as vmap lays its batched arrays out).
 """
 
 from __future__ import annotations
@@ -225,10 +228,19 @@ def _elman_forward(w11, activation, us_or_xs, h0, valid, w1, b1):
     return call(us_or_xs, w11, h0, _mask(valid, t_len, batch), w1, b1, activation=_activation_code(activation))
 
 
-def elman_reverse(w11: Array, activation: str, hs: Array, dhs_above: Array, valid: Array | None, dh_init: Array | None):
+def elman_reverse(
+    w11: Array,
+    activation: str,
+    hs: Array,
+    dhs_above: Array,
+    valid: Array | None,
+    dh_init: Array | None,
+    *,
+    batch_major: bool = False,
+):
     """The Elman cell's reverse recursion over C steps (``cells.elman.reverse_recurrence``'s loop):
-    (dZ1 [C, B, N1], dDIV/dh(-1) [B, N1], ||dh(t)|| [C, B])."""
-    dzs, dh_m1, norms, _, _ = _elman_reverse(w11, activation, hs, dhs_above, valid, dh_init)
+    (dZ1 [C, B, N1] (``batch_major``: [B, C, N1]), dDIV/dh(-1) [B, N1], ||dh(t)|| [C, B])."""
+    dzs, dh_m1, norms, _, _ = _elman_reverse(w11, activation, hs, dhs_above, valid, dh_init, batch_major=batch_major)
     return dzs, dh_m1, norms
 
 
@@ -246,7 +258,9 @@ def elman_reverse_sums(
     return type(layer)(*grads), dh_m1, dxs if dx else dzs, norms
 
 
-def _elman_reverse(w11, activation, hs, dhs_above, valid, dh_init, *, xs=None, h0=None, w1=None, dx=False):
+def _elman_reverse(
+    w11, activation, hs, dhs_above, valid, dh_init, *, xs=None, h0=None, w1=None, dx=False, batch_major=False
+):
     """(dZ1, dh(-1), norms, (dW1, dW11, db1) or None, dX or None): one reverse call, with the sums
     (and dX) where ``xs`` is given."""
     t_len, batch, n1 = hs.shape
@@ -256,7 +270,7 @@ def _elman_reverse(w11, activation, hs, dhs_above, valid, dh_init, *, xs=None, h
     none = jnp.zeros((0,), f32)
     dx_shape = xs.shape if sums and dx else (0,)
     out = (
-        jax.ShapeDtypeStruct(hs.shape, f32),
+        jax.ShapeDtypeStruct((batch, t_len, n1) if batch_major else hs.shape, f32),
         jax.ShapeDtypeStruct((batch, n1), f32),
         jax.ShapeDtypeStruct((t_len, batch), f32),
         jax.ShapeDtypeStruct(w1.shape if sums else (0,), f32),  # dW1
@@ -278,6 +292,7 @@ def _elman_reverse(w11, activation, hs, dhs_above, valid, dh_init, *, xs=None, h
         xs if sums else none,
         w1 if sums else none,
         activation=_activation_code(activation),
+        batch_major=np.int32(batch_major),
     )
     return dzs, dh_m1, norms, (dw1, dw11, db1) if sums else None, dxs if sums and dx else None
 
@@ -339,6 +354,48 @@ def reverse(
     return grads, ds_m1, das, norms
 
 
+def reverse_d(
+    cell: str, wh: Array, dhs_above: Array, cache: Array, s_in: Array, ss: Array, valid, ds_init, *, batch_major=False
+):
+    """The reverse recursion alone, no sums: (dA [C, B, G N1], dV [C, B, G N1] (the LSTM's: dA
+    itself), ds(-1) [B, W]) of one layer of ``cell`` ("lstm" or "gru") from its gate cache, for
+    weight-gradient matmuls outside the call (``core.sequence``); as ``reverse`` without
+    ``sum_in_kernel``. ``wh``: the recurrent weights [N1, G N1]. ``batch_major``: dA and dV come
+    as [B, C, G N1] (the call writes each row there; the LSTM's dA then not over its gate cache)."""
+    t_len, batch, _ = cache.shape
+    width = ss.shape[-1]
+    n1 = wh.shape[0]
+    f32 = jnp.float32
+    ds0 = jnp.zeros((batch, width), f32) if ds_init is None else ds_init
+    valid = _mask(valid, t_len, batch)
+    none = jnp.zeros((0,), f32)
+    no_xs = jnp.zeros((t_len, batch, 0), f32)  # the call's input X: read only for sums it does not make
+    empty = jax.ShapeDtypeStruct((0,), f32)
+    rows = (batch, t_len) if batch_major else (t_len, batch)
+    mode = np.int32(batch_major)
+    if cell == "lstm":
+        out = (
+            jax.ShapeDtypeStruct((*rows, 4 * n1), f32),
+            jax.ShapeDtypeStruct((batch, width), f32),
+            jax.ShapeDtypeStruct((t_len, batch, 2), f32),
+            *(empty,) * 4,
+        )
+        call = jax.ffi.ffi_call(
+            TARGETS[cell, "reverse"][0],
+            out,
+            vmap_method="sequential",
+            input_output_aliases=None if batch_major else {1: 0},  # dA over the gates, time-major
+        )
+        das, ds_m1, *_ = call(dhs_above, cache, s_in, ss, wh, valid, ds0, no_xs, none, batch_major=mode)
+        return das, das, ds_m1
+    g_shape = jax.ShapeDtypeStruct((*rows, 3 * n1), f32)
+    carry, norms = jax.ShapeDtypeStruct((batch, width), f32), jax.ShapeDtypeStruct((t_len, batch), f32)
+    out_gru = (g_shape, g_shape, empty, empty, carry, norms, empty, empty, empty)
+    call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
+    das, dvs, _, _, ds_m1, *_ = call(dhs_above, cache, s_in, ss, wh, valid, ds0, no_xs, none, batch_major=mode)
+    return das, dvs, ds_m1
+
+
 def dx_in_kernel(cell: str, rows: int, batch: int, n1: int, cache_kept: bool) -> bool:
     """Whether ``reverse_dx`` applies: the block's weight-gradient sums run on the helper thread
     (``sums_in_kernel`` with the per-step matmul on one thread), which then also makes dX."""
@@ -386,7 +443,9 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
         call = jax.ffi.ffi_call(
             TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases=aliases
         )
-        das, ds_m1, norms, dwx, dwh, db, dxs = call(dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx)
+        das, ds_m1, norms, dwx, dwh, db, dxs = call(
+            dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx, batch_major=np.int32(0)
+        )
         if not sum_in_kernel:
             return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms, None
         return type(layer)(dwx, dwh, db, db), ds_m1, das, norms, dxs if dx else None
@@ -408,7 +467,7 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
         TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential", input_output_aliases=aliases
     )
     das, dvs, dwh, dbh, ds_m1, norms, dwx, dbx, dxs = call(
-        dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx
+        dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx, batch_major=np.int32(0)
     )
     if not sum_in_kernel:
         return gru.weight_grads(layer, xs, _shifted(s_in, ss), das, dvs), ds_m1, das, norms, None

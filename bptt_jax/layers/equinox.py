@@ -15,7 +15,8 @@ None there, and the "equinox" GRU's b_hn is ``bias_n``), so ``eqx.filter_value_a
 ``eqx.tree_serialise_leaves`` and optax work unchanged. Gradients run the explicit BPTT: a batch
 call ``bptt_jax.core.vjp.rnn_states``' custom VJP, a one-sequence call (each of a vmapped batch)
 ``bptt_jax.core.sequence.layer_states``, whose custom VJP covers the reverse recurrence alone so that
-``jax.vmap`` batches the weight-gradient matmuls around it. Equinox ships no vanilla RNN cell: the
+``jax.vmap`` batches the weight-gradient matmuls around it (with the compiled kernel where the batch
+call's rules run it: one kernel call for the whole vmapped batch). Equinox ships no vanilla RNN cell: the
 Elman layer here has no Equinox counterpart.
 """
 
@@ -43,9 +44,9 @@ class RNN(eqx.Module):
       cell: "elman", "gru" or "lstm".
       activation: the Elman cell's f1 (as ``RNNSpec``); gated cells use tanh.
       unroll: scan steps per loop iteration; None picks by backend (1 on a CPU, 8 on a GPU).
-      recurrence: "auto", "scan", "pallas" or "native", as ``bptt_jax.bptt`` ("native": the gated
-        cells' compiled CPU kernel, float32; a one-sequence call then runs ``rnn_states``, which
-        ``jax.vmap`` runs once per sequence: call the layer on the batch [B, T, N]).
+      recurrence: "auto", "scan", "pallas" or "native", as ``bptt_jax.bptt`` ("native": the
+        cells' compiled CPU kernel, float32; "auto" runs it for the gated cells on the CPU, in a
+        one-sequence call too, where ``jax.vmap`` runs one kernel call for the whole batch).
       grad: "bptt" (the explicit BPTT) or "autodiff" (``jax.grad`` differentiates the forward scan:
         the same layer as an oracle).
       init, init_scale, forget_bias, dtype: the initialisation, as ``bptt_jax.init_params``.
@@ -125,11 +126,12 @@ class RNN(eqx.Module):
         values as ``jax.vmap`` over the sequences. It is the faster way to train: one call sums the
         weight gradients inside its blocked reverse scan, where a vmapped one-sequence call hands
         dA(t) and dV(t) of the whole sequence to matmuls outside its custom VJP
-        (``core.sequence``; benchmarks/results/eqx_speed.md). A one-sequence call with
-        ``gates="recompute"``, ``checkpoint_every``, ``max_memory`` or the kernels runs ``rnn_states`` instead
-        (its weight gradients per sequence under ``jax.vmap``), with the scans where ``recurrence``
-        is "auto" (the batch call's rules run the compiled kernel, which ``jax.vmap`` would run once
-        per sequence)."""
+        (``core.sequence``, whose loops run the compiled kernel where the batch call's rules would,
+        one call for the whole vmapped batch; benchmarks/results/eqx_speed_s20_spr.md). A
+        one-sequence call with ``gates="recompute"``, ``checkpoint_every``, ``max_memory``, a
+        compute dtype or the Pallas kernels runs ``rnn_states`` instead (its weight gradients per
+        sequence under ``jax.vmap``), with the scans where ``recurrence`` is "auto" (``jax.vmap``
+        would run an FFI call once per sequence)."""
         params, x, h0, lengths, batch = self._arguments(xs, h0, length)
         n1 = self.spec.hidden_sizes[0]
         if not batch and self._per_sequence():  # one sequence (under jax.vmap: each of a batch)
@@ -137,10 +139,10 @@ class RNN(eqx.Module):
             valid = forward.valid_mask(lengths, x.shape[0])
             unroll = forward.resolve_unroll(self.unroll)
             states, s_last = sequence.layer_states(
-                params.layers[0], self.spec.activation, x, h0_in[0], valid, unroll=unroll
+                params.layers[0], self.spec.activation, x, h0_in[0], valid, unroll=unroll, native=self._native(x.dtype)
             )
             last = self.spec.public_states((s_last,))
-        else:  # "auto" on one sequence: the scans (under jax.vmap the kernel would run once per sequence)
+        else:  # "auto" on one sequence: the scans (under jax.vmap an FFI call would run once per sequence)
             recurrence = "scan" if not batch and self.recurrence == "auto" else self.recurrence
             states, last = self._batch_call(params, x, h0, lengths, recurrence)
         hs = jnp.moveaxis(states, 1, 0).reshape(*batch, -1, n1)  # [*batch, T, N1]
@@ -153,15 +155,23 @@ class RNN(eqx.Module):
     def _per_sequence(self) -> bool:
         """Whether a one-sequence call runs ``core.sequence.layer_states`` (whose weight gradients
         jax.vmap batches into whole-batch matmuls) rather than ``rnn_states``: the explicit BPTT
-        with the gates kept ("auto" or "store"), the scans, no segments, no budget, no compute dtype."""
+        with the gates kept ("auto" or "store"), the scans or the compiled kernel, no segments, no
+        budget, no compute dtype."""
         return (
             self.grad == "bptt"
-            and self.recurrence in ("auto", "scan")
+            and self.recurrence in ("auto", "scan", "native")
             and self.gates != "recompute"
             and self.checkpoint_every is None
             and self.max_memory is None
             and self.spec.compute_dtype is None
         )
+
+    def _native(self, dtype) -> bool:
+        """Whether a one-sequence call's loops run the compiled kernel: ``recurrence`` "native", or
+        "auto" where the batch call's rules would run it (``kernels.resolve``)."""
+        if self.recurrence == "scan":
+            return False
+        return kernels.resolve(self.recurrence, self.spec.hidden_sizes, dtype, cell=self.spec.cell) == "native"
 
     def _batch_call(self, params, x, h0, lengths, recurrence):
         return rnn_states(
