@@ -541,6 +541,38 @@ def test_the_equinox_layer_vmapped_runs_one_kernel_call_for_the_batch(name):
     assert ref.max_rel_err(got, want) < 1e-5
 
 
+def test_the_rows_matmul_runs_where_vmap_is_the_innermost_transformation():
+    """core.sequence's projections run as one matmul over the vmapped rows only where jax.vmap is
+    the transformation tracing the call and batches its input (jax.grad of a vmapped loss, a
+    vmapped call under jit), never where jax.grad is inside the vmap (custom_vmap has no
+    reverse-mode rule) or without a vmap; a True here is what the speed of the vmapped Equinox
+    layer rests on, and these values the gradients (tests above) are checked in."""
+    from bptt_jax.core import sequence
+
+    seen = []
+
+    def f(x):
+        seen.append(sequence._vmap_innermost(x))
+        return x
+
+    ones = jnp.ones((2, 3))
+    jax.vmap(f)(ones)
+    jax.grad(lambda x: jnp.sum(jax.vmap(f)(x)))(ones)
+    jax.jit(jax.vmap(f))(ones)
+    jax.vmap(jax.grad(lambda x: jnp.sum(f(x))))(ones)
+    f(ones)
+    jax.jit(f)(ones)
+    jax.vmap(lambda y: f(ones))(ones)  # vmapped, but not the input
+    assert seen == [True, True, True, False, False, False, False]
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    w = jnp.arange(20.0).reshape(4, 5)
+    np.testing.assert_allclose(jax.vmap(sequence._matmul_rows, (0, None))(x, w), x @ w)
+    np.testing.assert_allclose(jax.vmap(sequence._matmul_rows, (0, 0))(x, jnp.stack([w, -w])), x @ jnp.stack([w, -w]))
+    np.testing.assert_allclose(
+        jax.vmap(sequence._matmul_rows, (None, 0))(x[0], jnp.stack([w, -w])), x[0] @ jnp.stack([w, -w])
+    )
+
+
 def test_the_layers_name_a_recurrence_they_do_not_know():
     from flax import nnx
 
