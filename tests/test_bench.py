@@ -363,6 +363,20 @@ def test_native_parts_quick():
     assert len(rows) == 1 and len(rows[0]) == 10 and all(float(v) > 0 for v in rows[0][2:9]), rows
 
 
+def test_vmapped_layer_quick():
+    pytest.importorskip("equinox")
+    pytest.importorskip("flax")  # eqx_speed.py shares nnx_speed.py's timing loop
+    _load("nnx_speed", "benchmarks/nnx_speed.py")
+    _load("eqx_speed", "benchmarks/eqx_speed.py")
+    mod = _load("vmapped_layer", "benchmarks/vmapped_layer.py")
+    switch = mod.sequence._vmap_innermost
+    report = mod.main(["--quick", "--rounds", "1"])
+    rows = [line.split("|") for line in report.splitlines() if line.startswith(("| gru", "| lstm"))]
+    assert len(rows) == 12, rows  # six contenders per cell
+    assert all(float(r[-2]) < 1e-4 for r in rows), rows  # every contender's dX is the Equinox cell's
+    assert mod.sequence._vmap_innermost is switch and mod.native.KERNEL_SUM_ROWS == 1024  # switches restored
+
+
 def test_sums_beside_quick():
     mod = _load("sums_beside", "benchmarks/sums_beside.py")
     if mod.native.unavailable() is not None:  # a machine without g++ skips
