@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -375,6 +376,27 @@ def test_vmapped_layer_quick():
     assert len(rows) == 12, rows  # six contenders per cell
     assert all(float(r[-2]) < 1e-4 for r in rows), rows  # every contender's dX is the Equinox cell's
     assert mod.sequence._vmap_innermost is switch and mod.native.KERNEL_SUM_ROWS == 1024  # switches restored
+
+
+def test_peak_buffers_quick(tmp_path):
+    pytest.importorskip("equinox")
+    pytest.importorskip("flax")  # eqx_speed.py shares nnx_speed.py's timing loop
+    _load("nnx_speed", "benchmarks/nnx_speed.py")
+    _load("eqx_speed", "benchmarks/eqx_speed.py")
+    mod = _load("peak_buffers", "benchmarks/peak_buffers.py")
+    values = mod.temp_values(
+        "allocation 0: size 8, parameter 0:\n value: <1 p @0> (size=8,offset=0): f32[2]\n"
+        "allocation 1: size 96, preallocated-temp:\n value: <2 a.1 @0> (size=64,offset=0): f32[16]\n"
+        " value: <3 b{0} @0> (size=32,offset=64): f32[8]\n"
+    )
+    assert values == [("a.1", 64, 0), ("b{0}", 32, 64)]  # the temp allocation's values only
+    out = tmp_path / "peak.md"  # a process of its own: XLA reads the dump flags when it starts
+    env = {**os.environ, "XLA_FLAGS": ""}
+    run = [sys.executable, str(ROOT / "benchmarks/peak_buffers.py"), "--quick", "--min-mib", "0", "--out", str(out)]
+    subprocess.run(run, check=True, env=env, capture_output=True, timeout=300)
+    report = out.read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| offset")]
+    assert "temp memory" in report and rows and all(float(r.split("|")[2]) >= 0 for r in rows), report
 
 
 def test_sums_beside_quick():
