@@ -7,11 +7,11 @@
 from the Equinox cell, float32, in one process, round robin in a fresh random order each round,
 medians (ms) and compiled temp memory:
 
-  vmapped               ``jax.vmap`` of the one-sequence call (the defaults: the compiled kernel, one
-                        call for the whole vmapped batch, the projections as one matmul over its rows);
-  vmapped, vmap's matmuls  the same with the projections left to ``jax.vmap`` (``core.sequence``'s
-                        rows matmul switched off): its weight-gradient dots contract the vmapped and
-                        the time axes;
+  vmapped               ``jax.vmap`` of the one-sequence call (the defaults: under ``jax.grad`` of
+                        the vmapped loss, the layer's batch call over the vmapped batch);
+  vmapped, per sequence  the same with ``core.sequence._vmap_innermost`` switched off: the layer's
+                        one-sequence path (as under ``jax.vmap`` of ``jax.grad``), the kernel's
+                        loops once for the vmapped batch, the weight gradients vmap's matmuls;
   vmapped, scans        ``recurrence="scan"``;
   one call              the layer called on the batch [B, T, N] (the kernel's reverse call sums the
                         weight gradients beside its steps where its rule holds);
@@ -64,7 +64,7 @@ def contenders(cell: str, shape):
     vmapped = lambda m, x: jax.vmap(m)(x)  # noqa: E731
     out = {
         "vmapped": grad_of(ours, vmapped),
-        "vmapped, vmap's matmuls": grad_of(ours, vmapped),
+        "vmapped, per sequence": grad_of(ours, vmapped),
         "vmapped, scans": grad_of(scans, vmapped),
         "one call": grad_of(ours, lambda m, x: m(x)),
         "one call, XLA's sums": grad_of(ours, lambda m, x: m(x)),
@@ -76,7 +76,7 @@ def contenders(cell: str, shape):
 def _compile(name, fn, args):
     """Traces and compiles ``fn`` with the switch its name asks for."""
     rows, sum_rows = sequence._vmap_innermost, native.KERNEL_SUM_ROWS
-    if name == "vmapped, vmap's matmuls":
+    if name == "vmapped, per sequence":
         sequence._vmap_innermost = lambda x: False
     if name == "one call, XLA's sums":
         native.KERNEL_SUM_ROWS = 1 << 60

@@ -493,11 +493,12 @@ def test_auto_runs_the_kernel_on_a_batch_and_the_scans_per_sequence():
 @needs_kernel
 @pytest.mark.parametrize("name", native.CELLS)
 def test_the_equinox_layer_vmapped_runs_one_kernel_call_for_the_batch(name):
-    """The Equinox layer called on one sequence under jax.vmap (gates kept: core.sequence with the
-    kernel) runs ONE forward and ONE reverse call for the whole vmapped batch (custom_vmap), with
-    the scans' gradients: jax.grad of the vmapped loss (lengths, h0, the final state), per-example
-    gradients (jax.vmap of jax.grad), an ensemble (weights vmapped too), jax.checkpoint, a nested
-    vmap, and a vjp taken outside the vmap and vmapped over cotangents."""
+    """The Equinox layer called on one sequence under jax.vmap runs ONE forward and ONE reverse
+    kernel call for the whole vmapped batch: under jax.grad of the vmapped loss its batch call
+    (custom_vmap rule), under jax.vmap of jax.grad (per-example gradients) core.sequence's loops
+    (their custom_vmap rules), with the scans' gradients: jax.grad of the vmapped loss (lengths,
+    h0, the final state), per-example gradients, an ensemble (weights vmapped too),
+    jax.checkpoint, a nested vmap, and a vjp taken outside the vmap and vmapped over cotangents."""
     import equinox as eqx
 
     from bptt_jax.layers import equinox as beqx
@@ -524,7 +525,10 @@ def test_the_equinox_layer_vmapped_runs_one_kernel_call_for_the_batch(name):
 
     same(lambda m: eqx.filter_grad(loss)(m, xs, h0).layer)
     same(lambda m: jax.grad(loss, argnums=(1, 2))(m, xs, h0))
-    same(lambda m: jax.vmap(lambda x: eqx.filter_grad(lambda m: jnp.sum(jnp.sin(m(x))))(m).layer)(xs))
+    per_example = lambda m: jax.vmap(lambda x: eqx.filter_grad(lambda m: jnp.sum(jnp.sin(m(x))))(m).layer)(xs)  # noqa: E731
+    program = str(jax.make_jaxpr(per_example)(layers["native"]))
+    assert program.count(f"bptt_jax_{name}_forward") == 1 and program.count(f"bptt_jax_{name}_reverse") == 1
+    same(per_example)
     same(lambda m: eqx.filter_grad(lambda m: jnp.sum(jnp.cos(jax.vmap(jax.checkpoint(lambda x: m(x)))(xs))))(m).layer)
     same(lambda m: eqx.filter_grad(lambda m: jnp.sum(jnp.cos(jax.vmap(jax.vmap(m))(jnp.stack([xs, -xs])))))(m).layer)
     out, vjp = jax.vjp(layers["native"], xs[0])
@@ -541,12 +545,12 @@ def test_the_equinox_layer_vmapped_runs_one_kernel_call_for_the_batch(name):
     assert ref.max_rel_err(got, want) < 1e-5
 
 
-def test_the_rows_matmul_runs_where_vmap_is_the_innermost_transformation():
-    """core.sequence's projections run as one matmul over the vmapped rows only where jax.vmap is
-    the transformation tracing the call and batches its input (jax.grad of a vmapped loss, a
-    vmapped call under jit), never where jax.grad is inside the vmap (custom_vmap has no
-    reverse-mode rule) or without a vmap; a True here is what the speed of the vmapped Equinox
-    layer rests on, and these values the gradients (tests above) are checked in."""
+def test_vmap_innermost_sees_where_jax_vmap_traces_the_call():
+    """core.sequence._vmap_innermost is True only where jax.vmap is the transformation tracing the
+    call and batches its input (jax.grad of a vmapped loss, a vmapped call under jit), never where
+    jax.grad is inside the vmap (custom_vmap has no reverse-mode rule) or without a vmap. The
+    Equinox layer's vmapped call runs its batch call exactly where it is True (its speed rests on
+    that; the gradients are checked in both cases above)."""
     from bptt_jax.core import sequence
 
     seen = []
@@ -564,13 +568,6 @@ def test_the_rows_matmul_runs_where_vmap_is_the_innermost_transformation():
     jax.jit(f)(ones)
     jax.vmap(lambda y: f(ones))(ones)  # vmapped, but not the input
     assert seen == [True, True, True, False, False, False, False]
-    x = jnp.arange(24.0).reshape(2, 3, 4)
-    w = jnp.arange(20.0).reshape(4, 5)
-    np.testing.assert_allclose(jax.vmap(sequence._matmul_rows, (0, None))(x, w), x @ w)
-    np.testing.assert_allclose(jax.vmap(sequence._matmul_rows, (0, 0))(x, jnp.stack([w, -w])), x @ jnp.stack([w, -w]))
-    np.testing.assert_allclose(
-        jax.vmap(sequence._matmul_rows, (None, 0))(x[0], jnp.stack([w, -w])), x[0] @ jnp.stack([w, -w])
-    )
 
 
 def test_the_layers_name_a_recurrence_they_do_not_know():

@@ -24,12 +24,11 @@ forms A(t) itself and keeps the gates, the reverse call returns dA and dV withou
 fold the vmapped axis into the kernel's batch rows (see ``_kernel_forward``), where an FFI call
 alone would run once per sequence. Per-example semantics hold in every order of the
 transformations (``jax.vmap`` of ``jax.grad`` gives each sequence's own weight gradients: they are
-still jax.grad's matmuls, outside the rules). Where ``jax.vmap`` is the innermost transformation
-(``jax.grad`` of a vmapped loss, as in training) the two projections run as one matmul over all
-the vmapped rows (``_matmul_rows``), so that ``jax.grad`` makes the weight gradients as 2-D
-matmuls; ``jax.vmap``'s own form of them contracts the vmapped and the time axes, which XLA:CPU
-feeds through transposed copies of dA and dV (benchmarks/vmapped_layer.py: 1.15-1.42x against
-1.49-1.82x the scanned Equinox cell's speed).
+still jax.grad's matmuls, outside the rules; ``jax.vmap``'s form of them contracts the vmapped
+and the time axes, which XLA:CPU feeds through transposed copies of dA and dV). Where
+``jax.vmap`` is the innermost transformation (``jax.grad`` of a vmapped loss, as in training:
+``_vmap_innermost``) the Equinox layer does not come here: it runs its batch call on the whole
+vmapped batch instead.
 
 The same gradients as ``rnn_states`` (tests/test_layers_equinox.py, tests/test_native.py); one
 layer, one direction, the parameters' dtype (no compute dtype), the gated cells' gates stored
@@ -60,22 +59,14 @@ def layer_states(
     runs once for the whole vmapped batch (see the module's docstring)."""
     cell = cells.of(layer)
     kernel = cells.name_of(layer) if native else None
-    # jax.vmap the innermost transformation here (jax.grad of a vmapped call): the two projections
-    # as one matmul over all the vmapped rows, whose gradients jax.grad then makes as plain 2-D
-    # matmuls (vmap's own form of them contracts two axes, which XLA feeds through transposed copies)
-    rows = kernel is not None and _vmap_innermost(xs)
-    w_in, b_in, w_rec, b_rec = _weights(layer)
-    a = _matmul_rows(xs, w_in) + b_in if rows else cell.project(layer, xs)  # A(t): differentiated by jax.grad
+    a = cell.project(layer, xs)  # A(t) [T, B, G N1]: differentiated by jax.grad
     frozen = lax.stop_gradient(layer)
     if kernel is None:
         ss, caches = _forward(cell, frozen, activation, lax.stop_gradient(a), lax.stop_gradient(h0), valid, unroll)
     else:  # the kernel forms A(t) itself from X: the value of ``a`` is never read (XLA drops it)
         ss, caches = _kernel_forward(kernel, activation)(frozen, lax.stop_gradient(xs), lax.stop_gradient(h0), valid)
     s_tm1 = jnp.concatenate([lax.stop_gradient(h0)[None], ss[:-1]], axis=0)
-    if rows:  # V(t) = h(t-1) Wh + bh (Elman: h(t-1) W11): only its gradient is used
-        v = _matmul_rows(cell.hidden(s_tm1), w_rec) + (0.0 if b_rec is None else b_rec)
-    else:
-        v = cell.recurrent_input(layer, cell.hidden(s_tm1))
+    v = cell.recurrent_input(layer, cell.hidden(s_tm1))  # V(t): only its gradient is used
     return _recurrence(activation, unroll, kernel, frozen, a, v, h0, ss, caches, valid)
 
 
@@ -261,20 +252,13 @@ def _unhide(v: Array) -> Array:
     return v.reshape(v.shape[1], -1, *v.shape[3:])
 
 
-def _weights(layer):
-    """(the input weights, their bias, the recurrent weights, their bias or None) of a cell's layer."""
-    if cells.name_of(layer) == "elman":
-        return layer.w1, layer.b1, layer.w11, None
-    return layer.wx, layer.bx, layer.wh, layer.bh
-
-
 def _vmap_innermost(x: Array) -> bool:
     """Whether ``jax.vmap`` is the transformation tracing this call right now and batches ``x``: a
     ``custom_vmap`` function called here is batched by its rule before any ``jax.grad`` outside the
-    vmap differentiates the rule's ordinary operations. (Where ``jax.grad`` is inside the vmap,
-    ``jax.vmap`` of ``jax.grad``, it is not: custom_vmap has no reverse-mode rule, and the plain
-    matmuls run.) Reads JAX's trace state; False where it cannot (another JAX version): the plain
-    matmuls, the same values."""
+    vmap differentiates the rule's ordinary operations (the Equinox layer's batch call over the
+    vmapped batch). Where ``jax.grad`` is inside the vmap (``jax.vmap`` of ``jax.grad``: per-example
+    gradients) it is not, and must not be: custom_vmap has no reverse-mode rule. Reads JAX's trace
+    state; False where it cannot (another JAX version): the callers' other path, the same values."""
     try:
         from jax._src import core as jax_core
         from jax._src.interpreters import batching
@@ -283,17 +267,3 @@ def _vmap_innermost(x: Array) -> bool:
         return isinstance(trace, batching.BatchTrace) and isinstance(x, batching.BatchTracer) and x._trace is trace
     except (ImportError, AttributeError):
         return False
-
-
-@custom_batching.custom_vmap
-def _matmul_rows(x: Array, w: Array) -> Array:
-    """x [..., K] @ w [K, G]; under jax.vmap (w not vmapped) one 2-D matmul over all the rows."""
-    return x @ w
-
-
-@_matmul_rows.def_vmap
-def _matmul_rows_rule(size, in_batched, x, w):
-    x_b, w_b = in_batched
-    if w_b or not x_b:
-        return jax.vmap(lambda x, w: x @ w, in_axes=(0 if x_b else None, 0 if w_b else None))(x, w), True
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1]), True

@@ -25,6 +25,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 
 from bptt_jax.core import cells, checks, forward, kernels, sequence, vjp
 from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
@@ -132,6 +133,11 @@ class RNN(eqx.Module):
         compute dtype or the Pallas kernels runs ``rnn_states`` instead (its weight gradients per
         sequence under ``jax.vmap``), with the scans where ``recurrence`` is "auto" (``jax.vmap``
         would run an FFI call once per sequence)."""
+        if jnp.ndim(xs) == 2 and self._one_call_for_vmap(xs):  # jax.grad of a vmapped call: one batch call
+            return _vmapped_as_batch(self, return_last)(eqx.partition(self, eqx.is_array)[0], xs, h0, length)
+        return self._call(xs, h0, length, return_last)
+
+    def _call(self, xs, h0, length, return_last: bool):
         params, x, h0, lengths, batch = self._arguments(xs, h0, length)
         n1 = self.spec.hidden_sizes[0]
         if not batch and self._per_sequence():  # one sequence (under jax.vmap: each of a batch)
@@ -151,6 +157,15 @@ class RNN(eqx.Module):
         unbatch = lambda a: a.reshape(*batch, n1)  # noqa: E731
         final = tuple(unbatch(a) for a in last[0]) if self.spec.is_lstm else unbatch(last[0])
         return hs, final
+
+    def _one_call_for_vmap(self, xs) -> bool:
+        """Whether a one-sequence call runs as the batch call over the vmapped batch: where
+        ``jax.vmap`` is the innermost transformation and batches ``xs`` (``jax.grad`` of a vmapped
+        loss, as in training; ``core.sequence._vmap_innermost``) and a one-sequence call would run
+        the compiled kernel. ``jax.grad`` then differentiates the batch call (its custom VJP sums
+        the weight gradients inside the kernel); where ``jax.grad`` is inside the vmap (per-example
+        gradients) the one-sequence call runs as it is."""
+        return self._per_sequence() and self._native(jnp.result_type(xs)) and sequence._vmap_innermost(xs)
 
     def _per_sequence(self) -> bool:
         """Whether a one-sequence call runs ``core.sequence.layer_states`` (whose weight gradients
@@ -274,3 +289,30 @@ def _stored(cell: str, layout: str, full):
     """(the NamedTuple with None for the biases ``layout`` does not train, b_hn or None)."""
     arrays = bias_layouts.split(cell, layout, full)
     return type(full)(*(arrays.get(f) for f in full._fields)), arrays.get("bh_n")
+
+
+def _vmapped_as_batch(layer: RNN, return_last: bool):
+    """f(the layer's arrays, xs [T, N], h0, length) -> ``layer(xs, h0, length=length,
+    return_last=return_last)``, whose ``jax.vmap`` rule is the layer's batch call [B, T, N] (the
+    static part of the layer is this one's; weights vmapped too: each element's call as it is)."""
+    static = eqx.partition(layer, eqx.is_array)[1]
+
+    def one(arrays, xs, h0, length):
+        return eqx.combine(arrays, static)._call(xs, h0, length, return_last)
+
+    f = custom_batching.custom_vmap(one)
+
+    @f.def_vmap
+    def rule(size, in_batched, arrays, xs, h0, length):
+        arrays_b, xs_b, h0_b, length_b = in_batched
+        if any(jax.tree_util.tree_leaves(arrays_b)) or not xs_b:
+            axes = jax.tree_util.tree_map(lambda b: 0 if b else None, list(in_batched))
+            out = jax.vmap(one, in_axes=tuple(axes))(arrays, xs, h0, length)
+            return out, jax.tree_util.tree_map(lambda _: True, out)
+        spread = lambda a, b: a if b else jnp.broadcast_to(a, (size, *jnp.shape(a)))  # noqa: E731
+        h0 = None if h0 is None else jax.tree_util.tree_map(spread, h0, h0_b)
+        length = None if length is None else spread(length, length_b)
+        out = eqx.combine(arrays, static)._call(xs, h0, length, return_last)  # the batch call [B, T, N]
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return f
