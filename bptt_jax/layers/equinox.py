@@ -4,7 +4,7 @@
     rnn = beqx.RNN(16, 32, cell="gru", key=jax.random.key(0))
     hs = rnn(xs)                                   # one sequence: xs [T, N] -> hs [T, N1]
     hs = jax.vmap(rnn)(xs_batch)                   # a batch, the Equinox way
-    hs = rnn(xs_batch)                             # the same, one call: xs [B, T, N] (faster to train)
+    hs = rnn(xs_batch)                             # the same, one call: xs [B, T, N]
     hs, h_last = rnn(xs, length=5, return_last=True)
     rnn = beqx.RNN.from_eqx_cell(eqx.nn.LSTMCell(16, 32, key=key))   # the same weights
 
@@ -13,11 +13,14 @@ Equinox's conventions: one sequence per call (batch with ``jax.vmap``), the netw
 ``LayerParams`` / ``GRUParams`` / ``LSTMParams``; a bias the layout ``biases`` does not train is
 None there, and the "equinox" GRU's b_hn is ``bias_n``), so ``eqx.filter_value_and_grad``,
 ``eqx.tree_serialise_leaves`` and optax work unchanged. Gradients run the explicit BPTT: a batch
-call ``bptt_jax.core.vjp.rnn_states``' custom VJP, a one-sequence call (each of a vmapped batch)
-``bptt_jax.core.sequence.layer_states``, whose custom VJP covers the reverse recurrence alone so that
-``jax.vmap`` batches the weight-gradient matmuls around it (with the compiled kernel where the batch
-call's rules run it: one kernel call for the whole vmapped batch). Equinox ships no vanilla RNN cell: the
-Elman layer here has no Equinox counterpart.
+call ``bptt_jax.core.vjp.rnn_states``' custom VJP; a vmapped one-sequence call under ``jax.grad``
+(training: ``jax.vmap`` the innermost transformation) the batch call over the vmapped batch, where
+its rules run the compiled kernel (a ``custom_vmap`` rule); any other one-sequence call (each of a
+vmapped batch, e.g. under ``jax.vmap`` of ``jax.grad``) ``bptt_jax.core.sequence.layer_states``,
+whose custom VJP covers the reverse recurrence alone so that ``jax.vmap`` batches the
+weight-gradient matmuls around it (its loops the compiled kernel's where the batch call's rules
+run it: one kernel call for the whole vmapped batch). Equinox ships no vanilla RNN cell: the Elman
+layer here has no Equinox counterpart.
 """
 
 from __future__ import annotations
@@ -124,15 +127,17 @@ class RNN(eqx.Module):
         accepted for Equinox's layer signature and not used.
 
         A batch in one call: xs [B, T, N] (``length`` [B], ``h0`` [B, N1]) -> [B, T, N1], the same
-        values as ``jax.vmap`` over the sequences. It is the faster way to train: one call sums the
-        weight gradients inside its blocked reverse scan, where a vmapped one-sequence call hands
-        dA(t) and dV(t) of the whole sequence to matmuls outside its custom VJP
-        (``core.sequence``, whose loops run the compiled kernel where the batch call's rules would,
-        one call for the whole vmapped batch; benchmarks/results/eqx_speed_s20_spr.md). A
-        one-sequence call with ``gates="recompute"``, ``checkpoint_every``, ``max_memory``, a
-        compute dtype or the Pallas kernels runs ``rnn_states`` instead (its weight gradients per
-        sequence under ``jax.vmap``), with the scans where ``recurrence`` is "auto" (``jax.vmap``
-        would run an FFI call once per sequence)."""
+        values as ``jax.vmap`` over the sequences. One call sums the weight gradients inside its
+        blocked reverse scan; a vmapped one-sequence call under ``jax.grad`` (``jax.vmap`` the
+        innermost transformation) runs exactly that batch call where the compiled kernel runs
+        (``_one_call_for_vmap``), and elsewhere (e.g. ``jax.vmap`` of ``jax.grad``) hands dA(t) and
+        dV(t) of the whole sequence to matmuls outside its custom VJP (``core.sequence``, whose
+        loops run the compiled kernel where the batch call's rules would, one call for the whole
+        vmapped batch; benchmarks/results/eqx_speed_s20_spr.md). A one-sequence call with
+        ``gates="recompute"``, ``checkpoint_every``, ``max_memory``, a compute dtype or the Pallas
+        kernels runs ``rnn_states`` instead (its weight gradients per sequence under ``jax.vmap``),
+        with the scans where ``recurrence`` is "auto" (``jax.vmap`` would run an FFI call once per
+        sequence)."""
         if jnp.ndim(xs) == 2 and self._one_call_for_vmap(xs):  # jax.grad of a vmapped call: one batch call
             return _vmapped_as_batch(self, return_last)(eqx.partition(self, eqx.is_array)[0], xs, h0, length)
         return self._call(xs, h0, length, return_last)
