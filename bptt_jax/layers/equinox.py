@@ -213,8 +213,9 @@ class RNN(eqx.Module):
         """Measures this layer's explicit BPTT plans for ``xs`` of this shape on this machine and
         caches the fastest (``bptt_jax.tune_states``; ``tune_options``: its ``time_budget``,
         ``rounds``, ``progress``, ``record``); later calls of the same shape read it when they are
-        traced. Tune the call that trains: the batch in one call [B, T, N] (under ``jax.vmap`` the
-        layer sees one sequence per call, another problem). Arguments as ``__call__``; returns the plan."""
+        traced. Tune the batch [B, T, N]: the batch call reads the plan, and so does a vmapped
+        call under ``jax.grad`` where it runs as that batch call (``_one_call_for_vmap``); a
+        one-sequence call [T, N] is another problem. Arguments as ``__call__``; returns the plan."""
         if self.grad != "bptt":
             raise ValueError("tune: this layer's grad is 'autodiff' (jax.grad of the scan), which has no plan to tune")
         params, x, h0, lengths, _ = self._arguments(xs, h0, length)
