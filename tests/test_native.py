@@ -545,6 +545,55 @@ def test_the_equinox_layer_vmapped_runs_one_kernel_call_for_the_batch(name):
     assert ref.max_rel_err(got, want) < 1e-5
 
 
+@needs_kernel
+class EquinoxVmappedEqualsAutodiffTest(chex.TestCase):
+    """Property: the Equinox layer called on one sequence under jax.vmap (the kernel's paths in
+    float32: the batch call under jax.grad, core.sequence's custom_vmap loops under jax.vmap of
+    jax.grad; the scans in float64) equals jax.grad of the same layer with grad="autodiff" (the
+    forward scan differentiated): weights, inputs and initial states, drawn cells, lengths 0 .. T,
+    with and without h0, both orders of the transformations."""
+
+    @settings(max_examples=6)
+    @given(
+        name=st.sampled_from(native.CELLS),
+        seed=st.integers(0, 2**16),
+        per_example=st.booleans(),
+        with_h0=st.booleans(),
+        dtype=st.sampled_from(("float32", "float64")),
+    )
+    def test_vmapped_layer(self, name, seed, per_example, with_h0, dtype):
+        import equinox as eqx
+
+        from bptt_jax.layers import equinox as beqx
+
+        t_len, b, n, n1 = 5, 3, 4, 5
+        with jax.enable_x64(dtype == "float64"):
+            f = jnp.dtype(dtype)
+            keys = jax.random.split(jax.random.key(seed), 4)
+            kind = {"recurrence": "native"} if name == "elman" and dtype == "float32" else {}
+            ours = beqx.RNN(n, n1, cell=name, dtype=f, key=keys[0], **kind)
+            oracle = beqx.RNN(n, n1, cell=name, dtype=f, grad="autodiff", key=keys[0])
+            xs = jax.random.normal(keys[1], (b, t_len, n), f)
+            lengths = jax.random.randint(keys[2], (b,), 0, t_len + 1).at[0].set(t_len)
+            h = 0.5 * jax.random.normal(keys[3], (b, n1), f)
+            h0 = ((h, -h) if name == "lstm" else h) if with_h0 else None
+            last_h = (lambda s: s[0]) if name == "lstm" else (lambda s: s)
+
+            def one(m, x, k, h):
+                hs, last = m(x, h, length=k, return_last=True)
+                return jnp.sum(jnp.sin(hs)) + jnp.sum(last_h(last) ** 2)
+
+            def grads(m):
+                if per_example:  # jax.vmap of jax.grad: each sequence's own gradients
+                    g = lambda x, k, h: eqx.filter_grad(one)(m, x, k, h).layer  # noqa: E731
+                    return jax.vmap(g)(xs, lengths, h0)
+                loss = lambda m, x, h: jnp.sum(jax.vmap(lambda x, k, h: one(m, x, k, h))(x, lengths, h))  # noqa: E731
+                return eqx.filter_grad(loss)(m, xs, h0).layer, jax.grad(loss, argnums=(1, 2))(m, xs, h0)
+
+            tol = 1e-10 if dtype == "float64" else 1e-5
+            assert ref.max_rel_err(grads(ours), grads(oracle)) < tol
+
+
 def test_vmap_innermost_sees_where_jax_vmap_traces_the_call():
     """core.sequence._vmap_innermost is True only where jax.vmap is the transformation tracing the
     call and batches its input (jax.grad of a vmapped loss, a vmapped call under jit), never where
