@@ -62,7 +62,7 @@ def contenders(cell: str, shape):
         return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, xs)
 
     vmapped = lambda m, x: jax.vmap(m)(x)  # noqa: E731
-    out = {
+    return {
         "vmapped": grad_of(ours, vmapped),
         "vmapped, per sequence": grad_of(ours, vmapped),
         "vmapped, scans": grad_of(scans, vmapped),
@@ -70,7 +70,6 @@ def contenders(cell: str, shape):
         "one call, XLA's sums": grad_of(ours, lambda m, x: m(x)),
         "Equinox cell": grad_of(eqx_speed.Scanned(eqx_cell), vmapped),
     }
-    return out
 
 
 def _compile(name, fn, args):
@@ -88,7 +87,7 @@ def _compile(name, fn, args):
 
 def bench(cell: str, shape, rounds: int) -> dict:
     runs = contenders(cell, shape)
-    runners, info, ref = {}, {}, None
+    runners, info = {}, {}
     for name, (fn, args) in runs.items():
         compiled, _, temp, _ = _compile(name, fn, args)
         value = compiled(*args)
