@@ -158,6 +158,13 @@ def test_named_errors():
         jax.vmap(rnn)(jnp.zeros((2, 0, N)))
     with pytest.raises(ValueError, match=r"length: expected shape \(2,\) \(one per sequence\)"):
         rnn(jnp.zeros((2, T, N)), length=3)
+    for bad in (T + 1, -1, np.array([0, T + 2])):  # host values are read: in [0, T]
+        xs_bad = jnp.zeros((T, N)) if np.ndim(bad) == 0 else jnp.zeros((2, T, N))
+        with pytest.raises(ValueError, match=rf"length: expected values in \[0, T={T}\], got min"):
+            rnn(xs_bad, length=bad)
+    with pytest.raises(TypeError, match="length: expected an integer dtype, got float"):
+        rnn(jnp.zeros((T, N)), length=2.0)
+    assert rnn(jnp.zeros((T, N)), length=jnp.int32(T + 3)).shape == (T, N1)  # a device value is not read back
     with pytest.raises(ValueError, match=r"h0: the LSTM's state is a pair \(h, c\)"):
         rnn(jnp.zeros((T, N)), jnp.zeros(N1))
     with pytest.raises(ValueError, match=r"h0: expected shape \(4,\)"):

@@ -268,6 +268,11 @@ def test_split_merge_and_errors():
         layer(jnp.zeros((2, T, N + 1)))
     with pytest.raises(ValueError, match=r"seq_lengths: expected shape \(2,\)"):
         layer(xs, seq_lengths=jnp.array([1, 2, 3]))
+    for bad in ([1, T + 1], np.array([-1, 2])):  # host values are read: in [0, T]
+        with pytest.raises(ValueError, match=rf"seq_lengths: expected values in \[0, T={T}\], got min"):
+            layer(xs, seq_lengths=bad)
+    with pytest.raises(TypeError, match="seq_lengths: expected an integer dtype, got float"):
+        layer(xs, seq_lengths=np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"the LSTM's carry is a pair \(c, h\)"):
         layer(xs, initial_carry=jnp.zeros((2, N1)))
     with pytest.raises(ValueError, match="grad: expected 'bptt' or 'autodiff'"):

@@ -82,6 +82,19 @@ def check_lengths(lengths, t_len: int, batch: int, check_values: bool | None = N
     return jnp.asarray(lengths, dtype=jnp.int32)
 
 
+def check_layer_lengths(name: str, value, t_len: int) -> None:
+    """A layer's lengths (``seq_lengths``, ``length``): an integer dtype, and values in [0, T] where
+    they live on the host (NumPy arrays, lists, Python ints: no device round trip, as
+    ``check_values=None``); a ``jax.Array`` or a traced value is not read."""
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {dtype}")
+    if readable(value, None):
+        arr = np.asarray(value)
+        if arr.size and (arr.min() < 0 or arr.max() > t_len):
+            raise ValueError(f"{name}: expected values in [0, T={t_len}], got min {arr.min()} and max {arr.max()}")
+
+
 def check_h0(spec: RNNSpec, h0, batch: int, dtype) -> tuple[Array, ...]:
     """h0 must be None or a tuple of L*D arrays [B, N1] (order layer * D + direction); for the LSTM
     each entry is an (h, c) pair of [B, N1] arrays. Returns the internal states [B, W]."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import custom_batching
 
 from bptt_jax.core import cells, checks, forward, kernels, sequence, vjp
@@ -123,8 +124,9 @@ class RNN(eqx.Module):
     def __call__(self, xs: Array, h0=None, *, length=None, return_last: bool = False, key=None):
         """xs [T, N] -> the states h(t) [T, N1]; with ``return_last`` also the final state (h [N1],
         or (h, c) for the LSTM), the state at the last valid step when ``length`` (a scalar, steps
-        past it hold the state) is given. ``h0``: [N1] (LSTM: (h, c)), zeros when None. ``key`` is
-        accepted for Equinox's layer signature and not used.
+        past it hold the state; an integer, in [0, T] where it is a Python or NumPy value: a named
+        error otherwise, device arrays are not read back) is given. ``h0``: [N1] (LSTM: (h, c)),
+        zeros when None. ``key`` is accepted for Equinox's layer signature and not used.
 
         A batch in one call: xs [B, T, N] (``length`` [B], ``h0`` [B, N1]) -> [B, T, N1], the same
         values as ``jax.vmap`` over the sequences. One call sums the weight gradients inside its
@@ -257,10 +259,10 @@ class RNN(eqx.Module):
             h0 = (batched,) if self.spec.is_lstm else batched
         lengths = None
         if length is not None:
-            length = jnp.asarray(length)
-            if length.shape != batch:
-                raise ValueError(f"length: expected shape {batch} (one per sequence), got {length.shape}")
-            lengths = length.reshape(-1).astype(jnp.int32)
+            if np.shape(length) != batch:
+                raise ValueError(f"length: expected shape {batch} (one per sequence), got {np.shape(length)}")
+            checks.check_layer_lengths("length", length, x.shape[0])
+            lengths = jnp.asarray(length).reshape(-1).astype(jnp.int32)
         readout = ReadoutParams(jnp.zeros((n1, 1), x.dtype), jnp.zeros((1,), x.dtype))  # unused: not a field
         return RNNParams((self.full_layer(),), (), readout), x, h0, lengths, batch
 

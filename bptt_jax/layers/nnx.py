@@ -23,7 +23,9 @@ has bx only, the LSTM cells bh only), so that a switched model trains step for s
 
 Differences from ``nnx.RNN``, on purpose: steps past a sequence's length hold the state (and its
 output repeats the last valid one), where Flax keeps stepping over the padding; valid steps and
-final carries agree. No RNG stream is needed to build the zero carry. The GRU keeps PyTorch's
+final carries agree. No RNG stream is needed to build the zero carry. ``seq_lengths`` must be
+integers, and where they live on the host (NumPy, lists) in [0, T] (a named error otherwise);
+device arrays are not read back to check them. The GRU keeps PyTorch's
 b_hn inside r * (h W_hn + b_hn) in the "pytorch" layout (``nnx.GRUCell`` has no recurrent bias at all).
 """
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bptt_jax.core import cells, forward, kernels, vjp
+from bptt_jax.core import cells, checks, forward, kernels, vjp
 from bptt_jax.core.params import ReadoutParams, RNNParams, RNNSpec, init_params
 from bptt_jax.core.tune import tune_states
 from bptt_jax.core.vjp import rnn_states
@@ -464,12 +466,12 @@ def _time_major(inputs, n_in: int, time_major: bool, seq_lengths):
     b = math.prod(batch_dims)
     lengths = None
     if seq_lengths is not None:
-        seq_lengths = jnp.asarray(seq_lengths)
-        if seq_lengths.shape != batch_dims:
+        if np.shape(seq_lengths) != batch_dims:
             raise ValueError(
-                f"seq_lengths: expected shape {batch_dims} (the batch dimensions), got {seq_lengths.shape}"
+                f"seq_lengths: expected shape {batch_dims} (the batch dimensions), got {np.shape(seq_lengths)}"
             )
-        lengths = seq_lengths.reshape(b).astype(jnp.int32)
+        checks.check_layer_lengths("seq_lengths", seq_lengths, t_len)
+        lengths = jnp.asarray(seq_lengths).reshape(b).astype(jnp.int32)
     return x.reshape(t_len, b, n_in), batch_dims, lengths
 
 
