@@ -6,7 +6,8 @@ One unit of work: forward + loss + gradients of all parameters, jitted, block_un
 one layer (tanh Elman, GRU or LSTM: ``--cell``, all three by default; the gated cells' contenders are
 in ``gated.py``); softmax + cross-entropy summed over t and averaged over the batch. All contenders run
 in ONE process, each round in a fresh random order after a warm-up; medians of the timed rounds are
-reported.
+reported (a sample of a contender whose call lasts under 4 ms is the mean of several calls:
+``round_robin``).
 Only ratios measured side by side mean anything on a shared machine.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 import bptt_jax as bj
 from bptt_jax.core import kernels as bj_kernels
-from bptt_jax.core import plancache
+from bptt_jax.core import plancache, tune
 
 SHAPES = [
     (50, 1, 32, 64, 32),
@@ -220,14 +221,24 @@ def pass_flops(t, b, n, n1, m) -> float:
 
 
 def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
-    """Median seconds per contender. Each round runs every contender once, in a fresh random order
-    (seeded): a fixed cyclic order would always put the same contender right after PyTorch, whose
-    OpenMP threads keep spinning for a while after a call. (A sleep before each call was tried and
-    dropped: it measures wake-up from idle, inflating small shapes several times.)"""
+    """Median seconds per call of each contender. Each round takes one sample of every contender, in
+    a fresh random order (seeded): a fixed cyclic order would always put the same contender right
+    after PyTorch, whose OpenMP threads keep spinning for a while after a call. (A sleep before each
+    call was tried and dropped: it measures wake-up from idle, inflating small shapes several
+    times.) A sample is one call, or for a contender whose last warm-up call took less than
+    ``tune.SAMPLE_S`` the mean of as many calls, each waited for, as make about that long (at most
+    ``tune.MAX_REPS``; the rule ``bptt_jax.tune`` times plans by): at (50, 1, 32, 64, 32), whose calls
+    take 0.1-0.2 ms, single calls made the Elman cell's plans over the best ``jax.grad`` contender
+    0.76-0.93x in 7-round runs and 1.08-1.4x in others, while 400 single calls of each gave 1.19x
+    (a script not committed, 2026-12-05)."""
     names = list(runners)
+    last = {}
     for _ in range(warmup):
         for name in names:
+            t0 = time.perf_counter()
             runners[name]()
+            last[name] = time.perf_counter() - t0
+    reps = {name: int(min(tune.MAX_REPS, max(1, tune.SAMPLE_S // max(last.get(name, 1.0), 1e-9)))) for name in names}
     rng = random.Random(0)
     times = {name: [] for name in names}
     for _ in range(rounds):
@@ -235,8 +246,9 @@ def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
         rng.shuffle(order)
         for name in order:
             t0 = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(reps[name]):
+                runners[name]()
+            times[name].append((time.perf_counter() - t0) / reps[name])
     return {name: statistics.median(v) for name, v in times.items()}
 
 

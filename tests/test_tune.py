@@ -167,6 +167,44 @@ def test_a_candidate_must_win_the_head_to_head_round_by_round():
     assert not tune.wins_head_to_head([], [])
 
 
+@pytest.mark.parametrize("verdicts", [(False, True), (False, False, True)])
+def test_where_the_fastest_ties_the_next_fastest_gets_a_head_to_head(monkeypatch, verdicts):
+    """The search's fastest plan that loses (ties) its head-to-head with the rules' plan is not the
+    end: the next fastest gets one, up to tune.CHALLENGERS plans, each against the rules' plan; the
+    first that wins is chosen, none winning keeps the rules' plan. Here the rules' plan does 16
+    times the work of two others, and the head-to-heads' verdicts are given in order."""
+    from bptt_jax.core import tune
+
+    default, fast_a, fast_b = (plan.Options(unroll=1, block_size=c) for c in (1, 2, 3))
+    a = jnp.asarray(np.random.RandomState(0).randn(96, 96), jnp.float32)
+
+    def build(o):
+        def f(x):
+            for _ in range(16 if o == default else 1):
+                x = jnp.tanh(x @ x)
+            return x
+
+        return f
+
+    given, asked = list(verdicts), []
+
+    def verdict(candidate_times, rules_times):
+        assert len(candidate_times) == len(rules_times) > 0  # the rounds pair up
+        asked.append(len(asked))
+        return given.pop(0)
+
+    monkeypatch.setattr(tune, "wins_head_to_head", verdict)
+    start = tune.time.perf_counter()
+    best, measured = tune._search(
+        default, [default, fast_a, fast_b], build, (a,), plan.Options(unroll=1), None, 5.0, 3, False, start
+    )
+    assert tune.CHALLENGERS == 2 and len(asked) == 2  # two head-to-heads, whatever the verdicts after
+    # the times left are those of the last head-to-head: the rules' plan and the second challenger
+    last = [o for o in (fast_a, fast_b) if measured[o]["times"]]
+    assert len(last) == 1 and measured[default]["times"]
+    assert best == (last[0] if verdicts[1] else default)
+
+
 def test_a_fast_plans_sample_is_the_mean_of_several_calls(cache, monkeypatch):
     """Each timing sample of a plan whose call is shorter than tune.SAMPLE_S is the mean of several
     calls (as many as its second call says would last about SAMPLE_S, at most MAX_REPS): at this
