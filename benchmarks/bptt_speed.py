@@ -228,9 +228,9 @@ def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
     times.) A sample is one call, or for a contender whose last warm-up call took less than
     ``tune.SAMPLE_S`` the mean of as many calls, each waited for, as make about that long (at most
     ``tune.MAX_REPS``; the rule ``bptt_jax.tune`` times plans by): at (50, 1, 32, 64, 32), whose calls
-    take 0.1-0.2 ms, single calls made the Elman cell's plans over the best ``jax.grad`` contender
-    0.76-0.93x in 7-round runs and 1.08-1.4x in others, while 400 single calls of each gave 1.19x
-    (a script not committed, 2026-12-05)."""
+    take 0.1-0.2 ms, single calls made the Elman cell's plan 0.76-0.93x the best ``jax.grad``
+    contender in three 7-round runs of tune_speed.py (results/tune_speed_elman_*_s19_spr.md), and
+    1.12-1.16x with this rule (results/tune_speed_elman_*_s21*_spr.md)."""
     names = list(runners)
     last = {}
     for _ in range(warmup):
