@@ -123,7 +123,8 @@ def candidates(first: plan.Options, spec: RNNSpec, t_len: int, batch: int, segme
         for k in (t_len // 4, t_len // 16, 2 * root, root, max(root // 2, 2)):
             k = _near_divisor(t_len, max(k, 2))
             if 1 < k < t_len:
-                seg = dataclasses.replace(lean, gates="recompute", checkpoint_every=k, block_size=min(block, k))
+                inner = plan.segment_block(spec, k, batch, lean.recurrence, block)  # the kernel's: whole
+                seg = dataclasses.replace(lean, gates="recompute", checkpoint_every=k, block_size=inner)
                 out.append(seg)
         if t_len >= 64:  # nested segments: ~3 T^(1/3) states, more recomputation
             k1 = _near_divisor(t_len, round(t_len ** (2 / 3)))
@@ -131,9 +132,8 @@ def candidates(first: plan.Options, spec: RNNSpec, t_len: int, batch: int, segme
             k2 = min((d for d in range(2, k1) if k1 % d == 0), key=lambda d: abs(d - root), default=1)
             if 1 < k2 < k1 < t_len:
                 nested = (k1, k2)
-                out.append(
-                    dataclasses.replace(lean, gates="recompute", checkpoint_every=nested, block_size=min(block, k2))
-                )
+                inner = plan.segment_block(spec, nested, batch, lean.recurrence, block)
+                out.append(dataclasses.replace(lean, gates="recompute", checkpoint_every=nested, block_size=inner))
     unique: list[plan.Options] = []
     for o in out:
         if o not in unique:

@@ -231,6 +231,21 @@ def native_whole(spec: RNNSpec, t_len: int, batch: int, store: bool) -> bool:
     return store and cell.CACHE > 0 and fits
 
 
+def segment_block(spec: RNNSpec, checkpoint_every, batch: int, recurrence: str, block: int, dtype=None) -> int:
+    """The time block inside checkpoint segments: ``block``, at most the innermost segment's k steps,
+    or that whole segment where the compiled kernel runs a gated cell whose segment keeps its gates
+    (``segments``: a bidirectional stack's always, a unidirectional one's by ``resolve_gates("auto")``
+    for k steps) as the kernel's whole-sequence rule would for a sequence of k steps
+    (``native_whole``). A bidirectional LSTM (B 16, N 64, N1 128) in segments of 2,000 steps ran
+    277 us per step in blocks of 32 and 192 in whole segments, where its default plan without
+    segments took 201 (T = 20,000, 2026-12-05; benchmarks/results/scaling_*_s21_spr.md)."""
+    k = segment_levels(checkpoint_every)[-1]
+    kept = cells.get(spec.cell).CACHE > 0 and not (dtype is not None and precision.is_half(dtype))
+    if not spec.bidirectional:
+        kept = resolve_gates("auto", spec, k, batch, None, dtype)
+    return k if recurrence == "native" and native_whole(spec, k, batch, kept) else min(block, k)
+
+
 def block_width(spec: RNNSpec) -> int:
     """The widest per-step buffer of a block: G*N1 (a cell's gates; N1 for the Elman cell) or M."""
     return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
@@ -339,6 +354,9 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
     store = resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every, dtype)
     if block_size is None and recurrence == "native" and native_whole(spec, t_len, batch, store):
         block_size = t_len  # (store: no checkpoint segments)
+    if block_size is None and recurrence == "native" and options.checkpoint_every is not None:
+        auto = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
+        block_size = segment_block(spec, options.checkpoint_every, batch, recurrence, auto, dtype)
     if block_size is None:
         block_size = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
     return Plan(
