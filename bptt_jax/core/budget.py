@@ -123,7 +123,7 @@ def candidates(first: plan.Options, spec: RNNSpec, t_len: int, batch: int, segme
         for k in (t_len // 4, t_len // 16, 2 * root, root, max(root // 2, 2)):
             k = _near_divisor(t_len, max(k, 2))
             if 1 < k < t_len:
-                inner = plan.segment_block(spec, k, batch, lean.recurrence, block)  # the kernel's: whole
+                inner = plan.segment_block(spec, k, batch, lean.recurrence, block)  # the block inside
                 seg = dataclasses.replace(lean, gates="recompute", checkpoint_every=k, block_size=inner)
                 out.append(seg)
         if t_len >= 64:  # nested segments: ~3 T^(1/3) states, more recomputation

@@ -71,26 +71,31 @@ def check_lengths(lengths, t_len: int, batch: int, check_values: bool | None = N
         return None
     if not hasattr(lengths, "dtype"):
         lengths = np.asarray(lengths)
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise TypeError(f"lengths: expected an integer dtype, got {lengths.dtype}")
+    _integer("lengths", lengths)
     if _shape(lengths) != (batch,):
         raise ValueError(f"lengths: expected shape ({batch},) = [B], got {_shape(lengths)}")
-    if readable(lengths, check_values):
-        arr = np.asarray(lengths)
-        if arr.size and (arr.min() < 0 or arr.max() > t_len):
-            raise ValueError(f"lengths: expected values in [0, T={t_len}], got min {arr.min()} and max {arr.max()}")
+    _within_t("lengths", lengths, t_len, check_values)
     return jnp.asarray(lengths, dtype=jnp.int32)
 
 
 def check_layer_lengths(name: str, value, t_len: int) -> None:
-    """A layer's lengths (``seq_lengths``, ``length``): an integer dtype, and values in [0, T] where
-    they live on the host (NumPy arrays, lists, Python ints: no device round trip, as
-    ``check_values=None``); a ``jax.Array`` or a traced value is not read."""
-    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer dtype, got {dtype}")
-    if readable(value, None):
-        arr = np.asarray(value)
+    """A layer's lengths (``seq_lengths``, ``length``; their shapes are the layer's to check): an
+    integer dtype, and values in [0, T] where they live on the host (NumPy arrays, lists, Python
+    ints: no device round trip, as ``check_values=None``); a ``jax.Array`` or a traced value is
+    not read."""
+    _integer(name, value if hasattr(value, "dtype") else np.asarray(value))
+    _within_t(name, value, t_len, None)
+
+
+def _integer(name: str, lengths) -> None:
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {lengths.dtype}")
+
+
+def _within_t(name: str, lengths, t_len: int, check_values: bool | None) -> None:
+    """Values in [0, T], where ``readable`` says they are read."""
+    if readable(lengths, check_values):
+        arr = np.asarray(lengths)
         if arr.size and (arr.min() < 0 or arr.max() > t_len):
             raise ValueError(f"{name}: expected values in [0, T={t_len}], got min {arr.min()} and max {arr.max()}")
 

@@ -354,11 +354,10 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
     store = resolve_gates(options.gates, spec, t_len, batch, options.checkpoint_every, dtype)
     if block_size is None and recurrence == "native" and native_whole(spec, t_len, batch, store):
         block_size = t_len  # (store: no checkpoint segments)
-    if block_size is None and recurrence == "native" and options.checkpoint_every is not None:
-        auto = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
-        block_size = segment_block(spec, options.checkpoint_every, batch, recurrence, auto, dtype)
     if block_size is None:
         block_size = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
+        if recurrence == "native" and options.checkpoint_every is not None:  # the kernel in segments
+            block_size = segment_block(spec, options.checkpoint_every, batch, recurrence, block_size, dtype)
     return Plan(
         block=min(block_size, t_len),
         store=store,

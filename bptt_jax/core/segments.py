@@ -8,9 +8,9 @@ inside the segment from its boundary state and runs the blocked BPTT over those 
 segment. Stored activations grow like T/k + k instead of T, for about one extra forward pass of
 compute. Inside a segment the block size is the largest divisor of k not above the plan's block
 (the whole segment where the compiled kernel runs a gated cell whose segment keeps its gates:
-``plan.segment_block``), and a gated cell's forward scans over the segment keep its gates where the rules would keep them
-for a run of k steps (``plan.resolve_gates("auto", ...)``): the BPTT over the segment reads them
-instead of recomputing them once more (benchmarks/segment_gates.py).
+``plan.segment_block``), and a gated cell's forward scans over the segment keep its gates where the
+rules would keep them for a run of k steps (``plan.resolve_gates("auto", ...)``): the BPTT over the
+segment reads them instead of recomputing them once more (benchmarks/segment_gates.py).
 """
 
 from __future__ import annotations
