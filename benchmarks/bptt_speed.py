@@ -220,7 +220,7 @@ def pass_flops(t, b, n, n1, m) -> float:
     return 3 * fwd - 2 * t * b * n * n1
 
 
-def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
+def round_robin(runners: dict, rounds: int, warmup: int = 2, cpu: dict | None = None) -> dict:
     """Median seconds per call of each contender. Each round takes one sample of every contender, in
     a fresh random order (seeded): a fixed cyclic order would always put the same contender right
     after PyTorch, whose OpenMP threads keep spinning for a while after a call. (A sleep before each
@@ -230,7 +230,9 @@ def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
     ``tune.MAX_REPS``; the rule ``bptt_jax.tune`` times plans by): at (50, 1, 32, 64, 32), whose calls
     take 0.1-0.2 ms, single calls made the Elman cell's plan 0.76-0.93x the best ``jax.grad``
     contender in three 7-round runs of tune_speed.py (results/tune_speed_elman_*_s19_spr.md), and
-    1.12-1.16x with this rule (results/tune_speed_elman_*_s21*_spr.md)."""
+    1.12-1.16x with this rule (results/tune_speed_elman_*_s21*_spr.md). With ``cpu`` (a dict), also
+    the median processor time per call (``time.process_time``: every thread of this process) into
+    ``cpu[name]``: over the wall time, how many cores a call kept busy."""
     names = list(runners)
     last = {}
     for _ in range(warmup):
@@ -241,14 +243,18 @@ def round_robin(runners: dict, rounds: int, warmup: int = 2) -> dict:
     reps = {name: int(min(tune.MAX_REPS, max(1, tune.SAMPLE_S // max(last.get(name, 1.0), 1e-9)))) for name in names}
     rng = random.Random(0)
     times = {name: [] for name in names}
+    busy = {name: [] for name in names}
     for _ in range(rounds):
         order = names[:]
         rng.shuffle(order)
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(reps[name]):
                 runners[name]()
             times[name].append((time.perf_counter() - t0) / reps[name])
+            busy[name].append((time.process_time() - c0) / reps[name])
+    if cpu is not None:
+        cpu.update({name: statistics.median(v) for name, v in busy.items()})
     return {name: statistics.median(v) for name, v in times.items()}
 
 

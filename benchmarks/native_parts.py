@@ -18,12 +18,19 @@ in one process (round robin, a fresh random order each round, medians), in ms:
                    gradients the kernel sums where ``native.sums_in_kernel`` says, as the library
                    calls it (the GRU's dWh as it walks the steps, the LSTM's dWx and dWh on a
                    helper thread), and XLA's dots for the rest);
+  ... dX           the reverse call as the layer runs it for a layer above the first
+                   (``native.reverse_dx``, where ``native.dx_in_kernel`` says: dX = dA Wx^T made on the
+                   helper thread too; "-" where it does not apply);
   projection       X Wx + bx over the whole sequence by XLA's dot (for comparison: the kernel's forward
                    forms it itself);
   weight grads, dX the backward's bulk matmuls as XLA's dots, for comparison: dWx = X^T dA, dWh =
                    h^T dV (dV taken as dA for the GRU: the same shapes), dX = dA Wx^T;
   torch            PyTorch's ``nn.LSTM`` / ``nn.GRU`` forward + ``backward`` of the same cotangent
                    (oneDNN, eager, two threads; where torch imports and without --no-torch).
+
+A second table gives, for the same calls, the processor time per call over the wall time (every
+thread of the process, ``time.process_time``): how many of the cores a part kept busy (2.0: both
+for the whole call).
 
 The parts do not add up to the layer exactly (the layer also shifts and joins states, and XLA may
 run independent parts side by side), but they show which part a faster layer must shrink. The
@@ -56,7 +63,7 @@ GATED = ("lstm", "gru")
 
 
 def runners(cell: str, shape, threads: int) -> dict:
-    """{part: a function that runs it once and blocks}."""
+    """{part: a function that runs it once and blocks, or None where the part does not apply}."""
     t, b, n, n1, _ = shape
     mod = cells.get(cell)
     spec = bj.RNNSpec(n, (n1,), n1, cell=cell)
@@ -81,6 +88,8 @@ def runners(cell: str, shape, threads: int) -> dict:
     inside = native.sums_in_kernel(cell, t * b, b, n1, True)  # as backward.cell_backward decides
     rev = jax.jit(lambda c, g, s: native.reverse(cell, layer, xs, c, g, s0, s, None, None, sum_in_kernel=inside))
     _, _, das, _ = rev(ct, cache, ss)
+    with_dx = jax.jit(lambda c, g, s: native.reverse_dx(cell, layer, xs, c, g, s0, s, None, None))
+    dx_applies = native.dx_in_kernel(cell, t * b, b, n1, True)
     bulk = jax.jit(lambda x, pv, da: (mod.weight_grads(layer, x, pv, da, da), mod.input_grad(layer, da)))
     scans, kernel = layer_vjp("scan"), layer_vjp("native")
     out = {
@@ -89,6 +98,7 @@ def runners(cell: str, shape, threads: int) -> dict:
         "kernel forward": lambda: jax.block_until_ready(fwd[True](xs)),
         "... no cache": lambda: jax.block_until_ready(fwd[False](xs)),
         "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, ss)),
+        "... dX": (lambda: jax.block_until_ready(with_dx(ct, cache, ss))) if dx_applies else None,
         "projection": lambda: jax.block_until_ready(project(xs)),
         "weight grads, dX": lambda: jax.block_until_ready(bulk(xs, prev, das)),
     }
@@ -127,16 +137,26 @@ def main(argv=None) -> str:
     if args.shape:
         shapes = [(*(int(v) for v in s.split(",")), 1) for s in args.shape]
     for cell in args.cell or GATED:
-        table = None
+        table, busy = None, None
         for shape in shapes:
-            med = bptt_speed.round_robin(runners(cell, shape, threads), rounds)
+            parts = runners(cell, shape, threads)
+            cpu: dict = {}
+            med = bptt_speed.round_robin({k: f for k, f in parts.items() if f is not None}, rounds, cpu=cpu)
             if table is None:
-                names = list(med)
-                table = [f"## {cell.upper()} (ms, medians)", "", "| (T, B, N, N1) | " + " | ".join(names) + " |"]
-                table.append("|---" * (len(names) + 1) + "|")
-            table.append(f"| {shape[:4]} | " + " | ".join(f"{med[k] * 1e3:.2f}" for k in names) + " |")
-        lines += [*(table or []), ""]
+                names = list(parts)
+                head = "| (T, B, N, N1) | " + " | ".join(names) + " |"
+                table = [f"## {cell.upper()} (ms, medians)", "", head, "|---" * (len(names) + 1) + "|"]
+                busy = [f"### {cell.upper()}: cores busy (processor time / wall time)", "", head, table[-1]]
+            table.append(f"| {shape[:4]} | " + " | ".join(_cell(med, k, 1e3) for k in names) + " |")
+            busy.append(
+                f"| {shape[:4]} | " + " | ".join(_cell({k: cpu[k] / med[k] for k in med}, k, 1) for k in names) + " |"
+            )
+        lines += [*(table or []), "", *(busy or []), ""]
     return bptt_speed._report(lines, args.out)
+
+
+def _cell(values: dict, key: str, scale: float) -> str:
+    return f"{values[key] * scale:.2f}" if key in values else "-"
 
 
 if __name__ == "__main__":

@@ -360,8 +360,11 @@ def test_native_parts_quick():
     if mod.native.unavailable() is not None:  # a machine without g++ skips
         pytest.skip(mod.native.unavailable())
     report = mod.main(["--quick", "--no-torch", "--cell", "gru"])
-    rows = [line.split("|") for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
-    assert len(rows) == 1 and len(rows[0]) == 10 and all(float(v) > 0 for v in rows[0][2:9]), rows
+    rows = [line.split("|")[2:-1] for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
+    assert len(rows) == 2 and all(len(r) == 8 for r in rows), rows  # ms, then cores busy
+    assert rows[0][5].strip() == rows[1][5].strip() == "-", rows  # reverse_dx: not at so few rows
+    times, busy = ([float(v) for i, v in enumerate(r) if i != 5] for r in rows)
+    assert all(v > 0 for v in times) and all(0 < v <= (os.cpu_count() or 1) + 0.5 for v in busy), rows
 
 
 def test_vmapped_layer_quick():
