@@ -132,15 +132,19 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
 
 @needs_kernel
 @pytest.mark.parametrize("name", GATED)
-def test_the_forward_calls_projection_beside_the_steps(name):
-    """Kept gates, a per-step matmul on one thread and a projection of >= 2^22 multiply-adds in
-    several chunks (T = 37, B = 16: chunks of 16 steps, the last a part; lengths 0 .. T): the forward call forms X Wx
-    chunk by chunk beside its steps (a helper thread where two cores are free, else itself). Its
-    states and gates equal forward.unroll_layer's, and the call without kept gates (X Wx step by step)."""
+@pytest.mark.parametrize("b", [16, 8])
+def test_the_forward_calls_two_threads(name, b):
+    """A per-step matmul on one thread and >= 2^22 multiply-adds in the recurrence and in the
+    projection (T = 48, N = N1 = 64; lengths 0 .. T). B = 16: the rows split over two threads, a
+    half each for all steps (native.split_rows; X Wx first); B = 8, too few rows to split: with
+    kept gates X Wx chunk by chunk beside the steps (chunks of 32 steps, the last a half). Either on
+    a helper thread where two cores are free, else on the call's own. The states and gates equal
+    forward.unroll_layer's, and the call without kept gates (X Wx step by step)."""
     spec = bj.RNNSpec(64, (64,), 2, cell=name)
-    layer, xs, s0, _, _, _ = _loop_problem(spec, 16, t=37)
-    valid = forward.valid_mask(jnp.array([37, 30, 0, 1, 17, 36, 37, 5] * 2), 37)
-    assert 37 * 16 * 64 * cells.get(name).GATES * 64 >= 2**22
+    layer, xs, s0, _, _, _ = _loop_problem(spec, b, t=48)
+    valid = forward.valid_mask(jnp.array([48, 30, 0, 1, 17, 47, 48, 5] * 2)[:b], 48)
+    assert 48 * b * 64 * cells.get(name).GATES * 64 >= 2**22
+    assert native.split_rows(name, 48, b, 64) == (b == 16)
     ss, gates = forward.unroll_layer(layer, "tanh", xs, s0, valid, store=True)
     kss, kgates = native.forward(name, layer, xs, s0, valid, store=True)
     close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
@@ -148,6 +152,11 @@ def test_the_forward_calls_projection_beside_the_steps(name):
     close(native.forward(name, layer, xs, s0, valid, store=False), ss)
     valid_gates = np.asarray(valid)[..., None]
     close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0))
+    if b == 16:  # each half of the rows, called alone (8 rows: not split), gives the same bits
+        for rows in (slice(0, 8), slice(8, 16)):
+            hss, hgates = native.forward(name, layer, xs[:, rows], s0[rows], valid[:, rows], store=True)
+            np.testing.assert_array_equal(hss, kss[:, rows])
+            np.testing.assert_array_equal(hgates, kgates[:, rows])
 
 
 @needs_kernel

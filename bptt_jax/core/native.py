@@ -110,6 +110,17 @@ KERNEL_SUM_ROWS = 1024
 # B N1 N1 = 2^23: bptt with the kernel, sums beside against XLA's dots after, 1.12x at (1000, 16,
 # 64, 128, 64), 1.20x at (200, 64, 128, 256, 128), 0.98x at (100, 32, 64, 128, 64) (noise).
 PARALLEL_MACS = 1 << 23
+# The gated cells' forward call runs its step loop on two threads, each for a half of the batch
+# rows (no handshake between them per step; X Wx first, on both), where the call has at least
+# SPLIT_ROWS rows, its recurrence (T B G N1 N1 multiply-adds) at least SPLIT_MACS and the packed Wh
+# at most SPLIT_WEIGHT_BYTES (each thread reads all of it every step); elsewhere as before (X Wx
+# beside the steps, or the per-step matmul split over two threads). Measured on a 2-core Xeon
+# (2026-12-05): the forward calls of the LSTM config's two layers (64, 32, 103 | 256, 256) 9.0 ->
+# 5.5 ms and 9.3 -> 8.0 ms alone, the model's bptt call about 53 -> 50.5 ms (A/B over alternating
+# processes); the GRU's 6.1 -> 4.6 and 7.1 -> 6.5 ms, its call about 46 -> 45 ms.
+SPLIT_ROWS = 16
+SPLIT_MACS = 1 << 22
+SPLIT_WEIGHT_BYTES = 1 << 20
 
 
 def sums_in_kernel(cell: str, rows: int, batch: int, n1: int, cache_kept: bool) -> bool:
@@ -407,6 +418,17 @@ def one_thread(cell: str, batch: int, n1: int) -> bool:
     with work for its helper (cell_kernels.cc's team_for: up to kParallelMacs itself; without such
     work a call splits the matmul from kParallelMacs), leaving the second core to the helper."""
     return batch * {"lstm": 4, "gru": 3}.get(cell, 1) * n1 * n1 <= PARALLEL_MACS
+
+
+def split_rows(cell: str, t_len: int, batch: int, n1: int) -> bool:
+    """Whether a gated cell's forward call splits its batch rows over two threads where the process
+    may use two cores (cell_kernels.cc's split_rows: see SPLIT_ROWS)."""
+    gates = {"lstm": 4, "gru": 3}[cell]
+    return (
+        batch >= SPLIT_ROWS
+        and t_len * batch * n1 * gates * n1 >= SPLIT_MACS
+        and n1 * gates * n1 * 4 <= SPLIT_WEIGHT_BYTES
+    )
 
 
 def reverse_dx(cell: str, layer, xs: Array, dhs_above: Array, cache: Array, s_in: Array, ss: Array, valid, ds_init):
