@@ -117,7 +117,7 @@ PARALLEL_MACS = 1 << 23
 # beside the steps, or the per-step matmul split over two threads). Measured on a 2-core Xeon
 # (2026-12-05): the forward calls of the LSTM config's two layers (64, 32, 103 | 256, 256) 9.0 ->
 # 5.5 ms and 9.3 -> 8.0 ms alone, the model's bptt call about 53 -> 50.5 ms (A/B over alternating
-# processes); the GRU's 6.1 -> 4.6 and 7.1 -> 6.5 ms, its call about 46 -> 45 ms.
+# processes); the GRU's 6.1 -> 4.6 and 7.1 -> 6.5 ms, its call unchanged within the noise.
 SPLIT_ROWS = 16
 SPLIT_MACS = 1 << 22
 SPLIT_WEIGHT_BYTES = 1 << 20
