@@ -160,6 +160,22 @@ def test_the_forward_calls_two_threads(name, b):
 
 
 @needs_kernel
+@pytest.mark.parametrize("name", GATED)
+@pytest.mark.parametrize("gates", ["store", "recompute"])
+def test_bptt_through_the_split_forward_equals_autodiff(name, gates):
+    """The whole bptt call where the rules run the kernel on the whole sequence and its forward
+    call splits the batch rows (T = 48, B = 16, N1 = 64: native.split_rows; the gates kept, or
+    recomputed by the reverse pass from the split forward's states): loss, gradients, dh0 and dX
+    equal jax.grad's (float32; lengths 0 .. T, h0)."""
+    spec = bj.RNNSpec(64, (64,), 8, cell=name)
+    p = ref.make_problem(spec, 48, 16, seed=2, use_lengths=True, use_h0=True, dtype=jnp.float32)
+    assert native.split_rows(name, 48, 16, 64)
+    resolved = plan.resolve(plan.Options(gates=gates), spec, 48, 16, jnp.float32, use_cache=False)
+    assert resolved.recurrence == "native" and resolved.store == (gates == "store") and resolved.block == 48
+    _check(p, jnp.float32, None, None, gates=gates, recurrence="native")
+
+
+@needs_kernel
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_the_elman_forward_call_projects_beside_its_steps(activation):
     """The Elman cell's forward call from X (native.elman_forward_x) with a projection of >= 2^22
