@@ -778,6 +778,16 @@ bool split_rows(long steps, long batch, long n, long width) {
 // Rows [r0, r1) of a call's batch: the rows of chain g of ``groups``.
 inline long group_row(long g, long groups, long batch) { return g * batch / groups; }
 
+// Runs a split step loop (LstmSteps, GruSteps): one chain per group of rows, one job per step, every
+// step ready at once; returns when all are done.
+template <typename Steps>
+void run_halves(Steps& loop, long steps) {
+  Beside halves(static_cast<int>(loop.groups), steps, &Steps::run, &loop);
+  halves.ready(steps);
+  halves.start();
+  halves.finish();
+}
+
 // One step of the LSTM's forward loop for rows [r0, r1): Q (+)= X(t) Wx where not kept, + bias,
 // += h(t-1) Wh, then the gate arithmetic row by row (padding rows hold their state).
 struct LstmSteps {
@@ -852,10 +862,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
   LstmSteps loop{X, bias, s0.typed_data(), V, S, Q, &xp, &wp, steps, batch, n_in, n, 2, keep};
   if (split_rows(steps, batch, n, width)) {  // X Wx on both threads first, then a half of the rows each
     if (keep) project_all(nullptr, steps * batch, X, n_in, xp, Q, width);
-    Beside halves(2, steps, &LstmSteps::run, &loop);
-    halves.ready(steps);
-    halves.start();
-    halves.finish();
+    run_halves(loop, steps);
     return ffi::Error::Success();
   }
   Projection proj{X, n_in, &xp, Q, width, batch, steps, std::max(1L, kChunkRows / batch)};
@@ -1098,10 +1105,7 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
                 2, keep};
   if (split_rows(steps, batch, n, width)) {  // X Wx on both threads first, then a half of the rows each
     if (keep) project_all(nullptr, steps * batch, X, n_in, xp, K, 4 * n);
-    Beside halves(2, steps, &GruSteps::run, &loop);
-    halves.ready(steps);
-    halves.start();
-    halves.finish();
+    run_halves(loop, steps);
     return ffi::Error::Success();
   }
   Projection proj{X, n_in, &xp, K, 4 * n, batch, steps, std::max(1L, kChunkRows / batch)};
