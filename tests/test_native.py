@@ -160,19 +160,31 @@ def test_the_forward_calls_two_threads(name, b):
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", GATED)
-@pytest.mark.parametrize("gates", ["store", "recompute"])
-def test_bptt_through_the_split_forward_equals_autodiff(name, gates):
-    """The whole bptt call where the rules run the kernel on the whole sequence and its forward
-    call splits the batch rows (T = 48, B = 16, N1 = 64: native.split_rows; the gates kept, or
-    recomputed by the reverse pass from the split forward's states): loss, gradients, dh0 and dX
-    equal jax.grad's (float32; lengths 0 .. T, h0)."""
-    spec = bj.RNNSpec(64, (64,), 8, cell=name)
-    p = ref.make_problem(spec, 48, 16, seed=2, use_lengths=True, use_h0=True, dtype=jnp.float32)
-    assert native.split_rows(name, 48, 16, 64)
-    resolved = plan.resolve(plan.Options(gates=gates), spec, 48, 16, jnp.float32, use_cache=False)
-    assert resolved.recurrence == "native" and resolved.store == (gates == "store") and resolved.block == 48
-    _check(p, jnp.float32, None, None, gates=gates, recurrence="native")
+class SplitForwardEqualsAutodiffTest(chex.TestCase):
+    """The whole bptt call where the rules run the kernel on the whole sequence and its forward call
+    splits the batch rows (T = 48, B = 16, N = N1 = 64: native.split_rows; the gates kept, or
+    recomputed by the reverse pass from the split forward's states), drawn seeds, lengths (0 .. T)
+    and h0, with and without an outer jit: loss, gradients, dh0 and dX equal jax.grad's (float32:
+    the kernel runs in float32 only; in float64 the rules keep the scans)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=3)
+    @given(
+        name=st.sampled_from(GATED),
+        gates=st.sampled_from(("store", "recompute")),
+        seed=st.integers(0, 2**16),
+        use_lengths=st.booleans(),
+        use_h0=st.booleans(),
+    )
+    @example(name="lstm", gates="store", seed=2, use_lengths=True, use_h0=True)
+    @example(name="gru", gates="recompute", seed=2, use_lengths=True, use_h0=True)
+    def test_float32(self, name, gates, seed, use_lengths, use_h0):
+        spec = bj.RNNSpec(64, (64,), 8, cell=name)
+        p = ref.make_problem(spec, 48, 16, seed=seed, use_lengths=use_lengths, use_h0=use_h0, dtype=jnp.float32)
+        assert native.split_rows(name, 48, 16, 64)
+        resolved = plan.resolve(plan.Options(gates=gates), spec, 48, 16, jnp.float32, use_cache=False)
+        assert resolved.recurrence == "native" and resolved.store == (gates == "store") and resolved.block == 48
+        _check(p, jnp.float32, None, None, variant=self.variant, gates=gates, recurrence="native")
 
 
 @needs_kernel
