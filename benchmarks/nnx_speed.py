@@ -14,8 +14,8 @@ loss after the same steps is reported beside it: a switched model trains as Flax
 agree to float32 rounding. Our layer runs with its defaults, with the gated cells' gates
 recomputed, with checkpoint segments, under a memory budget (``max_memory`` of each layer's own
 forward + backward program: the plan the layer picks to fit it), with the scans where the defaults
-run the gated cells' compiled kernel (``recurrence="scan"``, with and without the gates
-recomputed: the defaults before the kernel was the rule), and tuned (each layer's ``tune``
+run the cells' compiled kernel (``recurrence="scan"``, for the gated cells with and without the
+gates recomputed: the defaults before the kernel was the rule), and tuned (each layer's ``tune``
 on its own input first, in a plan cache of its own: a temporary ``BPTT_JAX_CACHE_DIR``).
 """
 
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gate_blocks  # noqa: E402
 
-from bptt_jax.core.kernels import native_reason  # noqa: E402
+from bptt_jax.core.kernels import resolve  # noqa: E402
 from bptt_jax.layers import nnx as bnnx  # noqa: E402
 
 SHAPE = dict(T=128, B=32, V=64, N=64, N1=256)  # T * B * N1 = 2^20
@@ -206,8 +206,9 @@ def _run(args, cells, sizes, batches, rounds, steps, lines) -> str:
         contenders[f"{OURS}, tuned ({args.tune_budget:g} s per layer)"] = tuned
         if cell != "elman":  # the Elman cell has no gates to recompute
             contenders[LEAN] = contender(cell, sizes, False, gates="recompute")
-            if native_reason(cell, jnp.float32) is None:  # the defaults run the compiled kernel: the scans beside it
-                contenders[SCANS] = contender(cell, sizes, False, recurrence="scan")
+        if resolve("auto", (sizes["N1"],), jnp.float32, cell=cell) == "native":  # the defaults run the
+            contenders[SCANS] = contender(cell, sizes, False, recurrence="scan")  # compiled kernel: the scans beside it
+            if cell != "elman":
                 contenders[f"{SCANS}, gates='recompute'"] = contender(
                     cell, sizes, False, recurrence="scan", gates="recompute"
                 )

@@ -150,10 +150,12 @@ def test_nnx_speed_quick(tmp_path, monkeypatch):
     rows = [line.split("|") for line in report.splitlines() if line.startswith(("| elman", "| lstm"))]
     seg, budget = f"{mod.OURS}, checkpoint_every=2", f"{mod.OURS}, max_memory=64KiB"
     tuned = f"{mod.OURS}, tuned (0.5 s per layer)"  # --quick: tune gets half a second per layer
-    kernel = [mod.SCANS, f"{mod.SCANS}, gates='recompute'"] if mod.native_reason("lstm", "float32") is None else []
+    native = mod.resolve("auto", (mod.QUICK["N1"],), "float32", cell="lstm") == "native"  # the kernel is built
+    kernel = [mod.SCANS, f"{mod.SCANS}, gates='recompute'"] if native else []
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [
         ("elman", mod.OURS),
         ("elman", tuned),
+        *(("elman", name) for name in kernel[:1]),  # the Elman cell at N1 = 6: the kernel, the scans beside
         ("elman", seg),
         ("elman", budget),
         ("elman", mod.FLAX),
@@ -166,7 +168,8 @@ def test_nnx_speed_quick(tmp_path, monkeypatch):
         ("lstm", mod.FLAX),
     ]
     # the same Flax cells, switched by from_flax_cell (tuned, gates stored or recomputed, segments, a budget): the same loss
-    for some in (rows[:5], rows[5:]):
+    n_elman = 5 + len(kernel[:1])
+    for some in (rows[:n_elman], rows[n_elman:]):
         assert max(float(r[-2]) for r in some) - min(float(r[-2]) for r in some) < 1e-4
     assert not (tmp_path / "users-cache").exists()  # tuned in a cache of its own
 

@@ -144,7 +144,11 @@ def test_resolve(monkeypatch):
     "auto" takes the kernels for float32 layers of N1 <= 64 (measured faster than the scans) and the
     scans for N1 = 128 (measured slower, though the kernels run there on request)."""
     assert kernels.GPU_AUTO and kernels.AUTO_MAX_HIDDEN_GPU == 64
-    assert kernels.resolve("auto", (64,), jnp.float32, backend="cpu") == "scan"
+    # on the CPU "auto" takes the compiled kernel for Elman layers up to NATIVE_ELMAN_MAX_HIDDEN
+    # (where it builds; test_native.py checks that choice), the scans above and in float64
+    wide = (kernels.NATIVE_ELMAN_MAX_HIDDEN + 1,)
+    assert kernels.resolve("auto", (64, wide[0]), jnp.float32, backend="cpu") == "scan"
+    assert kernels.resolve("auto", (64,), jnp.float64, backend="cpu") == "scan"
     assert kernels.resolve("pallas", (4096,), jnp.float64, backend="cpu") == "pallas"  # interpret mode
     assert kernels.resolve("auto", (64,), jnp.float32, backend="gpu") == "pallas"
     assert kernels.resolve("auto", (32, 64), jnp.float32, backend="gpu") == "pallas"

@@ -360,7 +360,8 @@ def test_tune_times_the_kernel_beside_the_scans():
     """An LSTM in float32 on the CPU: the rules choose the kernel with the whole sequence as one
     block (``plan.NATIVE_WHOLE_ELEMENTS``); tune times it first, the kernel in the scans' time blocks
     next, and the scans' own plans (their rules' blocks among them) after; float64 and a fixed
-    recurrence get no kernel plan. The Elman cell's rules keep the scans, its kernel plans follow."""
+    recurrence get no kernel plan. The Elman cell's rules choose the kernel up to N1 =
+    ``kernels.NATIVE_ELMAN_MAX_HIDDEN`` and the scans above, the kernel's plans next."""
     spec = bj.RNNSpec(3, (4,), 2, cell="lstm")
     asked = plan.Options()
 
@@ -379,8 +380,12 @@ def test_tune_times_the_kernel_beside_the_scans():
     assert natives == cands[:2] and all(dataclasses.replace(o, recurrence="scan") in cands for o in natives)
     assert not any(o.recurrence == "native" for o in candidates(plan.Options(recurrence="scan")))
     assert not any(o.recurrence == "native" for o in candidates(asked, dtype=jnp.float64))
-    elman = bj.RNNSpec(3, (4,), 2)
+    elman = bj.RNNSpec(3, (4,), 2)  # N1 up to kernels.NATIVE_ELMAN_MAX_HIDDEN: the kernel first
     elman_cands = candidates(asked, spec=elman)
+    assert elman_cands[0].recurrence == "native", elman_cands
+    assert dataclasses.replace(elman_cands[0], recurrence="scan") in elman_cands
+    wide = bj.RNNSpec(3, (kernels.NATIVE_ELMAN_MAX_HIDDEN + 1,), 2)  # wider: the scans, the kernel next
+    elman_cands = candidates(asked, spec=wide)
     elman_natives = [o for o in elman_cands if o.recurrence == "native"]
     assert elman_cands[0].recurrence == "scan" and len(elman_natives) >= 1, elman_cands
     assert elman_natives == elman_cands[1 : 1 + len(elman_natives)]
@@ -453,9 +458,10 @@ def test_the_elman_calls_with_the_projection_and_sums_refuse_inconsistent_shapes
 def test_tune_under_a_budget_only_the_kernels_plans_meet(tmp_path, monkeypatch):
     """Under a budget that no scan plan meets but a kernel plan does, tune returns a kernel plan
     (not "no plan fits"), bptt(max_memory=...) then runs it, and its gradient equals the scans'.
-    The Elman cell: its rules keep the scans (the gated cells' rules choose the kernel themselves)."""
+    An Elman cell wider than ``kernels.NATIVE_ELMAN_MAX_HIDDEN``: its rules keep the scans (narrower
+    ones and the gated cells' rules choose the kernel themselves)."""
     monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path))
-    spec = bj.RNNSpec(4, (8,), 4)
+    spec = bj.RNNSpec(4, (kernels.NATIVE_ELMAN_MAX_HIDDEN + 1,), 4)
     p = ref.make_problem(spec, 8, 2, seed=2)
     args = (p.params, p.xs, p.targets, None, None, None, None)
 
@@ -464,6 +470,7 @@ def test_tune_under_a_budget_only_the_kernels_plans_meet(tmp_path, monkeypatch):
         return budget.temp_bytes(fn.lower(*args).compile())
 
     rules = plan.explicit(plan.Options(), spec, 8, 2, jnp.float32)
+    assert rules.recurrence == "scan", rules
     plans = budget.candidates(rules, spec, 8, 2, True)
     lean = min(temp(dataclasses.replace(o, recurrence="native")) for o in plans)
     assert lean < min(temp(o) for o in plans)  # the kernel's loops keep no scan buffers

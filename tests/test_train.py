@@ -56,8 +56,8 @@ def test_truncated_bptt_carry_equals_one_run_over_both_chunks():
     state, _ = step(state, chunk1)
     state, _ = step(state, chunk2)
     whole = bj.forward(state.params, spec, p.xs).h_last
-    for a, b in zip(state.carry, whole):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(state.carry, whole):  # float32: the training step may run the compiled kernel,
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # forward its scans (rounding apart)
     # A reset (the stream wrapped) starts from zeros again.
     state2, _ = step(state, chunk1)
     first = bj.forward(state.params, spec, p.xs[:4]).h_last

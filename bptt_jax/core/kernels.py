@@ -58,9 +58,15 @@ AUTO_MAX_HIDDEN_GPU = 64
 # can run (float32 on the CPU, built): measured on a 2-core Xeon with AVX-512 (2026-12-05,
 # benchmarks/results/native_blocks_spr.md), the whole bptt call with the kernel and the whole
 # sequence as one block (``plan.NATIVE_WHOLE_ELEMENTS``) ran 1.13-1.44x the scans' default plan
-# at the gated benchmark shapes (LSTM; GRU 1.00-1.36x, 1.10-1.43x in a first run). The
-# Elman cell keeps its scans: its kernel ran 0.83-1.10x of them (XLA runs its step as a few operations).
-NATIVE_AUTO_CELLS = ("gru", "lstm")
+# at the gated benchmark shapes (LSTM; GRU 1.00-1.36x, 1.10-1.43x in a first run). The Elman cell
+# runs it where every layer has N1 <= NATIVE_ELMAN_MAX_HIDDEN: measured on the same Xeon
+# (2026-12-06, benchmarks/results/native_kernel_elman_s23_spr.md and nnx_speed_elman_s23_spr.md),
+# one layer's forward + backward ran 1.09-1.86x the scans' up to N1 = 256, the whole bptt call
+# 1.00-1.11x in the same blocks (at half the temp memory or less where the scans' buffers are
+# large), and a Flax NNX model's training step 1.4x at 0.54x the memory; at (100, 128, 512, 1024)
+# 0.77-0.97x, so wider layers keep the scans (N1 = 512 was not measured: the scans).
+NATIVE_AUTO_CELLS = ("elman", "gru", "lstm")
+NATIVE_ELMAN_MAX_HIDDEN = 256
 KERNEL_DTYPES_GPU = ("float32",)
 
 
@@ -110,6 +116,14 @@ def native_reason(cell: str, dtype, backend: str | None = None) -> str | None:
     return native.unavailable()
 
 
+def _native_auto(cell: str, hidden_sizes) -> bool:
+    """Whether "auto" takes the compiled kernel for this cell and these layers where it can run
+    (``NATIVE_AUTO_CELLS``; the Elman cell up to ``NATIVE_ELMAN_MAX_HIDDEN``)."""
+    if cell not in NATIVE_AUTO_CELLS:
+        return False
+    return cell != "elman" or max(hidden_sizes) <= NATIVE_ELMAN_MAX_HIDDEN
+
+
 def check_recurrence(recurrence: str) -> str:
     """``recurrence`` itself when it names one of ``RECURRENCES``; ValueError otherwise."""
     if recurrence not in RECURRENCES:
@@ -129,7 +143,7 @@ def resolve(
 
     "auto" picks the Pallas kernels on a GPU where they apply and were measured faster (float32,
     every N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``), the cells' compiled kernel for the cells of
-    ``NATIVE_AUTO_CELLS`` where it can run (``native_reason``: float32 on the CPU, built; the first
+    ``NATIVE_AUTO_CELLS`` (the Elman cell's layers up to ``NATIVE_ELMAN_MAX_HIDDEN``) where it can run (``native_reason``: float32 on the CPU, built; the first
     such call builds it), and the scans everywhere else; "pallas" on a CPU runs the Pallas kernels
     in interpret mode; "native" is the compiled kernel; an explicit choice that cannot apply raises
     ValueError. ``differentiable``: a path that ``jax.grad`` differentiates (``loss``, ``forward``,
@@ -146,7 +160,7 @@ def resolve(
         if why is not None:
             raise ValueError(f"recurrence='native': {why}; use recurrence='scan' (or 'auto', which falls back)")
         return "native"
-    if recurrence == "auto" and cell in NATIVE_AUTO_CELLS and not differentiable and backend == "cpu":
+    if recurrence == "auto" and _native_auto(cell, hidden_sizes) and not differentiable and backend == "cpu":
         why = native_reason(cell, dtype, backend)
         if why is None:
             return "native"
