@@ -1,13 +1,14 @@
 """Training steps per second of a char-LM config's model: bptt-jax's train step against PyTorch.
 
     python benchmarks/train_speed.py [--steps S] [--rounds R] [--quick] [--out FILE] [--threads K]
-                                     [--cell elman|gru|lstm | --config FILE] [--native]
+                                     [--cell elman|gru|lstm | --config FILE] [--native] [--scans]
 
 The model of ``configs/char_lm.toml`` (2 x 256 tanh, T = 64, B = 32, Adam, global-norm clipping 1,
 state carried across chunks) is trained by
   (a) bptt-jax's jitted train step with grad = "bptt" (the explicit BPTT),
   (b) the same step with grad = "autodiff" (jax.value_and_grad of the loss),
-  (b') with ``--native``, the step of (a) with recurrence = "native" (the gated cells' compiled kernel),
+  (b') with ``--native``, the step of (a) with recurrence = "native" (the cells' compiled kernel), with
+      ``--scans`` with recurrence = "scan" (the rules' plan with the scans, where they run the kernel),
   (c) an equivalent PyTorch loop: nn.RNN (nn.GRU, nn.LSTM for ``--cell gru|lstm``, which take
       configs/char_lm_gru.toml, char_lm_lstm.toml) + Linear + torch.optim.Adam + clip_grad_norm_,
       threads = cores, eager and under torch.compile (skipped with a note where compilation fails).
@@ -152,8 +153,9 @@ def main(argv=None):
     ap.add_argument(
         "--native",
         action="store_true",
-        help='also the bptt step with recurrence="native" (the gated cells\' compiled kernel; GRU and LSTM)',
+        help='also the bptt step with recurrence="native" (the cells\' compiled kernel)',
     )
+    ap.add_argument("--scans", action="store_true", help='also the bptt step with recurrence="scan"')
     ap.add_argument(
         "--precision",
         choices=("default", "highest"),
@@ -199,6 +201,10 @@ def main(argv=None):
         run, loss, _, _ = jax_contender(cfg, "bptt", recurrence="native")
         runners['bptt-jax, grad = "bptt", recurrence = "native"'] = run
         losses['bptt-jax, grad = "bptt", recurrence = "native"'] = loss
+    if args.scans:
+        run, loss, _, _ = jax_contender(cfg, "bptt", recurrence="scan")
+        runners['bptt-jax, grad = "bptt", recurrence = "scan"'] = run
+        losses['bptt-jax, grad = "bptt", recurrence = "scan"'] = loss
     notes = []
     if not args.no_torch:
         modes = ((False, "PyTorch eager"),) + (() if args.no_torch_compile else ((True, "PyTorch torch.compile"),))
