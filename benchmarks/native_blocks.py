@@ -8,7 +8,8 @@ the default before the kernel became the gated cells' rule), the same blocks and
 ``recurrence="native"``, the kernel with the whole sequence as one block (gates stored for a gated
 cell: the rules' plan since ``plan.NATIVE_WHOLE_ELEMENTS``), with an intermediate block
 (about ``--mid-elements`` elements of [C, B, G N1] per block, C a divisor of T), with the scans' blocks and the gates
-recomputed, and the fastest ``jax.grad`` contender of ``gated.py`` (``bptt_speed.py`` for the Elman
+recomputed, the rules' own plan where it is none of these (the Elman cell's blocks raised to the
+rows its kernel's sums need, ``plan.elman_kernel_block``), and the fastest ``jax.grad`` contender of ``gated.py`` (``bptt_speed.py`` for the Elman
 cell). Reported: each plan's time over the scans' rules plan (speed-up, higher is better) and its
 compiled temp memory. Gradients are checked against the first ``jax.grad`` contender first (1e-4).
 """
@@ -52,6 +53,11 @@ def _plans(cell: str, spec, t: int, b: int, mid_elements: int) -> dict:
         f"native, C={t}": dict(block_size=t, gates=stored, recurrence="native"),
         f"native, C={mid}": dict(block_size=mid, gates=stored, recurrence="native"),
     }
+    auto = plan.resolve(plan.Options(), spec, t, b, jnp.float32, use_cache=False)  # the rules' own plan
+    if auto.recurrence == "native":  # named where it is none of the plans above (the Elman cell's raised blocks)
+        out[f"native, rules (C={auto.block})"] = dict(
+            block_size=auto.block, gates="store" if auto.store else "recompute", recurrence="native"
+        )
     if gated_cell:
         out["native, scan blocks, recompute"] = dict(block_size=rules.block, gates="recompute", recurrence="native")
     return {k: v for i, (k, v) in enumerate(out.items()) if v not in list(out.values())[:i]}

@@ -734,3 +734,42 @@ def test_checkpoint_segments_run_the_kernel_in_whole_segments(name, bidirectiona
     assert segmented  # the budget's segment candidates take the same rule
     for o in segmented:
         assert o.block_size == plan.segment_block(spec, o.checkpoint_every, 3, "native", first.block_size)
+
+
+def test_the_elman_kernels_block_holds_the_rows_its_sums_need():
+    """The Elman cell's rules (the kernel up to N1 = kernels.NATIVE_ELMAN_MAX_HIDDEN) raise the
+    scans' time block to the nearest divisor of T with at least native.KERNEL_SUM_ROWS rows (up to
+    twice as many), so that the reverse call sums the weight gradients itself; elsewhere the scans'
+    block stays. bptt's plan and the layers' (vjp._block) agree. Plan resolution only (no compile)."""
+    from bptt_jax.core import vjp
+
+    def blocks(t, b, n1, cell="elman"):
+        spec = bj.RNNSpec(4, (n1,), 4, cell=cell)
+        rules = plan.resolve(plan.Options(), spec, t, b, jnp.float32, use_cache=False)
+        scans = plan.resolve(plan.Options(recurrence="scan"), spec, t, b, jnp.float32, use_cache=False)
+        layer = vjp._block(spec, ("auto", None, None), t, b, plan.block_width(spec), rules.recurrence)
+        assert layer == rules.block, (layer, rules)
+        return rules.recurrence, rules.block, scans.block
+
+    assert plan.elman_kernel_block(bj.RNNSpec(4, (128,), 4), 1000, 16, 50) == 100
+    if WHY is None:  # the rules run the kernel where it builds
+        rec, c, c_scans = blocks(1000, 16, 128)
+        assert (rec, c_scans, c) == ("native", 50, 100) and native.sums_in_kernel("elman", c * 16, 16, 128, True)
+        assert blocks(200, 64, 256)[1:] == (20, 8)
+        assert blocks(128, 32, 256)[1:] == (128, 128)  # the whole sequence already
+    assert blocks(100, 64, 512) == ("scan", 10, 10)  # wider than the rule: the scans
+    spec = bj.RNNSpec(4, (128,), 4)
+    assert plan.elman_kernel_block(spec, 1000, 1024, 2) == 2  # a matmul of two threads: no sums to gain
+    assert plan.elman_kernel_block(spec, 1000, 16, 64) == 64  # rows enough already
+    assert plan.elman_kernel_block(spec, 997, 16, 50) == 50  # T prime: no divisor, the block given
+
+
+@needs_kernel
+def test_the_elman_rules_plan_with_raised_blocks_equals_autodiff():
+    """The Elman cell at a shape whose rules raise the block (T 640, B 8, N1 256: the scans' 64
+    steps, the kernel's 128, so that its reverse calls sum in the kernel): bptt's loss, gradients,
+    dh0 and dX equal jax.grad's (float32, lengths and h0)."""
+    spec = bj.RNNSpec(4, (256,), 4)
+    assert plan.resolve(plan.Options(), spec, 640, 8, jnp.float32, use_cache=False).block == 128
+    p = ref.make_problem(spec, 640, 8, seed=5, use_lengths=True, use_h0=True)
+    _check(p, jnp.float32)

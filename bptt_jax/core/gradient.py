@@ -257,8 +257,9 @@ def bptt(
         block. "native": the layer's forward step loop and reverse recursion run as a compiled CPU
         kernel (``bptt_jax.core.native``; float32), one call per block. "auto" runs it for the
         GRU and the LSTM in float32 on the CPU where it can be built (``kernels.NATIVE_AUTO_CELLS``),
-        with the whole sequence as one block up to ``plan.NATIVE_WHOLE_ELEMENTS``; the Elman cell
-        keeps the scans (``bptt_jax.tune`` times its kernel and keeps it where it ran faster).
+        with the whole sequence as one block up to ``plan.NATIVE_WHOLE_ELEMENTS``, and for the
+        Elman cell where every N1 <= ``kernels.NATIVE_ELMAN_MAX_HIDDEN`` (in the scans' blocks;
+        wider, the scans; ``bptt_jax.tune`` times the kernel and the scans and keeps the faster).
       gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
         step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))
         only and recomputes the gates per block with two block matmuls; "auto" stores while that

@@ -28,10 +28,11 @@ own FFI headers; nothing else), into ``cache_dir()/native`` under a name that ho
 build depends on, and registered with ``jax.ffi`` once per process. Where it cannot be built (no
 C++ compiler, a failed build) ``unavailable`` says why: an explicit
 ``recurrence="native"`` raises ValueError with that reason, and ``auto`` and ``bptt_jax.tune``
-keep the scans. The rules choose it for the GRU and the LSTM (``kernels.NATIVE_AUTO_CELLS``: float32
-on the CPU, where it builds; the first such call builds it), with the whole sequence as one block
-up to ``plan.NATIVE_WHOLE_ELEMENTS``; ``bptt_jax.tune`` times it beside the scans for every cell
-and keeps the faster.
+keep the scans. The rules choose it for the GRU and the LSTM, and for the Elman cell up to N1 =
+``kernels.NATIVE_ELMAN_MAX_HIDDEN`` (``kernels.NATIVE_AUTO_CELLS``: float32 on the CPU, where it
+builds; the first such call builds it), with the whole sequence as one block for the gated cells
+up to ``plan.NATIVE_WHOLE_ELEMENTS`` (the Elman cell in the scans' blocks); ``bptt_jax.tune`` times
+it beside the scans for every cell and keeps the faster.
 
 Memory: the kernel's loops keep no scan buffers, so its plans compile to less temp memory than the
 scans' (``max_memory`` and ``tune`` count XLA's memory analysis); its own scratch, the packed

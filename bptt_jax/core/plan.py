@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.core import cells, forward, kernels, plancache, precision
+from bptt_jax.core import cells, forward, kernels, native, plancache, precision
 from bptt_jax.core.params import RNNSpec
 
 # The automatic block size (``auto_block_size``), measured on a 2-core CPU (docs/results/benchmarks.md):
@@ -246,6 +246,25 @@ def segment_block(spec: RNNSpec, checkpoint_every, batch: int, recurrence: str, 
     return k if recurrence == "native" and native_whole(spec, k, batch, kept) else min(block, k)
 
 
+def elman_kernel_block(spec: RNNSpec, t_len: int, batch: int, block: int) -> int:
+    """The Elman kernel's time block where the rules choose it: ``block`` (the scans' rule), or where
+    that holds fewer than ``native.KERNEL_SUM_ROWS`` rows (C B) and the kernel's per-step matmul has
+    one thread, the nearest divisor of T from that many rows up to twice as many, so that each
+    reverse call sums dW1, dW11 and db1 itself on its helper thread beside the steps
+    (``native.sums_in_kernel``) instead of leaving them to XLA's dots after the steps. On a 2-core
+    Xeon (family 6, model 207; 2026-12-06): at (200, 64, 128, 256, 128) blocks of 20 steps ran the
+    whole ``bptt`` call 1.18x the scans' time where the scans' 8 ran 1.01x, at (1000, 16, 64, 128,
+    64) 100 steps 1.22x where 50 ran 1.03x, at 1.07-1.12x the scans' temp memory
+    (``benchmarks/results/native_blocks_elman_rows_s23_emr.md``)."""
+    need = -(-native.KERNEL_SUM_ROWS // max(batch, 1))
+    if block >= need or not native.one_thread("elman", batch, max(spec.hidden_sizes)):
+        return block
+    for c in range(need, min(2 * need, t_len) + 1):
+        if t_len % c == 0:
+            return c
+    return block
+
+
 def block_width(spec: RNNSpec) -> int:
     """The widest per-step buffer of a block: G*N1 (a cell's gates; N1 for the Elman cell) or M."""
     return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
@@ -356,6 +375,8 @@ def resolve(options: Options, spec: RNNSpec, t_len: int, batch: int, dtype, use_
         block_size = t_len  # (store: no checkpoint segments)
     if block_size is None:
         block_size = auto_block_size(t_len, batch, block_width(spec), half=precision.is_half(dtype))
+        if recurrence == "native" and spec.cell == "elman":  # its sums in the kernel
+            block_size = elman_kernel_block(spec, t_len, batch, block_size)
         if recurrence == "native" and options.checkpoint_every is not None:  # the kernel in segments
             block_size = segment_block(spec, options.checkpoint_every, batch, recurrence, block_size, dtype)
     return Plan(

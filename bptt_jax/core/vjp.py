@@ -25,6 +25,7 @@ from bptt_jax.core.plan import (
     Plan,
     auto_block_size,
     block_width,
+    elman_kernel_block,
     fill_tuned,
     native_whole,
     resolve_gates,
@@ -82,6 +83,8 @@ def _block(spec: RNNSpec, layout: tuple, t_len: int, batch: int, width: int, rec
         if native_whole(spec, t_len, batch, store):
             return t_len
     c = layout[1] or auto_block_size(t_len, batch, width)
+    if layout[1] is None and recurrence == "native" and spec.cell == "elman":  # as bptt's plan
+        c = elman_kernel_block(spec, t_len, batch, c)
     return t_len if recurrence == "pallas" or t_len % c else c
 
 
