@@ -713,14 +713,22 @@ def test_the_kernel_built_for_avx2_equals_the_scans(tmp_path):
 @needs_kernel
 @pytest.mark.parametrize(
     ("name", "bidirectional", "every"),
-    [("lstm", True, 6), ("gru", True, (12, 4)), ("lstm", False, 4), ("gru", False, 6)],
+    [
+        ("lstm", True, 6),
+        ("gru", True, (12, 4)),
+        ("lstm", False, 4),
+        ("gru", False, 6),
+        ("elman", True, 6),
+        ("elman", False, 4),
+    ],
 )
 def test_checkpoint_segments_run_the_kernel_in_whole_segments(name, bidirectional, every):
     """With the kernel and checkpoint segments whose gates are kept (a bidirectional stack's always,
     a unidirectional one's by the rules for k steps), the block inside a segment is the whole
     innermost segment (plan.segment_block, as the kernel's whole-sequence rule for k steps), where
-    it was the rules' block for T (blocks of 32 ran 1.44x slower at T = 20,000); elsewhere the
-    rules' block. Gradients, dh0 and dX: jax.grad's (float32; lengths 0..T, h0)."""
+    it was the rules' block for T (blocks of 32 ran 1.44x slower at T = 20,000); a bidirectional
+    Elman stack's too (no gates; blocks of 64 ran 1.45x slower); elsewhere the rules' block.
+    Gradients, dh0 and dX: jax.grad's (float32; lengths 0..T, h0)."""
     spec = bj.RNNSpec(3, (8, 8), 4, cell=name, bidirectional=bidirectional)
     p = ref.make_problem(spec, 24, 3, seed=5, use_lengths=True, use_h0=True, dtype=jnp.float32)
     k = plan.segment_levels(every)[-1]
@@ -734,6 +742,11 @@ def test_checkpoint_segments_run_the_kernel_in_whole_segments(name, bidirectiona
     assert segmented  # the budget's segment candidates take the same rule
     for o in segmented:
         assert o.block_size == plan.segment_block(spec, o.checkpoint_every, 3, "native", first.block_size)
+    if name == "elman":  # the rule where the rules' block is below the segment (T = 20,000, B 16: 64)
+        wide = bj.RNNSpec(64, (128,), 64, bidirectional=bidirectional)
+        assert plan.segment_block(wide, 2000, 16, "native", 64) == (2000 if bidirectional else 64)
+        assert plan.segment_block(wide, 2000, 16, "scan", 64) == 64
+        assert plan.segment_block(wide, 2**14, 16, "native", 64) == 64  # above plan.NATIVE_WHOLE_ELEMENTS
 
 
 def test_the_elman_kernels_block_holds_the_rows_its_sums_need():

@@ -236,14 +236,20 @@ def segment_block(spec: RNNSpec, checkpoint_every, batch: int, recurrence: str, 
     or that whole segment where the compiled kernel runs a gated cell whose segment keeps its gates
     (``segments``: a bidirectional stack's always, a unidirectional one's by ``resolve_gates("auto")``
     for k steps) as the kernel's whole-sequence rule would for a sequence of k steps
-    (``native_whole``). A bidirectional LSTM (B 16, N 64, N1 128) in segments of 2,000 steps ran
-    277 us per step in blocks of 32 and 192 in whole segments, where its default plan without
-    segments took 201 (T = 20,000, 2026-12-05; benchmarks/results/scaling_*_s21_spr.md)."""
+    (``native_whole``), and a bidirectional stack of Elman cells' up to ``NATIVE_WHOLE_ELEMENTS``
+    elements of [k, B, N1]. A bidirectional LSTM (B 16, N 64, N1 128) in segments of 2,000 steps
+    ran 277 us per step in blocks of 32 and 192 in whole segments, where its default plan without
+    segments took 201 (T = 20,000, 2026-12-05; benchmarks/results/scaling_*_s21_spr.md); the Elman
+    cell (2026-12-06, model-207 Xeon, a script not committed) 127.2 us in blocks of 64 and 87.6 in
+    whole segments at the same temp memory (94.2 MiB; without segments 87.2 us in 1.07 GiB).
+    Unidirectional, whole segments ran it 1.39x faster at 2.1x the temp memory (25.8 -> 55.0 MiB):
+    not taken (``checkpoint_every`` is asked for its memory)."""
     k = segment_levels(checkpoint_every)[-1]
     kept = cells.get(spec.cell).CACHE > 0 and not (dtype is not None and precision.is_half(dtype))
     if not spec.bidirectional:
         kept = resolve_gates("auto", spec, k, batch, None, dtype)
-    return k if recurrence == "native" and native_whole(spec, k, batch, kept) else min(block, k)
+    elman = spec.cell == "elman" and spec.bidirectional and k * batch * max(spec.hidden_sizes) <= NATIVE_WHOLE_ELEMENTS
+    return k if recurrence == "native" and (elman or native_whole(spec, k, batch, kept)) else min(block, k)
 
 
 def elman_kernel_block(spec: RNNSpec, t_len: int, batch: int, block: int) -> int:
@@ -253,8 +259,8 @@ def elman_kernel_block(spec: RNNSpec, t_len: int, batch: int, block: int) -> int
     reverse call sums dW1, dW11 and db1 itself on its helper thread beside the steps
     (``native.sums_in_kernel``) instead of leaving them to XLA's dots after the steps. On a 2-core
     Xeon (family 6, model 207; 2026-12-06): at (200, 64, 128, 256, 128) blocks of 20 steps ran the
-    whole ``bptt`` call 1.18x the scans' time where the scans' 8 ran 1.01x, at (1000, 16, 64, 128,
-    64) 100 steps 1.22x where 50 ran 1.03x, at 1.07-1.12x the scans' temp memory
+    whole ``bptt`` call 1.17x the scans' time where the scans' 8 ran 1.02x, at (1000, 16, 64, 128,
+    64) 100 steps 1.23x where 50 ran 1.03x, at 1.07-1.11x the scans' temp memory
     (``benchmarks/results/native_blocks_elman_rows_s23_emr.md``)."""
     need = -(-native.KERNEL_SUM_ROWS // max(batch, 1))
     if block >= need or not native.one_thread("elman", batch, max(spec.hidden_sizes)):
