@@ -59,12 +59,13 @@ AUTO_MAX_HIDDEN_GPU = 64
 # benchmarks/results/native_blocks_spr.md), the whole bptt call with the kernel and the whole
 # sequence as one block (``plan.NATIVE_WHOLE_ELEMENTS``) ran 1.13-1.44x the scans' default plan
 # at the gated benchmark shapes (LSTM; GRU 1.00-1.36x, 1.10-1.43x in a first run). The Elman cell
-# runs it where every layer has N1 <= NATIVE_ELMAN_MAX_HIDDEN: measured on the same Xeon
-# (2026-12-06, benchmarks/results/native_kernel_elman_s23_spr.md and nnx_speed_elman_s23_spr.md),
-# one layer's forward + backward ran 1.09-1.86x the scans' up to N1 = 256, the whole bptt call
-# 1.00-1.11x in the same blocks (at half the temp memory or less where the scans' buffers are
-# large), and a Flax NNX model's training step 1.4x at 0.54x the memory; at (100, 128, 512, 1024)
-# 0.77-0.97x, so wider layers keep the scans (N1 = 512 was not measured: the scans).
+# runs it where every layer has N1 <= NATIVE_ELMAN_MAX_HIDDEN: measured on a 2-core Xeon of family
+# 6, model 207 (2026-12-06, benchmarks/results/native_kernel_elman_s23_emr.md,
+# native_blocks_elman_*_s23_emr.md, nnx_speed_elman_s23_emr.md), one layer's forward + backward ran
+# 1.09-1.86x the scans' up to N1 = 256, the whole bptt call 1.00-1.14x in the scans' blocks at
+# 0.60-0.95x their temp memory (1.17-1.23x in the blocks of ``plan.elman_kernel_block``), and a
+# Flax NNX model's training step 1.72x at 0.54x the memory; one layer at (100, 128, 512, 1024) 0.97x
+# and the call at (100, 64, 256, 512, 256) 0.92-1.01x, so wider layers keep the scans.
 NATIVE_AUTO_CELLS = ("elman", "gru", "lstm")
 NATIVE_ELMAN_MAX_HIDDEN = 256
 KERNEL_DTYPES_GPU = ("float32",)
