@@ -777,12 +777,37 @@ def test_the_elman_kernels_block_holds_the_rows_its_sums_need():
     assert plan.elman_kernel_block(spec, 997, 16, 50) == 50  # T prime: no divisor, the block given
 
 
+@settings(max_examples=25)
+@given(
+    t_len=st.integers(1, 3000),
+    batch=st.integers(1, 300),
+    block=st.integers(1, 3000),
+    n1=st.sampled_from((8, 128, 256, 1024)),
+)
+def test_the_elman_kernel_block_rule_holds_its_invariants(t_len, batch, block, n1):
+    """plan.elman_kernel_block over drawn T, B, blocks and widths: the block given where it already
+    holds native.KERNEL_SUM_ROWS rows, where the per-step matmul has two threads, or where no divisor
+    of T lies in [need, 2 need]; otherwise the smallest such divisor (need = rows / B, rounded up)."""
+    spec = bj.RNNSpec(4, (n1,), 4)
+    block = min(block, t_len)
+    got = plan.elman_kernel_block(spec, t_len, batch, block)
+    need = -(-native.KERNEL_SUM_ROWS // batch)
+    divisors = [c for c in range(need, min(2 * need, t_len) + 1) if t_len % c == 0]
+    if block >= need or not native.one_thread("elman", batch, n1) or not divisors:
+        assert got == block
+    else:
+        assert got == divisors[0] and t_len % got == 0 and got * batch >= native.KERNEL_SUM_ROWS
+        assert got <= 2 * need and got > block
+
+
 @needs_kernel
-def test_the_elman_rules_plan_with_raised_blocks_equals_autodiff():
+@settings(max_examples=3)
+@given(seed=st.integers(0, 2**16), use_lengths=st.booleans(), use_h0=st.booleans())
+def test_the_elman_rules_plan_with_raised_blocks_equals_autodiff(seed, use_lengths, use_h0):
     """The Elman cell at a shape whose rules raise the block (T 640, B 8, N1 256: the scans' 64
     steps, the kernel's 128, so that its reverse calls sum in the kernel): bptt's loss, gradients,
-    dh0 and dX equal jax.grad's (float32, lengths and h0)."""
+    dh0 and dX equal jax.grad's (float32; drawn seeds, lengths 0..T and h0)."""
     spec = bj.RNNSpec(4, (256,), 4)
     assert plan.resolve(plan.Options(), spec, 640, 8, jnp.float32, use_cache=False).block == 128
-    p = ref.make_problem(spec, 640, 8, seed=5, use_lengths=True, use_h0=True)
+    p = ref.make_problem(spec, 640, 8, seed=seed, use_lengths=use_lengths, use_h0=use_h0)
     _check(p, jnp.float32)

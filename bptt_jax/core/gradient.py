@@ -258,7 +258,7 @@ def bptt(
         kernel (``bptt_jax.core.native``; float32), one call per block. "auto" runs it for the
         GRU and the LSTM in float32 on the CPU where it can be built (``kernels.NATIVE_AUTO_CELLS``),
         with the whole sequence as one block up to ``plan.NATIVE_WHOLE_ELEMENTS``, and for the
-        Elman cell where every N1 <= ``kernels.NATIVE_ELMAN_MAX_HIDDEN`` (in the scans' blocks;
+        Elman cell where every N1 <= ``kernels.NATIVE_ELMAN_MAX_HIDDEN`` (``plan.elman_kernel_block``;
         wider, the scans; ``bptt_jax.tune`` times the kernel and the scans and keeps the faster).
       gates: GRU and LSTM: "store" keeps the gate activations of the forward pass (4 N1 floats per
         step, example, layer and direction) for the backward pass; "recompute" keeps h(t) (and c(t))

@@ -144,7 +144,8 @@ def resolve(
 
     "auto" picks the Pallas kernels on a GPU where they apply and were measured faster (float32,
     every N1 <= ``AUTO_MAX_HIDDEN_GPU``; ``GPU_AUTO``), the cells' compiled kernel for the cells of
-    ``NATIVE_AUTO_CELLS`` (the Elman cell's layers up to ``NATIVE_ELMAN_MAX_HIDDEN``) where it can run (``native_reason``: float32 on the CPU, built; the first
+    ``NATIVE_AUTO_CELLS`` (the Elman cell's layers up to ``NATIVE_ELMAN_MAX_HIDDEN``) where it can
+    run (``native_reason``: float32 on the CPU, built; the first
     such call builds it), and the scans everywhere else; "pallas" on a CPU runs the Pallas kernels
     in interpret mode; "native" is the compiled kernel; an explicit choice that cannot apply raises
     ValueError. ``differentiable``: a path that ``jax.grad`` differentiates (``loss``, ``forward``,

@@ -31,8 +31,9 @@ C++ compiler, a failed build) ``unavailable`` says why: an explicit
 keep the scans. The rules choose it for the GRU and the LSTM, and for the Elman cell up to N1 =
 ``kernels.NATIVE_ELMAN_MAX_HIDDEN`` (``kernels.NATIVE_AUTO_CELLS``: float32 on the CPU, where it
 builds; the first such call builds it), with the whole sequence as one block for the gated cells
-up to ``plan.NATIVE_WHOLE_ELEMENTS`` (the Elman cell in the scans' blocks); ``bptt_jax.tune`` times
-it beside the scans for every cell and keeps the faster.
+up to ``plan.NATIVE_WHOLE_ELEMENTS`` (the Elman cell in the scans' blocks, raised to the rows its
+sums need: ``plan.elman_kernel_block``); ``bptt_jax.tune`` times it beside the scans for every cell
+and keeps the faster.
 
 Memory: the kernel's loops keep no scan buffers, so its plans compile to less temp memory than the
 scans' (``max_memory`` and ``tune`` count XLA's memory analysis); its own scratch, the packed
