@@ -21,6 +21,10 @@ in one process (round robin, a fresh random order each round, medians), in ms:
   ... dX           the reverse call as the layer runs it for a layer above the first
                    (``native.reverse_dx``, where ``native.dx_in_kernel`` says: dX = dA Wx^T made on the
                    helper thread too; "-" where it does not apply);
+  GRU, V_n kept    the GRU's forward call keeping V_n = h(t-1) W_hn + b_hn in its cache ([C, B, 4 N1],
+                   ``native.forward(..., keep_vn=True)``), then its reverse call (and the one with dX)
+                   reading it: what the kernel did before it formed V_n again in the reverse call
+                   (a chunk of steps in one matmul; the cache [C, B, 3 N1]); "-" for the LSTM;
   projection       X Wx + bx over the whole sequence by XLA's dot (for comparison: the kernel's forward
                    forms it itself);
   weight grads, dX the backward's bulk matmuls as XLA's dots, for comparison: dWx = X^T dA, dWh =
@@ -84,6 +88,9 @@ def runners(cell: str, shape, threads: int) -> dict:
     project = jax.jit(lambda x: mod.project(layer, x))
     fwd = {keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)}
     ss, cache = fwd[True](xs)
+    gru = cell == "gru"
+    fwd_vn = jax.jit(lambda x: native.forward(cell, layer, x, s0, None, True, keep_vn=True))
+    cache_vn = fwd_vn(xs)[1] if gru else None
     prev = jnp.concatenate([s0[None], ss[:-1]], axis=0)
     inside = native.sums_in_kernel(cell, t * b, b, n1, True)  # as backward.cell_backward decides
     rev = jax.jit(lambda c, g, s: native.reverse(cell, layer, xs, c, g, s0, s, None, None, sum_in_kernel=inside))
@@ -99,6 +106,9 @@ def runners(cell: str, shape, threads: int) -> dict:
         "... no cache": lambda: jax.block_until_ready(fwd[False](xs)),
         "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, ss)),
         "... dX": (lambda: jax.block_until_ready(with_dx(ct, cache, ss))) if dx_applies else None,
+        "GRU, V_n kept: forward": (lambda: jax.block_until_ready(fwd_vn(xs))) if gru else None,
+        "... reverse": (lambda: jax.block_until_ready(rev(ct, cache_vn, ss))) if gru else None,
+        "... dX ": (lambda: jax.block_until_ready(with_dx(ct, cache_vn, ss))) if gru and dx_applies else None,
         "projection": lambda: jax.block_until_ready(project(xs)),
         "weight grads, dX": lambda: jax.block_until_ready(bulk(xs, prev, das)),
     }

@@ -98,9 +98,18 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(kss, ss)
     close(kss_only, ss)
     valid_gates = np.asarray(valid)[..., None]  # a padded step's gates are never read
-    close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0))
+    # the kernel keeps the GRU's [r | z | n] (its reverse forms V_n again), the LSTM's [i | f | g | o]
+    assert kgates.shape[-1] == native.CACHE_WIDTH[name] * n1
+    close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates[..., : kgates.shape[-1]], 0))
     close(cell.gate_cache(layer, xs, prev) * valid_gates, gates * valid_gates)
     close(kdas, das)
+    if name == "gru":  # the reverse call reads a cache with V_n too (gates recomputed: gru.gate_cache's)
+        vgrads, vds_m1, vdas, vnorms = native.reverse(name, layer, xs, above, gates, s0, kss, valid, ds_init)
+        close(vdas, das)
+        close(vds_m1, ds_m1)
+        close(vnorms, norms)
+        for k, g in zip(vgrads, kgrads, strict=True):
+            close(k, g, rtol=1e-4, atol=1e-5)
     grads = cell.weight_grads(layer, xs, prev, das, dvs)
     for k, g in zip(kgrads, grads, strict=True):
         close(k, g, rtol=1e-4, atol=1e-5)  # summed in the kernel's chunks, another order than XLA's dot
@@ -113,7 +122,7 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(xdas, das)
     for batch_major in (False, True):  # the recursion alone (core.sequence), rows time- or batch-major
         rdas, rdvs, rds_m1 = native.reverse_d(
-            name, layer.wh, above, kgates, s0, kss, valid, ds_init, batch_major=batch_major
+            name, layer.wh, above, kgates, s0, kss, valid, ds_init, batch_major=batch_major, bh=layer.bh
         )
         order = (lambda a: jnp.swapaxes(a, 0, 1)) if batch_major else (lambda a: a)
         close(order(rdas), das)
@@ -151,7 +160,7 @@ def test_the_forward_calls_two_threads(name, b):
     close(kss, ss)
     close(native.forward(name, layer, xs, s0, valid, store=False), ss)
     valid_gates = np.asarray(valid)[..., None]
-    close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates, 0))
+    close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates[..., : kgates.shape[-1]], 0))
     if b == 16:  # each half of the rows, called alone (8 rows: not split), gives the same bits
         for rows in (slice(0, 8), slice(8, 16)):
             hss, hgates = native.forward(name, layer, xs[:, rows], s0[rows], valid[:, rows], store=True)
@@ -811,3 +820,23 @@ def test_the_elman_rules_plan_with_raised_blocks_equals_autodiff(seed, use_lengt
     assert plan.resolve(plan.Options(), spec, 640, 8, jnp.float32, use_cache=False).block == 128
     p = ref.make_problem(spec, 640, 8, seed=seed, use_lengths=use_lengths, use_h0=use_h0)
     _check(p, jnp.float32)
+
+
+@needs_kernel
+def test_the_grus_kernel_cache_has_no_v_n_and_the_memory_bound_counts_it():
+    """The GRU's kernel keeps [r | z | n] per step (3 N1; its reverse call forms V_n = h(t-1) W_hn + b_hn
+    again, a chunk of steps in one matmul), the scans [r | z | n | V_n] (4 N1): budget.stored_bytes, the
+    shape-read lower bound of a plan's temp memory, counts each, and each compiled bptt call keeps at
+    least that much (float32, T 64, B 8, N1 32, the gates stored, one block)."""
+    spec = bj.RNNSpec(4, (32,), 4, cell="gru")
+    t_len, batch = 64, 8
+    p = ref.make_problem(spec, t_len, batch, seed=0, use_lengths=True, dtype=jnp.float32)
+    for recurrence, width in (("native", 3), ("scan", 4)):
+        asked = plan.Options(recurrence=recurrence, gates="store", block_size=t_len)
+        options = plan.explicit(asked, spec, t_len, batch, jnp.float32)
+        assert (options.recurrence, options.gates, options.block_size) == (recurrence, "store", t_len)
+        lower = budget.stored_bytes(options, spec, t_len, batch, jnp.float32)
+        assert lower == t_len * batch * (1 + width) * 32 * 4  # the states h(t) and the gate cache
+        fn = jax.jit(functools.partial(gradient._bptt, spec=spec, options=options))
+        compiled = fn.lower(p.params, p.xs, p.targets, None, p.lengths, None, None).compile()
+        assert budget.temp_bytes(compiled) >= lower, (recurrence, budget.temp_bytes(compiled), lower)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from bptt_jax.core import cells, plan
+from bptt_jax.core import cells, native, plan
 from bptt_jax.core.params import RNNSpec
 
 _UNITS = {
@@ -82,7 +82,8 @@ def format_bytes(n: float) -> str:
 def stored_bytes(options: plan.Options, spec: RNNSpec, t_len: int, batch: int, dtype) -> int:
     """A lower bound on the temp memory of ``options`` (all choices explicit): what the plan keeps
     across the whole sequence. States: T' steps of every (layer, direction) (with segments: T'/k
-    boundary states plus one segment's k steps); a gated cell's stored gates: T' steps of CACHE*N1."""
+    boundary states plus one segment's k steps); a gated cell's stored gates: T' steps of CACHE*N1
+    (the compiled kernel's: native.CACHE_WIDTH*N1, the GRU's without V_n)."""
     item = jnp.dtype(dtype).itemsize
     cell = cells.get(spec.cell)
     levels = plan.segment_levels(options.checkpoint_every)
@@ -95,7 +96,8 @@ def stored_bytes(options: plan.Options, spec: RNNSpec, t_len: int, batch: int, d
         return (sum(a // b for a, b in zip(outer, outer[1:])) + levels[-1]) * per_step
     total = padded * per_step
     if options.gates == "store" and cell.CACHE:
-        total += padded * batch * cell.CACHE * sum(spec.hidden_sizes) * spec.num_directions * item
+        width = native.CACHE_WIDTH.get(spec.cell, cell.CACHE) if options.recurrence == "native" else cell.CACHE
+        total += padded * batch * width * sum(spec.hidden_sizes) * spec.num_directions * item
     return total
 
 

@@ -991,8 +991,10 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
 
 
 // One row of the GRU's forward step: from X(t) Wx, bx, V(t) and h(t-1) -> h(t) and the gate cache
-// [r | z | n | V_n] (gru.recur_cache's). xw may be the cache row itself (X(t) Wx formed in its first
-// 3N columns): element j of each part is read before it is written, and no j reads another's.
+// [r | z | n] (kVn: [r | z | n | V_n], gru.recur_cache's). xw may be the cache row itself (X(t) Wx
+// formed in its first 3N columns): element j of each part is read before it is written, and no j
+// reads another's.
+template <bool kVn>
 void gru_forward_row(const float* xw, const float* __restrict bx, const float* __restrict v,
                      const float* __restrict h_prev, float* __restrict h, float* cache, long n) {
 #pragma omp simd
@@ -1004,21 +1006,23 @@ void gru_forward_row(const float* xw, const float* __restrict bx, const float* _
     cache[j] = r;
     cache[n + j] = z;
     cache[2 * n + j] = nn;
-    cache[3 * n + j] = v[2 * n + j];
+    if (kVn) cache[3 * n + j] = v[2 * n + j];
   }
 }
 
-// One row of the GRU's reverse step: dh = above + carry; writes dA(t), dV(t), carry = dh z (the
-// recurrent matmul's part is added after the row loop) and returns ||dh(t)||.
-float gru_reverse_row(const float* __restrict cache, const float* __restrict h_prev, const float* __restrict above,
-                      float* __restrict carry, float* __restrict da, float* __restrict dv, long n) {
+// One row of the GRU's reverse step: from the cache row's [r | z | n] and V_n(t) = h(t-1) W_hn + b_hn
+// (vn), dh = above + carry; writes dA(t), dV(t), carry = dh z (the recurrent matmul's part is added
+// after the row loop) and returns ||dh(t)||.
+float gru_reverse_row(const float* __restrict cache, const float* __restrict vn, const float* __restrict h_prev,
+                      const float* __restrict above, float* __restrict carry, float* __restrict da,
+                      float* __restrict dv, long n) {
   float sh = 0.0f;
 #pragma omp simd reduction(+ : sh)
   for (long j = 0; j < n; ++j) {
-    const float r = cache[j], z = cache[n + j], nn = cache[2 * n + j], vn = cache[3 * n + j];
+    const float r = cache[j], z = cache[n + j], nn = cache[2 * n + j];
     const float dh = above[j] + carry[j];
     const float dan = dh * (1.0f - z) * (1.0f - nn * nn);
-    const float dar = dan * vn * r * (1.0f - r);
+    const float dar = dan * vn[j] * r * (1.0f - r);
     const float daz = dh * (h_prev[j] - nn) * z * (1.0f - z);
     da[j] = dar;
     da[n + j] = daz;
@@ -1042,19 +1046,24 @@ struct GruSteps {
   const Packed *xp, *wp;
   long steps, batch, n_in, n, groups;
   bool keep;
+  long cw;  // a cache row's width: 3N ([r | z | n]) or 4N (with V_n)
 
   void step(long t, long r0, long r1, Team* team) const {
     const long width = 3 * n, rows = r1 - r0;
     const float* prev = t == 0 ? h0 + r0 * n : hs + ((t - 1) * batch + r0) * n;
     float* h = hs + (t * batch + r0) * n;
-    float* k = cache + ((keep ? t * batch : 0) + r0) * 4 * n;
+    float* k = cache + ((keep ? t * batch : 0) + r0) * cw;
     float* vt = v + r0 * width;
     if (!keep) step_gemm(team, rows, x + (t * batch + r0) * n_in, n_in, *xp, xw + r0 * width, width, false);
     for (long b = 0; b < rows; ++b) std::memcpy(vt + b * width, bias, sizeof(float) * width);
     step_gemm(team, rows, prev, n, *wp, vt, width, true);
     for (long b = 0; b < rows; ++b) {
-      const float* xwb = keep ? k + b * 4 * n : xw + (r0 + b) * width;
-      gru_forward_row(xwb, bias_x, vt + b * width, prev + b * n, h + b * n, k + b * 4 * n, n);
+      const float* xwb = keep ? k + b * cw : xw + (r0 + b) * width;
+      if (cw == 4 * n) {
+        gru_forward_row<true>(xwb, bias_x, vt + b * width, prev + b * n, h + b * n, k + b * cw, n);
+      } else {
+        gru_forward_row<false>(xwb, bias_x, vt + b * width, prev + b * n, h + b * n, k + b * cw, n);
+      }
       if (!valid[t * batch + r0 + b]) std::memcpy(h + b * n, prev + b * n, sizeof(float) * n);  // padding holds h
     }
   }
@@ -1066,9 +1075,11 @@ struct GruSteps {
 };
 
 // xs [C, B, N_in] (the layer's input), wx [N_in, 3N], bx [3N], wh [N, 3N], bh [3N], h0 [B, N], valid [C, B]
-//   -> hs [C, B, N], cache [C or 1, B, 4N] ([r | z | n | V_n]; one step's scratch when not kept).
-//      A(t) = X(t) Wx + bx: kept, X Wx is formed for all C steps first, in one matmul into the first
-//      3N columns of each cache row (no [C, B, 3N] array beside the cache); otherwise step by step.
+//   -> hs [C, B, N], cache [C or 1, B, 3N or 4N] ([r | z | n], or [r | z | n | V_n] where 4N wide;
+//      one step's scratch when not kept). A(t) = X(t) Wx + bx: kept, X Wx is formed for all C steps
+//      first, in one matmul into the first 3N columns of each cache row (no [C, B, 3N] array beside
+//      the cache); otherwise step by step. Without V_n the cache is a quarter smaller: the reverse
+//      call forms V_n(t) = h(t-1) W_hn + b_hn again from the states, a chunk of steps at a time.
 ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ffi::Buffer<ffi::F32> bx,
                           ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::PRED> valid, ffi::ResultBuffer<ffi::F32> hs,
@@ -1079,13 +1090,15 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
     return check_dims(false, "gru forward: xs must be [C, B, N_in], wh [N, 3 N]");
   const long steps = d[0], batch = d[1], n_in = d[2], n = wd[0], width = 3 * n;
   const bool keep = cache->dimensions()[0] == steps;
+  const long cw = cache->dimensions().size() == 3 ? cache->dimensions()[2] : 0;
   if (auto e = check_dims(wx.dimensions().size() == 2 && wx.dimensions()[0] == n_in && wx.dimensions()[1] == width &&
                               bx.element_count() == static_cast<size_t>(width) &&
                               bh.element_count() == static_cast<size_t>(width) &&
                               h0.element_count() == static_cast<size_t>(batch * n) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
                               hs->element_count() == static_cast<size_t>(steps * batch * n) &&
-                              cache->element_count() == static_cast<size_t>((keep ? steps : 1) * batch * 4 * n),
+                              (cw == 3 * n || cw == 4 * n) &&
+                              cache->element_count() == static_cast<size_t>((keep ? steps : 1) * batch * cw),
                           "gru forward: inconsistent shapes");
       e.failure())
     return e;
@@ -1102,17 +1115,17 @@ ffi::Error GruForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ff
   const Packed xp = pack(wx.typed_data(), n_in, width, false);  // Wx [N_in, 3N]
   const Packed wp = pack(wh.typed_data(), n, width, false);     // Wh [N, 3N]
   GruSteps loop{X, bias_x, bias, h0.typed_data(), V, H, K, v.data(), xw.data(), &xp, &wp, steps, batch, n_in, n,
-                2, keep};
+                2, keep, cw};
   if (split_rows(steps, batch, n, width)) {  // X Wx on both threads first, then a half of the rows each
-    if (keep) project_all(nullptr, steps * batch, X, n_in, xp, K, 4 * n);
+    if (keep) project_all(nullptr, steps * batch, X, n_in, xp, K, cw);
     run_halves(loop, steps);
     return ffi::Error::Success();
   }
-  Projection proj{X, n_in, &xp, K, 4 * n, batch, steps, std::max(1L, kChunkRows / batch)};
+  Projection proj{X, n_in, &xp, K, cw, batch, steps, std::max(1L, kChunkRows / batch)};
   const auto team = team_for(batch, n, width, false, keep && projection_beside(nullptr, proj));
   std::unique_ptr<Beside> ahead;  // X Wx chunk by chunk beside the steps (projection_beside)
   const bool beside = keep && projection_beside(team.get(), proj);
-  if (keep && !beside) project_all(team.get(), steps * batch, X, n_in, xp, K, 4 * n);
+  if (keep && !beside) project_all(team.get(), steps * batch, X, n_in, xp, K, cw);
   if (beside) {
     ahead = std::make_unique<Beside>(1, proj.chunks(), &Projection::run, &proj);
     ahead->ready(proj.chunks());
@@ -1181,8 +1194,10 @@ struct GruSums {
   }
 };
 
-// dhs [C, B, N], cache [C, B, 4N], h0 [B, N] (the state entering the first step; h(t-1) is read from
-// hs for t > 0), hs [C, B, N] (h(t)), wh [N, 3N], valid [C, B], dh_init [B, N]
+// dhs [C, B, N], cache [C, B, 3N or 4N] ([r | z | n], or with V_n), h0 [B, N] (the state entering the
+// first step; h(t-1) is read from hs for t > 0), hs [C, B, N] (h(t)), wh [N, 3N], valid [C, B],
+// dh_init [B, N], bh [3N] (read where the cache has no V_n: V_n(t) = h(t-1) W_hn + b_hn is then formed
+// again from the states, one chunk of steps in one matmul as the loop enters it)
 //   -> das [C, B, 3N] (dA(t)), and either dvs [C, B, 3N] (dV(t); dwh, dbh, dwx, dbx empty) or, with
 //      dvs empty, dwh [N, 3N] (sum_t h(t-1)^T dV(t)) and dbh [3N] (sum_t dV(t)): dV(t) then lives
 //      one step in a scratch (or a chunk in GruSums's ring), no [C, B, 3N] array; with dwx [N_in,
@@ -1193,14 +1208,17 @@ struct GruSums {
 ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache, ffi::Buffer<ffi::F32> h0,
                           ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
                           ffi::Buffer<ffi::F32> dh_init, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
-                          ffi::ResultBuffer<ffi::F32> das, ffi::ResultBuffer<ffi::F32> dvs,
+                          ffi::Buffer<ffi::F32> bh, ffi::ResultBuffer<ffi::F32> das, ffi::ResultBuffer<ffi::F32> dvs,
                           ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> dbh,
                           ffi::ResultBuffer<ffi::F32> dh_m1, ffi::ResultBuffer<ffi::F32> norms,
                           ffi::ResultBuffer<ffi::F32> dwx, ffi::ResultBuffer<ffi::F32> dbx,
                           ffi::ResultBuffer<ffi::F32> dxs, int32_t batch_major) {
   const auto d = cache.dimensions();
-  if (d.size() != 3 || d[2] % 4 != 0) return check_dims(false, "gru reverse: cache must be [C, B, 4 N]");
-  const long steps = d[0], batch = d[1], n = d[2] / 4, width = 3 * n;
+  const auto wd = wh.dimensions();
+  if (d.size() != 3 || wd.size() != 2 || wd[1] != 3 * wd[0] || (d[2] != 3 * wd[0] && d[2] != 4 * wd[0]))
+    return check_dims(false, "gru reverse: cache must be [C, B, 3 N or 4 N], wh [N, 3 N]");
+  const long steps = d[0], batch = d[1], n = wd[0], width = 3 * n, cw = d[2];
+  const bool lean = cw == width;  // no V_n in the cache: formed again here
   const size_t rows = static_cast<size_t>(steps * batch);
   const bool sum_here = dvs->element_count() == 0;
   const bool beside = sum_here && dwx->element_count() != 0;  // all four sums, beside the steps
@@ -1223,6 +1241,7 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
                               xs.dimensions()[0] == steps && xs.dimensions()[1] == batch &&
                               dwx->element_count() == (beside ? static_cast<size_t>(n_in * width) : 0) &&
                               dbx->element_count() == (beside ? static_cast<size_t>(width) : 0) &&
+                              (!lean || bh.element_count() == static_cast<size_t>(width)) &&
                               (!batch_major || !sum_here),
                           "gru reverse: inconsistent shapes");
       e.failure())
@@ -1272,10 +1291,32 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
   } else if (sum_here) {
     sums = std::make_unique<OuterSums>(n, width, batch, dwh->typed_data());
   }
+  // V_n(t) = h(t-1) W_hn + b_hn where the cache has no V_n: a chunk's rows (steps t0 .. t1 - 1, in
+  // time order) at a time, as the loop enters the chunk
+  std::vector<float> vn_rows(lean ? per * batch * n : 0);
+  Packed whn;
+  if (lean) {
+    std::vector<float> w(n * n);  // W_hn, the last N columns of Wh
+    for (long i = 0; i < n; ++i) std::memcpy(w.data() + i * n, W + i * width + 2 * n, sizeof(float) * n);
+    whn = pack(w.data(), n, n, false);
+  }
+  const float* B_HN = lean ? bh.typed_data() + 2 * n : nullptr;
   for (long t = steps - 1; t >= 0; --t) {
     const long row0 = t * batch;
     const float* prev = t == 0 ? H0 : H + (row0 - batch) * n;  // h(t-1)
     const long chunk = (steps - 1 - t) / per, t0 = std::max(0L, steps - (chunk + 1) * per);
+    if (lean && t == steps - 1 - chunk * per) {  // entering the chunk: its V_n rows
+      const long chunk_rows = (t + 1 - t0) * batch;
+      for (long r = 0; r < chunk_rows; ++r) std::memcpy(vn_rows.data() + r * n, B_HN, sizeof(float) * n);
+      long skip = 0;  // step 0's rows: h(-1) = h0
+      if (t0 == 0) {
+        skip = batch;
+        step_gemm(team.get(), batch, H0, n, whn, vn_rows.data(), n, true);
+      }
+      if (chunk_rows > skip)
+        step_gemm(team.get(), chunk_rows - skip, H + (t0 > 0 ? t0 - 1 : 0) * batch * n, n, whn,
+                  vn_rows.data() + skip * n, n, true);
+    }
     if (beside && t == steps - 1 - chunk * per && chunk >= GruSums::kRing)  // the slots' last readers done
       for (int c = 0; c < chains; ++c) aside->await(c, chunk - GruSums::kRing);
     float* dv = beside                  ? gsums.slot(chunk) + (t - t0) * batch * width
@@ -1288,7 +1329,8 @@ ffi::Error GruReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> cache
       float* dvb = dv + b * width;
       float* dab = batch_major ? DA + (b * steps + t) * width : da + b * width;
       if (V[row]) {
-        NRM[row] = gru_reverse_row(K + row * 4 * n, prev + b * n, DH + row * n, cb, dab, dvb, n);
+        const float* vn = lean ? vn_rows.data() + ((t - t0) * batch + b) * n : K + row * cw + 3 * n;
+        NRM[row] = gru_reverse_row(K + row * cw, vn, prev + b * n, DH + row * n, cb, dab, dvb, n);
         if (sum_here && !beside)
           for (long j = 0; j < width; ++j) DB[j] += dvb[j];
       } else {  // padding: dA = dV = 0, the carry passes on with dH_above added
@@ -1590,6 +1632,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruForward, GruForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttGruReverse, GruReverseImpl,
                               reverse_args()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bh
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -82,6 +82,10 @@ FLAGS = (
     "-fPIC",
 )
 CELLS = ("elman", "lstm", "gru")
+# A kept gate cache's width in units of N1 (forward's ``store``): the LSTM's [i | f | g | o], the
+# GRU's [r | z | n] (its reverse call forms V_n again; a 4 N1 cache with V_n, gru.gate_cache's,
+# is read as well).
+CACHE_WIDTH = {"lstm": 4, "gru": 3}
 ACTIVATIONS = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}  # f1's codes in cell_kernels.cc
 TARGETS = {  # (cell, loop) -> (the name registered with jax.ffi, the handler's symbol)
     ("elman", "forward"): ("bptt_jax_elman_forward", "BpttElmanForward"),
@@ -310,19 +314,26 @@ def _elman_reverse(
     return dzs, dh_m1, norms, (dw1, dw11, db1) if sums else None, dxs if sums and dx else None
 
 
-def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool):
+def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool, *, keep_vn: bool = False):
     """The forward step loop of one layer of ``cell`` ("lstm" or "gru") over C steps, given its
     parameters ``layer`` (wx, wh, bx, bh), its input X [C, B, N_in] and the entering state s0 [B, W]:
-    the states [C, B, W], and with ``store`` also the gate cache [C, B, 4 N1] (the cell's
-    ``recur_cache``'s: the LSTM's [i | f | g | o], the GRU's [r | z | n | V_n]). The kernel forms
+    the states [C, B, W], and with ``store`` also the gate cache [C, B, CACHE_WIDTH[cell] N1]: the
+    LSTM's [i | f | g | o] (``lstm.recur_cache``'s), the GRU's [r | z | n] (``gru.recur_cache``'s
+    without V_n = h(t-1) W_hn + b_hn, which the reverse call forms again from the states, a chunk of
+    steps in one matmul: a quarter less memory for the stored gates). The kernel forms
     A(t) = X(t) Wx + bx itself (kept gates: for all C steps in one matmul, into the cache's own
-    buffer), so no [C, B, G N1] array of pre-activations sits beside the cache."""
+    buffer), so no [C, B, G N1] array of pre-activations sits beside the cache. ``keep_vn``: the
+    GRU's cache with V_n, [C, B, 4 N1] (the reverse call then reads it; for
+    benchmarks/native_parts.py's comparison)."""
     t_len, batch, _ = xs.shape
     n1 = layer.wh.shape[0]
     f32 = jnp.float32
     out = (
         jax.ShapeDtypeStruct((t_len, batch, s0.shape[-1]), f32),
-        jax.ShapeDtypeStruct((t_len if store else 1, batch, 4 * n1), f32),  # one step's scratch otherwise
+        # the cache, or one step's scratch
+        jax.ShapeDtypeStruct(
+            (t_len, batch, (4 if keep_vn else CACHE_WIDTH[cell]) * n1) if store else (1, batch, 4 * n1), f32
+        ),
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "forward"][0], out, vmap_method="sequential")
     mask = _mask(valid, t_len, batch)
@@ -368,13 +379,24 @@ def reverse(
 
 
 def reverse_d(
-    cell: str, wh: Array, dhs_above: Array, cache: Array, s_in: Array, ss: Array, valid, ds_init, *, batch_major=False
+    cell: str,
+    wh: Array,
+    dhs_above: Array,
+    cache: Array,
+    s_in: Array,
+    ss: Array,
+    valid,
+    ds_init,
+    *,
+    batch_major=False,
+    bh: Array | None = None,
 ):
     """The reverse recursion alone, no sums: (dA [C, B, G N1], dV [C, B, G N1] (the LSTM's: dA
     itself), ds(-1) [B, W]) of one layer of ``cell`` ("lstm" or "gru") from its gate cache, for
     weight-gradient matmuls outside the call (``core.sequence``); as ``reverse`` without
-    ``sum_in_kernel``. ``wh``: the recurrent weights [N1, G N1]. ``batch_major``: dA and dV come
-    as [B, C, G N1] (the call writes each row there; the LSTM's dA then not over its gate cache)."""
+    ``sum_in_kernel``. ``wh``: the recurrent weights [N1, G N1]; ``bh``: the GRU's recurrent bias
+    [3 N1] (its call reads b_hn). ``batch_major``: dA and dV come as [B, C, G N1] (the call writes
+    each row there; the LSTM's dA then not over its gate cache)."""
     t_len, batch, _ = cache.shape
     width = ss.shape[-1]
     n1 = wh.shape[0]
@@ -401,11 +423,13 @@ def reverse_d(
         )
         das, ds_m1, *_ = call(dhs_above, cache, s_in, ss, wh, valid, ds0, no_xs, none, batch_major=mode)
         return das, das, ds_m1
+    if bh is None:
+        raise ValueError("reverse_d: the GRU's call needs bh (V_n = h(t-1) W_hn + b_hn)")
     g_shape = jax.ShapeDtypeStruct((*rows, 3 * n1), f32)
     carry, norms = jax.ShapeDtypeStruct((batch, width), f32), jax.ShapeDtypeStruct((t_len, batch), f32)
     out_gru = (g_shape, g_shape, empty, empty, carry, norms, empty, empty, empty)
     call = jax.ffi.ffi_call(TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential")
-    das, dvs, _, _, ds_m1, *_ = call(dhs_above, cache, s_in, ss, wh, valid, ds0, no_xs, none, batch_major=mode)
+    das, dvs, _, _, ds_m1, *_ = call(dhs_above, cache, s_in, ss, wh, valid, ds0, no_xs, none, bh, batch_major=mode)
     return das, dvs, ds_m1
 
 
@@ -491,7 +515,7 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
         TARGETS[cell, "reverse"][0], out_gru, vmap_method="sequential", input_output_aliases=aliases
     )
     das, dvs, dwh, dbh, ds_m1, norms, dwx, dbx, dxs = call(
-        dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx, batch_major=np.int32(0)
+        dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx, layer.bh, batch_major=np.int32(0)
     )
     if not sum_in_kernel:
         return gru.weight_grads(layer, xs, _shifted(s_in, ss), das, dvs), ds_m1, das, norms, None

@@ -177,7 +177,8 @@ def _kernel_reverse(kernel: str, activation: str):
                 layer.w11, activation, ss, d_hs, valid, d_last, batch_major=batch_major
             )
             return dzs, dzs, dh_m1
-        return native.reverse_d(kernel, layer.wh, d_hs, cache, h0, ss, valid, d_last, batch_major=batch_major)
+        bh = layer.bh if kernel == "gru" else None
+        return native.reverse_d(kernel, layer.wh, d_hs, cache, h0, ss, valid, d_last, batch_major=batch_major, bh=bh)
 
     f = custom_batching.custom_vmap(one)
 
