@@ -58,7 +58,7 @@ def unavailable() -> str | None:
 
 
 def kernel_forward(cell, layer, xs, s0, valid=None):
-    """(states [T, B, W], gate cache [T, B, native.CACHE_WIDTH N1]; the Elman cell's empty [T, B, 0]) by the kernel,
+    """(states [T, B, W], gate cache [T, B, native.cache_width N1]; the Elman cell's empty [T, B, 0]) by the kernel,
     the input projection included (every cell's kernel forms it)."""
     if cell == "elman":  # as the library calls it: the kernel forms X W1 + b1 too
         hs = native.elman_forward_x(layer, "tanh", xs, s0, valid)
@@ -88,7 +88,8 @@ def kernel_reverse(cell, layer, xs, dhs_above, gates, s_in, ss, valid=None, ds_i
 
 def as_kernels(kernel, scan):
     """(kernel, scan) outputs for the equality check, the scans' gate caches cut to the kernel's width
-    (the GRU's kernel keeps [r | z | n], the scans [r | z | n | V_n]; the leading 3 N1 are the same)."""
+    (the GRU's kernel keeps [r | z | n] where ``native.gru_keeps_vn`` does not hold, the scans
+    [r | z | n | V_n]; the leading 3 N1 are the same)."""
     k_leaves, tree = jax.tree_util.tree_flatten(kernel)
     s_leaves = jax.tree_util.tree_leaves(scan)
     cut = [

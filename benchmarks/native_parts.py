@@ -11,7 +11,8 @@ in one process (round robin, a fresh random order each round, medians), in ms:
                    included) with the scans, for a random cotangent of the states;
   layer kernel     the same with recurrence="native";
   kernel forward   the kernel's forward loop alone (``native.forward``: it forms X Wx + bx itself, for
-                   all T in one matmul), keeping the gate cache, and
+                   all T in one matmul), keeping the gate cache (the GRU's lean [C, B, 3 N1], also
+                   where ``native.gru_keeps_vn`` would keep V_n), and
   ... no cache     keeping one step's scratch only (X(t) Wx step by step; with the kept run, what the
                    fresh pages of a [T, B, 4 N1] cache cost);
   kernel reverse   the kernel's reverse call (``native.reverse``: the recursion, with the weight
@@ -24,7 +25,8 @@ in one process (round robin, a fresh random order each round, medians), in ms:
   GRU, V_n kept    the GRU's forward call keeping V_n = h(t-1) W_hn + b_hn in its cache ([C, B, 4 N1],
                    ``native.forward(..., keep_vn=True)``), then its reverse call (and the one with dX)
                    reading it: what the kernel did before it formed V_n again in the reverse call
-                   (a chunk of steps in one matmul; the cache [C, B, 3 N1]); "-" for the LSTM;
+                   (a chunk of steps in one matmul; the cache [C, B, 3 N1]), as it still does where
+                   ``native.gru_keeps_vn`` says so; "-" for the LSTM;
   projection       X Wx + bx over the whole sequence by XLA's dot (for comparison: the kernel's forward
                    forms it itself);
   weight grads, dX the backward's bulk matmuls as XLA's dots, for comparison: dWx = X^T dA, dWh =
@@ -86,7 +88,10 @@ def runners(cell: str, shape, threads: int) -> dict:
         return jax.jit(run)
 
     project = jax.jit(lambda x: mod.project(layer, x))
-    fwd = {keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep)) for keep in (True, False)}
+    fwd = {  # the GRU's lean cache [r | z | n] here (native.gru_keeps_vn keeps V_n where two threads run a step)
+        keep: jax.jit(lambda x, keep=keep: native.forward(cell, layer, x, s0, None, keep, keep_vn=False))
+        for keep in (True, False)
+    }
     ss, cache = fwd[True](xs)
     gru = cell == "gru"
     fwd_vn = jax.jit(lambda x: native.forward(cell, layer, x, s0, None, True, keep_vn=True))

@@ -419,6 +419,16 @@ def test_sums_beside_quick():
     assert all(float(v) > 0 for r in rows for v in r[3:7]), rows
 
 
+def test_gru_vn_quick():
+    mod = _load("gru_vn", "benchmarks/gru_vn.py")
+    if mod.native.unavailable() is not None:  # a machine without g++ skips
+        pytest.skip(mod.native.unavailable())
+    report = mod.main(["--quick", "--rounds", "1"])  # raises where the gradients differ
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| (6, 64, 4, 210, 4)")]
+    assert len(rows) == 1 and rows[0][2].strip() == "two" and rows[0][3].strip() == "yes", rows
+    assert float(rows[0][8].strip().rstrip("x")) > 1.0, rows  # V_n kept: a wider cache, more temp memory
+
+
 def test_gemm_tn_rates_quick():
     mod = _load("gemm_tn_rates", "benchmarks/gemm_tn_rates.py")
     if mod.native.unavailable() is not None:  # a machine without g++ skips

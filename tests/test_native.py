@@ -98,18 +98,24 @@ def test_the_kernels_loops_equal_the_scans_step_for_step(name, b, n1):
     close(kss, ss)
     close(kss_only, ss)
     valid_gates = np.asarray(valid)[..., None]  # a padded step's gates are never read
-    # the kernel keeps the GRU's [r | z | n] (its reverse forms V_n again), the LSTM's [i | f | g | o]
-    assert kgates.shape[-1] == native.CACHE_WIDTH[name] * n1
+    # the kernel keeps the GRU's [r | z | n] (its reverse forms V_n again; [r | z | n | V_n] where two
+    # threads run a step: (32, 300)), the LSTM's [i | f | g | o]
+    assert kgates.shape[-1] == native.cache_width(name, b, n1) * n1
+    assert kgates.shape[-1] == (4 if name == "lstm" or (b, n1) == (32, 300) else 3) * n1
     close(np.where(valid_gates, kgates, 0), np.where(valid_gates, gates[..., : kgates.shape[-1]], 0))
     close(cell.gate_cache(layer, xs, prev) * valid_gates, gates * valid_gates)
     close(kdas, das)
-    if name == "gru":  # the reverse call reads a cache with V_n too (gates recomputed: gru.gate_cache's)
-        vgrads, vds_m1, vdas, vnorms = native.reverse(name, layer, xs, above, gates, s0, kss, valid, ds_init)
-        close(vdas, das)
-        close(vds_m1, ds_m1)
-        close(vnorms, norms)
-        for k, g in zip(vgrads, kgrads, strict=True):
-            close(k, g, rtol=1e-4, atol=1e-5)
+    if name == "gru":  # the reverse call reads the other caches too: gru.gate_cache's (gates recomputed)
+        # with V_n, and the lean one the forward call keeps where asked (keep_vn=False)
+        lean = native.forward(name, layer, xs, s0, valid, store=True, keep_vn=False)[1]
+        assert lean.shape[-1] == 3 * n1
+        for other in (gates, lean):
+            vgrads, vds_m1, vdas, vnorms = native.reverse(name, layer, xs, above, other, s0, kss, valid, ds_init)
+            close(vdas, das)
+            close(vds_m1, ds_m1)
+            close(vnorms, norms)
+            for k, g in zip(vgrads, kgrads, strict=True):
+                close(k, g, rtol=1e-4, atol=1e-5)
     grads = cell.weight_grads(layer, xs, prev, das, dvs)
     for k, g in zip(kgrads, grads, strict=True):
         close(k, g, rtol=1e-4, atol=1e-5)  # summed in the kernel's chunks, another order than XLA's dot
@@ -823,20 +829,26 @@ def test_the_elman_rules_plan_with_raised_blocks_equals_autodiff(seed, use_lengt
 
 
 @needs_kernel
-def test_the_grus_kernel_cache_has_no_v_n_and_the_memory_bound_counts_it():
+@pytest.mark.parametrize(("t_len", "batch", "n1", "kernel_width"), [(64, 8, 32, 3), (4, 64, 210, 4)])
+def test_the_grus_kernel_cache_and_the_memory_bound_that_counts_it(t_len, batch, n1, kernel_width):
     """The GRU's kernel keeps [r | z | n] per step (3 N1; its reverse call forms V_n = h(t-1) W_hn + b_hn
-    again, a chunk of steps in one matmul), the scans [r | z | n | V_n] (4 N1): budget.stored_bytes, the
-    shape-read lower bound of a plan's temp memory, counts each, and each compiled bptt call keeps at
-    least that much (float32, T 64, B 8, N1 32, the gates stored, one block)."""
-    spec = bj.RNNSpec(4, (32,), 4, cell="gru")
-    t_len, batch = 64, 8
+    again, a chunk of steps in one matmul) where its per-step matmul has one thread (T 64, B 8, N1 32),
+    [r | z | n | V_n] where it has two (B 3 N1 N1 > 2^23: B 64, N1 210; native.gru_keeps_vn), the scans
+    always [r | z | n | V_n] (4 N1): budget.stored_bytes, the shape-read lower bound of a plan's temp
+    memory, counts each, each compiled bptt call (float32, the gates stored, one block) keeps at least
+    that much, and the kernel's gradient equals jax.grad's."""
+    spec = bj.RNNSpec(4, (n1,), 4, cell="gru")
+    assert native.gru_keeps_vn(batch, n1) == (kernel_width == 4)
     p = ref.make_problem(spec, t_len, batch, seed=0, use_lengths=True, dtype=jnp.float32)
-    for recurrence, width in (("native", 3), ("scan", 4)):
+    want = jax.grad(bj.loss)(p.params, spec, p.xs, p.targets, lengths=p.lengths, recurrence="scan")
+    for recurrence, width in (("native", kernel_width), ("scan", 4)):
         asked = plan.Options(recurrence=recurrence, gates="store", block_size=t_len)
         options = plan.explicit(asked, spec, t_len, batch, jnp.float32)
         assert (options.recurrence, options.gates, options.block_size) == (recurrence, "store", t_len)
         lower = budget.stored_bytes(options, spec, t_len, batch, jnp.float32)
-        assert lower == t_len * batch * (1 + width) * 32 * 4  # the states h(t) and the gate cache
+        assert lower == t_len * batch * (1 + width) * n1 * 4  # the states h(t) and the gate cache
         fn = jax.jit(functools.partial(gradient._bptt, spec=spec, options=options))
         compiled = fn.lower(p.params, p.xs, p.targets, None, p.lengths, None, None).compile()
         assert budget.temp_bytes(compiled) >= lower, (recurrence, budget.temp_bytes(compiled), lower)
+        _, got, _ = compiled(p.params, p.xs, p.targets, None, p.lengths, None, None)
+        assert ref.max_rel_err(got, want) < 1e-4, recurrence

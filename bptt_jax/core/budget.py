@@ -83,7 +83,8 @@ def stored_bytes(options: plan.Options, spec: RNNSpec, t_len: int, batch: int, d
     """A lower bound on the temp memory of ``options`` (all choices explicit): what the plan keeps
     across the whole sequence. States: T' steps of every (layer, direction) (with segments: T'/k
     boundary states plus one segment's k steps); a gated cell's stored gates: T' steps of CACHE*N1
-    (the compiled kernel's: native.CACHE_WIDTH*N1, the GRU's without V_n)."""
+    (the compiled kernel's: native.cache_width*N1, the GRU's without V_n where its per-step matmul
+    has one thread)."""
     item = jnp.dtype(dtype).itemsize
     cell = cells.get(spec.cell)
     levels = plan.segment_levels(options.checkpoint_every)
@@ -96,8 +97,11 @@ def stored_bytes(options: plan.Options, spec: RNNSpec, t_len: int, batch: int, d
         return (sum(a // b for a, b in zip(outer, outer[1:])) + levels[-1]) * per_step
     total = padded * per_step
     if options.gates == "store" and cell.CACHE:
-        width = native.CACHE_WIDTH.get(spec.cell, cell.CACHE) if options.recurrence == "native" else cell.CACHE
-        total += padded * batch * width * sum(spec.hidden_sizes) * spec.num_directions * item
+        if options.recurrence == "native":  # each layer's kernel call decides for its own N1
+            cached = sum(batch * native.cache_width(spec.cell, batch, n1) * n1 for n1 in spec.hidden_sizes)
+        else:
+            cached = batch * cell.CACHE * sum(spec.hidden_sizes)
+        total += padded * cached * spec.num_directions * item
     return total
 
 

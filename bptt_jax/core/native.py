@@ -84,7 +84,7 @@ FLAGS = (
 CELLS = ("elman", "lstm", "gru")
 # A kept gate cache's width in units of N1 (forward's ``store``): the LSTM's [i | f | g | o], the
 # GRU's [r | z | n] (its reverse call forms V_n again; a 4 N1 cache with V_n, gru.gate_cache's,
-# is read as well).
+# is read as well, and the forward call keeps one where ``gru_keeps_vn`` says).
 CACHE_WIDTH = {"lstm": 4, "gru": 3}
 ACTIVATIONS = {"tanh": 0, "relu": 1, "sigmoid": 2, "identity": 3}  # f1's codes in cell_kernels.cc
 TARGETS = {  # (cell, loop) -> (the name registered with jax.ffi, the handler's symbol)
@@ -314,7 +314,29 @@ def _elman_reverse(
     return dzs, dh_m1, norms, (dw1, dw11, db1) if sums else None, dxs if sums and dx else None
 
 
-def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool, *, keep_vn: bool = False):
+def gru_keeps_vn(batch: int, n1: int) -> bool:
+    """Whether the GRU's forward call keeps V_n = h(t-1) W_hn + b_hn in its gate cache ([C, B, 4 N1])
+    when it keeps the gates: where the reverse call's per-step matmul runs on two threads (not
+    ``one_thread``). There the lean cache's price, the reverse call's one more matmul per chunk
+    (N1 of its 3 N1 columns again), falls on a call whose two threads are both busy with the steps.
+    Measured on a 2-core Xeon (family 6, model 207; 2026-12-06), the default ``bptt`` call with V_n
+    kept over the lean cache, the same plan otherwise, in one process (benchmarks/gru_vn.py, two runs,
+    benchmarks/results/native_vn_rule_s25*_emr.md; two earlier runs of the same A/B by a script not
+    committed): 1.04-1.12x at (100, 64, 256, 512, 256) (four runs), 0.94-1.05x at (200, 64, 128, 256,
+    128) (median of four 1.03x), both on two threads, at 1.12x the temp memory. On one thread the
+    runs spread over 0.95-1.25x ((100, 32, 64, 128, 64), (1000, 16, 64, 128, 64)): there the cache
+    stays lean for its memory, which the NNX and Equinox layers' targets need (issue 33: 0.45x the
+    framework's temp with it, 0.54x without)."""
+    return not one_thread("gru", batch, n1)
+
+
+def cache_width(cell: str, batch: int, n1: int) -> int:
+    """The width in units of N1 of the gate cache the kernel's forward call keeps for ``batch`` rows:
+    ``CACHE_WIDTH``, the GRU's 4 where ``gru_keeps_vn``."""
+    return 4 if cell == "gru" and gru_keeps_vn(batch, n1) else CACHE_WIDTH[cell]
+
+
+def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool, *, keep_vn: bool | None = None):
     """The forward step loop of one layer of ``cell`` ("lstm" or "gru") over C steps, given its
     parameters ``layer`` (wx, wh, bx, bh), its input X [C, B, N_in] and the entering state s0 [B, W]:
     the states [C, B, W], and with ``store`` also the gate cache [C, B, CACHE_WIDTH[cell] N1]: the
@@ -323,17 +345,16 @@ def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: 
     steps in one matmul: a quarter less memory for the stored gates). The kernel forms
     A(t) = X(t) Wx + bx itself (kept gates: for all C steps in one matmul, into the cache's own
     buffer), so no [C, B, G N1] array of pre-activations sits beside the cache. ``keep_vn``: the
-    GRU's cache with V_n, [C, B, 4 N1] (the reverse call then reads it; for
-    benchmarks/native_parts.py's comparison)."""
+    GRU's cache with V_n, [C, B, 4 N1] (the reverse call then reads it) or without; None:
+    ``gru_keeps_vn``'s rule (``cache_width``)."""
     t_len, batch, _ = xs.shape
     n1 = layer.wh.shape[0]
     f32 = jnp.float32
+    width = cache_width(cell, batch, n1) if keep_vn is None else 4 if keep_vn else CACHE_WIDTH[cell]
     out = (
         jax.ShapeDtypeStruct((t_len, batch, s0.shape[-1]), f32),
         # the cache, or one step's scratch
-        jax.ShapeDtypeStruct(
-            (t_len, batch, (4 if keep_vn else CACHE_WIDTH[cell]) * n1) if store else (1, batch, 4 * n1), f32
-        ),
+        jax.ShapeDtypeStruct((t_len, batch, width * n1) if store else (1, batch, 4 * n1), f32),
     )
     call = jax.ffi.ffi_call(TARGETS[cell, "forward"][0], out, vmap_method="sequential")
     mask = _mask(valid, t_len, batch)
