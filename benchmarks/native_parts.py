@@ -22,6 +22,8 @@ in one process (round robin, a fresh random order each round, medians), in ms:
   ... dX           the reverse call as the layer runs it for a layer above the first
                    (``native.reverse_dx``, where ``native.dx_in_kernel`` says: dX = dA Wx^T made on the
                    helper thread too; "-" where it does not apply);
+  ... recursion    the reverse call without any sums (``native.reverse_d``: the recursion alone,
+                   dA returned; what the call's steps cost before the sums beside them);
   GRU, V_n kept    the GRU's forward call keeping V_n = h(t-1) W_hn + b_hn in its cache ([C, B, 4 N1],
                    ``native.forward(..., keep_vn=True)``), then its reverse call (and the one with dX)
                    reading it: what the kernel did before it formed V_n again in the reverse call
@@ -102,6 +104,8 @@ def runners(cell: str, shape, threads: int) -> dict:
     _, _, das, _ = rev(ct, cache, ss)
     with_dx = jax.jit(lambda c, g, s: native.reverse_dx(cell, layer, xs, c, g, s0, s, None, None))
     dx_applies = native.dx_in_kernel(cell, t * b, b, n1, True)
+    bh = layer.bh if gru else None
+    recursion = jax.jit(lambda c, g, s: native.reverse_d(cell, layer.wh, c, g, s0, s, None, None, bh=bh))
     bulk = jax.jit(lambda x, pv, da: (mod.weight_grads(layer, x, pv, da, da), mod.input_grad(layer, da)))
     scans, kernel = layer_vjp("scan"), layer_vjp("native")
     out = {
@@ -111,6 +115,7 @@ def runners(cell: str, shape, threads: int) -> dict:
         "... no cache": lambda: jax.block_until_ready(fwd[False](xs)),
         "kernel reverse": lambda: jax.block_until_ready(rev(ct, cache, ss)),
         "... dX": (lambda: jax.block_until_ready(with_dx(ct, cache, ss))) if dx_applies else None,
+        "... recursion": lambda: jax.block_until_ready(recursion(ct, cache, ss)),
         "GRU, V_n kept: forward": (lambda: jax.block_until_ready(fwd_vn(xs))) if gru else None,
         "... reverse": (lambda: jax.block_until_ready(rev(ct, cache_vn, ss))) if gru else None,
         "... dX ": (lambda: jax.block_until_ready(with_dx(ct, cache_vn, ss))) if gru and dx_applies else None,

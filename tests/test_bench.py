@@ -365,8 +365,8 @@ def test_native_parts_quick():
         pytest.skip(mod.native.unavailable())
     report = mod.main(["--quick", "--no-torch", "--cell", "gru"])
     rows = [line.split("|")[2:-1] for line in report.splitlines() if line.startswith("| (12, 3, 5, 6)")]
-    assert len(rows) == 2 and all(len(r) == 11 for r in rows), rows  # ms, then cores busy
-    no_dx = (5, 8)  # reverse_dx (and with the cache that keeps V_n): not at so few rows
+    assert len(rows) == 2 and all(len(r) == 12 for r in rows), rows  # ms, then cores busy
+    no_dx = (5, 9)  # reverse_dx (and with the cache that keeps V_n): not at so few rows
     assert all(r[i].strip() == "-" for r in rows for i in no_dx), rows
     times, busy = ([float(v) for i, v in enumerate(r) if i not in no_dx] for r in rows)
     # cores busy: processor time over wall time, a number per part (no bound: at these tiny calls the
