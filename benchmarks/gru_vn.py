@@ -81,10 +81,8 @@ def main(argv=None) -> str:
     args, rounds = gate_blocks.parse_report_args(__doc__, argv, ("gru",), 9)
     title = "The GRU kernel's gate cache in the whole bptt call: V_n kept or formed again"
     lines = gate_blocks.header(title, "gru_vn.py", argv, rounds, " (ms; temp MiB)")
-    why = native.unavailable()
-    if why is not None:
-        lines.append(f"Not run: {why}.")
-        return bptt_speed._report(lines, args.out)
+    if (why := native.unavailable()) is not None:
+        return bptt_speed._report([*lines, f"Not run: {why}."], args.out)
     lines += [
         "| (T, B, N, N1, M) | threads per step | rule keeps V_n | V_n kept | lean | best grad "
         "| kept over lean: time | temp | kept over best grad | lean over best grad |",
