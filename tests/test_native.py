@@ -52,6 +52,23 @@ class NativeBPTTEqualsAutodiffTest(chex.TestCase):
         )
 
     @chex.variants(with_jit=True, without_jit=True)
+    @settings(max_examples=3)
+    @given(problem=ref.problems(cells=("gru",), max_layers=2), block=ref.BLOCKS, segment=SEGMENTS)
+    def test_float32_gru_with_v_n_kept(self, problem, block, segment):
+        """The GRU's kernel cache with V_n ([r | z | n | V_n], which native.gru_keeps_vn keeps where two
+        threads run a step, B 3 N1 N1 > 2^23) at the drawn small shapes: the rule answers True while
+        these programs are traced (the answers are counted: traced now, not read from jit's cache)."""
+        rule, asked = native.gru_keeps_vn, []
+        native.gru_keeps_vn = lambda batch, n1: asked.append((batch, n1)) or True
+        try:
+            jax.clear_caches()  # bptt's traces of these shapes under the rule in force elsewhere
+            _check(problem, jnp.float32, block, segment, variant=self.variant, gates="store", recurrence="native")
+        finally:
+            native.gru_keeps_vn = rule
+            jax.clear_caches()
+        assert asked
+
+    @chex.variants(with_jit=True, without_jit=True)
     @settings(max_examples=4)
     @given(problem=ref.problems(cells=("elman",), max_layers=2), block=ref.BLOCKS, segment=SEGMENTS)
     def test_float32_elman(self, problem, block, segment):

@@ -339,10 +339,11 @@ def cache_width(cell: str, batch: int, n1: int) -> int:
 def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool, *, keep_vn: bool | None = None):
     """The forward step loop of one layer of ``cell`` ("lstm" or "gru") over C steps, given its
     parameters ``layer`` (wx, wh, bx, bh), its input X [C, B, N_in] and the entering state s0 [B, W]:
-    the states [C, B, W], and with ``store`` also the gate cache [C, B, CACHE_WIDTH[cell] N1]: the
+    the states [C, B, W], and with ``store`` also the gate cache [C, B, cache_width N1]: the
     LSTM's [i | f | g | o] (``lstm.recur_cache``'s), the GRU's [r | z | n] (``gru.recur_cache``'s
     without V_n = h(t-1) W_hn + b_hn, which the reverse call forms again from the states, a chunk of
-    steps in one matmul: a quarter less memory for the stored gates). The kernel forms
+    steps in one matmul: a quarter less memory for the stored gates), or where ``gru_keeps_vn``
+    holds [r | z | n | V_n]. The kernel forms
     A(t) = X(t) Wx + bx itself (kept gates: for all C steps in one matmul, into the cache's own
     buffer), so no [C, B, G N1] array of pre-activations sits beside the cache. ``keep_vn``: the
     GRU's cache with V_n, [C, B, 4 N1] (the reverse call then reads it) or without; None:
