@@ -869,3 +869,39 @@ def test_the_grus_kernel_cache_and_the_memory_bound_that_counts_it(t_len, batch,
         assert budget.temp_bytes(compiled) >= lower, (recurrence, budget.temp_bytes(compiled), lower)
         _, got, _ = compiled(p.params, p.xs, p.targets, None, p.lengths, None, None)
         assert ref.max_rel_err(got, want) < 1e-4, recurrence
+
+
+@needs_kernel
+def test_the_lstms_kernel_keeps_h_and_c_apart():
+    """The LSTM's forward call writes h(t) and c(t) to two buffers (native.forward(..., apart=True))
+    and the stack reads them as their join [h | c]: XLA folds every slice of the join back into the
+    two buffers -- the next layer's input h(t), the reverse call's operands, the final states -- so
+    the compiled program of a 2-layer stack (float32, the gates stored, one block; and in checkpoint
+    segments) holds no [T, B, 2 N1] array at all, where h(t) cut out of an interleaved [h | c] was
+    one copy per layer; and the gradient equals jax.grad's. The forward call's two layouts hold the
+    same numbers."""
+    t_len, batch, n1 = 16, 4, 24
+    spec = bj.RNNSpec(5, (n1, n1), 7, cell="lstm")
+    p = ref.make_problem(spec, t_len, batch, seed=1, use_lengths=True, dtype=jnp.float32)
+    want = jax.grad(bj.loss)(p.params, spec, p.xs, p.targets, lengths=p.lengths, recurrence="scan")
+    joined = f"f32[{t_len},{batch},{2 * n1}]"
+    for segments in (None, 4):
+        options = plan.Options(recurrence="native", gates="auto" if segments else "store", checkpoint_every=segments)
+        fn = jax.jit(functools.partial(gradient._bptt, spec=spec, options=options))
+        compiled = fn.lower(p.params, p.xs, p.targets, None, p.lengths, None, None).compile()
+        assert joined not in compiled.as_text(), segments
+        _, got, _ = compiled(p.params, p.xs, p.targets, None, p.lengths, None, None)
+        assert ref.max_rel_err(got, want) < 1e-4, segments
+    layer = p.params.layers[0]
+    h0 = jnp.full((batch, 2 * n1), 0.1, jnp.float32)
+    ss, cache = native.forward("lstm", layer, p.xs, h0, None, store=True)
+    (hs, cs), cache_apart = native.forward("lstm", layer, p.xs, h0, None, store=True, apart=True)
+    np.testing.assert_array_equal(ss, jnp.concatenate([hs, cs], axis=-1))
+    np.testing.assert_array_equal(cache, cache_apart)
+    d_hs = jax.random.normal(jax.random.PRNGKey(2), hs.shape, jnp.float32)
+    joined_d = native.reverse_d("lstm", layer.wh, d_hs, cache, h0, ss, None, None)
+    apart_d = native.reverse_d("lstm", layer.wh, d_hs, cache, h0, cs, None, None)  # c(t) alone
+    for a, b in zip(joined_d, apart_d):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="apart"):
+        native.forward("gru", layer, p.xs, h0, None, store=True, apart=True)

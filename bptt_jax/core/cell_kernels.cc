@@ -693,8 +693,8 @@ void project_all(Team* team, long rows, const float* x, long n_in, const Packed&
 // chunk's rows. The LSTM's width is 4 N, the Elman cell's N.
 struct RowSums {
   static constexpr int kChains = 4;
-  const float *x, *s0, *ss, *dg;
-  long batch, n_in, n, width, sw, steps, per;
+  const float *x, *s0, *ss, *dg;  // ss: h(t) in rows of hw floats (s0's rows: sw)
+  long batch, n_in, n, width, sw, hw, steps, per;
   float *dwx = nullptr, *dwh = nullptr, *db = nullptr;
   const Packed* wxt = nullptr;  // Wx^T [4N, N_in], where dX is made here
   float* dx = nullptr;
@@ -702,7 +702,7 @@ struct RowSums {
   static void run(void* self, int chain, long chunk) {
     const auto& m = *static_cast<const RowSums*>(self);
     const long t1 = m.steps - chunk * m.per, t0 = std::max(0L, t1 - m.per);
-    const long width = m.width, sw = m.sw, rows = (t1 - t0) * m.batch;
+    const long width = m.width, sw = m.sw, hw = m.hw, rows = (t1 - t0) * m.batch;
     if (chain == kChains) {
       gemm(rows, m.dg + t0 * m.batch * width, width, *m.wxt, m.dx + t0 * m.batch * m.n_in, m.n_in, false, 0,
            m.wxt->panels);
@@ -725,7 +725,7 @@ struct RowSums {
       gemm_tn(m.n, q1 - q0, m.batch, m.s0, sw, dg, width, m.dwh + q0, width);
     }
     if (rows > skip)
-      gemm_tn(m.n, q1 - q0, rows - skip, m.ss + ((t0 > 0 ? t0 - 1 : 0) * m.batch) * sw, sw, dg + skip * width,
+      gemm_tn(m.n, q1 - q0, rows - skip, m.ss + ((t0 > 0 ? t0 - 1 : 0) * m.batch) * hw, hw, dg + skip * width,
               width, m.dwh + q0, width);
   }
 };
@@ -789,32 +789,36 @@ void run_halves(Steps& loop, long steps) {
 }
 
 // One step of the LSTM's forward loop for rows [r0, r1): Q (+)= X(t) Wx where not kept, + bias,
-// += h(t-1) Wh, then the gate arithmetic row by row (padding rows hold their state).
+// += h(t-1) Wh, then the gate arithmetic row by row (padding rows hold their state). The states go
+// to h(t) at hs + row hw and c(t) at cs + row cw: [h | c] rows of one buffer (hw = cw = 2N, cs = hs + N)
+// or h and c apart (hw = cw = N).
 struct LstmSteps {
   const float *x, *bias, *s0;
   const bool* valid;
-  float *ss, *q;
+  float *hs, *cs, *q;
   const Packed *xp, *wp;
-  long steps, batch, n_in, n, groups;
+  long steps, batch, n_in, n, groups, hw, cw;
   bool keep;
 
   void step(long t, long r0, long r1, Team* team) const {
     const long width = 4 * n, sw = 2 * n, rows = r1 - r0;
-    const float* prev = t == 0 ? s0 + r0 * sw : ss + ((t - 1) * batch + r0) * sw;
+    const float* h_prev = t == 0 ? s0 + r0 * sw : hs + ((t - 1) * batch + r0) * hw;
+    const float* c_prev = t == 0 ? s0 + r0 * sw + n : cs + ((t - 1) * batch + r0) * cw;
+    const long hp = t == 0 ? sw : hw, cp = t == 0 ? sw : cw;  // the rows' strides of h(t-1), c(t-1)
     float* qt = q + ((keep ? t * batch : 0) + r0) * width;
-    float* s = ss + (t * batch + r0) * sw;
+    float* h = hs + (t * batch + r0) * hw;
+    float* c = cs + (t * batch + r0) * cw;
     if (!keep) step_gemm(team, rows, x + (t * batch + r0) * n_in, n_in, *xp, qt, width, false);  // X(t) Wx
     for (long b = 0; b < rows; ++b)
       for (long j = 0; j < width; ++j) qt[b * width + j] += bias[j];
-    step_gemm(team, rows, prev, sw, *wp, qt, width, true);  // Q += h(t-1) Wh
+    step_gemm(team, rows, h_prev, hp, *wp, qt, width, true);  // Q += h(t-1) Wh
     for (long b = 0; b < rows; ++b) {
       float* qb = qt + b * width;
-      float* sb = s + b * sw;
-      const float* pb = prev + b * sw;
       if (valid[t * batch + r0 + b]) {
-        forward_row(qb, qb + n, qb + 2 * n, qb + 3 * n, pb + n, sb, sb + n, n);
-      } else {
-        std::memcpy(sb, pb, sizeof(float) * sw);  // padding holds the state
+        forward_row(qb, qb + n, qb + 2 * n, qb + 3 * n, c_prev + b * cp, h + b * hw, c + b * cw, n);
+      } else {  // padding holds the state
+        std::memcpy(h + b * hw, h_prev + b * hp, sizeof(float) * n);
+        std::memcpy(c + b * cw, c_prev + b * cp, sizeof(float) * n);
       }
     }
   }
@@ -827,13 +831,15 @@ struct LstmSteps {
 
 // xs [C, B, N_in] (the layer's input), wx [N_in, 4N], wh [N, 4N], bias [4N] (bx + bh), s0 [B, 2N] =
 // [h | c], valid [C, B]
-//   -> ss [C, B, 2N] the states [h(t) | c(t)], gates [C or 1, B, 4N] (i | f | g | o; one step's
+//   -> ss [C, B, 2N] the states [h(t) | c(t)] with cs empty, or ss [C, B, N] h(t) and cs [C, B, N]
+//      c(t) apart; gates [C or 1, B, 4N] (i | f | g | o; one step's
 //      scratch when the caller does not keep them). Q(t) = X(t) Wx + bias + h(t-1) Wh, overwritten
 //      by the gates: kept, X Wx is formed for all C steps first, in one matmul into the gates' own
 //      buffer (no [C, B, 4N] array of pre-activations beside them); otherwise step by step.
 ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, ffi::Buffer<ffi::F32> wh,
                            ffi::Buffer<ffi::F32> bh, ffi::Buffer<ffi::F32> s0, ffi::Buffer<ffi::PRED> valid,
-                           ffi::ResultBuffer<ffi::F32> ss, ffi::ResultBuffer<ffi::F32> gates) {
+                           ffi::ResultBuffer<ffi::F32> ss, ffi::ResultBuffer<ffi::F32> cs,
+                           ffi::ResultBuffer<ffi::F32> gates) {
   const auto d = xs.dimensions();
   const auto wd = wh.dimensions();
   if (d.size() != 3 || wd.size() != 2 || wd[1] != 4 * wd[0])
@@ -841,11 +847,14 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
   const long steps = d[0], batch = d[1], n_in = d[2], n = wd[0], width = 4 * n;
   const auto gd = gates->dimensions();
   const bool keep = gd[0] == steps;
+  const bool apart = cs->element_count() != 0;
+  const size_t states = static_cast<size_t>(steps * batch * n);
   if (auto e = check_dims(wx.dimensions().size() == 2 && wx.dimensions()[0] == n_in && wx.dimensions()[1] == width &&
                               bh.element_count() == static_cast<size_t>(width) &&
                               s0.element_count() == static_cast<size_t>(batch * 2 * n) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
-                              ss->element_count() == static_cast<size_t>(steps * batch * 2 * n) &&
+                              ss->element_count() == (apart ? states : 2 * states) &&
+                              (!apart || cs->element_count() == states) &&
                               gates->element_count() == static_cast<size_t>((keep ? steps : 1) * batch * width),
                           "lstm forward: inconsistent shapes");
       e.failure())
@@ -854,12 +863,15 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
   const float* bias = bh.typed_data();
   const bool* V = valid.typed_data();
   float* S = ss->typed_data();
+  float* C = apart ? cs->typed_data() : S + n;
   float* Q = gates->typed_data();
   advise_huge(S, ss->size_bytes());
+  if (apart) advise_huge(C, cs->size_bytes());
   advise_huge(Q, gates->size_bytes());
   const Packed xp = pack(wx.typed_data(), n_in, width, false);  // Wx [N_in, 4N]
   const Packed wp = pack(wh.typed_data(), n, width, false);     // Wh [N, 4N]
-  LstmSteps loop{X, bias, s0.typed_data(), V, S, Q, &xp, &wp, steps, batch, n_in, n, 2, keep};
+  const long stride = apart ? n : 2 * n;
+  LstmSteps loop{X, bias, s0.typed_data(), V, S, C, Q, &xp, &wp, steps, batch, n_in, n, 2, stride, stride, keep};
   if (split_rows(steps, batch, n, width)) {  // X Wx on both threads first, then a half of the rows each
     if (keep) project_all(nullptr, steps * batch, X, n_in, xp, Q, width);
     run_halves(loop, steps);
@@ -883,7 +895,9 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
 }
 
 // dhs [C, B, N] (the gradient reaching h(t) from outside), gates [C, B, 4N], s0 [B, 2N] (the state
-// entering the first step; s(t-1) is read from ss for t > 0), ss [C, B, 2N] (s(t)), wh [N, 4N],
+// entering the first step; s(t-1) is read from ss for t > 0), ss [C, B, 2N] (s(t)), or [C, B, N]
+// c(t) alone (the recursion reads c, not h; the sums read h(t-1) from hs [C, B, N] where it is not
+// empty, so where the call makes sums with ss c(t) alone, hs is h(t)), wh [N, 4N],
 // valid [C, B], ds_init [B, 2N], xs [C, B, N_in], wx [N_in, 4N]
 //   -> dgs [C, B, 4N] (dG(t) = dA(t)), ds_m1 [B, 2N] (dDIV/dh(-1) | dDIV/dc(-1)), norms [C, B, 2]
 //      (||dDIV/dh(t)||, ||dDIV/dc(t)||: c(t)'s total gradient, the carry's where a step is padding),
@@ -894,7 +908,7 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx, f
 ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gates, ffi::Buffer<ffi::F32> s0,
                            ffi::Buffer<ffi::F32> ss, ffi::Buffer<ffi::F32> wh, ffi::Buffer<ffi::PRED> valid,
                            ffi::Buffer<ffi::F32> ds_init, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> wx,
-                           ffi::ResultBuffer<ffi::F32> dgs, ffi::ResultBuffer<ffi::F32> ds_m1,
+                           ffi::Buffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> dgs, ffi::ResultBuffer<ffi::F32> ds_m1,
                            ffi::ResultBuffer<ffi::F32> norms, ffi::ResultBuffer<ffi::F32> dwx,
                            ffi::ResultBuffer<ffi::F32> dwh, ffi::ResultBuffer<ffi::F32> db,
                            ffi::ResultBuffer<ffi::F32> dxs, int32_t batch_major) {
@@ -904,8 +918,13 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   const long n_in = xs.dimensions().size() == 3 ? xs.dimensions()[2] : 0;
   const bool sum_here = dwh->element_count() != 0;
   const size_t states = static_cast<size_t>(steps * batch * sw);
+  const bool c_only = ss.element_count() == states / 2;  // c(t) apart from h(t): [C, B, N]
+  const bool apart = hs.element_count() != 0;            // and h(t) in hs [C, B, N] (read by the sums)
+  const long cw = c_only ? n : sw;                       // c(t)'s row stride in ss
   if (auto e = check_dims(dhs.element_count() == static_cast<size_t>(steps * batch * n) &&
-                              s0.element_count() == static_cast<size_t>(batch * sw) && ss.element_count() == states &&
+                              s0.element_count() == static_cast<size_t>(batch * sw) &&
+                              (ss.element_count() == states || (c_only && (apart || !sum_here))) &&
+                              (!apart || (c_only && hs.element_count() == states / 2)) &&
                               wh.element_count() == static_cast<size_t>(n * width) &&
                               valid.element_count() == static_cast<size_t>(steps * batch) &&
                               ds_init.element_count() == static_cast<size_t>(batch * sw) &&
@@ -927,6 +946,7 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   const float* G = gates.typed_data();
   const float* S0 = s0.typed_data();
   const float* S = ss.typed_data();
+  const float* HS = hs.typed_data();
   const float* W = wh.typed_data();
   const bool* V = valid.typed_data();
   float* DG = dgs->typed_data();
@@ -937,7 +957,8 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
   const Packed wt = pack(W, n, width, true);  // Wh^T [4N, N]
   auto team = team_for(batch, width, n, false, sum_here);
   // The weight-gradient sums, beside the steps: chunks of about kChunkRows rows, in the loop's order
-  RowSums sums{xs.typed_data(), S0, S, DG, batch, n_in, n, width, sw, steps, std::max(1L, kChunkRows / batch)};
+  RowSums sums{xs.typed_data(), S0,    apart ? HS : S, DG, batch, n_in, n, width, sw, apart ? n : sw, steps,
+               std::max(1L, kChunkRows / batch)};
   Packed wxt;  // Wx^T, where dX is made here
   std::unique_ptr<Beside> beside;
   if (sum_here)
@@ -952,13 +973,13 @@ ffi::Error LstmReverseImpl(ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> gate
     float* dg = batch_major ? dg_step.data() : DG + row0 * width;
     for (long b = 0; b < batch; ++b) {
       const float* gb = G + (row0 + b) * width;
-      const float* sb = S + (row0 + b) * sw;
-      const float* pb = t == 0 ? S0 + b * sw : S + (row0 - batch + b) * sw;  // s(t-1)
+      const float* c_t = S + (row0 + b) * cw + (c_only ? 0 : n);
+      const float* c_tm1 = t == 0 ? S0 + b * sw + n : c_t - batch * cw;  // c(t-1)
       float* cb = carry + b * sw;
       float* db = dg + b * width;
       float* keep = dh_keep.data() + b * n;
       if (V[row0 + b]) {
-        reverse_row(gb, gb + n, gb + 2 * n, gb + 3 * n, sb + n, pb + n, DH + (row0 + b) * n, cb, cb + n, db, db + n,
+        reverse_row(gb, gb + n, gb + 2 * n, gb + 3 * n, c_t, c_tm1, DH + (row0 + b) * n, cb, cb + n, db, db + n,
                     db + 2 * n, db + 3 * n, keep, NRM + (row0 + b) * 2, n);
       } else {  // padding: dG = 0, the carry passes on with dH_above added to dh
         const float* above = DH + (row0 + b) * n;
@@ -1512,7 +1533,7 @@ ffi::Error ElmanReverseImpl(ffi::Buffer<ffi::F32> hs, ffi::Buffer<ffi::F32> dhs,
   const Packed wt = pack(w11.typed_data(), n, n, true);  // W11^T
   auto team = team_for(batch, n, n, false, sum_here);
   // The weight-gradient sums (and dX), beside the steps: chunks of about kChunkRows rows
-  RowSums sums{xs.typed_data(), h0.typed_data(), H, DZ, batch, n_in, n, n, n, steps, std::max(1L, kChunkRows / batch)};
+  RowSums sums{xs.typed_data(), h0.typed_data(), H, DZ, batch, n_in, n, n, n, n, steps, std::max(1L, kChunkRows / batch)};
   Packed w1t;  // W1^T, where dX is made here
   std::unique_ptr<Beside> beside;
   if (sum_here)
@@ -1605,10 +1626,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BpttLstmReverse, LstmReverseImpl,
                               reverse_args()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // hs: h(t) apart, or empty
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -73,11 +73,28 @@ def _unroll_whole(
     unroll: int,
     recurrence: str = "scan",
     store: bool = False,
+    with_final: bool = False,
 ):
-    """[T, B, W] states, or with ``store`` (a gated cell) the pair (states, gate caches [T, B, CACHE N1])."""
+    """[T, B, W] states, or with ``store`` (a gated cell) the pair (states, gate caches [T, B, CACHE N1]);
+    ``with_final``: the pair (that, the state after the last step [B, W])."""
     cell = cells.of(layer)
     xs = precision.rounded(xs, h0.dtype)
-    if recurrence == "native" and cells.name_of(layer) != "elman":  # float32 on the CPU (kernels.resolve)
+    if recurrence == "native" and cells.name_of(layer) == "lstm":  # float32 on the CPU (kernels.resolve)
+        # h(t) and c(t) in two buffers, joined as [h | c] for the code that reads the states: XLA
+        # folds the slices taken of the join (the next layer's input h(t), the reverse call's two
+        # operands) back into the two buffers, so h(t) is not copied out of [h | c]. The final state
+        # is joined from the two buffers' last rows: read as ss[-1], XLA would keep the whole join
+        # as an array of its own for the two slices of its last row (6.25 MiB more temp memory at
+        # (200, 64, 128, 256, 128), measured)
+        out = native.forward("lstm", layer, xs, h0, valid, store, apart=True)  # it forms X Wx + bx itself
+        (hs, cs), cache = out if store else (out, None)
+        ss = jnp.concatenate([hs, cs], axis=-1)
+        res = (ss, cache) if store else ss
+        return (res, jnp.concatenate([hs[-1], cs[-1]], axis=-1)) if with_final else res
+    if with_final:
+        res = _unroll_whole(layer, activation, xs, h0, valid, unroll, recurrence, store)
+        return res, (res[0] if store else res)[-1]
+    if recurrence == "native" and cells.name_of(layer) != "elman":  # the GRU
         return native.forward(cells.name_of(layer), layer, xs, h0, valid, store)  # it forms X Wx + bx itself
     if recurrence == "native":  # the Elman cell in float32 on the CPU: one call per block
         return native.elman_forward_x(layer, activation, xs, h0, valid)  # it forms X W1 + b1 itself
@@ -132,6 +149,7 @@ def unroll_layer(
     block_size: int | None = None,
     recurrence: str = "scan",
     store: bool = False,
+    with_final: bool = False,
 ):
     """Runs one layer (one direction) over time, with the input projection hoisted out of the scan.
 
@@ -161,14 +179,15 @@ def unroll_layer(
       recurrence: "scan" (``lax.scan``) or "pallas" (``kernels.forward_recurrence``), resolved.
       store: a gated cell also returns its gate cache per step (``cell.recur_cache``), for a
         backward pass that reads the gates instead of recomputing them.
+      with_final: also the state after the last step, hs[T-1] (see ``_unroll_whole``).
 
     Returns:
       [T, B, W] the state for every t; hs[T-1] is the state at the last valid step. With ``store``:
-      (that, caches [T, B, CACHE N1]).
+      (that, caches [T, B, CACHE N1]). With ``with_final``: (that, hs[T-1] [B, W]).
     """
     t_len = xs.shape[0]
     if block_size is None or block_size >= t_len:
-        return _unroll_whole(layer, activation, xs, h0, valid, unroll, recurrence, store)
+        return _unroll_whole(layer, activation, xs, h0, valid, unroll, recurrence, store, with_final)
     c = block_size
     n_blocks = -(-t_len // c)
     pad = n_blocks * c - t_len
@@ -185,7 +204,8 @@ def unroll_layer(
     _, out = lax.scan(block, h0, precision.hide((xs_b, valid_b)))
     out = precision.reveal(out, h0.dtype)  # [nb, C, B, W] (and [nb, C, B, CACHE N1])
     whole = lambda a: a.reshape((n_blocks * c,) + a.shape[2:])[:t_len]
-    return (whole(out[0]), whole(out[1])) if store else whole(out)
+    res = (whole(out[0]), whole(out[1])) if store else whole(out)
+    return (res, (res[0] if store else res)[-1]) if with_final else res
 
 
 class LayerTrace(NamedTuple):
@@ -195,6 +215,7 @@ class LayerTrace(NamedTuple):
     states: tuple[Array, ...]  # D entries [T, B, W], each in its own scan's time (reverse: reversed)
     merged: Array  # [T, B, N_out] the merged states, in input time
     caches: tuple[Array, ...] | None = None  # with run_stack's store: D entries [T, B, CACHE N1]
+    finals: tuple[Array, ...] | None = None  # D entries [B, W]: each states entry's last step (run_stack's)
 
 
 def merge(spec: RNNSpec, h_fwd: Array, h_rev: Array | None) -> Array:
@@ -250,7 +271,10 @@ def run_stack(
             block_size=block_size,
             recurrence=recurrence,
             store=store,
+            with_final=True,
         )
+        hs_f, final_f = hs_f
+        finals: tuple[Array, ...] = (final_f,)
         caches: tuple[Array, ...] | None = None
         if store:
             hs_f, cache_f = hs_f
@@ -268,7 +292,10 @@ def run_stack(
                 block_size=block_size,
                 recurrence=recurrence,
                 store=store,
+                with_final=True,
             )
+            hs_r, final_r = hs_r
+            finals = (final_f, final_r)
             if store:
                 hs_r, cache_r = hs_r
                 caches = (cache_f, cache_r)
@@ -276,7 +303,7 @@ def run_stack(
             hs_r_input_time = reverse_padded(hs_r, lengths)
         hidden = cells.get(spec.cell).hidden  # h(t) of the state: what the next layer reads
         merged = merge(spec, hidden(hs_f), None if hs_r_input_time is None else hidden(hs_r_input_time))
-        traces.append(LayerTrace(inputs, states, merged, caches))
+        traces.append(LayerTrace(inputs, states, merged, caches, finals))
         inputs = merged
     return tuple(traces)
 
@@ -284,7 +311,12 @@ def run_stack(
 def last_states(traces: tuple[LayerTrace, ...]) -> tuple[Array, ...]:
     """Each (layer, direction) entry's state after its last scan step (internal layout [B, W]): the
     forward net's at the last valid step, the reverse net's at t = 0 (padding holds the state)."""
-    return tuple(h[-1] for tr in traces for h in tr.states)
+    return tuple(s for tr in traces for s in _finals(tr))
+
+
+def _finals(tr: LayerTrace) -> tuple[Array, ...]:
+    """The trace's final states (``LayerTrace.finals``; a trace made without them: each states entry's last step)."""
+    return tr.finals if tr.finals is not None else tuple(h[-1] for h in tr.states)
 
 
 def default_h0(spec: RNNSpec, batch: int, dtype) -> tuple[Array, ...]:
@@ -316,9 +348,9 @@ def _forward(params, spec, xs, h0, lengths, unroll, recurrence="auto"):
     hidden = cells.get(spec.cell).hidden
     hs, h_last = [], []
     for tr in traces:
-        for j, h in enumerate(tr.states):
+        for j, (h, final) in enumerate(zip(tr.states, _finals(tr))):
             hs.append(hidden(h if j == 0 else reverse_padded(h, lengths)))
-            h_last.append(h[-1].astype(outer))  # the dtype a caller feeds back as h0
+            h_last.append(final.astype(outer))  # the dtype a caller feeds back as h0
     return ForwardOutput(ys, tuple(hs), spec.public_states(tuple(h_last)), z2s)
 
 

@@ -67,7 +67,7 @@ def _unidirectional(params, spec, run: backward.Run, lengths, p: plan.Plan):
         carry, h_last, dxs, norms = segments.stack_backward_segments(params, spec, run, lengths, p)
     else:
         traces = backward.run_forward(params, spec, run.xs, run.h0, lengths, p)
-        h_last = tuple(tr.states[0][-1] for tr in traces)
+        h_last = forward.last_states(traces)  # one direction: one per layer
         run = run._replace(
             hs=tuple(tr.states[0] for tr in traces),
             caches=tuple(tr.caches[0] for tr in traces if tr.caches is not None) if p.store else None,

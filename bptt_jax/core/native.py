@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax.core import host
-from bptt_jax.core.cells import gru, lstm
+from bptt_jax.core.cells import gru
 from bptt_jax.core.cells.base import flat
 from bptt_jax.core.precision import mm
 
@@ -336,7 +336,17 @@ def cache_width(cell: str, batch: int, n1: int) -> int:
     return 4 if cell == "gru" and gru_keeps_vn(batch, n1) else CACHE_WIDTH[cell]
 
 
-def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: bool, *, keep_vn: bool | None = None):
+def forward(
+    cell: str,
+    layer,
+    xs: Array,
+    s0: Array,
+    valid: Array | None,
+    store: bool,
+    *,
+    keep_vn: bool | None = None,
+    apart: bool = False,
+):
     """The forward step loop of one layer of ``cell`` ("lstm" or "gru") over C steps, given its
     parameters ``layer`` (wx, wh, bx, bh), its input X [C, B, N_in] and the entering state s0 [B, W]:
     the states [C, B, W], and with ``store`` also the gate cache [C, B, cache_width N1]: the
@@ -347,20 +357,27 @@ def forward(cell: str, layer, xs: Array, s0: Array, valid: Array | None, store: 
     A(t) = X(t) Wx + bx itself (kept gates: for all C steps in one matmul, into the cache's own
     buffer), so no [C, B, G N1] array of pre-activations sits beside the cache. ``keep_vn``: the
     GRU's cache with V_n, [C, B, 4 N1] (the reverse call then reads it) or without; None:
-    ``gru_keeps_vn``'s rule (``cache_width``)."""
+    ``gru_keeps_vn``'s rule (``cache_width``). ``apart`` (the LSTM): the states as the pair (h(t)
+    [C, B, N1], c(t) [C, B, N1]) in two buffers instead of [h | c] in one, so that h(t) -- the
+    layer's output -- is no slice of the states (a copy). The LSTM's reverse calls read c(t) alone
+    (``reverse_d``'s ``ss`` may be it) and h(t) beside it where they sum dWh (``reverse``: both as
+    slices of the join [h | c], which XLA folds back into the two buffers)."""
     t_len, batch, _ = xs.shape
     n1 = layer.wh.shape[0]
     f32 = jnp.float32
     width = cache_width(cell, batch, n1) if keep_vn is None else 4 if keep_vn else CACHE_WIDTH[cell]
-    out = (
-        jax.ShapeDtypeStruct((t_len, batch, s0.shape[-1]), f32),
-        # the cache, or one step's scratch
-        jax.ShapeDtypeStruct((t_len, batch, width * n1) if store else (1, batch, 4 * n1), f32),
-    )
+    if apart and cell != "lstm":
+        raise ValueError(f"native.forward: apart=True is the LSTM's ([h | c] states), not the {cell}'s")
+    states = jax.ShapeDtypeStruct((t_len, batch, n1 if apart else s0.shape[-1]), f32)
+    # the cache, or one step's scratch
+    gates = jax.ShapeDtypeStruct((t_len, batch, width * n1) if store else (1, batch, 4 * n1), f32)
+    c_apart = jax.ShapeDtypeStruct((t_len, batch, n1) if apart else (0,), f32)  # the LSTM's c(t), or nothing
+    out = (states, c_apart, gates) if cell == "lstm" else (states, gates)
     call = jax.ffi.ffi_call(TARGETS[cell, "forward"][0], out, vmap_method="sequential")
     mask = _mask(valid, t_len, batch)
     if cell == "lstm":  # bx and bh add up: the kernel adds them once
-        ss, cache = call(xs, layer.wx, layer.wh, layer.bx + layer.bh, s0, mask)
+        hs, cs, cache = call(xs, layer.wx, layer.wh, layer.bx + layer.bh, s0, mask)
+        ss = (hs, cs) if apart else hs
     else:
         ss, cache = call(xs, layer.wx, layer.bx, layer.wh, layer.bh, s0, mask)
     return (ss, cache) if store else ss
@@ -418,10 +435,11 @@ def reverse_d(
     weight-gradient matmuls outside the call (``core.sequence``); as ``reverse`` without
     ``sum_in_kernel``. ``wh``: the recurrent weights [N1, G N1]; ``bh``: the GRU's recurrent bias
     [3 N1] (its call reads b_hn). ``batch_major``: dA and dV come as [B, C, G N1] (the call writes
-    each row there; the LSTM's dA then not over its gate cache)."""
+    each row there; the LSTM's dA then not over its gate cache). The LSTM's ``ss`` may be c(t) alone
+    [C, B, N1] (``forward(..., apart=True)``'s second array): its recursion reads no h(t)."""
     t_len, batch, _ = cache.shape
-    width = ss.shape[-1]
     n1 = wh.shape[0]
+    width = s_in.shape[-1]
     f32 = jnp.float32
     ds0 = jnp.zeros((batch, width), f32) if ds_init is None else ds_init
     valid = _mask(valid, t_len, batch)
@@ -443,7 +461,7 @@ def reverse_d(
             vmap_method="sequential",
             input_output_aliases=None if batch_major else {1: 0},  # dA over the gates, time-major
         )
-        das, ds_m1, *_ = call(dhs_above, cache, s_in, ss, wh, valid, ds0, no_xs, none, batch_major=mode)
+        das, ds_m1, *_ = call(dhs_above, cache, s_in, ss, wh, valid, ds0, no_xs, none, none, batch_major=mode)
         return das, das, ds_m1
     if bh is None:
         raise ValueError("reverse_d: the GRU's call needs bh (V_n = h(t-1) W_hn + b_hn)")
@@ -513,11 +531,18 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
         call = jax.ffi.ffi_call(
             TARGETS[cell, "reverse"][0], out, vmap_method="sequential", input_output_aliases=aliases
         )
+        # h(t) and c(t) as two operands: slices of [h | c] that XLA folds back into the forward
+        # call's two buffers where the states come from ``forward(..., apart=True)`` unchanged
+        hs, cs = ss[..., :n1], ss[..., n1:]
         das, ds_m1, norms, dwx, dwh, db, dxs = call(
-            dhs_above, cache, s_in, ss, layer.wh, valid, ds0, xs, layer.wx, batch_major=np.int32(0)
+            dhs_above, cache, s_in, cs, layer.wh, valid, ds0, xs, layer.wx, hs, batch_major=np.int32(0)
         )
-        if not sum_in_kernel:
-            return lstm.weight_grads(layer, xs, _shifted(s_in, ss), das, das), ds_m1, das, norms, None
+        if not sum_in_kernel:  # lstm.weight_grads' sums, h(t-1) from h(t) alone (not from a shifted [h | c])
+            h_tm1 = jnp.concatenate([s_in[None, :, :n1], hs[:-1]], axis=0)
+            dg = flat(das)
+            db = jnp.sum(dg, axis=0)
+            grads = type(layer)(mm(flat(xs).T, dg), mm(flat(h_tm1).T, dg), db, db)
+            return grads, ds_m1, das, norms, None
         return type(layer)(dwx, dwh, db, db), ds_m1, das, norms, dxs if dx else None
     g_shape = (t_len, batch, 3 * n1)
     beside = sum_in_kernel and one_thread(cell, batch, n1)  # dWx and dbx too, on the helper

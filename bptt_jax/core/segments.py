@@ -293,7 +293,7 @@ def _bidirectional_sweeps(
         return a if j == 0 else _flip(a)
 
     def states(l, j, x, h_in, valid, store=False, block=seg_plan.block):  # layer l's net j over one segment,
-        return forward.unroll_layer(  # in its scan time
+        return forward.unroll_layer(  # in its scan time; with the state after its last step
             nets[j][l],
             spec.activation,
             scan_time(x, j),
@@ -303,17 +303,20 @@ def _bidirectional_sweeps(
             block_size=block,
             recurrence=plan.recurrence,
             store=store,
+            with_final=True,
         )
 
     def stack_on(x, valid, fwd, rev, upto, keep=lambda l, j: False, block=seg_plan.block):
-        """Layers < upto on one segment: ([(input, (hs_f, hs_r), (gates_f, gates_r))], top merged);
-        a net's gates are None unless ``keep(l, j)``."""
+        """Layers < upto on one segment: ([(input, (hs_f, hs_r), (gates_f, gates_r), (final_f,
+        final_r))], top merged); a net's gates are None unless ``keep(l, j)``; final: the state after
+        its scan's last step."""
         out = []
         for l in range(upto):
             both = [states(l, j, x, (fwd, rev)[j][l], valid, keep(l, j), block) for j in (0, 1)]
-            hs = tuple(a[0] if keep(l, j) else a for j, a in enumerate(both))
-            kept = tuple(a[1] if keep(l, j) else None for j, a in enumerate(both))
-            out.append((x, hs, kept))
+            finals = tuple(a[1] for a in both)
+            hs = tuple(a[0][0] if keep(l, j) else a[0] for j, a in enumerate(both))
+            kept = tuple(a[0][1] if keep(l, j) else None for j, a in enumerate(both))
+            out.append((x, hs, kept, finals))
             x = forward.merge(spec, hidden(hs[0]), hidden(_flip(hs[1])))
         return out, x
 
@@ -327,7 +330,7 @@ def _bidirectional_sweeps(
             block = _largest_divisor_at_most(n_steps, plan.block)
             x = _window(run.xs, o, n_steps)
             x_l = stack_on(x, valid, fb, rb, l, block=block)[1]
-            return states(l, j, x_l, (fb, rb)[j][l], valid, block=block)[-1]
+            return states(l, j, x_l, (fb, rb)[j][l], valid, block=block)[1]
         k, n = levels[0], n_steps // levels[0]
         chunks = None if valid is None else valid.reshape((n, k) + valid.shape[1:])
         f_in: list[Array] = []  # per layer below: [n, B, W] its nets' states entering each chunk
@@ -376,7 +379,7 @@ def _bidirectional_sweeps(
         return d_f, d_r
 
     def net_backward(l, j, seg_l, above, valid, h_in, carry, want_dx):  # one net's BPTT over one segment
-        x, hs, kept = seg_l
+        x, hs, kept, _ = seg_l
         grads, carry, dx, norm = backward.layer_backward_blocked(
             nets[j][l],
             spec.activation,
@@ -435,7 +438,7 @@ def _bidirectional_sweeps(
         g_s, ds_new, dx, norm = net_backward(l, j, seg_layers[l], above, valid, h_in, ds, want_dx)
         if dx is not None:  # both sweeps add into one dX
             dxs = lax.dynamic_update_slice_in_dim(dxs, _window(dxs, o, k) + dx.astype(dxs.dtype), o, axis=0)
-        h_left = seg_layers[l][1][1][-1] if top else None  # its last scan step: the state entering segment s-1
+        h_left = seg_layers[l][3][1] if top else None  # its last scan step: the state entering segment s-1
         return g_s, ds_new, dxs, norm, div_s, g_ro_s, h_left
 
     zeros = lambda t: jax.tree_util.tree_map(zeros_acc, t)
