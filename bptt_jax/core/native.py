@@ -538,7 +538,7 @@ def _reverse(cell, layer, xs, dhs_above, cache, s_in, ss, valid, ds_init, sum_in
             dhs_above, cache, s_in, cs, layer.wh, valid, ds0, xs, layer.wx, hs, batch_major=np.int32(0)
         )
         if not sum_in_kernel:  # lstm.weight_grads' sums, h(t-1) from h(t) alone (not from a shifted [h | c])
-            h_tm1 = jnp.concatenate([s_in[None, :, :n1], hs[:-1]], axis=0)
+            h_tm1 = _shifted(s_in[:, :n1], hs)
             dg = flat(das)
             db = jnp.sum(dg, axis=0)
             grads = type(layer)(mm(flat(xs).T, dg), mm(flat(h_tm1).T, dg), db, db)
