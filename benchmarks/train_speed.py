@@ -17,7 +17,11 @@ same batches. Like for like: output dropout is off and the learning rate constan
 peak rate) for every contender, since PyTorch would draw other dropout masks. All contenders run in
 ONE process: after a warm-up (compilation), each round runs ``steps / rounds`` steps of every
 contender in turn (a fresh random order each round); steps/s is the median over rounds, and the training loss after
-the same number of steps is reported beside it.
+the same number of steps is reported beside it. The speed-up is also given paired: per round, the
+contender's time over bptt's in that round (the two ran minutes apart at most, under the same load),
+then the median and the range of those ratios over the rounds. On a shared machine the load moves
+every contender's steps/s from round to round; the ratio of two medians taken from different rounds
+moves with it, the paired ratio much less.
 """
 
 from __future__ import annotations
@@ -230,6 +234,8 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
     sps = {name: per_round / statistics.median(v) for name, v in times.items()}
     ref = sps['bptt-jax, grad = "bptt"']
+    # per round: the contender's time over bptt's in the same round (its speed-up there)
+    paired = {n: sorted(t / b for t, b in zip(times[n], times['bptt-jax, grad = "bptt"'])) for n in names}
     lines = [
         f"# Training speed, the model of {Path(args.config).name} ({datetime.date.today().isoformat()})",
         "",
@@ -242,14 +248,17 @@ def main(argv=None):
         f"B = {cfg.data.batch_size}, Adam {cfg.optim.learning_rate} (constant), global-norm clip "
         f"{cfg.optim.clip_value}, carried state, no dropout, float32 matmul precision {args.precision}; "
         f"{args.warmup} warm-up steps, then {rounds} rounds "
-        f"of {per_round} steps per contender, random order per round; steps/s = median over rounds.",
+        f"of {per_round} steps per contender, random order per round; steps/s = median over rounds; "
+        "paired: per round, the contender's time over bptt's in that round, median (min-max) over the rounds.",
         "",
-        "| contender | steps/s | bptt's speed-up over it | training loss after "
+        "| contender | steps/s | bptt's speed-up over it | paired speed-up, median (range) | training loss after "
         f"{args.warmup + per_round * rounds} steps |",
-        "|---|---|---|---|",
+        "|---|---|---|---|---|",
     ]
     for name in sorted(names, key=lambda n: -sps[n]):
-        lines.append(f"| {name} | {sps[name]:.1f} | {ref / sps[name]:.2f}x | {losses[name]():.4f} |")
+        r = paired[name]
+        pair = f"{statistics.median(r):.2f}x ({r[0]:.2f}-{r[-1]:.2f})"
+        lines.append(f"| {name} | {sps[name]:.1f} | {ref / sps[name]:.2f}x | {pair} | {losses[name]():.4f} |")
     lines += [""] + [f"Note: {n}" for n in notes] + ([""] if notes else [])
     report = "\n".join(lines)
     print(report)

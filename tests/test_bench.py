@@ -208,6 +208,29 @@ def test_precision_benchmark_quick():
     assert "## Summary: bptt bfloat16 over bptt float32" in report
 
 
+def test_half_blocks_quick():
+    _load("bptt_speed", "benchmarks/bptt_speed.py")
+    _load("gate_blocks", "benchmarks/gate_blocks.py")
+    mod = _load("half_blocks", "benchmarks/half_blocks.py")
+    report = mod.main(["--quick", "--cell", "lstm", "--blocks", "4,2"])  # raises where a loss differs
+    rows = [line.split("|") for line in report.splitlines() if line.startswith("| lstm | (12, 3, 5, 6, 7)")]
+    assert [r[3].strip() for r in rows] == [
+        "float32, default",
+        "bfloat16, auto (C = 3)",
+        "bfloat16, C = 4",
+        "bfloat16, C = 2",
+    ]
+    assert float(rows[0][5]) == 1.0 and float(rows[0][7]) == 1.0  # float32's own row
+    assert all(float(r[5]) > 0 and float(r[7]) > 0 for r in rows)
+
+
+def test_train_profile_quick():
+    _load("train_speed", "benchmarks/train_speed.py")
+    mod = _load("train_profile", "benchmarks/train_profile.py")
+    rates = mod.main(["--quick", "--cell", "gru", "--rounds", "2", "--steps", "2"])
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
 def _load(name, rel):
     spec = importlib.util.spec_from_file_location(name, ROOT / rel)
     mod = importlib.util.module_from_spec(spec)

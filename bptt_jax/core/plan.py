@@ -64,6 +64,9 @@ STORE_ELEMENTS = 2**24
 # benchmarks/results/bptt_speed_gated_s17_huge_spr.md). With the gates recomputed the scans'
 # blocks stay (one block would recompute every gate at once).
 NATIVE_WHOLE_ELEMENTS = 2**24
+# With a 16-bit compute dtype, where float32 runs the whole sequence as one block: a tenth of T from
+# HALF_TENTH_ELEMENTS elements of [T, B, width] up, a quarter below (``half_precision_block``).
+HALF_TENTH_ELEMENTS = 2**16
 GATES = ("auto", "store", "recompute")
 
 
@@ -163,7 +166,8 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
       width: the widest per-step feature size (the largest of N1 per direction and M).
       backend: "cpu", "gpu", ...; None: JAX's default backend.
       half: a 16-bit compute dtype (``half_precision_block``): the block before the divisor
-        search below is halved, and a whole-sequence block becomes a quarter of T.
+        search below is halved, and a whole-sequence block becomes a tenth of T (a quarter below
+        HALF_TENTH_ELEMENTS elements).
 
     Returns:
       T when T*B*width <= WHOLE_ELEMENTS (GPU_WHOLE_ELEMENTS on a GPU); otherwise about
@@ -173,11 +177,12 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
     batch, width = max(batch, 1), max(width, 1)
     on_gpu = (backend or jax.default_backend()) == "gpu"
     whole, block = (GPU_WHOLE_ELEMENTS, GPU_BLOCK_ELEMENTS) if on_gpu else (WHOLE_ELEMENTS, BLOCK_ELEMENTS)
-    if t_len * batch * width <= whole:
-        return half_precision_block(t_len, t_len) if half else t_len
+    elements = t_len * batch * width
+    if elements <= whole:
+        return half_precision_block(t_len, t_len, elements) if half else t_len
     c = max(-(-MIN_BLOCK_ROWS // batch), block // (batch * width), 1)
     if c >= t_len:
-        return half_precision_block(t_len, t_len) if half else t_len
+        return half_precision_block(t_len, t_len, elements) if half else t_len
     c = max(c // 2, 1) if half else c
     for delta in range(c):  # nearest divisor of T in [c/2, 2c]
         for cand in (c - delta, c + delta):
@@ -276,9 +281,10 @@ def block_width(spec: RNNSpec) -> int:
     return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
 
 
-def half_precision_block(t_len: int, auto: int) -> int:
-    """The automatic block with a 16-bit compute dtype: half of ``auto``, a quarter of T where
-    ``auto`` is the whole sequence (a divisor of T within a factor of two below it where there is one).
+def half_precision_block(t_len: int, auto: int, elements: int = 0) -> int:
+    """The automatic block with a 16-bit compute dtype: half of ``auto``; where ``auto`` is the whole
+    sequence, a tenth of T, or a quarter of it where its [T, B, width] buffers hold fewer than
+    HALF_TENTH_ELEMENTS ``elements`` (a divisor of T within a factor of two below it where there is one).
 
     The stored states are halved there while a block's buffers stay float32, so the block shrinks
     too: measured with bfloat16 at the gated benchmark shapes over 1 MiB (2026-12-04, after the scans
@@ -289,8 +295,17 @@ def half_precision_block(t_len: int, auto: int) -> int:
     (0.30x at T/10, at 1.14x a quarter's time; 2026-12-04, same machine). ``auto_block_size(...,
     half=True)`` halves the float32 block before it is moved to a divisor of T (which can move it
     up: 8 -> 10 at T = 100), so that at (100, 64, 256, 512, 256) the block is 4, not 5: the Elman
-    cell's temp memory 0.57x float32's instead of 0.63x, at 0.98x the time (2026-12-04)."""
-    c = max(min(auto, t_len) // (4 if auto >= t_len else 2), 1)
+    cell's temp memory 0.57x float32's instead of 0.63x, at 0.98x the time (2026-12-04).
+
+    Since float32 runs the Elman cell's compiled kernel by default (float32 only; bfloat16 runs the
+    scans), its temp memory at (100, 32, 64, 128, 64) is 4.7 MiB where the scans' was 7.8, and the
+    quarter kept 0.88x of it; a tenth of T keeps 0.47x at 1.03x the quarter's time, a fifth 0.74x
+    (Xeon model 207, 2026-12-06, ``benchmarks/half_blocks.py``, results/half_blocks_s27_emr.md).
+    Below HALF_TENTH_ELEMENTS the sequence's buffers are small beside the fixed ones (the weights'
+    16-bit copies): at (50, 1, 32, 64, 32) blocks of 5 and 2 steps kept the same temp memory as the
+    quarter's 10, every cell, and ran 1.05-1.20x and 1.41-1.43x its time; the quarter stays there."""
+    whole = 10 if elements >= HALF_TENTH_ELEMENTS else 4
+    c = max(min(auto, t_len) // (whole if auto >= t_len else 2), 1)
     return next((d for d in range(c, max(c // 2, 1) - 1, -1) if t_len % d == 0), c)
 
 
