@@ -105,11 +105,7 @@ def main(argv=None) -> str:
                 lines.append(
                     f"| {cell} | {shape} | {label} | {temp / 2**20:.3f} MiB | {temp_x:.2f} | {ms * 1e3:.2f} | {time_x:.2f} |"
                 )
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n", encoding="utf-8")
-    return report
+    return bptt_speed._report(lines, args.out)
 
 
 if __name__ == "__main__":
