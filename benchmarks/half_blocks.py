@@ -80,9 +80,9 @@ def main(argv=None) -> str:
     ap.add_argument("--blocks", help="C,C,... the bfloat16 blocks (default: T/4, T/5, T/10, T/20 as divisors)")
     ap.add_argument("--out", help="also write the markdown report here")
     args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error(f"--rounds: expected a positive number of timed rounds, got {args.rounds}")
     rounds = args.rounds or (1 if args.quick else 9)
-    if rounds < 1:
-        ap.error(f"--rounds: expected a positive number of timed rounds, got {rounds}")
     try:
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else None
         blocks = [int(v) for v in args.blocks.split(",")] if args.blocks else None

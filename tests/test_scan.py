@@ -111,8 +111,9 @@ def test_auto_block_size_by_backend():
 def test_half_precision_block_is_halved_before_it_moves_to_a_divisor():
     """A 16-bit compute dtype halves the float32 block, then looks for a divisor of T: at T = 100,
     B = 64, width 512 float32's 8 moves up to 10, while the 16-bit block is 4 (half of 8), not 5
-    (half of 10); a whole-sequence float32 block becomes a tenth of T (a quarter below
-    plan.HALF_TENTH_ELEMENTS elements); every block divides T here; the plan of a bfloat16 spec takes it."""
+    (half of 10); a whole-sequence float32 block becomes a tenth of T on the CPU (a quarter below
+    plan.HALF_TENTH_ELEMENTS elements and on a GPU); every block divides T here; the plan of a
+    bfloat16 spec takes it."""
     from bptt_jax.core import plan
 
     assert plan.auto_block_size(100, 64, 512, backend="cpu") == 10
@@ -121,6 +122,7 @@ def test_half_precision_block_is_halved_before_it_moves_to_a_divisor():
     assert plan.auto_block_size(100, 32, 128, backend="cpu", half=True) == 10  # 409,600 elements
     assert plan.auto_block_size(100, 4, 128, backend="cpu", half=True) == 25  # 51,200: a quarter
     assert plan.auto_block_size(50, 1, 64, backend="cpu", half=True) == 10  # 3,200: a quarter, 12 -> 10
+    assert plan.auto_block_size(100, 32, 128, backend="gpu", half=True) == 25  # on a GPU: a quarter
     for t, b, w in [(200, 64, 256), (1000, 16, 384), (1000, 16, 128), (50, 1, 64)]:
         full, half = (
             plan.auto_block_size(t, b, w, backend="cpu"),

@@ -166,8 +166,8 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
       width: the widest per-step feature size (the largest of N1 per direction and M).
       backend: "cpu", "gpu", ...; None: JAX's default backend.
       half: a 16-bit compute dtype (``half_precision_block``): the block before the divisor
-        search below is halved, and a whole-sequence block becomes a tenth of T (a quarter below
-        HALF_TENTH_ELEMENTS elements).
+        search below is halved, and a whole-sequence block becomes a tenth of T on the CPU from
+        HALF_TENTH_ELEMENTS elements, a quarter below them and on a GPU.
 
     Returns:
       T when T*B*width <= WHOLE_ELEMENTS (GPU_WHOLE_ELEMENTS on a GPU); otherwise about
@@ -178,11 +178,12 @@ def auto_block_size(t_len: int, batch: int, width: int, backend: str | None = No
     on_gpu = (backend or jax.default_backend()) == "gpu"
     whole, block = (GPU_WHOLE_ELEMENTS, GPU_BLOCK_ELEMENTS) if on_gpu else (WHOLE_ELEMENTS, BLOCK_ELEMENTS)
     elements = t_len * batch * width
+    tenth = not on_gpu and elements >= HALF_TENTH_ELEMENTS  # measured on the CPU only
     if elements <= whole:
-        return half_precision_block(t_len, t_len, elements) if half else t_len
+        return half_precision_block(t_len, t_len, tenth) if half else t_len
     c = max(-(-MIN_BLOCK_ROWS // batch), block // (batch * width), 1)
     if c >= t_len:
-        return half_precision_block(t_len, t_len, elements) if half else t_len
+        return half_precision_block(t_len, t_len, tenth) if half else t_len
     c = max(c // 2, 1) if half else c
     for delta in range(c):  # nearest divisor of T in [c/2, 2c]
         for cand in (c - delta, c + delta):
@@ -281,10 +282,11 @@ def block_width(spec: RNNSpec) -> int:
     return max(max(spec.hidden_sizes) * cells.get(spec.cell).GATES, spec.output_size)
 
 
-def half_precision_block(t_len: int, auto: int, elements: int = 0) -> int:
+def half_precision_block(t_len: int, auto: int, tenth: bool) -> int:
     """The automatic block with a 16-bit compute dtype: half of ``auto``; where ``auto`` is the whole
-    sequence, a tenth of T, or a quarter of it where its [T, B, width] buffers hold fewer than
-    HALF_TENTH_ELEMENTS ``elements`` (a divisor of T within a factor of two below it where there is one).
+    sequence, a tenth of T with ``tenth`` (``auto_block_size``: on the CPU, from HALF_TENTH_ELEMENTS
+    elements of [T, B, width]), else a quarter of it (a divisor of T within a factor of two below it
+    where there is one).
 
     The stored states are halved there while a block's buffers stay float32, so the block shrinks
     too: measured with bfloat16 at the gated benchmark shapes over 1 MiB (2026-12-04, after the scans
@@ -303,8 +305,10 @@ def half_precision_block(t_len: int, auto: int, elements: int = 0) -> int:
     (Xeon model 207, 2026-12-06, ``benchmarks/half_blocks.py``, results/half_blocks_s27_emr.md).
     Below HALF_TENTH_ELEMENTS the sequence's buffers are small beside the fixed ones (the weights'
     16-bit copies): at (50, 1, 32, 64, 32) blocks of 5 and 2 steps kept the same temp memory as the
-    quarter's 10, every cell, and ran 1.05-1.20x and 1.41-1.43x its time; the quarter stays there."""
-    whole = 10 if elements >= HALF_TENTH_ELEMENTS else 4
+    quarter's 10, every cell, and ran 1.05-1.20x and 1.41-1.43x its time; the quarter stays there,
+    and on a GPU (not measured; there one block ran fastest, ``GPU_WHOLE_ELEMENTS``). Both
+    HALF_TENTH_ELEMENTS and the tenth are constants from that one machine, not measured where it runs."""
+    whole = 10 if tenth else 4
     c = max(min(auto, t_len) // (whole if auto >= t_len else 2), 1)
     return next((d for d in range(c, max(c // 2, 1) - 1, -1) if t_len % d == 0), c)
 
