@@ -174,6 +174,14 @@ def problems(draw, *, bidirectional=None, max_t=6, max_layers=3, lengths=None, c
     return make_problem(spec, t_len, batch, seed, use_lengths, use_weights, use_h0, int_targets)
 
 
+def on_device(a, dtype) -> jax.Array:
+    """``a`` (array-like) as a jax array of ``dtype``, cast by numpy and put on the device as it is:
+    with this jax, ``jnp.asarray`` of a numpy array compiles a small XLA program for every new shape
+    (a copy, or a ``convert_element_type`` where the dtype changes; about 100 such compiles in a
+    10-example property test), ``jax.device_put`` none."""
+    return jax.device_put(np.asarray(a).astype(jnp.dtype(dtype)))
+
+
 def _scaled_params(seed: int, spec: RNNSpec, dtype):
     """Random parameters for ``spec``: every array U(-b, b) times 1.5, b = 1/sqrt(fan) as in
     ``init_params``' "uniform" scheme (b = 1/sqrt(N1) for a layer, 1/sqrt(its input) for the readout),
@@ -181,7 +189,7 @@ def _scaled_params(seed: int, spec: RNNSpec, dtype):
     ``init_params``' small random ops compile again for the new shapes of every hypothesis example
     (measured: 0.5 s of a property test's ~1.8 s per example; jitted whole, 1 s per spec)."""
     rng = np.random.RandomState([seed, 1])
-    draw = lambda b, shape: jnp.asarray(rng.uniform(-b, b, shape) * 1.5, dtype)
+    draw = lambda b, shape: on_device(rng.uniform(-b, b, shape) * 1.5, dtype)
     shapes = expected_shapes(spec)
     layer = lambda shp: type(shp)(*(draw(1.0 / np.sqrt(shp[1][0]), s) for s in shp))  # shp[1]: [N1, G N1]
     ro = shapes.readout
@@ -198,26 +206,26 @@ def make_problem(
 ):
     rng = np.random.RandomState(seed)
     params = _scaled_params(seed, spec, dtype)
-    xs = jnp.asarray(rng.randn(t_len, batch, spec.input_size), dtype)
+    xs = on_device(rng.randn(t_len, batch, spec.input_size), dtype)
     m = spec.output_size
     if spec.divergence == "cross_entropy" and int_targets:
-        targets = jnp.asarray(rng.randint(0, m, size=(t_len, batch)), jnp.int32)
+        targets = on_device(rng.randint(0, m, size=(t_len, batch)), jnp.int32)
     elif spec.divergence == "cross_entropy":
         p = rng.rand(t_len, batch, m) + 0.1
-        targets = jnp.asarray(p / p.sum(-1, keepdims=True), dtype)
+        targets = on_device(p / p.sum(-1, keepdims=True), dtype)
     elif spec.divergence == "binary_cross_entropy":
-        targets = jnp.asarray(rng.rand(t_len, batch, m), dtype)
+        targets = on_device(rng.rand(t_len, batch, m), dtype)
     else:
-        targets = jnp.asarray(rng.randn(t_len, batch, m) * 0.5, dtype)
-    weights = jnp.asarray(rng.rand(t_len, batch), dtype) if use_weights else None
+        targets = on_device(rng.randn(t_len, batch, m) * 0.5, dtype)
+    weights = on_device(rng.rand(t_len, batch), dtype) if use_weights else None
     lengths = None
     if use_lengths:
         lens = rng.randint(0, t_len + 1, size=batch)
         lens[rng.randint(batch)] = t_len  # at least one full-length sequence
-        lengths = jnp.asarray(lens, jnp.int32)
+        lengths = on_device(lens, jnp.int32)
     h0 = None
     if use_h0:
-        draw_h = lambda n1: jnp.asarray(rng.randn(batch, n1) * 0.5, dtype)
+        draw_h = lambda n1: on_device(rng.randn(batch, n1) * 0.5, dtype)
         if spec.cell == "lstm":  # (h, c) pairs
             h0 = tuple((draw_h(n1), draw_h(n1)) for n1 in spec.state_sizes())
         else:
@@ -227,14 +235,14 @@ def make_problem(
 
 def zero_h0(spec, batch: int, dtype) -> tuple:
     """Zero initial states as the public calls take them: [B, N1] arrays, (h, c) pairs for the LSTM."""
-    z = lambda n1: jnp.zeros((batch, n1), dtype)
+    z = lambda n1: on_device(np.zeros((batch, n1)), dtype)
     return tuple((z(n1), z(n1)) if spec.cell == "lstm" else z(n1) for n1 in spec.state_sizes())
 
 
 def cast(problem: Problem, dtype) -> Problem:
     """The same problem with every float array cast to dtype (through numpy: no XLA program to
     compile for each new shape)."""
-    f = lambda a: jnp.asarray(np.asarray(a), dtype) if (a is not None and jnp.issubdtype(a.dtype, jnp.floating)) else a
+    f = lambda a: on_device(a, dtype) if (a is not None and jnp.issubdtype(a.dtype, jnp.floating)) else a
     return Problem(
         problem.spec,
         jax.tree_util.tree_map(f, problem.params),

@@ -210,7 +210,7 @@ class OutputMaskTest(chex.TestCase):
         c = ref.block_size(("1", "T", "nondivisor", "auto")[seed % 4], p.xs.shape[0])
         n_top = p.spec.merged_size(p.spec.num_layers - 1)
         rng = np.random.RandomState(seed)
-        mask = jnp.asarray(rng.rand(*p.xs.shape[:2], n_top) < 0.7, dtype) / 0.7
+        mask = ref.on_device((rng.rand(*p.xs.shape[:2], n_top) < 0.7) / 0.7, dtype)
         kw = dict(weights=p.weights, lengths=p.lengths, h0=p.h0, output_mask=mask)
         value, grads, aux = self.variant(
             lambda params, xs: bj.bptt(params, p.spec, xs, p.targets, block_size=c, with_dxs=True, **kw)

@@ -211,7 +211,7 @@ def test_rnn_states_under_a_budget_fits_and_equals_autodiff(cell, bidirectional,
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == jnp.float64 else dict(rtol=2e-4, atol=1e-5)
     with jax.enable_x64(True):
         p, spec = _problem(cell, bidirectional=bidirectional, seed=seed, dtype=dtype)
-        ct = jnp.asarray(np.random.RandomState(seed).randn(T, B, spec.merged_size(0)), dtype)
+        ct = ref.on_device(np.random.RandomState(seed).randn(T, B, spec.merged_size(0)), dtype)
         limit = int(_states_temp(p, spec, "auto", None) * fraction)
 
         h0 = _public_h0(spec, p.xs.dtype)
@@ -264,7 +264,7 @@ def test_rnn_states_segments_equal_autodiff_and_meet_a_lean_budget(cell):
         h0 = jax.tree.map(lambda a: a + 0.1, _public_h0(spec, jnp.float64))
 
         def grads(p, **kw):
-            ct = jnp.asarray(np.random.RandomState(1).randn(p.xs.shape[0], B, 5))
+            ct = ref.on_device(np.random.RandomState(1).randn(p.xs.shape[0], B, 5), jnp.float64)
 
             def f(a, b, c):
                 states, last = vjp.rnn_states(a, spec, b, h0=c, lengths=p.lengths, return_last=True, **kw)

@@ -344,9 +344,9 @@ def test_gated_outputs_and_gradients_match_torch_on_packed_sequences(cell):
     with jax.enable_x64(True):
         p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
         value, grads, _ = bj.bptt(
-            p64, spec, jnp.asarray(xs, jnp.float64), jnp.asarray(targets, jnp.float64), lengths=lengths
+            p64, spec, ref.on_device(xs, jnp.float64), ref.on_device(targets, jnp.float64), lengths=lengths
         )
-        ys = bj.forward(p64, spec, jnp.asarray(xs, jnp.float64), lengths=lengths).ys
+        ys = bj.forward(p64, spec, ref.on_device(xs, jnp.float64), lengths=lengths).ys
         grads_t = {k: v.grad.numpy() for k, v in model.named_parameters()}
         want = from_torch_state_dict(grads_t, spec, dtype=jnp.float64)
     valid = (np.arange(t_len)[:, None] < lengths[None, :])[..., None]

@@ -28,12 +28,12 @@ def recurrences(draw):
 
 def _arrays(t_len, batch, n1, use_lengths, seed, dtype):
     rng = np.random.RandomState(seed)
-    f = lambda *s: jnp.asarray(rng.randn(*s), dtype)
+    f = lambda *s: ref.on_device(rng.randn(*s), dtype)
     lengths = None
     if use_lengths:
         lens = rng.randint(0, t_len + 1, size=batch)
         lens[rng.randint(batch)] = t_len  # lengths 0 and T both occur across examples
-        lengths = jnp.asarray(lens, jnp.int32)
+        lengths = ref.on_device(lens, jnp.int32)
     return f(n1, n1) * 0.5, f(t_len, batch, n1), f(batch, n1), f(t_len, batch, n1), f(batch, n1), lengths
 
 

@@ -89,7 +89,7 @@ def test_custom_vjp_is_as_accurate_as_autodiff_under_the_same_policy(problem, cd
     """``rnn_states`` (the layers' path): its custom VJP against ``grad="autodiff"``, both vs float64."""
     spec = dataclasses.replace(problem.spec, compute_dtype=cd)
     h0 = problem.h0 if problem.h0 is not None else ref.zero_h0(spec, problem.xs.shape[1], jnp.float32)
-    probe = jnp.asarray(np.random.RandomState(0).randn(*problem.xs.shape[:2], spec.merged_size(-1)), jnp.float32)
+    probe = ref.on_device(np.random.RandomState(0).randn(*problem.xs.shape[:2], spec.merged_size(-1)), jnp.float32)
 
     def grads(params, xs, h0, spec, grad):
         def f(params, xs, h0):
@@ -98,14 +98,14 @@ def test_custom_vjp_is_as_accurate_as_autodiff_under_the_same_policy(problem, cd
                 jnp.sum(jnp.tanh(s)) for s in jax.tree.leaves(last)
             )
 
-        return jax.grad(f, argnums=(0, 1, 2))(params, xs, h0)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(params, xs, h0)  # one program per call
 
     ours = grads(problem.params, problem.xs, h0, spec, "bptt")
     theirs = grads(problem.params, problem.xs, h0, spec, "autodiff")
     chex.assert_trees_all_equal_dtypes(ours, theirs)
     with jax.enable_x64(True):
         p64 = ref.cast(problem, jnp.float64)
-        h64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), h0)
+        h64 = jax.tree.map(lambda a: ref.on_device(a, jnp.float64), h0)
         truth = grads(p64.params, p64.xs, h64, p64.spec, "autodiff")
         e_ours, e_theirs = ref.max_rel_err(ours, truth), ref.max_rel_err(theirs, truth)
     assert e_ours <= RATIO * e_theirs + UNIT_ROUNDOFF[cd] / 4, (e_ours, e_theirs)

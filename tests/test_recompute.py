@@ -68,7 +68,7 @@ class StatesSegmentsTest(chex.TestCase):
             states, last = rnn_states(params, p.spec, xs, h0=h0, **kw)
             return jnp.sum(states * probe) + sum(jnp.sum(jnp.tanh(a)) for a in jax.tree.leaves(last))
 
-        return jax.grad(f, argnums=(0, 1, 2))(p.params, p.xs, h0)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(p.params, p.xs, h0)  # one program, not one per op
 
     def _k(self, problem, k_index):
         """k in 1 .. T + 1: divisors of T, others (the last segment padded) and one beyond T; for an

@@ -28,7 +28,7 @@ class ForwardEqualsLoopTest(chex.TestCase):
 
 @given(t_len=st.integers(1, 6), lens=st.lists(st.integers(0, 6), min_size=1, max_size=4))
 def test_reverse_padded_flips_prefix_and_is_its_own_inverse(t_len, lens):
-    lengths = jnp.array([min(n, t_len) for n in lens], jnp.int32)
+    lengths = ref.on_device([min(n, t_len) for n in lens], jnp.int32)
     xs = jnp.arange(t_len * len(lens) * 2, dtype=jnp.float32).reshape(t_len, len(lens), 2)
     out = bj.reverse_padded(xs, lengths)
     for b, n in enumerate(np.asarray(lengths)):
