@@ -225,7 +225,7 @@ def test_layers_take_the_compute_dtype(kind):
                 assert (hs.dtype, last.dtype) == (jnp.dtype(cd or jnp.float32), jnp.float32)
                 return jnp.sum(jnp.sin(hs)) + jnp.sum(last**2)
 
-            return eqx.filter_grad(loss)(layer).layer
+            return eqx.filter_jit(eqx.filter_grad(loss))(layer).layer  # one program, not one per operation
 
         def loss(m):
             carry, ys = m(xs, seq_lengths=lengths, return_carry=True)
@@ -233,7 +233,7 @@ def test_layers_take_the_compute_dtype(kind):
             assert ys.dtype == jnp.dtype(cd or jnp.float32)
             return jnp.sum(jnp.sin(ys)) + sum(jnp.sum(a**2) for a in jax.tree.leaves(carry))
 
-        return jax.tree.leaves(nnx.state(nnx.grad(loss)(layer), nnx.Param))
+        return jax.tree.leaves(nnx.state(nnx.jit(nnx.grad(loss))(layer), nnx.Param))
 
     truth = grads(None, "autodiff")
     ours, theirs = grads("bfloat16", "bptt"), grads("bfloat16", "autodiff")

@@ -254,7 +254,7 @@ class SequenceLayerTest(chex.TestCase):
                 hs, last = jnp.moveaxis(hs[:, :, 0], 0, 1), last[:, 0]
             return score(hs, p.spec.public_states((last,)))
 
-        return jax.grad(theirs if how == "autodiff" else ours, argnums=(0, 1, 2))(p.params, p.xs, h0)
+        return jax.jit(jax.grad(theirs if how == "autodiff" else ours, argnums=(0, 1, 2)))(p.params, p.xs, h0)
 
     @chex.variants(with_jit=True)
     @settings(max_examples=6)
