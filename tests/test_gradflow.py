@@ -197,12 +197,15 @@ def _check_profile_against_autodiff(problem, rtol):
     assert list(profile) == list(spec.state_labels())
     eps = [jnp.zeros((t_len, batch, n1), problem.xs.dtype) for n1 in spec.state_sizes()]
     d = spec.num_directions
+    # the Python-loop network jitted: one program, not one per operation of the loops
+    probe_loss = jax.jit(lambda e, w: _probe_loss(problem, w, e))
+    probe_grad = jax.jit(jax.grad(lambda e, w: _probe_loss(problem, w, e)))
     for direction, step in ((0, t_len - 1), (1, 0))[:d]:
         w = jnp.zeros((t_len, batch), problem.xs.dtype).at[step].set(1.0)
         # the probe network is the library's network: same DIV
         want_loss = bptt_loss(problem.params, spec, problem.xs, problem.targets, weights=w)
-        chex.assert_trees_all_close(_probe_loss(problem, w, eps), want_loss, rtol=rtol)
-        dh = jax.grad(lambda e, w=w: _probe_loss(problem, w, e))(eps)
+        chex.assert_trees_all_close(probe_loss(eps, w), want_loss, rtol=rtol)
+        dh = probe_grad(eps, w)
         for j, label in enumerate(spec.state_labels()):
             if j % d != direction:
                 continue
