@@ -174,12 +174,14 @@ def problems(draw, *, bidirectional=None, max_t=6, max_layers=3, lengths=None, c
     return make_problem(spec, t_len, batch, seed, use_lengths, use_weights, use_h0, int_targets)
 
 
-def on_device(a, dtype) -> jax.Array:
-    """``a`` (array-like) as a jax array of ``dtype``, cast by numpy and put on the device as it is:
-    with this jax, ``jnp.asarray`` of a numpy array compiles a small XLA program for every new shape
-    (a copy, or a ``convert_element_type`` where the dtype changes; about 100 such compiles in a
-    10-example property test), ``jax.device_put`` none."""
-    return jax.device_put(np.asarray(a).astype(jnp.dtype(dtype)))
+def on_device(a, dtype=None) -> jax.Array:
+    """``a`` (array-like) as a jax array of ``dtype`` (None: numpy's, canonicalized as jnp.asarray
+    does), cast by numpy and put on the device as it is: with this jax, ``jnp.asarray`` of a numpy
+    array compiles a small XLA program for every new shape (a copy, or a ``convert_element_type``
+    where the dtype changes; about 100 such compiles in a 10-example property test),
+    ``jax.device_put`` none."""
+    a = np.asarray(a)
+    return jax.device_put(a if dtype is None else a.astype(jnp.dtype(dtype)))
 
 
 def _scaled_params(seed: int, spec: RNNSpec, dtype):

@@ -14,6 +14,7 @@ nnx = pytest.importorskip("flax.nnx")
 
 from bptt_jax.layers import biases as bias_layouts  # noqa: E402
 from bptt_jax.layers import nnx as bnnx  # noqa: E402
+from tests import reference as ref  # noqa: E402
 
 T, N, N1 = 6, 3, 4
 FLAX_CELLS = {
@@ -39,7 +40,7 @@ def _valid(lengths, t_len):
 def _loss(carry, ys, valid, seed=0):
     """A loss of every valid output and of the final carry (padding differs on purpose)."""
     rng = np.random.RandomState(seed)
-    w = jax.device_put(rng.randn(*ys.shape[-1:]))  # as jnp.asarray, with no XLA program per shape
+    w = ref.on_device(rng.randn(*ys.shape[-1:]))
     total = jnp.sum(jnp.where(valid[..., 0], jnp.tanh(ys @ w) ** 2, 0.0))
     for k, c in enumerate(jax.tree_util.tree_leaves(carry)):
         total = total + jnp.sum(jnp.sin(c + k))
@@ -344,12 +345,12 @@ class LayerGradientsTest(chex.TestCase):
         with jax.enable_x64(True):
             dt = jnp.dtype(dtype)
             rng = np.random.RandomState(seed)
-            xs = jax.device_put(rng.randn(*batch, t_len, N).astype(dt))
-            lengths = jax.device_put(rng.randint(0, t_len + 1, size=batch)) if use_lengths else None
+            xs = ref.on_device(rng.randn(*batch, t_len, N), dt)
+            lengths = ref.on_device(rng.randint(0, t_len + 1, size=batch)) if use_lengths else None
             valid = (jnp.arange(t_len) < (t_len if lengths is None else lengths[..., None]))[..., None]
             carry = None
             if use_carry:
-                h = lambda: jax.device_put((rng.randn(*batch, N1) * 0.5).astype(dt))  # noqa: E731
+                h = lambda: ref.on_device(rng.randn(*batch, N1) * 0.5, dt)  # noqa: E731
                 carry = (h(), h()) if cell == "lstm" else h()
             kw = dict(
                 seq_lengths=lengths, initial_carry=carry, return_carry=True, reverse=reverse, keep_order=keep_order
